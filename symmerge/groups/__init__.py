@@ -1,0 +1,94 @@
+"""How it moves: group actions on canonical tensors, whole-model transforms, and random group elements.
+
+A :class:`ModelTransform` maps each group of a :class:`~symmerge.spec.ModelSpec` to one element: an FFN
+permutation (index vector) or a :class:`HeadTransform`. ``apply_transform`` is function-preserving by
+construction for every element, which the test suite proves per family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from symmerge.errors import SymmergeError
+from symmerge.groups.ffn import FFNTensors, permute_ffn, read_ffn, write_ffn
+from symmerge.groups.heads import HeadTensors, HeadTransform, read_heads, transform_heads, write_heads
+from symmerge.spec.base import ModelSpec, StateView
+
+SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads")
+"""ffn: FFN neuron permutation; qk / vo: per-head rotations; scale: per-head QK and VO rescaling (of whichever of
+qk / vo is on, or both when neither is); heads: head permutation (whole Q, K, V, O head blocks together)."""
+
+
+def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
+    """``"ffn,qk,vo"`` / ``["ffn", "qk"]`` / ``"all"`` / ``"none"`` → a validated set of class names."""
+    if value is None or value == "all":
+        return frozenset(SYMMETRY_CLASSES)
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if names in ([], ["none"]):
+        return frozenset()
+    unknown = [n for n in names if n not in SYMMETRY_CLASSES]
+    if unknown:
+        raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all or none")
+    return frozenset(names)
+
+
+@dataclass
+class ModelTransform:
+    """One group element per group of a spec (groups left out are the identity)."""
+
+    ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # group name → perm (d_ff,)
+    heads: dict[str, HeadTransform] = field(default_factory=dict)  # group name → per-head transform
+
+
+def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
+    """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied."""
+    view = StateView(state)
+    for group in spec.ffn:
+        if group.name in transform.ffn:
+            write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
+    for group in spec.attention:
+        if group.name in transform.heads:
+            write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+    return dict(view.state)
+
+
+def random_orthogonal(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Haar-distributed elements of O(n) (reflections included): QR of a Gaussian with the sign fix."""
+    q, r = torch.linalg.qr(torch.randn(batch, n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "all", seed: int = 0,
+                     max_scale: float = 2.0) -> ModelTransform:
+    """A seeded random element of the chosen symmetry classes (scales log-uniform in [1/max_scale, max_scale])."""
+    chosen = parse_symmetries(symmetries)
+    g = torch.Generator().manual_seed(seed)
+    out = ModelTransform()
+    if "ffn" in chosen:
+        out.ffn = {grp.name: torch.randperm(grp.width, generator=g) for grp in spec.ffn}
+    if chosen & {"qk", "vo", "scale", "heads"}:
+        for grp in spec.attention:
+            h, dh = grp.num_heads, grp.head_dim
+            x = HeadTransform.identity(h, dh, torch.float64)
+            if "heads" in chosen:
+                x.perm = torch.randperm(h, generator=g)
+            if "qk" in chosen:
+                x.qk_rotation = random_orthogonal(dh, h, g)
+            if "vo" in chosen:
+                x.vo_rotation = random_orthogonal(dh, h, g)
+            if "scale" in chosen:
+                log_max = math.log(max_scale)
+                x.qk_scale = torch.exp((torch.rand(h, generator=g, dtype=torch.float64) * 2 - 1) * log_max)
+                x.vo_scale = torch.exp((torch.rand(h, generator=g, dtype=torch.float64) * 2 - 1) * log_max)
+            out.heads[grp.name] = x
+    return out
+
+
+__all__ = [
+    "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_transform",
+    "parse_symmetries", "random_orthogonal", "random_transform", "read_ffn", "read_heads",
+]
