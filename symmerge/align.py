@@ -1,0 +1,227 @@
+"""Align one model to a reference: fit one group element per symmetry group, apply it, report what changed.
+
+Stages (each timed): FFN matching (similarity GEMM + exact LAP per layer, LAPs of different layers run in a
+2-thread pool while the next layer's similarity is built), attention matching (head assignment, Procrustes and
+quartic for all heads of a layer at once, at one torch thread: small batched linear algebra gains nothing from
+more, PERF-NOTES §3), apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from symmerge.errors import SymmergeError
+from symmerge.groups import ModelTransform, apply_transform, parse_symmetries, read_ffn, read_heads
+from symmerge.match.attention import match_heads
+from symmerge.match.ffn import ffn_similarity
+from symmerge.match.lap import solve_lap
+from symmerge.spec import ModelSpec, StateView, check_same_shape, spec_for
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class GroupReport:
+    name: str
+    kind: str  # "ffn" | "attention"
+    distance_before: float  # ‖θ_model − θ_ref‖ over the tensors this group touches
+    distance_after: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlignmentReport:
+    symmetries: tuple[str, ...]
+    groups: list[GroupReport]
+    distance_before: float  # over every tensor both state dicts hold
+    distance_after: float
+    reference_norm: float
+    seconds: dict[str, float]
+
+    @property
+    def relative_before(self) -> float:
+        return self.distance_before / max(self.reference_norm, 1e-30)
+
+    @property
+    def relative_after(self) -> float:
+        return self.distance_after / max(self.reference_norm, 1e-30)
+
+    def table(self) -> str:
+        """Per-group distances before → after, then the totals and stage times."""
+        lines = [f"{'group':<24} {'before':>12} {'after':>12}  details"]
+        for g in self.groups:
+            detail = ", ".join(f"{k}={_fmt(v)}" for k, v in g.details.items())
+            lines.append(f"{g.name:<24} {g.distance_before:>12.5g} {g.distance_after:>12.5g}  {detail}")
+        lines.append(
+            f"{'whole model':<24} {self.distance_before:>12.5g} {self.distance_after:>12.5g}  "
+            f"relative {self.relative_before:.4g} → {self.relative_after:.4g}"
+        )
+        lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class Alignment:
+    """The result of :func:`align`: the aligned state dict, the group element that produced it, and a report."""
+
+    state_dict: dict[str, torch.Tensor]
+    transform: ModelTransform
+    report: AlignmentReport
+    spec: ModelSpec
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def as_state_and_config(model: Any, config: Any = None) -> tuple[StateDict, Any]:
+    """Accept an ``nn.Module`` with ``.config`` (a Hugging Face model) or a plain state dict plus ``config``."""
+    if isinstance(model, torch.nn.Module):
+        return model.state_dict(), config if config is not None else getattr(model, "config", None)
+    if isinstance(model, Mapping):
+        return model, config
+    raise TypeError(f"expected a state dict or an nn.Module, got {type(model).__name__}")
+
+
+def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str = "model") -> None:
+    """Same tensor names and shapes, or a one-line error naming the first difference."""
+    missing = sorted(set(reference) - set(model))
+    extra = sorted(set(model) - set(reference))
+    if missing or extra:
+        which, key = ("lacks", missing[0]) if missing else ("has an extra", extra[0])
+        more = len(missing) + len(extra) - 1
+        raise SymmergeError(f"{model_name} {which} tensor {key!r}" + (f" (and {more} more differences)" if more else ""))
+    for key, shape in reference.items():
+        if tuple(shape) != tuple(model[key]):
+            raise SymmergeError(f"tensor {key!r} has shape {tuple(model[key])} in {model_name}, {tuple(shape)} in the reference")
+
+
+def check_compatible(reference: StateDict, model: StateDict, model_name: str = "model") -> None:
+    check_compatible_shapes({k: tuple(v.shape) for k, v in reference.items()}, {k: tuple(v.shape) for k, v in model.items()}, model_name)
+
+
+def state_distance(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> float:
+    """``sqrt(Σ_t ‖a_t − b_t‖²)`` over floating tensors (float64 accumulation)."""
+    total = 0.0
+    for k in a if keys is None else keys:
+        if a[k].is_floating_point():
+            total += float((a[k].double() - b[k].double()).square().sum())
+    return math.sqrt(total)
+
+
+def state_norm(a: StateDict) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in a.values() if t.is_floating_point()))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2) -> dict[str, torch.Tensor]:
+    """One exact LAP per FFN; at most ``max_pending`` similarity matrices wait for a solver at a time."""
+    perms: dict[str, torch.Tensor] = {}
+    pending: deque[tuple[str, Future]] = deque()
+
+    def collect() -> None:
+        name, fut = pending.popleft()
+        perms[name] = torch.from_numpy(fut.result())
+        bar.update(1)
+
+    with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
+        for group in spec.ffn:
+            similarity = ffn_similarity(read_ffn(ref, group), read_ffn(model, group))
+            pending.append((group.name, pool.submit(solve_lap, similarity)))
+            while len(pending) > max_pending:
+                collect()
+        while pending:
+            collect()
+    return perms
+
+
+def align(
+    reference: Any,
+    model: Any,
+    *,
+    symmetries: str | Iterable[str] | None = "all",
+    config: Any = None,
+    spec: ModelSpec | None = None,
+    progress: bool = False,
+    model_name: str = "model",
+) -> Alignment:
+    """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
+
+    ``reference``, ``model``: Hugging Face modules or state dicts (then pass the HF ``config``, an object or the
+    config.json dict, or a ready ``spec``). ``symmetries``: any of ``ffn, qk, vo, scale, heads`` (comma-separated
+    or a list), ``"all"`` (default) or ``"none"``. Returns an :class:`Alignment`; ``model`` is not modified.
+    """
+    chosen = parse_symmetries(symmetries)
+    ref_state, ref_config = as_state_and_config(reference, config)
+    model_state, model_config = as_state_and_config(model, config)
+    if spec is None:
+        if ref_config is None:
+            raise SymmergeError("pass the model's config (or a spec) to align plain state dicts")
+        spec = spec_for(ref_config, ref_state.keys())
+        if model_config is not None and model_config is not ref_config:
+            check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
+    check_compatible(ref_state, model_state, model_name)
+
+    seconds: dict[str, float] = {}
+    ref_view, model_view = StateView(ref_state), StateView(model_state)
+    transform = ModelTransform()
+    attention_on = bool(chosen & {"qk", "vo", "scale", "heads"})
+    total = len(spec.ffn) * ("ffn" in chosen) + len(spec.attention) * attention_on
+    details: dict[str, dict] = {}
+    with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
+        start = time.perf_counter()
+        if "ffn" in chosen:
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
+            for name, perm in transform.ffn.items():
+                details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+        seconds["ffn"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if attention_on:
+            with torch_threads(1):
+                for group in spec.attention:
+                    transform.heads[group.name], details[group.name] = match_heads(
+                        read_heads(ref_view, group), read_heads(model_view, group),
+                        qk="qk" in chosen, vo="vo" in chosen, scale="scale" in chosen, heads="heads" in chosen,
+                    )
+                    bar.update(1)
+        seconds["attention"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    aligned = apply_transform(model_state, spec, transform)
+    seconds["apply"] = time.perf_counter() - start
+    start = time.perf_counter()
+    groups = []
+    for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
+        for group in group_list:
+            keys = {s.key for s in group.slots()}
+            groups.append(GroupReport(group.name, kind, state_distance(model_state, ref_state, keys),
+                                      state_distance(aligned, ref_state, keys), details.get(group.name, {})))
+    report = AlignmentReport(
+        symmetries=tuple(s for s in ("ffn", "qk", "vo", "scale", "heads") if s in chosen),
+        groups=groups,
+        distance_before=state_distance(model_state, ref_state),
+        distance_after=state_distance(aligned, ref_state),
+        reference_norm=state_norm(ref_state),
+        seconds=seconds,
+    )
+    seconds["report"] = time.perf_counter() - start
+    return Alignment(aligned, transform, report, spec)

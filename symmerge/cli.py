@@ -1,0 +1,176 @@
+"""The ``symmerge`` command.
+
+Bad input never produces a traceback: :func:`main` turns :class:`SymmergeError` into ``error: <message>`` on one
+line and exit code 2. Set ``SYMMERGE_DEBUG=1`` to see tracebacks of unexpected failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from symmerge.errors import SymmergeError
+
+app = typer.Typer(
+    name="symmerge",
+    help="Align transformer checkpoints through the symmetries of their parameter space, then merge them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SYMMETRIES_HELP = (
+    "Comma-separated symmetry classes to align: ffn (FFN neuron permutation), qk / vo (per-head rotations), "
+    "scale (per-head rescaling), heads (head permutation); or all / none."
+)
+
+
+def echo(msg: str = "") -> None:
+    typer.echo(msg)
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        base = p.resolve().name or "model"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+@app.command()
+def align(
+    reference: Annotated[Path, typer.Argument(help="Reference model directory (config.json + safetensors): the basis everything is aligned to.")],
+    models: Annotated[list[Path], typer.Argument(help="One or more model directories to align to the reference.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; each aligned model is written to OUT/<model name>/.")],
+    symmetries: Annotated[str, typer.Option("--symmetries", "-s", help=SYMMETRIES_HELP)] = "all",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code: only for files you trust).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no per-group table.")] = False,
+) -> None:
+    """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories."""
+    from symmerge.align import align as align_models, check_compatible_shapes
+    from symmerge.groups import parse_symmetries
+    from symmerge.io import atomic_output_dir, check_output_dir, copy_model_files, load_state_dict, open_checkpoint, save_state_dict
+    from symmerge.spec import check_same_shape, spec_for
+
+    chosen = parse_symmetries(symmetries)
+    check_output_dir(out, force)
+    # Validate every input (files, configs, shapes) before reading any weight.
+    ref_ckpt = open_checkpoint(reference, allow_pickle)
+    ckpts = [open_checkpoint(m, allow_pickle) for m in models]
+    ref_spec = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys())
+    for ckpt in ckpts:
+        check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
+        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path))
+
+    ref_state = load_state_dict(ref_ckpt)
+    rows, reports = [], {}
+    with atomic_output_dir(out, force) as tmp:
+        for ckpt, name in zip(ckpts, _unique_names([c.path for c in ckpts])):
+            start = time.perf_counter()
+            state = load_state_dict(ckpt)
+            result = align_models(ref_state, state, symmetries=chosen, spec=ref_spec, progress=not quiet, model_name=name)
+            write_start = time.perf_counter()
+            (tmp / name).mkdir()
+            save_state_dict(result.state_dict, tmp / name)
+            copy_model_files(ckpt.path, tmp / name)
+            result.report.seconds["write"] = time.perf_counter() - write_start
+            r = result.report
+            rows.append((name, r.distance_before, r.distance_after, r.relative_before, r.relative_after, time.perf_counter() - start))
+            reports[name] = _report_json(ckpt.path, r)
+            if not quiet:
+                echo(f"\n{name}:\n{r.table()}")
+        (tmp / "alignment.json").write_text(json.dumps(
+            {"reference": str(ref_ckpt.path.resolve()), "family": ref_spec.family, "symmetries": sorted(chosen), "models": reports},
+            indent=2,
+        ))
+    echo(f"\naligned to {ref_ckpt.path} ({ref_spec.family}, symmetries: {','.join(sorted(chosen)) or 'none'})")
+    echo(f"{'model':<28} {'distance before':>16} {'→ after':>12} {'relative':>20} {'seconds':>8}")
+    for name, before, after, rel_before, rel_after, secs in rows:
+        echo(f"{name:<28} {before:>16.5g} {after:>12.5g} {f'{rel_before:.4g} → {rel_after:.4g}':>20} {secs:>8.2f}")
+    echo(f"written to {out}/")
+
+
+def _report_json(path: Path, r) -> dict:
+    return {
+        "path": str(path.resolve()),
+        "distance_before": r.distance_before,
+        "distance_after": r.distance_after,
+        "relative_before": r.relative_before,
+        "relative_after": r.relative_after,
+        "seconds": r.seconds,
+        "groups": [vars(g) for g in r.groups],
+    }
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Model directory (config.json + safetensors).")],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
+) -> None:
+    """Print a model's family, the symmetry groups symmerge finds in it, and its parameter count."""
+    from symmerge.io import open_checkpoint
+    from symmerge.spec import spec_for
+
+    ckpt = open_checkpoint(model, allow_pickle)
+    spec = spec_for(ckpt.config, ckpt.shapes().keys())
+    touched = spec.touched_keys()
+    untouched = [k for k in ckpt.shapes() if k not in touched]
+    echo(f"{ckpt.path}: {spec.family}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")
+    echo(f"  {spec.num_layers} layers, hidden size {spec.hidden_size}, {spec.num_heads} heads of dim {spec.head_dim}, FFN width {spec.ffn_width}")
+    echo("symmetry groups:")
+    echo(f"  ffn     FFN neuron permutation       {len(spec.ffn)} groups, S_{spec.ffn_width} each")
+    echo(f"  qk      per-head QK rotation         {len(spec.attention)} layers x {spec.num_heads} heads, O({spec.head_dim}) each")
+    echo(f"  vo      per-head VO rotation         {len(spec.attention)} layers x {spec.num_heads} heads, O({spec.head_dim}) each")
+    echo(f"  scale   per-head QK and VO rescaling {len(spec.attention)} layers x {spec.num_heads} heads x 2, R>0 each")
+    echo(f"  heads   head permutation             {len(spec.attention)} groups, S_{spec.num_heads} each")
+    echo(f"tensors touched by some group: {len(touched)}; left as they are: {len(untouched)} (embeddings, norms, heads...)")
+
+
+@app.command()
+def demo(
+    seed: Annotated[int, typer.Option(help="Seed of the random symmetry element.")] = 0,
+) -> None:
+    """Scramble the packaged all-MiniLM-L6-v2 with a random symmetry element, then show that naive averaging with
+    the original breaks it while alignment recovers it exactly."""
+    from symmerge.demo import run_minilm_demo
+
+    run_minilm_demo(seed=seed, echo=echo)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the CLI with one-line errors instead of tracebacks."""
+    debug = bool(os.environ.get("SYMMERGE_DEBUG"))
+    try:
+        app(args=argv, standalone_mode=False)
+    except SymmergeError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # an unexpected failure is a bug: say so briefly
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""FFN neuron matching: Git Re-Basin weight matching, one exact LAP per FFN (Zhang et al. 2025, eq. 6-7)."""
+
+from __future__ import annotations
+
+import torch
+
+from symmerge.groups.ffn import FFNTensors
+
+
+def ffn_similarity(reference: FFNTensors, model: FFNTensors) -> torch.Tensor:
+    """``S[i, j]`` = similarity of reference neuron ``i`` and model neuron ``j`` (d_ff × d_ff, float32):
+
+        S = W_in,ref W_in,model^T + b_ref^T b_model + W_out,ref^T W_out,model     (summed over gate/up inputs)
+
+    Built in place with ``addmm_`` so only the output is allocated.
+    """
+    n = reference.in_weights[0].shape[0]
+    s = torch.zeros(n, n, dtype=torch.float32)
+    for a, b in zip(reference.in_weights, model.in_weights):
+        s.addmm_(a.float(), b.float().T)
+    for a, b in zip(reference.in_biases, model.in_biases):
+        s.addr_(a.float(), b.float())
+    for a, b in zip(reference.out_weights, model.out_weights):
+        s.addmm_(a.float().T, b.float())
+    return s
