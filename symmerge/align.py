@@ -147,6 +147,42 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
     return perms
 
 
+def fit_transform(
+    reference: StateDict,
+    model: StateDict,
+    spec: ModelSpec,
+    symmetries: frozenset[str],
+    *,
+    progress: bool = False,
+    model_name: str = "model",
+) -> tuple[ModelTransform, dict[str, dict], dict[str, float]]:
+    """The group element bringing ``model`` closest to ``reference`` (state dicts of one ``spec``), per-group details,
+    and seconds per stage. Reads only the tensors the groups touch, one group at a time."""
+    seconds: dict[str, float] = {}
+    ref_view, model_view = StateView(reference), StateView(model)
+    transform = ModelTransform()
+    attention_on = bool(symmetries & {"qk", "vo", "scale", "heads"})
+    total = len(spec.ffn) * ("ffn" in symmetries) + len(spec.attention) * attention_on
+    details: dict[str, dict] = {}
+    with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
+        start = time.perf_counter()
+        if "ffn" in symmetries:
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
+            for name, perm in transform.ffn.items():
+                details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+        seconds["ffn"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if attention_on:
+            for group in spec.attention:
+                transform.heads[group.name], details[group.name] = match_heads(
+                    read_heads(ref_view, group), read_heads(model_view, group),
+                    qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
+                )
+                bar.update(1)
+        seconds["attention"] = time.perf_counter() - start
+    return transform, details, seconds
+
+
 def align(
     reference: Any,
     model: Any,
@@ -174,29 +210,7 @@ def align(
             check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
     check_compatible(ref_state, model_state, model_name)
 
-    seconds: dict[str, float] = {}
-    ref_view, model_view = StateView(ref_state), StateView(model_state)
-    transform = ModelTransform()
-    attention_on = bool(chosen & {"qk", "vo", "scale", "heads"})
-    total = len(spec.ffn) * ("ffn" in chosen) + len(spec.attention) * attention_on
-    details: dict[str, dict] = {}
-    with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
-        start = time.perf_counter()
-        if "ffn" in chosen:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
-            for name, perm in transform.ffn.items():
-                details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
-        seconds["ffn"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if attention_on:
-            for group in spec.attention:
-                transform.heads[group.name], details[group.name] = match_heads(
-                    read_heads(ref_view, group), read_heads(model_view, group),
-                    qk="qk" in chosen, vo="vo" in chosen, scale="scale" in chosen, heads="heads" in chosen,
-                )
-                bar.update(1)
-        seconds["attention"] = time.perf_counter() - start
-
+    transform, details, seconds = fit_transform(ref_state, model_state, spec, chosen, progress=progress, model_name=model_name)
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)
     seconds["apply"] = time.perf_counter() - start

@@ -37,15 +37,6 @@ def echo(msg: str = "") -> None:
     typer.echo(msg)
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    names, seen = [], {}
-    for p in paths:
-        base = p.resolve().name or "model"
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return names
-
-
 @app.command()
 def align(
     reference: Annotated[Path, typer.Argument(help="Reference model directory (config.json + safetensors): the basis everything is aligned to.")],
@@ -59,7 +50,7 @@ def align(
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories."""
     from symmerge.align import align as align_models, check_compatible_shapes
     from symmerge.groups import parse_symmetries
-    from symmerge.io import atomic_output_dir, check_output_dir, copy_model_files, load_state_dict, open_checkpoint, save_state_dict
+    from symmerge.io import atomic_output_dir, check_output_dir, copy_model_files, load_state_dict, open_checkpoint, save_state_dict, unique_names
     from symmerge.spec import check_same_shape, spec_for
 
     chosen = parse_symmetries(symmetries)
@@ -75,7 +66,7 @@ def align(
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
     with atomic_output_dir(out, force) as tmp:
-        for ckpt, name in zip(ckpts, _unique_names([c.path for c in ckpts])):
+        for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
             state = load_state_dict(ckpt)
             result = align_models(ref_state, state, symmetries=chosen, spec=ref_spec, progress=not quiet, model_name=name)
@@ -110,6 +101,86 @@ def _report_json(path: Path, r) -> dict:
         "seconds": r.seconds,
         "groups": [vars(g) for g in r.groups],
     }
+
+
+def _parse_params(items: list[str]) -> dict:
+    import yaml
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SymmergeError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+@app.command()
+def merge(
+    inputs: Annotated[list[Path], typer.Argument(help="A recipe (.yaml) — or the model directories to merge (short form).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (an HF model directory).")],
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
+    align_: Annotated[str, typer.Option("--align", "-s", help="Short form: " + SYMMETRIES_HELP)] = "all",
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Short form: calibration data for fisher/regmean (.txt or .npz).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (only files you trust).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Align, then merge models: from a YAML recipe, or the short form `symmerge merge A B --method ties --base BASE`."""
+    from symmerge.io import check_output_dir
+    from symmerge.merge.engine import run_merge
+    from symmerge.merge.recipe import load_recipe, plan_merge, recipe_from_models
+
+    start = time.perf_counter()
+    check_output_dir(out, force)
+    if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
+        given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
+                                          ("--param", param), ("--data", data), ("--dtype", dtype)) if value]
+        if given:
+            raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
+        recipe, root = load_recipe(inputs[0])
+    else:
+        if method is None:
+            raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")
+        try:
+            weight_list = [float(w) for w in weights.split(",")] if weights else None
+        except ValueError:
+            raise SymmergeError(f"--weights takes comma-separated numbers, got {weights!r}") from None
+        recipe, root = recipe_from_models(
+            [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
+            params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
+            data=str(data) if data else None, dtype=dtype, shard_size=shard_size,
+        ), None
+    plan = plan_merge(recipe, root, allow_pickle)
+    validate_seconds = time.perf_counter() - start
+    result = run_merge(plan, out, force=force, progress=not quiet)
+    seconds = {"validate": validate_seconds, **result.seconds}
+    align_note = f"aligned ({','.join(sorted(plan.symmetries))})" if plan.aligned else "no alignment"
+    echo(f"merged {len(plan.models)} models with {plan.method.name}, {align_note} -> {out}/")
+    for name, d in result.alignment.items():
+        echo(f"  {name:<28} distance to reference {d['distance_before']:.5g} -> {d['distance_after']:.5g}")
+    echo("stage      seconds")
+    for stage, secs in seconds.items():
+        echo(f"{stage:<10} {secs:>7.2f}")
+    echo(f"{'total':<10} {sum(seconds.values()):>7.2f}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from symmerge.merge.methods import MERGE_METHODS
+
+    for m in MERGE_METHODS.values():
+        needs = [w for w, flag in (("base_model", m.needs_base), ("data", m.needs_data)) if flag]
+        params = ", ".join(f"{p}={d!r}" for p, d in m.defaults.items()) or "-"
+        echo(f"{m.name:<18} {m.description}")
+        echo(f"{'':<18} parameters: {params}" + (f"; needs: {', '.join(needs)}" if needs else ""))
 
 
 @app.command()

@@ -16,7 +16,7 @@ import torch
 from symmerge.errors import SymmergeError
 from symmerge.groups.ffn import FFNTensors, permute_ffn, read_ffn, write_ffn
 from symmerge.groups.heads import HeadTensors, HeadTransform, read_heads, transform_heads, write_heads
-from symmerge.spec.base import ModelSpec, StateView
+from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, StateView
 
 SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads")
 """ffn: FFN neuron permutation; qk / vo: per-head rotations; scale: per-head QK and VO rescaling (of whichever of
@@ -44,15 +44,20 @@ class ModelTransform:
     heads: dict[str, HeadTransform] = field(default_factory=dict)  # group name → per-head transform
 
 
+def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform: ModelTransform) -> None:
+    """Apply ``transform``'s element for ``group`` (if it has one) to the tensors in ``view``."""
+    if isinstance(group, FFNGroup):
+        if group.name in transform.ffn:
+            write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
+    elif group.name in transform.heads:
+        write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+
+
 def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
     """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied."""
     view = StateView(state)
-    for group in spec.ffn:
-        if group.name in transform.ffn:
-            write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
-    for group in spec.attention:
-        if group.name in transform.heads:
-            write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+    for group in spec.groups():
+        apply_to_group(view, group, transform)
     return dict(view.state)
 
 
@@ -89,6 +94,6 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
 
 
 __all__ = [
-    "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_transform",
+    "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_to_group", "apply_transform",
     "parse_symmetries", "random_orthogonal", "random_transform", "read_ffn", "read_heads",
 ]

@@ -172,6 +172,16 @@ def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, max_shard_siz
         (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
+def unique_names(paths: list[Path]) -> list[str]:
+    """Directory names for outputs, one per input path, with ``-2``, ``-3``... appended on collisions."""
+    names, seen = [], {}
+    for p in paths:
+        base = Path(p).resolve().name or "model"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
 def check_output_dir(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise SymmergeError(f"{out} already exists: choose another --out or pass --force to replace it")

@@ -92,8 +92,11 @@ class ModelSpec:
             "FFN width": self.ffn_width,
         }
 
+    def groups(self) -> tuple[FFNGroup | AttentionGroup, ...]:
+        return (*self.ffn, *self.attention)
+
     def touched_keys(self) -> set[str]:
-        return {s.key for g in (*self.ffn, *self.attention) for s in g.slots()}
+        return {s.key for g in self.groups() for s in g.slots()}
 
 
 def check_same_shape(reference: ModelSpec, other: ModelSpec, other_name: str = "model") -> None:

@@ -1,0 +1,126 @@
+"""Streaming: tensors read one at a time from memory-mapped safetensors, output written shard by shard.
+
+Peak memory of a merge is then about one tensor (or one symmetry group's tensors) per model plus one output
+shard, not whole models: mapped input pages are clean file cache the kernel can drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from symmerge.errors import SymmergeError
+from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, load_state_dict
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors, read from mmap on access and checked for NaN/Inf the first time each is read."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self._where: dict[str, Path] = {}
+        self._eager: dict[str, torch.Tensor] | None = None
+        if ckpt.is_pickle:
+            self._eager = load_state_dict(ckpt, check_finite=False)
+        else:
+            for f in ckpt.weight_files:
+                with _reading(f), safe_open(f, "pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f
+        self._handles: dict[Path, object] = {}
+        self._checked: set[str] = set()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._eager if self._eager is not None else self._where)
+
+    def __len__(self) -> int:
+        return len(self._eager if self._eager is not None else self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in (self._eager if self._eager is not None else self._where)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._eager is not None:
+            t = self._eager[key]
+        else:
+            f = self._where[key]
+            if f not in self._handles:
+                with _reading(f):
+                    self._handles[f] = safe_open(f, "pt")
+            with _reading(f):
+                t = self._handles[f].get_tensor(key)
+        if key not in self._checked:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SymmergeError(f"{self.ckpt.path}: tensor {key!r} holds NaN or Inf values")
+            self._checked.add(key)
+        return t
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever the next tensor would exceed ``max_shard_bytes``.
+
+    ``close()`` names the shards ``model-0000i-of-0000N.safetensors`` with an index, or ``model.safetensors`` when
+    everything fit in one.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._buffer or any(key in keys for _, keys in self._shards):
+            raise SymmergeError(f"internal: tensor {key!r} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self._buffer[key] = tensor.contiguous()
+        self._buffer_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._buffer, path, metadata={"format": "pt"})
+        self._shards.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        self.flush()
+        n = len(self._shards)
+        if n == 1:
+            final = self.directory / "model.safetensors"
+            os.replace(self._shards[0][0], final)
+            return [final]
+        weight_map, files = {}, []
+        for i, (path, keys) in enumerate(self._shards, start=1):
+            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(path, final)
+            files.append(final)
+            weight_map.update({k: final.name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return files
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_config(source: Mapping, dest: Path, dtype: torch.dtype | None) -> None:
+    """config.json from ``source`` with its dtype field updated to ``dtype``."""
+    config = dict(source)
+    if dtype is not None:
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = dtype_name(dtype)
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,245 @@
+"""symmerge merge: alignment invariance of every data-free method, recipe validation, streaming output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_model, max_output_diff
+from safetensors.torch import load_file, save_file
+
+import symmerge
+from symmerge.align import state_norm
+from symmerge.cli import main
+
+DATA_FREE = {  # method → parameters under which merging a model with itself returns it
+    "linear": {},
+    "slerp": {},
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 1.0, "lambda": 1.0},
+    "dare_linear": {"density": 1.0, "lambda": 0.5},
+    "dare_ties": {"density": 1.0, "lambda": 1.0},
+}
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write(model, path: Path, state: dict) -> Path:
+    model.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """base; A = a fine-tune of base; scrambled = A in another basis; independent = an unrelated model."""
+    root = tmp_path_factory.mktemp("models")
+    model, make_inputs = make_model("gpt2", 0)
+    model.save_pretrained(root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    finetuned = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
+    scrambled = symmerge.apply_random_symmetry(finetuned, config=model.config, seed=2)
+    other, _ = make_model("gpt2", 5)
+    other.save_pretrained(root / "independent")
+    return {
+        "base": root / "base",
+        "a": write(model, root / "a", finetuned),
+        "scrambled": write(model, root / "scrambled", scrambled),
+        "independent": root / "independent",
+        "model": model,
+        "make_inputs": make_inputs,
+    }
+
+
+def output_diff(m, path_a: Path, path_b: Path) -> float:
+    a = transformers.GPT2LMHeadModel.from_pretrained(path_a).eval()
+    b = transformers.GPT2LMHeadModel.from_pretrained(path_b).eval()
+    return max_output_diff(a, {k: v.clone() for k, v in a.state_dict().items()}, b.state_dict(), m["make_inputs"])
+
+
+def relative_distance_to(path_a: Path, path_b: Path) -> float:
+    a, b = load_file(path_a / "model.safetensors"), load_file(path_b / "model.safetensors")
+    return symmerge.state_distance(a, b) / state_norm(a)
+
+
+@pytest.mark.parametrize("method", sorted(DATA_FREE))
+def test_merging_a_model_with_its_scrambled_copy_returns_it(family_models, tmp_path, capsys, method):
+    m = family_models
+    params = [x for k, v in DATA_FREE[method].items() for x in ("--param", f"{k}={v}")]
+    base = ["--base", m["base"]] if method not in ("linear", "slerp") else []
+    for align, expect_equal in (("all", True), ("none", False)):
+        out = tmp_path / f"out-{align}"
+        code, _, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", method, "--align", align, *base, *params, "-o", out, "-q")
+        if base and not expect_equal:
+            # unaligned, the scrambled copy's task vector is as large as the base itself: refused, not merged
+            assert code == 2 and "is not a fine-tune of base_model" in err
+            continue
+        assert code == 0, err
+        diff = output_diff(m, m["a"], out)
+        if expect_equal:
+            # linear/slerp align to A itself (bit-equal); task-vector methods align both models to the base, so the
+            # result is A in the base's basis: the same function
+            assert diff <= 1e-4, (method, diff)
+            if not base:
+                assert relative_distance_to(m["a"], out) <= 1e-5
+        else:
+            assert diff > 1e-2, (method, diff)
+
+
+def test_merged_output_is_a_complete_hf_directory(family_models, tmp_path, capsys):
+    m = family_models
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--weights", "0.3,0.7", "--dtype", "bfloat16", "-o", out)
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "merge.yaml", "README.md"} <= {p.name for p in out.iterdir()}
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(out / "model.safetensors").values() if t.is_floating_point())
+    card = (out / "README.md").read_text()
+    assert "linear" in card and "weight 0.3" in card and "aligned" in card
+    assert "stage" in stdout and "total" in stdout
+    original = transformers.GPT2LMHeadModel.from_pretrained(m["a"]).eval()
+    assert max_output_diff(original, original.state_dict(), loaded.float().state_dict(), m["make_inputs"]) < 0.1  # bf16 rounding only
+
+
+def test_output_is_written_in_shards(family_models, tmp_path, capsys):
+    m = family_models
+    code, _, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--shard-size", "20KB", "-o", tmp_path / "sharded", "-q")
+    assert code == 0, err
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert all(s.stat().st_size <= 20_000 + 64_000 for s in shards)  # a shard overflows only by its last tensor
+    run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "-o", tmp_path / "single", "-q")
+    a = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sharded").state_dict()
+    b = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "single").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_file_with_relative_paths(family_models, tmp_path, capsys):
+    m = family_models
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+models:
+  - model: {m['a']}
+    parameters: {{weight: 1}}
+  - model: {m['scrambled']}
+    parameters: {{weight: 1}}
+base_model: {m['base']}
+merge_method: ties
+parameters: {{density: 1.0, lambda: 1.0}}
+alignment:
+  symmetries: [ffn, qk, vo, scale, heads]
+""")
+    code, _, err = run(capsys, "merge", recipe, "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert output_diff(m, m["a"], tmp_path / "out") <= 1e-4
+    copied = (tmp_path / "out" / "merge.yaml").read_text()
+    assert "ties" in copied and "trim: tensor" in copied
+
+
+def expect_error(capsys, message: str, *args) -> str:
+    code, out, err = run(capsys, *args)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    return err
+
+
+def test_task_vector_methods_refuse_models_without_a_common_base(family_models, tmp_path, capsys):
+    m = family_models
+    expect_error(capsys, "needs base_model", "merge", m["a"], m["scrambled"], "--method", "ties", "-o", tmp_path / "o")
+    expect_error(capsys, "is not a fine-tune of base_model", "merge", m["a"], m["independent"], "--method", "task_arithmetic",
+                 "--base", m["base"], "-o", tmp_path / "o", "-q")
+    assert not (tmp_path / "o").exists()
+
+
+def recipe_error(capsys, tmp_path, text: str, message: str) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    expect_error(capsys, message, "merge", recipe, "-o", tmp_path / "o")
+
+
+def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):
+    a, s = family_models["a"], family_models["scrambled"]
+    models = f"models: [{{model: {a}}}, {{model: {s}}}]\n"
+    recipe_error(capsys, tmp_path, models + "merge_method: tiez\n", "unknown merge method 'tiez'; available:")
+    recipe_error(capsys, tmp_path, models + "merge_method: ties\nbase_model: " + str(a) + "\nparameters: {density: 1.5}\n", "density must be in (0, 1], got 1.5")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\nparameters: {lambda: 2}\n", "unknown parameter 'lambda'")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\nmerge_methd: x\n", "merge_methd: Extra inputs are not permitted")
+    recipe_error(capsys, tmp_path, f"models: [{{model: {a}, parameters: {{wieght: 1}}}}]\nmerge_method: linear\n", "unknown per-model parameter 'wieght'")
+    recipe_error(capsys, tmp_path, f"models: [{{model: {a}, parameters: {{weight: abc}}}}]\nmerge_method: linear\n", "weight must be a number, got 'abc'")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\ndtype: float8\n", "dtype: Input should be")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\nshard_size: lots\n", "not a size: 'lots'")
+    recipe_error(capsys, tmp_path, "models: [{model: ./nowhere}]\nmerge_method: linear\n", "models.0.model: ./nowhere does not exist")
+    recipe_error(capsys, tmp_path, models + "merge_method: fisher\n", "fisher needs calibration data")
+    recipe_error(capsys, tmp_path, models + "merge_method: slerp\nmodels_extra: 1\n", "Extra inputs")
+    recipe_error(capsys, tmp_path, f"models: [{{model: {a}}}]\nmerge_method: slerp\n", "slerp: merges exactly 2 models, got 1")
+    recipe_error(capsys, tmp_path, "models: [\n", "is not valid YAML")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\nalignment: {reference: " + str(family_models["independent"]) + "}\n",
+                 "alignment.reference")
+
+
+def test_validation_happens_before_any_weight_is_read(family_models, tmp_path, capsys):
+    """A corrupt weight file is not even opened when the recipe is invalid for another reason."""
+    model = family_models["model"]
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    data = (broken / "model.safetensors").read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    (broken / "model.safetensors").write_bytes(data[: 8 + header] + b"\0" * 16)  # header intact, weights gone
+    expect_error(capsys, "unknown merge method", "merge", family_models["a"], broken, "--method", "nope", "-o", tmp_path / "o")
+    expect_error(capsys, "corrupt or truncated", "merge", family_models["a"], broken, "--method", "linear", "-o", tmp_path / "o", "-q")
+    assert not (tmp_path / "o").exists()
+
+
+def test_shape_mismatch_is_refused_before_reading(family_models, tmp_path, capsys):
+    bigger = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=80, n_positions=32))
+    bigger.save_pretrained(tmp_path / "bigger")
+    expect_error(capsys, "tensor 'transformer.wte.weight' has shape (80, 48)", "merge", family_models["a"], tmp_path / "bigger",
+                 "--method", "linear", "--align", "none", "-o", tmp_path / "o")
+
+
+def test_failed_merge_leaves_no_output(family_models, tmp_path, capsys):
+    m = family_models
+    state = load_file(m["scrambled"] / "model.safetensors")
+    state["transformer.h.1.mlp.c_proj.weight"][3, 3] = float("inf")
+    bad = write(m["model"], tmp_path / "bad", state)
+    expect_error(capsys, "holds NaN or Inf", "merge", m["a"], bad, "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
+
+
+def test_plain_merge_of_an_architecture_without_a_spec(tmp_path, capsys):
+    """--align none merges any checkpoints that share tensor names and shapes (here a tiny LLaMA)."""
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "x")
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "y")
+    code, _, err = run(capsys, "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    x, y, o = (load_file(tmp_path / n / "model.safetensors") for n in ("x", "y", "o"))
+    assert all(torch.allclose(o[k], (x[k] + y[k]) / 2) for k in o)
+    expect_error(capsys, "align none", "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-o", tmp_path / "o2")
+
+
+def test_methods_listing(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"):
+        assert name in out

@@ -1,0 +1,390 @@
+"""Merge methods on small tensors: hand-computed values, the papers' identities, the registry's validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from symmerge.errors import SymmergeError
+from symmerge.merge import (
+    MERGE_METHODS,
+    dare_linear,
+    dare_seed,
+    dare_ties,
+    fisher,
+    fisher_model_norms,
+    get_method,
+    global_magnitude_thresholds,
+    linear,
+    list_methods,
+    magnitude_threshold,
+    regmean,
+    slerp,
+    task_arithmetic,
+    ties,
+    validate_params,
+)
+from symmerge.merge import methods as M
+
+G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+T = lambda *xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+
+
+def close(a: torch.Tensor, b, atol: float = 1e-6) -> bool:
+    return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype), atol=atol, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- linear, task arith
+
+
+def test_linear_weighted_normalized_and_not():
+    a, b = T(1, 2, 3), T(3, 6, -1)
+    assert close(linear([a, b]), T(2, 4, 1))
+    assert close(linear([a, b], weights=[1, 3]), T(2.5, 5, 0))  # (1·a + 3·b) / 4
+    assert close(linear([a, b], weights=[1, 3], normalize=False), T(10, 20, 0))
+    assert close(linear([a, b], normalize=False), T(4, 8, 2))
+
+
+def test_task_arithmetic():
+    base, a, b = T(1, 1, 1), T(2, 0, 1), T(1, 3, -1)  # τ_a = (1, -1, 0), τ_b = (0, 2, -2)
+    assert close(task_arithmetic([a, b], base=base), T(2, 2, -1))
+    assert close(task_arithmetic([a, b], base=base, weights=[2, 0.5], lambda_=0.5), T(2, 0.5, 0.5))  # 1 + ½(2τ_a + ½τ_b)
+    assert close(task_arithmetic([a, b], base=base, weights=[1, -1]), T(2, -2, 3))  # negation
+
+
+# ------------------------------------------------------------------------------------------------------- TIES
+
+BASE6 = T(1, 1, 1, 1, 1, 1)
+TAUS6 = [T(1, -2, 3, 0, 1, 2), T(2, 1, -1, 0, 0.5, 3), T(-4, 1, -1, 0, 0, -1)]
+
+
+def test_ties_sign_election_and_disjoint_mean_by_hand():
+    # Σ τ = (-1, 0, 1, 0, 1.5, 4) → signs (−, tie, +, none, +, +).
+    # e0: only τ_3 = -4 agrees. e1: a tie elects nothing → 0. e2: only τ_1 = 3. e3: all zero → 0.
+    # e4: τ_1, τ_2 agree, τ_3 = 0 does not count → (1 + 0.5)/2. e5: τ_1, τ_2 → 2.5 (τ_3 = -1 disagrees).
+    models = [BASE6 + t for t in TAUS6]
+    tau_m = T(-4, 0, 3, 0, 0.75, 2.5)
+    assert close(ties(models, base=BASE6, density=1.0), BASE6 + tau_m)
+    assert close(ties(models, base=BASE6, density=1.0, lambda_=0.5), BASE6 + 0.5 * tau_m)
+
+
+def test_ties_weights_move_the_election_and_the_mean():
+    # weights (1, 1, 3): Σ w τ = (-9, 2, -1, 0, 1.5, 2). e1 now elects +: τ_2 = 1 (w 1) and τ_3 = 1 (w 3) → 1;
+    # e2 elects −: τ_2 = τ_3 = -1 → -1; e4, e5 as before (weighted means of equal-weight survivors).
+    models = [BASE6 + t for t in TAUS6]
+    assert close(ties(models, base=BASE6, weights=[1, 1, 3], density=1.0), BASE6 + T(-4, 1, -1, 0, 0.75, 2.5))
+    # a weighted mean proper: e5 with weights (1, 3, 1): (2·1 + 3·3)/4
+    out = ties(models, base=BASE6, weights=[1, 3, 1], density=1.0)
+    assert close(out[5], 1 + 11 / 4)
+
+
+def test_ties_trims_to_density():
+    tau = T(0.1, -0.5, 0.3, -0.2, 0.05, 0.9, -0.7, 0.0, 0.4, -0.15)
+    assert magnitude_threshold(tau.abs(), 0.3) == pytest.approx(0.5)
+    zero = torch.zeros(10)
+    assert close(ties([tau], base=zero, density=0.3), T(0, -0.5, 0, 0, 0, 0.9, -0.7, 0, 0, 0))
+    # two models: density 0.5 keeps (4, ·, ·, 2) and (-3, 2, ·, ·); Σ = (1, 2, 0, 2) → (4, 2, 0, 2)
+    a, b = T(4, -1, 0.5, 2), T(-3, 2, 1, -0.1)
+    assert close(ties([a, b], base=torch.zeros(4), density=0.5), T(4, 2, 0, 2))
+
+
+def test_whole_model_and_per_tensor_trimming_differ():
+    # Model A: t1 τ = (10, 9), t2 τ = (1, 2). Model B: t1 τ = (1, 1.5), t2 τ = (3, 4). density 0.5.
+    # Per tensor: A keeps 10 | 2, B keeps 1.5 | 4 → t1 (10, 1.5), t2 (0, 3).
+    # Whole model: A's top 2 of 4 are 10, 9 (threshold 9), B's are 3, 4 (threshold 3) → t1 (10, 9), t2 (3, 4).
+    taus = {"t1": [T(10, 9), T(1, 1.5)], "t2": [T(1, 2), T(3, 4)]}
+    zero = torch.zeros(2)
+    per_tensor = {k: ties(v, base=zero, density=0.5) for k, v in taus.items()}
+    assert close(per_tensor["t1"], T(10, 1.5)) and close(per_tensor["t2"], T(0, 3))
+    thresholds = global_magnitude_thresholds(taus, 0.5)
+    assert thresholds == pytest.approx([9.0, 3.0])
+    whole = {k: ties(v, base=zero, thresholds=thresholds) for k, v in taus.items()}
+    assert close(whole["t1"], T(10, 9)) and close(whole["t2"], T(3, 4))
+    # a one-shot generator works too, and sampling every entry (rate 1, with replacement) lands close
+    assert global_magnitude_thresholds(iter(taus.values()), 0.5) == pytest.approx([9.0, 3.0])
+
+
+def test_exact_threshold_for_large_tensors_matches_kthvalue(monkeypatch):
+    monkeypatch.setattr(M, "EXACT_DIRECT_MAX", 1000)
+    x = torch.randn(50_000, generator=G(0)).abs()
+    ties_heavy = torch.cat([torch.zeros(30_000), torch.full((10_000,), 0.5), torch.rand(10_000, generator=G(1))])
+    for values in (x, ties_heavy):
+        n = values.numel()
+        for density in (0.01, 0.2, 0.5, 0.77, 0.999):
+            k = M.keep_count(density, n)
+            assert magnitude_threshold(values, density) == float(torch.kthvalue(values, n - k + 1).values)
+    monkeypatch.setattr(M, "_BRACKET_SAMPLE", 3)  # brackets from 3 samples mostly miss: the fallback stays exact
+    for density in (0.05, 0.3, 0.9):
+        k = M.keep_count(density, x.numel())
+        assert magnitude_threshold(x, density) == float(torch.kthvalue(x, x.numel() - k + 1).values)
+
+
+def test_sampled_thresholds_are_close():
+    x = torch.randn(200_000, generator=G(2)).abs()
+    exact = magnitude_threshold(x, 0.2)
+    assert magnitude_threshold(x, 0.2, sample_size=20_000, generator=G(3)) == pytest.approx(exact, rel=0.03)
+    taus = [[torch.randn(50_000, generator=G(4))] for _ in range(4)]
+    exact_g = global_magnitude_thresholds(taus, 0.2)
+    approx_g = global_magnitude_thresholds(taus, 0.2, sample_rate=0.1)
+    assert approx_g == pytest.approx(exact_g, rel=0.03)
+
+
+# ------------------------------------------------------------------------------------------------------- DARE
+
+
+def _dare_inputs(n: int = 500):
+    base = torch.randn(n, generator=G(10))
+    return base, [base + torch.randn(n, generator=G(11 + i)) for i in range(2)]
+
+
+def test_dare_is_seeded_and_reproducible():
+    base, models = _dare_inputs()
+    run = lambda **kw: dare_linear(models, base=base, density=0.5, **kw)  # noqa: E731
+    assert torch.equal(run(seed=1, name="w"), run(seed=1, name="w"))
+    assert not torch.equal(run(seed=1, name="w"), run(seed=2, name="w"))
+    assert not torch.equal(run(seed=1, name="w"), run(seed=1, name="v"))  # per-tensor masks
+    assert torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=3, name="w"))
+    assert not torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=4, name="w"))
+    assert dare_seed(0, "a", 0) != dare_seed(0, "a", 1) != dare_seed(0, "b", 1)
+
+
+def test_dare_drops_and_rescales():
+    base, theta = torch.zeros(20_000), torch.randn(20_000, generator=G(12))
+    out = dare_linear([theta], base=base, density=0.3, seed=5)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+    assert torch.allclose(out[kept], theta[kept] / 0.3)
+
+
+def test_dare_rescale_is_unbiased():
+    base, models = _dare_inputs()
+    w, p, runs = [1.0, 0.5], 0.4, 300
+    mean = sum(dare_linear(models, base=base, weights=w, density=p, seed=s, name="x") for s in range(runs)) / runs
+    expected = task_arithmetic(models, base=base, weights=w)
+    # per entry, Var[w_i τ̃_i] = w_i² τ_i² (1 − p) / p; allow 5 standard errors of the mean
+    var = sum(wi**2 * (m - base) ** 2 for wi, m in zip(w, models)) * (1 - p) / p
+    assert ((mean - expected).abs() <= 5 * (var / runs).sqrt() + 1e-6).all()
+
+
+def test_dare_with_density_one_is_task_arithmetic_or_ties():
+    base, models = _dare_inputs()
+    assert torch.allclose(dare_linear(models, base=base, density=1.0, lambda_=0.7), task_arithmetic(models, base=base, lambda_=0.7))
+    assert torch.allclose(dare_ties(models, base=base, density=1.0), ties(models, base=base, density=1.0))
+
+
+# ------------------------------------------------------------------------------------------------------ SLERP
+
+
+def test_slerp_endpoints_are_the_inputs():
+    a, b = torch.randn(4, 6, generator=G(20)), torch.randn(4, 6, generator=G(21))
+    assert torch.allclose(slerp([a, b], t=0.0), a, atol=1e-7, rtol=0)
+    assert torch.allclose(slerp([a, b], t=1.0), b, atol=1e-7, rtol=0)
+
+
+def test_slerp_keeps_the_norm_of_orthogonal_unit_vectors():
+    e1, e2 = T(1, 0), T(0, 1)
+    mid = slerp([e1, e2], t=0.5)
+    assert mid.norm().item() == pytest.approx(1.0)
+    assert close(mid, T(math.sqrt(0.5), math.sqrt(0.5)))
+    assert linear([e1, e2]).norm().item() == pytest.approx(1 / math.sqrt(2))
+    # un-normalised inputs: Ω = π/2, both coefficients sin(π/4)/sin(π/2)
+    assert close(slerp([T(1, 0), T(0, 2)], t=0.5), T(math.sqrt(0.5), 2 * math.sqrt(0.5)))
+    # t = 1/3 of a right angle: (cos 30°, sin 30°)
+    assert close(slerp([e1, e2], t=1 / 3), T(math.cos(math.pi / 6), math.sin(math.pi / 6)))
+
+
+def test_slerp_falls_back_to_linear_when_parallel_or_zero():
+    a = torch.randn(10, generator=G(22))
+    for b in (2 * a, a + 1e-6 * torch.randn(10, generator=G(23)), -a, torch.zeros(10)):
+        assert torch.allclose(slerp([a, b], t=0.3), 0.7 * a + 0.3 * b, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- Fisher
+
+
+def test_fisher_with_equal_fishers_is_linear_and_one_hot_picks_the_model():
+    a, b = torch.randn(3, 4, generator=G(30)), torch.randn(3, 4, generator=G(31))
+    f = torch.rand(3, 4, generator=G(32)) + 0.1
+    assert torch.allclose(fisher([a, b], fishers=[f, f]), linear([a, b]), atol=1e-6)
+    assert torch.allclose(fisher([a, b], fishers=[f, f], weights=[1, 3]), linear([a, b], weights=[1, 3]), atol=1e-6)
+    assert torch.allclose(fisher([a, b], fishers=[torch.ones(3, 4), torch.zeros(3, 4)]), a, atol=1e-6)
+    mask = torch.rand(3, 4, generator=G(33)) > 0.5
+    picked = fisher([a, b], fishers=[mask.float(), (~mask).float()])
+    assert torch.allclose(picked, torch.where(mask, a, b), atol=1e-6)
+
+
+def test_fisher_normalization():
+    a, b = torch.zeros(4), torch.ones(4)
+    f_a, f_b = torch.full((4,), 100.0), torch.ones(4)
+    assert close(fisher([a, b], fishers=[f_a, f_b]), torch.full((4,), 1 / 101))
+    assert close(fisher([a, b], fishers=[f_a, f_b], normalize="param"), torch.full((4,), 0.5))
+    # whole-model norms: model a has Fishers (3 | 4) → 5, model b (1 | 0) → 1
+    norms = fisher_model_norms({"x": [T(3), T(1)], "y": [T(4), T(0)]})
+    assert norms == pytest.approx([5.0, 1.0])
+    by_norms = fisher([a, b], fishers=[f_a, f_b], normalize="model", fisher_norms=[100.0, 1.0])
+    pre_divided = fisher([a, b], fishers=[f_a / 100, f_b], normalize="model")
+    assert close(by_norms, torch.full((4,), 0.5)) and close(pre_divided, torch.full((4,), 0.5))
+    with pytest.raises(SymmergeError, match="one Fisher per model"):
+        fisher([a, b], fishers=[f_a])
+
+
+# ---------------------------------------------------------------------------------------------------- RegMean
+
+
+def _regmean_problem(dead_column: bool = False):
+    xs = [torch.randn(20, 5, generator=G(40), dtype=torch.float64), torch.randn(30, 5, generator=G(41), dtype=torch.float64)]
+    if dead_column:
+        for x in xs:
+            x[:, 4] = 0
+    ws = [torch.randn(3, 5, generator=G(42), dtype=torch.float64), torch.randn(3, 5, generator=G(43), dtype=torch.float64)]
+    return xs, ws, [x.T @ x for x in xs]
+
+
+def test_regmean_is_the_least_squares_solution():
+    xs, ws, grams = _regmean_problem()
+    merged = regmean(ws, grams=grams, alpha=1.0)
+    stacked = torch.linalg.lstsq(torch.cat(xs), torch.cat([x @ w.T for x, w in zip(xs, ws)])).solution.T
+    assert torch.allclose(merged, stacked, atol=1e-10)
+
+
+def test_regmean_shrinkage_limits():
+    xs, ws, grams = _regmean_problem()
+    # α = 0: diagonal Grams → each input column j is a G_jj-weighted average of the models' columns
+    d = torch.stack([g.diagonal() for g in grams])  # (2, in)
+    expected = (d[0] * ws[0] + d[1] * ws[1]) / (d[0] + d[1])
+    assert torch.allclose(regmean(ws, grams=grams, alpha=0.0), expected, atol=1e-10)
+    # equal Grams → plain average, for any α
+    assert torch.allclose(regmean(ws, grams=[grams[0], grams[0]], alpha=0.5), (ws[0] + ws[1]) / 2, atol=1e-10)
+    # no Grams (bias, norm) → linear average; a zero weight → the other model
+    assert torch.allclose(regmean([T(1, 2), T(3, 4)]), T(2, 3))
+    assert torch.allclose(regmean(ws, grams=grams, weights=[1, 0]), ws[0], atol=1e-10)
+
+
+def test_regmean_singular_grams_fall_back_to_the_least_squares_solution_nearest_the_average():
+    xs, ws, grams = _regmean_problem(dead_column=True)
+    merged = regmean(ws, grams=grams, alpha=1.0)
+    live = torch.linalg.lstsq(torch.cat(xs)[:, :4], torch.cat([x @ w.T for x, w in zip(xs, ws)])).solution.T
+    assert torch.allclose(merged[:, :4], live, atol=1e-8)
+    assert torch.allclose(merged[:, 4], (ws[0][:, 4] + ws[1][:, 4]) / 2, atol=1e-8)  # unseen input: the average
+
+
+def test_regmean_checks_shapes():
+    _, ws, grams = _regmean_problem()
+    with pytest.raises(SymmergeError, match=r"regmean: Gram 1 has shape \(4, 4\), expected \(5, 5\)"):
+        regmean(ws, grams=[grams[0], torch.eye(4)])
+
+
+# ------------------------------------------------------------------------------------------- registry, validation
+
+
+def test_registry_lists_every_method():
+    assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"} <= set(MERGE_METHODS)
+    assert [m.name for m in list_methods()] == sorted(MERGE_METHODS)
+    ties_m = get_method("ties")
+    assert ties_m.needs_base and not ties_m.needs_data and ties_m.defaults == {"density": 0.2, "lambda": 1.0, "trim": "tensor"}
+    assert get_method("fisher").needs_data and get_method("regmean").needs_data
+    assert get_method("slerp").max_models == 2
+    assert get_method("ties").summary().startswith("ties [base] density=0.2 lambda=1")
+    assert {"base", "weights", "name", "density", "lambda_", "thresholds"} <= get_method("ties").arguments
+    assert all("name" in m.arguments and "weights" in m.arguments for m in list_methods())
+    assert "grams" in get_method("regmean").arguments and "fishers" in get_method("fisher").arguments
+
+
+def test_unknown_method():
+    with pytest.raises(SymmergeError) as e:
+        get_method("tie")
+    assert str(e.value).startswith("unknown merge method 'tie'; available: dare_linear, dare_ties, fisher, linear")
+    assert "\n" not in str(e.value)
+
+
+def test_validate_params_fills_defaults_and_names_the_culprit():
+    assert validate_params("ties", {}) == {"density": 0.2, "lambda_": 1.0, "trim": "tensor"}
+    assert validate_params("ties", {"density": 1, "lambda": 2}) == {"density": 1.0, "lambda_": 2.0, "trim": "tensor"}
+    assert validate_params("dare_ties", {"seed": 7.0}) == {"density": 0.5, "lambda_": 1.0, "seed": 7}
+    bad = [
+        ("ties", {"density": 1.5}, "ties: density must be in (0, 1], got 1.5"),
+        ("ties", {"density": 0}, "ties: density must be in (0, 1], got 0"),
+        ("ties", {"dens": 0.5}, "ties: unknown parameter 'dens' (known: density, lambda, trim)"),
+        ("slerp", {"t": -0.1}, "slerp: t must be in [0, 1], got -0.1"),
+        ("linear", {"normalize": "yes"}, "linear: normalize must be true or false, got 'yes'"),
+        ("fisher", {"normalize": "global"}, "fisher: normalize must be one of none, param, model, got 'global'"),
+        ("ties", {"density": True}, "ties: density must be a number, got True"),
+        ("dare_linear", {"seed": 1.5}, "dare_linear: seed must be an integer, got 1.5"),
+        ("dare_linear", {"seed": -1}, "dare_linear: seed must be >= 0, got -1"),
+        ("task_arithmetic", {"lambda": float("nan")}, "task_arithmetic: lambda must be a finite number, got nan"),
+        ("ties", {"lambda": 1, "lambda_": 2}, "ties: parameter 'lambda' given twice"),
+    ]
+    for method, params, message in bad:
+        with pytest.raises(SymmergeError) as e:
+            validate_params(method, params)
+        assert str(e.value) == message
+
+
+def test_direct_calls_are_validated_too():
+    x = torch.ones(3)
+    with pytest.raises(SymmergeError, match=r"ties: density must be in \(0, 1\], got 1.5"):
+        ties([x, x], base=x, density=1.5)
+    with pytest.raises(SymmergeError, match="ties: needs the base model's tensor"):
+        ties([x, x])
+    with pytest.raises(SymmergeError, match="slerp: merges exactly 2 models, got 3"):
+        slerp([x, x, x])
+    with pytest.raises(SymmergeError, match=r"linear: model 1 has shape \(2,\), model 0 \(3,\) \(tensor 'w'\)"):
+        linear([x, torch.ones(2)], name="w")
+    with pytest.raises(SymmergeError, match="linear: got 1 weights for 2 models"):
+        linear([x, x], weights=[1])
+    with pytest.raises(SymmergeError, match="ties: weights must be >= 0"):
+        ties([x, x], base=x, weights=[1, -1])
+
+
+def test_check_models():
+    get_method("ties").check_models(3, has_base=True)
+    with pytest.raises(SymmergeError, match="ties: needs a base model"):
+        get_method("ties").check_models(3, has_base=False)
+    with pytest.raises(SymmergeError, match="slerp: merges exactly 2 models, got 3"):
+        get_method("slerp").check_models(3, has_base=False)
+
+
+# ---------------------------------------------------------------------------------------------- dtypes, purity
+
+
+def _call(method: str, tensors, base, **extra):
+    kw = {"base": base}
+    if method == "fisher":
+        kw["fishers"] = [torch.rand(t.shape, generator=G(50 + i)) for i, t in enumerate(tensors)]
+    if method == "regmean":
+        kw["grams"] = [(lambda x: x.T @ x)(torch.randn(8, t.shape[1], generator=G(60 + i))) for i, t in enumerate(tensors)]
+    if method in ("dare_linear", "dare_ties"):
+        kw["name"] = "layer.weight"
+    return MERGE_METHODS[method](tensors[:2] if method == "slerp" else tensors, **kw, **extra)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_bf16_in_bf16_out(method):
+    base = torch.randn(6, 5, generator=G(70))
+    models = [base + 0.1 * torch.randn(6, 5, generator=G(71 + i)) for i in range(3)]
+    lo = [m.to(torch.bfloat16) for m in models]
+    out = _call(method, lo, base.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (6, 5)
+    # the same float32 math on the upcast values, rounded once at the end
+    ref = _call(method, [m.float() for m in lo], base.to(torch.bfloat16).float())
+    assert torch.equal(out, ref.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_inputs_are_not_modified(method):
+    base = torch.randn(6, 5, generator=G(80))
+    models = [base + torch.randn(6, 5, generator=G(81 + i)) for i in range(3)]
+    copies = [m.clone() for m in models] + [base.clone()]
+    out = _call(method, models, base)
+    assert out.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(models + [base], copies))
+
+
+def test_ties_whole_model_trimming_needs_thresholds():
+    base = torch.zeros(4)
+    with pytest.raises(SymmergeError, match="trim=model needs whole-model thresholds"):
+        ties([torch.ones(4), torch.ones(4)], base=base, trim="model")
+    out = ties([torch.tensor([1.0, 0.1, 0.0, 0.0])], base=base, trim="model", thresholds=[0.5])
+    assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 0.0]))
