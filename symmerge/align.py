@@ -177,6 +177,7 @@ def fit_transform(
                 transform.heads[group.name], details[group.name] = match_heads(
                     read_heads(ref_view, group), read_heads(model_view, group),
                     qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
+                    rope=group.rope,
                 )
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start

@@ -37,7 +37,23 @@ def _vit():
     return transformers.ViTForImageClassification(cfg), lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}
 
 
-FAMILIES = {"bert": _bert, "roberta": _roberta, "vit": _vit, "gpt2": _gpt2}
+def _decoder(config_cls, model_cls, kv_heads, **extra):
+    def build():
+        cfg = config_cls(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False, **extra)
+        return model_cls(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+    return build
+
+
+FAMILIES = {
+    "bert": _bert,
+    "roberta": _roberta,
+    "vit": _vit,
+    "gpt2": _gpt2,
+    "llama": _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, 2),  # GQA, RoPE, SwiGLU
+    "qwen2": _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 2),  # + Q/K/V biases
+    "mistral": _decoder(transformers.MistralConfig, transformers.MistralForCausalLM, 1),  # MQA
+}
 
 
 def make_model(family: str, seed: int = 0):
@@ -50,7 +66,8 @@ def make_model(family: str, seed: int = 0):
     model, make_inputs = FAMILIES[family]()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 and ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight") else 0.0))
+            std = 0.05 if name.startswith("lm_head") else 0.2 if p.ndim > 1 else 0.1  # logits O(1), like HF's init
+            p.copy_(torch.randn_like(p) * std + (1.0 if p.ndim == 1 and ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight") else 0.0))
     return model.eval(), make_inputs
 
 

@@ -108,7 +108,7 @@ def test_unsupported_model_type_lists_supported(pair, tmp_path, capsys):
     config["model_type"] = "t5"
     (other / "config.json").write_text(json.dumps(config))
     err = expect_error(capsys, "model_type 't5' is not supported", "align", ref, other, "-o", tmp_path / "out")
-    assert "bert, gpt2, roberta, vit" in err
+    assert "bert, gpt2, llama, mistral, qwen2, roberta, vit" in err
 
 
 def test_missing_and_corrupt_files(pair, tmp_path, capsys):

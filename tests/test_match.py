@@ -146,3 +146,48 @@ def test_blocks_cover_every_tensor_of_the_objective():
         eye = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
         total += float(objective(s, eye, torch.ones(3, dtype=torch.float64)).sum() + x2.square().sum() + y2.square().sum())
     assert np.isclose(total, _distance(model, ref))
+
+
+def test_plane_score_is_the_best_plane_rotation():
+    from symmerge.groups.heads import plane_rotation_matrix
+    from symmerge.match.procrustes import plane_score
+
+    m = torch.randn(3, 6, 6, generator=G(21), dtype=torch.float64)
+    best = torch.zeros(3, dtype=torch.float64)
+    angles = torch.linspace(0, 2 * np.pi, 721, dtype=torch.float64)
+    for p in range(3):  # planes are independent: maximise each over a fine angle grid
+        cos, sin = torch.ones(3, len(angles), 3, dtype=torch.float64), torch.zeros(3, len(angles), 3, dtype=torch.float64)
+        cos[:, :, p], sin[:, :, p] = torch.cos(angles), torch.sin(angles)
+        r = plane_rotation_matrix(cos.reshape(-1, 3), sin.reshape(-1, 3)).reshape(3, len(angles), 6, 6)
+        values = (r * m[:, None]).sum((-1, -2))
+        half = 3
+        diag_rest = sum(m[:, i, i] + m[:, i + half, i + half] for i in range(3) if i != p)
+        best += (values - diag_rest[:, None]).max(1).values
+    assert torch.allclose(plane_score(m), best, rtol=1e-4)
+
+
+def test_proper_procrustes_never_reflects_and_is_optimal_among_rotations():
+    m = torch.randn(200, 2, 2, generator=G(22), dtype=torch.float64)
+    r = procrustes(m, proper=True)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(200, dtype=torch.float64))
+    angles = torch.linspace(0, 2 * np.pi, 3601, dtype=torch.float64)
+    grid = torch.stack([torch.stack([torch.cos(angles), -torch.sin(angles)], -1), torch.stack([torch.sin(angles), torch.cos(angles)], -1)], -2)
+    best = (grid[None] * m[:, None]).sum((-1, -2)).max(1).values
+    assert torch.all((r * m).sum((-1, -2)) >= best - 1e-9)
+
+
+def test_gqa_head_assignment_recovers_planted_groups():
+    """8 query heads over 2 KV heads: KV heads swapped and query heads shuffled inside groups are found exactly."""
+    from symmerge.groups.heads import group_permutation
+
+    g = G(23)
+    ref = HeadTensors(*(torch.randn(*s, generator=g, dtype=torch.float64) for s in
+                        [(8, 4, 12), (8, 4), (2, 4, 12), (2, 4), (2, 4, 12), (2, 4), (8, 12, 4)]))
+    x = HeadTransform.identity(8, 4, torch.float64, 2)
+    x.kv_perm = torch.tensor([1, 0])
+    x.perm = group_permutation(x.kv_perm, torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]]), 4)
+    x.qk_rotation = random_orthogonal(4, 2, g)
+    x.vo_rotation = random_orthogonal(4, 2, g)
+    scrambled = transform_heads(ref, x)
+    y, _ = match_heads(ref, scrambled, qk=True, vo=True, scale=True, heads=True)
+    assert _distance(transform_heads(scrambled, y), ref) <= 1e-18 * _distance(ref, scrambled)

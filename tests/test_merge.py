@@ -224,13 +224,13 @@ def test_failed_merge_leaves_no_output(family_models, tmp_path, capsys):
 
 
 def test_plain_merge_of_an_architecture_without_a_spec(tmp_path, capsys):
-    """--align none merges any checkpoints that share tensor names and shapes (here a tiny LLaMA)."""
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    """--align none merges any checkpoints that share tensor names and shapes (here a tiny GPT-NeoX, which has no spec)."""
+    cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=50, max_position_embeddings=32)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "x")
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "x")
     torch.manual_seed(1)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "y")
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "y")
     code, _, err = run(capsys, "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
     assert code == 0, err
     x, y, o = (load_file(tmp_path / n / "model.safetensors") for n in ("x", "y", "o"))

@@ -115,3 +115,48 @@ def test_head_transform_identity_is_identity():
     spec = spec_for(model.config, state.keys())
     t = ModelTransform(heads={g.name: HeadTransform.identity(g.num_heads, g.head_dim) for g in spec.attention})
     assert symmerge.state_distance(state, apply_transform(state, spec, t)) == 0.0
+
+
+def _with_heads(model, mutate):
+    """Apply ``mutate(HeadTransform)`` to layer 0's heads (starting from the identity) and return the new state."""
+    state = clone(model.state_dict())
+    spec = spec_for(model.config, state.keys())
+    grp = spec.attention[0]
+    x = HeadTransform.identity(grp.num_heads, grp.head_dim, torch.float64, grp.kv_heads)
+    mutate(x, grp)
+    return state, apply_transform(state, spec, ModelTransform(heads={grp.name: x}))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_rope_forbids_general_qk_rotations_and_reflections(family):
+    """Why the RoPE spec restricts QK: a full orthogonal QK map, or a reflection of one plane, changes the outputs."""
+    from symmerge.groups import random_orthogonal
+
+    model, make_inputs = make_model(family)
+
+    def full_rotation(x, grp):
+        x.qk_rotation = random_orthogonal(grp.head_dim, grp.kv_heads, torch.Generator().manual_seed(0))
+
+    def plane_reflection(x, grp):
+        half = grp.head_dim // 2
+        x.qk_rotation[:, half, half] = -1.0  # reflect plane 0: (e0, e_half) → (e0, −e_half)
+
+    for mutate in (full_rotation, plane_reflection):
+        before, after = _with_heads(model, mutate)
+        assert max_output_diff(model, before, after, make_inputs) > 1e-3
+
+
+def test_gqa_forbids_moving_a_query_head_to_another_group():
+    model, make_inputs = make_model("llama")  # 4 query heads over 2 KV heads
+
+    def cross_group(x, grp):
+        x.perm = torch.tensor([2, 1, 0, 3])  # query heads 0 and 2 swap groups, their KV heads stay
+
+    before, after = _with_heads(model, cross_group)
+    assert max_output_diff(model, before, after, make_inputs) > 1e-3
+
+    def within_group(x, grp):
+        x.perm = torch.tensor([1, 0, 3, 2])
+
+    before, after = _with_heads(model, within_group)
+    assert max_output_diff(model, before, after, make_inputs) <= TOL

@@ -15,7 +15,9 @@ import torch
 
 from symmerge.errors import SymmergeError
 from symmerge.groups.ffn import FFNTensors, permute_ffn, read_ffn, write_ffn
-from symmerge.groups.heads import HeadTensors, HeadTransform, read_heads, transform_heads, write_heads
+from symmerge.groups.heads import (
+    HeadTensors, HeadTransform, group_permutation, plane_rotation_matrix, read_heads, rope_planes, transform_heads, write_heads,
+)
 from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, StateView
 
 SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads")
@@ -67,6 +69,12 @@ def random_orthogonal(n: int, batch: int, generator: torch.Generator) -> torch.T
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
+def random_plane_rotation(head_dim: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Random rotations of each RoPE plane ``(i, i + d_h/2)`` (no reflections: they do not commute with RoPE)."""
+    angles = torch.rand(batch, head_dim // 2, generator=generator, dtype=torch.float64) * 2 * math.pi
+    return plane_rotation_matrix(torch.cos(angles), torch.sin(angles))
+
+
 def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "all", seed: int = 0,
                      max_scale: float = 2.0) -> ModelTransform:
     """A seeded random element of the chosen symmetry classes (scales log-uniform in [1/max_scale, max_scale])."""
@@ -77,23 +85,31 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
         out.ffn = {grp.name: torch.randperm(grp.width, generator=g) for grp in spec.ffn}
     if chosen & {"qk", "vo", "scale", "heads"}:
         for grp in spec.attention:
-            h, dh = grp.num_heads, grp.head_dim
-            x = HeadTransform.identity(h, dh, torch.float64)
+            h, kv, dh = grp.num_heads, grp.kv_heads, grp.head_dim
+            r = h // kv
+            x = HeadTransform.identity(h, dh, torch.float64, kv)
+            log_max = math.log(max_scale)
+
+            def scales(n: int) -> torch.Tensor:
+                return torch.exp((torch.rand(kv, n, generator=g, dtype=torch.float64) * 2 - 1) * log_max)
+
             if "heads" in chosen:
-                x.perm = torch.randperm(h, generator=g)
+                x.kv_perm = torch.randperm(kv, generator=g)
+                within = torch.stack([torch.randperm(r, generator=g) for _ in range(kv)])
+                x.perm = group_permutation(x.kv_perm, within, r)
             if "qk" in chosen:
-                x.qk_rotation = random_orthogonal(dh, h, g)
+                x.qk_rotation = random_plane_rotation(dh, kv, g) if grp.rope else random_orthogonal(dh, kv, g)
             if "vo" in chosen:
-                x.vo_rotation = random_orthogonal(dh, h, g)
+                x.vo_rotation = random_orthogonal(dh, kv, g)
             if "scale" in chosen:
-                log_max = math.log(max_scale)
-                x.qk_scale = torch.exp((torch.rand(h, generator=g, dtype=torch.float64) * 2 - 1) * log_max)
-                x.vo_scale = torch.exp((torch.rand(h, generator=g, dtype=torch.float64) * 2 - 1) * log_max)
+                # one scale per head, or per rotary plane under RoPE (each plane's score term is preserved alone)
+                x.qk_scale = scales(dh // 2).repeat(1, 2) if grp.rope else scales(1).expand(kv, dh).clone()
+                x.vo_scale = scales(1).expand(kv, dh).clone()
             out.heads[grp.name] = x
     return out
 
 
 __all__ = [
     "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_to_group", "apply_transform",
-    "parse_symmetries", "random_orthogonal", "random_transform", "read_ffn", "read_heads",
+    "group_permutation", "parse_symmetries", "random_orthogonal", "random_transform", "read_ffn", "read_heads", "rope_planes",
 ]

@@ -1,12 +1,17 @@
-"""Per-head attention symmetries (DESIGN §1), for all heads of a layer at once.
+"""Per-head attention symmetries (DESIGN §1), for all heads of a layer at once, with GQA/MQA.
 
-One :class:`HeadTransform` combines, per output head ``g``: a head permutation (head ``g`` is built from input head
-``perm[g]``), a QK rotation ``R_g`` with scale ``a_g`` and a VO rotation ``S_g`` with scale ``c_g``:
+Query head ``h`` reads key/value head ``h // r`` (``r = H / H_kv``, HF's ``repeat_kv``). One
+:class:`HeadTransform` combines a KV-head permutation (KV head ``g`` of the result is input KV head
+``kv_perm[g]``, moving its query group along), a query-head permutation that stays inside each group, and per KV
+head ``g``: a QK rotation ``R_g`` with per-dimension scale ``a_g`` and a VO rotation ``S_g`` with scale ``c_g``,
+applied to K/V head ``g`` and to every query head of its group:
 
-    W_Q → a R^T W_Q     b_Q → a b_Q R      W_K → R^T W_K / a    b_K → b_K R / a
-    W_V → c S^T W_V     b_V → c b_V S      W_O → W_O S / c      (b_O unchanged)
+    W_Q^h → diag(a) R^T W_Q^h    b_Q^h → b_Q^h R diag(a)    W_K → diag(a)^{-1} R^T W_K    b_K → b_K R diag(a)^{-1}
+    W_V   → diag(c) S^T W_V      b_V   → b_V S diag(c)      W_O^h → W_O^h S diag(c)^{-1}  (b_O unchanged)
 
-``q k^T`` and ``v W_O^T`` are unchanged because ``R R^T = S S^T = I`` (reflections allowed) and the scales cancel.
+``q k^T`` and ``v W_O^{hT}`` are unchanged because ``R R^T = S S^T = I`` and the diagonal scales cancel (any
+diagonal scale is in GL(d_h)). Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it
+(:func:`rope_planes`); the spec says which.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ class HeadTensors:
 
     q: torch.Tensor  # (H, d_h, d)
     q_bias: torch.Tensor  # (H, d_h)
-    k: torch.Tensor
-    k_bias: torch.Tensor
-    v: torch.Tensor
-    v_bias: torch.Tensor
+    k: torch.Tensor  # (H_kv, d_h, d)
+    k_bias: torch.Tensor  # (H_kv, d_h)
+    v: torch.Tensor  # (H_kv, d_h, d)
+    v_bias: torch.Tensor  # (H_kv, d_h)
     o: torch.Tensor  # (H, d, d_h): head h's columns of W_O
 
     @property
@@ -35,23 +40,33 @@ class HeadTensors:
         return self.q.shape[0]
 
     @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[0]
+
+    @property
     def head_dim(self) -> int:
         return self.q.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
 
 
 @dataclass
 class HeadTransform:
-    perm: torch.Tensor  # (H,) long
-    qk_rotation: torch.Tensor  # (H, d_h, d_h)
-    qk_scale: torch.Tensor  # (H,)
-    vo_rotation: torch.Tensor  # (H, d_h, d_h)
-    vo_scale: torch.Tensor  # (H,)
+    perm: torch.Tensor  # (H,) long: query head h of the result is input query head perm[h]
+    kv_perm: torch.Tensor  # (H_kv,) long; perm[h] // r == kv_perm[h // r]
+    qk_rotation: torch.Tensor  # (H_kv, d_h, d_h)
+    qk_scale: torch.Tensor  # (H_kv, d_h)
+    vo_rotation: torch.Tensor  # (H_kv, d_h, d_h)
+    vo_scale: torch.Tensor  # (H_kv, d_h)
 
     @classmethod
-    def identity(cls, num_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> HeadTransform:
-        eye = torch.eye(head_dim, dtype=dtype).expand(num_heads, head_dim, head_dim).clone()
-        ones = torch.ones(num_heads, dtype=dtype)
-        return cls(torch.arange(num_heads), eye, ones, eye.clone(), ones.clone())
+    def identity(cls, num_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, num_kv_heads: int | None = None) -> HeadTransform:
+        kv = num_kv_heads or num_heads
+        eye = torch.eye(head_dim, dtype=dtype).expand(kv, head_dim, head_dim).clone()
+        ones = torch.ones(kv, head_dim, dtype=dtype)
+        return cls(torch.arange(num_heads), torch.arange(kv), eye, ones, eye.clone(), ones.clone())
 
     def to(self, dtype: torch.dtype) -> HeadTransform:
         return replace(
@@ -61,6 +76,14 @@ class HeadTransform:
             vo_rotation=self.vo_rotation.to(dtype),
             vo_scale=self.vo_scale.to(dtype),
         )
+
+
+def group_permutation(kv_perm: torch.Tensor, within: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Query-head permutation from a KV-head permutation and, per output group, a permutation of its ``r`` members
+    (``within``: (H_kv, r), default identity): ``perm[g·r + j] = kv_perm[g]·r + within[g, j]``."""
+    if within is None:
+        within = torch.arange(group_size).expand(len(kv_perm), group_size)
+    return (kv_perm[:, None] * group_size + within).reshape(-1)
 
 
 def split_heads(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -74,13 +97,33 @@ def split_head_columns(w_o: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w_o.reshape(d, num_heads, -1).permute(1, 0, 2)
 
 
+def rope_planes(head_dim: int) -> torch.Tensor:
+    """(d_h/2, 2) index pairs of HF's ``rotate_half`` layout: dimension ``i`` rotates with ``i + d_h/2``."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1)
+
+
+def plane_rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Block rotations (B, d_h, d_h) from per-plane ``cos, sin`` (B, d_h/2): plane ``(i, i + d_h/2)`` is rotated by
+    ``[[cos, −sin], [sin, cos]]``, everything else zero."""
+    b, half = cos.shape
+    r = torch.zeros(b, 2 * half, 2 * half, dtype=cos.dtype)
+    i = torch.arange(half)
+    r[:, i, i] = cos
+    r[:, i + half, i + half] = cos
+    r[:, i, i + half] = -sin
+    r[:, i + half, i] = sin
+    return r
+
+
 def read_heads(view: StateView, group: AttentionGroup) -> HeadTensors:
-    h = group.num_heads
+    h, kv = group.num_heads, group.kv_heads
 
     def bias(slot: Slot | None, like: torch.Tensor) -> torch.Tensor:
-        return split_heads(view.get(slot), h) if slot else like.new_zeros(like.shape[:2])
+        return split_heads(view.get(slot), like.shape[0]) if slot else like.new_zeros(like.shape[:2])
 
-    q, k, v = (split_heads(view.get(s), h) for s in (group.q, group.k, group.v))
+    q = split_heads(view.get(group.q), h)
+    k, v = split_heads(view.get(group.k), kv), split_heads(view.get(group.v), kv)
     o = split_head_columns(view.get(group.o), h)
     return HeadTensors(q, bias(group.q_bias, q), k, bias(group.k_bias, k), v, bias(group.v_bias, v), o)
 
@@ -97,22 +140,26 @@ def write_heads(view: StateView, group: AttentionGroup, t: HeadTensors) -> None:
 def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     """Apply ``x`` to every head at once (batched matmuls, no loop over heads)."""
     x = x.to(t.q.dtype)
-    p = x.perm
-    rt, st = x.qk_rotation.transpose(-1, -2), x.vo_rotation.transpose(-1, -2)
-    a, c = x.qk_scale, x.vo_scale
+    r = t.group_size
+    p, pk = x.perm, x.kv_perm
 
-    def rows(w: torch.Tensor, r_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # s · R^T W
-        return s[:, None, None] * (r_t @ w[p])
+    def per_query(m: torch.Tensor) -> torch.Tensor:  # a per-KV-head quantity for every query head
+        return m.repeat_interleave(r, dim=0)
 
-    def bias(b: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # s · b R
-        return s[:, None] * (b[p].unsqueeze(1) @ r).squeeze(1)
+    def rows(w: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # diag(s) R^T W
+        return s.unsqueeze(-1) * (rot.transpose(-1, -2) @ w)
 
+    def bias(b: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # b R diag(s)
+        return s * (b.unsqueeze(1) @ rot).squeeze(1)
+
+    rq, aq = per_query(x.qk_rotation), per_query(x.qk_scale)
+    so, co = per_query(x.vo_rotation), per_query(x.vo_scale)
     return HeadTensors(
-        q=rows(t.q, rt, a),
-        q_bias=bias(t.q_bias, x.qk_rotation, a),
-        k=rows(t.k, rt, 1 / a),
-        k_bias=bias(t.k_bias, x.qk_rotation, 1 / a),
-        v=rows(t.v, st, c),
-        v_bias=bias(t.v_bias, x.vo_rotation, c),
-        o=(t.o[p] @ x.vo_rotation) / c[:, None, None],
+        q=rows(t.q[p], rq, aq),
+        q_bias=bias(t.q_bias[p], rq, aq),
+        k=rows(t.k[pk], x.qk_rotation, 1 / x.qk_scale),
+        k_bias=bias(t.k_bias[pk], x.qk_rotation, 1 / x.qk_scale),
+        v=rows(t.v[pk], x.vo_rotation, x.vo_scale),
+        v_bias=bias(t.v_bias[pk], x.vo_rotation, x.vo_scale),
+        o=(t.o[p] @ so) / co.unsqueeze(1),
     )

@@ -1,28 +1,32 @@
 """Attention matching: head permutation, per-head QK/VO rotation and rescaling, all heads at once.
 
-Model ``1`` (the one being aligned) is mapped onto reference ``2``. Per head the QK objective is
+Model ``1`` (the one being aligned) is mapped onto reference ``2``. Per KV head the QK objective is
 
-    ‖a R^T W_Q1 − W_Q2‖² + ‖a b_Q1 R − b_Q2‖² + ‖R^T W_K1 / a − W_K2‖² + ‖b_K1 R / a − b_K2‖²
+    Σ_{h in group} ‖a R^T [W_Q1^h | b_Q1^h] − [W_Q2^h | b_Q2^h]‖² + ‖R^T [W_K1 | b_K1] / a − [W_K2 | b_K2]‖²
 
-(and the VO one alike with ``W_V, b_V`` on the ``a`` side and ``W_O`` head columns on the ``1/a`` side).
-Stacking each side's tensors into row blocks ``X`` (scaled by ``a``) and ``Y`` (scaled by ``1/a``), it only depends
-on the d_h×d_h cross-correlations ``M_X = X_1 X_2^T``, ``M_Y = Y_1 Y_2^T`` and the norms ``‖X_1‖², ‖Y_1‖²``.
+(and the VO one alike with ``[W_V | b_V]`` on the ``a`` side and the group's ``W_O^h`` head columns on the ``1/a``
+side). Stacking each side's tensors into row blocks ``X`` (scaled by ``a``) and ``Y`` (scaled by ``1/a``), it only
+depends on the d_h×d_h cross-correlations ``M_X = X_1 X_2^T``, ``M_Y = Y_1 Y_2^T`` and the norms ``‖X_1‖², ‖Y_1‖²``.
+Under RoPE the QK problem splits into one 2×2 problem per rotary plane, solved over SO(2) × R>0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from symmerge.groups.heads import HeadTensors, HeadTransform, transform_heads
+from symmerge.groups.heads import HeadTensors, HeadTransform, group_permutation, plane_rotation_matrix, transform_heads
 from symmerge.match.lap import solve_lap
-from symmerge.match.procrustes import best_scale, nuclear_norm, procrustes
+from symmerge.match.procrustes import best_scale, nuclear_norm, plane_score, procrustes
+
+Blocks = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Side:
-    """One rotation group's statistics for every head: ``M_X, M_Y`` (H, d_h, d_h); ``‖X_1‖², ‖Y_1‖²`` (H,)."""
+    """One rotation group's statistics for every block: ``M_X, M_Y`` (B, k, k); ``‖X_1‖², ‖Y_1‖²`` (B,)."""
 
     m_x: torch.Tensor
     m_y: torch.Tensor
@@ -30,17 +34,33 @@ class Side:
     y_sq: torch.Tensor
 
 
-def qk_blocks(t: HeadTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row blocks ``X = [W_Q | b_Q]``, ``Y = [W_K | b_K]`` per head: (H, d_h, d+1) each."""
-    return torch.cat([t.q, t.q_bias.unsqueeze(-1)], -1), torch.cat([t.k, t.k_bias.unsqueeze(-1)], -1)
+def _group_rows(per_query: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(H, d_h, D) → (H_kv, d_h, r·D): the rows a KV head's transform acts on, across its query group."""
+    h, dh, dd = per_query.shape
+    return per_query.reshape(h // group_size, group_size, dh, dd).permute(0, 2, 1, 3).reshape(h // group_size, dh, group_size * dd)
 
 
-def vo_blocks(t: HeadTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row blocks ``X = [W_V | b_V]`` (H, d_h, d+1) and ``Y = W_O^{h T}`` (H, d_h, d)."""
-    return torch.cat([t.v, t.v_bias.unsqueeze(-1)], -1), t.o.transpose(-1, -2)
+def qk_blocks(t: HeadTensors) -> Blocks:
+    """Per KV head, ``X`` = the group's ``[W_Q | b_Q]`` rows (H_kv, d_h, r(d+1)) and ``Y = [W_K | b_K]`` (H_kv, d_h, d+1)."""
+    x = _group_rows(torch.cat([t.q, t.q_bias.unsqueeze(-1)], -1), t.group_size)
+    return x, torch.cat([t.k, t.k_bias.unsqueeze(-1)], -1)
 
 
-def side_statistics(model_blocks: tuple[torch.Tensor, torch.Tensor], reference_blocks: tuple[torch.Tensor, torch.Tensor]) -> Side:
+def vo_blocks(t: HeadTensors) -> Blocks:
+    """Per KV head, ``X = [W_V | b_V]`` (H_kv, d_h, d+1) and ``Y`` = the group's ``W_O^{hT}`` (H_kv, d_h, r·d)."""
+    return torch.cat([t.v, t.v_bias.unsqueeze(-1)], -1), _group_rows(t.o.transpose(-1, -2), t.group_size)
+
+
+def to_planes(blocks: Blocks) -> Blocks:
+    """(B, d_h, D) row blocks → (B·d_h/2, 2, D): rows ``(i, i + d_h/2)`` of every RoPE plane."""
+    def split(x: torch.Tensor) -> torch.Tensor:
+        b, dh, dd = x.shape
+        return x.reshape(b, 2, dh // 2, dd).permute(0, 2, 1, 3).reshape(b * dh // 2, 2, dd)
+
+    return split(blocks[0]), split(blocks[1])
+
+
+def side_statistics(model_blocks: Blocks, reference_blocks: Blocks) -> Side:
     (x1, y1), (x2, y2) = model_blocks, reference_blocks
     return Side(
         m_x=(x1 @ x2.transpose(-1, -2)).double(),
@@ -50,41 +70,29 @@ def side_statistics(model_blocks: tuple[torch.Tensor, torch.Tensor], reference_b
     )
 
 
-def pair_scores(model_blocks: tuple[torch.Tensor, torch.Tensor], reference_blocks: tuple[torch.Tensor, torch.Tensor], rotate: bool) -> torch.Tensor:
-    """``score[g, h]`` = best ``tr(R^T (M_X + M_Y))`` for reference head ``g`` and model head ``h``: the nuclear norm
-    with rotation (DESIGN §2: the exact joint optimum over head permutations and rotations), the trace without."""
-    (x1, y1), (x2, y2) = model_blocks, reference_blocks
-    h, dh = x1.shape[:2]
-    # One GEMM for every head pair: rows of [X | Y] of all model heads against those of all reference heads.
-    z1 = torch.cat([x1, y1], -1).reshape(h * dh, -1)
-    z2 = torch.cat([x2, y2], -1).reshape(h * dh, -1)
-    m = (z2 @ z1.T).reshape(h, dh, h, dh).permute(0, 2, 3, 1)  # [g, h] = M_X + M_Y of model head h vs reference g
-    # float32 singular values: the scores only rank head pairs, and the true pair of a planted permutation wins by
-    # orders of magnitude more than float32 round-off
-    return nuclear_norm(m).double() if rotate else torch.diagonal(m, dim1=-2, dim2=-1).sum(-1).double()
-
-
 def objective(side: Side, r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``‖a R^T X_1 − X_2‖² + ‖R^T Y_1 / a − Y_2‖²`` minus the constant ``‖X_2‖² + ‖Y_2‖²``, per head."""
+    """``‖a R^T X_1 − X_2‖² + ‖R^T Y_1 / a − Y_2‖²`` minus the constant ``‖X_2‖² + ‖Y_2‖²``, per block."""
     tx = (r * side.m_x).sum((-1, -2))  # tr(R^T M_X)
     ty = (r * side.m_y).sum((-1, -2))
     return a**2 * side.x_sq - 2 * a * tx + side.y_sq / a**2 - 2 * ty / a
 
 
-def rotation_and_scale(side: Side, rotate: bool, scale: bool, max_iter: int = 100, rtol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Minimise the per-head objective over ``R ∈ O(d_h)`` (if ``rotate``) and ``a > 0`` (if ``scale``).
+def rotation_and_scale(side: Side, rotate: bool, scale: bool, proper: bool = False, max_iter: int = 100,
+                       rtol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Minimise the per-block objective over ``R ∈ O(k)`` (SO(k) if ``proper``; if ``rotate``) and ``a > 0`` (if
+    ``scale``).
 
     Alternates the two exact block minimisations (Procrustes of ``a M_X + M_Y / a``; the quartic), so the
     objective never increases; stops when the total improves by less than ``rtol`` relative. Returns ``R``
-    (H, d_h, d_h), ``a`` (H,) and the objective after each step (summed over heads).
+    (B, k, k), ``a`` (B,) and the objective after each step (summed over blocks).
     """
-    h, dh, _ = side.m_x.shape
-    r = torch.eye(dh, dtype=torch.float64).expand(h, dh, dh).clone()
-    a = torch.ones(h, dtype=torch.float64)
+    b, k, _ = side.m_x.shape
+    r = torch.eye(k, dtype=torch.float64).expand(b, k, k).clone()
+    a = torch.ones(b, dtype=torch.float64)
     history = [objective(side, r, a).sum().item()]
     for _ in range(max_iter if (rotate and scale) else 1):
         if rotate:
-            r = procrustes(a[:, None, None] * side.m_x + side.m_y / a[:, None, None])
+            r = procrustes(a[:, None, None] * side.m_x + side.m_y / a[:, None, None], proper=proper)
         if scale:
             tx, ty = (r * side.m_x).sum((-1, -2)), (r * side.m_y).sum((-1, -2))
             a = best_scale(side.x_sq, tx, ty, side.y_sq)
@@ -94,27 +102,95 @@ def rotation_and_scale(side: Side, rotate: bool, scale: bool, max_iter: int = 10
     return r, a, history
 
 
-def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: bool, scale: bool, heads: bool) -> tuple[HeadTransform, dict]:
+def rotation_score(m: torch.Tensor, kind: str) -> torch.Tensor:
+    """Best ``tr(R^T M)`` over the rotation group: O(k) (nuclear norm), RoPE planes, or none (the trace)."""
+    if kind == "orthogonal":
+        return nuclear_norm(m)
+    if kind == "planes":
+        return plane_score(m)
+    return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+
+
+def pair_correlations(model: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``M[g, h] = model_h reference_g^T`` for every pair of heads: (G, H, d_h, d_h), one GEMM."""
+    h, dh, dd = model.shape
+    g = reference.shape[0]
+    m = reference.reshape(g * dh, dd) @ model.reshape(h * dh, dd).T
+    return m.reshape(g, dh, h, dh).permute(0, 2, 3, 1)
+
+
+def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: str, vo_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, kv_perm)`` assigning model heads to reference heads before rotation.
+
+    The score of a pair is the best ``tr(R^T M)`` its rotation group allows (DESIGN §2): with one head per KV group
+    this H×H assignment on nuclear norms is the exact joint optimum over head permutations and rotations. With GQA,
+    each candidate KV pair first matches its ``r`` query heads (r×r assignment on the query heads' own scores) and
+    is then scored with its whole group, followed by an H_kv×H_kv assignment.
+    """
+    r = model.group_size
+    kv = model.num_kv_heads
+    mq = pair_correlations(torch.cat([model.q, model.q_bias.unsqueeze(-1)], -1), torch.cat([reference.q, reference.q_bias.unsqueeze(-1)], -1))
+    mo = pair_correlations(model.o.transpose(-1, -2), reference.o.transpose(-1, -2))
+    mk = pair_correlations(torch.cat([model.k, model.k_bias.unsqueeze(-1)], -1), torch.cat([reference.k, reference.k_bias.unsqueeze(-1)], -1))
+    mv = pair_correlations(torch.cat([model.v, model.v_bias.unsqueeze(-1)], -1), torch.cat([reference.v, reference.v_bias.unsqueeze(-1)], -1))
+    if r == 1:
+        scores = rotation_score(mq + mk, qk_kind) + rotation_score(mv + mo, vo_kind)
+        perm = torch.from_numpy(solve_lap(scores.double()))
+        return perm, perm.clone()
+    # query-pair scores, grouped: [g_ref, g_model, j_ref, j_model]
+    q_scores = (rotation_score(mq, qk_kind) + rotation_score(mo, vo_kind)).reshape(kv, r, kv, r).permute(0, 2, 1, 3)
+    mq4 = mq.reshape(kv, r, kv, r, *mq.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
+    mo4 = mo.reshape(kv, r, kv, r, *mo.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
+    within = np.empty((kv, kv, r), dtype=np.int64)
+    kv_scores = torch.empty(kv, kv, dtype=torch.float64)
+    for gr in range(kv):
+        for gm in range(kv):
+            within[gr, gm] = solve_lap(q_scores[gr, gm].double())
+            j = torch.arange(r)
+            sel = torch.from_numpy(within[gr, gm])
+            kv_scores[gr, gm] = (rotation_score(mk[gr, gm] + mq4[gr, gm, j, sel].sum(0), qk_kind)
+                                 + rotation_score(mv[gr, gm] + mo4[gr, gm, j, sel].sum(0), vo_kind)).double()
+    kv_perm = torch.from_numpy(solve_lap(kv_scores))
+    chosen = torch.from_numpy(np.stack([within[g, int(kv_perm[g])] for g in range(kv)]))
+    return group_permutation(kv_perm, chosen, r), kv_perm
+
+
+def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: bool, scale: bool, heads: bool,
+                rope: bool = False) -> tuple[HeadTransform, dict]:
     """The :class:`HeadTransform` that brings ``model``'s heads closest to ``reference``'s, and details for the report.
 
-    ``scale`` rescales whichever of QK/VO is rotated (both when neither is). Head permutation is solved first and
-    exactly (H×H assignment on per-pair scores), then rotation and scale per matched pair.
+    ``scale`` rescales whichever of QK/VO is rotated (both when neither is). ``rope``: QK may only rotate (and
+    scale) each rotary plane. Head permutation is solved first (exactly for MHA), then rotation and scale per
+    matched KV head, all heads at once.
     """
-    h, dh = model.num_heads, model.head_dim
-    x = HeadTransform.identity(h, dh, torch.float64)
+    h, kv, dh = model.num_heads, model.num_kv_heads, model.head_dim
+    x = HeadTransform.identity(h, dh, torch.float64, kv)
     details: dict = {}
+    qk_kind = ("planes" if rope else "orthogonal") if qk else "none"
+    vo_kind = "orthogonal" if vo else "none"
     if heads:
-        scores = pair_scores(qk_blocks(model), qk_blocks(reference), qk) + pair_scores(vo_blocks(model), vo_blocks(reference), vo)
-        x.perm = torch.from_numpy(solve_lap(scores))
+        x.perm, x.kv_perm = match_head_permutation(reference, model, qk_kind, vo_kind)
         details["heads_moved"] = int((x.perm != torch.arange(h)).sum())
-        model = transform_heads(model, _perm_only(x.perm, h, dh))
+        only_perm = HeadTransform.identity(h, dh, num_kv_heads=kv)
+        only_perm.perm, only_perm.kv_perm = x.perm, x.kv_perm
+        model = transform_heads(model, only_perm)
     scale_qk = scale and (qk or not vo)
     scale_vo = scale and (vo or not qk)
     for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", vo_blocks, vo, scale_vo)):
         if not (rotate or rescale):
             continue
-        side = side_statistics(blocks(model), blocks(reference))
-        r, a, history = rotation_and_scale(side, rotate, rescale)
+        planes = rope and name == "qk"
+        model_blocks, reference_blocks = blocks(model), blocks(reference)
+        if planes:
+            model_blocks, reference_blocks = to_planes(model_blocks), to_planes(reference_blocks)
+        side = side_statistics(model_blocks, reference_blocks)
+        r, a, history = rotation_and_scale(side, rotate, rescale, proper=planes)
+        if planes:  # back from (H_kv·d_h/2, 2, 2) plane rotations to (H_kv, d_h, d_h) block rotations
+            r = r.reshape(kv, dh // 2, 2, 2)
+            r = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0])
+            a = a.reshape(kv, dh // 2).repeat(1, 2)
+        else:
+            a = a[:, None].expand(kv, dh).clone()
         setattr(x, f"{name}_rotation", r)
         setattr(x, f"{name}_scale", a)
         details[f"{name}_iterations"] = len(history) - 1
@@ -122,9 +198,3 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
         if any(b > a_ + 1e-9 * max(abs(a_), 1.0) for a_, b in zip(history, history[1:])):
             raise AssertionError(f"internal: {name} objective increased during alternation: {history}")
     return x, details
-
-
-def _perm_only(perm: torch.Tensor, h: int, dh: int) -> HeadTransform:
-    x = HeadTransform.identity(h, dh)
-    x.perm = perm
-    return x

@@ -21,15 +21,29 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def procrustes(m: torch.Tensor) -> torch.Tensor:
+def procrustes(m: torch.Tensor, proper: bool = False) -> torch.Tensor:
     """``R = U V^T`` from ``M = U Σ V^T``: the maximiser of ``tr(R^T M)`` over O(k) (reflections allowed).
 
     ``m``: (..., k, k). This is Theorem 4.1 of Zhang et al. (2025): with ``M = X_1 X_2^T``, ``R`` minimises
-    ``‖R^T X_1 − X_2‖_F``.
+    ``‖R^T X_1 − X_2‖_F``. ``proper=True`` restricts to rotations SO(k) (Kabsch: flip the last singular
+    direction when ``det(U V^T) < 0``), as RoPE planes require.
     """
     with single_threaded():
         u, _, vh = torch.linalg.svd(m)
+    if proper:
+        d = torch.sign(torch.linalg.det(u @ vh))
+        u = torch.cat([u[..., :-1], u[..., -1:] * d[..., None, None]], dim=-1)
     return u @ vh
+
+
+def plane_score(m: torch.Tensor) -> torch.Tensor:
+    """``max tr(R^T M)`` over rotations ``R`` of each RoPE plane ``(i, i + k/2)`` (block SO(2)), for (..., k, k):
+    per plane ``sqrt((m_ii + m_jj)² + (m_ji − m_ij)²)``, summed."""
+    half = m.shape[-1] // 2
+    i = torch.arange(half)
+    a, b = m[..., i, i], m[..., i, i + half]
+    c, d = m[..., i + half, i], m[..., i + half, i + half]
+    return torch.sqrt((a + d) ** 2 + (c - b) ** 2).sum(-1)
 
 
 def nuclear_norm(m: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,10 @@ class FFNGroup:
 class AttentionGroup:
     """One attention layer's per-head groups: QK and VO rotations, QK and VO rescaling, head permutation.
 
-    Head ``h`` owns rows ``[h·d_h, (h+1)·d_h)`` of Q, K, V (and their biases) and the same columns of O.
-    Missing biases are treated as zero.
+    Head ``h`` owns rows ``[h·d_h, (h+1)·d_h)`` of Q (and its bias) and the same columns of O; KV head ``g`` owns
+    rows ``[g·d_h, (g+1)·d_h)`` of K and V. ``num_kv_heads`` < ``num_heads`` is GQA/MQA (0: same as
+    ``num_heads``). ``rope``: rotary position embeddings in HF's ``rotate_half`` layout, which restricts QK to
+    per-plane rotations. Missing biases are treated as zero.
     """
 
     name: str
@@ -63,6 +65,12 @@ class AttentionGroup:
     q_bias: Slot | None = None
     k_bias: Slot | None = None
     v_bias: Slot | None = None
+    num_kv_heads: int = 0
+    rope: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     def slots(self) -> tuple[Slot, ...]:
         return tuple(s for s in (self.q, self.k, self.v, self.o, self.q_bias, self.k_bias, self.v_bias) if s)
@@ -80,6 +88,7 @@ class ModelSpec:
     ffn_width: int
     ffn: tuple[FFNGroup, ...] = field(default=())
     attention: tuple[AttentionGroup, ...] = field(default=())
+    num_kv_heads: int = 0
 
     def shape(self) -> dict[str, object]:
         """The values two models must share to be aligned, in the order they are checked."""
@@ -88,6 +97,7 @@ class ModelSpec:
             "layers": self.num_layers,
             "hidden size": self.hidden_size,
             "attention heads": self.num_heads,
+            "key/value heads": self.num_kv_heads or self.num_heads,
             "head dim": self.head_dim,
             "FFN width": self.ffn_width,
         }

@@ -137,11 +137,45 @@ def gpt2_spec(config: Any, keys: Collection[str]) -> ModelSpec:
     return ModelSpec("gpt2", num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention))
 
 
+def llama_spec(config: Any, keys: Collection[str]) -> ModelSpec:
+    """LLaMA-shaped decoders (``llama``, ``mistral``, ``qwen2``...): RoPE in HF's ``rotate_half`` layout, GQA/MQA,
+    SwiGLU (gate and up projections permuted together), no biases except Qwen2's on Q/K/V."""
+    family = model_type(config)
+    num_layers = int(config_value(config, "num_hidden_layers"))
+    d = int(config_value(config, "hidden_size"))
+    h = int(config_value(config, "num_attention_heads"))
+    kv = int(config_value(config, "num_key_value_heads", default=h))
+    dh = int(config_value(config, "head_dim", default=d // h))
+    ffn_width = int(config_value(config, "intermediate_size"))
+    if h % kv:
+        raise SymmergeError(f"{h} attention heads cannot be grouped over {kv} key/value heads")
+    rope_fraction = float(config_value(config, "partial_rotary_factor", default=1.0))
+    if rope_fraction != 1.0:
+        raise SymmergeError(f"partial rotary embeddings (partial_rotary_factor={rope_fraction}) are not supported yet")
+    prefix = _require_prefix(keys, "layers.0.self_attn.q_proj.weight", family)
+    ffn, attention = [], []
+    for i in range(num_layers):
+        layer = f"{prefix}layers.{i}"
+        proj = {n: f"{layer}.self_attn.{n}_proj" for n in "qkvo"}
+        bias = {n: Slot(f"{proj[n]}.bias") if f"{proj[n]}.bias" in keys else None for n in "qkv"}
+        attention.append(AttentionGroup(
+            f"layer{i}.attention", h, dh, *(Slot(f"{proj[n]}.weight") for n in "qkvo"), bias["q"], bias["k"], bias["v"],
+            num_kv_heads=kv, rope=True,
+        ))
+        mlp = f"{layer}.mlp"
+        ffn.append(FFNGroup(f"layer{i}.ffn", ffn_width, (Slot(f"{mlp}.gate_proj.weight"), Slot(f"{mlp}.up_proj.weight")), (),
+                            (Slot(f"{mlp}.down_proj.weight"),)))
+    return ModelSpec(family, num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), num_kv_heads=kv)
+
+
 SPEC_BUILDERS: dict[str, Callable[[Any, Collection[str]], ModelSpec]] = {
     "bert": bert_spec,
     "roberta": bert_spec,
     "vit": vit_spec,
     "gpt2": gpt2_spec,
+    "llama": llama_spec,
+    "mistral": llama_spec,
+    "qwen2": llama_spec,
 }
 
 

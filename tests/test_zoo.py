@@ -1,0 +1,165 @@
+"""The model zoo: loaders, short training runs, the cache. Fast: tiny models, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import transformers
+
+from symmerge.errors import SymmergeError
+from symmerge.zoo import ZOO, ZooEntry, build, evaluate, evaluate_classifier, evaluate_lm, lm_windows, read_record
+from symmerge.zoo import data as zoo_data
+from symmerge.zoo.train import train_char_gpt2, train_vit
+
+TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=2, batch_size=64, lr=3e-3)
+TINY_GPT2 = dict(layers=2, hidden=32, heads=4, context=32, steps=30, batch_size=16, lr=1e-2, val_windows=32)
+
+
+def _digits():
+    try:
+        return zoo_data.load_digits()
+    except SymmergeError as e:
+        pytest.skip(str(e))
+
+
+def _shakespeare():
+    try:
+        return zoo_data.load_shakespeare()
+    except SymmergeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_dir(tmp_path_factory):
+    _digits()
+    return train_vit("digits", 0, tmp_path_factory.mktemp("vit") / "model", **TINY_VIT, progress=False)
+
+
+def test_digits_loader_shapes_and_determinism():
+    a, b = _digits(), _digits()
+    assert a.train_images.shape == (1400, 1, 8, 8) and a.test_images.shape == (397, 1, 8, 8)
+    assert a.train_images.dtype == torch.float32 and a.train_labels.dtype == torch.int64
+    assert a.train_labels.shape == (1400,) and a.test_labels.shape == (397,)
+    assert set(a.train_labels.tolist()) == set(range(10))
+    assert abs(float(a.train_images.mean())) < 1e-4 and abs(float(a.train_images.std()) - 1) < 1e-3
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
+
+
+def test_tiny_vit_learns_digits_and_saves_an_hf_dir(tiny_vit_dir):
+    record = read_record(tiny_vit_dir)
+    assert record["dataset"] == "digits" and record["seed"] == 0 and record["recipe"]["hidden"] == 32
+    assert record["test_accuracy"] > 0.3, record                   # chance is 0.1
+    model = transformers.ViTForImageClassification.from_pretrained(tiny_vit_dir)
+    assert (tiny_vit_dir / "model.safetensors").is_file()
+    data = _digits()
+    scores = evaluate_classifier(model, data.test_images, data.test_labels)
+    assert scores["accuracy"] == pytest.approx(record["test_accuracy"])
+    assert scores["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+    assert evaluate(tiny_vit_dir)["accuracy"] == pytest.approx(record["test_accuracy"])
+
+
+def test_evaluate_classifier_is_pure_and_batch_size_independent(tiny_vit_dir):
+    model = transformers.ViTForImageClassification.from_pretrained(tiny_vit_dir).train()
+    data = _digits()
+    big = evaluate_classifier(model, data.test_images, data.test_labels, batch_size=500)
+    small = evaluate_classifier(model, data.test_images, data.test_labels, batch_size=7)
+    assert model.training
+    assert big["accuracy"] == small["accuracy"] and big["loss"] == pytest.approx(small["loss"], rel=1e-5)
+
+
+def test_vit_training_is_deterministic(tmp_path):
+    _digits()
+    recipe = dict(TINY_VIT, layers=1, hidden=16, mlp=32, epochs=1, progress=False)
+    a = train_vit("digits", 3, tmp_path / "a", **recipe)
+    b = train_vit("digits", 3, tmp_path / "b", **recipe)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_build_caches_and_never_leaves_a_partial_model(tmp_path, monkeypatch):
+    _digits()
+    calls = []
+
+    def tiny(seed, out_dir, **kwargs):
+        calls.append(seed)
+        return train_vit("digits", seed, out_dir, **dict(TINY_VIT, layers=1, hidden=16, mlp=32, epochs=1), **kwargs)
+
+    def broken(seed, out_dir, **kwargs):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(ZOO, "tiny", ZooEntry(tiny))
+    monkeypatch.setitem(ZOO, "broken", ZooEntry(broken))
+    first = build("tiny", 5, root=tmp_path, progress=False)
+    assert first == tmp_path / "tiny" / "seed5" and calls == [5]
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert build("tiny", 5, root=tmp_path, progress=False) == first
+    assert time.perf_counter() - start < 0.5 and calls == [5]
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["seed5"]
+
+    with pytest.raises(KeyboardInterrupt):
+        build("broken", 0, root=tmp_path, progress=False)
+    assert list((tmp_path / "broken").iterdir()) == []
+    with pytest.raises(KeyError, match="vit-digits"):
+        build("no-such-model", 0, root=tmp_path)
+
+
+def test_registry_names_the_three_models():
+    assert {"vit-digits", "vit-fmnist", "gpt2-shakespeare"} <= set(ZOO)
+
+
+def test_idx_parser(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    values = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + np.array([2, 3, 4], dtype=">u4").tobytes() + values.tobytes())
+    assert np.array_equal(zoo_data.read_idx(path), values)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(SymmergeError):
+        zoo_data.read_idx(tmp_path / "bad")
+
+
+def test_fashion_mnist_loader_or_install_hint(tmp_path):
+    with pytest.raises(SymmergeError, match="apt-get install -y --no-install-recommends dataset-fashion-mnist"):
+        zoo_data.load_fashion_mnist(root=tmp_path)
+    try:
+        data = zoo_data.load_fashion_mnist(train_size=1000)
+    except SymmergeError as e:
+        pytest.skip(str(e))
+    assert data.train_images.shape == (1000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
+    assert data.train_labels.shape == (1000,) and int(data.test_labels.max()) == 9
+    assert torch.equal(data.train_labels, zoo_data.load_fashion_mnist(train_size=1000).train_labels)
+
+
+def test_shakespeare_loader():
+    corpus = _shakespeare()
+    assert corpus.vocab == "".join(sorted(set(corpus.vocab))) and "\n" in corpus.vocab and "e" in corpus.vocab
+    n = len(corpus.train) + len(corpus.val)
+    assert n > 4_000_000 and len(corpus.val) == pytest.approx(0.1 * n, abs=1)
+    assert corpus.train.dtype == torch.int64 and int(corpus.train.max()) < len(corpus.vocab)
+    assert corpus.decode(corpus.encode("To be, or not to be")) == "To be, or not to be"
+    assert corpus.decode(corpus.train[:200]).startswith(zoo_data.shakespeare_files()[0].read_text()[:200])
+    windows = lm_windows(corpus.val, 16, 5)
+    assert windows.shape == (5, 17) and torch.equal(windows[0], corpus.val[:17])
+
+
+def test_tiny_char_gpt2_beats_uniform(tmp_path):
+    corpus = _shakespeare()
+    out = train_char_gpt2(0, tmp_path / "gpt2", **TINY_GPT2, progress=False)
+    record = read_record(out)
+    assert record["vocab"] == corpus.vocab and record["steps"] == 30
+    assert record["val_loss"] < math.log(len(corpus.vocab)) - 0.5, record
+    model = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert model.config.vocab_size == len(corpus.vocab) and model.config.n_positions == 32
+    again = evaluate_lm(model, corpus.val, context=32, windows=32)
+    assert again["loss"] == pytest.approx(record["val_loss"], rel=1e-5)
+    assert json.loads((out / "zoo.json").read_text())["uniform_loss"] == pytest.approx(math.log(len(corpus.vocab)))
