@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
-from symmerge.groups import ModelTransform, apply_transform, parse_symmetries, read_ffn, read_heads
+from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, parse_symmetries, read_ffn, read_heads, require_residual
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity
 from symmerge.match.lap import solve_lap
@@ -76,6 +76,8 @@ class Alignment:
     transform: ModelTransform
     report: AlignmentReport
     spec: ModelSpec
+    reference_state: dict[str, torch.Tensor] | None = None  # the reference with its norms folded (residual only):
+    # the basis the aligned model is in; merge with this, not with the original reference
 
 
 def _fmt(v: Any) -> str:
@@ -184,6 +186,63 @@ def fit_transform(
     return transform, details, seconds
 
 
+def solve_residual(m: torch.Tensor, kind: str) -> torch.Tensor:
+    """The residual map ``Q`` maximising ``tr(Q^T M)`` in its group: orthogonal Procrustes; for ``centered``,
+    Procrustes on the complement of the all-ones direction (``Q 1 = 1``); for ``permutation``, an exact LAP."""
+    from symmerge.groups.residual import centered_basis, embed_centered
+    from symmerge.match.procrustes import procrustes
+
+    if kind == "permutation":
+        return torch.eye(m.shape[0], dtype=torch.float64)[:, torch.from_numpy(solve_lap(m.T))]
+    if kind == "centered":
+        v = centered_basis(m.shape[0])
+        return embed_centered(procrustes(v.T @ m @ v))
+    return procrustes(m)
+
+
+def fit_with_residual(
+    reference: StateDict, model: StateDict, spec: ModelSpec, symmetries: frozenset[str], *, progress: bool = False,
+    model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
+) -> tuple[ModelTransform, dict[str, dict], dict[str, float], dict[str, torch.Tensor], list[float]]:
+    """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T`` (DESIGN §2).
+
+    Both models' norms are folded first. ``Q`` acts on the residual axis of every tensor and ``T`` on the other
+    axis, so they commute: the ``Q`` step is an exact Procrustes given ``T`` (on ``T(model)``), the ``T`` step the
+    usual per-layer fit on ``Q(model)``. A step is kept only if it lowers the distance, so the objective never
+    increases. Returns the transform, per-group details, stage seconds, the folded reference and the distance
+    after each accepted step.
+    """
+    from symmerge.groups.residual import apply_residual, fold_norms, residual_correlation
+
+    residual = require_residual(spec)
+    per_layer = symmetries - {"residual"}
+    ref_f, model_f = fold_norms(reference, residual), fold_norms(model, residual)
+    transform, details, seconds = ModelTransform(), {}, {"residual": 0.0, "ffn": 0.0, "attention": 0.0}
+    history = [state_distance(model_f, ref_f)]
+    for _ in range(max_iter):
+        start = time.perf_counter()
+        per_layer_only = ModelTransform(ffn=transform.ffn, heads=transform.heads)
+        q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual), residual.kind)
+        rotated = apply_residual(model_f, residual, q)
+        seconds["residual"] += time.perf_counter() - start
+        candidate, cand_details, secs = fit_transform(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name)
+        for k in ("ffn", "attention"):
+            seconds[k] += secs[k]
+        q_only = state_distance(apply_transform(rotated, spec, per_layer_only), ref_f)
+        full = state_distance(apply_transform(rotated, spec, candidate), ref_f)
+        if full > q_only:  # the fresh per-layer fit is no better: keep the previous one
+            candidate, cand_details, full = per_layer_only, details, q_only
+        if full >= history[-1]:
+            break
+        improvement = history[-1] - full
+        transform = ModelTransform(ffn=candidate.ffn, heads=candidate.heads, residual=q)
+        details = cand_details
+        history.append(full)
+        if improvement <= rtol * history[0]:
+            break
+    return transform, details, seconds, ref_f, history
+
+
 def align(
     reference: Any,
     model: Any,
@@ -211,22 +270,36 @@ def align(
             check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
     check_compatible(ref_state, model_state, model_name)
 
-    transform, details, seconds = fit_transform(ref_state, model_state, spec, chosen, progress=progress, model_name=model_name)
+    reference_state = None
+    if "residual" in chosen:
+        transform, details, seconds, reference_state, history = fit_with_residual(
+            ref_state, model_state, spec, chosen, progress=progress, model_name=model_name)
+        details["residual"] = {"iterations": len(history) - 1, "distance_history": [round(h, 6) for h in history]}
+    else:
+        transform, details, seconds = fit_transform(ref_state, model_state, spec, chosen, progress=progress, model_name=model_name)
+    compare_to = reference_state if reference_state is not None else ref_state
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
     before = squared_distances(model_state, ref_state)
-    after = dict(before)  # tensors no group touched are unchanged
-    after.update(squared_distances(aligned, ref_state, spec.touched_keys() & before.keys()))
+    if reference_state is None:
+        after = dict(before)  # tensors no group touched are unchanged
+        after.update(squared_distances(aligned, ref_state, spec.touched_keys() & before.keys()))
+    else:  # the residual map touches every tensor; compare with the folded reference
+        after = squared_distances(aligned, reference_state)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
             keys = {s.key for s in group.slots()}
             groups.append(GroupReport(group.name, kind, math.sqrt(sum(before[k] for k in keys)),
                                       math.sqrt(sum(after[k] for k in keys)), details.get(group.name, {})))
+    if reference_state is not None:
+        keys = spec.residual.keys() & before.keys()
+        groups.append(GroupReport("residual", "residual", math.sqrt(sum(before[k] for k in keys)),
+                                  math.sqrt(sum(after[k] for k in keys)), details["residual"]))
     report = AlignmentReport(
-        symmetries=tuple(s for s in ("ffn", "qk", "vo", "scale", "heads") if s in chosen),
+        symmetries=tuple(s for s in SYMMETRY_CLASSES if s in chosen),
         groups=groups,
         distance_before=math.sqrt(sum(before.values())),
         distance_after=math.sqrt(sum(after.values())),
@@ -234,4 +307,4 @@ def align(
         seconds=seconds,
     )
     seconds["report"] = time.perf_counter() - start
-    return Alignment(aligned, transform, report, spec)
+    return Alignment(aligned, transform, report, spec, reference_state)

@@ -18,24 +18,41 @@ from symmerge.groups.ffn import FFNTensors, permute_ffn, read_ffn, write_ffn
 from symmerge.groups.heads import (
     HeadTensors, HeadTransform, group_permutation, plane_rotation_matrix, read_heads, rope_planes, transform_heads, write_heads,
 )
-from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, StateView
+from symmerge.groups.residual import apply_residual, fold_norms, random_residual
+from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, ResidualGroup, StateView
 
-SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads")
+SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads", "residual")
 """ffn: FFN neuron permutation; qk / vo: per-head rotations; scale: per-head QK and VO rescaling (of whichever of
-qk / vo is on, or both when neither is); heads: head permutation (whole Q, K, V, O head blocks together)."""
+qk / vo is on, or both when neither is); heads: head permutation (whole Q, K, V, O head blocks together);
+residual: one orthogonal map of the residual stream shared by all layers (norms folded first)."""
+
+PER_LAYER_CLASSES = SYMMETRY_CLASSES[:5]
+"""What ``all`` means: every per-layer class. ``residual`` is opt-in, since folding the norms rewrites the
+parametrisation of every model involved (gains become 1, a tied LM head is untied)."""
 
 
 def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
     """``"ffn,qk,vo"`` / ``["ffn", "qk"]`` / ``"all"`` / ``"none"`` → a validated set of class names."""
     if value is None or value == "all":
-        return frozenset(SYMMETRY_CLASSES)
+        return frozenset(PER_LAYER_CLASSES)
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     if names in ([], ["none"]):
         return frozenset()
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(PER_LAYER_CLASSES)
     unknown = [n for n in names if n not in SYMMETRY_CLASSES]
     if unknown:
         raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all or none")
     return frozenset(names)
+
+
+def require_residual(spec: ModelSpec) -> ResidualGroup:
+    if spec.residual is None:
+        raise SymmergeError(
+            f"residual-stream alignment is not available for this {spec.family} model (supported: LLaMA-family, GPT-2 and "
+            "ViT models with their LM/classifier head; post-LN encoders only admit residual permutations, not yet implemented)"
+        )
+    return spec.residual
 
 
 @dataclass
@@ -44,6 +61,7 @@ class ModelTransform:
 
     ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # group name → perm (d_ff,)
     heads: dict[str, HeadTransform] = field(default_factory=dict)  # group name → per-head transform
+    residual: torch.Tensor | None = None  # (d, d); applied after folding the norms
 
 
 def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform: ModelTransform) -> None:
@@ -57,6 +75,9 @@ def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform:
 
 def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
     """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied."""
+    if transform.residual is not None:
+        residual = require_residual(spec)
+        state = apply_residual(fold_norms(state, residual), residual, transform.residual)
     view = StateView(state)
     for group in spec.groups():
         apply_to_group(view, group, transform)
@@ -81,6 +102,8 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
     chosen = parse_symmetries(symmetries)
     g = torch.Generator().manual_seed(seed)
     out = ModelTransform()
+    if "residual" in chosen:
+        out.residual = random_residual(require_residual(spec), g)
     if "ffn" in chosen:
         out.ffn = {grp.name: torch.randperm(grp.width, generator=g) for grp in spec.ffn}
     if chosen & {"qk", "vo", "scale", "heads"}:
@@ -110,6 +133,6 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
 
 
 __all__ = [
-    "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_to_group", "apply_transform",
+    "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_to_group", "apply_transform",
     "group_permutation", "parse_symmetries", "random_orthogonal", "random_transform", "read_ffn", "read_heads", "rope_planes",
 ]

@@ -23,11 +23,14 @@ class Slot:
 
     ``transposed``: the tensor is stored in×out (``transformers.pytorch_utils.Conv1D``).
     ``rows``: ``(start, stop)`` block of the canonical *out* axis, for fused projections such as GPT-2's ``c_attn``.
+    ``flatten``: view a >2-D tensor as a matrix, ``"trailing"`` → (shape[0], rest) (a conv weight: out channels
+    first), ``"leading"`` → (rest, shape[-1]) (a CLS token or position table whose last axis is the hidden size).
     """
 
     key: str
     transposed: bool = False
     rows: tuple[int, int] | None = None
+    flatten: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,42 @@ class AttentionGroup:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """A normalisation layer and the linear layers that read its output (to fold its gain and bias into)."""
+
+    weight: Slot
+    bias: Slot | None
+    readers: tuple[Slot, ...]  # canonical out×d
+    reader_biases: tuple[Slot | None, ...]  # one per reader (None: the reader has no bias)
+
+
+@dataclass(frozen=True)
+class ResidualGroup:
+    """The residual stream's basis (width d), shared by every layer (DESIGN §1).
+
+    ``kind``: ``"orthogonal"`` (RMSNorm models, after folding the norm gains into the readers), ``"centered"``
+    (pre-LN LayerNorm models after folding: orthogonal maps that fix the all-ones direction), ``"permutation"``.
+    The action of ``Q`` (d×d): ``embeddings`` (stream on the last axis) ``E → E Q``; ``readers`` ``W → W Q``;
+    ``writers`` ``W → Q^T W``; ``vectors`` (writer biases, norm biases) ``b → b Q``.
+    ``tied``: (head key, embedding key) when the config ties them: folding the final norm into the head unties them.
+    """
+
+    kind: str
+    width: int
+    embeddings: tuple[Slot, ...]
+    readers: tuple[Slot, ...]
+    writers: tuple[Slot, ...]
+    vectors: tuple[Slot, ...]
+    norms: tuple[Norm, ...]
+    tied: tuple[str, str] | None = None
+
+    def keys(self) -> set[str]:
+        slots = (*self.embeddings, *self.readers, *self.writers, *self.vectors)
+        norm_slots = [x for n in self.norms for x in (n.weight, n.bias, *n.reader_biases) if x]
+        return {s.key for s in (*slots, *norm_slots)}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The symmetry structure of one architecture instance (a family plus the sizes read from its config)."""
 
@@ -89,6 +128,7 @@ class ModelSpec:
     ffn: tuple[FFNGroup, ...] = field(default=())
     attention: tuple[AttentionGroup, ...] = field(default=())
     num_kv_heads: int = 0
+    residual: ResidualGroup | None = None
 
     def shape(self) -> dict[str, object]:
         """The values two models must share to be aligned, in the order they are checked."""
@@ -138,11 +178,19 @@ class StateView:
         except KeyError:
             raise SymmergeError(f"tensor {key!r} is missing from the checkpoint") from None
 
-    def get(self, slot: Slot) -> torch.Tensor:
-        t = self.stored(slot.key)
+    @staticmethod
+    def _canonical(t: torch.Tensor, slot: Slot) -> torch.Tensor:
+        if slot.flatten == "trailing":
+            t = t.reshape(t.shape[0], -1)
+        elif slot.flatten == "leading":
+            t = t.reshape(-1, t.shape[-1])
         t = t.T if slot.transposed else t
         if slot.rows is not None:
             t = t[slot.rows[0] : slot.rows[1]]
+        return t
+
+    def get(self, slot: Slot) -> torch.Tensor:
+        t = self._canonical(self.stored(slot.key), slot)
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         return t.to(dtype=dtype, copy=True)
 
@@ -150,10 +198,7 @@ class StateView:
         if slot.key not in self._owned:
             self.state[slot.key] = self.stored(slot.key).clone()
             self._owned.add(slot.key)
-        t = self.state[slot.key]
-        t = t.T if slot.transposed else t
-        if slot.rows is not None:
-            t = t[slot.rows[0] : slot.rows[1]]
+        t = self._canonical(self.state[slot.key], slot)
         if t.shape != value.shape:
             raise SymmergeError(f"internal: writing shape {tuple(value.shape)} into {slot} of shape {tuple(t.shape)}")
         t.copy_(value.to(t.dtype))

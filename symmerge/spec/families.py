@@ -8,10 +8,11 @@ ViT, transformers 5.x renamed the in-memory tensors but still writes the legacy 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 from symmerge.errors import SymmergeError
-from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, Slot, find_prefix
+from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, Norm, ResidualGroup, Slot, find_prefix
 
 
 def config_value(config: Any, *names: str, default: Any = None) -> Any:
@@ -107,9 +108,36 @@ def bert_spec(config: Any, keys: Collection[str]) -> ModelSpec:
 
 def vit_spec(config: Any, keys: Collection[str]) -> ModelSpec:
     """ViT, with either the on-disk names (``encoder.layer.i.attention.attention.query``) or transformers 5.x
-    in-memory names (``layers.i.attention.q_proj``)."""
+    in-memory names (``layers.i.attention.q_proj``). Pre-LN: the residual stream admits the orthogonal maps that fix
+    the all-ones direction once the LayerNorms are folded (needs the classifier head)."""
     on_disk = find_prefix(keys, _vit_file_layout("", 0)["q"] + ".weight") is not None
-    return encoder_spec(config, keys, "vit", _vit_file_layout if on_disk else _vit_module_layout)
+    layout = _vit_file_layout if on_disk else _vit_module_layout
+    spec = encoder_spec(config, keys, "vit", layout)
+    prefix = _require_prefix(keys, layout("", 0)["q"] + ".weight", "vit")
+    if "classifier.weight" not in keys:
+        return spec
+    before, after = ("layernorm_before", "layernorm_after")
+    root = prefix
+    layers = [f"{prefix}encoder.layer.{i}" if on_disk else f"{prefix}layers.{i}" for i in range(spec.num_layers)]
+    readers, writers, vectors, norms = [], [], [], []
+    for i, layer in enumerate(layers):
+        names = layout(prefix, i)
+        qkv = [names[n] for n in "qkv"]
+        readers += [Slot(f"{n}.weight") for n in qkv] + [Slot(names["ffn_in"] + ".weight")]
+        writers += [Slot(names["o"] + ".weight"), Slot(names["ffn_out"] + ".weight")]
+        vectors += [Slot(names["o"] + ".bias"), Slot(names["ffn_out"] + ".bias"), Slot(f"{layer}.{before}.bias"), Slot(f"{layer}.{after}.bias")]
+        norms.append(Norm(Slot(f"{layer}.{before}.weight"), Slot(f"{layer}.{before}.bias"),
+                          tuple(Slot(f"{n}.weight") for n in qkv), tuple(Slot(f"{n}.bias") for n in qkv)))
+        norms.append(Norm(Slot(f"{layer}.{after}.weight"), Slot(f"{layer}.{after}.bias"),
+                          (Slot(names["ffn_in"] + ".weight"),), (Slot(names["ffn_in"] + ".bias"),)))
+    emb = f"{root}embeddings"
+    readers.append(Slot("classifier.weight"))
+    writers.append(Slot(f"{emb}.patch_embeddings.projection.weight", flatten="trailing"))
+    vectors += [Slot(f"{emb}.patch_embeddings.projection.bias"), Slot(f"{root}layernorm.bias")]
+    norms.append(Norm(Slot(f"{root}layernorm.weight"), Slot(f"{root}layernorm.bias"), (Slot("classifier.weight"),), (Slot("classifier.bias"),)))
+    embeddings = (Slot(f"{emb}.cls_token", flatten="leading"), Slot(f"{emb}.position_embeddings", flatten="leading"))
+    residual = ResidualGroup("centered", spec.hidden_size, embeddings, tuple(readers), tuple(writers), tuple(vectors), tuple(norms))
+    return replace(spec, residual=residual)
 
 
 def gpt2_spec(config: Any, keys: Collection[str]) -> ModelSpec:
@@ -134,7 +162,36 @@ def gpt2_spec(config: Any, keys: Collection[str]) -> ModelSpec:
                 (Slot(f"{block}.mlp.c_proj.weight", transposed=True),),
             )
         )
-    return ModelSpec("gpt2", num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention))
+    residual = None
+    if _has_lm_head(config, keys, prefix, tied_default=True):
+        residual = _gpt2_residual(config, prefix, num_layers, d)
+    return ModelSpec("gpt2", num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), residual=residual)
+
+
+def _has_lm_head(config: Any, keys: Collection[str], prefix: str, tied_default: bool) -> bool:
+    """A causal-LM checkpoint stores its head, or ties it to the embedding and nests the base model under a prefix
+    (``transformer.``, ``model.``); a bare base model (prefix ``""``) has no head, and its output is the stream."""
+    tied = bool(config_value(config, "tie_word_embeddings", default=tied_default))
+    return "lm_head.weight" in keys or (tied and prefix != "")
+
+
+def _gpt2_residual(config: Any, prefix: str, num_layers: int, d: int) -> ResidualGroup:
+    """Pre-LN GPT-2 with its LM head: centred orthogonal residual maps after folding the LayerNorms."""
+    t = lambda key: Slot(key, transposed=True)  # noqa: E731  (Conv1D weights are stored in×out)
+    readers, writers, vectors, norms = [], [], [], []
+    for i in range(num_layers):
+        b = f"{prefix}h.{i}"
+        readers += [t(f"{b}.attn.c_attn.weight"), t(f"{b}.mlp.c_fc.weight")]
+        writers += [t(f"{b}.attn.c_proj.weight"), t(f"{b}.mlp.c_proj.weight")]
+        vectors += [Slot(f"{b}.attn.c_proj.bias"), Slot(f"{b}.mlp.c_proj.bias"), Slot(f"{b}.ln_1.bias"), Slot(f"{b}.ln_2.bias")]
+        norms.append(Norm(Slot(f"{b}.ln_1.weight"), Slot(f"{b}.ln_1.bias"), (t(f"{b}.attn.c_attn.weight"),), (Slot(f"{b}.attn.c_attn.bias"),)))
+        norms.append(Norm(Slot(f"{b}.ln_2.weight"), Slot(f"{b}.ln_2.bias"), (t(f"{b}.mlp.c_fc.weight"),), (Slot(f"{b}.mlp.c_fc.bias"),)))
+    readers.append(Slot("lm_head.weight"))
+    vectors.append(Slot(f"{prefix}ln_f.bias"))
+    norms.append(Norm(Slot(f"{prefix}ln_f.weight"), Slot(f"{prefix}ln_f.bias"), (Slot("lm_head.weight"),), (None,)))
+    tied = ("lm_head.weight", f"{prefix}wte.weight") if config_value(config, "tie_word_embeddings", default=True) else None
+    embeddings = (Slot(f"{prefix}wte.weight"), Slot(f"{prefix}wpe.weight"))
+    return ResidualGroup("centered", d, embeddings, tuple(readers), tuple(writers), tuple(vectors), tuple(norms), tied)
 
 
 def llama_spec(config: Any, keys: Collection[str]) -> ModelSpec:
@@ -165,7 +222,23 @@ def llama_spec(config: Any, keys: Collection[str]) -> ModelSpec:
         mlp = f"{layer}.mlp"
         ffn.append(FFNGroup(f"layer{i}.ffn", ffn_width, (Slot(f"{mlp}.gate_proj.weight"), Slot(f"{mlp}.up_proj.weight")), (),
                             (Slot(f"{mlp}.down_proj.weight"),)))
-    return ModelSpec(family, num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), num_kv_heads=kv)
+    residual = None
+    tied = bool(config_value(config, "tie_word_embeddings", default=False))
+    if _has_lm_head(config, keys, prefix, tied_default=False):
+        readers, writers, norms = [], [], []
+        for i in range(num_layers):
+            layer, mlp = f"{prefix}layers.{i}", f"{prefix}layers.{i}.mlp"
+            qkv = tuple(Slot(f"{layer}.self_attn.{n}_proj.weight") for n in "qkv")
+            gate_up = (Slot(f"{mlp}.gate_proj.weight"), Slot(f"{mlp}.up_proj.weight"))
+            readers += [*qkv, *gate_up]
+            writers += [Slot(f"{layer}.self_attn.o_proj.weight"), Slot(f"{mlp}.down_proj.weight")]
+            norms.append(Norm(Slot(f"{layer}.input_layernorm.weight"), None, qkv, (None,) * 3))
+            norms.append(Norm(Slot(f"{layer}.post_attention_layernorm.weight"), None, gate_up, (None,) * 2))
+        readers.append(Slot("lm_head.weight"))
+        norms.append(Norm(Slot(f"{prefix}norm.weight"), None, (Slot("lm_head.weight"),), (None,)))
+        residual = ResidualGroup("orthogonal", d, (Slot(f"{prefix}embed_tokens.weight"),), tuple(readers), tuple(writers), (),
+                                 tuple(norms), ("lm_head.weight", f"{prefix}embed_tokens.weight") if tied else None)
+    return ModelSpec(family, num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), num_kv_heads=kv, residual=residual)
 
 
 SPEC_BUILDERS: dict[str, Callable[[Any, Collection[str]], ModelSpec]] = {

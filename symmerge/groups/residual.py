@@ -1,0 +1,101 @@
+"""The residual-stream symmetry (DESIGN §1): one d×d map ``Q`` shared by every layer.
+
+Norm layers stand in the way of a general ``Q``: an RMSNorm commutes with any orthogonal ``Q`` once its gain is
+folded into the linear layers that read it (SliceGPT); a LayerNorm, once gain and bias are folded, is centring
+plus RMS normalisation, which commutes with the orthogonal maps that fix the all-ones direction. Folding changes
+the parametrisation, not the function, and the result is still a standard checkpoint of the same architecture
+(norm gains 1, biases 0; a tied LM head becomes untied).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from symmerge.errors import SymmergeError
+from symmerge.spec.base import ResidualGroup, StateView
+
+
+def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> dict[str, torch.Tensor]:
+    """Fold every norm's gain ``γ`` (and bias ``β``) into its readers: ``W → W diag(γ)``, ``b → b + W β``; the norm
+    keeps ``γ = 1`` and ``β = 0`` — or ``β/γ`` where a reader has no bias to absorb it (GPT-2's LM head)."""
+    view = StateView(state)
+    if residual.tied is not None:
+        head, embedding = residual.tied
+        still_tied = head not in state or state[head].data_ptr() == state[embedding].data_ptr()
+        if still_tied:  # untie: the head will differ from the embedding (a folded state is already untied)
+            view.state[head] = view.stored(embedding).clone()
+            view._owned.add(head)
+    for norm in residual.norms:
+        gamma = view.get(norm.weight)
+        beta = view.get(norm.bias) if norm.bias else None
+        keep_beta = False
+        for reader, reader_bias in zip(norm.readers, norm.reader_biases):
+            w = view.get(reader)
+            if beta is not None:
+                if reader_bias is None:
+                    keep_beta = True
+                else:
+                    view.set(reader_bias, view.get(reader_bias) + w @ beta)
+            view.set(reader, w * gamma)
+        if keep_beta:
+            if bool((gamma == 0).any()):
+                raise SymmergeError(f"cannot fold {norm.weight.key}: a zero gain with a bias no reader can absorb")
+            view.set(norm.bias, beta / gamma)
+        elif norm.bias:
+            view.set(norm.bias, torch.zeros_like(beta))
+        view.set(norm.weight, torch.ones_like(gamma))
+    return dict(view.state)
+
+
+def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``Q`` applied to every tensor that touches the stream (the state must already be folded)."""
+    view = StateView(state)
+    q = q.to(torch.float64)
+    for slot in residual.embeddings + residual.readers + residual.vectors:
+        view.set(slot, (view.get(slot).double() @ q))
+    for slot in residual.writers:
+        view.set(slot, (q.T @ view.get(slot).double()))
+    return dict(view.state)
+
+
+def residual_correlation(model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], residual: ResidualGroup) -> torch.Tensor:
+    """``M`` (d×d) with ``Σ_t ‖Q(model_t) − reference_t‖² = const − 2 tr(Q^T M)``:
+    ``M = Σ E_1^T E_2 + Σ W_1^T W_2 (readers) + Σ W_1 W_2^T (writers) + Σ b_1^T b_2``."""
+    a, b = StateView(model), StateView(reference)
+    m = torch.zeros(residual.width, residual.width, dtype=torch.float64)
+    for slot in residual.embeddings + residual.readers:
+        m += a.get(slot).double().T @ b.get(slot).double()
+    for slot in residual.writers:
+        m += a.get(slot).double() @ b.get(slot).double().T
+    for slot in residual.vectors:
+        m += torch.outer(a.get(slot).double(), b.get(slot).double())
+    return m
+
+
+def centered_basis(d: int) -> torch.Tensor:
+    """An orthonormal basis (d, d−1) of the complement of the all-ones direction."""
+    ones = torch.full((d, 1), 1 / math.sqrt(d), dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, : d - 1]], 1))
+    return q[:, 1:] * torch.sign(q[:, :1].sum())  # columns orthogonal to ones
+
+
+def embed_centered(inner: torch.Tensor) -> torch.Tensor:
+    """``Q = u u^T + V Q' V^T``: the orthogonal map fixing ``u = 1/√d`` that acts as ``Q'`` on its complement."""
+    d = inner.shape[0] + 1
+    v = centered_basis(d)
+    u = torch.full((d, 1), 1 / math.sqrt(d), dtype=torch.float64)
+    return u @ u.T + v @ inner.to(torch.float64) @ v.T
+
+
+def random_residual(residual: ResidualGroup, generator: torch.Generator) -> torch.Tensor:
+    from symmerge.groups import random_orthogonal
+
+    d = residual.width
+    if residual.kind == "permutation":
+        return torch.eye(d, dtype=torch.float64)[:, torch.randperm(d, generator=generator)]
+    if residual.kind == "centered":
+        return embed_centered(random_orthogonal(d - 1, 1, generator)[0])
+    return random_orthogonal(d, 1, generator)[0]
