@@ -93,28 +93,38 @@ def as_state_and_config(model: Any, config: Any = None) -> tuple[StateDict, Any]
     raise TypeError(f"expected a state dict or an nn.Module, got {type(model).__name__}")
 
 
-def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str = "model") -> None:
-    """Same tensor names and shapes, or a one-line error naming the first difference."""
-    missing = sorted(set(reference) - set(model))
-    extra = sorted(set(model) - set(reference))
+def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str = "model",
+                            optional: frozenset[str] = frozenset()) -> None:
+    """Same tensor names and shapes, or a one-line error naming the first difference. ``optional`` keys may be
+    missing on either side (a tied LM head that folding unties)."""
+    missing = sorted(set(reference) - set(model) - optional)
+    extra = sorted(set(model) - set(reference) - optional)
     if missing or extra:
         which, key = ("lacks", missing[0]) if missing else ("has an extra", extra[0])
         more = len(missing) + len(extra) - 1
         raise SymmergeError(f"{model_name} {which} tensor {key!r}" + (f" (and {more} more differences)" if more else ""))
     for key, shape in reference.items():
-        if tuple(shape) != tuple(model[key]):
+        if key in model and tuple(shape) != tuple(model[key]):
             raise SymmergeError(f"tensor {key!r} has shape {tuple(model[key])} in {model_name}, {tuple(shape)} in the reference")
 
 
-def check_compatible(reference: StateDict, model: StateDict, model_name: str = "model") -> None:
-    check_compatible_shapes({k: tuple(v.shape) for k, v in reference.items()}, {k: tuple(v.shape) for k, v in model.items()}, model_name)
+def check_compatible(reference: StateDict, model: StateDict, model_name: str = "model", optional: frozenset[str] = frozenset()) -> None:
+    check_compatible_shapes({k: tuple(v.shape) for k, v in reference.items()}, {k: tuple(v.shape) for k, v in model.items()},
+                            model_name, optional)
+
+
+def untied_head(spec: ModelSpec, symmetries: frozenset[str]) -> frozenset[str]:
+    """The LM-head key that may exist in one checkpoint only: folded (untied) vs tied, when the residual map is on."""
+    if "residual" in symmetries and spec.residual is not None and spec.residual.tied is not None:
+        return frozenset({spec.residual.tied[0]})
+    return frozenset()
 
 
 def squared_distances(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> dict[str, float]:
-    """``‖a_t − b_t‖²`` per floating tensor ``t`` (float32 math: the reduction is pairwise, accurate to ~1e-7)."""
+    """``‖a_t − b_t‖²`` per floating tensor ``t`` both hold (float32 math: the reduction is pairwise, accurate to ~1e-7)."""
     out = {}
     for k in a if keys is None else keys:
-        if a[k].is_floating_point():
+        if k in b and a[k].is_floating_point():
             out[k] = float(torch.linalg.vector_norm(a[k].float() - b[k].float())) ** 2
     return out
 
@@ -268,7 +278,7 @@ def align(
         spec = spec_for(ref_config, ref_state.keys())
         if model_config is not None and model_config is not ref_config:
             check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
-    check_compatible(ref_state, model_state, model_name)
+    check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     reference_state = None
     if "residual" in chosen:

@@ -29,7 +29,8 @@ app = typer.Typer(
 
 SYMMETRIES_HELP = (
     "Comma-separated symmetry classes to align: ffn (FFN neuron permutation), qk / vo (per-head rotations), "
-    "scale (per-head rescaling), heads (head permutation); or all / none."
+    "scale (per-head rescaling), heads (head permutation), residual (residual-stream map, norms folded first); "
+    "all (= every per-layer class, without residual) / none. Example: all,residual."
 )
 
 
@@ -47,10 +48,14 @@ def align(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code: only for files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no per-group table.")] = False,
 ) -> None:
-    """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories."""
-    from symmerge.align import align as align_models, check_compatible_shapes
+    """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
+
+    With the residual class, norms are folded first and the reference itself is rewritten (same function):
+    it is written to OUT/reference-folded/, the basis the aligned models are in.
+    """
+    from symmerge.align import align as align_models, check_compatible_shapes, untied_head
     from symmerge.groups import parse_symmetries
-    from symmerge.io import atomic_output_dir, check_output_dir, copy_model_files, load_state_dict, open_checkpoint, save_state_dict, unique_names
+    from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
     from symmerge.spec import check_same_shape, spec_for
 
     chosen = parse_symmetries(symmetries)
@@ -61,7 +66,7 @@ def align(
     ref_spec = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys())
     for ckpt in ckpts:
         check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
-        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path))
+        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
@@ -71,9 +76,10 @@ def align(
             state = load_state_dict(ckpt)
             result = align_models(ref_state, state, symmetries=chosen, spec=ref_spec, progress=not quiet, model_name=name)
             write_start = time.perf_counter()
-            (tmp / name).mkdir()
-            save_state_dict(result.state_dict, tmp / name)
-            copy_model_files(ckpt.path, tmp / name)
+            write_model(result.state_dict, ckpt, tmp / name, untie=result.reference_state is not None)
+            if result.reference_state is not None and not (tmp / "reference-folded").exists():
+                # the residual map aligns to the reference with its norms folded: that is the basis to merge in
+                write_model(result.reference_state, ref_ckpt, tmp / "reference-folded", untie=True)
             result.report.seconds["write"] = time.perf_counter() - write_start
             r = result.report
             rows.append((name, r.distance_before, r.distance_after, r.relative_before, r.relative_after, time.perf_counter() - start))
@@ -89,6 +95,19 @@ def align(
     for name, before, after, rel_before, rel_after, secs in rows:
         echo(f"{name:<28} {before:>16.5g} {after:>12.5g} {f'{rel_before:.4g} → {rel_after:.4g}':>20} {secs:>8.2f}")
     echo(f"written to {out}/")
+
+
+def write_model(state, source, dest: Path, untie: bool = False) -> None:
+    """An HF directory: weights, plus config and tokenizer files from ``source`` (a tied LM head marked untied)."""
+    from symmerge.io import copy_model_files, save_state_dict
+
+    dest.mkdir()
+    save_state_dict(state, dest)
+    copy_model_files(source.path, dest)
+    if untie:
+        config = json.loads((dest / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (dest / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _report_json(path: Path, r) -> dict:

@@ -172,3 +172,18 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.strip() == f"error: {tmp_path / 'missing'} does not exist"
     proc = subprocess.run([sys.executable, "-m", "symmerge.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "align" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_align_with_residual_writes_the_folded_reference(tmp_path, capsys):
+    model, make_inputs = make_model("gpt2", 4)  # tied LM head: folding unties it
+    ref = save(model, tmp_path / "ref")
+    scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=6)
+    other = save(model, tmp_path / "other", scrambled)
+    code, _, err = run(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "-q")
+    assert code == 0, err
+    folded_ref = type(model).from_pretrained(tmp_path / "out" / "reference-folded").eval()
+    aligned = type(model).from_pretrained(tmp_path / "out" / "other").eval()
+    assert not aligned.config.tie_word_embeddings
+    assert symmerge.state_distance(folded_ref.state_dict(), aligned.state_dict()) <= 1e-5 * state_norm(folded_ref.state_dict())
+    original = type(model).from_pretrained(ref).eval()
+    assert max_output_diff(aligned, {k: v.clone() for k, v in original.state_dict().items()}, aligned.state_dict(), make_inputs) <= 1e-5

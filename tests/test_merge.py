@@ -243,3 +243,22 @@ def test_methods_listing(capsys):
     assert code == 0
     for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"):
         assert name in out
+
+
+def test_merge_with_residual_alignment(tmp_path, capsys):
+    """A LLaMA merged with a copy scrambled by the residual map and every per-layer class: aligned, the merge is the
+    model itself (norms folded, head untied); unaligned per layer only, it is not."""
+    model, make_inputs = make_model("llama", 3)
+    model.save_pretrained(tmp_path / "a")
+    state = load_file(tmp_path / "a" / "model.safetensors")
+    scrambled = symmerge.apply_random_symmetry(state, config=model.config, symmetries="all,residual", seed=9)
+    write(model, tmp_path / "b", scrambled)
+    original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a").eval()
+    reference = {k: v.clone() for k, v in original.state_dict().items()}
+    for align, close in (("all,residual", True), ("all", False)):
+        out = tmp_path / f"out-{align}"
+        code, _, err = run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--method", "linear", "--align", align, "-o", out, "-q")
+        assert code == 0, err
+        merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+        diff = max_output_diff(original, reference, merged.state_dict(), make_inputs)
+        assert (diff <= 1e-4) if close else (diff > 1e-2), (align, diff)

@@ -117,9 +117,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_config(source: Mapping, dest: Path, dtype: torch.dtype | None) -> None:
-    """config.json from ``source`` with its dtype field updated to ``dtype``."""
+def write_config(source: Mapping, dest: Path, dtype: torch.dtype | None, untie: bool = False) -> None:
+    """config.json from ``source`` with its dtype field updated to ``dtype`` (and the LM head marked untied)."""
     config = dict(source)
+    if untie:
+        config["tie_word_embeddings"] = False
     if dtype is not None:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = dtype_name(dtype)

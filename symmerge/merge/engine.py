@@ -94,6 +94,31 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     return transforms, base_transform
 
 
+def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
+                        result: MergeResult) -> tuple[list[dict], dict | None]:
+    """The residual map touches every tensor, so this path aligns whole models in memory: every model (and the
+    base) is folded and aligned to the folded reference; the merge then runs on those states as they are."""
+    from symmerge.align import align
+    from symmerge.groups.residual import fold_norms
+
+    ref_state = base if plan.reference_index is None else states[plan.reference_index]
+    folded_ref = fold_norms(ref_state, plan.spec.residual)
+    aligned = []
+    for i, (state, name) in enumerate(zip(states, plan.names)):
+        if i == plan.reference_index:
+            aligned.append(folded_ref)
+            result.alignment[name] = {"distance_before": 0.0, "distance_after": 0.0}
+            continue
+        r = align(ref_state, state, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name=name)
+        aligned.append(r.state_dict)
+        result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
+    aligned_base = None
+    if base is not None:
+        aligned_base = folded_ref if plan.reference_index is None else align(
+            ref_state, base, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name="base model").state_dict
+    return aligned, aligned_base
+
+
 def collect_statistics(plan: MergePlan, states: list[LazyState], transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
     """Fisher diagonals or input Gram matrices of every model, computed on the model *after* alignment."""
     from symmerge.data import load_calibration
@@ -211,7 +236,13 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     start = time.perf_counter()
     states = [LazyState(c) for c in plan.models]
     base = LazyState(plan.base) if plan.base else None
-    transforms, base_transform = fit_alignments(plan, states, base, progress)
+    result = MergeResult(out, seconds)
+    residual = "residual" in plan.symmetries
+    if residual:
+        states, base = align_with_residual(plan, states, base, progress, result)
+        transforms, base_transform = [None] * len(states), None
+    else:
+        transforms, base_transform = fit_alignments(plan, states, base, progress)
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -222,7 +253,6 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     extra = method_extras(plan, states, base, transforms, base_transform, stats, progress)
     n = len(states)
     sq_before, sq_after, sq_task, sq_base = [0.0] * n, [0.0] * n, [0.0] * n, 0.0
-    result = MergeResult(out, seconds)
     with atomic_output_dir(out, force) as tmp:
         writer = ShardWriter(tmp, plan.shard_size)
         with tqdm(total=len(states[0]), desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
@@ -235,7 +265,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     sq_base += _sq(item.base)
                     for i, t in enumerate(item.tensors):
                         sq_task[i] += _sq(t.float() - item.base.float())
-                if item.reference is not None and plan.aligned:
+                if item.reference is not None and plan.aligned and not residual:
                     for i in range(n):
                         sq_before[i] += _sq(item.raw[i].float() - item.reference.float())
                         sq_after[i] += _sq(item.tensors[i].float() - item.reference.float())
@@ -253,12 +283,12 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     )
         writer.close()
         seconds["merge+write"] = time.perf_counter() - start
-        if plan.aligned:
+        if plan.aligned and not residual:
             for i, name in enumerate(plan.names):
                 result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i])}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
-        write_config(source.config, tmp, plan.dtype)
+        write_config(source.config, tmp, plan.dtype, untie=residual)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
         (tmp / "README.md").write_text(model_card(plan, result))
     return result
