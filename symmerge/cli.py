@@ -191,6 +191,97 @@ def merge(
 
 
 @app.command()
+def barrier(
+    reference: Annotated[Path, typer.Argument(help="Model A (the reference end of the path).")],
+    model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
+    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual... (default: none and all).")] = None,
+    data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
+    points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
+    plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
+    landscape_: Annotated[Optional[Path], typer.Option("--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
+    grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Loss along θ(t) = (1−t)·A + t·B' for each alignment setting: the loss barrier and the midpoint scores."""
+    from symmerge.evaluate import landscape, make_evaluator, run_study
+    from symmerge.evaluate.plots import plot_curves, plot_landscape
+    from symmerge.io import load_state_dict, open_checkpoint
+
+    settings = align_ or ["none", "all"]
+    ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
+    evaluate = make_evaluator(data, ref_ckpt.path)
+    a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
+    check_compatible_shapes_of(a, b, str(ckpt.path))
+    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet)
+    echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
+    echo(study.table())
+    plot_curves([s.curve for s in study.settings], plot, title=f"{ref_ckpt.name} vs {ckpt.name}")
+    echo(f"plot: {plot}")
+    if landscape_ is not None:
+        last = study.settings[-1]
+        us, vs, losses, marks = landscape(last, b, ref_ckpt.config, evaluate, grid=grid, progress=not quiet)
+        plot_landscape(us, vs, losses, marks, landscape_, title=f"loss landscape (B' aligned with {last.label})")
+        echo(f"landscape: {landscape_}")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"reference": str(ref_ckpt.path), "model": str(ckpt.path), "data": data, "rows": study.rows(),
+                                        "curves": {s.label: {"t": s.curve.ts, "metrics": s.curve.metrics} for s in study.settings}}, indent=2))
+
+
+def check_compatible_shapes_of(a, b, name: str) -> None:
+    from symmerge.align import check_compatible
+
+    check_compatible(a, b, name)
+
+
+@app.command()
+def distance(
+    reference: Annotated[Path, typer.Argument(help="Model A.")],
+    model: Annotated[Path, typer.Argument(help="Model B.")],
+    align_: Annotated[str, typer.Option("--align", "-s", help=SYMMETRIES_HELP)] = "all",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
+) -> None:
+    """Parameter distance between two models, total and per group (embeddings, attention, FFN, norms, head), before
+    and after aligning B to A."""
+    import symmerge
+    from symmerge.evaluate import grouped_distance
+    from symmerge.io import load_state_dict, open_checkpoint
+    from symmerge.spec import spec_for
+
+    ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
+    a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
+    check_compatible_shapes_of(a, b, str(ckpt.path))
+    spec = spec_for(ref_ckpt.config, a.keys())
+    result = symmerge.align(a, b, spec=spec, symmetries=align_)
+    before = grouped_distance(b, a, spec)
+    after = grouped_distance(result.state_dict, result.reference_state or a, spec)
+    echo(f"{'group':<12} {'before':>12} {'after':>12} {'change':>8}")
+    for group in before:
+        change = (after.get(group, 0.0) - before[group]) / before[group] if before[group] else 0.0
+        echo(f"{group:<12} {before[group]:>12.5g} {after.get(group, 0.0):>12.5g} {change:>+8.1%}")
+    echo(f"aligned with {','.join(result.report.symmetries) or 'none'}; relative distance {result.report.relative_before:.4g} -> {result.report.relative_after:.4g}")
+
+
+@app.command()
+def zoo(
+    name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist or gpt2-shakespeare (or 'list').")],
+    seed: Annotated[Optional[list[int]], typer.Option("--seed", help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
+) -> None:
+    """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""
+    from symmerge.zoo import ZOO, build
+
+    if name == "list":
+        for key, entry in ZOO.items():
+            echo(f"{key:<18} {entry.description}")
+        return
+    if name not in ZOO:
+        raise SymmergeError(f"unknown zoo entry {name!r}; available: {', '.join(ZOO)}")
+    for s in seed or [0, 1]:
+        echo(str(build(name, s)))
+
+
+@app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""
     from symmerge.merge.methods import MERGE_METHODS

@@ -141,7 +141,8 @@ def collect_statistics(plan: MergePlan, states: list[LazyState], transforms: lis
 
 
 def build_model(config: Mapping, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """A Hugging Face model of ``config``'s architecture holding ``state`` (float32, eval mode)."""
+    """A Hugging Face model of ``config``'s architecture holding ``state`` (float32, eval mode). ``state`` may use
+    the on-disk tensor names where transformers 5 renames them in memory (ViT)."""
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**dict(config))
@@ -149,12 +150,49 @@ def build_model(config: Mapping, state: Mapping[str, torch.Tensor]) -> torch.nn.
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         cls = transformers.AutoModel._model_mapping[type(cfg)]
-    model = cls(cfg)
-    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and not k.endswith("position_ids")]
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise SymmergeError(f"the checkpoint does not fit {cls.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.float().eval()
+    model = cls(cfg).float().eval()
+    load_weights(model, state)
+    return model
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` (on-disk or in-memory names) into ``model``; every tensor must land somewhere, and only a
+    tied LM head or position ids may be absent."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if set(state) - set(model.state_dict()):
+        if not hasattr(model, "_symmerge_renames"):
+            model._symmerge_renames = disk_to_module_names(model)
+        state = {model._symmerge_renames.get(k, k): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    missing = [k for k in missing if k not in tied and not k.endswith("position_ids") and "lm_head" not in k]
+    if unexpected or missing:
+        raise SymmergeError(f"the checkpoint does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def disk_to_module_names(model: torch.nn.Module) -> dict[str, str]:
+    """On-disk tensor name → in-memory name, read off transformers' own saving: every parameter is filled with its
+    index, saved, and found again by that index (exact for renames, the only conversion our families have)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    names = list(model.state_dict())
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for i, t in enumerate(model.state_dict().values()):
+            if t.is_floating_point():
+                t.fill_(float(i))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        saved = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            saved.update(load_file(f))
+    model.load_state_dict(saved_weights)
+    return {key: names[int(t.reshape(-1)[0])] for key, t in saved.items() if t.is_floating_point() and t.numel()}
 
 
 def linear_layout(model: torch.nn.Module) -> dict[str, bool]:
