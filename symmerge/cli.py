@@ -319,13 +319,18 @@ def inspect(
 
 @app.command()
 def demo(
-    seed: Annotated[int, typer.Option(help="Seed of the random symmetry element.")] = 0,
+    minilm: Annotated[bool, typer.Option("--minilm", help="Instead: scramble the packaged all-MiniLM-L6-v2 and recover it exactly.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Where the plot and numbers go.")] = Path("symmerge-demo"),
+    seed: Annotated[int, typer.Option(help="--minilm: seed of the random symmetry element.")] = 0,
 ) -> None:
-    """Scramble the packaged all-MiniLM-L6-v2 with a random symmetry element, then show that naive averaging with
-    the original breaks it while alignment recovers it exactly."""
-    from symmerge.demo import run_minilm_demo
+    """Two ViTs trained here from different seeds: align B to A with growing sets of symmetries, then print the loss
+    barrier of averaging them and plot the path. (--minilm: scramble a real pretrained BERT and recover it.)"""
+    from symmerge.demo import run_minilm_demo, run_vit_demo
 
-    run_minilm_demo(seed=seed, echo=echo)
+    if minilm:
+        run_minilm_demo(seed=seed, echo=echo)
+    else:
+        run_vit_demo(out=out, echo=echo)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
