@@ -253,6 +253,26 @@ def fit_with_residual(
     return transform, details, seconds, ref_f, history
 
 
+def fit_activations(reference: StateDict, model: StateDict, config: Any, spec: ModelSpec, symmetries: frozenset[str],
+                    calibration: list | None) -> tuple[ModelTransform, dict, dict[str, float], dict[str, torch.Tensor] | None]:
+    """Activation matching (:mod:`symmerge.match.activations`) on models rebuilt from the two state dicts."""
+    from symmerge.groups.residual import fold_norms
+    from symmerge.match.activations import fit_from_activations
+    from symmerge.merge.engine import build_model
+
+    if not calibration:
+        raise SymmergeError("activation matching needs calibration data (--data: zoo, a text file or an .npz)")
+    if config is None:
+        raise SymmergeError("activation matching needs the model's config to rebuild the models")
+    config = config if isinstance(config, Mapping) else config.to_dict()
+    untie = {**config, "tie_word_embeddings": False} if "residual" in symmetries else config
+    start = time.perf_counter()
+    transform, details = fit_from_activations(build_model(untie, reference), build_model(untie, model), spec, symmetries, calibration,
+                                              reference, model)
+    reference_state = fold_norms(reference, require_residual(spec)) if transform.residual is not None else None
+    return transform, details, {"activations": time.perf_counter() - start}, reference_state
+
+
 def align(
     reference: Any,
     model: Any,
@@ -262,12 +282,16 @@ def align(
     spec: ModelSpec | None = None,
     progress: bool = False,
     model_name: str = "model",
+    match: str = "weights",
+    calibration: list | None = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
     ``reference``, ``model``: Hugging Face modules or state dicts (then pass the HF ``config``, an object or the
-    config.json dict, or a ready ``spec``). ``symmetries``: any of ``ffn, qk, vo, scale, heads`` (comma-separated
-    or a list), ``"all"`` (default) or ``"none"``. Returns an :class:`Alignment`; ``model`` is not modified.
+    config.json dict, or a ready ``spec``). ``symmetries``: any of ``ffn, qk, vo, scale, heads, residual``
+    (comma-separated or a list), ``"all"`` (the per-layer classes, default) or ``"none"``. ``match``:
+    ``"weights"`` (data-free) or ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
+    model-input batches). Returns an :class:`Alignment`; ``model`` is not modified.
     """
     chosen = parse_symmetries(symmetries)
     ref_state, ref_config = as_state_and_config(reference, config)
@@ -281,7 +305,12 @@ def align(
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     reference_state = None
-    if "residual" in chosen:
+    if match not in ("weights", "activations"):
+        raise SymmergeError(f"match must be weights or activations, got {match!r}")
+    if match == "activations":
+        transform, details, seconds, reference_state = fit_activations(
+            ref_state, model_state, ref_config if ref_config is not None else model_config, spec, chosen, calibration)
+    elif "residual" in chosen:
         transform, details, seconds, reference_state, history = fit_with_residual(
             ref_state, model_state, spec, chosen, progress=progress, model_name=model_name)
         details["residual"] = {"iterations": len(history) - 1, "distance_history": [round(h, 6) for h in history]}
@@ -307,7 +336,7 @@ def align(
     if reference_state is not None:
         keys = spec.residual.keys() & before.keys()
         groups.append(GroupReport("residual", "residual", math.sqrt(sum(before[k] for k in keys)),
-                                  math.sqrt(sum(after[k] for k in keys)), details["residual"]))
+                                  math.sqrt(sum(after[k] for k in keys)), details.get("residual", {})))
     report = AlignmentReport(
         symmetries=tuple(s for s in SYMMETRY_CLASSES if s in chosen),
         groups=groups,

@@ -47,6 +47,8 @@ def align(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code: only for files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no per-group table.")] = False,
+    match: Annotated[str, typer.Option("--match", help="weights (data-free) or activations (needs --data).")] = "weights",
+    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
@@ -68,13 +70,23 @@ def align(
         check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
+    calibration = None
+    if match == "activations":
+        if data is None:
+            raise SymmergeError("--match activations needs --data (zoo, a text file or an .npz)")
+        from symmerge.evaluate.tasks import calibration_inputs
+
+        calibration = calibration_inputs(data, ref_ckpt.path)
+    elif match != "weights":
+        raise SymmergeError(f"--match takes weights or activations, got {match!r}")
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
     with atomic_output_dir(out, force) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
             state = load_state_dict(ckpt)
-            result = align_models(ref_state, state, symmetries=chosen, spec=ref_spec, progress=not quiet, model_name=name)
+            result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
+                                  model_name=name, match=match, calibration=calibration)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.reference_state is not None)
             if result.reference_state is not None and not (tmp / "reference-folded").exists():
@@ -194,7 +206,7 @@ def merge(
 def barrier(
     reference: Annotated[Path, typer.Argument(help="Model A (the reference end of the path).")],
     model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
-    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual... (default: none and all).")] = None,
+    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching on the calibration data (default: none and all).")] = None,
     data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
     points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
     plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
@@ -214,7 +226,12 @@ def barrier(
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
     check_compatible_shapes_of(a, b, str(ckpt.path))
-    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet)
+    calibration = None
+    if any(x.startswith("act:") for x in settings):
+        from symmerge.evaluate.tasks import calibration_inputs
+
+        calibration = calibration_inputs(data, ref_ckpt.path)
+    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
     echo(study.table())
     plot_curves([s.curve for s in study.settings], plot, title=f"{ref_ckpt.name} vs {ckpt.name}")

@@ -216,3 +216,18 @@ def test_residual_needs_a_head_reading_the_stream():
     bare = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8))
     with pytest.raises(symmerge.SymmergeError, match="not available"):
         symmerge.align(bare, bare, symmetries="residual")
+
+
+def test_activation_matching_recovers_a_scrambled_copy(family):
+    """The same closed forms on activations (random calibration inputs): exact recovery, residual included."""
+    model, make_inputs = make_model(family, 5)
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    classes = "all,residual" if spec.residual is not None else "all"
+    scrambled = symmerge.apply_random_symmetry(original, config=model.config, symmetries=classes, seed=12)
+    calibration = [make_inputs(torch.Generator().manual_seed(i)) for i in range(4)]
+    result = symmerge.align(original, scrambled, config=model.config, symmetries=classes, match="activations", calibration=calibration)
+    assert result.report.relative_before > 0.3
+    assert result.report.relative_after <= TOL
+    with pytest.raises(symmerge.SymmergeError, match="calibration data"):
+        symmerge.align(original, scrambled, config=model.config, match="activations")

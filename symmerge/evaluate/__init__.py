@@ -66,9 +66,9 @@ def model_for(config: Mapping, state: StateDict, untied: bool) -> torch.nn.Modul
 
 
 def run_study(reference: StateDict, model: StateDict, config: Mapping, settings: Sequence[str], evaluate: Evaluator,
-              points: int = 11, progress: bool = False) -> Study:
-    """For each alignment setting (``none`` or a symmetry list), align ``model`` to ``reference`` and evaluate the
-    linear path between them at ``points`` values of t in [0, 1]."""
+              points: int = 11, progress: bool = False, calibration: list | None = None) -> Study:
+    """For each alignment setting (``none``, a symmetry list, or ``act:`` + a symmetry list for activation matching
+    on ``calibration``), align ``model`` to ``reference`` and evaluate the linear path at ``points`` values of t."""
     import time
 
     import symmerge
@@ -80,13 +80,15 @@ def run_study(reference: StateDict, model: StateDict, config: Mapping, settings:
     ts = [i / (points - 1) for i in range(points)]
     models: dict[bool, torch.nn.Module] = {}
     for label in settings:
-        chosen = parse_symmetries(label)
+        match = "activations" if label.startswith("act:") else "weights"
+        chosen = parse_symmetries(label.removeprefix("act:"))
         start = time.perf_counter()
         if not chosen:
             a, b, distance = reference, model, symmerge.state_distance(reference, model)
         else:
             spec = spec or spec_for(config, reference.keys())
-            result = symmerge.align(reference, model, spec=spec, symmetries=chosen, progress=progress)
+            result = symmerge.align(reference, model, config=config, spec=spec, symmetries=chosen, progress=progress,
+                                    match=match, calibration=calibration)
             a = result.reference_state if result.reference_state is not None else reference
             b, distance = result.state_dict, result.report.distance_after
         setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=time.perf_counter() - start)

@@ -53,3 +53,28 @@ def make_evaluator(spec: str, model_dir: Path, *, max_length: int = 128, windows
     if len(tokens) <= max_length + 1:
         raise SymmergeError(f"{path} holds only {len(tokens)} tokens: too few for windows of {max_length}")
     return partial(evaluate_lm, tokens=tokens, context=max_length, windows=windows)
+
+
+def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_length: int = 128, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Model-input batches for activation statistics, from the same specs as :func:`make_evaluator`: ``zoo`` (the
+    zoo model's *training* images or text, never the held-out data its scores come from), an ``.npz``
+    (``inputs``) or a text file (tokenised windows)."""
+    if spec == "zoo":
+        from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
+        from symmerge.zoo.registry import read_record
+
+        record = read_record(model_dir)
+        if record["task"] == "image-classification":
+            split = load_digits() if record["dataset"] == "digits" else load_fashion_mnist()
+            data = {"images": split.train_images}
+        else:
+            data = {"tokens": load_shakespeare().train, "context": record["recipe"]["context"], "windows": examples}
+    else:
+        data = make_evaluator(spec, model_dir, max_length=max_length, windows=examples).keywords
+    if "images" in data:
+        inputs = data["images"][:examples]
+        return [{"pixel_values": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)]
+    from symmerge.zoo.evaluate import lm_windows
+
+    windows = lm_windows(data["tokens"], data["context"], min(examples, data["windows"]))[:, :-1]
+    return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]

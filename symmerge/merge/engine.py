@@ -149,10 +149,32 @@ def build_model(config: Mapping, state: Mapping[str, torch.Tensor]) -> torch.nn.
     architectures = list(getattr(cfg, "architectures", None) or [])
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
-        cls = transformers.AutoModel._model_mapping[type(cfg)]
+        cls = best_matching_class(cfg, state.keys())
     model = cls(cfg).float().eval()
     load_weights(model, state)
     return model
+
+
+def best_matching_class(cfg, keys) -> type:
+    """Without ``architectures`` in the config: the HF class (causal LM, image classifier, masked LM, sequence
+    classifier, bare model) whose tensor names overlap ``keys`` most, built on the meta device (no memory)."""
+    import transformers
+
+    keys, best, best_overlap = set(keys), None, -1
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageClassification, transformers.AutoModelForMaskedLM,
+                 transformers.AutoModelForSequenceClassification, transformers.AutoModel):
+        try:
+            cls = auto._model_mapping[type(cfg)]
+        except KeyError:
+            continue
+        with torch.device("meta"):
+            names = set(cls(cfg).state_dict())
+        overlap = len(names & keys) - len(names - keys)
+        if overlap > best_overlap:
+            best, best_overlap = cls, overlap
+    if best is None:
+        raise SymmergeError(f"no transformers model class for model_type {cfg.model_type!r}")
+    return best
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,0 +1,119 @@
+"""Activation matching: the closed forms of weight matching, fed with cross-correlations of activations.
+
+Both models run on the same calibration inputs; hooks record, per layer, the FFN hidden activations (the input of
+``W_out``), the per-head queries, keys and values (before RoPE: the outputs of the Q/K/V projections) and the
+residual stream (every layer's hidden states). Then, with activations as the rows of the blocks:
+
+- FFN: ``S = H_ref^T H_model`` (d_ff×d_ff) → exact LAP;
+- attention: per KV head ``M_X = Σ q_1 q_2^T`` (the group's queries), ``M_Y = Σ k_1 k_2^T`` → Procrustes / RoPE planes,
+  quartic rescaling, head assignment, exactly as :func:`symmerge.match.attention.match_heads`; VO from the values;
+- residual: ``M = Σ_layers H_model^T H_ref`` (d×d) → Procrustes in the residual group.
+
+Per-layer activations are unchanged by the residual map (it is a symmetry), so the residual and per-layer problems
+decouple: each is solved once, no alternation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from symmerge.groups import ModelTransform, require_residual
+from symmerge.groups.ffn import FFNTensors
+from symmerge.groups.heads import HeadTensors
+from symmerge.match.attention import match_heads
+from symmerge.match.ffn import ffn_similarity
+from symmerge.match.lap import solve_lap
+from symmerge.spec import ModelSpec, spec_for
+
+
+def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
+    return model.get_submodule(weight_key.removesuffix(".weight"))
+
+
+@torch.no_grad()
+def record_activations(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], residual: bool) -> dict:
+    """Per group of the live module's spec: FFN hidden (N, d_ff), q (N, H·d_h), k, v (N, H_kv·d_h); residual
+    hidden states (N·layers, d). N counts every position of every batch (padding included for fixed windows)."""
+    spec = spec_for(model.config, model.state_dict().keys())
+    store: dict[str, list[torch.Tensor]] = defaultdict(list)
+    hooks = []
+
+    def keep(name: str, rows: tuple[int, int] | None = None, use_input: bool = False):
+        def hook(module, inputs, output):
+            t = (inputs[0] if use_input else output).detach().float()
+            t = t.reshape(-1, t.shape[-1])
+            store[name].append(t[:, rows[0]:rows[1]] if rows else t)
+        return hook
+
+    for g in spec.ffn:
+        hooks.append(_module(model, g.outputs[0].key).register_forward_hook(keep(g.name + "/hidden", use_input=True)))
+    for g in spec.attention:
+        for part, slot in (("q", g.q), ("k", g.k), ("v", g.v)):
+            hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot.rows)))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            out = model(**batch, output_hidden_states=residual)
+            if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
+                store["residual"].extend(h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in store.items()}, spec
+
+
+def _head_activations(acts: dict, name: str, h: int, kv: int, dh: int, o: torch.Tensor, o_scale: float) -> HeadTensors:
+    """Activations as head blocks (rows = head dimensions, columns = positions). Values alone cannot fix the VO
+    scale (V·c with W_O/c leaves v's direction unchanged), so the O side carries the head's ``W_O`` columns,
+    scaled by ``o_scale`` (one constant per layer for both models, which keeps exact recovery exact)."""
+    def split(t: torch.Tensor, heads: int) -> torch.Tensor:  # (N, heads·d_h) → (heads, d_h, N)
+        return t.reshape(t.shape[0], heads, dh).permute(1, 2, 0)
+
+    q, k, v = split(acts[f"{name}/q"], h), split(acts[f"{name}/k"], kv), split(acts[f"{name}/v"], kv)
+    zeros = lambda n: torch.zeros(n, dh)  # noqa: E731  (biases are inside the activations)
+    return HeadTensors(q, zeros(h), k, zeros(kv), v, zeros(kv), o * o_scale)
+
+
+def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spec: ModelSpec, symmetries: frozenset[str],
+                         batches: list[Mapping[str, torch.Tensor]], reference_state: Mapping[str, torch.Tensor],
+                         model_state: Mapping[str, torch.Tensor]) -> tuple[ModelTransform, dict]:
+    """The transform bringing ``model`` onto ``reference``, from activations on ``batches``; group names follow
+    ``spec`` (the checkpoint's spec: the live modules' names may differ, the groups' order does not)."""
+    from symmerge.groups.heads import read_heads
+    from symmerge.spec import StateView
+
+    from symmerge.align import solve_residual
+
+    from symmerge.groups.residual import apply_residual, fold_norms
+
+    residual = "residual" in symmetries
+    ref_acts, live = record_activations(reference, batches, residual)
+    model_acts, _ = record_activations(model, batches, residual)
+    transform, details = ModelTransform(), {}
+    if residual:  # first: the W_O columns read below must be compared in one residual basis
+        group = require_residual(spec)
+        m = model_acts["residual"].double().T @ ref_acts["residual"].double()
+        transform.residual = solve_residual(m, group.kind)
+        reference_state = fold_norms(reference_state, group)
+        model_state = apply_residual(fold_norms(model_state, group), group, transform.residual)
+    if "ffn" in symmetries:
+        for g_live, g in zip(live.ffn, spec.ffn):
+            s = ffn_similarity(FFNTensors([ref_acts[g_live.name + "/hidden"].T], [], []), FFNTensors([model_acts[g_live.name + "/hidden"].T], [], []))
+            transform.ffn[g.name] = torch.from_numpy(solve_lap(s))
+    if symmetries & {"qk", "vo", "scale", "heads"}:
+        ref_view, model_view = StateView(reference_state), StateView(model_state)
+        for g_live, g in zip(live.attention, spec.attention):
+            h, kv, dh = g.num_heads, g.kv_heads, g.head_dim
+            o_ref, o_model = read_heads(ref_view, g).o, read_heads(model_view, g).o
+            # weigh the O side like the V side: ‖v_ref‖ / ‖W_O,ref‖
+            o_scale = float(ref_acts[f"{g_live.name}/v"].norm() / o_ref.norm().clamp_min(1e-30))
+            transform.heads[g.name], details[g.name] = match_heads(
+                _head_activations(ref_acts, g_live.name, h, kv, dh, o_ref, o_scale),
+                _head_activations(model_acts, g_live.name, h, kv, dh, o_model, o_scale),
+                qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope)
+    return transform, details
