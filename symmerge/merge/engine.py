@@ -119,8 +119,9 @@ def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyStat
     return aligned, aligned_base
 
 
-def collect_statistics(plan: MergePlan, states: list[LazyState], transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
-    """Fisher diagonals or input Gram matrices of every model, computed on the model *after* alignment."""
+def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
+    """Fisher diagonals or input Gram matrices of every model, computed on the model *after* alignment (statistics
+    of the unaligned model sit in the wrong basis: the bug of the seed paper's code). Keys are the checkpoint's."""
     from symmerge.data import load_calibration
     from symmerge.merge.statistics import fisher_diagonal, input_grams
 
@@ -131,11 +132,10 @@ def collect_statistics(plan: MergePlan, states: list[LazyState], transforms: lis
         model = build_model(ckpt.config, aligned)
         batches = load_calibration(plan.data_path, model_dir=ckpt.path, main_input_name=model.main_input_name,
                                    max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size)
-        if plan.method.name == "fisher":
-            stats = fisher_diagonal(model, batches, progress=progress)
-        else:
-            stats = input_grams(model, batches, progress=progress)
-        out.append({"stats": stats, "layout": linear_layout(model)})
+        stats = fisher_diagonal(model, batches, progress=progress) if plan.method.name == "fisher" else input_grams(model, batches, progress=progress)
+        to_checkpoint = {v: k for k, v in getattr(model, "_symmerge_renames", {}).items()}
+        out.append({"stats": {to_checkpoint.get(k, k): v for k, v in stats.items()},
+                    "layout": {to_checkpoint.get(k, k): v for k, v in linear_layout(model).items()}})
         del model, aligned
     return out
 
@@ -235,6 +235,8 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
     method, key, tensors = plan.method, item.key, item.tensors
     kwargs: dict[str, Any] = {**plan.params, **extra}
     if method.name == "fisher":
+        if any(key not in s["stats"] for s in stats):  # buffers: no gradient, no Fisher
+            return MERGE_METHODS["linear"].fn(tensors, weights=plan.weights)
         kwargs["fishers"] = [s["stats"][key] for s in stats]
     elif method.name == "regmean":
         grams = [s["stats"].get(key) for s in stats]
