@@ -86,3 +86,26 @@ def max_output_diff(model, state_a, state_b, make_inputs, seed: int = 0) -> floa
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``symmerge ARGS`` in-process: (exit code, stdout, stderr), ignoring what the test printed before."""
+    from symmerge.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expect_cli_error(capsys, message: str, *args) -> str:
+    """The command fails with exit code 2 and one line ``error: ...`` containing ``message``."""
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    return err

@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, max_output_diff
+from conftest import expect_cli_error, make_model, max_output_diff, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
 from symmerge.align import state_norm
-from symmerge.cli import main
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop whatever the test's setup printed
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def save(model, path: Path, state=None) -> Path:
@@ -48,7 +38,7 @@ def pair(tmp_path):
 
 def test_align_writes_loadable_aligned_models(pair, tmp_path, capsys):
     ref, other, model, make_inputs = pair
-    code, out, err = run(capsys, "align", ref, other, "--out", tmp_path / "out", "--quiet")
+    code, out, err = run_cli(capsys, "align", ref, other, "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     aligned_dir = tmp_path / "out" / "scrambled"
     assert (aligned_dir / "config.json").is_file() and (aligned_dir / "model.safetensors").is_file()
@@ -64,7 +54,7 @@ def test_align_writes_loadable_aligned_models(pair, tmp_path, capsys):
 
 def test_align_with_a_subset_of_symmetries(pair, tmp_path, capsys):
     ref, other, _, _ = pair
-    code, out, _ = run(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "ffn", "-q")
+    code, out, _ = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "ffn", "-q")
     assert code == 0
     report = json.loads((tmp_path / "out" / "alignment.json").read_text())
     assert report["symmetries"] == ["ffn"]
@@ -73,17 +63,11 @@ def test_align_with_a_subset_of_symmetries(pair, tmp_path, capsys):
 
 def test_inspect(pair, capsys):
     ref, _, _, _ = pair
-    code, out, _ = run(capsys, "inspect", ref)
+    code, out, _ = run_cli(capsys, "inspect", ref)
     assert code == 0
     assert "gpt2" in out and "S_192" in out and "O(12)" in out and "parameters" in out
 
 
-def expect_error(capsys, message: str, *args) -> str:
-    code, out, err = run(capsys, *args)
-    assert code == 2, (out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err, err
-    return err
 
 
 def test_different_architectures_name_the_value(pair, tmp_path, capsys):
@@ -92,13 +76,13 @@ def test_different_architectures_name_the_value(pair, tmp_path, capsys):
 
     bigger = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=48, n_head=4, vocab_size=64, n_positions=32))
     save(bigger, tmp_path / "deeper")
-    expect_error(capsys, "has layers 3, the reference has 2", "align", ref, tmp_path / "deeper", "-o", tmp_path / "out")
+    expect_cli_error(capsys, "has layers 3, the reference has 2", "align", ref, tmp_path / "deeper", "-o", tmp_path / "out")
     wider_heads = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=6, vocab_size=64, n_positions=32))
     save(wider_heads, tmp_path / "heads")
-    expect_error(capsys, "attention heads 6, the reference has 4", "align", ref, tmp_path / "heads", "-o", tmp_path / "out")
+    expect_cli_error(capsys, "attention heads 6, the reference has 4", "align", ref, tmp_path / "heads", "-o", tmp_path / "out")
     bert, _ = make_model("bert")
     save(bert, tmp_path / "bert")
-    expect_error(capsys, "has family bert, the reference has gpt2", "align", ref, tmp_path / "bert", "-o", tmp_path / "out")
+    expect_cli_error(capsys, "has family bert, the reference has gpt2", "align", ref, tmp_path / "bert", "-o", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -107,23 +91,23 @@ def test_unsupported_model_type_lists_supported(pair, tmp_path, capsys):
     config = json.loads((other / "config.json").read_text())
     config["model_type"] = "t5"
     (other / "config.json").write_text(json.dumps(config))
-    err = expect_error(capsys, "model_type 't5' is not supported", "align", ref, other, "-o", tmp_path / "out")
+    err = expect_cli_error(capsys, "model_type 't5' is not supported", "align", ref, other, "-o", tmp_path / "out")
     assert "bert, gpt2, llama, mistral, qwen2, roberta, vit" in err
 
 
 def test_missing_and_corrupt_files(pair, tmp_path, capsys):
     ref, other, _, _ = pair
-    expect_error(capsys, "does not exist", "align", ref, tmp_path / "nope", "-o", tmp_path / "out")
+    expect_cli_error(capsys, "does not exist", "align", ref, tmp_path / "nope", "-o", tmp_path / "out")
     (other / "config.json").unlink()
-    expect_error(capsys, "has no config.json", "align", ref, other, "-o", tmp_path / "out")
+    expect_cli_error(capsys, "has no config.json", "align", ref, other, "-o", tmp_path / "out")
     broken = save(make_model("gpt2")[0], tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    expect_error(capsys, "corrupt or truncated", "align", ref, broken, "-o", tmp_path / "out")
+    expect_cli_error(capsys, "corrupt or truncated", "align", ref, broken, "-o", tmp_path / "out")
     (broken / "model.safetensors").write_bytes(b"\x00garbage")
-    expect_error(capsys, "corrupt or truncated", "inspect", broken)
+    expect_cli_error(capsys, "corrupt or truncated", "inspect", broken)
     (broken / "config.json").write_text("{not json")
-    expect_error(capsys, "is not valid JSON", "inspect", broken)
+    expect_cli_error(capsys, "is not valid JSON", "inspect", broken)
     assert not (tmp_path / "out").exists()
 
 
@@ -133,7 +117,7 @@ def test_nan_weights_are_refused_without_partial_output(pair, tmp_path, capsys):
     state["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
     bad = save(model, tmp_path / "bad", state)
     # the good model is processed first, then the bad one fails: nothing may be left behind
-    expect_error(capsys, "holds NaN or Inf", "align", ref, other, bad, "-o", tmp_path / "out", "-q")
+    expect_cli_error(capsys, "holds NaN or Inf", "align", ref, other, bad, "-o", tmp_path / "out", "-q")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -142,9 +126,9 @@ def test_existing_output_is_refused_unless_forced(pair, tmp_path, capsys):
     ref, other, _, _ = pair
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    expect_error(capsys, "already exists", "align", ref, other, "-o", tmp_path / "out")
+    expect_cli_error(capsys, "already exists", "align", ref, other, "-o", tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
-    code, _, _ = run(capsys, "align", ref, other, "-o", tmp_path / "out", "--force", "-q")
+    code, _, _ = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "--force", "-q")
     assert code == 0
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "scrambled" / "model.safetensors").exists()
 
@@ -154,15 +138,15 @@ def test_pickle_weights_need_allow_pickle(pair, tmp_path, capsys):
     state = load_file(other / "model.safetensors")
     (other / "model.safetensors").unlink()
     torch.save(state, other / "pytorch_model.bin")
-    expect_error(capsys, "--allow-pickle", "align", ref, other, "-o", tmp_path / "out")
-    code, _, err = run(capsys, "align", ref, other, "-o", tmp_path / "out", "--allow-pickle", "-q")
+    expect_cli_error(capsys, "--allow-pickle", "align", ref, other, "-o", tmp_path / "out")
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "--allow-pickle", "-q")
     assert code == 0, err
     assert (tmp_path / "out" / "scrambled" / "model.safetensors").exists()
 
 
 def test_unknown_symmetry(pair, tmp_path, capsys):
     ref, other, _, _ = pair
-    expect_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
+    expect_cli_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
 
 
 def test_console_script_prints_no_traceback(tmp_path):
@@ -179,7 +163,7 @@ def test_align_with_residual_writes_the_folded_reference(tmp_path, capsys):
     ref = save(model, tmp_path / "ref")
     scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=6)
     other = save(model, tmp_path / "other", scrambled)
-    code, _, err = run(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "-q")
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "-q")
     assert code == 0, err
     folded_ref = type(model).from_pretrained(tmp_path / "out" / "reference-folded").eval()
     aligned = type(model).from_pretrained(tmp_path / "out" / "other").eval()

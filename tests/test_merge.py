@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_model, max_output_diff
+from conftest import expect_cli_error, make_model, max_output_diff, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
 from symmerge.align import state_norm
-from symmerge.cli import main
 
 DATA_FREE = {  # method → parameters under which merging a model with itself returns it
     "linear": {},
@@ -25,15 +24,6 @@ DATA_FREE = {  # method → parameters under which merging a model with itself r
 }
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write(model, path: Path, state: dict) -> Path:
@@ -82,7 +72,7 @@ def test_merging_a_model_with_its_scrambled_copy_returns_it(family_models, tmp_p
     base = ["--base", m["base"]] if method not in ("linear", "slerp") else []
     for align, expect_equal in (("all", True), ("none", False)):
         out = tmp_path / f"out-{align}"
-        code, _, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", method, "--align", align, *base, *params, "-o", out, "-q")
+        code, _, err = run_cli(capsys, "merge", m["a"], m["scrambled"], "--method", method, "--align", align, *base, *params, "-o", out, "-q")
         if base and not expect_equal:
             # unaligned, the scrambled copy's task vector is as large as the base itself: refused, not merged
             assert code == 2 and "is not a fine-tune of base_model" in err
@@ -102,7 +92,7 @@ def test_merging_a_model_with_its_scrambled_copy_returns_it(family_models, tmp_p
 def test_merged_output_is_a_complete_hf_directory(family_models, tmp_path, capsys):
     m = family_models
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--weights", "0.3,0.7", "--dtype", "bfloat16", "-o", out)
+    code, stdout, err = run_cli(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--weights", "0.3,0.7", "--dtype", "bfloat16", "-o", out)
     assert code == 0, err
     assert {"config.json", "model.safetensors", "merge.yaml", "README.md"} <= {p.name for p in out.iterdir()}
     loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
@@ -117,14 +107,14 @@ def test_merged_output_is_a_complete_hf_directory(family_models, tmp_path, capsy
 
 def test_output_is_written_in_shards(family_models, tmp_path, capsys):
     m = family_models
-    code, _, err = run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--shard-size", "20KB", "-o", tmp_path / "sharded", "-q")
+    code, _, err = run_cli(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "--shard-size", "20KB", "-o", tmp_path / "sharded", "-q")
     assert code == 0, err
     shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
     assert len(shards) > 3
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert all(s.stat().st_size <= 20_000 + 64_000 for s in shards)  # a shard overflows only by its last tensor
-    run(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "-o", tmp_path / "single", "-q")
+    run_cli(capsys, "merge", m["a"], m["scrambled"], "--method", "linear", "-o", tmp_path / "single", "-q")
     a = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sharded").state_dict()
     b = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "single").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -145,25 +135,19 @@ parameters: {{density: 1.0, lambda: 1.0}}
 alignment:
   symmetries: [ffn, qk, vo, scale, heads]
 """)
-    code, _, err = run(capsys, "merge", recipe, "-o", tmp_path / "out", "-q")
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "out", "-q")
     assert code == 0, err
     assert output_diff(m, m["a"], tmp_path / "out") <= 1e-4
     copied = (tmp_path / "out" / "merge.yaml").read_text()
     assert "ties" in copied and "trim: tensor" in copied
 
 
-def expect_error(capsys, message: str, *args) -> str:
-    code, out, err = run(capsys, *args)
-    assert code == 2, (out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err, err
-    return err
 
 
 def test_task_vector_methods_refuse_models_without_a_common_base(family_models, tmp_path, capsys):
     m = family_models
-    expect_error(capsys, "needs base_model", "merge", m["a"], m["scrambled"], "--method", "ties", "-o", tmp_path / "o")
-    expect_error(capsys, "is not a fine-tune of base_model", "merge", m["a"], m["independent"], "--method", "task_arithmetic",
+    expect_cli_error(capsys, "needs base_model", "merge", m["a"], m["scrambled"], "--method", "ties", "-o", tmp_path / "o")
+    expect_cli_error(capsys, "is not a fine-tune of base_model", "merge", m["a"], m["independent"], "--method", "task_arithmetic",
                  "--base", m["base"], "-o", tmp_path / "o", "-q")
     assert not (tmp_path / "o").exists()
 
@@ -171,7 +155,7 @@ def test_task_vector_methods_refuse_models_without_a_common_base(family_models, 
 def recipe_error(capsys, tmp_path, text: str, message: str) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
-    expect_error(capsys, message, "merge", recipe, "-o", tmp_path / "o")
+    expect_cli_error(capsys, message, "merge", recipe, "-o", tmp_path / "o")
 
 
 def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):
@@ -202,15 +186,15 @@ def test_validation_happens_before_any_weight_is_read(family_models, tmp_path, c
     data = (broken / "model.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
     (broken / "model.safetensors").write_bytes(data[: 8 + header] + b"\0" * 16)  # header intact, weights gone
-    expect_error(capsys, "unknown merge method", "merge", family_models["a"], broken, "--method", "nope", "-o", tmp_path / "o")
-    expect_error(capsys, "corrupt or truncated", "merge", family_models["a"], broken, "--method", "linear", "-o", tmp_path / "o", "-q")
+    expect_cli_error(capsys, "unknown merge method", "merge", family_models["a"], broken, "--method", "nope", "-o", tmp_path / "o")
+    expect_cli_error(capsys, "corrupt or truncated", "merge", family_models["a"], broken, "--method", "linear", "-o", tmp_path / "o", "-q")
     assert not (tmp_path / "o").exists()
 
 
 def test_shape_mismatch_is_refused_before_reading(family_models, tmp_path, capsys):
     bigger = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=80, n_positions=32))
     bigger.save_pretrained(tmp_path / "bigger")
-    expect_error(capsys, "tensor 'transformer.wte.weight' has shape (80, 48)", "merge", family_models["a"], tmp_path / "bigger",
+    expect_cli_error(capsys, "tensor 'transformer.wte.weight' has shape (80, 48)", "merge", family_models["a"], tmp_path / "bigger",
                  "--method", "linear", "--align", "none", "-o", tmp_path / "o")
 
 
@@ -219,7 +203,7 @@ def test_failed_merge_leaves_no_output(family_models, tmp_path, capsys):
     state = load_file(m["scrambled"] / "model.safetensors")
     state["transformer.h.1.mlp.c_proj.weight"][3, 3] = float("inf")
     bad = write(m["model"], tmp_path / "bad", state)
-    expect_error(capsys, "holds NaN or Inf", "merge", m["a"], bad, "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
+    expect_cli_error(capsys, "holds NaN or Inf", "merge", m["a"], bad, "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
 
 
@@ -231,15 +215,15 @@ def test_plain_merge_of_an_architecture_without_a_spec(tmp_path, capsys):
     transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "x")
     torch.manual_seed(1)
     transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "y")
-    code, _, err = run(capsys, "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
+    code, _, err = run_cli(capsys, "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
     assert code == 0, err
     x, y, o = (load_file(tmp_path / n / "model.safetensors") for n in ("x", "y", "o"))
     assert all(torch.allclose(o[k], (x[k] + y[k]) / 2) for k in o)
-    expect_error(capsys, "align none", "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-o", tmp_path / "o2")
+    expect_cli_error(capsys, "align none", "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-o", tmp_path / "o2")
 
 
 def test_methods_listing(capsys):
-    code, out, _ = run(capsys, "methods")
+    code, out, _ = run_cli(capsys, "methods")
     assert code == 0
     for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"):
         assert name in out
@@ -257,7 +241,7 @@ def test_merge_with_residual_alignment(tmp_path, capsys):
     reference = {k: v.clone() for k, v in original.state_dict().items()}
     for align, close in (("all,residual", True), ("all", False)):
         out = tmp_path / f"out-{align}"
-        code, _, err = run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--method", "linear", "--align", align, "-o", out, "-q")
+        code, _, err = run_cli(capsys, "merge", tmp_path / "a", tmp_path / "b", "--method", "linear", "--align", align, "-o", out, "-q")
         assert code == 0, err
         merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
         diff = max_output_diff(original, reference, merged.state_dict(), make_inputs)
@@ -290,7 +274,7 @@ def bert_pair(tmp_path_factory):
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_data_driven_merges_run_end_to_end(bert_pair, tmp_path, capsys, method):
     (a, b), calib = bert_pair
-    code, _, err = run(capsys, "merge", a, b, "--method", method, "--data", calib, "-o", tmp_path / "o", "-q")
+    code, _, err = run_cli(capsys, "merge", a, b, "--method", method, "--data", calib, "-o", tmp_path / "o", "-q")
     assert code == 0, err
     merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "o")
     assert all(torch.isfinite(p).all() for p in merged.parameters())
