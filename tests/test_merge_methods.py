@@ -388,3 +388,12 @@ def test_ties_whole_model_trimming_needs_thresholds():
         ties([torch.ones(4), torch.ones(4)], base=base, trim="model")
     out = ties([torch.tensor([1.0, 0.1, 0.0, 0.0])], base=base, trim="model", thresholds=[0.5])
     assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_ties_keeps_exactly_density_even_with_ties_at_the_threshold():
+    """bf16 task vectors tie at the threshold often: the trim must still keep round(density·n) entries."""
+    base = torch.zeros(10)
+    tau = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1])
+    out = ties([base + tau], base=base, density=0.2)
+    assert int(torch.count_nonzero(out)) == 2
+    assert torch.equal(out, torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0]))

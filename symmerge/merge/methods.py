@@ -409,6 +409,21 @@ def _trim_(tau: Tensor, threshold: float) -> Tensor:
     return tau
 
 
+def _trim_to_count_(tau: Tensor, threshold: float, k: int) -> Tensor:
+    """Keep exactly the top ``k`` magnitudes of ``tau`` (in place): everything above ``threshold`` (the ``k``-th
+    largest magnitude) and, of the entries equal to it, the first ones in memory order. bf16 task vectors tie at
+    the threshold often; keeping every tied entry would keep far more than ``density`` (mergekit, like this,
+    keeps exactly ``k``)."""
+    _trim_(tau, threshold)
+    if threshold > 0:
+        flat = tau.view(-1)
+        surplus = int(torch.count_nonzero(flat)) - k
+        if surplus > 0:
+            tied = (flat.abs() == threshold).nonzero().squeeze(1)
+            flat[tied[len(tied) - surplus:]] = 0
+    return tau
+
+
 def _disjoint_merge(task_vector: Callable[[int], Tensor], n_models: int, weights: list[float], like: Tensor, dtype: torch.dtype) -> Tensor:
     """TIES "elect" and "disjoint merge" over task vectors produced on demand by ``task_vector(i)``.
 
@@ -520,7 +535,8 @@ def ties(
     ``tensors``: M tensors and ``base`` of one shape; ``weights``: M non-negative floats (default all 1).
 
     1. Trim: ``τ̂_i = τ_i · [|τ_i| >= t_i]``, ``τ_i = θ_i − base``. By default ``t_i`` is this tensor's
-       :func:`magnitude_threshold` (keep the top ``density`` fraction of each tensor). For the paper's whole-model
+       :func:`magnitude_threshold` and exactly ``keep_count(density, n)`` entries are kept (ties at the threshold
+       broken by position). For the paper's whole-model
        trimming (``trim="model"``), pass ``thresholds=[t_1, ..., t_M]`` from :func:`global_magnitude_thresholds`
        (``density`` is then ignored here; the merge engine computes them).
     2. Elect: ``γ = sign(Σ_i w_i τ̂_i)`` per entry (total mass; a tie ``Σ = 0`` elects nothing — the original code
@@ -542,9 +558,11 @@ def ties(
 
     def trimmed(i: int) -> Tensor:
         tau = _task_vector(tensors[i], base, dtype)
+        if thresholds is not None:  # whole-model trim: one threshold for the model, ties kept
+            return _trim_(tau, float(cache[i]))
         if cache[i] is None:
             cache[i] = magnitude_threshold(tau.abs(), p["density"])
-        return _trim_(tau, float(cache[i]))
+        return _trim_to_count_(tau, float(cache[i]), keep_count(p["density"], tau.numel()))
 
     merged = _disjoint_merge(trimmed, len(tensors), w, base, dtype)
     return merged.mul_(p["lambda_"]).add_(base).to(tensors[0].dtype)
