@@ -45,6 +45,7 @@ class AlignmentReport:
     distance_after: float
     reference_norm: float
     seconds: dict[str, float]
+    matching: dict[str, Any] = field(default_factory=dict)  # how the element was found (e.g. learned-matching losses)
 
     @property
     def relative_before(self) -> float:
@@ -273,6 +274,47 @@ def fit_activations(reference: StateDict, model: StateDict, config: Any, spec: M
     return transform, details, {"activations": time.perf_counter() - start}, reference_state
 
 
+def midpoint_loss(config: Any, reference: StateDict, batches: list, untie: bool):
+    """``loss(state)``: the mean loss over ``batches`` of one HF module evaluated functionally at ``state``."""
+    from symmerge.merge.engine import build_model
+
+    config = dict(config if isinstance(config, Mapping) else config.to_dict())
+    if untie:
+        config["tie_word_embeddings"] = False
+    module = build_model(config, reference).train(False)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    renames = getattr(module, "_symmerge_renames", {})
+
+    def loss(state: StateDict) -> torch.Tensor:
+        params = {renames.get(k, k): v for k, v in state.items()}
+        return sum(torch.func.functional_call(module, params, args=(), kwargs=b).loss for b in batches) / len(batches)
+
+    return loss
+
+
+def fit_learned(reference: StateDict, model: StateDict, config: Any, spec: ModelSpec, symmetries: frozenset[str],
+                calibration: list | None, steps: int, progress: bool, model_name: str):
+    """Weight matching, then :func:`symmerge.match.learned.learn_transform` on the midpoint loss."""
+    from symmerge.groups.residual import fold_norms
+    from symmerge.match.learned import learn_transform
+
+    if not calibration or not all("labels" in b for b in calibration):
+        raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
+    start = time.perf_counter()
+    if "residual" in symmetries:
+        init, details, _, reference_state, _ = fit_with_residual(reference, model, spec, symmetries, model_name=model_name)
+        model = fold_norms(model, spec.residual)
+    else:
+        init, details, _ = fit_transform(reference, model, spec, symmetries, model_name=model_name)
+        reference_state = None
+    loss = midpoint_loss(config, reference_state if reference_state is not None else reference, calibration, "residual" in symmetries)
+    transform, history = learn_transform(reference_state if reference_state is not None else reference, model, spec, init, loss,
+                                         steps=steps, progress=progress)
+    details["learned"] = {"steps": steps, "midpoint_loss_first": history[0], "midpoint_loss_last": history[-1]}
+    return transform, details, {"learned": time.perf_counter() - start}, reference_state
+
+
 def align(
     reference: Any,
     model: Any,
@@ -284,14 +326,16 @@ def align(
     model_name: str = "model",
     match: str = "weights",
     calibration: list | None = None,
+    learn_steps: int = 200,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
     ``reference``, ``model``: Hugging Face modules or state dicts (then pass the HF ``config``, an object or the
     config.json dict, or a ready ``spec``). ``symmetries``: any of ``ffn, qk, vo, scale, heads, residual``
     (comma-separated or a list), ``"all"`` (the per-layer classes, default) or ``"none"``. ``match``:
-    ``"weights"`` (data-free) or ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
-    model-input batches). Returns an :class:`Alignment`; ``model`` is not modified.
+    ``"weights"`` (data-free), ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
+    model-input batches) or ``"learned"`` (weight matching refined for ``learn_steps`` steps to lower the midpoint
+    model's loss on ``calibration``, batches with labels). Returns an :class:`Alignment`; ``model`` is not modified.
     """
     chosen = parse_symmetries(symmetries)
     ref_state, ref_config = as_state_and_config(reference, config)
@@ -305,9 +349,13 @@ def align(
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     reference_state = None
-    if match not in ("weights", "activations"):
-        raise SymmergeError(f"match must be weights or activations, got {match!r}")
-    if match == "activations":
+    if match not in ("weights", "activations", "learned"):
+        raise SymmergeError(f"match must be weights, activations or learned, got {match!r}")
+    if match == "learned":
+        transform, details, seconds, reference_state = fit_learned(
+            ref_state, model_state, ref_config if ref_config is not None else model_config, spec, chosen, calibration,
+            steps=learn_steps, progress=progress, model_name=model_name)
+    elif match == "activations":
         transform, details, seconds, reference_state = fit_activations(
             ref_state, model_state, ref_config if ref_config is not None else model_config, spec, chosen, calibration)
     elif "residual" in chosen:
@@ -344,6 +392,7 @@ def align(
         distance_after=math.sqrt(sum(after.values())),
         reference_norm=state_norm(ref_state),
         seconds=seconds,
+        matching={"method": match, **({"learned": details["learned"]} if "learned" in details else {})},
     )
     seconds["report"] = time.perf_counter() - start
     return Alignment(aligned, transform, report, spec, reference_state)

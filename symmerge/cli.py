@@ -47,7 +47,8 @@ def align(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code: only for files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no per-group table.")] = False,
-    match: Annotated[str, typer.Option("--match", help="weights (data-free) or activations (needs --data).")] = "weights",
+    match: Annotated[str, typer.Option("--match", help="weights (data-free), activations or learned (both need --data).")] = "weights",
+    learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
@@ -71,14 +72,14 @@ def align(
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     calibration = None
-    if match == "activations":
+    if match in ("activations", "learned"):
         if data is None:
-            raise SymmergeError("--match activations needs --data (zoo, a text file or an .npz)")
+            raise SymmergeError(f"--match {match} needs --data (zoo, a text file or an .npz)")
         from symmerge.evaluate.tasks import calibration_inputs
 
-        calibration = calibration_inputs(data, ref_ckpt.path)
+        calibration = calibration_inputs(data, ref_ckpt.path, labels=match == "learned")
     elif match != "weights":
-        raise SymmergeError(f"--match takes weights or activations, got {match!r}")
+        raise SymmergeError(f"--match takes weights, activations or learned, got {match!r}")
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
     with atomic_output_dir(out, force) as tmp:
@@ -86,7 +87,7 @@ def align(
             start = time.perf_counter()
             state = load_state_dict(ckpt)
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
-                                  model_name=name, match=match, calibration=calibration)
+                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.reference_state is not None)
             if result.reference_state is not None and not (tmp / "reference-folded").exists():
@@ -206,12 +207,13 @@ def merge(
 def barrier(
     reference: Annotated[Path, typer.Argument(help="Model A (the reference end of the path).")],
     model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
-    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching on the calibration data (default: none and all).")] = None,
+    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all).")] = None,
     data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
     points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
     plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
     landscape_: Annotated[Optional[Path], typer.Option("--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
     grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
+    learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching (learn: settings).")] = 200,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -227,11 +229,12 @@ def barrier(
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
     check_compatible_shapes_of(a, b, str(ckpt.path))
     calibration = None
-    if any(x.startswith("act:") for x in settings):
+    if any(x.startswith(("act:", "learn:")) for x in settings):
         from symmerge.evaluate.tasks import calibration_inputs
 
-        calibration = calibration_inputs(data, ref_ckpt.path)
-    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration)
+        calibration = calibration_inputs(data, ref_ckpt.path, labels=any(x.startswith("learn:") for x in settings))
+    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,
+                      learn_steps=learn_steps)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
     echo(study.table())
     plot_curves([s.curve for s in study.settings], plot, title=f"{ref_ckpt.name} vs {ckpt.name}")

@@ -66,9 +66,10 @@ def model_for(config: Mapping, state: StateDict, untied: bool) -> torch.nn.Modul
 
 
 def run_study(reference: StateDict, model: StateDict, config: Mapping, settings: Sequence[str], evaluate: Evaluator,
-              points: int = 11, progress: bool = False, calibration: list | None = None) -> Study:
-    """For each alignment setting (``none``, a symmetry list, or ``act:`` + a symmetry list for activation matching
-    on ``calibration``), align ``model`` to ``reference`` and evaluate the linear path at ``points`` values of t."""
+              points: int = 11, progress: bool = False, calibration: list | None = None, learn_steps: int = 200) -> Study:
+    """For each alignment setting (``none``, a symmetry list, ``act:`` + a list for activation matching or
+    ``learn:`` + a list for learned matching, both on ``calibration``), align ``model`` to ``reference`` and
+    evaluate the linear path at ``points`` values of t."""
     import time
 
     import symmerge
@@ -80,15 +81,15 @@ def run_study(reference: StateDict, model: StateDict, config: Mapping, settings:
     ts = [i / (points - 1) for i in range(points)]
     models: dict[bool, torch.nn.Module] = {}
     for label in settings:
-        match = "activations" if label.startswith("act:") else "weights"
-        chosen = parse_symmetries(label.removeprefix("act:"))
+        match = {"act": "activations", "learn": "learned"}.get(label.split(":")[0], "weights") if ":" in label else "weights"
+        chosen = parse_symmetries(label.split(":")[-1])
         start = time.perf_counter()
         if not chosen:
             a, b, distance = reference, model, symmerge.state_distance(reference, model)
         else:
             spec = spec or spec_for(config, reference.keys())
             result = symmerge.align(reference, model, config=config, spec=spec, symmetries=chosen, progress=progress,
-                                    match=match, calibration=calibration)
+                                    match=match, calibration=calibration, learn_steps=learn_steps)
             a = result.reference_state if result.reference_state is not None else reference
             b, distance = result.state_dict, result.report.distance_after
         setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=time.perf_counter() - start)

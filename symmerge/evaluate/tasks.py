@@ -55,7 +55,8 @@ def make_evaluator(spec: str, model_dir: Path, *, max_length: int = 128, windows
     return partial(evaluate_lm, tokens=tokens, context=max_length, windows=windows)
 
 
-def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_length: int = 128, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_length: int = 128, batch_size: int = 32,
+                       labels: bool = False) -> list[dict[str, torch.Tensor]]:
     """Model-input batches for activation statistics, from the same specs as :func:`make_evaluator`: ``zoo`` (the
     zoo model's *training* images or text, never the held-out data its scores come from), an ``.npz``
     (``inputs``) or a text file (tokenised windows)."""
@@ -66,15 +67,23 @@ def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_l
         record = read_record(model_dir)
         if record["task"] == "image-classification":
             split = load_digits() if record["dataset"] == "digits" else load_fashion_mnist()
-            data = {"images": split.train_images}
+            data = {"images": split.train_images, "labels": split.train_labels}
         else:
             data = {"tokens": load_shakespeare().train, "context": record["recipe"]["context"], "windows": examples}
     else:
         data = make_evaluator(spec, model_dir, max_length=max_length, windows=examples).keywords
     if "images" in data:
         inputs = data["images"][:examples]
-        return [{"pixel_values": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)]
+        batches = [{"pixel_values": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)]
+        if labels and "labels" in data:
+            for i, b in enumerate(batches):
+                b["labels"] = data["labels"][i * batch_size:(i + 1) * batch_size]
+        return batches
     from symmerge.zoo.evaluate import lm_windows
 
     windows = lm_windows(data["tokens"], data["context"], min(examples, data["windows"]))[:, :-1]
-    return [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+    batches = [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]
+    if labels:  # causal LM: the model shifts the labels itself
+        for b in batches:
+            b["labels"] = b["input_ids"]
+    return batches

@@ -1,0 +1,126 @@
+"""Learned matching: tune the alignment so that the *midpoint* model ``(θ_A + T(θ_B)) / 2`` has low loss on
+calibration data (Git Re-Basin's straight-through estimator, extended to rotations; cf. Theus et al. 2025).
+
+Latent matrices are projected onto their group at every step and the projection is used in the forward pass,
+with the gradient passed straight through to the latent: orthogonal maps by SVD (the residual map, per-KV-head QK
+and VO rotations; RoPE planes stay block rotations), FFN permutations by an exact LAP. Head permutations and
+scales stay as weight matching found them. Starts from weight matching, seeded, with a step budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from symmerge.groups import ModelTransform, apply_to_group
+from symmerge.groups.heads import HeadTransform, plane_rotation_matrix
+from symmerge.groups.residual import apply_residual, centered_basis, embed_centered
+from symmerge.match.lap import solve_lap
+from symmerge.match.procrustes import procrustes
+from symmerge.spec import ModelSpec, StateView
+from symmerge.spec.base import FFNGroup
+
+
+def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """The projection's value with the latent's gradient (∂ projected / ∂ latent taken as the identity)."""
+    return projected.detach() + latent - latent.detach()
+
+
+def _project_orthogonal(latent: torch.Tensor, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        if kind == "centered":
+            v = centered_basis(latent.shape[0]).to(latent.dtype)
+            q = embed_centered(procrustes(v.T @ latent @ v)).to(latent.dtype)
+        elif kind == "planes":  # RoPE: a rotation of each plane (i, i + d_h/2), (H, d_h, d_h) block matrices
+            half = latent.shape[-1] // 2
+            i = torch.arange(half)
+            blocks = torch.stack([torch.stack([latent[:, i, i], latent[:, i, i + half]], -1),
+                                  torch.stack([latent[:, i + half, i], latent[:, i + half, i + half]], -1)], -2)
+            r = procrustes(blocks.double(), proper=True)
+            q = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0]).to(latent.dtype)
+        else:
+            q = procrustes(latent.double()).to(latent.dtype)
+    return _straight_through(q, latent)
+
+
+def _permutation_matrix(latent: torch.Tensor) -> torch.Tensor:
+    """Straight-through dense permutation ``P`` (``P[j, perm[j]] = 1``) from an exact LAP on the latent scores."""
+    perm = torch.from_numpy(solve_lap(latent.detach()))
+    p = torch.zeros_like(latent)
+    p[torch.arange(len(perm)), perm] = 1.0
+    return _straight_through(p, latent)
+
+
+def _apply_ffn_dense(view: StateView, group: FFNGroup, p: torch.Tensor) -> None:
+    """``W_in → P W_in``, ``b_in → P b_in``, ``W_out → W_out Pᵀ`` (the index form ``w[perm]`` as a product)."""
+    for slot in group.inputs + group.input_biases:
+        view.set(slot, p @ view.get(slot))
+    for slot in group.outputs:
+        view.set(slot, view.get(slot) @ p.T)
+
+
+def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                    init: ModelTransform, loss: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *, steps: int = 200,
+                    lr: float = 1e-2, seed: int = 0, progress: bool = False) -> tuple[ModelTransform, list[float]]:
+    """Learn the residual map, per-head rotations and FFN permutations of ``init`` (weight matching's result).
+
+    ``reference`` and ``model`` must already be in a common parametrisation (both folded when ``init`` has a
+    residual map); ``loss(state)`` evaluates a state dict (checkpoint names) on calibration data. Returns the
+    projected transform and the midpoint loss per step.
+    """
+    torch.manual_seed(seed)
+    latents: dict[str, torch.Tensor] = {}
+    if init.residual is not None:
+        latents["residual"] = init.residual.float().clone().requires_grad_(True)
+    for name, perm in init.ffn.items():
+        scores = torch.zeros(len(perm), len(perm))
+        scores[torch.arange(len(perm)), perm] = 1.0
+        latents[f"ffn/{name}"] = scores.requires_grad_(True)
+    for name, x in init.heads.items():
+        latents[f"qk/{name}"] = x.qk_rotation.float().clone().requires_grad_(True)
+        latents[f"vo/{name}"] = x.vo_rotation.float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam(latents.values(), lr=lr)
+    rope = {g.name: g.rope for g in spec.attention}
+    history: list[float] = []
+
+    def current(project: Callable) -> tuple[dict, ModelTransform]:
+        transform = ModelTransform()
+        state = dict(model)
+        if "residual" in latents:
+            transform.residual = project("residual", spec.residual.kind)
+            state = apply_residual(state, spec.residual, transform.residual)
+        view = StateView(state)
+        for group in spec.ffn:
+            if f"ffn/{group.name}" in latents:
+                p = _permutation_matrix(latents[f"ffn/{group.name}"])
+                transform.ffn[group.name] = p.detach().argmax(1)
+                _apply_ffn_dense(view, group, p)
+        for group in spec.attention:
+            if group.name in init.heads:
+                x = init.heads[group.name]
+                x = HeadTransform(x.perm, x.kv_perm, project(f"qk/{group.name}", "planes" if rope[group.name] else "orthogonal"), x.qk_scale.float(),
+                                  project(f"vo/{group.name}", "orthogonal"), x.vo_scale.float())
+                transform.heads[group.name] = x
+                apply_to_group(view, group, ModelTransform(heads={group.name: x}))
+        return dict(view.state), transform
+
+    def project(key: str, kind: str) -> torch.Tensor:
+        return _project_orthogonal(latents[key], kind)
+
+    for _ in tqdm(range(steps), desc="learned matching", unit="step", disable=not progress, leave=False):
+        aligned, _ = current(project)
+        midpoint = {k: (reference[k].float() + v.float()) / 2 if v.is_floating_point() else v for k, v in aligned.items()}
+        value = loss(midpoint)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        history.append(value.item())
+    with torch.no_grad():
+        _, transform = current(project)
+    final = ModelTransform(ffn={k: v.clone() for k, v in transform.ffn.items()},
+                           heads={k: HeadTransform(x.perm, x.kv_perm, x.qk_rotation.detach().double(), x.qk_scale.double(),
+                                                   x.vo_rotation.detach().double(), x.vo_scale.double()) for k, x in transform.heads.items()},
+                           residual=None if transform.residual is None else transform.residual.detach().double())
+    return final, history
