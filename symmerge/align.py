@@ -311,7 +311,8 @@ def fit_learned(reference: StateDict, model: StateDict, config: Any, spec: Model
     loss = midpoint_loss(config, reference_state if reference_state is not None else reference, calibration, "residual" in symmetries)
     transform, history = learn_transform(reference_state if reference_state is not None else reference, model, spec, init, loss,
                                          steps=steps, progress=progress)
-    details["learned"] = {"steps": steps, "midpoint_loss_first": history[0], "midpoint_loss_last": history[-1]}
+    details["learned"] = {"steps": steps, "midpoint_loss_first": history[0], "midpoint_loss_best": min(history),
+                          "midpoint_loss_last": history[-1]}
     return transform, details, {"learned": time.perf_counter() - start}, reference_state
 
 

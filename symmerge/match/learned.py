@@ -68,7 +68,7 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
 
     ``reference`` and ``model`` must already be in a common parametrisation (both folded when ``init`` has a
     residual map); ``loss(state)`` evaluates a state dict (checkpoint names) on calibration data. Returns the
-    projected transform and the midpoint loss per step.
+    transform with the lowest midpoint loss seen (never worse than ``init``, the first step) and the loss per step.
     """
     torch.manual_seed(seed)
     latents: dict[str, torch.Tensor] = {}
@@ -109,16 +109,17 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     def project(key: str, kind: str) -> torch.Tensor:
         return _project_orthogonal(latents[key], kind)
 
+    best_value, transform = float("inf"), None
     for _ in tqdm(range(steps), desc="learned matching", unit="step", disable=not progress, leave=False):
-        aligned, _ = current(project)
+        aligned, candidate = current(project)
         midpoint = {k: (reference[k].float() + v.float()) / 2 if v.is_floating_point() else v for k, v in aligned.items()}
         value = loss(midpoint)
+        history.append(value.item())
+        if history[-1] < best_value:  # projections jump: keep the best element seen (step 0 is weight matching's)
+            best_value, transform = history[-1], candidate
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
-        history.append(value.item())
-    with torch.no_grad():
-        _, transform = current(project)
     final = ModelTransform(ffn={k: v.clone() for k, v in transform.ffn.items()},
                            heads={k: HeadTransform(x.perm, x.kv_perm, x.qk_rotation.detach().double(), x.qk_scale.double(),
                                                    x.vo_rotation.detach().double(), x.vo_scale.double()) for k, x in transform.heads.items()},
