@@ -27,6 +27,18 @@ def _bert():
     return transformers.BertModel(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
 
 
+def _bert_classifier():
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64,
+                                  max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+
+
+def _roberta_classifier():
+    cfg = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64,
+                                     max_position_embeddings=40, pad_token_id=1, num_labels=3)
+    return transformers.RobertaForSequenceClassification(cfg), lambda g: {"input_ids": torch.randint(3, 64, (2, 12), generator=g)}
+
+
 def _roberta():
     cfg = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64, max_position_embeddings=40, pad_token_id=1)
     return transformers.RobertaForMaskedLM(cfg), lambda g: {"input_ids": torch.randint(3, 64, (2, 12), generator=g)}
@@ -47,7 +59,9 @@ def _decoder(config_cls, model_cls, kv_heads, **extra):
 
 FAMILIES = {
     "bert": _bert,
+    "bert-cls": _bert_classifier,  # post-LN with a head: residual permutations
     "roberta": _roberta,
+    "roberta-cls": _roberta_classifier,
     "vit": _vit,
     "gpt2": _gpt2,
     "llama": _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, 2),  # GQA, RoPE, SwiGLU

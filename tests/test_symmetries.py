@@ -176,7 +176,7 @@ def test_gqa_forbids_moving_a_query_head_to_another_group():
     assert max_output_diff(model, before, after, make_inputs) <= TOL
 
 
-RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit"]
+RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls"]
 
 
 @pytest.mark.parametrize("family", RESIDUAL_FAMILIES)

@@ -49,8 +49,8 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
 def require_residual(spec: ModelSpec) -> ResidualGroup:
     if spec.residual is None:
         raise SymmergeError(
-            f"residual-stream alignment is not available for this {spec.family} model (supported: LLaMA-family, GPT-2 and "
-            "ViT models with their LM/classifier head; post-LN encoders only admit residual permutations, not yet implemented)"
+            f"residual-stream alignment is not available for this {spec.family} model: it needs the head that reads the stream "
+            "(LLaMA-family and GPT-2 LMs, ViT image classifiers, BERT/RoBERTa sequence classifiers); a bare encoder's output is the stream itself"
         )
     return spec.residual
 

@@ -102,8 +102,26 @@ def _vit_module_layout(prefix: str, i: int) -> dict[str, str]:
 
 
 def bert_spec(config: Any, keys: Collection[str]) -> ModelSpec:
-    """BERT / RoBERTa (post-LN, biases everywhere)."""
-    return encoder_spec(config, keys, model_type(config), _bert_layout)
+    """BERT / RoBERTa (post-LN, biases everywhere). Post-LN normalises the stream itself, so only residual
+    *permutations* are symmetries (LayerNorm gains and biases permute along); offered for sequence classifiers,
+    whose head reads the stream through ``pooler.dense`` (BERT) or ``classifier.dense`` (RoBERTa)."""
+    spec = encoder_spec(config, keys, model_type(config), _bert_layout)
+    prefix = _require_prefix(keys, _bert_layout("", 0)["q"] + ".weight", spec.family)
+    head = next((h for h in (f"{prefix}pooler.dense.weight", "classifier.dense.weight") if h in keys), None)
+    if head is None or "classifier.weight" not in keys and "classifier.out_proj.weight" not in keys:
+        return spec
+    readers, writers, vectors = [Slot(head)], [], []
+    emb = f"{prefix}embeddings"
+    embeddings = tuple(Slot(f"{emb}.{n}.weight") for n in ("word_embeddings", "position_embeddings", "token_type_embeddings") if f"{emb}.{n}.weight" in keys)
+    vectors += [Slot(f"{emb}.LayerNorm.weight"), Slot(f"{emb}.LayerNorm.bias")]
+    for i in range(spec.num_layers):
+        names, layer = _bert_layout(prefix, i), f"{prefix}encoder.layer.{i}"
+        readers += [Slot(names[n] + ".weight") for n in ("q", "k", "v", "ffn_in")]
+        writers += [Slot(names[n] + ".weight") for n in ("o", "ffn_out")]
+        vectors += [Slot(names[n] + ".bias") for n in ("o", "ffn_out")]
+        vectors += [Slot(f"{layer}.{ln}.LayerNorm.{p}") for ln in ("attention.output", "output") for p in ("weight", "bias")]
+    residual = ResidualGroup("permutation", spec.hidden_size, embeddings, tuple(readers), tuple(writers), tuple(vectors), ())
+    return replace(spec, residual=residual)
 
 
 def vit_spec(config: Any, keys: Collection[str]) -> ModelSpec:
