@@ -15,7 +15,7 @@ from symmerge.zoo import ZOO, ZooEntry, build, evaluate, evaluate_classifier, ev
 from symmerge.zoo import data as zoo_data
 from symmerge.zoo.train import train_char_gpt2, train_vit
 
-TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=2, batch_size=64, lr=3e-3)
+TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=8, batch_size=64, lr=3e-3)
 TINY_GPT2 = dict(layers=2, hidden=32, heads=4, context=32, steps=30, batch_size=16, lr=1e-2, val_windows=32)
 
 
