@@ -129,7 +129,8 @@ def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTran
     out = []
     for i, (state, ckpt) in enumerate(zip(states, plan.models)):
         aligned = dict(state) if transforms[i] is None else apply_transform(state, plan.spec, transforms[i])
-        model = build_model(ckpt.config, aligned)
+        config = {**ckpt.config, "tie_word_embeddings": False} if "residual" in plan.symmetries else ckpt.config
+        model = build_model(config, aligned)  # residual path: the folded head is untied
         batches = load_calibration(plan.data_path, model_dir=ckpt.path, main_input_name=model.main_input_name,
                                    max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size)
         stats = fisher_diagonal(model, batches, progress=progress) if plan.method.name == "fisher" else input_grams(model, batches, progress=progress)
