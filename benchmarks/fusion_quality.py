@@ -1,0 +1,187 @@
+"""Does alignment make merges better? Loss barriers and merged accuracy on the zoo's independently trained pairs.
+
+For each pair (two seeds of one zoo recipe) and each alignment setting — vanilla averaging, Git Re-Basin FFN
+matching, the seed paper's method and its ablations, + head permutations, + the residual map, and with data:
+activation and learned matching — the linear path between A and B' is evaluated on the held-out split
+(calibration for activation/learned matching comes from the training split). Also a K-model merge of digits ViTs.
+Writes ``benchmarks/results/fusion_quality.{md,json}`` and one plot per pair.
+
+    python benchmarks/fusion_quality.py [--pairs vit-digits vit-fmnist gpt2-shakespeare] [--points 11] [--learn-steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import symmerge  # noqa: E402
+from symmerge.evaluate import make_evaluator, model_for, run_study  # noqa: E402
+from symmerge.evaluate.plots import plot_curves  # noqa: E402
+from symmerge.evaluate.tasks import calibration_inputs  # noqa: E402
+from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
+from symmerge.merge.engine import load_weights  # noqa: E402
+from symmerge.zoo import build, read_record  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS = [
+    ("none", "vanilla averaging"),
+    ("ffn", "FFN permutation only (Git Re-Basin weight matching; = paper w/o ATTN)"),
+    ("qk,vo,scale", "paper w/o FFN"),
+    ("ffn,qk,vo", "paper w/o rescaling"),
+    ("ffn,qk,vo,scale", "the seed paper's method"),
+    ("all", "+ exact head permutation"),
+    ("all,residual", "+ residual-stream map (weights)"),
+    ("act:all,residual", "activation matching"),
+    ("learn:all,residual", "learned matching"),
+]
+
+
+def pair_study(name: str, points: int, learn_steps: int) -> dict:
+    a_dir, b_dir = build(name, 0), build(name, 1)
+    ca, cb = open_checkpoint(a_dir), open_checkpoint(b_dir)
+    a, b = load_state_dict(ca), load_state_dict(cb)
+    evaluate = make_evaluator("zoo", a_dir)
+    calibration = calibration_inputs("zoo", a_dir, examples=512, labels=True, batch_size=64)
+    start = time.perf_counter()
+    study = run_study(a, b, ca.config, [s for s, _ in SETTINGS], evaluate, points=points, calibration=calibration, learn_steps=learn_steps)
+    plot = plot_curves([s.curve for s in study.settings], RESULTS / f"fusion_quality_{name}.png", title=f"{name}: seed 0 vs seed 1")
+    return {"pair": name, "endpoints": [read_record(a_dir), read_record(b_dir)], "rows": study.rows(), "seconds": time.perf_counter() - start,
+            "plot": plot.name}
+
+
+def kway(k_values: list[int]) -> list[dict]:
+    """K digits ViTs, each aligned to model 0, averaged; accuracy of the merge vs the models' mean accuracy."""
+    dirs = [build("vit-digits", s) for s in range(max(k_values))]
+    ckpts = [open_checkpoint(d) for d in dirs]
+    states = [load_state_dict(c) for c in ckpts]
+    evaluate = make_evaluator("zoo", dirs[0])
+    calibration = calibration_inputs("zoo", dirs[0], examples=512, labels=True, batch_size=64)
+    rows = []
+    for k in k_values:
+        individual = [read_record(d)["test_accuracy"] for d in dirs[:k]]
+        for setting in ("none", "all", "all,residual", "act:all,residual"):
+            match = "activations" if setting.startswith("act:") else "weights"
+            symmetries = setting.split(":")[-1]
+            reference, aligned = states[0], [states[0]]
+            for s in states[1:k]:
+                if symmetries == "none":
+                    aligned.append(s)
+                    continue
+                r = symmerge.align(states[0], s, config=ckpts[0].config, symmetries=symmetries, match=match, calibration=calibration)
+                if r.reference_state is not None:
+                    reference = r.reference_state
+                aligned.append(r.state_dict)
+            if "residual" in symmetries:
+                aligned[0] = reference
+            merged = {key: sum(st[key].float() for st in aligned) / k for key in aligned[0]}
+            model = model_for(ckpts[0].config, merged, untied="residual" in symmetries)
+            load_weights(model, merged)
+            scores = evaluate(model)
+            rows.append({"k": k, "setting": setting, "merged_accuracy": scores["accuracy"], "merged_loss": scores["loss"],
+                         "mean_individual_accuracy": sum(individual) / k})
+    return rows
+
+
+def smollm2_row(symmetries: str = "all,residual", windows: int = 16, context: int = 128) -> dict:
+    """Real LLaMA weights: SmolLM2-135M and a function-preserving scrambled copy, averaged naively and after
+    alignment; perplexity on Shakespeare (tokenised with SmolLM2's tokenizer)."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from symmerge.assets import smollm2_dir
+    from symmerge.zoo.data import shakespeare_files
+    from symmerge.zoo.evaluate import evaluate_lm
+
+    path = smollm2_dir()
+    ckpt = open_checkpoint(path)
+    original = load_state_dict(ckpt)
+    text = shakespeare_files()[0].read_text(errors="replace")[:60_000]
+    tokens = torch.tensor(AutoTokenizer.from_pretrained(path)(text)["input_ids"])
+    scrambled = symmerge.apply_random_symmetry(original, config=ckpt.config, symmetries=symmetries, seed=0)
+    start = time.perf_counter()
+    result = symmerge.align(original, scrambled, config=ckpt.config, symmetries=symmetries)
+    seconds = time.perf_counter() - start
+    folded = result.reference_state if result.reference_state is not None else original
+    model = model_for(ckpt.config, folded, untied=True)
+
+    def ppl(state) -> float:
+        load_weights(model, state)
+        return math.exp(evaluate_lm(model, tokens, context, windows=windows)["loss"])
+
+    average = lambda x, y: {k: (x[k].float() + y[k].float()) / 2 for k in x}  # noqa: E731
+    return {"symmetries": symmetries, "tokens": len(tokens), "windows": windows, "context": context, "align_seconds": seconds,
+            "ppl_original": ppl(folded), "ppl_scrambled": ppl(scrambled), "ppl_naive_average": ppl(average(folded, scrambled)),
+            "ppl_aligned_average": ppl(average(folded, result.state_dict)), "relative_distance_after": result.report.relative_after}
+
+
+def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: dict | None = None) -> str:
+    out = ["# Fusion quality on the zoo", "",
+           f"Machine: {machine['cpus']} CPUs, load average at start {machine['load'][0]:.2f}; torch {torch.__version__}. "
+           "Barrier = max_t [L(θ(t)) − ((1−t) L(A) + t L(B))] over the given t; distance = ‖A − B'‖ after alignment "
+           "(for residual settings between the folded models). Calibration (act:, learn:) uses the training split; "
+           "every score is on the held-out split.", ""]
+    for p in pairs:
+        e = p["endpoints"]
+        scores = " / ".join(f"{r.get('test_accuracy', r.get('val_loss')):.4g}" for r in e)
+        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {'accuracy' if 'test_accuracy' in e[0] and e[0]['test_accuracy'] is not None else 'val loss'}: {scores}; {p['seconds']:.0f} s)", "",
+                "| alignment | what | distance | Δ distance | midpoint loss | barrier | midpoint acc | align s |", "|---|---|---|---|---|---|---|---|"]
+        base = p["rows"][0]["distance"]
+        for row, (_, what) in zip(p["rows"], SETTINGS):
+            acc = f"{row['midpoint_accuracy']:.2%}" if "midpoint_accuracy" in row else "–"
+            out.append(f"| `{row['setting']}` | {what} | {row['distance']:.4g} | {(row['distance'] - base) / base:+.1%} | {row['midpoint_loss']:.4f} | "
+                       f"{row['barrier']:.4f} | {acc} | {row['align_seconds']:.1f} |")
+        out += ["", f"![{p['pair']}]({p['plot']})", ""]
+    if kway_rows:
+        out += ["## K-model merge (digits ViTs, each aligned to model 0, plain mean)", "",
+                "| K | alignment | merged accuracy | merged loss | mean individual accuracy |", "|---|---|---|---|---|"]
+        for r in kway_rows:
+            out.append(f"| {r['k']} | `{r['setting']}` | {r['merged_accuracy']:.2%} | {r['merged_loss']:.4f} | {r['mean_individual_accuracy']:.2%} |")
+        out.append("")
+    if smollm2:
+        r = smollm2
+        out += ["## SmolLM2-135M: rotate-then-merge (real weights, no training)", "",
+                f"A copy scrambled by `{r['symmetries']}` computes the same function; perplexity on {r['windows']} windows of {r['context']} "
+                f"Shakespeare tokens ({r['tokens']} tokens of text). Alignment took {r['align_seconds']:.0f} s and returns relative distance "
+                f"{r['relative_distance_after']:.1e}.", "",
+                "| model | perplexity |", "|---|---|",
+                f"| original (norms folded) | {r['ppl_original']:.2f} |", f"| scrambled copy | {r['ppl_scrambled']:.2f} |",
+                f"| naive average of original and copy | {r['ppl_naive_average']:.2f} |",
+                f"| average after `symmerge.align` | {r['ppl_aligned_average']:.2f} |", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=["vit-digits", "vit-fmnist", "gpt2-shakespeare"])
+    parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--learn-steps", type=int, default=100)
+    parser.add_argument("--kway", type=int, nargs="*", default=[3, 4])
+    parser.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    machine = {"cpus": os.cpu_count(), "load": os.getloadavg()}
+    RESULTS.mkdir(exist_ok=True)
+    previous = json.loads((RESULTS / "fusion_quality.json").read_text()) if (RESULTS / "fusion_quality.json").exists() else {}
+    done = {p["pair"]: p for p in previous.get("pairs", [])}  # pairs not asked for this time are kept
+    for name in args.pairs:
+        done[name] = pair_study(name, args.points, args.learn_steps)
+        print(f"{name}: done in {done[name]['seconds']:.0f} s", flush=True)
+    pairs = [done[n] for n in ("vit-digits", "vit-fmnist", "gpt2-shakespeare") if n in done]
+    kway_rows = kway(args.kway) if args.kway else previous.get("kway", [])
+    smollm2 = smollm2_row() if args.smollm2 else previous.get("smollm2")
+    text = markdown(pairs, kway_rows, machine, smollm2)
+    (RESULTS / "fusion_quality.md").write_text(text)
+    (RESULTS / "fusion_quality.json").write_text(json.dumps({"machine": machine, "pairs": pairs, "kway": kway_rows, "smollm2": smollm2},
+                                                            indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
