@@ -219,6 +219,7 @@ def barrier(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Loss along θ(t) = (1−t)·A + t·B' for each alignment setting: the loss barrier and the midpoint scores."""
+    from symmerge.align import check_compatible
     from symmerge.evaluate import landscape, make_evaluator, run_study
     from symmerge.evaluate.plots import plot_curves, plot_landscape
     from symmerge.io import load_state_dict, open_checkpoint
@@ -227,7 +228,7 @@ def barrier(
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
-    check_compatible_shapes_of(a, b, str(ckpt.path))
+    check_compatible(a, b, str(ckpt.path))
     calibration = None
     if any(x.startswith(("act:", "learn:")) for x in settings):
         from symmerge.evaluate.tasks import calibration_inputs
@@ -249,12 +250,6 @@ def barrier(
                                         "curves": {s.label: {"t": s.curve.ts, "metrics": s.curve.metrics} for s in study.settings}}, indent=2))
 
 
-def check_compatible_shapes_of(a, b, name: str) -> None:
-    from symmerge.align import check_compatible
-
-    check_compatible(a, b, name)
-
-
 @app.command()
 def distance(
     reference: Annotated[Path, typer.Argument(help="Model A.")],
@@ -265,13 +260,14 @@ def distance(
     """Parameter distance between two models, total and per group (embeddings, attention, FFN, norms, head), before
     and after aligning B to A."""
     import symmerge
+    from symmerge.align import check_compatible
     from symmerge.evaluate import grouped_distance
     from symmerge.io import load_state_dict, open_checkpoint
     from symmerge.spec import spec_for
 
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
-    check_compatible_shapes_of(a, b, str(ckpt.path))
+    check_compatible(a, b, str(ckpt.path))
     spec = spec_for(ref_ckpt.config, a.keys())
     result = symmerge.align(a, b, spec=spec, symmetries=align_)
     before = grouped_distance(b, a, spec)
