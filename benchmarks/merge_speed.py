@@ -13,10 +13,10 @@ separate process under ``/usr/bin/time -v`` (or a psutil poller of the process t
   ``dtype: bfloat16`` (mergekit computes in bf16, its usual setting) and ``dtype: float32`` + ``out_dtype:
   bfloat16`` (float32 math like symmerge, the closest semantic match).
 
-Outputs are compared tensor by tensor in float32 (linear: expected bit-identical; TIES: differences explained by
-the trim step — mergekit keeps exactly ``floor(density·n)`` entries by ``argsort``, symmerge every entry
-``>= the round(density·n)-th largest |τ|``, so ties at the threshold, common in bf16 task vectors, go different
-ways — and by mergekit's bf16 arithmetic in the first variant). Prints a table and writes
+Outputs are compared tensor by tensor in float32 (linear: expected bit-identical; TIES: the differing entries are
+attributed to their causes — ties at the trim threshold, common in bf16 task vectors, which mergekit's ``argsort``
+and symmerge's memory-order tie-break resolve differently; cancelling task vectors, where mergekit elects +; and
+mergekit's bf16 arithmetic in the first variant; see :func:`ties_attribution`). Prints a table and writes
 ``benchmarks/results/merge_speed.{json,md}``.
 
     .venv/bin/python benchmarks/merge_speed.py [--repeats 3] [--slow-repeats 1] [--scale full|small] [--skip-mergekit]
@@ -296,32 +296,46 @@ def compare(out_a: Path, out_b: Path) -> dict:
             "most_differing_tensors": [{"tensor": k, "fraction": f} for f, k in worst[:3]]}
 
 
-def ties_trim_diagnosis(ck: dict[str, Path], density: float = 0.2) -> dict:
-    """How much the two tools' trim steps disagree by construction, on the real task vectors.
+def ties_attribution(ck: dict[str, Path], out_symmerge: Path, out_mergekit: Path, density: float = 0.2) -> dict:
+    """Where the two TIES outputs differ, and why.
 
-    symmerge keeps ``|τ| >= t`` with ``t`` the ``round(density·n)``-th largest ``|τ|`` (all ties at ``t``);
-    mergekit keeps exactly ``floor(density·n)`` entries (``argsort``, ties broken arbitrarily). Returns, over both
-    models, the fraction of entries symmerge keeps beyond mergekit's ``k``, and of entries tied with the threshold.
+    Both tools keep the top ``density`` of each tensor's ``|τ_i|``, ``τ_i = θ_i − base``, but pick differently among
+    entries *tied* with the threshold ``t_i`` (the k-th largest ``|τ_i|``): symmerge keeps the first ones in memory
+    order (``round(density·n)`` in all), mergekit those its unstable ``argsort`` puts first (``floor(density·n)``).
+    Task vectors of bf16 checkpoints take few distinct values, so ties are common. Where both models' kept
+    entries cancel (``τ̂_a + τ̂_b = 0``) mergekit elects + and keeps the positive one, symmerge elects nothing.
+    Anything else is arithmetic: mergekit with ``dtype: bfloat16`` computes the deltas, sums and means in bf16.
+    Returns, over all entries: fractions tied with a threshold, and the differing entries split into those
+    classes (an entry counts in the first class that applies).
     """
     import torch
 
     from symmerge.merge.methods import magnitude_threshold
 
-    base, models = _load(ck["base"]), [_load(ck["a"]), _load(ck["b"])]
-    extra = tied = total = 0
-    for k, b in base.items():
-        if not b.is_floating_point():
+    base, a, b = _load(ck["base"]), _load(ck["a"]), _load(ck["b"])
+    sym, mk = _load(out_symmerge), _load(out_mergekit)
+    total = tied_entries = differ = at_tie = sign_tie = other = 0
+    for key, bt in base.items():
+        if not bt.is_floating_point():
             continue
-        for m in models:
-            mag = (m[k].float() - b.float()).abs()
+        taus = [m[key].float() - bt.float() for m in (a, b)]
+        tie = torch.zeros(bt.shape, dtype=torch.bool)
+        for tau in taus:
+            mag = tau.abs()
             t = magnitude_threshold(mag, density)
-            n = mag.numel()
-            kept_symmerge = int((mag >= t).sum()) if t > 0 else n
-            kept_mergekit = max(1, int(density * n))
-            extra += kept_symmerge - kept_mergekit
-            tied += int((mag == t).sum())
-            total += n
-    return {"entries": total, "extra_kept_by_symmerge_fraction": extra / total, "tied_with_threshold_fraction": tied / total}
+            if t > 0:
+                tie |= mag == t
+        cancel = (taus[0] + taus[1] == 0) & (taus[0] != 0)
+        d = sym[key].float() != mk[key].float()
+        total += bt.numel()
+        tied_entries += int(tie.sum())
+        differ += int(d.sum())
+        at_tie += int((d & tie).sum())
+        sign_tie += int((d & ~tie & cancel).sum())
+        other += int((d & ~tie & ~cancel).sum())
+    return {"entries": total, "tied_with_threshold_fraction": tied_entries / total, "differing_fraction": differ / total,
+            "differing_at_threshold_ties": at_tie / max(differ, 1), "differing_at_cancelling_entries": sign_tie / max(differ, 1),
+            "differing_other": other / max(differ, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -358,10 +372,14 @@ def render(results: dict) -> str:
                 body.append(f"| {job} | {a['error']} | | |")
             else:
                 body.append(f"| {job} | {a['max_abs_diff']:.3g} | {a['differing_entries']:,} / {a['entries']:,} | {a['differing_fraction']:.3%} |")
-        if results.get("ties_trim_diagnosis"):
-            d = results["ties_trim_diagnosis"]
-            body += ["", f"TIES trim: entries tied with the threshold {d['tied_with_threshold_fraction']:.3%}; symmerge keeps "
-                     f"{d['extra_kept_by_symmerge_fraction']:.3%} of entries beyond mergekit's exactly-k (floor) trim."]
+        for job, a in results["agreement"].items():
+            d = a.get("attribution")
+            if d:
+                body += ["", f"{job}: {d['tied_with_threshold_fraction']:.2%} of all entries tie with their tensor's trim threshold "
+                         f"in some model; of the differing entries {d['differing_at_threshold_ties']:.2%} lie on such a tie "
+                         f"(tie-breaking of the top-k trim), {d['differing_at_cancelling_entries']:.2%} where the task vectors "
+                         f"cancel (sign election: mergekit +, symmerge none), {d['differing_other']:.2%} elsewhere "
+                         "(arithmetic: mergekit's bf16 compute when dtype is bfloat16)."]
     if results.get("targets"):
         body += ["", "## Targets", ""] + [f"- {k}: {'met' if v['met'] else 'MISSED'} ({v['detail']})" for k, v in results["targets"].items()]
     return head + "\n".join(body) + "\n"
@@ -370,7 +388,7 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs per fast job and tool (median reported)")
-    parser.add_argument("--slow-repeats", type=int, default=1, help=f"runs of a job whose first run exceeds {SLOW_S:.0f} s")
+    parser.add_argument("--slow-repeats", type=int, default=2, help=f"runs of a job whose first run exceeds {SLOW_S:.0f} s")
     parser.add_argument("--skip-mergekit", action="store_true", help="time symmerge only (no mergekit venv needed)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full: ~168M params; small: a quick ~6M run")
     parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
@@ -414,8 +432,9 @@ def main() -> None:
             sym = WORK / ("ties-symmerge" if job == "ties_f32" else f"{job}-symmerge")
             if sym.exists() and (WORK / f"{job}-mergekit").exists():
                 results["agreement"][job] = compare(sym, WORK / f"{job}-mergekit")
-        if any(j.startswith("ties") for j in results["jobs"]):
-            results["ties_trim_diagnosis"] = ties_trim_diagnosis(ck)
+        for job in ("ties", "ties_f32"):
+            if job in results["agreement"]:
+                results["agreement"][job]["attribution"] = ties_attribution(ck, WORK / "ties-symmerge", WORK / f"{job}-mergekit")
         targets = {}
         jobs = results["jobs"]
         if "linear" in jobs:
