@@ -1,7 +1,17 @@
-"""Calibration sets given by the user, for Fisher merging, RegMean and activation matching.
+"""Calibration sets given by the user, for Fisher merging, RegMean and activation statistics.
 
-A text file holds one example per line, tokenised with the model's tokenizer; an ``.npz`` holds an array
-``inputs`` (integer token ids, or float model inputs such as images) and optionally ``labels``.
+Two formats:
+
+- a text file (any suffix but ``.npz``): one example per non-empty line, the first ``num_examples`` lines in file
+  order, tokenised with the model's own tokenizer (``model_dir``), truncated to ``max_length`` tokens and padded
+  (on the right) to the longest line of each batch → ``input_ids``, ``attention_mask`` (batch, tokens), int64;
+- an ``.npz``: an array ``inputs`` (or the file's only array) of N examples, optionally ``labels`` (N, ...) and,
+  for padded token ids, ``attention_mask`` (same shape as ``inputs``). Integer inputs are token ids (N, tokens) →
+  ``input_ids`` (+ ``attention_mask``, all ones unless given); floating inputs go to the model's
+  ``main_input_name`` (e.g. ``pixel_values`` (N, channels, height, width) for a ViT, already normalised as the
+  model expects); labels → ``labels`` (int64, or float32 for float labels).
+
+Every batch is a ``dict[str, torch.Tensor]`` that can be passed as ``model(**batch)``.
 """
 
 from __future__ import annotations
@@ -10,65 +20,171 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
 
+# files from which a Hugging Face tokenizer can be built (without one, transformers 5 silently builds an empty one)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.tiktoken")
+_PROGRESS_MIN_LINES = 5000  # tokenising fewer lines takes well under a second: no progress bar
 
-def load_calibration(path: str | Path, *, model_dir: Path | None = None, main_input_name: str = "input_ids", max_length: int = 128,
-                     num_examples: int = 256, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Model-input batches (``input_ids`` + ``attention_mask``, or ``main_input_name``; ``labels`` when given)."""
+
+def load_calibration(
+    path: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    main_input_name: str = "input_ids",
+    max_length: int = 128,
+    num_examples: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_examples`` examples of ``path`` as model-input batches of at most ``batch_size`` examples.
+
+    ``model_dir``: the checkpoint whose tokenizer tokenises a text file (unused for ``.npz``).
+    ``main_input_name``: the model's ``main_input_name`` (``input_ids`` for text models, ``pixel_values`` for a
+    ViT): where floating ``.npz`` inputs go. ``max_length``: truncation of text lines, in tokens.
+    ``seed``: accepted for a stable signature; the selection is deterministic (the first ``num_examples`` examples
+    in file order) and nothing here is random.
+
+    Returns a list of batches: text → ``{"input_ids", "attention_mask"}`` (b, t) int64 with t ≤ ``max_length``,
+    padded on the right per batch; ``.npz`` → ``{"input_ids", "attention_mask"}`` (b, t) or
+    ``{main_input_name: (b, ...) float32}``, plus ``labels`` (b, ...) when the file has them.
+    Raises :class:`SymmergeError` naming the file and the problem.
+    """
+    del seed  # nothing random: see the docstring
     path = Path(path)
+    for name, value in (("max_length", max_length), ("num_examples", num_examples), ("batch_size", batch_size)):
+        if int(value) <= 0:
+            raise SymmergeError(f"calibration {name} must be a positive integer, got {value}")
+    if not path.exists():
+        raise SymmergeError(f"calibration data {path} does not exist: give a text file (one example per line) or an .npz")
     if not path.is_file():
-        raise SymmergeError(f"calibration data {path} does not exist")
-    if path.suffix == ".npz":
+        raise SymmergeError(f"calibration data {path} is not a file: give a text file (one example per line) or an .npz")
+    if path.suffix.lower() == ".npz":
         return _npz_batches(path, main_input_name, num_examples, batch_size)
+    if main_input_name != "input_ids":
+        raise SymmergeError(f"{path}: text calibration data is tokenised, but this model takes {main_input_name!r}: "
+                            f"give an .npz whose 'inputs' array holds float {main_input_name}")
     return _text_batches(path, model_dir, max_length, num_examples, batch_size)
 
 
 def _npz_batches(path: Path, main_input_name: str, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
-        raise SymmergeError(f"{path} is not a readable .npz ({e})") from None
-    if "inputs" in data.files:
-        inputs = data["inputs"]
-    elif len(data.files) == 1:
-        inputs = data[data.files[0]]
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise SymmergeError(f"{path} holds a single .npy array, not an .npz archive: save it with "
+                                f"numpy.savez(path, inputs=..., labels=...)")
+        with data:
+            arrays = {name: data[name] for name in data.files}
+    except SymmergeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy raises OSError, ValueError, BadZipFile, EOFError... for bad files
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise SymmergeError(f"{path} is not a readable .npz ({reason}); save one with "
+                            f"numpy.savez(path, inputs=..., labels=...)") from None
+    if "inputs" in arrays:
+        inputs = arrays["inputs"]
+    elif len(arrays) == 1 and next(iter(arrays)) not in ("labels", "attention_mask"):
+        inputs = next(iter(arrays.values()))
     else:
-        raise SymmergeError(f"{path} has no array named 'inputs' (it has {', '.join(data.files)})")
-    labels = data["labels"] if "labels" in data.files else None
-    if len(inputs) == 0:
-        raise SymmergeError(f"{path}: 'inputs' is empty")
-    if labels is not None and len(labels) != len(inputs):
-        raise SymmergeError(f"{path}: {len(labels)} labels for {len(inputs)} inputs")
-    inputs = torch.from_numpy(np.ascontiguousarray(inputs[:num_examples]))
-    batches = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        if chunk.dtype.is_floating_point:
-            batch = {main_input_name: chunk.float()}
+        have = ", ".join(repr(k) for k in arrays) or "no arrays"
+        raise SymmergeError(f"{path} has no array named 'inputs' (it has {have}): save the model inputs as 'inputs'")
+    labels = arrays.get("labels")
+    mask = arrays.get("attention_mask")
+
+    if inputs.ndim == 0 or len(inputs) == 0:
+        raise SymmergeError(f"{path}: 'inputs' is empty (shape {inputs.shape}): it needs at least one example")
+    if labels is not None and (labels.ndim == 0 or len(labels) != len(inputs)):
+        raise SymmergeError(f"{path}: 'labels' has shape {labels.shape} but 'inputs' holds {len(inputs)} examples: "
+                            f"the first dimensions must agree")
+    if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise SymmergeError(f"{path}: 'labels' has dtype {labels.dtype}: labels must be integers (classes) or floats")
+
+    inputs, labels = inputs[:num_examples], None if labels is None else labels[:num_examples]
+    if np.issubdtype(inputs.dtype, np.integer):
+        if main_input_name != "input_ids":
+            raise SymmergeError(f"{path}: 'inputs' holds integers ({inputs.dtype}) but this model takes float "
+                                f"{main_input_name!r}: save them as float32, preprocessed as the model expects")
+        if inputs.ndim != 2:
+            raise SymmergeError(f"{path}: integer 'inputs' are token ids and must be 2-D (examples, tokens), "
+                                f"got shape {inputs.shape}")
+        if inputs.min() < 0:
+            raise SymmergeError(f"{path}: 'inputs' holds negative token ids (min {inputs.min()})")
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).long()
+        if mask is None:
+            m = torch.ones_like(x)
         else:
-            batch = {"input_ids": chunk.long(), "attention_mask": torch.ones_like(chunk, dtype=torch.long)}
-        if labels is not None:
-            batch["labels"] = torch.from_numpy(np.asarray(labels[start:start + batch_size])).long()
-        batches.append(batch)
-    return batches
+            if mask.shape != arrays["inputs"].shape:
+                raise SymmergeError(f"{path}: 'attention_mask' has shape {mask.shape}, 'inputs' "
+                                    f"{arrays['inputs'].shape}: they must be equal")
+            m = torch.from_numpy(np.ascontiguousarray(mask[:num_examples])).long()
+        columns = {"input_ids": x, "attention_mask": m}
+    elif np.issubdtype(inputs.dtype, np.floating):
+        if main_input_name == "input_ids":
+            raise SymmergeError(f"{path}: 'inputs' holds floats ({inputs.dtype}) but this model takes token ids: "
+                                f"save integer token ids (or a text file)")
+        if not np.isfinite(inputs).all():
+            raise SymmergeError(f"{path}: 'inputs' holds NaN or infinite values")
+        columns = {main_input_name: torch.from_numpy(np.ascontiguousarray(inputs)).float()}
+    else:
+        raise SymmergeError(f"{path}: 'inputs' has dtype {inputs.dtype}: save integer token ids or float inputs")
+    if labels is not None:
+        t = torch.from_numpy(np.ascontiguousarray(labels))
+        columns["labels"] = t.float() if t.dtype.is_floating_point else t.long()
+
+    n = len(next(iter(columns.values())))
+    return [{k: v[s:s + batch_size] for k, v in columns.items()} for s in range(0, n, batch_size)]
 
 
-def _text_batches(path: Path, model_dir: Path | None, max_length: int, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _load_tokenizer(path: Path, model_dir: str | Path | None):
     from transformers import AutoTokenizer
 
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()][:num_examples]
-    if not lines:
-        raise SymmergeError(f"{path} holds no non-empty line")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        raise SymmergeError(f"a text calibration file is tokenised with the model's tokenizer, and {model_dir} has none ({type(e).__name__})") from None
+    if model_dir is None:
+        raise SymmergeError(f"{path} is a text file, which is tokenised with the model's tokenizer, but no model "
+                            f"directory was given: pass model_dir, or give an .npz of token ids")
+    model_dir = Path(model_dir)
+    has_files = model_dir.is_dir() and any((model_dir / f).is_file() for f in _TOKENIZER_FILES)
+    tokenizer = None
+    if has_files:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - transformers raises many types here
+            tokenizer = None
+    # transformers 5 builds an empty tokenizer from a bare config: a vocabulary of special tokens only is no tokenizer
+    if tokenizer is None or len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise SymmergeError(f"text calibration data ({path.name}) is tokenised with the model's tokenizer, and "
+                            f"{model_dir} has none: add the tokenizer files there, or give an .npz of token ids")
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SymmergeError(f"the tokenizer in {model_dir} has neither a pad nor an eos token to pad batches "
+                                f"with: use batch_size 1, or give an .npz of token ids")
         tokenizer.pad_token = tokenizer.eos_token
+    # right padding: padded positions then follow every real token (causal models see no difference, and
+    # statistics.fisher_diagonal can strip them)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _text_batches(path: Path, model_dir, max_length: int, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise SymmergeError(f"cannot read calibration data {path} ({e})") from None
+    lines = []
+    for line in text.splitlines():
+        if line.strip():
+            lines.append(line.strip())
+            if len(lines) == num_examples:
+                break
+    if not lines:
+        raise SymmergeError(f"{path} holds no non-empty line: write one calibration example per line")
+    tokenizer = _load_tokenizer(path, model_dir)
+    starts = range(0, len(lines), batch_size)
     batches = []
-    for start in range(0, len(lines), batch_size):
-        enc = tokenizer(lines[start:start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    for s in tqdm(starts, desc="Tokenising", unit="batch", leave=False, disable=len(lines) < _PROGRESS_MIN_LINES):
+        enc = tokenizer(lines[s:s + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()})
     return batches
+
