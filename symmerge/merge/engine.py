@@ -270,7 +270,8 @@ def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | 
     keys = list(states[0].keys())
     for group, unit_keys in merge_units(plan, keys):
         raw = [_subset(s, unit_keys) for s in states]
-        aligned = [transformed_unit(s, group, unit_keys, t) for s, t in zip(states, transforms)]
+        # untransformed units reuse the tensors just read instead of reading them from the mmap again
+        aligned = [r if group is None or t is None else transformed_unit(s, group, unit_keys, t) for s, r, t in zip(states, raw, transforms)]
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:
