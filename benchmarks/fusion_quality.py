@@ -24,9 +24,9 @@ import torch  # noqa: E402
 import symmerge  # noqa: E402
 from symmerge.evaluate import make_evaluator, model_for, run_study  # noqa: E402
 from symmerge.evaluate.plots import plot_curves  # noqa: E402
-from symmerge.evaluate.tasks import calibration_inputs  # noqa: E402
+from symmerge.data import load_calibration  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
-from symmerge.merge.engine import load_weights  # noqa: E402
+from symmerge.io.hf import load_weights  # noqa: E402
 from symmerge.zoo import build, read_record  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,7 +48,7 @@ def pair_study(name: str, points: int, learn_steps: int) -> dict:
     ca, cb = open_checkpoint(a_dir), open_checkpoint(b_dir)
     a, b = load_state_dict(ca), load_state_dict(cb)
     evaluate = make_evaluator("zoo", a_dir)
-    calibration = calibration_inputs("zoo", a_dir, examples=512, labels=True, batch_size=64)
+    calibration = load_calibration("zoo", model_dir=a_dir, num_examples=512, labels=True, batch_size=64)
     start = time.perf_counter()
     study = run_study(a, b, ca.config, [s for s, _ in SETTINGS], evaluate, points=points, calibration=calibration, learn_steps=learn_steps)
     plot = plot_curves([s.curve for s in study.settings], RESULTS / f"fusion_quality_{name}.png", title=f"{name}: seed 0 vs seed 1")
@@ -62,7 +62,7 @@ def kway(k_values: list[int]) -> list[dict]:
     ckpts = [open_checkpoint(d) for d in dirs]
     states = [load_state_dict(c) for c in ckpts]
     evaluate = make_evaluator("zoo", dirs[0])
-    calibration = calibration_inputs("zoo", dirs[0], examples=512, labels=True, batch_size=64)
+    calibration = load_calibration("zoo", model_dir=dirs[0], num_examples=512, labels=True, batch_size=64)
     rows = []
     for k in k_values:
         individual = [read_record(d)["test_accuracy"] for d in dirs[:k]]
@@ -75,8 +75,8 @@ def kway(k_values: list[int]) -> list[dict]:
                     aligned.append(s)
                     continue
                 r = symmerge.align(states[0], s, config=ckpts[0].config, symmetries=symmetries, match=match, calibration=calibration)
-                if r.reference_state is not None:
-                    reference = r.reference_state
+                if r.folded_reference is not None:
+                    reference = r.folded_reference
                 aligned.append(r.state_dict)
             if "residual" in symmetries:
                 aligned[0] = reference
@@ -109,7 +109,7 @@ def smollm2_row(symmetries: str = "all,residual", windows: int = 16, context: in
     start = time.perf_counter()
     result = symmerge.align(original, scrambled, config=ckpt.config, symmetries=symmetries)
     seconds = time.perf_counter() - start
-    folded = result.reference_state if result.reference_state is not None else original
+    folded = result.folded_reference if result.folded_reference is not None else original
     model = model_for(ckpt.config, folded, untied=True)
 
     def ppl(state) -> float:

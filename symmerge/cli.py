@@ -56,10 +56,10 @@ def align(
     With the residual class, norms are folded first and the reference itself is rewritten (same function):
     it is written to OUT/reference-folded/, the basis the aligned models are in.
     """
-    from symmerge.align import align as align_models, check_compatible_shapes, untied_head
+    from symmerge.alignment import align as align_models
     from symmerge.groups import parse_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
-    from symmerge.spec import check_same_shape, spec_for
+    from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
     chosen = parse_symmetries(symmetries)
     check_output_dir(out, force)
@@ -71,15 +71,7 @@ def align(
         check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
-    calibration = None
-    if match in ("activations", "learned"):
-        if data is None:
-            raise SymmergeError(f"--match {match} needs --data (zoo, a text file or an .npz)")
-        from symmerge.evaluate.tasks import calibration_inputs
-
-        calibration = calibration_inputs(data, ref_ckpt.path, labels=match == "learned")
-    elif match != "weights":
-        raise SymmergeError(f"--match takes weights, activations or learned, got {match!r}")
+    calibration = _calibration(match, data, ref_ckpt)
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
     with atomic_output_dir(out, force) as tmp:
@@ -89,10 +81,10 @@ def align(
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
                                   model_name=name, match=match, calibration=calibration, learn_steps=learn_steps)
             write_start = time.perf_counter()
-            write_model(result.state_dict, ckpt, tmp / name, untie=result.reference_state is not None)
-            if result.reference_state is not None and not (tmp / "reference-folded").exists():
+            write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
+            if result.folded_reference is not None and not (tmp / "reference-folded").exists():
                 # the residual map aligns to the reference with its norms folded: that is the basis to merge in
-                write_model(result.reference_state, ref_ckpt, tmp / "reference-folded", untie=True)
+                write_model(result.folded_reference, ref_ckpt, tmp / "reference-folded", untie=True)
             result.report.seconds["write"] = time.perf_counter() - write_start
             r = result.report
             rows.append((name, r.distance_before, r.distance_after, r.relative_before, r.relative_after, time.perf_counter() - start))
@@ -108,6 +100,20 @@ def align(
     for name, before, after, rel_before, rel_after, secs in rows:
         echo(f"{name:<28} {before:>16.5g} {after:>12.5g} {f'{rel_before:.4g} → {rel_after:.4g}':>20} {secs:>8.2f}")
     echo(f"written to {out}/")
+
+
+def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
+    """Calibration batches for a data-driven matcher (``None`` for weight matching), or a one-line error."""
+    from symmerge.data import load_calibration
+    from symmerge.io.hf import model_input_name
+    from symmerge.match import get_matcher
+
+    get_matcher(match)
+    if match == "weights":
+        return None
+    if data is None:
+        raise SymmergeError(f"--match {match} needs --data (zoo, a text file or an .npz)")
+    return load_calibration(data, model_dir=ckpt.path, main_input_name=model_input_name(ckpt.config), labels=match == "learned")
 
 
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
@@ -153,7 +159,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (an HF model directory).")],
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
-    align_: Annotated[str, typer.Option("--align", "-s", help="Short form: " + SYMMETRIES_HELP)] = "all",
+    align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "all",
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
@@ -207,7 +213,7 @@ def merge(
 def barrier(
     reference: Annotated[Path, typer.Argument(help="Model A (the reference end of the path).")],
     model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
-    align_: Annotated[Optional[list[str]], typer.Option("--align", "-s", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all).")] = None,
+    align_: Annotated[Optional[list[str]], typer.Option("--symmetries", "-s", "--align", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all).")] = None,
     data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
     points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
     plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
@@ -219,10 +225,12 @@ def barrier(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Loss along θ(t) = (1−t)·A + t·B' for each alignment setting: the loss barrier and the midpoint scores."""
-    from symmerge.align import check_compatible
+    from symmerge.data import load_calibration
     from symmerge.evaluate import landscape, make_evaluator, run_study
     from symmerge.evaluate.plots import plot_curves, plot_landscape
     from symmerge.io import load_state_dict, open_checkpoint
+    from symmerge.io.hf import model_input_name
+    from symmerge.spec import check_compatible
 
     settings = align_ or ["none", "all"]
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
@@ -231,9 +239,8 @@ def barrier(
     check_compatible(a, b, str(ckpt.path))
     calibration = None
     if any(x.startswith(("act:", "learn:")) for x in settings):
-        from symmerge.evaluate.tasks import calibration_inputs
-
-        calibration = calibration_inputs(data, ref_ckpt.path, labels=any(x.startswith("learn:") for x in settings))
+        calibration = load_calibration(data, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
+                                       labels=any(x.startswith("learn:") for x in settings))
     study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,
                       learn_steps=learn_steps)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
@@ -254,24 +261,23 @@ def barrier(
 def distance(
     reference: Annotated[Path, typer.Argument(help="Model A.")],
     model: Annotated[Path, typer.Argument(help="Model B.")],
-    align_: Annotated[str, typer.Option("--align", "-s", help=SYMMETRIES_HELP)] = "all",
+    align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help=SYMMETRIES_HELP)] = "all",
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
 ) -> None:
     """Parameter distance between two models, total and per group (embeddings, attention, FFN, norms, head), before
     and after aligning B to A."""
-    import symmerge
-    from symmerge.align import check_compatible
+    from symmerge.alignment import align as align_models
     from symmerge.evaluate import grouped_distance
     from symmerge.io import load_state_dict, open_checkpoint
-    from symmerge.spec import spec_for
+    from symmerge.spec import check_compatible, spec_for
 
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
     check_compatible(a, b, str(ckpt.path))
     spec = spec_for(ref_ckpt.config, a.keys())
-    result = symmerge.align(a, b, spec=spec, symmetries=align_)
+    result = align_models(a, b, spec=spec, symmetries=align_)
     before = grouped_distance(b, a, spec)
-    after = grouped_distance(result.state_dict, result.reference_state or a, spec)
+    after = grouped_distance(result.state_dict, result.folded_reference or a, spec)
     echo(f"{'group':<12} {'before':>12} {'after':>12} {'change':>8}")
     for group in before:
         change = (after.get(group, 0.0) - before[group]) / before[group] if before[group] else 0.0

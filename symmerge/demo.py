@@ -6,12 +6,18 @@ downloaded at run time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from symmerge.alignment import align, apply_random_symmetry
 from symmerge.assets import load_minilm, minilm_path  # noqa: F401  (re-exported for the README)
+from symmerge.evaluate import make_evaluator, run_study
+from symmerge.evaluate.plots import plot_curves
+from symmerge.io import load_state_dict, open_checkpoint
+from symmerge.zoo import build, read_record
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -46,15 +52,13 @@ def average(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dic
 def run_minilm_demo(seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, float]:
     """Scramble MiniLM with a random element of every symmetry class, average it naively with the original, then
     align first and average again. Returns the numbers it prints."""
-    import symmerge
-
     echo("loading the packaged all-MiniLM-L6-v2 (real pretrained BERT weights, no download)...")
     model, tokenizer = load_minilm()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     reference = sentence_embeddings(model, tokenizer, SENTENCES)
 
-    scrambled = symmerge.apply_random_symmetry(original, config=model.config, seed=seed)
-    aligned = symmerge.align(original, scrambled, config=model.config, progress=True, model_name="scrambled copy")
+    scrambled = apply_random_symmetry(original, config=model.config, seed=seed)
+    aligned = align(original, scrambled, config=model.config, progress=True, model_name="scrambled copy")
 
     def cosine(state: Mapping[str, torch.Tensor]) -> float:
         return float((sentence_embeddings(model, tokenizer, SENTENCES, state) * reference).sum(-1).mean())
@@ -89,14 +93,6 @@ def run_minilm_demo(seed: int = 0, echo: Callable[[str], None] = print) -> dict[
 def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] = print, zoo_entry: str = "vit-digits") -> dict:
     """Two ViTs trained from different seeds (built once, then reused from .cache/zoo), aligned at increasing
     strength, merged by averaging, and the loss along the path between them: the barrier table and its plot."""
-    import json
-
-    import symmerge
-    from symmerge.evaluate import make_evaluator, run_study
-    from symmerge.evaluate.plots import plot_curves
-    from symmerge.io import load_state_dict, open_checkpoint
-    from symmerge.zoo import build, read_record
-
     echo(f"building (or reusing) two {zoo_entry} models trained from seeds 0 and 1 ...")
     a_dir, b_dir = build(zoo_entry, 0), build(zoo_entry, 1)
     for d in (a_dir, b_dir):

@@ -80,21 +80,21 @@ def test_learned_matching_lowers_the_midpoint_loss_and_preserves_function(digits
     """Two ViTs from different seeds: learned matching starts from weight matching and lowers the midpoint loss on
     its calibration data, while the aligned model still computes exactly what B computes."""
     from symmerge.evaluate import model_for
-    from symmerge.evaluate.tasks import calibration_inputs
-    from symmerge.merge.engine import load_weights
+    from symmerge.data import load_calibration
+    from symmerge.io.hf import load_weights
     from symmerge.zoo.train import train_vit
 
     a, _ = digits_vit
     b = train_vit("digits", 1, tmp_path / "b", **TINY_VIT, progress=False)
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     sa, sb = load_state_dict(ca), load_state_dict(cb)
-    batches = calibration_inputs("zoo", a, examples=256, labels=True, batch_size=128)
+    batches = load_calibration("zoo", model_dir=a, num_examples=256, labels=True, batch_size=128)
     result = symmerge.align(sa, sb, config=ca.config, symmetries="all,residual", match="learned", calibration=batches, learn_steps=15)
     learned = result.report.matching["learned"]
     assert learned["midpoint_loss_best"] < learned["midpoint_loss_first"]  # improved on weight matching
     assert result.transform.residual is not None
     evaluate = make_evaluator("zoo", a)
-    model = model_for(ca.config, result.reference_state, untied=True)
+    model = model_for(ca.config, result.folded_reference, untied=True)
     load_weights(model, result.state_dict)
     aligned_b = evaluate(model)
     original_b = evaluate(model_for(cb.config, sb, untied=False))

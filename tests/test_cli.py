@@ -13,7 +13,7 @@ from conftest import expect_cli_error, make_model, max_output_diff, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
-from symmerge.align import state_norm
+from symmerge.match import state_norm
 
 
 

@@ -12,7 +12,7 @@ from conftest import expect_cli_error, make_model, max_output_diff, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
-from symmerge.align import state_norm
+from symmerge.match import state_norm
 
 DATA_FREE = {  # method → parameters under which merging a model with itself returns it
     "linear": {},
@@ -284,7 +284,8 @@ def test_statistics_are_computed_on_the_aligned_models(bert_pair):
     """RegMean's Gram matrices must be those of the aligned model: for the FFN output layer (its input is the
     permuted FFN hidden layer) the unaligned model's Gram is a different, wrong matrix."""
     from symmerge.data import load_calibration
-    from symmerge.merge.engine import build_model, collect_statistics, fit_alignments
+    from symmerge.io.hf import build_model
+    from symmerge.merge.engine import collect_statistics, fit_alignments
     from symmerge.merge.recipe import plan_merge, recipe_from_models
     from symmerge.merge.statistics import input_grams
     from symmerge.io.stream import LazyState

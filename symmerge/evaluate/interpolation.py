@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from symmerge.io.hf import load_weights
+
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -39,8 +41,6 @@ class Curve:
 def interpolation_curve(model: torch.nn.Module, a: StateDict, b: StateDict, evaluate: Callable[[torch.nn.Module], dict],
                         ts: Sequence[float], label: str = "", progress: bool = False) -> Curve:
     """Evaluate ``model`` holding ``θ(t)`` at every ``t``; the model's weights are restored afterwards."""
-    from symmerge.merge.engine import load_weights
-
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     metrics = []
     try:

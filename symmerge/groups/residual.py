@@ -88,14 +88,3 @@ def embed_centered(inner: torch.Tensor) -> torch.Tensor:
     v = centered_basis(d)
     u = torch.full((d, 1), 1 / math.sqrt(d), dtype=torch.float64)
     return u @ u.T + v @ inner.to(torch.float64) @ v.T
-
-
-def random_residual(residual: ResidualGroup, generator: torch.Generator) -> torch.Tensor:
-    from symmerge.groups import random_orthogonal
-
-    d = residual.width
-    if residual.kind == "permutation":
-        return torch.eye(d, dtype=torch.float64)[:, torch.randperm(d, generator=generator)]
-    if residual.kind == "centered":
-        return embed_centered(random_orthogonal(d - 1, 1, generator)[0])
-    return random_orthogonal(d, 1, generator)[0]

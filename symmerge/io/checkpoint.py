@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -161,8 +162,6 @@ def copy_model_files(source: Path, dest: Path) -> None:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     """Write ``state`` as ``model.safetensors``, or as shards plus an index when larger than ``max_shard_size``."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     split = split_torch_state_dict_into_shards(dict(state), max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, dest / filename, metadata={"format": "pt"})

@@ -15,18 +15,25 @@ decouple: each is solved once, no alternation.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
+from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, require_residual
 from symmerge.groups.ffn import FFNTensors
-from symmerge.groups.heads import HeadTensors
+from symmerge.groups.heads import HeadTensors, read_heads
+from symmerge.groups.residual import apply_residual, fold_norms
+from symmerge.io.hf import build_model, untied_config
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity
+from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
-from symmerge.spec import ModelSpec, spec_for
+from symmerge.match.residual import solve_residual
+from symmerge.spec import ModelSpec, StateView, spec_for
 
 
 def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
@@ -84,13 +91,6 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
                          model_state: Mapping[str, torch.Tensor]) -> tuple[ModelTransform, dict]:
     """The transform bringing ``model`` onto ``reference``, from activations on ``batches``; group names follow
     ``spec`` (the checkpoint's spec: the live modules' names may differ, the groups' order does not)."""
-    from symmerge.groups.heads import read_heads
-    from symmerge.spec import StateView
-
-    from symmerge.align import solve_residual
-
-    from symmerge.groups.residual import apply_residual, fold_norms
-
     residual = "residual" in symmetries
     ref_acts, live = record_activations(reference, batches, residual)
     model_acts, _ = record_activations(model, batches, residual)
@@ -117,3 +117,20 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
                 _head_activations(model_acts, g_live.name, h, kv, dh, o_model, o_scale),
                 qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope)
     return transform, details
+
+
+@matcher("activations")
+def match_activations(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                      symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, **_unused) -> Fit:
+    """Activation matching on HF modules rebuilt from the two state dicts (untied when the residual class folds a
+    tied head), fed with ``calibration`` (a list of model-input batches)."""
+    if not calibration:
+        raise SymmergeError("activation matching needs calibration data (--data: zoo, a text file or an .npz)")
+    if config is None:
+        raise SymmergeError("activation matching needs the model's config to rebuild the models")
+    config = untied_config(config, untie="residual" in symmetries)
+    start = time.perf_counter()
+    transform, details = fit_from_activations(build_model(config, reference), build_model(config, model), spec, symmetries,
+                                              calibration, reference, model)
+    folded = fold_norms(reference, require_residual(spec)) if transform.residual is not None else None
+    return Fit(transform, details, {"activations": time.perf_counter() - start}, folded_reference=folded)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 try:  # lapx installs the module ``lap``
     from lap import lapjvh as _lapjvh
@@ -35,8 +36,6 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
         # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (PERF-NOTES §1).
         rows, cols = _lapjvh(np.negative(s, dtype=np.float32), return_cost=False)
     else:
-        from scipy.optimize import linear_sum_assignment
-
         rows, cols = linear_sum_assignment(s, maximize=True)
     col_for_row = np.empty(s.shape[0], dtype=np.int64)
     col_for_row[rows] = cols

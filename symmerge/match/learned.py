@@ -9,16 +9,22 @@ scales stay as weight matching found them. Starts from weight matching, seeded, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group
 from symmerge.groups.heads import HeadTransform, plane_rotation_matrix
-from symmerge.groups.residual import apply_residual, centered_basis, embed_centered
+from symmerge.groups.residual import apply_residual, centered_basis, embed_centered, fold_norms
+from symmerge.io.hf import build_model, untied_config
+from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
 from symmerge.match.procrustes import procrustes
+from symmerge.match.weights import match_weights
 from symmerge.spec import ModelSpec, StateView
 from symmerge.spec.base import FFNGroup
 
@@ -125,3 +131,35 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
                                                    x.vo_rotation.detach().double(), x.vo_scale.double()) for k, x in transform.heads.items()},
                            residual=None if transform.residual is None else transform.residual.detach().double())
     return final, history
+
+
+def midpoint_loss(config: Any, reference: Mapping[str, torch.Tensor], batches: list, untie: bool) -> Callable:
+    """``loss(state)``: the mean loss over ``batches`` of one HF module evaluated functionally at ``state``."""
+    module = build_model(untied_config(config, untie), reference).train(False)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    renames = getattr(module, "_symmerge_renames", {})
+
+    def loss(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        params = {renames.get(k, k): v for k, v in state.items()}
+        return sum(torch.func.functional_call(module, params, args=(), kwargs=b).loss for b in batches) / len(batches)
+
+    return loss
+
+
+@matcher("learned")
+def match_learned(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                  symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, learn_steps: int = 200,
+                  progress: bool = False, model_name: str = "model", **_unused) -> Fit:
+    """Weight matching, then :func:`learn_transform` on the midpoint loss over ``calibration`` (batches with labels)."""
+    if not calibration or not all("labels" in b for b in calibration):
+        raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
+    start = time.perf_counter()
+    init = match_weights(reference, model, spec, symmetries, model_name=model_name)
+    if init.folded_reference is not None:
+        reference, model = init.folded_reference, fold_norms(model, spec.residual)
+    loss = midpoint_loss(config, reference, calibration, "residual" in symmetries)
+    transform, history = learn_transform(reference, model, spec, init.transform, loss, steps=learn_steps, progress=progress)
+    details = {**init.details, "learned": {"steps": learn_steps, "midpoint_loss_first": history[0],
+                                           "midpoint_loss_best": min(history), "midpoint_loss_last": history[-1]}}
+    return Fit(transform, details, {"learned": time.perf_counter() - start}, folded_reference=init.folded_reference, history=history)

@@ -13,7 +13,6 @@ for a plain fine-tune (``T_i ≈ id``) this is the model's own task vector.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -25,13 +24,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-import symmerge
-from symmerge.align import fit_transform
+from symmerge.alignment import align
+from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
+from symmerge.groups.residual import fold_norms
 from symmerge.io import atomic_output_dir, copy_model_files
-from symmerge.io.stream import LazyState, ShardWriter, dtype_name, write_config
+from symmerge.io.hf import build_model, linear_layout, to_checkpoint_names, untied_config
+from symmerge.io.stream import LazyState, ShardWriter, write_config
+from symmerge.match import fit_per_layer
+from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan
+from symmerge.merge.statistics import fisher_diagonal, input_grams
 from symmerge.spec import StateView
 
 UNRELATED_BASE = 1.0  # ‖τ_i‖ / ‖θ_base‖ above this: model i is no fine-tune of the base
@@ -87,10 +91,10 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i != plan.reference_index:
-            transforms[i], _, _ = fit_transform(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name)
+            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name).transform
     base_transform = None
     if base is not None and plan.reference_index is not None:
-        base_transform, _, _ = fit_transform(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model")
+        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model").transform
     return transforms, base_transform
 
 
@@ -98,9 +102,6 @@ def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyStat
                         result: MergeResult) -> tuple[list[dict], dict | None]:
     """The residual map touches every tensor, so this path aligns whole models in memory: every model (and the
     base) is folded and aligned to the folded reference; the merge then runs on those states as they are."""
-    from symmerge.align import align
-    from symmerge.groups.residual import fold_norms
-
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     folded_ref = fold_norms(ref_state, plan.spec.residual)
     aligned = []
@@ -120,137 +121,38 @@ def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyStat
 
 
 def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
-    """Fisher diagonals or input Gram matrices of every model, computed on the model *after* alignment (statistics
-    of the unaligned model sit in the wrong basis: the bug of the seed paper's code). Keys are the checkpoint's."""
-    from symmerge.data import load_calibration
-    from symmerge.merge.statistics import fisher_diagonal, input_grams
-
+    """The method's statistics (Fisher diagonals or input Gram matrices) of every model, computed on the model
+    *after* alignment (statistics of the unaligned model sit in the wrong basis: the bug of the seed paper's code).
+    Per model: ``{"stats": checkpoint key → statistic, "layout": weight key → stored in×out}``."""
     data = plan.recipe.data
+    compute = fisher_diagonal if plan.method.statistics == "fisher" else input_grams
     out = []
     for i, (state, ckpt) in enumerate(zip(states, plan.models)):
         aligned = dict(state) if transforms[i] is None else apply_transform(state, plan.spec, transforms[i])
-        config = {**ckpt.config, "tie_word_embeddings": False} if "residual" in plan.symmetries else ckpt.config
-        model = build_model(config, aligned)  # residual path: the folded head is untied
+        model = build_model(untied_config(ckpt.config, "residual" in plan.symmetries), aligned)  # residual: the folded head is untied
         batches = load_calibration(plan.data_path, model_dir=ckpt.path, main_input_name=model.main_input_name,
                                    max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size)
-        stats = fisher_diagonal(model, batches, progress=progress) if plan.method.name == "fisher" else input_grams(model, batches, progress=progress)
-        to_checkpoint = {v: k for k, v in getattr(model, "_symmerge_renames", {}).items()}
-        out.append({"stats": {to_checkpoint.get(k, k): v for k, v in stats.items()},
-                    "layout": {to_checkpoint.get(k, k): v for k, v in linear_layout(model).items()}})
+        out.append({"stats": to_checkpoint_names(model, compute(model, batches, progress=progress)),
+                    "layout": to_checkpoint_names(model, linear_layout(model))})
         del model, aligned
     return out
 
 
-def build_model(config: Mapping, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """A Hugging Face model of ``config``'s architecture holding ``state`` (float32, eval mode). ``state`` may use
-    the on-disk tensor names where transformers 5 renames them in memory (ViT)."""
-    import transformers
-
-    cfg = transformers.AutoConfig.for_model(**dict(config))
-    architectures = list(getattr(cfg, "architectures", None) or [])
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        cls = best_matching_class(cfg, state.keys())
-    model = cls(cfg).float().eval()
-    load_weights(model, state)
-    return model
-
-
-def best_matching_class(cfg, keys) -> type:
-    """Without ``architectures`` in the config: the HF class (causal LM, image classifier, masked LM, sequence
-    classifier, bare model) whose tensor names overlap ``keys`` most, built on the meta device (no memory)."""
-    import transformers
-
-    keys, best, best_overlap = set(keys), None, -1
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageClassification, transformers.AutoModelForMaskedLM,
-                 transformers.AutoModelForSequenceClassification, transformers.AutoModel):
-        try:
-            cls = auto._model_mapping[type(cfg)]
-        except KeyError:
-            continue
-        with torch.device("meta"):
-            names = set(cls(cfg).state_dict())
-        overlap = len(names & keys) - len(names - keys)
-        if overlap > best_overlap:
-            best, best_overlap = cls, overlap
-    if best is None:
-        raise SymmergeError(f"no transformers model class for model_type {cfg.model_type!r}")
-    return best
-
-
-def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load ``state`` (on-disk or in-memory names) into ``model``; every tensor must land somewhere, and only a
-    tied LM head or position ids may be absent."""
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    if set(state) - set(model.state_dict()):
-        if not hasattr(model, "_symmerge_renames"):
-            model._symmerge_renames = disk_to_module_names(model)
-        state = {model._symmerge_renames.get(k, k): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    missing = [k for k in missing if k not in tied and not k.endswith("position_ids") and "lm_head" not in k]
-    if unexpected or missing:
-        raise SymmergeError(f"the checkpoint does not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def disk_to_module_names(model: torch.nn.Module) -> dict[str, str]:
-    """On-disk tensor name → in-memory name, read off transformers' own saving: every parameter is filled with its
-    index, saved, and found again by that index (exact for renames, the only conversion our families have)."""
-    import tempfile
-
-    from safetensors.torch import load_file
-
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    names = list(model.state_dict())
-    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for i, t in enumerate(model.state_dict().values()):
-            if t.is_floating_point():
-                t.fill_(float(i))
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        saved = {}
-        for f in sorted(Path(tmp).glob("*.safetensors")):
-            saved.update(load_file(f))
-    model.load_state_dict(saved_weights)
-    return {key: names[int(t.reshape(-1)[0])] for key, t in saved.items() if t.is_floating_point() and t.numel()}
-
-
-def linear_layout(model: torch.nn.Module) -> dict[str, bool]:
-    """Weight key → True when stored in×out (``Conv1D``), for every linear layer (RegMean solves in out×in)."""
-    from transformers.pytorch_utils import Conv1D
-
-    layout = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            layout[f"{name}.weight"] = isinstance(module, Conv1D)
-    return layout
-
-
 def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None, extra: dict[str, Any]) -> torch.Tensor:
-    """One output tensor from the models' (aligned) tensors."""
-    from symmerge.merge.methods import MERGE_METHODS
-
+    """One output tensor from the models' (aligned) tensors, with what the method declared it needs."""
     method, key, tensors = plan.method, item.key, item.tensors
     kwargs: dict[str, Any] = {**plan.params, **extra}
-    if method.name == "fisher":
-        if any(key not in s["stats"] for s in stats):  # buffers: no gradient, no Fisher
-            return MERGE_METHODS["linear"].fn(tensors, weights=plan.weights)
-        kwargs["fishers"] = [s["stats"][key] for s in stats]
-    elif method.name == "regmean":
-        grams = [s["stats"].get(key) for s in stats]
-        if any(g is None for g in grams) or tensors[0].ndim != 2:
-            # RegMean acts on linear weights only; everything else is averaged (Jin et al. 2023)
-            return MERGE_METHODS["linear"].fn(tensors, weights=plan.weights)
-        if stats[0]["layout"].get(key):  # Conv1D: solve in nn.Linear layout, store back in×out
-            return method.fn([t.T for t in tensors], grams=grams, weights=plan.weights, **kwargs).T.contiguous()
-        kwargs["grams"] = grams
+    transposed = False
+    if method.statistics_argument is not None:
+        per_model = [s["stats"].get(key) for s in stats]
+        kwargs[method.statistics_argument] = None if any(x is None for x in per_model) else per_model
+        transposed = method.linear_layout and per_model[0] is not None and bool(stats[0]["layout"].get(key))
     if method.needs_base:
         kwargs["base"] = item.base
     if "name" in method.arguments:
         kwargs["name"] = key
+    if transposed:  # Conv1D: the method works in nn.Linear layout, the checkpoint stores in×out
+        return method.fn([t.T for t in tensors], weights=plan.weights, **kwargs).T.contiguous()
     return method.fn(tensors, weights=plan.weights, **kwargs)
 
 
@@ -280,19 +182,18 @@ def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | 
 
 
 def method_extras(plan: MergePlan, states, base, transforms, base_transform, stats, progress: bool) -> dict[str, Any]:
-    """Whole-model quantities some methods need before the per-tensor pass."""
-    from symmerge.merge.methods import fisher_model_norms, global_magnitude_thresholds
+    """Whole-model quantities the method's ``prepare`` asks for before the per-tensor pass (none for most)."""
+    if plan.method.prepare is None:
+        return {}
 
-    if plan.method.name == "ties" and plan.params.get("trim") == "model":
+    def task_vectors() -> Iterator[list[torch.Tensor]]:
         items = aligned_tensors(plan, states, base, transforms, base_transform)
-        taus = ([t.float() - item.base.float() for t in item.tensors] for item in
-                tqdm(items, total=len(states[0]), desc="TIES thresholds", unit="tensor", disable=not progress, leave=False)
-                if item.tensors[0].is_floating_point())
-        return {"thresholds": global_magnitude_thresholds(taus, plan.params["density"])}
-    if plan.method.name == "fisher" and plan.params.get("normalize") == "model":
-        return {"fisher_norms": fisher_model_norms(
-            [s["stats"][k] for s in stats] for k in stats[0]["stats"])}
-    return {}
+        for item in tqdm(items, total=len(states[0]), desc="whole-model pass", unit="tensor", disable=not progress, leave=False):
+            if item.tensors[0].is_floating_point():
+                yield [t.float() - item.base.float() for t in item.tensors]
+
+    by_tensor = {k: [s["stats"][k] for s in stats] for k in stats[0]["stats"]} if stats else {}
+    return plan.method.prepare(plan.params, task_vectors, by_tensor)
 
 
 def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool = True) -> MergeResult:
@@ -354,52 +255,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
         copy_model_files(source.path, tmp)
         write_config(source.config, tmp, plan.dtype, untie=residual)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
-        (tmp / "README.md").write_text(model_card(plan, result))
+        (tmp / "README.md").write_text(model_card(plan, result.alignment, result.seconds))
     return result
 
 
 def _sq(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.float())) ** 2
-
-
-def recipe_for_card(plan: MergePlan) -> dict:
-    """The recipe as it was run: absolute paths, resolved defaults."""
-    r = plan.recipe.model_dump(exclude_none=True)
-    for entry, ckpt in zip(r["models"], plan.models):
-        entry["model"] = str(ckpt.path.resolve())
-    if plan.base is not None:
-        r["base_model"] = str(plan.base.path.resolve())
-    r["parameters"] = plan.params
-    if plan.aligned:
-        ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
-        r["alignment"] = {"reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
-    if plan.data_path is not None:
-        r["data"]["path"] = str(plan.data_path.resolve())
-    return r
-
-
-def model_card(plan: MergePlan, result: MergeResult) -> str:
-    lines = ["---", "tags: [merge, symmerge]", "---", "", "# Merged model", "",
-             f"Produced by [symmerge](https://pypi.org/project/symmerge/) {symmerge.__version__}.", "",
-             "## Models", ""]
-    for name, ckpt, w in zip(plan.names, plan.models, plan.weights or [None] * len(plan.models)):
-        lines.append(f"- `{ckpt.path.resolve()}`" + (f" (weight {w:g})" if w is not None else ""))
-    if plan.base is not None:
-        lines += ["", f"Base model: `{plan.base.path.resolve()}`"]
-    params = ", ".join(f"{k}={v}" for k, v in plan.params.items()) or "defaults"
-    lines += ["", "## Method", "", f"`{plan.method.name}` with {params}."]
-    if plan.data_path is not None:
-        lines.append(f"Statistics from `{plan.data_path.resolve()}`, computed on the aligned models.")
-    lines += ["", "## Alignment", ""]
-    if plan.aligned:
-        ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
-        lines.append(f"Every model was aligned to `{ref.path.resolve()}` with symmetries {', '.join(sorted(plan.symmetries))} "
-                     "before merging (function-preserving).")
-        lines += ["", "| model | distance to reference before | after |", "|---|---|---|"]
-        for name, d in result.alignment.items():
-            lines.append(f"| {name} | {d['distance_before']:.5g} | {d['distance_after']:.5g} |")
-    else:
-        lines.append("None: tensors were merged as they are.")
-    lines += ["", f"Output dtype: {dtype_name(plan.dtype) if plan.dtype else 'as the reference'}; "
-              f"stage seconds: {json.dumps({k: round(v, 2) for k, v in result.seconds.items()})}", ""]
-    return "\n".join(lines)

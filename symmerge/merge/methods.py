@@ -135,10 +135,22 @@ class MergeMethod:
     fn: Callable[..., Tensor] = field(repr=False)
     params: tuple[ParamSpec, ...]
     needs_base: bool
-    needs_data: bool
+    statistics: str | None  # "fisher" (diagonal Fishers → fishers=) or "gram" (input Grams → grams=), from data
     min_models: int
     max_models: int | None
     description: str
+    linear_layout: bool = False  # wants weights as nn.Linear (out, in): GPT-2's Conv1D (in, out) is transposed around it
+    prepare: Callable[..., dict] | None = field(default=None, repr=False)  # whole-model inputs before the per-tensor pass
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs calibration data (for its statistics)."""
+        return self.statistics is not None
+
+    @property
+    def statistics_argument(self) -> str | None:
+        """The keyword that receives one statistic per model for a tensor (``fishers`` or ``grams``)."""
+        return {"fisher": "fishers", "gram": "grams"}.get(self.statistics or "")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -179,16 +191,25 @@ def merge_method(
     *,
     params: Mapping[str, dict] | None = None,
     needs_base: bool = False,
-    needs_data: bool = False,
+    statistics: str | None = None,
     min_models: int = 1,
     max_models: int | None = None,
     description: str | None = None,
+    linear_layout: bool = False,
+    prepare: Callable[..., dict] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register the decorated per-tensor function in :data:`MERGE_METHODS` under ``name``.
 
     ``params`` maps each recipe key to the spec built by :func:`Float`, :func:`Int`, :func:`Bool` or
     :func:`Choice`; the function must accept each as a keyword argument (``lambda`` → ``lambda_``) with the same
     default. ``description`` defaults to the first line of the docstring. The function is returned unchanged.
+
+    What the engine provides is declared here, never inferred from the name: ``needs_base`` (``base=``),
+    ``statistics`` (``"fisher"`` / ``"gram"``: one statistic per model, as ``fishers=`` / ``grams=``, or ``None``
+    for tensors that have none — the function then decides what to do), ``linear_layout`` (weights handed over in
+    ``nn.Linear`` layout), ``prepare(params, task_vectors, statistics) -> dict`` (extra keyword arguments computed
+    over the whole model once, before the per-tensor pass; ``task_vectors()`` yields each tensor's per-model task
+    vectors, ``statistics`` maps tensor name → per-model statistics).
     """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -201,7 +222,9 @@ def merge_method(
             if arg is None or arg.default != p.default:
                 raise ValueError(f"{fn.__name__} must take {p.arg}={p.default!r} for parameter {p.name!r} of {name!r}")
         desc = description or (inspect.getdoc(fn) or name).splitlines()[0]
-        MERGE_METHODS[name] = MergeMethod(name, fn, specs, needs_base, needs_data, min_models, max_models, desc)
+        if statistics not in (None, "fisher", "gram"):
+            raise ValueError(f"{name}: statistics must be None, 'fisher' or 'gram', got {statistics!r}")
+        MERGE_METHODS[name] = MergeMethod(name, fn, specs, needs_base, statistics, min_models, max_models, desc, linear_layout, prepare)
         return fn
 
     return register
@@ -509,8 +532,16 @@ def task_arithmetic(
     return out.mul_(lam).add_(base).to(tensors[0].dtype)
 
 
+def _ties_prepare(params: Mapping[str, Any], task_vectors: Callable[[], Iterable[Sequence[Tensor]]], statistics: Any) -> dict:
+    """Whole-model trimming (``trim="model"``, the paper's): one magnitude threshold per model over all its tensors."""
+    if params.get("trim") != "model":
+        return {}
+    return {"thresholds": global_magnitude_thresholds(task_vectors(), params["density"])}
+
+
 @merge_method(
     "ties",
+    prepare=_ties_prepare,
     params={
         "density": Float(0.2, 0, 1, lo_open=True, help="fraction of each task vector kept (largest magnitudes)"),
         "lambda": Float(1.0, help="scale of the merged task vector"),
@@ -757,7 +788,9 @@ def fisher_model_norms(fishers_by_tensor: Iterable[Sequence[Tensor]] | Mapping[s
             "none", ("none", "param", "model"), help="divide each model's Fisher by nothing, its norm on this tensor, or its whole-model norm"
         )
     },
-    needs_data=True,
+    statistics="fisher",
+    prepare=lambda params, task_vectors, statistics: (
+        {"fisher_norms": fisher_model_norms(statistics)} if params.get("normalize") == "model" else {}),
     description="Fisher-weighted average Σ w_i F_i θ_i / Σ w_i F_i (needs diagonal Fishers)",
 )
 def fisher(
@@ -777,15 +810,17 @@ def fisher(
     non-negative floats (default all 1). ``normalize``: ``"none"`` (``c_i = 1``), ``"param"`` (``c_i = ‖F_i‖``
     on this tensor), ``"model"`` (``c_i`` = the whole-model norm from :func:`fisher_model_norms`, passed as
     ``fisher_norms``; without ``fisher_norms`` the Fishers are taken as already divided by it). Equal Fishers give
-    :func:`linear`; where only one model's Fisher is nonzero, that model's value.
+    :func:`linear`; where only one model's Fisher is nonzero, that model's value. Without ``fishers`` (buffers
+    and other tensors without a gradient) returns :func:`linear` of the tensors.
     """
     normalize = _params("fisher", normalize=normalize)["normalize"]
     _check_inputs("fisher", tensors, name)
     m = len(tensors)
     w = _weights("fisher", weights, m, nonnegative=True)
-    if fishers is None or len(fishers) != m:
-        got = 0 if fishers is None else len(fishers)
-        raise SymmergeError(f"fisher: needs one Fisher per model ({m}), got {got}" + (f" (tensor {name!r})" if name else ""))
+    if fishers is None:
+        return linear(tensors, weights=w, name=name)
+    if len(fishers) != m:
+        raise SymmergeError(f"fisher: needs one Fisher per model ({m}), got {len(fishers)}" + (f" (tensor {name!r})" if name else ""))
     for i, f in enumerate(fishers):
         if f.shape != tensors[0].shape:
             where = f" (tensor {name!r})" if name else ""
@@ -818,7 +853,8 @@ REGMEAN_RTOL = 1e-12
 @merge_method(
     "regmean",
     params={"alpha": Float(0.9, 0, 1, help="scale of the Gram matrices' off-diagonal entries")},
-    needs_data=True,
+    statistics="gram",
+    linear_layout=True,
     description="RegMean: least-squares merge of linear layers from input Gram matrices",
 )
 def regmean(

@@ -30,11 +30,11 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from symmerge.align import check_compatible_shapes
 from symmerge.errors import SymmergeError
 from symmerge.groups import parse_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
-from symmerge.spec import ModelSpec, check_same_shape, spec_for
+from symmerge.merge.methods import MergeMethod, get_method, validate_params
+from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_PARAMETERS = {"weight"}
@@ -161,7 +161,7 @@ class MergePlan:
     models: list[Checkpoint]
     weights: list[float] | None
     base: Checkpoint | None
-    method: Any  # symmerge.merge.methods.MergeMethod
+    method: MergeMethod
     params: dict[str, Any]
     symmetries: frozenset[str]
     reference_index: int | None  # index into models; None when aligning to the base model, or not aligning
@@ -188,8 +188,6 @@ def _resolve(path: str, root: Path | None, what: str) -> Path:
 
 def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = False) -> MergePlan:
     """Validate everything a merge needs, reading configs and safetensors headers only."""
-    from symmerge.merge.methods import get_method, validate_params
-
     method = get_method(recipe.merge_method)
     params = validate_params(recipe.merge_method, dict(recipe.parameters))
     method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation

@@ -16,6 +16,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
@@ -155,8 +158,6 @@ def _groups(examples: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torc
 
 def _vmap_grads(model, params, part, causal: bool) -> dict[str, torch.Tensor]:
     """Per-example gradients (len(part), *shape) of every trainable parameter with torch.func."""
-    from torch.func import functional_call, grad, vmap
-
     detached = {name: p.detach() for name, p in params.items()}
     stacked = {k: torch.stack([ex[k] for ex in part]) for k in part[0]}
 
@@ -233,8 +234,6 @@ def _float_outputs(out) -> list[torch.Tensor]:
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     return any(cls.__name__ in names for cls in type(model).__mro__)
 
@@ -282,8 +281,6 @@ def input_grams(
     Collected with forward hooks in eval mode under ``torch.no_grad()``; the hooks are removed afterwards and the
     training mode restored.
     """
-    from transformers.pytorch_utils import Conv1D
-
     device = _device(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

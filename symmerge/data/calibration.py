@@ -1,6 +1,9 @@
-"""Calibration sets given by the user, for Fisher merging, RegMean and activation statistics.
+"""Calibration sets, for Fisher merging, RegMean, activation and learned matching: one loader for every source.
 
-Two formats:
+Three sources:
+
+- ``zoo``: the *training* split of the task a zoo model was trained for (read from its zoo.json; never the
+  held-out data its scores come from): images → ``pixel_values``, text → windows of the recipe's context;
 
 - a text file (any suffix but ``.npz``): one example per non-empty line, the first ``num_examples`` lines in file
   order, tokenised with the model's own tokenizer (``model_dir``), truncated to ``max_length`` tokens and padded
@@ -21,13 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from symmerge.errors import SymmergeError
+from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
+from symmerge.zoo.evaluate import lm_windows
+from symmerge.zoo.registry import read_record
 
 # files from which a Hugging Face tokenizer can be built (without one, transformers 5 silently builds an empty one)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.tiktoken")
-_PROGRESS_MIN_LINES = 5000  # tokenising fewer lines takes well under a second: no progress bar
+_PROGRESS_MIN_LINES = 5000
+BATCH_SIZE = 32  # examples per forward pass: statistics are sums over examples, so this only bounds memory  # tokenising fewer lines takes well under a second: no progress bar
 
 
 def load_calibration(
@@ -37,23 +45,25 @@ def load_calibration(
     main_input_name: str = "input_ids",
     max_length: int = 128,
     num_examples: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
+    batch_size: int = BATCH_SIZE,
+    labels: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """The first ``num_examples`` examples of ``path`` as model-input batches of at most ``batch_size`` examples.
 
     ``model_dir``: the checkpoint whose tokenizer tokenises a text file (unused for ``.npz``).
     ``main_input_name``: the model's ``main_input_name`` (``input_ids`` for text models, ``pixel_values`` for a
     ViT): where floating ``.npz`` inputs go. ``max_length``: truncation of text lines, in tokens.
-    ``seed``: accepted for a stable signature; the selection is deterministic (the first ``num_examples`` examples
-    in file order) and nothing here is random.
+    ``labels``: also return ``labels`` for a loss (learned matching): the classes of a zoo classifier, or the
+    token ids themselves for a text model (pad positions −100; the model shifts them). The selection is
+    deterministic: the first ``num_examples`` examples in file order.
 
     Returns a list of batches: text → ``{"input_ids", "attention_mask"}`` (b, t) int64 with t ≤ ``max_length``,
     padded on the right per batch; ``.npz`` → ``{"input_ids", "attention_mask"}`` (b, t) or
     ``{main_input_name: (b, ...) float32}``, plus ``labels`` (b, ...) when the file has them.
     Raises :class:`SymmergeError` naming the file and the problem.
     """
-    del seed  # nothing random: see the docstring
+    if str(path) == "zoo":
+        return _zoo_batches(model_dir, num_examples, batch_size, labels)
     path = Path(path)
     for name, value in (("max_length", max_length), ("num_examples", num_examples), ("batch_size", batch_size)):
         if int(value) <= 0:
@@ -63,11 +73,30 @@ def load_calibration(
     if not path.is_file():
         raise SymmergeError(f"calibration data {path} is not a file: give a text file (one example per line) or an .npz")
     if path.suffix.lower() == ".npz":
-        return _npz_batches(path, main_input_name, num_examples, batch_size)
+        return _npz_batches(path, main_input_name, num_examples, batch_size)  # labels come with the file, if any
     if main_input_name != "input_ids":
         raise SymmergeError(f"{path}: text calibration data is tokenised, but this model takes {main_input_name!r}: "
                             f"give an .npz whose 'inputs' array holds float {main_input_name}")
-    return _text_batches(path, model_dir, max_length, num_examples, batch_size)
+    return _text_batches(path, model_dir, max_length, num_examples, batch_size, labels)
+
+
+def _zoo_batches(model_dir: str | Path | None, num_examples: int, batch_size: int, labels: bool) -> list[dict[str, torch.Tensor]]:
+    """The training split of a zoo model's task: image batches, or LM windows of the recipe's context."""
+    if model_dir is None or not (Path(model_dir) / "zoo.json").is_file():
+        raise SymmergeError(f"--data zoo needs a zoo model (with zoo.json); {model_dir} is not one: give a .txt or .npz")
+    record = read_record(Path(model_dir))
+    if record["task"] == "image-classification":
+        split = load_digits() if record["dataset"] == "digits" else load_fashion_mnist()
+        columns = {"pixel_values": split.train_images[:num_examples]}
+        if labels:
+            columns["labels"] = split.train_labels[:num_examples]
+    else:
+        windows = lm_windows(load_shakespeare().train, record["recipe"]["context"], num_examples)[:, :-1]
+        columns = {"input_ids": windows}
+        if labels:  # causal LM: the model shifts the labels itself
+            columns["labels"] = windows
+    n = len(next(iter(columns.values())))
+    return [{k: v[s:s + batch_size] for k, v in columns.items()} for s in range(0, n, batch_size)]
 
 
 def _npz_batches(path: Path, main_input_name: str, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -139,8 +168,6 @@ def _npz_batches(path: Path, main_input_name: str, num_examples: int, batch_size
 
 
 def _load_tokenizer(path: Path, model_dir: str | Path | None):
-    from transformers import AutoTokenizer
-
     if model_dir is None:
         raise SymmergeError(f"{path} is a text file, which is tokenised with the model's tokenizer, but no model "
                             f"directory was given: pass model_dir, or give an .npz of token ids")
@@ -167,7 +194,8 @@ def _load_tokenizer(path: Path, model_dir: str | Path | None):
     return tokenizer
 
 
-def _text_batches(path: Path, model_dir, max_length: int, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _text_batches(path: Path, model_dir, max_length: int, num_examples: int, batch_size: int,
+                  labels: bool = False) -> list[dict[str, torch.Tensor]]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
@@ -185,6 +213,9 @@ def _text_batches(path: Path, model_dir, max_length: int, num_examples: int, bat
     batches = []
     for s in tqdm(starts, desc="Tokenising", unit="batch", leave=False, disable=len(lines) < _PROGRESS_MIN_LINES):
         enc = tokenizer(lines[s:s + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()})
+        batch = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+        if labels:  # a causal LM's own tokens, pads ignored by the loss
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batches.append(batch)
     return batches
 

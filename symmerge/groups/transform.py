@@ -1,0 +1,93 @@
+"""Whole-model transforms: the symmetry classes by name, one element per group of a spec, and applying it.
+
+A :class:`ModelTransform` maps each group of a :class:`~symmerge.spec.ModelSpec` to one element: an FFN
+permutation (index vector), a :class:`~symmerge.groups.heads.HeadTransform`, and optionally the residual map.
+``apply_transform`` is function-preserving by construction for every element, which the test suite proves per
+family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from symmerge.errors import SymmergeError
+from symmerge.groups.ffn import permute_ffn, read_ffn, write_ffn
+from symmerge.groups.heads import (
+    HeadTransform,
+    read_heads,
+    transform_heads,
+    write_heads,
+)
+from symmerge.groups.residual import apply_residual, fold_norms
+from symmerge.spec.base import (
+    AttentionGroup,
+    FFNGroup,
+    ModelSpec,
+    ResidualGroup,
+    StateView,
+)
+
+SYMMETRY_CLASSES = ("ffn", "qk", "vo", "scale", "heads", "residual")
+"""ffn: FFN neuron permutation; qk / vo: per-head rotations; scale: per-head QK and VO rescaling (of whichever of
+qk / vo is on, or both when neither is); heads: head permutation (whole Q, K, V, O head blocks together);
+residual: one orthogonal map of the residual stream shared by all layers (norms folded first)."""
+
+PER_LAYER_CLASSES = SYMMETRY_CLASSES[:5]
+"""What ``all`` means: every per-layer class. ``residual`` is opt-in, since folding the norms rewrites the
+parametrisation of every model involved (gains become 1, a tied LM head is untied)."""
+
+
+def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
+    """``"ffn,qk,vo"`` / ``["ffn", "qk"]`` / ``"all"`` / ``"none"`` → a validated set of class names."""
+    if value is None or value == "all":
+        return frozenset(PER_LAYER_CLASSES)
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if names in ([], ["none"]):
+        return frozenset()
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(PER_LAYER_CLASSES)
+    unknown = [n for n in names if n not in SYMMETRY_CLASSES]
+    if unknown:
+        raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all or none")
+    return frozenset(names)
+
+
+def require_residual(spec: ModelSpec) -> ResidualGroup:
+    if spec.residual is None:
+        raise SymmergeError(
+            f"residual-stream alignment is not available for this {spec.family} model: it needs the head that reads the stream "
+            "(LLaMA-family and GPT-2 LMs, ViT image classifiers, BERT/RoBERTa sequence classifiers); a bare encoder's output is the stream itself"
+        )
+    return spec.residual
+
+
+@dataclass
+class ModelTransform:
+    """One group element per group of a spec (groups left out are the identity)."""
+
+    ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # group name → perm (d_ff,)
+    heads: dict[str, HeadTransform] = field(default_factory=dict)  # group name → per-head transform
+    residual: torch.Tensor | None = None  # (d, d); applied after folding the norms
+
+
+def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform: ModelTransform) -> None:
+    """Apply ``transform``'s element for ``group`` (if it has one) to the tensors in ``view``."""
+    if isinstance(group, FFNGroup):
+        if group.name in transform.ffn:
+            write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
+    elif group.name in transform.heads:
+        write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+
+
+def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
+    """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied."""
+    if transform.residual is not None:
+        residual = require_residual(spec)
+        state = apply_residual(fold_norms(state, residual), residual, transform.residual)
+    view = StateView(state)
+    for group in spec.groups():
+        apply_to_group(view, group, transform)
+    return dict(view.state)

@@ -1,0 +1,57 @@
+"""What every matcher returns, and the registry of matchers by name.
+
+A matcher finds the group element bringing ``model`` closest to ``reference`` by its own criterion — weights
+(data-free), activations or a learned midpoint loss — and has one signature::
+
+    matcher(reference, model, spec, symmetries, *, config=None, calibration=None, progress=False,
+            model_name="model", learn_steps=200) -> Fit
+
+``reference`` and ``model`` are state dicts of one ``spec``; ``symmetries`` a validated set of class names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from symmerge.errors import SymmergeError
+from symmerge.groups import ModelTransform
+
+
+@dataclass
+class Fit:
+    """A matcher's result.
+
+    ``transform``: the group element (apply it with :func:`symmerge.groups.apply_transform`).
+    ``details``: per group name, what the report shows (neurons moved, rotation angles, ...).
+    ``seconds``: per stage. ``folded_reference``: with the residual class, the reference with its norms folded
+    — the parametrisation the transformed model is compared in (``None`` otherwise).
+    ``history``: the objective after each accepted step of an iterative matcher (residual descent, learning).
+    """
+
+    transform: ModelTransform
+    details: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    folded_reference: dict[str, torch.Tensor] | None = None
+    history: list[float] = field(default_factory=list)
+
+
+Matcher = Callable[..., Fit]
+MATCHERS: dict[str, Matcher] = {}
+
+
+def matcher(name: str) -> Callable[[Matcher], Matcher]:
+    """Register a matcher under ``name`` (``--match NAME`` on the command line)."""
+    def register(fn: Matcher) -> Matcher:
+        MATCHERS[name] = fn
+        return fn
+    return register
+
+
+def get_matcher(name: Any) -> Matcher:
+    if name not in MATCHERS:
+        raise SymmergeError(f"match must be one of {', '.join(MATCHERS)}, got {name!r}")
+    return MATCHERS[name]

@@ -1,0 +1,77 @@
+"""Per-layer weight matching: one exact element per FFN and attention group (docs/DESIGN.md §2).
+
+Stages (each timed): FFN matching (similarity GEMM + exact LAP per layer; the LAPs of different layers run in a
+2-thread pool while the next layer's similarity is built), attention matching (head assignment, Procrustes and
+quartic for all heads of a layer at once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from tqdm.auto import tqdm
+
+from symmerge.groups import ModelTransform, read_ffn, read_heads
+from symmerge.match.attention import match_heads
+from symmerge.match.ffn import ffn_similarity
+from symmerge.match.fit import Fit
+from symmerge.match.lap import solve_lap
+from symmerge.spec import ModelSpec, StateView
+
+ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
+
+
+def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2) -> dict[str, torch.Tensor]:
+    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity`; at most
+    ``max_pending`` similarity matrices wait for a solver at a time (memory stays at a few d_ff×d_ff)."""
+    perms: dict[str, torch.Tensor] = {}
+    pending: deque[tuple[str, Future]] = deque()
+
+    def collect() -> None:
+        name, fut = pending.popleft()
+        perms[name] = torch.from_numpy(fut.result())
+        bar.update(1)
+
+    with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
+        for group in spec.ffn:
+            similarity = ffn_similarity(read_ffn(ref, group), read_ffn(model, group))
+            pending.append((group.name, pool.submit(solve_lap, similarity)))
+            while len(pending) > max_pending:
+                collect()
+        while pending:
+            collect()
+    return perms
+
+
+def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model") -> Fit:
+    """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
+    of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing."""
+    seconds: dict[str, float] = {}
+    ref_view, model_view = StateView(reference), StateView(model)
+    transform = ModelTransform()
+    attention_on = bool(symmetries & ATTENTION_CLASSES)
+    total = len(spec.ffn) * ("ffn" in symmetries) + len(spec.attention) * attention_on
+    details: dict[str, dict] = {}
+    with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
+        start = time.perf_counter()
+        if "ffn" in symmetries:
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
+            for name, perm in transform.ffn.items():
+                details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+        seconds["ffn"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if attention_on:
+            for group in spec.attention:
+                transform.heads[group.name], details[group.name] = match_heads(
+                    read_heads(ref_view, group), read_heads(model_view, group),
+                    qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
+                    rope=group.rope,
+                )
+                bar.update(1)
+        seconds["attention"] = time.perf_counter() - start
+    return Fit(transform, details, seconds)

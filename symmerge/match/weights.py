@@ -1,0 +1,23 @@
+"""Weight matching (data-free): the ``weights`` matcher. Per-layer classes alone are solved once, exactly per
+group; with the residual class, by coordinate descent (:mod:`symmerge.match.residual`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from symmerge.match.fit import Fit, matcher
+from symmerge.match.per_layer import fit_per_layer
+from symmerge.match.residual import fit_with_residual
+from symmerge.spec import ModelSpec
+
+
+@matcher("weights")
+def match_weights(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model", **_unused) -> Fit:
+    """Minimise ``Σ_t ‖T(θ_model)_t − θ_ref,t‖²`` over the chosen classes (the objective of
+    :mod:`symmerge.match.objective`). Data and config are not needed (``_unused``)."""
+    if "residual" in symmetries:
+        return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name)
+    return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name)

@@ -1,0 +1,53 @@
+"""What a merged model says about itself: the recipe as it was run (merge.yaml) and a model card (README.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from symmerge._version import __version__
+from symmerge.io.stream import dtype_name
+from symmerge.merge.recipe import MergePlan
+
+def recipe_for_card(plan: MergePlan) -> dict:
+    """The recipe as it was run: absolute paths, resolved defaults."""
+    r = plan.recipe.model_dump(exclude_none=True)
+    for entry, ckpt in zip(r["models"], plan.models):
+        entry["model"] = str(ckpt.path.resolve())
+    if plan.base is not None:
+        r["base_model"] = str(plan.base.path.resolve())
+    r["parameters"] = plan.params
+    if plan.aligned:
+        ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
+        r["alignment"] = {"reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
+    if plan.data_path is not None:
+        r["data"]["path"] = str(plan.data_path.resolve())
+    return r
+
+
+def model_card(plan: MergePlan, alignment: Mapping[str, Mapping[str, float]], seconds: Mapping[str, float]) -> str:
+    """README.md of the merged model: models, method, alignment (distances per model), dtype and stage seconds."""
+    lines = ["---", "tags: [merge, symmerge]", "---", "", "# Merged model", "",
+             f"Produced by [symmerge](https://pypi.org/project/symmerge/) {__version__}.", "",
+             "## Models", ""]
+    for name, ckpt, w in zip(plan.names, plan.models, plan.weights or [None] * len(plan.models)):
+        lines.append(f"- `{ckpt.path.resolve()}`" + (f" (weight {w:g})" if w is not None else ""))
+    if plan.base is not None:
+        lines += ["", f"Base model: `{plan.base.path.resolve()}`"]
+    params = ", ".join(f"{k}={v}" for k, v in plan.params.items()) or "defaults"
+    lines += ["", "## Method", "", f"`{plan.method.name}` with {params}."]
+    if plan.data_path is not None:
+        lines.append(f"Statistics from `{plan.data_path.resolve()}`, computed on the aligned models.")
+    lines += ["", "## Alignment", ""]
+    if plan.aligned:
+        ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
+        lines.append(f"Every model was aligned to `{ref.path.resolve()}` with symmetries {', '.join(sorted(plan.symmetries))} "
+                     "before merging (function-preserving).")
+        lines += ["", "| model | distance to reference before | after |", "|---|---|---|"]
+        for name, d in alignment.items():
+            lines.append(f"| {name} | {d['distance_before']:.5g} | {d['distance_after']:.5g} |")
+    else:
+        lines.append("None: tensors were merged as they are.")
+    lines += ["", f"Output dtype: {dtype_name(plan.dtype) if plan.dtype else 'as the reference'}; "
+              f"stage seconds: {json.dumps({k: round(v, 2) for k, v in seconds.items()})}", ""]
+    return "\n".join(lines)
