@@ -542,7 +542,8 @@ def render(out: dict, pairs: dict, methods: list) -> str:
                 means.append(f"{r['mean_test']:.4f}")
             lines.append(f"| {label} | {variant} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
     lines += ["", "## Alignment", ""]
-    lines.append("| alignment | relative distance before → after | change | FFN neurons moved | heads moved | max \\|R − I\\| | max \\|scale − 1\\| | max \\|Δlogit\\| | seconds |")
+    lines.append("| alignment | relative distance before → after | change | FFN neurons moved | heads moved "
+                 "| max \\|R − I\\| | max \\|scale − 1\\| | max \\|Δlogit\\| | seconds |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for name, a in out["alignment_to_base"].items():
         lines.append(f"| {name} → pretrained base | {a['relative_before']:.6f} → {a['relative_after']:.6f} | {100 * a['relative_change']:+.3f}% | "

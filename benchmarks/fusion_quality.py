@@ -22,9 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import symmerge  # noqa: E402
+from symmerge.data import load_calibration  # noqa: E402
 from symmerge.evaluate import make_evaluator, model_for, run_study  # noqa: E402
 from symmerge.evaluate.plots import plot_curves  # noqa: E402
-from symmerge.data import load_calibration  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import load_weights  # noqa: E402
 from symmerge.zoo import build, read_record  # noqa: E402
@@ -131,7 +131,8 @@ def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: d
     for p in pairs:
         e = p["endpoints"]
         scores = " / ".join(f"{r.get('test_accuracy', r.get('val_loss')):.4g}" for r in e)
-        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {'accuracy' if 'test_accuracy' in e[0] and e[0]['test_accuracy'] is not None else 'val loss'}: {scores}; {p['seconds']:.0f} s)", "",
+        score_kind = 'accuracy' if 'test_accuracy' in e[0] and e[0]['test_accuracy'] is not None else 'val loss'
+        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {score_kind}: {scores}; {p['seconds']:.0f} s)", "",
                 "| alignment | what | distance | Δ distance | midpoint loss | barrier | midpoint acc | align s |", "|---|---|---|---|---|---|---|---|"]
         base = p["rows"][0]["distance"]
         for row, (_, what) in zip(p["rows"], SETTINGS):

@@ -273,7 +273,6 @@ def _load(out: Path) -> dict:
 
 def compare(out_a: Path, out_b: Path) -> dict:
     """Max |a − b| (float32) over all tensors, and how many entries differ."""
-    import torch
 
     a, b = _load(out_a), _load(out_b)
     if set(a) != set(b):

@@ -33,6 +33,11 @@ SYMMETRIES_HELP = (
     "all (= every per-layer class, without residual) / none. Example: all,residual."
 )
 
+SETTINGS_HELP = (
+    "The symmetry classes of one alignment setting (as for align), repeatable: none, all, ffn, qk,vo, all,residual...; "
+    "prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all)."
+)
+
 
 def echo(msg: str = "") -> None:
     typer.echo(msg)
@@ -213,11 +218,12 @@ def merge(
 def barrier(
     reference: Annotated[Path, typer.Argument(help="Model A (the reference end of the path).")],
     model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
-    align_: Annotated[Optional[list[str]], typer.Option("--symmetries", "-s", "--align", help="An alignment setting, repeatable: none, all, ffn, qk,vo, all,residual...; prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all).")] = None,
+    align_: Annotated[Optional[list[str]], typer.Option("--symmetries", "-s", "--align", help=SETTINGS_HELP)] = None,
     data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
     points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
     plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
-    landscape_: Annotated[Optional[Path], typer.Option("--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
+    landscape_: Annotated[Optional[Path], typer.Option(
+        "--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
     grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching (learn: settings).")] = 200,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,

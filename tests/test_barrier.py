@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from safetensors.torch import load_file, save_file
+from conftest import require_module
+from safetensors.torch import save_file
 
 import symmerge
 from symmerge.cli import main
 from symmerge.evaluate import make_evaluator, run_study
 from symmerge.io import load_state_dict, open_checkpoint
 
-pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn")
+require_module("sklearn", reason="the digits data set ships with scikit-learn")
 TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=12, batch_size=64, lr=3e-3)
 
 
@@ -79,8 +80,8 @@ def test_distance_command(digits_vit, capsys):
 def test_learned_matching_lowers_the_midpoint_loss_and_preserves_function(digits_vit, tmp_path):
     """Two ViTs from different seeds: learned matching starts from weight matching and lowers the midpoint loss on
     its calibration data, while the aligned model still computes exactly what B computes."""
-    from symmerge.evaluate import model_for
     from symmerge.data import load_calibration
+    from symmerge.evaluate import model_for
     from symmerge.io.hf import load_weights
     from symmerge.zoo.train import train_vit
 

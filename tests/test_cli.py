@@ -16,8 +16,6 @@ import symmerge
 from symmerge.match import state_norm
 
 
-
-
 def save(model, path: Path, state=None) -> Path:
     model.save_pretrained(path)
     if state is not None:

@@ -125,7 +125,6 @@ def test_joint_head_permutation_and_rotation_is_the_exact_optimum():
         y, _ = match_heads(ref, permuted, qk=True, vo=True, scale=False, heads=False)
         brute.append(_distance(transform_heads(permuted, y), ref))
     assert ours <= min(brute) + 1e-9
-    assert ours < sorted(brute)[1] or np.isclose(ours, sorted(brute)[1])
 
 
 def test_match_heads_with_scale_is_no_worse_than_without():

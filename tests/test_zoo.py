@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import transformers
+from conftest import missing_asset
 
 from symmerge.errors import SymmergeError
 from symmerge.zoo import ZOO, ZooEntry, build, evaluate, evaluate_classifier, evaluate_lm, lm_windows, read_record
@@ -23,14 +24,14 @@ def _digits():
     try:
         return zoo_data.load_digits()
     except SymmergeError as e:
-        pytest.skip(str(e))
+        missing_asset(str(e))
 
 
 def _shakespeare():
     try:
         return zoo_data.load_shakespeare()
     except SymmergeError as e:
-        pytest.skip(str(e))
+        missing_asset(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_fashion_mnist_loader_or_install_hint(tmp_path):
     try:
         data = zoo_data.load_fashion_mnist(train_size=1000)
     except SymmergeError as e:
-        pytest.skip(str(e))
+        missing_asset(str(e))
     assert data.train_images.shape == (1000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
     assert data.train_labels.shape == (1000,) and int(data.test_labels.max()) == 9
     assert torch.equal(data.train_labels, zoo_data.load_fashion_mnist(train_size=1000).train_labels)

@@ -34,8 +34,8 @@ from symmerge.zoo.registry import read_record
 # files from which a Hugging Face tokenizer can be built (without one, transformers 5 silently builds an empty one)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.tiktoken")
-_PROGRESS_MIN_LINES = 5000
-BATCH_SIZE = 32  # examples per forward pass: statistics are sums over examples, so this only bounds memory  # tokenising fewer lines takes well under a second: no progress bar
+_PROGRESS_MIN_LINES = 5000  # tokenising fewer lines takes well under a second: no progress bar
+BATCH_SIZE = 32  # examples per forward pass: statistics are sums over examples, so this only bounds memory
 
 
 def load_calibration(

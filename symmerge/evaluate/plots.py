@@ -5,18 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from symmerge.errors import SymmergeError
+from symmerge.evaluate.interpolation import Curve
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+try:  # the ``plots`` extra
+    import matplotlib
 
-from symmerge.evaluate.interpolation import Curve  # noqa: E402
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+except ImportError:  # pragma: no cover - exercised only without matplotlib
+    plt = None
+
+
+def _pyplot():
+    if plt is None:
+        raise SymmergeError("plots need matplotlib: pip install 'symmerge[plots]' (or pip install matplotlib)")
+    return plt
 
 
 def plot_curves(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
     """Loss (and accuracy, when measured) along θ(t) = (1 − t) A + t B', one line per alignment setting."""
     with_accuracy = all("accuracy" in m for c in curves for m in c.metrics)
-    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(11 if with_accuracy else 6, 4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, 2 if with_accuracy else 1, figsize=(11 if with_accuracy else 6, 4), squeeze=False)
     for c in curves:
         axes[0, 0].plot(c.ts, c.losses, marker="o", label=f"{c.label} (barrier {c.barrier():.3f})")
         if with_accuracy:
@@ -36,7 +46,7 @@ def plot_curves(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
 
 def plot_landscape(us, vs, losses, points: dict[str, tuple[float, float]], path: Path, title: str = "") -> Path:
     """Loss on the plane through A, B and B' (the seed paper's Figure 5); ``points`` marks the three models."""
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _pyplot().subplots(figsize=(6, 5))
     contour = ax.contourf(us, vs, losses, levels=30, cmap="viridis")
     fig.colorbar(contour, ax=ax, label="loss")
     for name, (u, v) in points.items():

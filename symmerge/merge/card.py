@@ -9,6 +9,7 @@ from symmerge._version import __version__
 from symmerge.io.stream import dtype_name
 from symmerge.merge.recipe import MergePlan
 
+
 def recipe_for_card(plan: MergePlan) -> dict:
     """The recipe as it was run: absolute paths, resolved defaults."""
     r = plan.recipe.model_dump(exclude_none=True)

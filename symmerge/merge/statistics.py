@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
-from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
 
