@@ -1,7 +1,7 @@
 """symmerge merge vs mergekit: wall time and peak memory of linear and TIES merges of LLaMA-shaped checkpoints.
 
 Three ~168M-parameter LLaMA checkpoints (hidden 1024, 8 layers, FFN 2816, vocab 32000, 16 heads, untied
-embeddings, bf16 safetensors, as in PERF-NOTES §6) are generated once and cached: a random ``base`` and two
+embeddings, bf16 safetensors) are generated once and cached: a random ``base`` and two
 "fine-tunes" ``a``/``b`` = base + Gaussian noise of 1% of each tensor's RMS. mergekit is installed into its own
 virtualenv (torch pinned to the local CPU wheel), never into the project's. Each job is run by both tools as a
 separate process under ``/usr/bin/time -v`` (or a psutil poller of the process tree's RSS when that is missing):

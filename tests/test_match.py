@@ -113,7 +113,7 @@ def _distance(a: HeadTensors, b: HeadTensors) -> float:
 
 
 def test_joint_head_permutation_and_rotation_is_the_exact_optimum():
-    """Against brute force: every head permutation, each followed by per-head Procrustes (DESIGN §2)."""
+    """Against brute force: every head permutation, each followed by per-head Procrustes (docs/DESIGN.md §2)."""
     ref, model = _random_heads(4, 3, 10, 15), _random_heads(4, 3, 10, 16)
     x, _ = match_heads(ref, model, qk=True, vo=True, scale=False, heads=True)
     ours = _distance(transform_heads(model, x), ref)

@@ -1,4 +1,4 @@
-"""Linear mode connectivity: the path θ(t) = (1 − t)·θ_A + t·θ_B' and its loss barrier (DESIGN §4)."""
+"""Linear mode connectivity: the path θ(t) = (1 − t)·θ_A + t·θ_B' and its loss barrier (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 

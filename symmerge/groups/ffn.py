@@ -1,4 +1,4 @@
-"""FFN neuron permutation (DESIGN §1): ``W_in → P^T W_in``, ``b_in → b_in P``, ``W_out → W_out P``.
+"""FFN neuron permutation (docs/DESIGN.md §1): ``W_in → P^T W_in``, ``b_in → b_in P``, ``W_out → W_out P``.
 
 A permutation is stored as an index vector ``perm`` (d_ff,): neuron ``j`` of the result is neuron ``perm[j]`` of
 the input, i.e. ``W_in → W_in[perm]``, ``b_in → b_in[perm]``, ``W_out → W_out[:, perm]``.

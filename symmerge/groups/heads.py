@@ -1,4 +1,4 @@
-"""Per-head attention symmetries (DESIGN §1), for all heads of a layer at once, with GQA/MQA.
+"""Per-head attention symmetries (docs/DESIGN.md §1), for all heads of a layer at once, with GQA/MQA.
 
 Query head ``h`` reads key/value head ``h // r`` (``r = H / H_kv``, HF's ``repeat_kv``). One
 :class:`HeadTransform` combines a KV-head permutation (KV head ``g`` of the result is input KV head

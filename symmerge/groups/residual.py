@@ -1,4 +1,4 @@
-"""The residual-stream symmetry (DESIGN §1): one d×d map ``Q`` shared by every layer.
+"""The residual-stream symmetry (docs/DESIGN.md §1): one d×d map ``Q`` shared by every layer.
 
 Norm layers stand in the way of a general ``Q``: an RMSNorm commutes with any orthogonal ``Q`` once its gain is
 folded into the linear layers that read it (SliceGPT); a LayerNorm, once gain and bias are folded, is centring

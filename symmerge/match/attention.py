@@ -122,7 +122,7 @@ def pair_correlations(model: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: str, vo_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(perm, kv_perm)`` assigning model heads to reference heads before rotation.
 
-    The score of a pair is the best ``tr(R^T M)`` its rotation group allows (DESIGN §2): with one head per KV group
+    The score of a pair is the best ``tr(R^T M)`` its rotation group allows (docs/DESIGN.md §2): with one head per KV group
     this H×H assignment on nuclear norms is the exact joint optimum over head permutations and rotations. With GQA,
     each candidate KV pair first matches its ``r`` query heads (r×r assignment on the query heads' own scores) and
     is then scored with its whole group, followed by an H_kv×H_kv assignment.

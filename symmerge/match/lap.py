@@ -33,7 +33,7 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
         raise ValueError("solve_lap: the similarity matrix holds NaN or Inf")
     use_lapx = _lapjvh is not None if backend is None else backend == "lapx"
     if use_lapx:
-        # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (PERF-NOTES §1).
+        # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (measured in benchmarks/lap_solvers.py).
         rows, cols = _lapjvh(np.negative(s, dtype=np.float32), return_cost=False)
     else:
         rows, cols = linear_sum_assignment(s, maximize=True)

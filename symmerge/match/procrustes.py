@@ -12,7 +12,7 @@ import torch
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Small batched SVDs/eigensolvers gain nothing from a second thread and collapse under contention
-    (PERF-NOTES §3), while the GEMMs around them do gain: limit threads for these calls only."""
+    on a shared 2-core machine, while the GEMMs around them do gain: limit threads for these calls only."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -59,7 +59,7 @@ def best_scale(x_sq: torch.Tensor, x_dot: torch.Tensor, y_dot: torch.Tensor, y_s
     """Per head, the ``a > 0`` minimising ``f(a) = a² x_sq − 2 a x_dot + y_sq / a² − 2 y_dot / a`` (+ const).
 
     That is ``‖a X_1 − X_2‖² + ‖Y_1 / a − Y_2‖²`` with ``x_sq = ‖X_1‖²``, ``x_dot = ⟨X_1, X_2⟩``,
-    ``y_sq = ‖Y_1‖²``, ``y_dot = ⟨Y_1, Y_2⟩``. ``f'(a) = 0`` times ``a³/2`` is the quartic (DESIGN §2)
+    ``y_sq = ‖Y_1‖²``, ``y_dot = ⟨Y_1, Y_2⟩``. ``f'(a) = 0`` times ``a³/2`` is the quartic (docs/DESIGN.md §2)
 
         x_sq a⁴ − x_dot a³ + y_dot a − y_sq = 0,
 

@@ -35,7 +35,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class FFNGroup:
-    """One FFN's neuron permutation ``P`` (DESIGN §1): rows of every input weight and bias, columns of every
+    """One FFN's neuron permutation ``P`` (docs/DESIGN.md §1): rows of every input weight and bias, columns of every
     output weight. Gated MLPs list gate and up projections both in ``inputs`` so they move together."""
 
     name: str
@@ -91,7 +91,7 @@ class Norm:
 
 @dataclass(frozen=True)
 class ResidualGroup:
-    """The residual stream's basis (width d), shared by every layer (DESIGN §1).
+    """The residual stream's basis (width d), shared by every layer (docs/DESIGN.md §1).
 
     ``kind``: ``"orthogonal"`` (RMSNorm models, after folding the norm gains into the readers), ``"centered"``
     (pre-LN LayerNorm models after folding: orthogonal maps that fix the all-ones direction), ``"permutation"``.
