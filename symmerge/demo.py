@@ -115,5 +115,5 @@ def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] 
     echo(f"plot: {plot}   numbers: {out / 'barrier.json'}")
     echo("settings: ffn = FFN permutations (Git Re-Basin); ffn,qk,vo = the seed paper's rotations; all = + rescaling")
     echo("and head permutations; all,residual = + the residual-stream map (norms folded). Data-free weight matching.")
-    echo(f"Next: symmerge merge {a_dir} {b_dir} --method linear --align all,residual --out merged")
+    echo(f"Next: symmerge merge {a_dir} {b_dir} --method linear -s all,residual --out merged")
     return {"rows": study.rows(), "plot": str(plot)}
