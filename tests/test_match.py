@@ -37,6 +37,44 @@ def test_lap_rejects_non_finite():
         solve_lap(np.array([[0.0, np.nan], [1.0, 0.0]]))
 
 
+def _assignment_value(s: np.ndarray, col_for_row: np.ndarray) -> float:
+    return float(s[np.arange(len(s)), col_for_row].sum())
+
+
+def test_identity_shortcut_never_skips_a_better_permutation():
+    """Whenever the O(n²) check claims the identity optimal, no permutation scores higher (exact LAP by scipy as
+    the judge), over random costs, near-identity costs (fine-tunes) and adversarial ones built to sit just past the
+    check's boundary."""
+    from scipy.optimize import linear_sum_assignment
+
+    from symmerge.match.lap import identity_is_optimal
+
+    rng = np.random.default_rng(0)
+    claimed = 0
+    for trial in range(600):
+        n = int(rng.integers(2, 9))
+        kind = trial % 3
+        s = rng.normal(size=(n, n))
+        if kind == 1:  # fine-tune-like: a dominant diagonal plus noise
+            s += np.eye(n) * rng.uniform(0, 4)
+        elif kind == 2:  # adversarial: diagonal = row max except one row just below it
+            s[np.arange(n), np.arange(n)] = s.max(axis=1)
+            r = int(rng.integers(n))
+            s[r, r] -= rng.uniform(0, 1e-3)
+        rows, cols = linear_sum_assignment(s, maximize=True)
+        best = float(s[rows, cols].sum())
+        if identity_is_optimal(s):
+            claimed += 1
+            assert float(np.trace(s)) >= best - 1e-12
+        assert _assignment_value(s, solve_lap(s, backend="scipy")) == pytest.approx(best, abs=1e-9)
+    assert claimed > 100  # the shortcut does fire
+
+
+def test_identity_shortcut_returns_the_identity_on_fine_tune_like_costs():
+    s = np.eye(50) * 10 + np.random.default_rng(1).normal(size=(50, 50))
+    assert (solve_lap(s) == np.arange(50)).all()
+
+
 def test_ffn_similarity_is_the_weight_matching_objective():
     a = FFNTensors([torch.randn(6, 4, generator=G(3))], [torch.randn(6, generator=G(4))], [torch.randn(4, 6, generator=G(5))])
     b = FFNTensors([torch.randn(6, 4, generator=G(6))], [torch.randn(6, generator=G(7))], [torch.randn(4, 6, generator=G(8))])
