@@ -47,6 +47,8 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
 
 
 def require_residual(spec: ModelSpec) -> ResidualGroup:
+    if spec.residual is None and spec.no_residual:
+        raise SymmergeError(f"residual-stream alignment is not available for this {spec.family} model: {spec.no_residual}")
     if spec.residual is None:
         raise SymmergeError(
             f"residual-stream alignment is not available for this {spec.family} model: it needs the head that reads the stream "
