@@ -14,7 +14,7 @@ import symmerge
 from symmerge.groups import SYMMETRY_CLASSES, HeadTransform, ModelTransform, apply_transform, random_orthogonal, random_transform
 from symmerge.groups.heads import plane_rotation_matrix
 from symmerge.groups.residual import apply_residual, fold_norms
-from symmerge.spec import REFUSED, SPEC_BUILDERS, StateView, spec_for
+from symmerge.spec import REFUSED, SPEC_BUILDERS, TENSOR_GROUPS, StateView, spec_for
 from symmerge.spec.base import Norm, Slot
 
 TOL = 1e-5
@@ -366,3 +366,45 @@ def test_deberta_disentangled_attention_keeps_qk_maps():
     q = view.get(grp.q)
     view.set(grp.q, torch.cat([q[: grp.head_dim].flip(0), q[grp.head_dim:]]))  # head 0's Q dims permuted, K left alone
     assert max_output_diff(model, before, dict(view.state), make_inputs) > 1e-3
+
+
+EXPECTED_TENSOR_GROUPS = {  # layer 0 and the tensors outside the blocks, per family
+    "gpt2": {"transformer.wte.weight": "embeddings", "transformer.wpe.weight": "embeddings", "transformer.h.0.ln_1.weight": "norms",
+             "transformer.h.0.ln_2.bias": "norms", "transformer.h.0.attn.c_attn.weight": "attention", "transformer.h.0.attn.c_attn.bias": "attention",
+             "transformer.h.0.attn.c_proj.bias": "attention", "transformer.h.0.mlp.c_fc.weight": "ffn", "transformer.h.0.mlp.c_proj.bias": "ffn",
+             "transformer.ln_f.bias": "norms", "lm_head.weight": "head"},
+    "llama": {"model.embed_tokens.weight": "embeddings", "model.layers.0.input_layernorm.weight": "norms",
+              "model.layers.0.post_attention_layernorm.weight": "norms", "model.layers.0.self_attn.k_proj.weight": "attention",
+              "model.layers.0.mlp.up_proj.weight": "ffn", "model.layers.0.mlp.down_proj.weight": "ffn", "model.norm.weight": "norms",
+              "lm_head.weight": "head"},
+    "vit": {"vit.embeddings.cls_token": "embeddings", "vit.embeddings.position_embeddings": "embeddings",
+            "vit.embeddings.patch_embeddings.projection.weight": "embeddings", "vit.embeddings.patch_embeddings.projection.bias": "embeddings",
+            "vit.layers.0.layernorm_before.bias": "norms", "vit.layers.0.attention.o_proj.bias": "attention", "vit.layers.0.mlp.fc2.bias": "ffn",
+            "vit.layernorm.weight": "norms", "classifier.weight": "head", "classifier.bias": "head"},
+    "bert": {"embeddings.word_embeddings.weight": "embeddings", "embeddings.token_type_embeddings.weight": "embeddings",
+             "embeddings.LayerNorm.weight": "norms", "encoder.layer.0.attention.self.query.bias": "attention",
+             "encoder.layer.0.attention.output.dense.bias": "attention", "encoder.layer.0.attention.output.LayerNorm.bias": "norms",
+             "encoder.layer.0.intermediate.dense.weight": "ffn", "encoder.layer.0.output.dense.bias": "ffn",
+             "encoder.layer.0.output.LayerNorm.weight": "norms", "pooler.dense.weight": "head"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_TENSOR_GROUPS))
+def test_tensor_groups_come_from_the_spec(family):
+    """Every tensor is assigned a group from the family's table (no name guessing), on memory and disk names."""
+    model, _ = make_model(family)
+    keys = list(model.state_dict().keys())
+    groups = spec_for(model.config, keys).tensor_groups(keys)
+    assert set(groups) == set(keys) and set(groups.values()) <= set(TENSOR_GROUPS)
+    assert {k: groups[k] for k in EXPECTED_TENSOR_GROUPS[family]} == EXPECTED_TENSOR_GROUPS[family]
+    assert "other" not in groups.values(), [k for k, g in groups.items() if g == "other"]
+
+
+def test_describe_states_every_class_and_the_residual_group():
+    lines = {f: "\n".join(spec_for(m.config, m.state_dict().keys()).describe()) for f in ("bert-cls", "bert", "llama", "qwen3", "gemma2")
+             for m in [make_model(f)[0]]}
+    assert "residual  residual-stream map          1 group, S_48" in lines["bert-cls"]  # post-LN classifiers: permutations
+    assert "residual  not available" in lines["bert"] and "not yet" not in lines["bert-cls"] + lines["bert"]
+    assert "SO(2)^6 (RoPE planes)" in lines["llama"] and "O(48), after folding 5 norms" in lines["llama"]
+    assert "qk        not a symmetry here" in lines["qwen3"] and "(VO only)" in lines["qwen3"]
+    assert "S_48 (post-LN or sandwich norms" in lines["gemma2"]

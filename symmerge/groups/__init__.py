@@ -52,7 +52,7 @@ def require_residual(spec: ModelSpec) -> ResidualGroup:
     if spec.residual is None:
         raise SymmergeError(
             f"residual-stream alignment is not available for this {spec.family} model: it needs the head that reads the stream "
-            "(LLaMA-family and GPT-2 LMs, ViT image classifiers, BERT/RoBERTa sequence classifiers); a bare encoder's output is the stream itself"
+            "(decoder LMs, ViT image classifiers, BERT/RoBERTa/DeBERTa-v2 sequence classifiers); a bare encoder's output is the stream itself"
         )
     return spec.residual
 

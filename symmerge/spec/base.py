@@ -201,7 +201,7 @@ class ModelSpec:
             return f"  residual  not available for this model ({why})"
         d = self.hidden_size
         kind = {"orthogonal": f"O({d})", "centered": f"O({d}) fixing the all-ones direction",
-                "permutation": f"S_{d} (norm gains act on the written side: permutations only)"}[self.residual.kind]
+                "permutation": f"S_{d} (post-LN or sandwich norms: permutations only)"}[self.residual.kind]
         folded = f", after folding {len(self.residual.norms)} norms" if self.residual.norms else ""
         return f"  residual  residual-stream map          1 group, {kind}{folded}"
 

@@ -200,7 +200,7 @@ _ENCODER_SIZES = {"layers": ("num_hidden_layers",), "hidden": ("hidden_size",), 
                   "ffn_width": ("intermediate_size",)}
 _BERT_BLOCK = {"layer": "{prefix}encoder.layer.{i}", "o": "attention.output.dense", "ffn_in": ("intermediate.dense",),
                "ffn_out": "output.dense", "placement": "post", "attn_norm": "attention.output.LayerNorm", "ffn_norm": "output.LayerNorm",
-               "head_modules": ("{prefix}pooler.", "pooler.", "classifier.", "cls.", "lm_predictions.")}
+               "head_modules": ("{prefix}pooler.", "pooler.", "classifier.", "cls.", "lm_head.", "lm_predictions.")}
 _BERT = {**_ENCODER_SIZES, **_BERT_BLOCK, "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
          "embeddings": tuple(f"embeddings.{n}.weight" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")),
          "stream_vectors": ("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"),
@@ -375,15 +375,17 @@ def _permutation_residual(table: FamilyTable, config: Any, keys: Collection[str]
 
 
 def _roles(table: FamilyTable, prefix: str, blocks: list[str]) -> tuple[tuple[str, str], ...]:
-    """(pattern, tensor group) rules for the tensors no symmetry group names: a pattern ending in ``.`` is a module
-    (every key under it), otherwise an exact key. Norms first (an embedding LayerNorm is a norm)."""
+    """(pattern, tensor group) rules for the tensors no symmetry group names (norms, the O and FFN-output biases,
+    embeddings, heads): a pattern ending in ``.`` is a module (every key under it), otherwise an exact key. Norms
+    first (an embedding LayerNorm is a norm)."""
     layer_norms = (table.attn_norm, table.ffn_norm, table.attn_out_norm, table.ffn_out_norm, *table.head_norms)
     norms = [f"{b}.{m}." for b in blocks for m in layer_norms if m] + [f"{prefix}{v.rsplit('.', 1)[0]}." for v in table.stream_vectors]
     if table.final_norm:
         norms.append(f"{prefix}{table.final_norm}.")
     embeddings = [f"{prefix}{e}" for e in table.embeddings] + ([f"{prefix}{table.embedding_writer}."] if table.embedding_writer else [])
     heads = [h.format(prefix=prefix) for h in table.head_modules]
-    return (*((n, "norms") for n in norms), *((e, "embeddings") for e in embeddings), *((h, "head") for h in heads))
+    writers = [(f"{b}.{table.o}.", "attention") for b in blocks] + [(f"{b}.{table.ffn_out}.", "ffn") for b in blocks]  # O / FFN-out biases
+    return (*((n, "norms") for n in norms), *writers, *((e, "embeddings") for e in embeddings), *((h, "head") for h in heads))
 
 
 def build_spec(table: FamilyTable, family: str, config: Any, keys: Collection[str]) -> ModelSpec:
