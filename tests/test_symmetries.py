@@ -408,3 +408,17 @@ def test_describe_states_every_class_and_the_residual_group():
     assert "SO(2)^6 (RoPE planes)" in lines["llama"] and "O(48), after folding 5 norms" in lines["llama"]
     assert "qk        not a symmetry here" in lines["qwen3"] and "(VO only)" in lines["qwen3"]
     assert "S_48 (post-LN or sandwich norms" in lines["gemma2"]
+
+
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3"])
+def test_learned_matching_stays_in_the_symmetry_group(family):
+    """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
+    (not rotations), no QK rotation for Qwen3; the aligned model computes what it computed before."""
+    a, make_inputs = make_model(family, 0)
+    b, _ = make_model(family, 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    batches = [dict(make_inputs(torch.Generator().manual_seed(i)), labels=torch.tensor([0, 1])) for i in range(2)]
+    if a.config.model_type != "bert":
+        batches = [dict(x, labels=x["input_ids"]) for x in batches]
+    result = symmerge.align(sa, sb, config=a.config, symmetries="all,residual", match="learned", calibration=batches, learn_steps=4)
+    assert max_output_diff(untied(b), sb, result.state_dict, make_inputs) <= TOL

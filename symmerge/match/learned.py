@@ -91,7 +91,8 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
         transform = ModelTransform()
         state = dict(model)
         if "residual" in latents:
-            transform.residual = project("residual", spec.residual.kind)
+            kind = spec.residual.kind  # post-LN / sandwich norms: only permutations are symmetries, not rotations
+            transform.residual = _permutation_matrix(latents["residual"]) if kind == "permutation" else project("residual", kind)
             state = apply_residual(state, spec.residual, transform.residual)
         view = StateView(state)
         for group in spec.ffn:
