@@ -68,6 +68,9 @@ class FamilyTable:
     patch projection), ``stream_vectors`` (post-LN embedding norms). The head: ``lm_head`` (decoders: offered when
     the checkpoint has its LM head, see :func:`_has_lm_head`), else the first present of ``head`` when one of
     ``head_needs`` is present too (a pooler feeding a classifier).
+
+    ``check(config, keys)``: raises for a config the table cannot express (partial rotary, DeBERTa's unshared
+    positional projections) and returns why the residual class is refused ("" when it is not).
     """
 
     layers: tuple[str, ...]
@@ -129,11 +132,14 @@ def config_value(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def model_type(config: Any) -> str:
+    """The config's ``model_type`` (the registry key)."""
     return str(config_value(config, "model_type"))
 
 
 @dataclass(frozen=True)
 class Sizes:
+    """Sizes read from a config: ``heads`` query heads of ``head_dim`` over ``kv_heads`` key/value heads."""
+
     layers: int
     hidden: int
     heads: int
