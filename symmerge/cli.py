@@ -335,24 +335,8 @@ def inspect(
     touched = spec.touched_keys()
     untouched = [k for k in ckpt.shapes() if k not in touched]
     echo(f"{ckpt.path}: {spec.family}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")
-    kv = spec.num_kv_heads or spec.num_heads
-    grouping = f" ({kv} key/value heads, groups of {spec.num_heads // kv})" if kv != spec.num_heads else ""
-    echo(f"  {spec.num_layers} layers, hidden size {spec.hidden_size}, {spec.num_heads} heads of dim {spec.head_dim}{grouping}, FFN width {spec.ffn_width}")
-    rope = any(g.rope for g in spec.attention)
-    layers = len(spec.attention)
-    qk_group = f"SO(2)^{spec.head_dim // 2} (RoPE planes)" if rope else f"O({spec.head_dim})"
-    echo("symmetry groups:")
-    echo(f"  ffn       FFN neuron permutation       {len(spec.ffn)} groups, S_{spec.ffn_width} each")
-    echo(f"  qk        per-KV-head QK rotation      {layers} layers x {kv} heads, {qk_group} each")
-    echo(f"  vo        per-KV-head VO rotation      {layers} layers x {kv} heads, O({spec.head_dim}) each")
-    echo(f"  scale     QK and VO rescaling          {layers} layers x {kv} heads" + (", one per RoPE plane for QK" if rope else ""))
-    echo(f"  heads     head permutation             {layers} groups, S_{kv}" + (f" x (S_{spec.num_heads // kv})^{kv} within groups" if grouping else " each"))
-    if spec.residual is not None:
-        kind = {"orthogonal": f"O({spec.hidden_size})", "centered": f"O({spec.hidden_size}) fixing the all-ones direction",
-                "permutation": f"S_{spec.hidden_size}"}[spec.residual.kind]
-        echo(f"  residual  residual-stream map          1 group, {kind}, after folding {len(spec.residual.norms)} norms")
-    else:
-        echo("  residual  not available for this model (needs a head reading the stream; post-LN: permutations, not yet)")
+    for line in spec.describe():
+        echo(line)
     echo(f"tensors touched by some group: {len(touched)}; left as they are: {len(untouched)} (embeddings, norms, heads...)")
 
 

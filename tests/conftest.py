@@ -72,10 +72,17 @@ def _vit():
     return transformers.ViTForImageClassification(cfg), lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}
 
 
-def _decoder(config_cls, model_cls, kv_heads, **extra):
+def _deberta_classifier():
+    cfg = transformers.DebertaV2Config(num_hidden_layers=2, hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=64,
+                                       max_position_embeddings=32, num_labels=3, relative_attention=True, share_att_key=True,
+                                       pos_att_type=["p2c", "c2p"], position_buckets=8, norm_rel_ebd="layer_norm", type_vocab_size=2)
+    return transformers.DebertaV2ForSequenceClassification(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+
+
+def _decoder(config_cls, model_cls, kv_heads, tie=False, **extra):
     def build():
         cfg = config_cls(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
-                         vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False, **extra)
+                         vocab_size=64, max_position_embeddings=64, tie_word_embeddings=tie, **extra)
         return model_cls(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
     return build
 
@@ -90,7 +97,20 @@ FAMILIES = {
     "llama": _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, 2),  # GQA, RoPE, SwiGLU
     "qwen2": _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 2),  # + Q/K/V biases
     "mistral": _decoder(transformers.MistralConfig, transformers.MistralForCausalLM, 1),  # MQA
+    # fused qkv_proj (q | k | v rows, GQA sizes) and gate_up_proj
+    "phi3": _decoder(transformers.Phi3Config, transformers.Phi3ForCausalLM, 2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # per-head q_norm / k_norm (one gain shared by all heads): no QK map is a symmetry; head_dim ≠ hidden / heads
+    "qwen3": _decoder(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, 2, head_dim=16),
+    # RMSNorm gain 1 + w, embeddings scaled by √d, tied LM head
+    "gemma": _decoder(transformers.GemmaConfig, transformers.GemmaForCausalLM, 2, tie=True, head_dim=16),
+    # + sandwich norms, attention logit soft-capping (small cap so it bites), query_pre_attn_scalar, sliding window
+    "gemma2": _decoder(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 2, head_dim=12, attn_logit_softcapping=2.0,
+                       final_logit_softcapping=3.0, query_pre_attn_scalar=20, sliding_window=6),
+    "deberta-v2-cls": _deberta_classifier,  # disentangled attention (c2p, p2c) with share_att_key; post-LN: residual permutations
 }
+
+
+GAIN_OFFSET_FAMILIES = ("gemma", "gemma2")
 
 
 def make_model(family: str, seed: int = 0):
@@ -101,10 +121,11 @@ def make_model(family: str, seed: int = 0):
     """
     torch.manual_seed(seed)
     model, make_inputs = FAMILIES[family]()
+    gain = 0.0 if model.config.model_type in GAIN_OFFSET_FAMILIES else 1.0  # Gemma's norms scale by 1 + w
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = 0.05 if name.startswith("lm_head") else 0.2 if p.ndim > 1 else 0.1  # logits O(1), like HF's init
-            p.copy_(torch.randn_like(p) * std + (1.0 if p.ndim == 1 and ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight") else 0.0))
+            p.copy_(torch.randn_like(p) * std + (gain if p.ndim == 1 and ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight") else 0.0))
     return model.eval(), make_inputs
 
 

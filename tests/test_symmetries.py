@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from conftest import make_model, max_output_diff
+from conftest import FAMILIES, make_model, max_output_diff
 from safetensors.torch import load_file, save_file
 
 import symmerge
-from symmerge.groups import SYMMETRY_CLASSES, HeadTransform, ModelTransform, apply_transform, random_transform
-from symmerge.spec import spec_for
+from symmerge.groups import SYMMETRY_CLASSES, HeadTransform, ModelTransform, apply_transform, random_orthogonal, random_transform
+from symmerge.groups.heads import plane_rotation_matrix
+from symmerge.groups.residual import apply_residual, fold_norms
+from symmerge.spec import REFUSED, SPEC_BUILDERS, TENSOR_GROUPS, StateView, spec_for
+from symmerge.spec.base import Norm, Slot
 
 TOL = 1e-5
 
@@ -37,6 +41,9 @@ def test_random_element_preserves_function(family, cls):
             random_transform(spec, [cls], seed=1)
         return
     moved = apply_transform(original, spec, random_transform(spec, [cls], seed=1))
+    if cls == "qk" and all(g.qk_fixed for g in spec.attention):  # Qwen3: no QK map is a symmetry, the element is the identity
+        assert symmerge.state_distance(original, moved) == 0.0
+        return
     common = [k for k in original if k in moved]
     assert symmerge.state_distance({k: original[k] for k in common}, {k: moved[k] for k in common}) > 1e-2, "the element must move the parameters"
     assert max_output_diff(untied(model), original, moved, make_inputs) <= TOL
@@ -176,7 +183,20 @@ def test_gqa_forbids_moving_a_query_head_to_another_group():
     assert max_output_diff(model, before, after, make_inputs) <= TOL
 
 
-RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls"]
+RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls", "phi3", "qwen3", "gemma", "gemma2", "deberta-v2-cls"]
+
+
+def test_every_registered_family_is_tested_and_residual_list_is_complete():
+    """The family list comes from the registry: each supported model_type has a tiny model above, and
+    RESIDUAL_FAMILIES is exactly the tiny models whose spec offers the residual class."""
+    tested, with_residual = set(), set()
+    for name in FAMILIES:
+        model, _ = make_model(name)
+        tested.add(model.config.model_type)
+        if spec_for(model.config, model.state_dict().keys()).residual is not None:
+            with_residual.add(name)
+    assert set(SPEC_BUILDERS) <= tested, f"families without a tiny model in conftest.FAMILIES: {set(SPEC_BUILDERS) - tested}"
+    assert with_residual == set(RESIDUAL_FAMILIES)
 
 
 @pytest.mark.parametrize("family", RESIDUAL_FAMILIES)
@@ -188,8 +208,8 @@ def test_folding_norms_preserves_function_and_is_idempotent(family):
     residual = spec_for(model.config, original.keys()).residual
     folded = fold_norms(original, residual)
     assert max_output_diff(untied(model), original, folded, make_inputs) <= TOL
-    for norm in residual.norms:
-        assert torch.all(folded[norm.weight.key] == 1)
+    for norm in residual.norms:  # the folded norm is the identity: gain offset + w = 1 (Gemma stores w = 0)
+        assert torch.all(folded[norm.weight.key] + norm.offset == 1)
     again = fold_norms(folded, residual)
     assert symmerge.state_distance(folded, again) <= 1e-6
 
@@ -231,3 +251,174 @@ def test_activation_matching_recovers_a_scrambled_copy(family):
     assert result.report.relative_after <= TOL
     with pytest.raises(symmerge.SymmergeError, match="calibration data"):
         symmerge.align(original, scrambled, config=model.config, match="activations")
+
+
+def test_qwen3_qk_norms_forbid_qk_rotations():
+    """Why Qwen3's spec fixes QK: q_norm/k_norm apply one elementwise gain (shared by every head) after normalising
+    each head, before RoPE; a QK rotation does not commute with that gain, even a rotation of one RoPE plane."""
+    model, make_inputs = make_model("qwen3")
+
+    def plane_rotation(x, grp):
+        angles = torch.full((grp.kv_heads, grp.head_dim // 2), 0.7, dtype=torch.float64)
+        x.qk_rotation = plane_rotation_matrix(torch.cos(angles), torch.sin(angles))
+
+    before, after = _with_heads(model, plane_rotation)
+    assert max_output_diff(model, before, after, make_inputs) > 1e-3
+    spec = spec_for(model.config, before.keys())
+    assert all(g.qk_fixed for g in spec.attention)
+    x = random_transform(spec, "qk,scale", seed=3).heads[spec.attention[0].name]
+    assert torch.equal(x.qk_rotation, torch.eye(spec.head_dim, dtype=torch.float64).expand_as(x.qk_rotation))
+    assert torch.all(x.qk_scale == 1) and not torch.all(x.vo_scale == 1)
+
+
+def test_qwen3_matching_leaves_qk_alone():
+    """Aligning two unrelated Qwen3 models with qk asked for still returns identity QK maps (and a function-preserving
+    result), while VO is matched."""
+    a, _ = make_model("qwen3", 0)
+    b, make_inputs = make_model("qwen3", 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    result = symmerge.align(sa, sb, config=a.config, symmetries="qk,vo,scale,heads")
+    for x in result.transform.heads.values():
+        assert torch.equal(x.qk_rotation, torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype).expand_as(x.qk_rotation))
+        assert torch.all(x.qk_scale == 1)
+    assert max_output_diff(b, sb, result.state_dict, make_inputs) <= TOL
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_gain_offset_folding_is_exact(family):
+    """Gemma's RMSNorm scales by (1 + w): folding puts (1 + w) into the readers and stores w = 0 (the identity norm).
+    Folding w alone (as if the gain were w) changes the outputs, so the offset is really what makes it exact."""
+    model, make_inputs = make_model(family)
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    if family == "gemma2":  # sandwich norms: permutations only, nothing to fold
+        assert spec.residual.kind == "permutation" and spec.residual.norms == ()
+        return
+    residual = spec.residual
+    assert residual.kind == "orthogonal" and all(n.offset == 1.0 for n in residual.norms)
+    folded = fold_norms(original, residual)
+    assert max_output_diff(untied(model), original, folded, make_inputs) <= TOL
+    assert all(torch.all(folded[n.weight.key] == 0) for n in residual.norms)
+    naive = dataclasses.replace(residual, norms=tuple(Norm(n.weight, n.bias, n.readers, n.reader_biases) for n in residual.norms))
+    assert max_output_diff(untied(model), original, fold_norms(original, naive), make_inputs) > 1e-3
+
+
+def test_gemma2_sandwich_norms_forbid_orthogonal_residual_maps():
+    """Why Gemma-2 offers residual permutations only: its post-attention / post-feedforward norms put a gain on what
+    attention and FFN write into the stream; an orthogonal map does not commute with that gain (no layer after it can
+    absorb it), a permutation does (the gains permute along)."""
+    model, make_inputs = make_model("gemma2")
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    # the best an orthogonal map could do: fold the pre-norms (input, pre-feedforward, final) into their readers
+    pre = []
+    for i, (attn, ffn) in enumerate(zip(spec.attention, spec.ffn)):
+        pre.append(Norm(Slot(f"model.layers.{i}.input_layernorm.weight"), None, (attn.q, attn.k, attn.v), (None,) * 3, 1.0))
+        pre.append(Norm(Slot(f"model.layers.{i}.pre_feedforward_layernorm.weight"), None, ffn.inputs, (None,) * 2, 1.0))
+    pre.append(Norm(Slot("model.norm.weight"), None, (Slot("lm_head.weight"),), (None,), 1.0))
+    writers_side = dataclasses.replace(spec.residual, kind="orthogonal", norms=tuple(pre),
+                                       vectors=tuple(v for v in spec.residual.vectors if "post_" in v.key))
+    folded = fold_norms(original, writers_side)
+    assert max_output_diff(untied(model), original, folded, make_inputs) <= TOL  # folding the pre-norms is exact
+    q = random_orthogonal(spec.hidden_size, 1, torch.Generator().manual_seed(0))[0]
+    no_post = dataclasses.replace(writers_side, vectors=())  # the post-norm gains cannot follow an orthogonal map
+    rotated = apply_residual(folded, no_post, q)
+    assert max_output_diff(untied(model), original, rotated, make_inputs) > 1e-3
+
+
+def test_refused_configs_say_why():
+    import transformers
+
+    phi3 = transformers.Phi3Config(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
+                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.5)
+    keys = transformers.Phi3ForCausalLM(phi3).state_dict().keys()
+    with pytest.raises(symmerge.SymmergeError, match="partial rotary"):
+        spec_for(phi3, keys)
+    kw = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 40, "vocab_size": 20, "num_labels": 2,
+          "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 4}
+    separate = transformers.DebertaV2Config(**kw, share_att_key=False)
+    with pytest.raises(symmerge.SymmergeError, match="share_att_key=False.*pos_key_proj"):
+        spec_for(separate, transformers.DebertaV2ForSequenceClassification(separate).state_dict().keys())
+    conv = transformers.DebertaV2Config(**kw, share_att_key=True, conv_kernel_size=3)
+    spec = spec_for(conv, transformers.DebertaV2ForSequenceClassification(conv).state_dict().keys())
+    assert spec.residual is None and "ConvLayer" in spec.no_residual
+    with pytest.raises(symmerge.SymmergeError, match="not available for this deberta-v2 model: .*ConvLayer"):
+        random_transform(spec, "residual")
+    for family, reason in REFUSED.items():
+        with pytest.raises(symmerge.SymmergeError, match=f"model_type '{family}' is not supported: "):
+            spec_for({"model_type": family}, [])
+        assert reason and "\n" not in reason
+
+
+def test_deberta_disentangled_attention_keeps_qk_maps():
+    """c2p adds q·(W_K r + b_K) and p2c k·(W_Q r + b_Q): with share_att_key a QK rotation of a head cancels in those
+    terms as in q·k (preserved), while rotating Q without K changes them (and the outputs)."""
+    model, make_inputs = make_model("deberta-v2-cls")
+    assert model.config.share_att_key and set(model.config.pos_att_type) == {"p2c", "c2p"}
+
+    def qk_rotation(x, grp):
+        x.qk_rotation = random_orthogonal(grp.head_dim, grp.kv_heads, torch.Generator().manual_seed(0))
+
+    before, after = _with_heads(model, qk_rotation)
+    assert max_output_diff(model, before, after, make_inputs) <= TOL
+    grp = spec_for(model.config, before.keys()).attention[0]
+    view = StateView(before)
+    q = view.get(grp.q)
+    view.set(grp.q, torch.cat([q[: grp.head_dim].flip(0), q[grp.head_dim:]]))  # head 0's Q dims permuted, K left alone
+    assert max_output_diff(model, before, dict(view.state), make_inputs) > 1e-3
+
+
+EXPECTED_TENSOR_GROUPS = {  # layer 0 and the tensors outside the blocks, per family
+    "gpt2": {"transformer.wte.weight": "embeddings", "transformer.wpe.weight": "embeddings", "transformer.h.0.ln_1.weight": "norms",
+             "transformer.h.0.ln_2.bias": "norms", "transformer.h.0.attn.c_attn.weight": "attention", "transformer.h.0.attn.c_attn.bias": "attention",
+             "transformer.h.0.attn.c_proj.bias": "attention", "transformer.h.0.mlp.c_fc.weight": "ffn", "transformer.h.0.mlp.c_proj.bias": "ffn",
+             "transformer.ln_f.bias": "norms", "lm_head.weight": "head"},
+    "llama": {"model.embed_tokens.weight": "embeddings", "model.layers.0.input_layernorm.weight": "norms",
+              "model.layers.0.post_attention_layernorm.weight": "norms", "model.layers.0.self_attn.k_proj.weight": "attention",
+              "model.layers.0.mlp.up_proj.weight": "ffn", "model.layers.0.mlp.down_proj.weight": "ffn", "model.norm.weight": "norms",
+              "lm_head.weight": "head"},
+    "vit": {"vit.embeddings.cls_token": "embeddings", "vit.embeddings.position_embeddings": "embeddings",
+            "vit.embeddings.patch_embeddings.projection.weight": "embeddings", "vit.embeddings.patch_embeddings.projection.bias": "embeddings",
+            "vit.layers.0.layernorm_before.bias": "norms", "vit.layers.0.attention.o_proj.bias": "attention", "vit.layers.0.mlp.fc2.bias": "ffn",
+            "vit.layernorm.weight": "norms", "classifier.weight": "head", "classifier.bias": "head"},
+    "bert": {"embeddings.word_embeddings.weight": "embeddings", "embeddings.token_type_embeddings.weight": "embeddings",
+             "embeddings.LayerNorm.weight": "norms", "encoder.layer.0.attention.self.query.bias": "attention",
+             "encoder.layer.0.attention.output.dense.bias": "attention", "encoder.layer.0.attention.output.LayerNorm.bias": "norms",
+             "encoder.layer.0.intermediate.dense.weight": "ffn", "encoder.layer.0.output.dense.bias": "ffn",
+             "encoder.layer.0.output.LayerNorm.weight": "norms", "pooler.dense.weight": "head"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED_TENSOR_GROUPS))
+def test_tensor_groups_come_from_the_spec(family):
+    """Every tensor is assigned a group from the family's table (no name guessing), on memory and disk names."""
+    model, _ = make_model(family)
+    keys = list(model.state_dict().keys())
+    groups = spec_for(model.config, keys).tensor_groups(keys)
+    assert set(groups) == set(keys) and set(groups.values()) <= set(TENSOR_GROUPS)
+    assert {k: groups[k] for k in EXPECTED_TENSOR_GROUPS[family]} == EXPECTED_TENSOR_GROUPS[family]
+    assert "other" not in groups.values(), [k for k, g in groups.items() if g == "other"]
+
+
+def test_describe_states_every_class_and_the_residual_group():
+    lines = {f: "\n".join(spec_for(m.config, m.state_dict().keys()).describe()) for f in ("bert-cls", "bert", "llama", "qwen3", "gemma2")
+             for m in [make_model(f)[0]]}
+    assert "residual  residual-stream map          1 group, S_48" in lines["bert-cls"]  # post-LN classifiers: permutations
+    assert "residual  not available" in lines["bert"] and "not yet" not in lines["bert-cls"] + lines["bert"]
+    assert "SO(2)^6 (RoPE planes)" in lines["llama"] and "O(48), after folding 5 norms" in lines["llama"]
+    assert "qk        not a symmetry here" in lines["qwen3"] and "(VO only)" in lines["qwen3"]
+    assert "S_48 (post-LN or sandwich norms" in lines["gemma2"]
+
+
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3"])
+def test_learned_matching_stays_in_the_symmetry_group(family):
+    """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
+    (not rotations), no QK rotation for Qwen3; the aligned model computes what it computed before."""
+    a, make_inputs = make_model(family, 0)
+    b, _ = make_model(family, 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    batches = [dict(make_inputs(torch.Generator().manual_seed(i)), labels=torch.tensor([0, 1])) for i in range(2)]
+    if a.config.model_type != "bert":
+        batches = [dict(x, labels=x["input_ids"]) for x in batches]
+    result = symmerge.align(sa, sb, config=a.config, symmetries="all,residual", match="learned", calibration=batches, learn_steps=4)
+    assert max_output_diff(untied(b), sb, result.state_dict, make_inputs) <= TOL

@@ -53,13 +53,14 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
                 x.kv_perm = torch.randperm(kv, generator=g)
                 within = torch.stack([torch.randperm(r, generator=g) for _ in range(kv)])
                 x.perm = group_permutation(x.kv_perm, within, r)
-            if "qk" in chosen:
+            if "qk" in chosen and not grp.qk_fixed:
                 x.qk_rotation = random_plane_rotation(dh, kv, g) if grp.rope else random_orthogonal(dh, kv, g)
             if "vo" in chosen:
                 x.vo_rotation = random_orthogonal(dh, kv, g)
             if "scale" in chosen:
                 # one scale per head, or per rotary plane under RoPE (each plane's score term is preserved alone)
-                x.qk_scale = scales(dh // 2).repeat(1, 2) if grp.rope else scales(1).expand(kv, dh).clone()
+                if not grp.qk_fixed:  # per-head q/k norms: no QK rescaling is a symmetry
+                    x.qk_scale = scales(dh // 2).repeat(1, 2) if grp.rope else scales(1).expand(kv, dh).clone()
                 x.vo_scale = scales(1).expand(kv, dh).clone()
             out.heads[grp.name] = x
     return out

@@ -19,8 +19,9 @@ from symmerge.spec.base import ResidualGroup, StateView
 
 
 def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> dict[str, torch.Tensor]:
-    """Fold every norm's gain ``γ`` (and bias ``β``) into its readers: ``W → W diag(γ)``, ``b → b + W β``; the norm
-    keeps ``γ = 1`` and ``β = 0`` — or ``β/γ`` where a reader has no bias to absorb it (GPT-2's LM head)."""
+    """Fold every norm's gain ``γ = offset + w`` (and bias ``β``) into its readers: ``W → W diag(γ)``,
+    ``b → b + W β``; the norm keeps ``γ = 1`` (stored ``w = 1 − offset``: 0 for Gemma's ``1 + w``) and ``β = 0`` —
+    or ``β/γ`` where a reader has no bias to absorb it (GPT-2's LM head)."""
     view = StateView(state)
     if residual.tied is not None:
         head, embedding = residual.tied
@@ -29,7 +30,7 @@ def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> di
             view.state[head] = view.stored(embedding).clone()
             view._owned.add(head)
     for norm in residual.norms:
-        gamma = view.get(norm.weight)
+        gamma = view.get(norm.weight) + norm.offset
         beta = view.get(norm.bias) if norm.bias else None
         keep_beta = False
         for reader, reader_bias in zip(norm.readers, norm.reader_biases):
@@ -46,7 +47,7 @@ def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> di
             view.set(norm.bias, beta / gamma)
         elif norm.bias:
             view.set(norm.bias, torch.zeros_like(beta))
-        view.set(norm.weight, torch.ones_like(gamma))
+        view.set(norm.weight, torch.full_like(gamma, 1.0 - norm.offset))
     return dict(view.state)
 
 

@@ -56,10 +56,13 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
 
 
 def require_residual(spec: ModelSpec) -> ResidualGroup:
+    """The spec's residual group, or a one-line error saying why this model has none."""
+    if spec.residual is None and spec.no_residual:
+        raise SymmergeError(f"residual-stream alignment is not available for this {spec.family} model: {spec.no_residual}")
     if spec.residual is None:
         raise SymmergeError(
             f"residual-stream alignment is not available for this {spec.family} model: it needs the head that reads the stream "
-            "(LLaMA-family and GPT-2 LMs, ViT image classifiers, BERT/RoBERTa sequence classifiers); a bare encoder's output is the stream itself"
+            "(decoder LMs, ViT image classifiers, BERT/RoBERTa/DeBERTa-v2 sequence classifiers); a bare encoder's output is the stream itself"
         )
     return spec.residual
 

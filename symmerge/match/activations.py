@@ -115,7 +115,8 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
             transform.heads[g.name], details[g.name] = match_heads(
                 _head_activations(ref_acts, g_live.name, h, kv, dh, o_ref, o_scale),
                 _head_activations(model_acts, g_live.name, h, kv, dh, o_model, o_scale),
-                qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope)
+                qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope,
+                qk_fixed=g.qk_fixed)
     return transform, details
 
 

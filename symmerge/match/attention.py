@@ -156,14 +156,19 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
 
 
 def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: bool, scale: bool, heads: bool,
-                rope: bool = False) -> tuple[HeadTransform, dict]:
+                rope: bool = False, qk_fixed: bool = False) -> tuple[HeadTransform, dict]:
     """The :class:`HeadTransform` that brings ``model``'s heads closest to ``reference``'s, and details for the report.
 
     ``scale`` rescales whichever of QK/VO is rotated (both when neither is). ``rope``: QK may only rotate (and
     scale) each rotary plane. Head permutation is solved first (exactly for MHA), then rotation and scale per
-    matched KV head, all heads at once.
+    matched KV head, all heads at once. ``qk_fixed``: no QK rotation or rescaling is a symmetry of this layer
+    (Qwen3's per-head q/k norms), so QK stays the identity whatever ``qk`` and ``scale`` ask; ``scale`` then
+    rescales VO.
     """
     h, kv, dh = model.num_heads, model.num_kv_heads, model.head_dim
+    scale_qk = scale and (qk or not vo) and not qk_fixed
+    scale_vo = scale and (vo or not qk or qk_fixed)
+    qk = qk and not qk_fixed
     x = HeadTransform.identity(h, dh, torch.float64, kv)
     details: dict = {}
     qk_kind = ("planes" if rope else "orthogonal") if qk else "none"
@@ -174,8 +179,6 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
         only_perm = HeadTransform.identity(h, dh, num_kv_heads=kv)
         only_perm.perm, only_perm.kv_perm = x.perm, x.kv_perm
         model = transform_heads(model, only_perm)
-    scale_qk = scale and (qk or not vo)
-    scale_vo = scale and (vo or not qk)
     for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", vo_blocks, vo, scale_vo)):
         if not (rotate or rescale):
             continue

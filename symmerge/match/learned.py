@@ -84,8 +84,10 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
         scores = torch.zeros(len(perm), len(perm))
         scores[torch.arange(len(perm)), perm] = 1.0
         latents[f"ffn/{name}"] = scores.requires_grad_(True)
+    qk_fixed = {g.name for g in spec.attention if g.qk_fixed}  # no QK rotation is a symmetry there: keep init's (identity)
     for name, x in init.heads.items():
-        latents[f"qk/{name}"] = x.qk_rotation.float().clone().requires_grad_(True)
+        if name not in qk_fixed:
+            latents[f"qk/{name}"] = x.qk_rotation.float().clone().requires_grad_(True)
         latents[f"vo/{name}"] = x.vo_rotation.float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam(latents.values(), lr=lr)
     rope = {g.name: g.rope for g in spec.attention}
@@ -95,7 +97,8 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
         transform = ModelTransform()
         state = dict(model)
         if "residual" in latents:
-            transform.residual = project("residual", spec.residual.kind)
+            kind = spec.residual.kind  # post-LN / sandwich norms: only permutations are symmetries, not rotations
+            transform.residual = _permutation_matrix(latents["residual"]) if kind == "permutation" else project("residual", kind)
             state = apply_residual(state, spec.residual, transform.residual)
         view = StateView(state)
         for group in spec.ffn:
@@ -106,7 +109,8 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
         for group in spec.attention:
             if group.name in init.heads:
                 x = init.heads[group.name]
-                x = HeadTransform(x.perm, x.kv_perm, project(f"qk/{group.name}", "planes" if rope[group.name] else "orthogonal"), x.qk_scale.float(),
+                qk = x.qk_rotation.float() if group.name in qk_fixed else project(f"qk/{group.name}", "planes" if rope[group.name] else "orthogonal")
+                x = HeadTransform(x.perm, x.kv_perm, qk, x.qk_scale.float(),
                                   project(f"vo/{group.name}", "orthogonal"), x.vo_scale.float())
                 transform.heads[group.name] = x
                 apply_to_group(view, group, ModelTransform(heads={group.name: x}))

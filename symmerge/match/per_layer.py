@@ -70,7 +70,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
                 transform.heads[group.name], details[group.name] = match_heads(
                     read_heads(ref_view, group), read_heads(model_view, group),
                     qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
-                    rope=group.rope,
+                    rope=group.rope, qk_fixed=group.qk_fixed,
                 )
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start

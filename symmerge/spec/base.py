@@ -16,6 +16,9 @@ import torch
 
 from symmerge.errors import SymmergeError
 
+TENSOR_GROUPS = ("embeddings", "attention", "ffn", "norms", "head", "other")
+"""What :meth:`ModelSpec.tensor_groups` assigns each tensor to."""
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -55,7 +58,10 @@ class AttentionGroup:
     Head ``h`` owns rows ``[h·d_h, (h+1)·d_h)`` of Q (and its bias) and the same columns of O; KV head ``g`` owns
     rows ``[g·d_h, (g+1)·d_h)`` of K and V. ``num_kv_heads`` < ``num_heads`` is GQA/MQA (0: same as
     ``num_heads``). ``rope``: rotary position embeddings in HF's ``rotate_half`` layout, which restricts QK to
-    per-plane rotations. Missing biases are treated as zero.
+    per-plane rotations. Missing biases are treated as zero. ``qk_fixed``: no QK rotation or rescaling is a
+    symmetry (Qwen3 normalises every query and key head by RMSNorm with one gain shared by all heads, before RoPE:
+    the gain does not commute with a rotation, and the norm's ε makes a rescaling inexact); VO transforms and head
+    permutations still are.
     """
 
     name: str
@@ -70,6 +76,7 @@ class AttentionGroup:
     v_bias: Slot | None = None
     num_kv_heads: int = 0
     rope: bool = False
+    qk_fixed: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -81,12 +88,16 @@ class AttentionGroup:
 
 @dataclass(frozen=True)
 class Norm:
-    """A normalisation layer and the linear layers that read its output (to fold its gain and bias into)."""
+    """A normalisation layer and the linear layers that read its output (to fold its gain and bias into).
+
+    The gain is ``offset + weight`` (Gemma's RMSNorm scales by ``1 + w``: ``offset`` 1), so the identity norm
+    stores ``1 − offset``."""
 
     weight: Slot
     bias: Slot | None
     readers: tuple[Slot, ...]  # canonical out×d
     reader_biases: tuple[Slot | None, ...]  # one per reader (None: the reader has no bias)
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,8 @@ class ModelSpec:
     attention: tuple[AttentionGroup, ...] = field(default=())
     num_kv_heads: int = 0
     residual: ResidualGroup | None = None
+    no_residual: str = ""  # why the residual class is not offered although a head reads the stream ("" otherwise)
+    roles: tuple[tuple[str, str], ...] = ()  # (key, or module ending in ".") → tensor group, for tensors no group names
 
     def shape(self) -> dict[str, object]:
         """The values two models must share to be aligned, in the order they are checked."""
@@ -147,6 +160,50 @@ class ModelSpec:
 
     def touched_keys(self) -> set[str]:
         return {s.key for g in self.groups() for s in g.slots()}
+
+    def tensor_groups(self, keys: Iterable[str]) -> dict[str, str]:
+        """Each key → one of :data:`TENSOR_GROUPS`: the symmetry groups decide attention and FFN, the family's
+        table names embeddings, norms and heads (``roles``); anything else is ``"other"``."""
+        owner = {s.key: "attention" for g in self.attention for s in g.slots()}
+        owner.update({s.key: "ffn" for g in self.ffn for s in g.slots()})
+        return {k: owner.get(k) or self._role(k) for k in keys}
+
+    def _role(self, key: str) -> str:
+        """The first ``roles`` rule that matches ``key`` (a module pattern ends in ``.``), else ``"other"``."""
+        return next((role for pattern, role in self.roles if key == pattern or pattern.endswith(".") and key.startswith(pattern)), "other")
+
+    def describe(self) -> list[str]:
+        """The lines ``symmerge inspect`` prints: sizes, then one line per symmetry class with its group."""
+        kv, dh, layers = self.num_kv_heads or self.num_heads, self.head_dim, len(self.attention)
+        grouped = kv != self.num_heads
+        grouping = f" ({kv} key/value heads, groups of {self.num_heads // kv})" if grouped else ""
+        rope = any(g.rope for g in self.attention)
+        qk_fixed = any(g.qk_fixed for g in self.attention)
+        qk_group = f"SO(2)^{dh // 2} (RoPE planes)" if rope else f"O({dh})"
+        lines = [
+            f"  {self.num_layers} layers, hidden size {self.hidden_size}, {self.num_heads} heads of dim {dh}{grouping}, FFN width {self.ffn_width}",
+            "symmetry groups:",
+            f"  ffn       FFN neuron permutation       {len(self.ffn)} groups, S_{self.ffn_width} each",
+            "  qk        not a symmetry here          per-head q/k norms: a QK rotation or rescaling changes the outputs" if qk_fixed
+            else f"  qk        per-KV-head QK rotation      {layers} layers x {kv} heads, {qk_group} each",
+            f"  vo        per-KV-head VO rotation      {layers} layers x {kv} heads, O({dh}) each",
+            f"  scale     QK and VO rescaling          {layers} layers x {kv} heads"
+            + (" (VO only)" if qk_fixed else ", one per RoPE plane for QK" if rope else ""),
+            f"  heads     head permutation             {layers} groups, S_{kv}"
+            + (f" x (S_{self.num_heads // kv})^{kv} within groups" if grouped else " each"),
+        ]
+        return lines + [self._describe_residual()]
+
+    def _describe_residual(self) -> str:
+        """The residual line: its group and how many norms are folded first, or why it is not offered."""
+        if self.residual is None:
+            why = self.no_residual or "needs a head reading the stream; a bare model's output is the stream itself"
+            return f"  residual  not available for this model ({why})"
+        d = self.hidden_size
+        kind = {"orthogonal": f"O({d})", "centered": f"O({d}) fixing the all-ones direction",
+                "permutation": f"S_{d} (post-LN or sandwich norms: permutations only)"}[self.residual.kind]
+        folded = f", after folding {len(self.residual.norms)} norms" if self.residual.norms else ""
+        return f"  residual  residual-stream map          1 group, {kind}{folded}"
 
 
 class StateView:

@@ -1,18 +1,123 @@
-"""Per-architecture symmetry specs: the only place that knows tensor names.
+"""Per-architecture symmetry specs as data: the only place that knows tensor names.
 
-Each builder reads sizes from the model's config (nothing hard-coded) and resolves names against the state
-dict's keys, so the same spec works on a ``model.safetensors`` file and on a live module's ``state_dict()`` (for
-ViT, transformers 5.x renamed the in-memory tensors but still writes the legacy names to disk).
+A Hugging Face family whose blocks are standard (Q/K/V/O projections, possibly fused; an FFN with one input
+projection, gate+up, or a fused gate|up; pre-LN, post-LN or sandwich norms) is one :class:`FamilyTable` of
+tensor-name templates plus flags. :func:`build_spec` turns a table, a config (sizes, never hard-coded) and the
+state dict's keys (bias presence, the model's prefix, the head) into a :class:`ModelSpec`, residual group included
+where the family allows it. The same table works on a ``model.safetensors`` file and on a live module's
+``state_dict()``; ViT has two tables because transformers 5.x renamed its in-memory tensors but still writes the
+legacy names to disk.
+
+Quirks stay small and local: GPT-2's ``Conv1D`` (``transposed``) with a fused ``c_attn``; ViT's two naming
+schemes; post-LN encoders (BERT, RoBERTa, DeBERTa-v2) offer residual *permutations* only, and only when a head
+reads the stream (sequence classifiers); config checks that refuse what a table cannot express
+(:data:`REFUSED`, :func:`_rotary_check`, :func:`_deberta_check`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
 from symmerge.errors import SymmergeError
-from symmerge.spec.base import AttentionGroup, FFNGroup, ModelSpec, Norm, ResidualGroup, Slot, find_prefix
+from symmerge.spec.base import (
+    AttentionGroup,
+    FFNGroup,
+    ModelSpec,
+    Norm,
+    ResidualGroup,
+    Slot,
+    find_prefix,
+)
+
+REFUSED: dict[str, str] = {
+    "t5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
+    "mt5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
+    "umt5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
+    "gpt_neox": "partial rotary embeddings (rotary_pct) leave part of each head unrotated, and Q/K/V are interleaved per head",
+    "phi": "partial rotary embeddings leave part of each head unrotated (and attention and MLP read one shared LayerNorm)",
+    "stablelm": "partial rotary embeddings leave part of each head unrotated",
+    "bloom": "ALiBi gives every head its own fixed slope, so heads cannot be permuted",
+    "deberta": "DeBERTa (v1) fuses Q|K|V per head in in_proj with separate q_bias/v_bias; only deberta-v2 is supported",
+}
+"""Families a table cannot express, with the reason (for the README and the error message)."""
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    """One family's tensor names and flags.
+
+    Templates: ``layer`` names a block, formatted with ``prefix`` (the model's root, found from the keys: ``""``,
+    ``"bert."``, ``"model."``...) and ``i``; module names (``q``, ``ffn_in``, norms...) are relative to the block;
+    ``final_norm``, ``embeddings``, ``embedding_writer``, ``stream_vectors`` are relative to the root; ``head``,
+    ``head_needs`` and ``head_modules`` are full keys/modules where ``{prefix}`` may appear.
+
+    Attention: ``q, k, v, o`` modules, or ``qkv`` (one fused module, canonical rows ``q | k | v`` with GQA sizes).
+    FFN: ``ffn_in`` modules (gate and up move together), or ``gate_up`` (fused, rows ``gate | up``), and ``ffn_out``.
+    Biases are whatever ``<module>.bias`` keys exist. ``transposed``: Conv1D storage (in×out).
+
+    Norms: ``norm`` ``"layernorm"`` (weight and bias) or ``"rmsnorm"`` (weight), gain ``norm_offset + weight``
+    (Gemma: 1). ``placement``: ``"pre"`` (``attn_norm`` → attention, ``ffn_norm`` → FFN, ``final_norm`` → head);
+    ``"post"`` (BERT: ``attn_norm``/``ffn_norm`` normalise the stream after each residual add); ``"sandwich"``
+    (Gemma-2: pre norms plus ``attn_out_norm``/``ffn_out_norm`` on what attention and FFN write).
+    ``head_norms``: per-head norms inside attention (Qwen3's ``q_norm``/``k_norm``), touched by no group.
+
+    Residual stream: ``embeddings`` (stream on the last axis; missing ones skipped), ``embedding_writer`` (ViT's
+    patch projection), ``stream_vectors`` (post-LN embedding norms). The head: ``lm_head`` (decoders: offered when
+    the checkpoint has its LM head, see :func:`_has_lm_head`), else the first present of ``head`` when one of
+    ``head_needs`` is present too (a pooler feeding a classifier).
+
+    ``check(config, keys)``: raises for a config the table cannot express (partial rotary, DeBERTa's unshared
+    positional projections) and returns why the residual class is refused ("" when it is not).
+    """
+
+    layers: tuple[str, ...]
+    hidden: tuple[str, ...]
+    heads: tuple[str, ...]
+    ffn_width: tuple[str, ...]
+    layer: str
+    o: str
+    ffn_out: str
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    qkv: str = ""
+    ffn_in: tuple[str, ...] = ()
+    gate_up: str = ""
+    kv_heads: tuple[str, ...] = ()
+    head_dim: tuple[str, ...] = ()
+    ffn_default: int = 0
+    transposed: bool = False
+    rope: bool = False
+    qk_fixed: bool = False
+    norm: str = "layernorm"
+    norm_offset: float = 0.0
+    placement: str = "pre"
+    attn_norm: str = ""
+    ffn_norm: str = ""
+    attn_out_norm: str = ""
+    ffn_out_norm: str = ""
+    final_norm: str = ""
+    head_norms: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    embedding_flatten: str | None = None
+    embedding_writer: str = ""
+    stream_vectors: tuple[str, ...] = ()
+    lm_head: bool = False
+    tie_default: bool = False
+    head: tuple[str, ...] = ()
+    head_needs: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+    check: Callable[[Any, Collection[str]], str] | None = None
+
+    def anchor(self) -> str:
+        """The key suffix that locates the model's root: block 0's first attention projection weight."""
+        return f"{self.layer.format(prefix='', i=0)}.{self.qkv or self.q}.weight"
+
+
+# ---------------------------------------------------------------------------------------------------- config
 
 
 def config_value(config: Any, *names: str, default: Any = None) -> Any:
@@ -27,163 +132,193 @@ def config_value(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def model_type(config: Any) -> str:
+    """The config's ``model_type`` (the registry key)."""
     return str(config_value(config, "model_type"))
 
 
-def _sizes(config: Any, layers: tuple[str, ...], hidden: tuple[str, ...], heads: tuple[str, ...]) -> tuple[int, int, int, int]:
-    num_layers = int(config_value(config, *layers))
-    hidden_size = int(config_value(config, *hidden))
-    num_heads = int(config_value(config, *heads))
-    if hidden_size % num_heads:
-        raise SymmergeError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
-    return num_layers, hidden_size, num_heads, hidden_size // num_heads
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes read from a config: ``heads`` query heads of ``head_dim`` over ``kv_heads`` key/value heads."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_width: int
 
 
-def _require_prefix(keys: Collection[str], suffix: str, family: str) -> str:
-    prefix = find_prefix(keys, suffix)
-    if prefix is None:
-        raise SymmergeError(f"no tensor named like '*{suffix}' in the checkpoint: is this really a {family} model?")
-    return prefix
+def read_sizes(table: FamilyTable, config: Any) -> Sizes:
+    """Sizes from the config keys the table names. ``head_dim`` defaults to ``hidden / heads`` (which must divide),
+    ``kv_heads`` to ``heads`` (which it must divide), the FFN width to ``ffn_default · hidden``."""
+    d, h = int(config_value(config, *table.hidden)), int(config_value(config, *table.heads))
+    dh = config_value(config, *table.head_dim, default=0) if table.head_dim else 0
+    if not dh and d % h:
+        raise SymmergeError(f"hidden size {d} is not divisible by {h} heads")
+    kv = int(config_value(config, *table.kv_heads, default=h)) if table.kv_heads else h
+    if h % kv:
+        raise SymmergeError(f"{h} attention heads cannot be grouped over {kv} key/value heads")
+    ffn = int(config_value(config, *table.ffn_width, default=table.ffn_default * d or None))
+    return Sizes(int(config_value(config, *table.layers)), d, h, kv, int(dh) or d // h, ffn)
 
 
-def _linear(name: str) -> tuple[Slot, Slot]:
-    return Slot(f"{name}.weight"), Slot(f"{name}.bias")
+def _rotary_check(config: Any, keys: Collection[str]) -> str:
+    """RoPE tables assume every dimension of a head is rotated (``rotate_half`` planes ``(i, i + d_h/2)``)."""
+    fraction = config_value(config, "partial_rotary_factor", default=0.0)
+    for name in ("rope_parameters", "rope_scaling"):
+        extra = config_value(config, name, default={})
+        if not fraction and isinstance(extra, Mapping):
+            fraction = extra.get("partial_rotary_factor") or 0.0
+    if fraction and float(fraction) != 1.0:
+        raise SymmergeError(f"partial rotary embeddings (partial_rotary_factor={fraction}) are not supported: the unrotated "
+                            "dimensions of a head admit other QK maps than the rotated ones")
+    return ""
 
 
-def encoder_spec(config: Any, keys: Collection[str], family: str, layout: Callable[[str, int], dict[str, str]]) -> ModelSpec:
-    """BERT-style blocks (``nn.Linear`` with biases): ``layout(prefix, i)`` names the q/k/v/o/ffn_in/ffn_out modules."""
-    num_layers, d, h, dh = _sizes(config, ("num_hidden_layers",), ("hidden_size",), ("num_attention_heads",))
-    ffn_width = int(config_value(config, "intermediate_size"))
-    prefix = _require_prefix(keys, layout("", 0)["q"] + ".weight", family)
-    ffn, attention = [], []
-    for i in range(num_layers):
-        names = layout(prefix, i)
-        (q, qb), (k, kb), (v, vb) = _linear(names["q"]), _linear(names["k"]), _linear(names["v"])
-        attention.append(AttentionGroup(f"layer{i}.attention", h, dh, q, k, v, Slot(names["o"] + ".weight"), qb, kb, vb))
-        w_in, b_in = _linear(names["ffn_in"])
-        ffn.append(FFNGroup(f"layer{i}.ffn", ffn_width, (w_in,), (b_in,), (Slot(names["ffn_out"] + ".weight"),)))
-    return ModelSpec(family, num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention))
+def _deberta_check(config: Any, keys: Collection[str]) -> str:
+    """DeBERTa-v2's disentangled attention adds ``q·(W_K r + b_K)`` (c2p) and ``k·(W_Q r + b_Q)`` (p2c) for relative
+    position embeddings ``r``: with ``share_att_key`` they go through the same Q/K projections, so a per-head QK
+    rotation and rescaling (and head permutations) still cancel. Returns why the residual class is not offered."""
+    relative = bool(config_value(config, "relative_attention", default=False))
+    pos_types = config_value(config, "pos_att_type", default=()) or ()
+    if isinstance(pos_types, str):
+        pos_types = [t.strip() for t in pos_types.lower().split("|")]
+    if relative and pos_types and not config_value(config, "share_att_key", default=False):
+        raise SymmergeError("deberta-v2 with share_att_key=False is not supported: its separate positional projections "
+                            "(pos_key_proj, pos_query_proj) would have to move with the per-head QK transforms")
+    if int(config_value(config, "conv_kernel_size", default=0)) > 0:
+        return "DeBERTa-v2's ConvLayer (conv_kernel_size > 0) reads and writes the stream through a convolution symmerge does not permute"
+    embedding_size = config_value(config, "embedding_size", default=0)
+    if embedding_size and int(embedding_size) != int(config_value(config, "hidden_size")):
+        return "the embeddings are narrower than the stream (embed_proj), which symmerge does not map"
+    return ""
 
 
-def _bert_layout(prefix: str, i: int) -> dict[str, str]:
-    layer = f"{prefix}encoder.layer.{i}"
-    return {
-        "q": f"{layer}.attention.self.query",
-        "k": f"{layer}.attention.self.key",
-        "v": f"{layer}.attention.self.value",
-        "o": f"{layer}.attention.output.dense",
-        "ffn_in": f"{layer}.intermediate.dense",
-        "ffn_out": f"{layer}.output.dense",
-    }
+# ---------------------------------------------------------------------------------------------------- tables
+
+_DECODER_SIZES = {"layers": ("num_hidden_layers",), "hidden": ("hidden_size",), "heads": ("num_attention_heads",),
+                  "ffn_width": ("intermediate_size",), "kv_heads": ("num_key_value_heads",), "head_dim": ("head_dim",)}
+_LLAMA = {**_DECODER_SIZES, "layer": "{prefix}layers.{i}", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+          "o": "self_attn.o_proj", "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj", "rope": True,
+          "check": _rotary_check, "norm": "rmsnorm", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "final_norm": "norm", "embeddings": ("embed_tokens.weight",), "lm_head": True, "head_modules": ("lm_head.", "score.")}
+_ENCODER_SIZES = {"layers": ("num_hidden_layers",), "hidden": ("hidden_size",), "heads": ("num_attention_heads",),
+                  "ffn_width": ("intermediate_size",)}
+_BERT_BLOCK = {"layer": "{prefix}encoder.layer.{i}", "o": "attention.output.dense", "ffn_in": ("intermediate.dense",),
+               "ffn_out": "output.dense", "placement": "post", "attn_norm": "attention.output.LayerNorm", "ffn_norm": "output.LayerNorm",
+               "head_modules": ("{prefix}pooler.", "pooler.", "classifier.", "cls.", "lm_head.", "lm_predictions.")}
+_BERT = {**_ENCODER_SIZES, **_BERT_BLOCK, "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+         "embeddings": tuple(f"embeddings.{n}.weight" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")),
+         "stream_vectors": ("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"),
+         "head": ("{prefix}pooler.dense.weight", "classifier.dense.weight"), "head_needs": ("classifier.weight", "classifier.out_proj.weight")}
+_VIT = {**_ENCODER_SIZES, "final_norm": "layernorm", "embeddings": ("embeddings.cls_token", "embeddings.position_embeddings"),
+        "embedding_flatten": "leading", "embedding_writer": "embeddings.patch_embeddings.projection", "head": ("classifier.weight",),
+        "head_modules": ("classifier.", "{prefix}pooler."), "attn_norm": "layernorm_before", "ffn_norm": "layernorm_after"}
+
+TABLES: dict[str, tuple[FamilyTable, ...]] = {
+    "bert": (FamilyTable(**_BERT),),
+    "roberta": (FamilyTable(**_BERT),),
+    "vit": (  # on-disk names first, then transformers 5.x in-memory names
+        FamilyTable(**_VIT, layer="{prefix}encoder.layer.{i}", q="attention.attention.query", k="attention.attention.key",
+                    v="attention.attention.value", o="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense"),
+        FamilyTable(**_VIT, layer="{prefix}layers.{i}", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                    o="attention.o_proj", ffn_in=("mlp.fc1",), ffn_out="mlp.fc2"),
+    ),
+    "gpt2": (FamilyTable(layers=("n_layer", "num_hidden_layers"), hidden=("n_embd", "hidden_size"), heads=("n_head", "num_attention_heads"),
+                         ffn_width=("n_inner",), ffn_default=4, layer="{prefix}h.{i}", qkv="attn.c_attn", o="attn.c_proj",
+                         ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj", transposed=True, attn_norm="ln_1", ffn_norm="ln_2", final_norm="ln_f",
+                         embeddings=("wte.weight", "wpe.weight"), lm_head=True, tie_default=True, head_modules=("lm_head.", "score.")),),
+    "llama": (FamilyTable(**_LLAMA),),
+    "mistral": (FamilyTable(**_LLAMA),),
+    "qwen2": (FamilyTable(**_LLAMA),),
+    "qwen3": (FamilyTable(**_LLAMA, qk_fixed=True, head_norms=("self_attn.q_norm", "self_attn.k_norm")),),
+    "phi3": (FamilyTable(**{**_LLAMA, "q": "", "k": "", "v": "", "ffn_in": ()}, qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),),
+    "gemma": (FamilyTable(**_LLAMA, norm_offset=1.0, tie_default=True),),
+    "gemma2": (FamilyTable(**{**_LLAMA, "ffn_norm": "pre_feedforward_layernorm"}, norm_offset=1.0, tie_default=True, placement="sandwich",
+                           attn_out_norm="post_attention_layernorm", ffn_out_norm="post_feedforward_layernorm"),),
+    "deberta-v2": (FamilyTable(**{**_ENCODER_SIZES, **_BERT_BLOCK}, head_dim=("attention_head_size",), q="attention.self.query_proj",
+                               k="attention.self.key_proj", v="attention.self.value_proj", check=_deberta_check,
+                               embeddings=(*_BERT["embeddings"], "encoder.rel_embeddings.weight"),
+                               stream_vectors=(*_BERT["stream_vectors"], "encoder.LayerNorm.weight", "encoder.LayerNorm.bias"),
+                               head=("pooler.dense.weight",), head_needs=("classifier.weight",)),),
+}
+"""model_type → its tables (alternative naming schemes, tried in order)."""
 
 
-def _vit_file_layout(prefix: str, i: int) -> dict[str, str]:
-    layer = f"{prefix}encoder.layer.{i}"
-    return {
-        "q": f"{layer}.attention.attention.query",
-        "k": f"{layer}.attention.attention.key",
-        "v": f"{layer}.attention.attention.value",
-        "o": f"{layer}.attention.output.dense",
-        "ffn_in": f"{layer}.intermediate.dense",
-        "ffn_out": f"{layer}.output.dense",
-    }
+# ---------------------------------------------------------------------------------------------------- builder
 
 
-def _vit_module_layout(prefix: str, i: int) -> dict[str, str]:
-    layer = f"{prefix}layers.{i}"
-    return {
-        "q": f"{layer}.attention.q_proj",
-        "k": f"{layer}.attention.k_proj",
-        "v": f"{layer}.attention.v_proj",
-        "o": f"{layer}.attention.o_proj",
-        "ffn_in": f"{layer}.mlp.fc1",
-        "ffn_out": f"{layer}.mlp.fc2",
-    }
+def _weight(table: FamilyTable, module: str, rows: tuple[int, int] | None = None) -> Slot:
+    """A projection's canonical out×in weight (transposed back from Conv1D storage; ``rows`` of a fused one)."""
+    return Slot(f"{module}.weight", transposed=table.transposed, rows=rows)
 
 
-def bert_spec(config: Any, keys: Collection[str]) -> ModelSpec:
-    """BERT / RoBERTa (post-LN, biases everywhere). Post-LN normalises the stream itself, so only residual
-    *permutations* are symmetries (LayerNorm gains and biases permute along); offered for sequence classifiers,
-    whose head reads the stream through ``pooler.dense`` (BERT) or ``classifier.dense`` (RoBERTa)."""
-    spec = encoder_spec(config, keys, model_type(config), _bert_layout)
-    prefix = _require_prefix(keys, _bert_layout("", 0)["q"] + ".weight", spec.family)
-    head = next((h for h in (f"{prefix}pooler.dense.weight", "classifier.dense.weight") if h in keys), None)
-    if head is None or "classifier.weight" not in keys and "classifier.out_proj.weight" not in keys:
-        return spec
-    readers, writers, vectors = [Slot(head)], [], []
-    emb = f"{prefix}embeddings"
-    embeddings = tuple(Slot(f"{emb}.{n}.weight") for n in ("word_embeddings", "position_embeddings", "token_type_embeddings") if f"{emb}.{n}.weight" in keys)
-    vectors += [Slot(f"{emb}.LayerNorm.weight"), Slot(f"{emb}.LayerNorm.bias")]
-    for i in range(spec.num_layers):
-        names, layer = _bert_layout(prefix, i), f"{prefix}encoder.layer.{i}"
-        readers += [Slot(names[n] + ".weight") for n in ("q", "k", "v", "ffn_in")]
-        writers += [Slot(names[n] + ".weight") for n in ("o", "ffn_out")]
-        vectors += [Slot(names[n] + ".bias") for n in ("o", "ffn_out")]
-        vectors += [Slot(f"{layer}.{ln}.LayerNorm.{p}") for ln in ("attention.output", "output") for p in ("weight", "bias")]
-    residual = ResidualGroup("permutation", spec.hidden_size, embeddings, tuple(readers), tuple(writers), tuple(vectors), ())
-    return replace(spec, residual=residual)
+def _bias(keys: Collection[str], module: str, rows: tuple[int, int] | None = None) -> Slot | None:
+    """A projection's bias, if the checkpoint has one (missing biases act as zero)."""
+    return Slot(f"{module}.bias", rows=rows) if f"{module}.bias" in keys else None
 
 
-def vit_spec(config: Any, keys: Collection[str]) -> ModelSpec:
-    """ViT, with either the on-disk names (``encoder.layer.i.attention.attention.query``) or transformers 5.x
-    in-memory names (``layers.i.attention.q_proj``). Pre-LN: the residual stream admits the orthogonal maps that fix
-    the all-ones direction once the LayerNorms are folded (needs the classifier head)."""
-    on_disk = find_prefix(keys, _vit_file_layout("", 0)["q"] + ".weight") is not None
-    layout = _vit_file_layout if on_disk else _vit_module_layout
-    spec = encoder_spec(config, keys, "vit", layout)
-    prefix = _require_prefix(keys, layout("", 0)["q"] + ".weight", "vit")
-    if "classifier.weight" not in keys:
-        return spec
-    before, after = ("layernorm_before", "layernorm_after")
-    root = prefix
-    layers = [f"{prefix}encoder.layer.{i}" if on_disk else f"{prefix}layers.{i}" for i in range(spec.num_layers)]
-    readers, writers, vectors, norms = [], [], [], []
-    for i, layer in enumerate(layers):
-        names = layout(prefix, i)
-        qkv = [names[n] for n in "qkv"]
-        readers += [Slot(f"{n}.weight") for n in qkv] + [Slot(names["ffn_in"] + ".weight")]
-        writers += [Slot(names["o"] + ".weight"), Slot(names["ffn_out"] + ".weight")]
-        vectors += [Slot(names["o"] + ".bias"), Slot(names["ffn_out"] + ".bias"), Slot(f"{layer}.{before}.bias"), Slot(f"{layer}.{after}.bias")]
-        norms.append(Norm(Slot(f"{layer}.{before}.weight"), Slot(f"{layer}.{before}.bias"),
-                          tuple(Slot(f"{n}.weight") for n in qkv), tuple(Slot(f"{n}.bias") for n in qkv)))
-        norms.append(Norm(Slot(f"{layer}.{after}.weight"), Slot(f"{layer}.{after}.bias"),
-                          (Slot(names["ffn_in"] + ".weight"),), (Slot(names["ffn_in"] + ".bias"),)))
-    emb = f"{root}embeddings"
-    readers.append(Slot("classifier.weight"))
-    writers.append(Slot(f"{emb}.patch_embeddings.projection.weight", flatten="trailing"))
-    vectors += [Slot(f"{emb}.patch_embeddings.projection.bias"), Slot(f"{root}layernorm.bias")]
-    norms.append(Norm(Slot(f"{root}layernorm.weight"), Slot(f"{root}layernorm.bias"), (Slot("classifier.weight"),), (Slot("classifier.bias"),)))
-    embeddings = (Slot(f"{emb}.cls_token", flatten="leading"), Slot(f"{emb}.position_embeddings", flatten="leading"))
-    residual = ResidualGroup("centered", spec.hidden_size, embeddings, tuple(readers), tuple(writers), tuple(vectors), tuple(norms))
-    return replace(spec, residual=residual)
+def _fused_rows(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive row blocks of the given sizes: ``[q | k | v]`` or ``[gate | up]``."""
+    return list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
 
 
-def gpt2_spec(config: Any, keys: Collection[str]) -> ModelSpec:
-    """GPT-2: ``Conv1D`` weights stored in×out (hence ``transposed``), Q|K|V fused on the out axis of ``c_attn``."""
-    num_layers, d, h, dh = _sizes(config, ("n_layer", "num_hidden_layers"), ("n_embd", "hidden_size"), ("n_head", "num_attention_heads"))
-    ffn_width = int(config_value(config, "n_inner", default=4 * d))
-    prefix = _require_prefix(keys, "h.0.attn.c_attn.weight", "gpt2")
-    ffn, attention = [], []
-    for i in range(num_layers):
-        block = f"{prefix}h.{i}"
-        qkv_w, qkv_b = f"{block}.attn.c_attn.weight", f"{block}.attn.c_attn.bias"
-        w = [Slot(qkv_w, transposed=True, rows=(j * d, (j + 1) * d)) for j in range(3)]
-        b = [Slot(qkv_b, rows=(j * d, (j + 1) * d)) for j in range(3)]
-        o = Slot(f"{block}.attn.c_proj.weight", transposed=True)
-        attention.append(AttentionGroup(f"layer{i}.attention", h, dh, w[0], w[1], w[2], o, b[0], b[1], b[2]))
-        ffn.append(
-            FFNGroup(
-                f"layer{i}.ffn",
-                ffn_width,
-                (Slot(f"{block}.mlp.c_fc.weight", transposed=True),),
-                (Slot(f"{block}.mlp.c_fc.bias"),),
-                (Slot(f"{block}.mlp.c_proj.weight", transposed=True),),
-            )
-        )
-    residual = None
-    if _has_lm_head(config, keys, prefix, tied_default=True):
-        residual = _gpt2_residual(config, prefix, num_layers, d)
-    return ModelSpec("gpt2", num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), residual=residual)
+def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> AttentionGroup:
+    """Layer ``i``'s heads: Q (H·d_h rows), K and V (H_kv·d_h rows each), O (H·d_h columns); fused ``qkv`` is
+    split on its out axis as ``q | k | v``."""
+    if table.qkv:
+        fused = f"{block}.{table.qkv}"
+        rows = _fused_rows((s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim))
+        weights = [_weight(table, fused, r) for r in rows]
+        biases = [_bias(keys, fused, r) for r in rows]
+    else:
+        modules = [f"{block}.{m}" for m in (table.q, table.k, table.v)]
+        weights, biases = [_weight(table, m) for m in modules], [_bias(keys, m) for m in modules]
+    return AttentionGroup(f"layer{i}.attention", s.heads, s.head_dim, *weights, _weight(table, f"{block}.{table.o}"), *biases,
+                          num_kv_heads=s.kv_heads if table.kv_heads else 0, rope=table.rope, qk_fixed=table.qk_fixed)
+
+
+def _ffn(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> FFNGroup:
+    """Layer ``i``'s neurons: rows of every input projection (gate and up together; both halves of a fused
+    ``gate_up``) and their biases, columns of the output projection."""
+    if table.gate_up:
+        fused = f"{block}.{table.gate_up}"
+        rows = _fused_rows((s.ffn_width, s.ffn_width))
+        inputs, biases = [_weight(table, fused, r) for r in rows], [_bias(keys, fused, r) for r in rows]
+    else:
+        modules = [f"{block}.{m}" for m in table.ffn_in]
+        inputs, biases = [_weight(table, m) for m in modules], [_bias(keys, m) for m in modules]
+    return FFNGroup(f"layer{i}.ffn", s.ffn_width, tuple(inputs), tuple(b for b in biases if b), (_weight(table, f"{block}.{table.ffn_out}"),))
+
+
+def _readers(table: FamilyTable, block: str, keys: Collection[str], part: str) -> tuple[list[Slot], list[Slot | None]]:
+    """The whole projections that read the stream in a block's attention or FFN (a fused one as one matrix), and
+    their biases (None where absent)."""
+    if part == "attention":
+        modules = [table.qkv] if table.qkv else [table.q, table.k, table.v]
+    else:
+        modules = [table.gate_up] if table.gate_up else list(table.ffn_in)
+    full = [f"{block}.{m}" for m in modules]
+    return [_weight(table, m) for m in full], [_bias(keys, m) for m in full]
+
+
+def _norm(table: FamilyTable, module: str, keys: Collection[str], readers: list[Slot], reader_biases: list[Slot | None]) -> Norm:
+    """A pre-norm and the projections that read it (its gain ``norm_offset + weight`` is folded into them; the
+    readers' biases only absorb a LayerNorm's bias ``W β``, so an RMSNorm lists none)."""
+    if table.norm != "layernorm":
+        return Norm(Slot(f"{module}.weight"), None, tuple(readers), (None,) * len(readers), table.norm_offset)
+    return Norm(Slot(f"{module}.weight"), Slot(f"{module}.bias"), tuple(readers), tuple(reader_biases), table.norm_offset)
+
+
+def _head(table: FamilyTable, config: Any, keys: Collection[str], prefix: str) -> str | None:
+    """The key of the head weight that reads the stream, or None when there is none (a bare encoder or decoder:
+    its output is the stream itself, so no residual map is a symmetry)."""
+    if table.lm_head:
+        return "lm_head.weight" if _has_lm_head(config, keys, prefix, table.tie_default) else None
+    head = next((h for c in table.head if (h := c.format(prefix=prefix)) in keys), None)
+    if head is None or table.head_needs and not any(n in keys for n in table.head_needs):
+        return None
+    return head
 
 
 def _has_lm_head(config: Any, keys: Collection[str], prefix: str, tied_default: bool) -> bool:
@@ -193,87 +328,108 @@ def _has_lm_head(config: Any, keys: Collection[str], prefix: str, tied_default: 
     return "lm_head.weight" in keys or (tied and prefix != "")
 
 
-def _gpt2_residual(config: Any, prefix: str, num_layers: int, d: int) -> ResidualGroup:
-    """Pre-LN GPT-2 with its LM head: centred orthogonal residual maps after folding the LayerNorms."""
-    t = lambda key: Slot(key, transposed=True)  # noqa: E731  (Conv1D weights are stored in×out)
+def _tied(table: FamilyTable, config: Any, prefix: str) -> tuple[str, str] | None:
+    """(head, embedding) when the config ties the LM head to the token embedding."""
+    if table.lm_head and config_value(config, "tie_word_embeddings", default=table.tie_default):
+        return "lm_head.weight", f"{prefix}{table.embeddings[0]}"
+    return None
+
+
+def _embeddings(table: FamilyTable, prefix: str, keys: Collection[str]) -> tuple[Slot, ...]:
+    """Tensors with the stream on their last axis (``E → E Q``): token, position, CLS, relative-position tables."""
+    names = [f"{prefix}{e}" for e in table.embeddings]
+    return tuple(Slot(n, flatten=table.embedding_flatten) for n in names if n in keys)
+
+
+def _pre_norm_residual(table: FamilyTable, config: Any, keys: Collection[str], prefix: str, blocks: list[str], head: str) -> ResidualGroup:
+    """Pre-norm stream (GPT-2, ViT, LLaMA...): after folding every norm into its readers, RMSNorm commutes with any
+    orthogonal ``Q`` and LayerNorm with those fixing the all-ones direction (``"centered"``)."""
     readers, writers, vectors, norms = [], [], [], []
-    for i in range(num_layers):
-        b = f"{prefix}h.{i}"
-        readers += [t(f"{b}.attn.c_attn.weight"), t(f"{b}.mlp.c_fc.weight")]
-        writers += [t(f"{b}.attn.c_proj.weight"), t(f"{b}.mlp.c_proj.weight")]
-        vectors += [Slot(f"{b}.attn.c_proj.bias"), Slot(f"{b}.mlp.c_proj.bias"), Slot(f"{b}.ln_1.bias"), Slot(f"{b}.ln_2.bias")]
-        norms.append(Norm(Slot(f"{b}.ln_1.weight"), Slot(f"{b}.ln_1.bias"), (t(f"{b}.attn.c_attn.weight"),), (Slot(f"{b}.attn.c_attn.bias"),)))
-        norms.append(Norm(Slot(f"{b}.ln_2.weight"), Slot(f"{b}.ln_2.bias"), (t(f"{b}.mlp.c_fc.weight"),), (Slot(f"{b}.mlp.c_fc.bias"),)))
-    readers.append(Slot("lm_head.weight"))
-    vectors.append(Slot(f"{prefix}ln_f.bias"))
-    norms.append(Norm(Slot(f"{prefix}ln_f.weight"), Slot(f"{prefix}ln_f.bias"), (Slot("lm_head.weight"),), (None,)))
-    tied = ("lm_head.weight", f"{prefix}wte.weight") if config_value(config, "tie_word_embeddings", default=True) else None
-    embeddings = (Slot(f"{prefix}wte.weight"), Slot(f"{prefix}wpe.weight"))
-    return ResidualGroup("centered", d, embeddings, tuple(readers), tuple(writers), tuple(vectors), tuple(norms), tied)
+    for block in blocks:
+        attn_in, attn_bias = _readers(table, block, keys, "attention")
+        ffn_in, ffn_bias = _readers(table, block, keys, "ffn")
+        readers += attn_in + ffn_in
+        writers += [_weight(table, f"{block}.{table.o}"), _weight(table, f"{block}.{table.ffn_out}")]
+        vectors += [b for b in (_bias(keys, f"{block}.{m}") for m in (table.o, table.ffn_out, table.attn_norm, table.ffn_norm)) if b]
+        norms += [_norm(table, f"{block}.{table.attn_norm}", keys, attn_in, attn_bias), _norm(table, f"{block}.{table.ffn_norm}", keys, ffn_in, ffn_bias)]
+    readers.append(Slot(head))
+    if table.embedding_writer:
+        writers.append(Slot(f"{prefix}{table.embedding_writer}.weight", flatten="trailing"))
+    final = f"{prefix}{table.final_norm}"
+    vectors += [b for b in (_bias(keys, f"{prefix}{table.embedding_writer}"), _bias(keys, final)) if b]
+    norms.append(_norm(table, final, keys, [Slot(head)], [_bias(keys, head.removesuffix(".weight"))]))
+    kind = "orthogonal" if table.norm == "rmsnorm" else "centered"
+    return ResidualGroup(kind, int(config_value(config, *table.hidden)), _embeddings(table, prefix, keys), tuple(readers), tuple(writers),
+                         tuple(vectors), tuple(norms), _tied(table, config, prefix))
 
 
-def llama_spec(config: Any, keys: Collection[str]) -> ModelSpec:
-    """LLaMA-shaped decoders (``llama``, ``mistral``, ``qwen2``...): RoPE in HF's ``rotate_half`` layout, GQA/MQA,
-    SwiGLU (gate and up projections permuted together), no biases except Qwen2's on Q/K/V."""
-    family = model_type(config)
-    num_layers = int(config_value(config, "num_hidden_layers"))
-    d = int(config_value(config, "hidden_size"))
-    h = int(config_value(config, "num_attention_heads"))
-    kv = int(config_value(config, "num_key_value_heads", default=h))
-    dh = int(config_value(config, "head_dim", default=d // h))
-    ffn_width = int(config_value(config, "intermediate_size"))
-    if h % kv:
-        raise SymmergeError(f"{h} attention heads cannot be grouped over {kv} key/value heads")
-    rope_fraction = float(config_value(config, "partial_rotary_factor", default=1.0))
-    if rope_fraction != 1.0:
-        raise SymmergeError(f"partial rotary embeddings (partial_rotary_factor={rope_fraction}) are not supported yet")
-    prefix = _require_prefix(keys, "layers.0.self_attn.q_proj.weight", family)
-    ffn, attention = [], []
-    for i in range(num_layers):
-        layer = f"{prefix}layers.{i}"
-        proj = {n: f"{layer}.self_attn.{n}_proj" for n in "qkvo"}
-        bias = {n: Slot(f"{proj[n]}.bias") if f"{proj[n]}.bias" in keys else None for n in "qkv"}
-        attention.append(AttentionGroup(
-            f"layer{i}.attention", h, dh, *(Slot(f"{proj[n]}.weight") for n in "qkvo"), bias["q"], bias["k"], bias["v"],
-            num_kv_heads=kv, rope=True,
-        ))
-        mlp = f"{layer}.mlp"
-        ffn.append(FFNGroup(f"layer{i}.ffn", ffn_width, (Slot(f"{mlp}.gate_proj.weight"), Slot(f"{mlp}.up_proj.weight")), (),
-                            (Slot(f"{mlp}.down_proj.weight"),)))
+def _permutation_residual(table: FamilyTable, config: Any, keys: Collection[str], prefix: str, blocks: list[str], head: str) -> ResidualGroup:
+    """Post-LN (BERT) or sandwich-norm (Gemma-2) stream: a norm normalises what is written into the stream (or the
+    stream itself), so its gain acts on the written side where no linear layer can absorb it; ``Q`` must commute
+    with an elementwise gain, which leaves the permutations (norm gains and biases permute along, no folding)."""
+    readers, writers, vectors = [Slot(head)], [], [f"{prefix}{v}" for v in table.stream_vectors if f"{prefix}{v}" in keys]
+    for block in blocks:
+        readers += _readers(table, block, keys, "attention")[0] + _readers(table, block, keys, "ffn")[0]
+        writers += [_weight(table, f"{block}.{table.o}"), _weight(table, f"{block}.{table.ffn_out}")]
+        norms = [m for m in (table.attn_norm, table.ffn_norm, table.attn_out_norm, table.ffn_out_norm) if m]
+        vectors += [f"{block}.{table.o}.bias", f"{block}.{table.ffn_out}.bias"] + [f"{block}.{m}.{p}" for m in norms for p in ("weight", "bias")]
+    if table.final_norm:
+        vectors += [f"{prefix}{table.final_norm}.{p}" for p in ("weight", "bias")]
+    present = tuple(Slot(v) for v in vectors if v in keys)
+    return ResidualGroup("permutation", int(config_value(config, *table.hidden)), _embeddings(table, prefix, keys), tuple(readers),
+                         tuple(writers), present, (), _tied(table, config, prefix))
+
+
+def _roles(table: FamilyTable, prefix: str, blocks: list[str]) -> tuple[tuple[str, str], ...]:
+    """(pattern, tensor group) rules for the tensors no symmetry group names (norms, the O and FFN-output biases,
+    embeddings, heads): a pattern ending in ``.`` is a module (every key under it), otherwise an exact key. Norms
+    first (an embedding LayerNorm is a norm)."""
+    layer_norms = (table.attn_norm, table.ffn_norm, table.attn_out_norm, table.ffn_out_norm, *table.head_norms)
+    norms = [f"{b}.{m}." for b in blocks for m in layer_norms if m] + [f"{prefix}{v.rsplit('.', 1)[0]}." for v in table.stream_vectors]
+    if table.final_norm:
+        norms.append(f"{prefix}{table.final_norm}.")
+    embeddings = [f"{prefix}{e}" for e in table.embeddings] + ([f"{prefix}{table.embedding_writer}."] if table.embedding_writer else [])
+    heads = [h.format(prefix=prefix) for h in table.head_modules]
+    writers = [(f"{b}.{table.o}.", "attention") for b in blocks] + [(f"{b}.{table.ffn_out}.", "ffn") for b in blocks]  # O / FFN-out biases
+    return (*((n, "norms") for n in norms), *writers, *((e, "embeddings") for e in embeddings), *((h, "head") for h in heads))
+
+
+def build_spec(table: FamilyTable, family: str, config: Any, keys: Collection[str]) -> ModelSpec:
+    """The spec of one model from its family's table, its config (sizes) and its state dict's keys (prefix,
+    biases, head): one FFN and one attention group per block, and the residual group when a head reads the stream."""
+    no_residual = table.check(config, keys) if table.check else ""
+    prefix = find_prefix(keys, table.anchor())
+    if prefix is None:
+        raise SymmergeError(f"no tensor named like '*{table.anchor()}' in the checkpoint: is this really a {family} model?")
+    s = read_sizes(table, config)
+    blocks = [table.layer.format(prefix=prefix, i=i) for i in range(s.layers)]
+    attention = tuple(_attention(table, b, i, s, keys) for i, b in enumerate(blocks))
+    ffn = tuple(_ffn(table, b, i, s, keys) for i, b in enumerate(blocks))
+    head = _head(table, config, keys, prefix)
     residual = None
-    tied = bool(config_value(config, "tie_word_embeddings", default=False))
-    if _has_lm_head(config, keys, prefix, tied_default=False):
-        readers, writers, norms = [], [], []
-        for i in range(num_layers):
-            layer, mlp = f"{prefix}layers.{i}", f"{prefix}layers.{i}.mlp"
-            qkv = tuple(Slot(f"{layer}.self_attn.{n}_proj.weight") for n in "qkv")
-            gate_up = (Slot(f"{mlp}.gate_proj.weight"), Slot(f"{mlp}.up_proj.weight"))
-            readers += [*qkv, *gate_up]
-            writers += [Slot(f"{layer}.self_attn.o_proj.weight"), Slot(f"{mlp}.down_proj.weight")]
-            norms.append(Norm(Slot(f"{layer}.input_layernorm.weight"), None, qkv, (None,) * 3))
-            norms.append(Norm(Slot(f"{layer}.post_attention_layernorm.weight"), None, gate_up, (None,) * 2))
-        readers.append(Slot("lm_head.weight"))
-        norms.append(Norm(Slot(f"{prefix}norm.weight"), None, (Slot("lm_head.weight"),), (None,)))
-        residual = ResidualGroup("orthogonal", d, (Slot(f"{prefix}embed_tokens.weight"),), tuple(readers), tuple(writers), (),
-                                 tuple(norms), ("lm_head.weight", f"{prefix}embed_tokens.weight") if tied else None)
-    return ModelSpec(family, num_layers, d, h, dh, ffn_width, tuple(ffn), tuple(attention), num_kv_heads=kv, residual=residual)
+    if head is not None and not no_residual:
+        build = _pre_norm_residual if table.placement == "pre" else _permutation_residual
+        residual = build(table, config, keys, prefix, blocks, head)
+    return ModelSpec(family, s.layers, s.hidden, s.heads, s.head_dim, s.ffn_width, ffn, attention,
+                     num_kv_heads=s.kv_heads if table.kv_heads else 0, residual=residual, no_residual=no_residual,
+                     roles=_roles(table, prefix, blocks))
 
 
-SPEC_BUILDERS: dict[str, Callable[[Any, Collection[str]], ModelSpec]] = {
-    "bert": bert_spec,
-    "roberta": bert_spec,
-    "vit": vit_spec,
-    "gpt2": gpt2_spec,
-    "llama": llama_spec,
-    "mistral": llama_spec,
-    "qwen2": llama_spec,
-}
+def _choose_table(tables: tuple[FamilyTable, ...], keys: Collection[str]) -> FamilyTable:
+    """The first naming scheme whose anchor tensor is in the checkpoint (the first one when none is, for the error)."""
+    return next((t for t in tables if find_prefix(keys, t.anchor()) is not None), tables[0])
 
 
 def spec_for(config: Any, keys: Collection[str]) -> ModelSpec:
     """The symmetry spec of a model, from its config and its state dict's keys."""
     kind = model_type(config)
-    builder = SPEC_BUILDERS.get(kind)
-    if builder is None:
-        raise SymmergeError(f"model_type {kind!r} is not supported; supported: {', '.join(sorted(SPEC_BUILDERS))}")
-    return builder(config, keys)
+    tables = TABLES.get(kind)
+    if tables is None:
+        why = f": {REFUSED[kind]}" if kind in REFUSED else ""
+        raise SymmergeError(f"model_type {kind!r} is not supported{why}; supported: {', '.join(sorted(TABLES))}")
+    return build_spec(_choose_table(tables, keys), kind, config, keys)
+
+
+SPEC_BUILDERS = TABLES
+"""The registry of supported families (model_type → tables); kept under its historical name."""
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(TABLES))
