@@ -25,6 +25,7 @@ import symmerge  # noqa: E402
 from symmerge.data import load_calibration  # noqa: E402
 from symmerge.evaluate import make_evaluator, model_for, run_study  # noqa: E402
 from symmerge.evaluate.plots import plot_curves  # noqa: E402
+from symmerge.groups.residual import with_untied_head  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import load_weights  # noqa: E402
 from symmerge.zoo import build, read_record  # noqa: E402
@@ -75,8 +76,8 @@ def kway(k_values: list[int]) -> list[dict]:
                     aligned.append(s)
                     continue
                 r = symmerge.align(states[0], s, config=ckpts[0].config, symmetries=symmetries, match=match, calibration=calibration)
-                if r.folded_reference is not None:
-                    reference = r.folded_reference
+                if r.folded_reference is not None:  # residual: the reference with its head untied (or folded)
+                    reference = r.merge_partner or with_untied_head(states[0], r.spec.residual)
                 aligned.append(r.state_dict)
             if "residual" in symmetries:
                 aligned[0] = reference
@@ -109,8 +110,8 @@ def smollm2_row(symmetries: str = "all,residual", windows: int = 16, context: in
     start = time.perf_counter()
     result = symmerge.align(original, scrambled, config=ckpt.config, symmetries=symmetries)
     seconds = time.perf_counter() - start
-    folded = result.folded_reference if result.folded_reference is not None else original
-    model = model_for(ckpt.config, folded, untied=True)
+    partner = result.merge_partner or with_untied_head(original, result.spec.residual)
+    model = model_for(ckpt.config, partner, untied=True)
 
     def ppl(state) -> float:
         load_weights(model, state)
@@ -118,15 +119,15 @@ def smollm2_row(symmetries: str = "all,residual", windows: int = 16, context: in
 
     average = lambda x, y: {k: (x[k].float() + y[k].float()) / 2 for k in x}  # noqa: E731
     return {"symmetries": symmetries, "tokens": len(tokens), "windows": windows, "context": context, "align_seconds": seconds,
-            "ppl_original": ppl(folded), "ppl_scrambled": ppl(scrambled), "ppl_naive_average": ppl(average(folded, scrambled)),
-            "ppl_aligned_average": ppl(average(folded, result.state_dict)), "relative_distance_after": result.report.relative_after}
+            "ppl_original": ppl(partner), "ppl_scrambled": ppl(scrambled), "ppl_naive_average": ppl(average(partner, scrambled)),
+            "ppl_aligned_average": ppl(average(partner, result.state_dict)), "relative_distance_after": result.report.relative_after}
 
 
 def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: dict | None = None) -> str:
     out = ["# Fusion quality on the zoo", "",
            f"Machine: {machine['cpus']} CPUs, load average at start {machine['load'][0]:.2f}; torch {torch.__version__}. "
            "Barrier = max_t [L(θ(t)) − ((1−t) L(A) + t L(B))] over the given t; distance = ‖A − B'‖ after alignment "
-           "(for residual settings between the folded models). Calibration (act:, learn:) uses the training split; "
+           "(residual settings: B' unfolded with A's norm gains, in A's own parametrisation). Calibration (act:, learn:) uses the training split; "
            "every score is on the held-out split.", ""]
     for p in pairs:
         e = p["endpoints"]
@@ -153,7 +154,7 @@ def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: d
                 f"Shakespeare tokens ({r['tokens']} tokens of text). Alignment took {r['align_seconds']:.0f} s and returns relative distance "
                 f"{r['relative_distance_after']:.1e}.", "",
                 "| model | perplexity |", "|---|---|",
-                f"| original (norms folded) | {r['ppl_original']:.2f} |", f"| scrambled copy | {r['ppl_scrambled']:.2f} |",
+                f"| original | {r['ppl_original']:.2f} |", f"| scrambled copy | {r['ppl_scrambled']:.2f} |",
                 f"| naive average of original and copy | {r['ppl_naive_average']:.2f} |",
                 f"| average after `symmerge.align` | {r['ppl_aligned_average']:.2f} |", ""]
     return "\n".join(out)

@@ -17,6 +17,7 @@ import torch
 
 from symmerge.errors import SymmergeError
 from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, parse_symmetries, random_transform
+from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.match import get_matcher, squared_distances, state_norm
 from symmerge.spec import ModelSpec, check_compatible, check_same_shape, spec_for, untied_head
 
@@ -72,8 +73,14 @@ class Alignment:
     transform: ModelTransform
     report: AlignmentReport
     spec: ModelSpec
-    folded_reference: dict[str, torch.Tensor] | None = None  # the reference with its norms folded (residual only):
-    # the parametrisation the aligned model is in; merge with this, not with the original reference
+    folded_reference: dict[str, torch.Tensor] | None = None  # residual class: the reference with its norms folded
+    folded: bool = False  # state_dict is still folded (the reference has a zero norm gain): merge it with folded_reference
+
+    @property
+    def merge_partner(self) -> dict[str, torch.Tensor] | None:
+        """What to average ``state_dict`` with when it is folded (``folded_reference``); ``None`` when it lives in
+        the reference's own parametrisation and the reference itself is the partner."""
+        return self.folded_reference if self.folded else None
 
 
 def _fmt(v: Any) -> str:
@@ -127,14 +134,19 @@ def align(
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)
+    # the residual class folds norms: unfold with the reference's gains, so the aligned model lives in the
+    # reference's own parametrisation (merge it with the reference itself), unless a zero gain forbids it
+    still_folded = folded is not None and not can_unfold(ref_state, spec.residual)
+    if folded is not None and not still_folded:
+        aligned = unfold_norms(aligned, spec.residual, ref_state)
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
     before = squared_distances(model_state, ref_state)
     if folded is None:
         after = dict(before)  # tensors no group touched are unchanged
         after.update(squared_distances(aligned, ref_state, spec.touched_keys() & before.keys()))
-    else:  # the residual map touches every tensor; compare with the folded reference
-        after = squared_distances(aligned, folded)
+    else:  # the residual map touches every tensor (a head folding untied is compared with the tied embedding)
+        after = squared_distances(aligned, folded if still_folded else with_untied_head(ref_state, spec.residual))
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
@@ -155,7 +167,7 @@ def align(
         matching={"method": match, **({"learned": details["learned"]} if "learned" in details else {})},
     )
     seconds["report"] = time.perf_counter() - start
-    return Alignment(aligned, transform, report, spec, folded)
+    return Alignment(aligned, transform, report, spec, folded, still_folded)
 
 
 def apply_random_symmetry(model: Any, *, symmetries: str | Iterable[str] | None = "all", seed: int = 0, config: Any = None,

@@ -58,8 +58,10 @@ def align(
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
-    With the residual class, norms are folded first and the reference itself is rewritten (same function):
-    it is written to OUT/reference-folded/, the basis the aligned models are in.
+    With the residual class, norms are folded to find the map and unfolded again with the reference's own norm
+    gains, so every aligned model lives in the reference's parametrisation: average it with REFERENCE itself.
+    (A tied LM head becomes untied. Only a reference with a zero norm gain forces folded outputs; then the folded
+    reference is written to OUT/reference-folded/ to merge with.)
     """
     from symmerge.alignment import align as align_models
     from symmerge.groups import parse_symmetries
@@ -87,8 +89,9 @@ def align(
                                   model_name=name, match=match, calibration=calibration, learn_steps=learn_steps)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
-            if result.folded_reference is not None and not (tmp / "reference-folded").exists():
-                # the residual map aligns to the reference with its norms folded: that is the basis to merge in
+            if result.folded and not (tmp / "reference-folded").exists():
+                # a reference with a zero norm gain cannot lend its gains: the aligned models stay folded, and
+                # the folded reference is what to merge them with
                 write_model(result.folded_reference, ref_ckpt, tmp / "reference-folded", untie=True)
             result.report.seconds["write"] = time.perf_counter() - write_start
             r = result.report
@@ -283,7 +286,7 @@ def distance(
     spec = spec_for(ref_ckpt.config, a.keys())
     result = align_models(a, b, spec=spec, symmetries=align_)
     before = grouped_distance(b, a, spec)
-    after = grouped_distance(result.state_dict, result.folded_reference or a, spec)
+    after = grouped_distance(result.state_dict, result.merge_partner or a, spec)
     echo(f"{'group':<12} {'before':>12} {'after':>12} {'change':>8}")
     for group in before:
         change = (after.get(group, 0.0) - before[group]) / before[group] if before[group] else 0.0

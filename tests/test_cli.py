@@ -157,16 +157,23 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 0 and "align" in proc.stdout and "inspect" in proc.stdout
 
 
-def test_align_with_residual_writes_the_folded_reference(tmp_path, capsys):
+def test_align_with_residual_writes_models_in_the_reference_parametrisation(tmp_path, capsys):
+    """The aligned model is unfolded with the reference's own norm gains: it equals the reference it was scrambled
+    from (no separate folded reference is written), computes what the scrambled copy computes, and averaging it
+    with the reference as it is, is the aligned merge."""
     model, make_inputs = make_model("gpt2", 4)  # tied LM head: folding unties it
     ref = save(model, tmp_path / "ref")
     scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=6)
     other = save(model, tmp_path / "other", scrambled)
     code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "-q")
     assert code == 0, err
-    folded_ref = type(model).from_pretrained(tmp_path / "out" / "reference-folded").eval()
+    assert not (tmp_path / "out" / "reference-folded").exists()
     aligned = type(model).from_pretrained(tmp_path / "out" / "other").eval()
-    assert not aligned.config.tie_word_embeddings
-    assert symmerge.state_distance(folded_ref.state_dict(), aligned.state_dict()) <= 1e-5 * state_norm(folded_ref.state_dict())
     original = type(model).from_pretrained(ref).eval()
+    assert not aligned.config.tie_word_embeddings
+    assert symmerge.state_distance(original.state_dict(), aligned.state_dict()) <= 1e-5 * state_norm(original.state_dict())
     assert max_output_diff(aligned, {k: v.clone() for k, v in original.state_dict().items()}, aligned.state_dict(), make_inputs) <= 1e-5
+    code, _, err = run_cli(capsys, "merge", ref, tmp_path / "out" / "other", "--method", "linear", "-s", "none", "-o", tmp_path / "avg", "-q")
+    assert code == 0, err
+    merged = type(model).from_pretrained(tmp_path / "avg").eval()
+    assert max_output_diff(merged, {k: v.clone() for k, v in original.state_dict().items()}, merged.state_dict(), make_inputs) <= 1e-5

@@ -422,3 +422,29 @@ def test_learned_matching_stays_in_the_symmetry_group(family):
         batches = [dict(x, labels=x["input_ids"]) for x in batches]
     result = symmerge.align(sa, sb, config=a.config, symmetries="all,residual", match="learned", calibration=batches, learn_steps=4)
     assert max_output_diff(untied(b), sb, result.state_dict, make_inputs) <= TOL
+
+
+def _average(a, b):
+    return {k: (a[k].double() + b[k].double()).div(2).to(a[k].dtype) if a[k].is_floating_point() else a[k] for k in a}
+
+
+@pytest.mark.parametrize("family", RESIDUAL_FAMILIES)
+def test_unfolded_aligned_model_averaged_with_the_reference_is_the_folded_merge(family):
+    """With the residual class the aligned model comes back in the reference's own parametrisation: averaging it
+    with the reference as it is computes exactly what averaging the two folded models computes (unfolding is
+    affine in the folded tensors), and the aligned model still computes what it computed before."""
+    from symmerge.groups.residual import with_untied_head
+
+    reference_model, make_inputs = make_model(family, 0)
+    other, _ = make_model(family, 1)
+    reference, model = clone(reference_model.state_dict()), clone(other.state_dict())
+    result = symmerge.align(reference, model, config=reference_model.config, symmetries="all,residual")
+    assert not result.folded and result.merge_partner is None
+    evaluate = untied(reference_model)
+    assert max_output_diff(evaluate, model, result.state_dict, make_inputs) <= TOL
+    folded_model = apply_transform(model, result.spec, result.transform)  # the same element, norms left folded
+    unfolded_merge = _average(with_untied_head(reference, result.spec.residual), result.state_dict)
+    folded_merge = _average(result.folded_reference, folded_model)
+    assert max_output_diff(evaluate, folded_merge, unfolded_merge, make_inputs) <= TOL
+    if result.spec.residual.norms:  # permutation-only residual groups fold nothing: there the two are one
+        assert symmerge.state_distance(unfolded_merge, folded_merge) > 1e-3  # different parametrisations, one function

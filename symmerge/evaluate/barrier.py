@@ -15,6 +15,7 @@ from symmerge.alignment import align
 from symmerge.evaluate.interpolation import Curve, interpolation_curve
 from symmerge.evaluate.tasks import Evaluator
 from symmerge.groups import parse_symmetries
+from symmerge.groups.residual import with_untied_head
 from symmerge.io.hf import build_model, load_weights, untied_config
 from symmerge.match import state_distance
 from symmerge.spec import spec_for
@@ -86,7 +87,7 @@ def run_study(reference: StateDict, model: StateDict, config: Mapping, settings:
             spec = spec or spec_for(config, reference.keys())
             result = align(reference, model, config=config, spec=spec, symmetries=chosen, progress=progress,
                                     match=match, calibration=calibration, learn_steps=learn_steps)
-            a = result.folded_reference if result.folded_reference is not None else reference
+            a = result.merge_partner or (with_untied_head(reference, spec.residual) if "residual" in chosen else reference)
             b, distance = result.state_dict, result.report.distance_after
         setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=time.perf_counter() - start)
         if setting.untied not in models:

@@ -18,17 +18,29 @@ from symmerge.errors import SymmergeError
 from symmerge.spec.base import ResidualGroup, StateView
 
 
+def is_tied(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> bool:
+    """Whether ``state`` ties its head to the embedding: the head is absent (a tied checkpoint on disk) or shares
+    the embedding's storage (a live tied module)."""
+    if residual.tied is None:
+        return False
+    head, embedding = residual.tied
+    return head not in state or state[head].data_ptr() == state[embedding].data_ptr()
+
+
+def with_untied_head(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> dict[str, torch.Tensor]:
+    """``state`` with a head of its own (a copy of the embedding) where it ties them; else ``state`` as it is."""
+    out = dict(state)
+    if is_tied(state, residual):
+        head, embedding = residual.tied
+        out[head] = state[embedding].clone()
+    return out
+
+
 def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> dict[str, torch.Tensor]:
     """Fold every norm's gain ``γ = offset + w`` (and bias ``β``) into its readers: ``W → W diag(γ)``,
     ``b → b + W β``; the norm keeps ``γ = 1`` (stored ``w = 1 − offset``: 0 for Gemma's ``1 + w``) and ``β = 0`` —
     or ``β/γ`` where a reader has no bias to absorb it (GPT-2's LM head)."""
-    view = StateView(state)
-    if residual.tied is not None:
-        head, embedding = residual.tied
-        still_tied = head not in state or state[head].data_ptr() == state[embedding].data_ptr()
-        if still_tied:  # untie: the head will differ from the embedding (a folded state is already untied)
-            view.state[head] = view.stored(embedding).clone()
-            view._owned.add(head)
+    view = StateView(with_untied_head(state, residual))  # the head will differ from the embedding
     for norm in residual.norms:
         gamma = view.get(norm.weight) + norm.offset
         beta = view.get(norm.bias) if norm.bias else None
@@ -48,6 +60,41 @@ def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> di
         elif norm.bias:
             view.set(norm.bias, torch.zeros_like(beta))
         view.set(norm.weight, torch.full_like(gamma, 1.0 - norm.offset))
+    return dict(view.state)
+
+
+def can_unfold(reference: Mapping[str, torch.Tensor], residual: ResidualGroup) -> bool:
+    """Whether :func:`unfold_norms` can use ``reference``'s gains: every one nonzero."""
+    view = StateView(reference)
+    return all(bool(((view.get(n.weight) + n.offset) != 0).all()) for n in residual.norms)
+
+
+def unfold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A folded ``state`` (norm gains 1, as :func:`fold_norms` leaves it) rewritten with ``reference``'s norm gains
+    ``γ_R`` and biases ``β_R``, computing the same function: the inverse of folding, with another model's norms.
+
+    For a norm whose folded output is ``x̂ + c`` (``c`` its remaining bias, 0 unless a reader has no bias), read by
+    ``W x + b``: ``W → W diag(1/γ_R)`` and the norm takes ``γ_R``; then ``β_R`` with ``b → b + W c − W_u β_R``
+    where every reader has a bias, else ``β = γ_R ⊙ c`` and ``b`` unchanged (``W_u β = W c`` exactly). Unfolding
+    the folded reference itself gives the reference back, and since the map is affine in the folded tensors,
+    averaging the reference with an unfolded aligned model is the unfolded average of the folded models. Needs
+    nonzero gains (:func:`can_unfold`). A head folding untied stays untied (it now differs from the embedding).
+    """
+    view, ref = StateView(state), StateView(reference)
+    for norm in residual.norms:
+        gamma = ref.get(norm.weight) + norm.offset
+        c = view.get(norm.bias) if norm.bias else None
+        readers_have_biases = all(b is not None for b in norm.reader_biases)
+        beta = ref.get(norm.bias) if norm.bias and readers_have_biases else (gamma * c if c is not None else None)
+        for reader, reader_bias in zip(norm.readers, norm.reader_biases):
+            w = view.get(reader)
+            w_unfolded = w / gamma
+            if reader_bias is not None and c is not None:
+                view.set(reader_bias, view.get(reader_bias) + w @ c - w_unfolded @ beta)
+            view.set(reader, w_unfolded)
+        if beta is not None:
+            view.set(norm.bias, beta)
+        view.set(norm.weight, gamma - norm.offset)
     return dict(view.state)
 
 

@@ -20,10 +20,13 @@ from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, load
 
 
 class LazyState(Mapping[str, torch.Tensor]):
-    """A checkpoint's tensors, read from mmap on access and checked for NaN/Inf the first time each is read."""
+    """A checkpoint's tensors, read from mmap on access and checked for NaN/Inf the first time each is read.
 
-    def __init__(self, ckpt: Checkpoint):
+    ``aliases``: extra keys that read another key's tensor (a tied LM head: ``{head: embedding}``)."""
+
+    def __init__(self, ckpt: Checkpoint, aliases: Mapping[str, str] | None = None):
         self.ckpt = ckpt
+        self._aliases = dict(aliases or {})
         self._where: dict[str, Path] = {}
         self._eager: dict[str, torch.Tensor] | None = None
         if ckpt.is_pickle:
@@ -35,17 +38,24 @@ class LazyState(Mapping[str, torch.Tensor]):
                         self._where[k] = f
         self._handles: dict[Path, object] = {}
         self._checked: set[str] = set()
+        stored = self._eager if self._eager is not None else self._where
+        self._aliases = {k: v for k, v in self._aliases.items() if k not in stored and v in stored}
+
+    def _stored(self) -> Mapping:
+        return self._eager if self._eager is not None else self._where
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._eager if self._eager is not None else self._where)
+        yield from self._stored()
+        yield from self._aliases
 
     def __len__(self) -> int:
-        return len(self._eager if self._eager is not None else self._where)
+        return len(self._stored()) + len(self._aliases)
 
     def __contains__(self, key: object) -> bool:
-        return key in (self._eager if self._eager is not None else self._where)
+        return key in self._stored() or key in self._aliases
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        key = self._aliases.get(key, key)
         if self._eager is not None:
             t = self._eager[key]
         else:

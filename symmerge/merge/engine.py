@@ -28,7 +28,7 @@ from symmerge.alignment import align
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
-from symmerge.groups.residual import fold_norms
+from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.hf import build_model, linear_layout, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
@@ -101,13 +101,17 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
 def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
                         result: MergeResult) -> tuple[list[dict], dict | None]:
     """The residual map touches every tensor, so this path aligns whole models in memory: every model (and the
-    base) is folded and aligned to the folded reference; the merge then runs on those states as they are."""
+    base) is aligned to the reference and comes back in the reference's own parametrisation (norms unfolded with
+    the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
+    its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
+    model folded, merged with the folded reference."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
-    folded_ref = fold_norms(ref_state, plan.spec.residual)
+    residual = plan.spec.residual
+    partner = with_untied_head(ref_state, residual) if can_unfold(ref_state, residual) else fold_norms(ref_state, residual)
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
-            aligned.append(folded_ref)
+            aligned.append(partner)
             result.alignment[name] = {"distance_before": 0.0, "distance_after": 0.0}
             continue
         r = align(ref_state, state, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name=name)
@@ -115,7 +119,7 @@ def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyStat
         result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
     aligned_base = None
     if base is not None:
-        aligned_base = folded_ref if plan.reference_index is None else align(
+        aligned_base = partner if plan.reference_index is None else align(
             ref_state, base, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name="base model").state_dict
     return aligned, aligned_base
 
@@ -199,8 +203,9 @@ def method_extras(plan: MergePlan, states, base, transforms, base_transform, sta
 def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool = True) -> MergeResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    states = [LazyState(c) for c in plan.models]
-    base = LazyState(plan.base) if plan.base else None
+    lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
+    states = [LazyState(c, lend) for c in plan.models]
+    base = LazyState(plan.base, lend) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
     if residual:
@@ -253,7 +258,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                 result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i])}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
-        write_config(source.config, tmp, plan.dtype, untie=residual)
+        write_config(source.config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
         (tmp / "README.md").write_text(model_card(plan, result.alignment, result.seconds))
     return result

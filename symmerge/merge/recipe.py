@@ -34,7 +34,7 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import parse_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
-from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for
+from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for, tied_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_PARAMETERS = {"weight"}
@@ -170,6 +170,7 @@ class MergePlan:
     shard_size: int
     data_path: Path | None
     names: list[str] = field(default_factory=list)
+    lend_head: tuple[str, str] | None = None  # (head, embedding): some models tie their head, others store one
 
     @property
     def aligned(self) -> bool:
@@ -215,9 +216,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
 
     everyone = models + ([base] if base else [])
     reference_shapes = models[0].shapes()
+    lend_head = _lent_head(everyone)
     for i, ckpt in enumerate(everyone[1:], start=1):
         label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
-        check_compatible_shapes(reference_shapes, ckpt.shapes(), label)
+        check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
 
     symmetries = frozenset() if recipe.alignment == "none" else parse_symmetries(recipe.alignment.symmetries)
     spec, reference_index = None, None
@@ -245,5 +247,19 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         recipe=recipe, models=models, weights=weights if has_weights else None, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
         dtype=DTYPES[recipe.dtype] if recipe.dtype else None, shard_size=parse_size(recipe.shard_size),
-        data_path=data_path, names=unique_names([c.path for c in models]),
+        data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head,
     )
+
+
+def _lent_head(checkpoints: list[Checkpoint]) -> tuple[str, str] | None:
+    """``(head, embedding)`` when some checkpoints tie their LM head (they store none) and others store their own
+    (an output of ``align -s ...,residual``, whose folded head was untied): the tied ones then lend their embedding
+    as their head. ``None`` when all agree, or for a family symmerge has no spec of."""
+    try:
+        pair = tied_head(spec_for(checkpoints[0].config, checkpoints[0].shapes().keys()))
+    except SymmergeError:
+        return None
+    if pair is None:
+        return None
+    has_head = [pair[0] in c.shapes() for c in checkpoints]
+    return pair if any(has_head) and not all(has_head) else None

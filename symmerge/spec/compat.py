@@ -43,6 +43,12 @@ def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, 
                             model_name, optional)
 
 
+def tied_head(spec: ModelSpec | None) -> tuple[str, str] | None:
+    """``(head key, embedding key)`` when the family may tie its LM head to the embedding (a tied checkpoint then
+    stores no head: the embedding stands in for it), else ``None``."""
+    return spec.residual.tied if spec is not None and spec.residual is not None else None
+
+
 def untied_head(spec: ModelSpec, symmetries: frozenset[str]) -> frozenset[str]:
     """The LM-head key that may exist in one checkpoint only: folding the final norm into a tied head unties it, so
     a folded (untied) checkpoint holds it and a tied one does not — when the residual class is on."""
