@@ -20,7 +20,7 @@ DATA_FREE = {  # method → parameters under which merging a model with itself r
     "task_arithmetic": {"lambda": 0.5},
     "ties": {"density": 1.0, "lambda": 1.0},
     "dare_linear": {"density": 1.0, "lambda": 0.5},
-    "dare_ties": {"density": 1.0, "lambda": 1.0},
+    "dare_ties": {"density": 1.0, "lambda": 1.0, "normalize": True},  # mergekit's default normalize: false sums the two
 }
 
 

@@ -145,14 +145,15 @@ def test_dare_is_seeded_and_reproducible():
     assert torch.equal(run(seed=1, name="w"), run(seed=1, name="w"))
     assert not torch.equal(run(seed=1, name="w"), run(seed=2, name="w"))
     assert not torch.equal(run(seed=1, name="w"), run(seed=1, name="v"))  # per-tensor masks
-    assert torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=3, name="w"))
-    assert not torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=4, name="w"))
+    # density defaults to 1 (mergekit's: nothing dropped), so the seed only matters with density < 1
+    assert torch.equal(dare_ties(models, base=base, seed=3, name="w", density=0.5), dare_ties(models, base=base, seed=3, name="w", density=0.5))
+    assert not torch.equal(dare_ties(models, base=base, seed=3, name="w", density=0.5), dare_ties(models, base=base, seed=4, name="w", density=0.5))
     assert dare_seed(0, "a", 0) != dare_seed(0, "a", 1) != dare_seed(0, "b", 1)
 
 
 def test_dare_drops_and_rescales():
     base, theta = torch.zeros(20_000), torch.randn(20_000, generator=G(12))
-    out = dare_linear([theta], base=base, density=0.3, seed=5)
+    out = dare_linear([theta], base=base, density=0.3, seed=5, rescale_norm="density")  # the paper's 1/density (mergekit: l1)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.02
     assert torch.allclose(out[kept], theta[kept] / 0.3)
@@ -161,7 +162,7 @@ def test_dare_drops_and_rescales():
 def test_dare_rescale_is_unbiased():
     base, models = _dare_inputs()
     w, p, runs = [1.0, 0.5], 0.4, 300
-    mean = sum(dare_linear(models, base=base, weights=w, density=p, seed=s, name="x") for s in range(runs)) / runs
+    mean = sum(dare_linear(models, base=base, weights=w, density=p, seed=s, name="x", rescale_norm="density") for s in range(runs)) / runs
     expected = task_arithmetic(models, base=base, weights=w)
     # per entry, Var[w_i τ̃_i] = w_i² τ_i² (1 − p) / p; allow 5 standard errors of the mean
     var = sum(wi**2 * (m - base) ** 2 for wi, m in zip(w, models)) * (1 - p) / p
@@ -171,7 +172,8 @@ def test_dare_rescale_is_unbiased():
 def test_dare_with_density_one_is_task_arithmetic_or_ties():
     base, models = _dare_inputs()
     assert torch.allclose(dare_linear(models, base=base, density=1.0, lambda_=0.7), task_arithmetic(models, base=base, lambda_=0.7))
-    assert torch.allclose(dare_ties(models, base=base, density=1.0), ties(models, base=base, density=1.0))
+    assert torch.allclose(dare_ties(models, base=base, density=1.0, normalize=True), ties(models, base=base, density=1.0))
+    assert torch.allclose(dare_ties(models, base=base, density=1.0), ties(models, base=base, density=1.0, normalize=False))
 
 
 # ------------------------------------------------------------------------------------------------------ SLERP
@@ -283,10 +285,11 @@ def test_registry_lists_every_method():
     assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"} <= set(MERGE_METHODS)
     assert [m.name for m in list_methods()] == sorted(MERGE_METHODS)
     ties_m = get_method("ties")
-    assert ties_m.needs_base and not ties_m.needs_data and ties_m.defaults == {"density": 0.2, "lambda": 1.0, "trim": "tensor"}
+    assert ties_m.needs_base and not ties_m.needs_data and ties_m.defaults == {
+        "density": 1.0, "lambda": 1.0, "trim": "tensor", "normalize": True, "rescale": False, "rescale_norm": "l1", "int8_mask": False}
     assert get_method("fisher").needs_data and get_method("regmean").needs_data
     assert get_method("slerp").max_models == 2
-    assert get_method("ties").summary().startswith("ties [base] density=0.2 lambda=1")
+    assert get_method("ties").summary().startswith("ties [base] density=1 lambda=1")
     assert {"base", "weights", "name", "density", "lambda_", "thresholds"} <= get_method("ties").arguments
     assert all("name" in m.arguments and "weights" in m.arguments for m in list_methods())
     assert "grams" in get_method("regmean").arguments and "fishers" in get_method("fisher").arguments
@@ -295,18 +298,20 @@ def test_registry_lists_every_method():
 def test_unknown_method():
     with pytest.raises(SymmergeError) as e:
         get_method("tie")
-    assert str(e.value).startswith("unknown merge method 'tie'; available: dare_linear, dare_ties, fisher, linear")
+    assert str(e.value).startswith("unknown merge method 'tie'; available: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear")
     assert "\n" not in str(e.value)
 
 
 def test_validate_params_fills_defaults_and_names_the_culprit():
-    assert validate_params("ties", {}) == {"density": 0.2, "lambda_": 1.0, "trim": "tensor"}
-    assert validate_params("ties", {"density": 1, "lambda": 2}) == {"density": 1.0, "lambda_": 2.0, "trim": "tensor"}
-    assert validate_params("dare_ties", {"seed": 7.0}) == {"density": 0.5, "lambda_": 1.0, "seed": 7}
+    ties_rest = {"trim": "tensor", "normalize": True, "rescale": False, "rescale_norm": "l1", "int8_mask": False}
+    assert validate_params("ties", {}) == {"density": 1.0, "lambda_": 1.0, **ties_rest}
+    assert validate_params("ties", {"density": 0.2, "lambda": 2}) == {"density": 0.2, "lambda_": 2.0, **ties_rest}
+    assert validate_params("dare_ties", {"seed": 7.0}) == {
+        "density": 1.0, "lambda_": 1.0, "seed": 7, "normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False}
     bad = [
         ("ties", {"density": 1.5}, "ties: density must be in (0, 1], got 1.5"),
         ("ties", {"density": 0}, "ties: density must be in (0, 1], got 0"),
-        ("ties", {"dens": 0.5}, "ties: unknown parameter 'dens' (known: density, lambda, trim)"),
+        ("ties", {"dens": 0.5}, "ties: unknown parameter 'dens' (known: density, lambda, trim, normalize, rescale, rescale_norm, int8_mask)"),
         ("slerp", {"t": -0.1}, "slerp: t must be in [0, 1], got -0.1"),
         ("linear", {"normalize": "yes"}, "linear: normalize must be true or false, got 'yes'"),
         ("fisher", {"normalize": "global"}, "fisher: normalize must be one of none, param, model, got 'global'"),
@@ -351,13 +356,22 @@ def test_check_models():
 
 def _call(method: str, tensors, base, **extra):
     kw = {"base": base}
+    if method in ("slerp", "passthrough", "nearswap", "arcee_fusion"):  # two endpoints: the base and one model, or 1 model
+        tensors = tensors[:1]
+        kw["base"] = None if method == "passthrough" else base
+    if method == "nuslerp":
+        tensors = tensors[:2]
+    if method == "nearswap":
+        kw["t"] = 0.05
     if method == "fisher":
         kw["fishers"] = [torch.rand(t.shape, generator=G(50 + i)) for i, t in enumerate(tensors)]
     if method == "regmean":
         kw["grams"] = [(lambda x: x.T @ x)(torch.randn(8, t.shape[1], generator=G(60 + i))) for i, t in enumerate(tensors)]
-    if method in ("dare_linear", "dare_ties"):
+    if method in ("dare_linear", "dare_ties", "della", "della_linear"):
         kw["name"] = "layer.weight"
-    return MERGE_METHODS[method](tensors[:2] if method == "slerp" else tensors, **kw, **extra)
+    if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        kw["density"] = 0.5  # sparsify (the default, mergekit's, is 1: nothing dropped)
+    return MERGE_METHODS[method](tensors, **kw, **extra)
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
@@ -397,3 +411,231 @@ def test_ties_keeps_exactly_density_even_with_ties_at_the_threshold():
     out = ties([base + tau], base=base, density=0.2)
     assert int(torch.count_nonzero(out)) == 2
     assert torch.equal(out, torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0]))
+
+
+# ============================================================================ mergekit's methods and semantics
+
+D = lambda *xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+
+
+def _models(n_models: int = 3, shape=(6, 5), seed: int = 100, scale: float = 0.1):
+    base = torch.randn(*shape, generator=G(seed))
+    return base, [base + scale * torch.randn(*shape, generator=G(seed + 1 + i)) for i in range(n_models)]
+
+
+# ---------------------------------------------------------------------------------------- SLERP and the base
+
+
+def test_slerp_with_a_base_goes_from_the_base_to_the_other_model():
+    a, b = torch.randn(4, 6, generator=G(200)), torch.randn(4, 6, generator=G(201))
+    assert torch.equal(slerp([b], base=a, t=0.0), a)  # t = 0 is the base model, not the first listed
+    assert torch.allclose(slerp([b], base=a, t=1.0), b, atol=1e-7, rtol=0)
+    for t in (0.25, 0.6):
+        assert torch.equal(slerp([b], base=a, t=t), slerp([a, b], t=t))
+    assert get_method("slerp").optional_base and not get_method("slerp").needs_base
+    with pytest.raises(SymmergeError, match="base_model must be one of the 2 models"):
+        slerp([a, b], base=a)
+
+
+def test_slerp_interpolates_linearly_when_nearly_parallel_like_mergekit():
+    a = torch.randn(50, generator=G(202))
+    b = a + 0.02 * torch.randn(50, generator=G(203))  # cos ≈ 0.9998 > 0.9995: mergekit's linear branch
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert 0.9995 < cos < 1 - 1e-6
+    assert torch.allclose(slerp([a, b], t=0.3), 0.7 * a + 0.3 * b, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- the engine's calls
+
+
+def _plan(method: str, n: int, *, base_at: int | None, params=None, weights=None, dtype=None, reference_index=None):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    models = [SimpleNamespace(path=Path(f"/m/{i}")) for i in range(n)]
+    base = SimpleNamespace(path=Path(f"/m/{base_at}" if base_at is not None else "/m/base"))
+    return SimpleNamespace(method=get_method(method), params=validate_params(method, params or {}), weights=weights, base=base,
+                           models=models, dtype=dtype, reference_index=reference_index)
+
+
+def _item(tensors, base):
+    from symmerge.merge.engine import AlignedTensor
+
+    return AlignedTensor("layer.weight", tensors, base, tensors, base)
+
+
+def test_engine_treats_a_listed_base_model_as_the_base():
+    from symmerge.merge.engine import merge_tensor
+
+    a, b = torch.randn(3, 4, generator=G(210)), torch.randn(3, 4, generator=G(211))
+    # models: [B, A], base_model: A → slerp from A (t = 0) to B
+    plan = _plan("slerp", 2, base_at=1, params={"t": 0.0})
+    assert torch.equal(merge_tensor(plan, _item([b, a], a), None, {}), a)
+    plan = _plan("slerp", 2, base_at=1, params={"t": 0.3})
+    assert torch.equal(merge_tensor(plan, _item([b, a], a), None, {}), slerp([b], base=a, t=0.3))
+    # no base: the first model is t = 0
+    plan = _plan("slerp", 2, base_at=None, params={"t": 0.0})
+    plan.base = None
+    assert torch.equal(merge_tensor(plan, _item([b, a], None), None, {}), b)
+    # ties with the base listed: its entry leaves the models, the weights and the per-model lists
+    base, models = _models(2, seed=212)
+    plan = _plan("ties", 3, base_at=0, params={"density": [1.0, 0.5, 0.3]}, weights=[9.0, 1.0, 2.0])
+    got = merge_tensor(plan, _item([base, *models], base), None, {})
+    assert torch.equal(got, ties(models, base=base, density=[0.5, 0.3], weights=[1.0, 2.0]))
+
+
+def test_engine_rounds_once_to_the_output_dtype():
+    from symmerge.merge.engine import merge_tensor
+
+    base, models = _models(3, seed=220)
+    lo = [m.to(torch.bfloat16) for m in models]
+    plan = _plan("linear", 3, base_at=None, dtype=torch.float16)
+    plan.base = None
+    out = merge_tensor(plan, _item(lo, None), None, {})
+    ref = (sum(m.double() for m in lo) / 3).to(torch.float16)  # float64 reference, one rounding
+    assert out.dtype == torch.float16 and torch.equal(out, ref)
+    twice = linear(lo).to(torch.float16)  # the old path: rounded to bf16, then to fp16
+    assert not torch.equal(twice, ref)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_every_method_rounds_once_to_out_dtype(method):
+    base, models = _models(3, seed=230)
+    lo = [m.to(torch.bfloat16) for m in models]
+    out = _call(method, lo, base.to(torch.bfloat16), out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    ref = _call(method, [m.float() for m in lo], base.to(torch.bfloat16).float())  # float32 math, unrounded
+    assert torch.equal(out, ref.to(torch.float16))
+
+
+def test_single_rounding_against_a_float64_reference():
+    base, models = _models(3, seed=240)
+    lo = [m.to(torch.bfloat16) for m in models]
+    b16 = base.to(torch.bfloat16)
+    exact = b16.double() + sum(m.double() - b16.double() for m in lo) * 0.7  # task arithmetic, λ = 0.7
+    assert torch.equal(task_arithmetic(lo, base=b16, lambda_=0.7), exact.to(torch.bfloat16))
+    assert torch.allclose(task_arithmetic(lo, base=b16, lambda_=0.7, out_dtype=torch.float32), exact.float(), atol=1e-6, rtol=0)
+    out = linear(lo, weights=[1, 2, 3], out_dtype=torch.float16)
+    assert torch.equal(out, (sum(w * m.double() for w, m in zip([1, 2, 3], lo)) / 6).to(torch.float16))
+
+
+# ---------------------------------------------------------------------------------- GTA: normalize, rescale
+
+
+def test_dare_ties_sums_by_default_and_ties_averages():
+    # BASE6/TAUS6 elect (−, tie, +, none, +, +); the agreeing entries are summed by dare_ties (normalize: false)
+    models = [BASE6 + t for t in TAUS6]
+    summed = T(-4, 0, 3, 0, 1.5, 5)
+    assert close(dare_ties(models, base=BASE6), BASE6 + summed)  # density 1: nothing dropped
+    assert close(dare_ties(models, base=BASE6, normalize=True), BASE6 + T(-4, 0, 3, 0, 0.75, 2.5))
+    assert close(ties(models, base=BASE6, normalize=False), BASE6 + summed)
+    # weights (2, 1, 1): Σ w τ = (0, -2, 4, 0, 2.5, 6) → (tie, −, +, none, +, +); sums 2·(-2), 2·3, 2·1 + 0.5, 2·2 + 3
+    assert close(ties(models, base=BASE6, normalize=False, lambda_=0.5, weights=[2, 1, 1]), BASE6 + 0.5 * T(0, -4, 6, 0, 2.5, 7))
+    defaults = {m: get_method(m).defaults for m in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                                                      "della_linear", "task_arithmetic")}
+    assert {m: (d["normalize"], d.get("rescale")) for m, d in defaults.items()} == {  # mergekit 0.1.5's registry
+        "ties": (True, False), "dare_ties": (False, True), "dare_linear": (False, True), "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False), "della": (True, True), "della_linear": (False, True), "task_arithmetic": (False, None)}
+    assert all(d["lambda"] == 1.0 and d.get("density", 1.0) == 1.0 for d in defaults.values())
+
+
+def test_linear_family_normalize_divides_by_the_weight_sum():
+    base, models = _models(2, seed=250)
+    taus = [m - base for m in models]
+    assert torch.allclose(task_arithmetic(models, base=base, weights=[1, 3], normalize=True), base + (taus[0] + 3 * taus[1]) / 4, atol=1e-6)
+    # |Σ w| < 1e-8: divided by 1 (mergekit)
+    assert torch.allclose(task_arithmetic(models, base=base, weights=[1, -1], normalize=True), base + taus[0] - taus[1], atol=1e-6)
+
+
+def test_dare_rescale_matches_the_l1_norm_like_mergekit():
+    base, theta = torch.zeros(2000), torch.randn(2000, generator=G(260))
+    out = dare_linear([theta], base=base, density=0.3, seed=1, name="w")
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.04
+    assert out.abs().sum().item() == pytest.approx(theta.abs().sum().item(), rel=1e-5)  # l1 rescale
+    factor = theta.abs().sum() / theta[kept].abs().sum()
+    assert torch.allclose(out[kept], theta[kept] * factor, rtol=1e-5)
+    # same mask for every rescale choice (same seed), only the scale differs; rescale: false keeps the raw entries
+    raw = dare_linear([theta], base=base, density=0.3, seed=1, name="w", rescale=False)
+    assert torch.equal(raw != 0, kept) and torch.equal(raw[kept], theta[kept])
+    assert torch.allclose(dare_linear([theta], base=base, density=0.3, seed=1, name="w", rescale_norm="l2").norm(), theta.norm(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- per-model parameters
+
+
+def test_per_model_parameters_take_a_scalar_or_one_value_per_model():
+    base = torch.zeros(10)
+    a = T(10, 9, 8, 7, 6, 5, 4, 3, 2, 1)
+    b = T(1, 2, 3, 4, 5, 6, 7, 8, 9, 10) * 0.5
+    # density [0.3, 0.2]: a keeps 10, 9, 8; b keeps 5, 4.5 → disjoint mean (all positive)
+    expected = T(10, 9, 8, 0, 0, 0, 0, 0, 4.5, 5)
+    assert close(ties([a, b], base=base, density=[0.3, 0.2]), expected)
+    assert torch.equal(ties([a, b], base=base, density=[0.4, 0.4]), ties([a, b], base=base, density=0.4))
+    assert get_method("ties").per_model_params == ("density",)
+    assert get_method("della").per_model_params == ("density", "epsilon")
+    assert get_method("breadcrumbs").per_model_params == ("density", "gamma")
+    assert get_method("passthrough").per_model_params == ("scale",)
+    assert validate_params("ties", {"density": [0.5, 1]})["density"] == [0.5, 1.0]
+    bad = [
+        ("ties", {"density": [0.5, 1.5]}, "ties: density[1] must be in (0, 1], got 1.5"),
+        ("ties", {"density": [0.5, True]}, "ties: density[1] must be a number, got True"),
+        ("ties", {"density": []}, "ties: density must be in (0, 1] or a list with one such value per model, got []"),
+        ("ties", {"lambda": [1, 2]}, "ties: lambda must be a number, got [1, 2]"),  # not per model
+        ("della", {"density": 0.9}, "della: density ± epsilon must lie in (0, 1), got density=0.9, epsilon=0.15"),
+        ("della", {"density": [0.5, 0.1], "epsilon": 0.1}, "della: density ± epsilon must lie in (0, 1) (model 1), got density=0.1, epsilon=0.1"),
+        ("nearswap", {}, "nearswap: parameter 't' is required (distance below which the other model's value is taken whole)"),
+    ]
+    for method, params, message in bad:
+        with pytest.raises(SymmergeError) as e:
+            validate_params(method, params)
+        assert str(e.value) == message
+    with pytest.raises(SymmergeError, match="ties: density has 3 values for 2 models"):
+        validate_params("ties", {"density": [0.5, 0.5, 0.5]}, n_models=2)
+    with pytest.raises(SymmergeError, match="ties: got 3 values of density for 2 models"):
+        ties([a, b], base=base, density=[0.5, 0.5, 0.5])
+
+
+# ------------------------------------------------------------------------------------- TIES' chunked kernel
+
+
+def _ties_reference(tensors, base, density, weights, normalize=True):
+    """Plain TIES in float64 with an explicit stable sort: top ⌊d·n⌋ by |τ| (ties: first in memory order)."""
+    taus = []
+    for x, d in zip(tensors, density):
+        tau = (x.double() - base.double()).reshape(-1)
+        k = max(1, int(d * tau.numel()))
+        order = sorted(range(tau.numel()), key=lambda j: (-abs(float(x.reshape(-1)[j].float() - base.reshape(-1)[j].float())), j))
+        keep = torch.zeros(tau.numel(), dtype=torch.bool)
+        keep[order[:k]] = True
+        taus.append(tau * keep)
+    total = sum(w * t for w, t in zip(weights, taus))
+    sign = total.sign()
+    num = sum(w * t * ((t.sign() == sign) & (t != 0)) for w, t in zip(weights, taus))
+    den = sum(w * ((t.sign() == sign) & (t != 0)).double() for w, t in zip(weights, taus))
+    merged = num / torch.where(den == 0, torch.ones_like(den), den) if normalize else num
+    return (base.double().reshape(-1) + merged).reshape(base.shape)
+
+
+def test_chunked_ties_kernel_is_exact(monkeypatch):
+    monkeypatch.setattr(M, "TIES_CHUNK", 64)  # many chunks, so ties at the threshold straddle chunk boundaries
+    for case in range(6):
+        g = G(300 + case)
+        base = torch.randint(-64, 64, (20, 17), generator=g).float() / 32  # exact differences: elections alike in float32/64
+        # coarse values → many entries tie at the threshold
+        models = [base + torch.randint(-3, 4, (20, 17), generator=g).float() * 0.25 for _ in range(3)]
+        density = [[0.1, 0.5, 0.9], [0.3, 0.3, 0.3], [1.0, 0.05, 0.5]][case % 3]
+        weights = [[1.0, 1.0, 1.0], [0.5, 2.0, 0.0], [1.0, 3.0, 0.25]][case % 3]
+        normalize = case < 4
+        fast = ties(models, base=base, density=density, weights=weights, normalize=normalize)
+        # the generic float32 path (what the kernel replaces) gives the very same bits
+        p = validate_params("ties", {"density": density, "normalize": normalize})
+        slow = M._disjoint_merge(M._Sparsified("ties", "magnitude", models, base, torch.float32, None, p), 3, weights, base, torch.float32, normalize)
+        assert torch.equal(fast, slow.add_(base))
+        ref = _ties_reference(models, base, density, weights, normalize)
+        assert torch.equal(fast != base, ref != base.double())  # the same entries kept and merged
+        assert torch.allclose(fast.double(), ref, atol=1e-6, rtol=0)
+    # whole-model thresholds: ties at the threshold are all kept
+    base = torch.zeros(100)
+    x = torch.arange(100.0) % 10
+    assert torch.equal(ties([x], base=base, thresholds=[7.0]), torch.where(x >= 7, x, 0))
