@@ -10,17 +10,32 @@ import torch
 from symmerge.errors import SymmergeError
 from symmerge.merge import (
     MERGE_METHODS,
+    arcee_fusion,
+    breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_seed,
     dare_ties,
+    della,
+    della_keep_probabilities,
+    della_linear,
     fisher,
     fisher_model_norms,
     get_method,
     global_magnitude_thresholds,
+    karcher,
     linear,
     list_methods,
     magnitude_threshold,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -639,3 +654,243 @@ def test_chunked_ties_kernel_is_exact(monkeypatch):
     base = torch.zeros(100)
     x = torch.arange(100.0) % 10
     assert torch.equal(ties([x], base=base, thresholds=[7.0]), torch.where(x >= 7, x, 0))
+
+
+# ------------------------------------------------------------------------------------------------ Breadcrumbs
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    base = torch.zeros(10)
+    tau = T(0.1, -0.5, 0.3, -0.2, 0.05, 0.9, -0.7, 0.0, 0.4, -0.15)  # |τ| ascending: 0, .05, .1, .15, .2, .3, .4, .5, .7, .9
+    # density 0.5, gamma 0.1: the largest (0.9) goes, the 4 smallest go, 5 stay: 0.2, 0.3, 0.4, 0.5, 0.7
+    kept = T(0, -0.5, 0.3, -0.2, 0, 0, -0.7, 0, 0.4, 0)
+    assert close(breadcrumbs([tau], base=base, density=0.5, gamma=0.1), kept)
+    # density + gamma > 1: fewer outliers dropped (density 0.8, gamma 0.3 → the 2 largest... only 10 − 8 = 2 go, from the top)
+    assert close(breadcrumbs([tau], base=base, density=0.8, gamma=0.3), torch.where(tau.abs() < 0.7, tau, 0))
+    assert torch.equal(breadcrumbs([tau], base=base), tau)  # density 1 (default): nothing dropped
+    # rescale: the l1 norm of τ is restored
+    out = breadcrumbs([tau], base=base, density=0.5, gamma=0.1, rescale=True)
+    assert close(out, kept * (tau.abs().sum() / kept.abs().sum()), atol=1e-6)
+    # breadcrumbs_ties: the masks, then TIES' election (summed by default)
+    a, b = base + tau, base - 0.5 * tau
+    exp_a, exp_b = kept, -0.5 * kept
+    elected = torch.where((exp_a + exp_b) >= 0, exp_a.clamp(min=0) + exp_b.clamp(min=0), exp_a.clamp(max=0) + exp_b.clamp(max=0))
+    assert close(breadcrumbs_ties([a, b], base=base, density=0.5, gamma=0.1), elected)
+
+
+# ------------------------------------------------------------------------------------------------------ DELLA
+
+
+def test_della_keep_probabilities_by_hand():
+    x = T(0.3, -0.1, 0.5, 0.2, -0.4)  # magnitude ranks 3, 1, 5, 2, 4
+    assert close(della_keep_probabilities(x, 0.5, 0.1), T(0.5, 0.4, 0.6, 0.45, 0.55))
+    rows = torch.stack([x, -x.flip(0)])  # 2-D: ranked within each row
+    assert close(della_keep_probabilities(rows, 0.5, 0.1)[1], T(0.5, 0.4, 0.6, 0.45, 0.55).flip(0))
+
+
+def test_della_is_seeded_and_rescales():
+    base, theta = torch.zeros(4000), torch.randn(4000, generator=G(400))
+    run = lambda **kw: della_linear([theta], base=base, density=0.4, epsilon=0.2, name="w", **kw)  # noqa: E731
+    assert torch.equal(run(seed=1), run(seed=1)) and not torch.equal(run(seed=1), run(seed=2))
+    out = run(seed=1)
+    assert out.abs().sum().item() == pytest.approx(theta.abs().sum().item(), rel=1e-5)  # l1 rescale (mergekit)
+    kept = run(seed=1, rescale=False) != 0
+    assert abs(kept.float().mean().item() - 0.4) < 0.03
+    big = theta.abs() > theta.abs().median()
+    assert kept[big].float().mean() > kept[~big].float().mean() + 0.1  # larger magnitudes kept more often
+    # the papers' rescale divides by each entry's keep probability: unbiased over seeds
+    runs = 300
+    mean = sum(della_linear([theta[:200]], base=base[:200], density=0.4, epsilon=0.2, seed=s, rescale_norm="density") for s in range(runs)) / runs
+    p = della_keep_probabilities(theta[:200], 0.4, 0.2)
+    assert ((mean - theta[:200]).abs() <= 5 * (theta[:200] ** 2 * (1 - p) / p / runs).sqrt() + 1e-6).all()
+    # della = the same masks, then TIES' election and mean
+    m2 = [theta, 0.5 * theta]
+    assert torch.allclose(della(m2, base=base, density=0.4, epsilon=0.2, seed=3, name="w", normalize=False),
+                          della_linear(m2, base=base, density=0.4, epsilon=0.2, seed=3, name="w"), atol=1e-6)
+    assert torch.equal(della(m2, base=base), m2[0] * 0.75)  # density 1: nothing dropped; mean of θ and θ/2
+
+
+# -------------------------------------------------------------------------------------------- Model Stock
+
+
+def _model_stock_reference(models, base, rows):
+    w0 = base.double().reshape(rows)
+    taus = [m.double().reshape(rows) - w0 for m in models]
+    n = len(models)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos.append(((taus[i] * taus[j]).sum(-1) / (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * sum(m.double().reshape(rows) for m in models) / n + (1 - t) * w0).reshape(base.shape)
+
+
+def test_model_stock():
+    base = T(1, 1)
+    # orthogonal task vectors: cos 0 → t 0 → the base; identical ones: cos 1 → t 1 → the average
+    assert close(model_stock([T(2, 1), T(1, 2)], base=base), base)
+    assert close(model_stock([T(2, 3), T(2, 3)], base=base), T(2, 3))
+    # cos = 1/2 with 2 models: t = 1 / 1.5 = 2/3
+    a, b = T(2, 1), T(1 + 0.5, 1 + math.sqrt(3) / 2)
+    assert close(model_stock([a, b], base=base), (2 / 3) * (a + b) / 2 + (1 / 3) * base, atol=1e-6)
+    base, models = _models(3, seed=410)
+    assert torch.allclose(model_stock(models, base=base).double(), _model_stock_reference(models, base, (1, -1)), atol=1e-6)
+    assert torch.allclose(model_stock(models, base=base, filter_wise=True).double(), _model_stock_reference(models, base, (6, 5)), atol=1e-6)
+    with pytest.raises(SymmergeError, match="at least 2 models besides the base"):
+        model_stock(models[:1], base=base)
+
+
+# ------------------------------------------------------------------------------------ NuSLERP, multi, Karcher
+
+
+def test_nuslerp():
+    a, b = torch.randn(4, 6, generator=G(420)), torch.randn(4, 6, generator=G(421))
+    base = torch.randn(4, 6, generator=G(422))
+    # t = w_1 / (w_0 + w_1) = 0.75; flattened = plain SLERP of the whole tensors
+    assert torch.allclose(nuslerp([a, b], weights=[1, 3]), slerp([a, b], t=0.75), atol=1e-6)
+    assert torch.allclose(nuslerp([a, b]), slerp([a, b], t=0.5), atol=1e-6)
+    # with a base: SLERP of the task vectors, added to the base
+    assert torch.allclose(nuslerp([a, b], base=base, weights=[1, 3]), base + slerp([a - base, b - base], t=0.75), atol=1e-6)
+    # per row (last dim) and, row_wise, per column
+    rows = nuslerp([a, b], weights=[1, 3], nuslerp_flatten=False)
+    assert all(torch.allclose(rows[i], slerp([a[i], b[i]], t=0.75), atol=1e-6) for i in range(4))
+    cols = nuslerp([a, b], weights=[1, 3], nuslerp_flatten=False, nuslerp_row_wise=True)
+    assert all(torch.allclose(cols[:, j], slerp([a[:, j], b[:, j]], t=0.75), atol=1e-6) for j in range(6))
+    with pytest.raises(SymmergeError, match="exactly 2 models besides the base"):
+        nuslerp([a, b, base])
+
+
+def _multislerp_reference(vs, w):
+    w = torch.tensor(w, dtype=torch.float64) / sum(w)
+    vs = [v.double().reshape(-1) for v in vs]
+    units = [v / v.norm() for v in vs]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    return (mean / mean.norm() * sum(wi * v.norm() for wi, v in zip(w, vs)))
+
+
+def test_multislerp():
+    e1, e2 = T(1, 0), T(0, 3)
+    # two orthogonal directions, equal weights: 45°, at the mean norm 2
+    assert close(multislerp([e1, e2]), T(math.sqrt(2), math.sqrt(2)), atol=1e-6)
+    base, models = _models(3, seed=430)
+    w = [1.0, 2.0, 0.5]
+    assert torch.allclose(multislerp(models, weights=w).double().reshape(-1), _multislerp_reference(models, w), atol=1e-5)
+    ref = base.double().reshape(-1) + _multislerp_reference([m - base for m in models], w)
+    assert torch.allclose(multislerp(models, base=base, weights=w).double().reshape(-1), ref, atol=1e-5)
+    assert torch.equal(multislerp(models[:1], base=base), models[0])  # one model: itself
+    assert close(multislerp([e1, -e1]), T(0, 0), atol=1e-6)  # antipodal pair: linear average
+    with pytest.raises(SymmergeError, match="weighted sum of the directions is zero"):
+        multislerp([e1, -e1, 2 * e1, -2 * e1])
+
+
+def _karcher_reference(xs, iters=200):
+    xs = [x.double().reshape(-1) for x in xs]
+    norms = [x.norm() for x in xs]
+    us = [x / n for x, n in zip(xs, norms)]
+    mu = sum(us) / len(us)
+    mu = mu / mu.norm()
+    for _ in range(iters):  # Riemannian gradient descent to convergence
+        g = sum(math.acos(max(-1, min(1, float(mu @ u)))) / max(1e-300, math.sin(math.acos(max(-1, min(1, float(mu @ u)))))) * (u - (mu @ u) * mu)
+                for u in us) / len(us)
+        gn = g.norm()
+        if gn < 1e-12:
+            break
+        mu = torch.cos(gn) * mu + torch.sin(gn) * g / gn
+        mu = mu / mu.norm()
+    return mu * sum(norms) / len(norms)
+
+
+def test_karcher():
+    e1, e2 = T(1, 0), T(0, 3)
+    assert close(karcher([e1, e2]), 2 * T(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-5)
+    xs = [torch.randn(12, generator=G(440 + i)) for i in range(3)]
+    assert torch.allclose(karcher(xs, max_iter=100, tol=1e-9).double(), _karcher_reference(xs), atol=1e-5)
+    assert torch.equal(karcher(xs[:1]), xs[0])
+    assert torch.equal(karcher([torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------- SCE
+
+
+def _sce_reference(models, base, topk):
+    taus = torch.stack([m.double() - base.double() for m in models])
+    if topk < 1:
+        var = taus.var(0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * topk)
+        order = sorted(range(var.numel()), key=lambda j: (-float(var[j]), j))
+        mask = torch.zeros(var.numel(), dtype=torch.float64)
+        mask[order[:k]] = 1
+        taus = taus * mask.reshape(base.shape)
+    energy = taus.square().reshape(len(models), -1).mean(1)
+    c = torch.full_like(energy, 1 / len(models)) if energy.sum() < 1e-6 else energy / energy.sum()
+    sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (taus.sign() == sign).double()
+    cw = c.view(-1, *[1] * base.ndim) * agree
+    return base.double() + (taus * cw).sum(0) / cw.sum(0).clamp(min=1e-6)
+
+
+def test_sce():
+    base, models = _models(3, seed=450, scale=1.0)  # large task vectors: energy weights (not the uniform fallback)
+    for topk in (1.0, 0.3):
+        assert torch.allclose(sce(models, base=base, select_topk=topk).double(), _sce_reference(models, base, topk), atol=1e-6)
+    small_base, small = _models(3, seed=451, scale=1e-4)  # Σ mean τ² < 1e-6: uniform weights (mergekit)
+    assert torch.allclose(sce(small, base=small_base).double(), _sce_reference(small, small_base, 1.0), atol=1e-7)
+    # by hand: τ = (1, −2), (3, 1): energies 2.5, 5 → c = 1/3, 2/3; signs (+, −): e0 both, e1 only τ_1
+    out = sce([T(1, -2), T(3, 1)], base=T(0, 0))
+    assert close(out, T((1 / 3 * 1 + 2 / 3 * 3) / 1, -2), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- RAM, RAM+, NearSwap
+
+
+def test_ram_and_ramplus_by_hand():
+    base = torch.zeros(6)
+    a, b = T(1, 2, 0, 0, 4, 1e-6), T(3, 0, 5, 0, -2, 0)
+    # counts (2, 1, 1, 0, 2, 0): shared entries averaged, unique ones kept, |τ| <= ε ignored
+    assert close(ram([a, b], base=base), T(2, 2, 5, 0, 1, 0))
+    # RAM+: a has 2 shared, 1 unique → ρ = 2, clipped to α = 0.2 → λ = 1 + 0.1·0.2; b: 2 shared, 1 unique, same
+    lam = 1 + 0.1 * 0.2
+    assert close(ramplus_tl([a, b], base=base), T(2, 2 * lam, 5 * lam, 0, 1, 0))
+    assert close(ramplus_tl([a, b], base=base, r=1.0, alpha=5.0), T(2, 2 * 3, 5 * 3, 0, 1, 0))
+
+
+def test_nearswap_by_hand():
+    base, other = T(0, 0, 0, 1), T(0.05, 0.5, -2, 1)
+    # |diff| = (0.05, 0.5, 2, 0): within t = 0.1 → swapped; else moved by t toward the other; equal → stays
+    assert close(nearswap([other], base=base, t=0.1), T(0.05, 0.1, -0.1, 1))
+    with pytest.raises(SymmergeError, match="parameter 't' is required"):
+        nearswap([other], base=base)
+
+
+def test_arcee_fusion_against_a_float64_reference():
+    base = torch.randn(8, 16, generator=G(460))
+    other = base + 0.05 * torch.randn(8, 16, generator=G(461))
+    other[2, :4] += 1.0  # a few large, important changes
+    a, b = base.double(), other.double()
+    p, q = torch.softmax(b, -1) + 1e-8, torch.softmax(a, -1) + 1e-8
+    importance = ((b - a).abs() * (p * (p / q).log()).sum(-1, keepdim=True)).reshape(-1)
+    s = importance.sort().values
+    q1, med, q3 = (s[int(x * (s.numel() - 1))] for x in (0.25, 0.5, 0.75))
+    ref = a + (b - a) * (importance >= med + 1.5 * (q3 - q1)).reshape(a.shape)
+    out = arcee_fusion([other], base=base)
+    assert torch.allclose(out.double(), ref, atol=1e-6)
+    assert torch.equal(out[2, :4], other[2, :4]) and 0 < int((out != base).sum()) < 128
+
+
+def test_passthrough():
+    x = torch.randn(3, 4, generator=G(470)).to(torch.bfloat16)
+    assert torch.equal(passthrough([x]), x) and passthrough([x]).dtype == torch.bfloat16
+    assert torch.equal(passthrough([x], scale=0.5), (x.float() * 0.5).to(torch.bfloat16))
+    assert torch.equal(passthrough([x], scale=[2.0], out_dtype=torch.float32), x.float() * 2)
+    m = get_method("passthrough")
+    assert m.min_models == m.max_models == 1 and "alignment does not apply" in m.description
+    with pytest.raises(SymmergeError, match="passthrough: merges exactly 1 models, got 2"):
+        m.check_models(2, has_base=False)
+
+
+def test_all_twenty_mergekit_methods_are_registered():
+    mergekit = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough"}
+    assert set(MERGE_METHODS) == mergekit | {"fisher", "regmean"}
+    assert {m.name for m in list_methods() if m.optional_base} == {"slerp", "nuslerp", "multislerp"}
