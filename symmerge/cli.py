@@ -315,13 +315,14 @@ def zoo(
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""
-    from symmerge.merge.methods import MERGE_METHODS
+    from symmerge.merge.methods import list_methods
 
-    for m in MERGE_METHODS.values():
-        needs = [w for w, flag in (("base_model", m.needs_base), ("data", m.needs_data)) if flag]
-        params = ", ".join(f"{p}={d!r}" for p, d in m.defaults.items()) or "-"
+    for m in list_methods():
+        needs = [w for w, flag in (("base_model", m.needs_base), ("base_model (optional)", m.optional_base), ("data", m.needs_data)) if flag]
+        params = ", ".join(f"{p.name}={'(required)' if p.required else repr(p.default)}{'*' if p.per_model else ''}" for p in m.params) or "-"
         echo(f"{m.name:<18} {m.description}")
         echo(f"{'':<18} parameters: {params}" + (f"; needs: {', '.join(needs)}" if needs else ""))
+    echo("* may be given per model (under a model's parameters, or as a list with one value per model)")
 
 
 @app.command()

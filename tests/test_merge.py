@@ -20,7 +20,7 @@ DATA_FREE = {  # method → parameters under which merging a model with itself r
     "task_arithmetic": {"lambda": 0.5},
     "ties": {"density": 1.0, "lambda": 1.0},
     "dare_linear": {"density": 1.0, "lambda": 0.5},
-    "dare_ties": {"density": 1.0, "lambda": 1.0},
+    "dare_ties": {"density": 1.0, "lambda": 1.0, "normalize": True},  # mergekit's default normalize: false sums the two
 }
 
 
@@ -333,3 +333,14 @@ def test_statistics_are_computed_on_the_aligned_models(bert_pair):
     assert not torch.equal(perm, torch.arange(len(perm)))
     assert torch.allclose(stats[1]["stats"][key], unaligned[perm][:, perm], atol=1e-5)
     assert not torch.allclose(stats[1]["stats"][key], unaligned, atol=1e-3)
+
+
+def test_slerp_starts_from_the_listed_base_model(family_models, tmp_path, capsys):
+    """mergekit's SLERP recipe lists base_model among the two models: t = 0 is the base, whichever its position."""
+    m = family_models
+    for t, first in ((0.0, "independent"), (0.0, "a")):
+        out = tmp_path / f"out-{first}-{t}"
+        models = (m["independent"], m["a"]) if first == "independent" else (m["a"], m["independent"])
+        code, _, err = run_cli(capsys, "merge", *models, "--method", "slerp", "--base", m["a"], "--param", f"t={t}", "--align", "none", "-o", out, "-q")
+        assert code == 0, err
+        assert relative_distance_to(m["a"], out) == 0.0

@@ -10,17 +10,32 @@ import torch
 from symmerge.errors import SymmergeError
 from symmerge.merge import (
     MERGE_METHODS,
+    arcee_fusion,
+    breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_seed,
     dare_ties,
+    della,
+    della_keep_probabilities,
+    della_linear,
     fisher,
     fisher_model_norms,
     get_method,
     global_magnitude_thresholds,
+    karcher,
     linear,
     list_methods,
     magnitude_threshold,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -145,14 +160,15 @@ def test_dare_is_seeded_and_reproducible():
     assert torch.equal(run(seed=1, name="w"), run(seed=1, name="w"))
     assert not torch.equal(run(seed=1, name="w"), run(seed=2, name="w"))
     assert not torch.equal(run(seed=1, name="w"), run(seed=1, name="v"))  # per-tensor masks
-    assert torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=3, name="w"))
-    assert not torch.equal(dare_ties(models, base=base, seed=3, name="w"), dare_ties(models, base=base, seed=4, name="w"))
+    # density defaults to 1 (mergekit's: nothing dropped), so the seed only matters with density < 1
+    assert torch.equal(dare_ties(models, base=base, seed=3, name="w", density=0.5), dare_ties(models, base=base, seed=3, name="w", density=0.5))
+    assert not torch.equal(dare_ties(models, base=base, seed=3, name="w", density=0.5), dare_ties(models, base=base, seed=4, name="w", density=0.5))
     assert dare_seed(0, "a", 0) != dare_seed(0, "a", 1) != dare_seed(0, "b", 1)
 
 
 def test_dare_drops_and_rescales():
     base, theta = torch.zeros(20_000), torch.randn(20_000, generator=G(12))
-    out = dare_linear([theta], base=base, density=0.3, seed=5)
+    out = dare_linear([theta], base=base, density=0.3, seed=5, rescale_norm="density")  # the paper's 1/density (mergekit: l1)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.02
     assert torch.allclose(out[kept], theta[kept] / 0.3)
@@ -161,7 +177,7 @@ def test_dare_drops_and_rescales():
 def test_dare_rescale_is_unbiased():
     base, models = _dare_inputs()
     w, p, runs = [1.0, 0.5], 0.4, 300
-    mean = sum(dare_linear(models, base=base, weights=w, density=p, seed=s, name="x") for s in range(runs)) / runs
+    mean = sum(dare_linear(models, base=base, weights=w, density=p, seed=s, name="x", rescale_norm="density") for s in range(runs)) / runs
     expected = task_arithmetic(models, base=base, weights=w)
     # per entry, Var[w_i τ̃_i] = w_i² τ_i² (1 − p) / p; allow 5 standard errors of the mean
     var = sum(wi**2 * (m - base) ** 2 for wi, m in zip(w, models)) * (1 - p) / p
@@ -171,7 +187,8 @@ def test_dare_rescale_is_unbiased():
 def test_dare_with_density_one_is_task_arithmetic_or_ties():
     base, models = _dare_inputs()
     assert torch.allclose(dare_linear(models, base=base, density=1.0, lambda_=0.7), task_arithmetic(models, base=base, lambda_=0.7))
-    assert torch.allclose(dare_ties(models, base=base, density=1.0), ties(models, base=base, density=1.0))
+    assert torch.allclose(dare_ties(models, base=base, density=1.0, normalize=True), ties(models, base=base, density=1.0))
+    assert torch.allclose(dare_ties(models, base=base, density=1.0), ties(models, base=base, density=1.0, normalize=False))
 
 
 # ------------------------------------------------------------------------------------------------------ SLERP
@@ -283,10 +300,11 @@ def test_registry_lists_every_method():
     assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher", "regmean"} <= set(MERGE_METHODS)
     assert [m.name for m in list_methods()] == sorted(MERGE_METHODS)
     ties_m = get_method("ties")
-    assert ties_m.needs_base and not ties_m.needs_data and ties_m.defaults == {"density": 0.2, "lambda": 1.0, "trim": "tensor"}
+    assert ties_m.needs_base and not ties_m.needs_data and ties_m.defaults == {
+        "density": 1.0, "lambda": 1.0, "trim": "tensor", "normalize": True, "rescale": False, "rescale_norm": "l1", "int8_mask": False}
     assert get_method("fisher").needs_data and get_method("regmean").needs_data
     assert get_method("slerp").max_models == 2
-    assert get_method("ties").summary().startswith("ties [base] density=0.2 lambda=1")
+    assert get_method("ties").summary().startswith("ties [base] density=1 lambda=1")
     assert {"base", "weights", "name", "density", "lambda_", "thresholds"} <= get_method("ties").arguments
     assert all("name" in m.arguments and "weights" in m.arguments for m in list_methods())
     assert "grams" in get_method("regmean").arguments and "fishers" in get_method("fisher").arguments
@@ -295,18 +313,20 @@ def test_registry_lists_every_method():
 def test_unknown_method():
     with pytest.raises(SymmergeError) as e:
         get_method("tie")
-    assert str(e.value).startswith("unknown merge method 'tie'; available: dare_linear, dare_ties, fisher, linear")
+    assert str(e.value).startswith("unknown merge method 'tie'; available: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear")
     assert "\n" not in str(e.value)
 
 
 def test_validate_params_fills_defaults_and_names_the_culprit():
-    assert validate_params("ties", {}) == {"density": 0.2, "lambda_": 1.0, "trim": "tensor"}
-    assert validate_params("ties", {"density": 1, "lambda": 2}) == {"density": 1.0, "lambda_": 2.0, "trim": "tensor"}
-    assert validate_params("dare_ties", {"seed": 7.0}) == {"density": 0.5, "lambda_": 1.0, "seed": 7}
+    ties_rest = {"trim": "tensor", "normalize": True, "rescale": False, "rescale_norm": "l1", "int8_mask": False}
+    assert validate_params("ties", {}) == {"density": 1.0, "lambda_": 1.0, **ties_rest}
+    assert validate_params("ties", {"density": 0.2, "lambda": 2}) == {"density": 0.2, "lambda_": 2.0, **ties_rest}
+    assert validate_params("dare_ties", {"seed": 7.0}) == {
+        "density": 1.0, "lambda_": 1.0, "seed": 7, "normalize": False, "rescale": True, "rescale_norm": "l1", "int8_mask": False}
     bad = [
         ("ties", {"density": 1.5}, "ties: density must be in (0, 1], got 1.5"),
         ("ties", {"density": 0}, "ties: density must be in (0, 1], got 0"),
-        ("ties", {"dens": 0.5}, "ties: unknown parameter 'dens' (known: density, lambda, trim)"),
+        ("ties", {"dens": 0.5}, "ties: unknown parameter 'dens' (known: density, lambda, trim, normalize, rescale, rescale_norm, int8_mask)"),
         ("slerp", {"t": -0.1}, "slerp: t must be in [0, 1], got -0.1"),
         ("linear", {"normalize": "yes"}, "linear: normalize must be true or false, got 'yes'"),
         ("fisher", {"normalize": "global"}, "fisher: normalize must be one of none, param, model, got 'global'"),
@@ -351,13 +371,22 @@ def test_check_models():
 
 def _call(method: str, tensors, base, **extra):
     kw = {"base": base}
+    if method in ("slerp", "passthrough", "nearswap", "arcee_fusion"):  # two endpoints: the base and one model, or 1 model
+        tensors = tensors[:1]
+        kw["base"] = None if method == "passthrough" else base
+    if method == "nuslerp":
+        tensors = tensors[:2]
+    if method == "nearswap":
+        kw["t"] = 0.05
     if method == "fisher":
         kw["fishers"] = [torch.rand(t.shape, generator=G(50 + i)) for i, t in enumerate(tensors)]
     if method == "regmean":
         kw["grams"] = [(lambda x: x.T @ x)(torch.randn(8, t.shape[1], generator=G(60 + i))) for i, t in enumerate(tensors)]
-    if method in ("dare_linear", "dare_ties"):
+    if method in ("dare_linear", "dare_ties", "della", "della_linear"):
         kw["name"] = "layer.weight"
-    return MERGE_METHODS[method](tensors[:2] if method == "slerp" else tensors, **kw, **extra)
+    if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        kw["density"] = 0.5  # sparsify (the default, mergekit's, is 1: nothing dropped)
+    return MERGE_METHODS[method](tensors, **kw, **extra)
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
@@ -397,3 +426,471 @@ def test_ties_keeps_exactly_density_even_with_ties_at_the_threshold():
     out = ties([base + tau], base=base, density=0.2)
     assert int(torch.count_nonzero(out)) == 2
     assert torch.equal(out, torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0]))
+
+
+# ============================================================================ mergekit's methods and semantics
+
+D = lambda *xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+
+
+def _models(n_models: int = 3, shape=(6, 5), seed: int = 100, scale: float = 0.1):
+    base = torch.randn(*shape, generator=G(seed))
+    return base, [base + scale * torch.randn(*shape, generator=G(seed + 1 + i)) for i in range(n_models)]
+
+
+# ---------------------------------------------------------------------------------------- SLERP and the base
+
+
+def test_slerp_with_a_base_goes_from_the_base_to_the_other_model():
+    a, b = torch.randn(4, 6, generator=G(200)), torch.randn(4, 6, generator=G(201))
+    assert torch.equal(slerp([b], base=a, t=0.0), a)  # t = 0 is the base model, not the first listed
+    assert torch.allclose(slerp([b], base=a, t=1.0), b, atol=1e-7, rtol=0)
+    for t in (0.25, 0.6):
+        assert torch.equal(slerp([b], base=a, t=t), slerp([a, b], t=t))
+    assert get_method("slerp").optional_base and not get_method("slerp").needs_base
+    with pytest.raises(SymmergeError, match="base_model must be one of the 2 models"):
+        slerp([a, b], base=a)
+
+
+def test_slerp_interpolates_linearly_when_nearly_parallel_like_mergekit():
+    a = torch.randn(50, generator=G(202))
+    b = a + 0.02 * torch.randn(50, generator=G(203))  # cos ≈ 0.9998 > 0.9995: mergekit's linear branch
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert 0.9995 < cos < 1 - 1e-6
+    assert torch.allclose(slerp([a, b], t=0.3), 0.7 * a + 0.3 * b, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- the engine's calls
+
+
+def _plan(method: str, n: int, *, base_at: int | None, params=None, weights=None, dtype=None, reference_index=None):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    models = [SimpleNamespace(path=Path(f"/m/{i}")) for i in range(n)]
+    base = SimpleNamespace(path=Path(f"/m/{base_at}" if base_at is not None else "/m/base"))
+    return SimpleNamespace(method=get_method(method), params=validate_params(method, params or {}), weights=weights, base=base,
+                           models=models, dtype=dtype, reference_index=reference_index)
+
+
+def _item(tensors, base):
+    from symmerge.merge.engine import AlignedTensor
+
+    return AlignedTensor("layer.weight", tensors, base, tensors, base)
+
+
+def test_engine_treats_a_listed_base_model_as_the_base():
+    from symmerge.merge.engine import merge_tensor
+
+    a, b = torch.randn(3, 4, generator=G(210)), torch.randn(3, 4, generator=G(211))
+    # models: [B, A], base_model: A → slerp from A (t = 0) to B
+    plan = _plan("slerp", 2, base_at=1, params={"t": 0.0})
+    assert torch.equal(merge_tensor(plan, _item([b, a], a), None, {}), a)
+    plan = _plan("slerp", 2, base_at=1, params={"t": 0.3})
+    assert torch.equal(merge_tensor(plan, _item([b, a], a), None, {}), slerp([b], base=a, t=0.3))
+    # no base: the first model is t = 0
+    plan = _plan("slerp", 2, base_at=None, params={"t": 0.0})
+    plan.base = None
+    assert torch.equal(merge_tensor(plan, _item([b, a], None), None, {}), b)
+    # ties with the base listed: its entry leaves the models, the weights and the per-model lists
+    base, models = _models(2, seed=212)
+    plan = _plan("ties", 3, base_at=0, params={"density": [1.0, 0.5, 0.3]}, weights=[9.0, 1.0, 2.0])
+    got = merge_tensor(plan, _item([base, *models], base), None, {})
+    assert torch.equal(got, ties(models, base=base, density=[0.5, 0.3], weights=[1.0, 2.0]))
+
+
+def test_engine_rounds_once_to_the_output_dtype():
+    from symmerge.merge.engine import merge_tensor
+
+    base, models = _models(3, seed=220)
+    lo = [m.to(torch.bfloat16) for m in models]
+    plan = _plan("linear", 3, base_at=None, dtype=torch.float16)
+    plan.base = None
+    out = merge_tensor(plan, _item(lo, None), None, {})
+    ref = (sum(m.double() for m in lo) / 3).to(torch.float16)  # float64 reference, one rounding
+    assert out.dtype == torch.float16 and torch.equal(out, ref)
+    twice = linear(lo).to(torch.float16)  # the old path: rounded to bf16, then to fp16
+    assert not torch.equal(twice, ref)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_every_method_rounds_once_to_out_dtype(method):
+    base, models = _models(3, seed=230)
+    lo = [m.to(torch.bfloat16) for m in models]
+    out = _call(method, lo, base.to(torch.bfloat16), out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    ref = _call(method, [m.float() for m in lo], base.to(torch.bfloat16).float())  # float32 math, unrounded
+    assert torch.equal(out, ref.to(torch.float16))
+
+
+def test_single_rounding_against_a_float64_reference():
+    base, models = _models(3, seed=240)
+    lo = [m.to(torch.bfloat16) for m in models]
+    b16 = base.to(torch.bfloat16)
+    exact = b16.double() + sum(m.double() - b16.double() for m in lo) * 0.7  # task arithmetic, λ = 0.7
+    assert torch.equal(task_arithmetic(lo, base=b16, lambda_=0.7), exact.to(torch.bfloat16))
+    assert torch.allclose(task_arithmetic(lo, base=b16, lambda_=0.7, out_dtype=torch.float32), exact.float(), atol=1e-6, rtol=0)
+    out = linear(lo, weights=[1, 2, 3], out_dtype=torch.float16)
+    assert torch.equal(out, (sum(w * m.double() for w, m in zip([1, 2, 3], lo)) / 6).to(torch.float16))
+
+
+# ---------------------------------------------------------------------------------- GTA: normalize, rescale
+
+
+def test_dare_ties_sums_by_default_and_ties_averages():
+    # BASE6/TAUS6 elect (−, tie, +, none, +, +); the agreeing entries are summed by dare_ties (normalize: false)
+    models = [BASE6 + t for t in TAUS6]
+    summed = T(-4, 0, 3, 0, 1.5, 5)
+    assert close(dare_ties(models, base=BASE6), BASE6 + summed)  # density 1: nothing dropped
+    assert close(dare_ties(models, base=BASE6, normalize=True), BASE6 + T(-4, 0, 3, 0, 0.75, 2.5))
+    assert close(ties(models, base=BASE6, normalize=False), BASE6 + summed)
+    # weights (2, 1, 1): Σ w τ = (0, -2, 4, 0, 2.5, 6) → (tie, −, +, none, +, +); sums 2·(-2), 2·3, 2·1 + 0.5, 2·2 + 3
+    assert close(ties(models, base=BASE6, normalize=False, lambda_=0.5, weights=[2, 1, 1]), BASE6 + 0.5 * T(0, -4, 6, 0, 2.5, 7))
+    defaults = {m: get_method(m).defaults for m in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                                                      "della_linear", "task_arithmetic")}
+    assert {m: (d["normalize"], d.get("rescale")) for m, d in defaults.items()} == {  # mergekit 0.1.5's registry
+        "ties": (True, False), "dare_ties": (False, True), "dare_linear": (False, True), "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False), "della": (True, True), "della_linear": (False, True), "task_arithmetic": (False, None)}
+    assert all(d["lambda"] == 1.0 and d.get("density", 1.0) == 1.0 for d in defaults.values())
+
+
+def test_linear_family_normalize_divides_by_the_weight_sum():
+    base, models = _models(2, seed=250)
+    taus = [m - base for m in models]
+    assert torch.allclose(task_arithmetic(models, base=base, weights=[1, 3], normalize=True), base + (taus[0] + 3 * taus[1]) / 4, atol=1e-6)
+    # |Σ w| < 1e-8: divided by 1 (mergekit)
+    assert torch.allclose(task_arithmetic(models, base=base, weights=[1, -1], normalize=True), base + taus[0] - taus[1], atol=1e-6)
+
+
+def test_dare_rescale_matches_the_l1_norm_like_mergekit():
+    base, theta = torch.zeros(2000), torch.randn(2000, generator=G(260))
+    out = dare_linear([theta], base=base, density=0.3, seed=1, name="w")
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.04
+    assert out.abs().sum().item() == pytest.approx(theta.abs().sum().item(), rel=1e-5)  # l1 rescale
+    factor = theta.abs().sum() / theta[kept].abs().sum()
+    assert torch.allclose(out[kept], theta[kept] * factor, rtol=1e-5)
+    # same mask for every rescale choice (same seed), only the scale differs; rescale: false keeps the raw entries
+    raw = dare_linear([theta], base=base, density=0.3, seed=1, name="w", rescale=False)
+    assert torch.equal(raw != 0, kept) and torch.equal(raw[kept], theta[kept])
+    assert torch.allclose(dare_linear([theta], base=base, density=0.3, seed=1, name="w", rescale_norm="l2").norm(), theta.norm(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- per-model parameters
+
+
+def test_per_model_parameters_take_a_scalar_or_one_value_per_model():
+    base = torch.zeros(10)
+    a = T(10, 9, 8, 7, 6, 5, 4, 3, 2, 1)
+    b = T(1, 2, 3, 4, 5, 6, 7, 8, 9, 10) * 0.5
+    # density [0.3, 0.2]: a keeps 10, 9, 8; b keeps 5, 4.5 → disjoint mean (all positive)
+    expected = T(10, 9, 8, 0, 0, 0, 0, 0, 4.5, 5)
+    assert close(ties([a, b], base=base, density=[0.3, 0.2]), expected)
+    assert torch.equal(ties([a, b], base=base, density=[0.4, 0.4]), ties([a, b], base=base, density=0.4))
+    assert get_method("ties").per_model_params == ("density",)
+    assert get_method("della").per_model_params == ("density", "epsilon")
+    assert get_method("breadcrumbs").per_model_params == ("density", "gamma")
+    assert get_method("passthrough").per_model_params == ("scale",)
+    assert validate_params("ties", {"density": [0.5, 1]})["density"] == [0.5, 1.0]
+    bad = [
+        ("ties", {"density": [0.5, 1.5]}, "ties: density[1] must be in (0, 1], got 1.5"),
+        ("ties", {"density": [0.5, True]}, "ties: density[1] must be a number, got True"),
+        ("ties", {"density": []}, "ties: density must be in (0, 1] or a list with one such value per model, got []"),
+        ("ties", {"lambda": [1, 2]}, "ties: lambda must be a number, got [1, 2]"),  # not per model
+        ("della", {"density": 0.9}, "della: density ± epsilon must lie in (0, 1), got density=0.9, epsilon=0.15"),
+        ("della", {"density": [0.5, 0.1], "epsilon": 0.1}, "della: density ± epsilon must lie in (0, 1) (model 1), got density=0.1, epsilon=0.1"),
+        ("nearswap", {}, "nearswap: parameter 't' is required (distance below which the other model's value is taken whole)"),
+    ]
+    for method, params, message in bad:
+        with pytest.raises(SymmergeError) as e:
+            validate_params(method, params)
+        assert str(e.value) == message
+    with pytest.raises(SymmergeError, match="ties: density has 3 values for 2 models"):
+        validate_params("ties", {"density": [0.5, 0.5, 0.5]}, n_models=2)
+    with pytest.raises(SymmergeError, match="ties: got 3 values of density for 2 models"):
+        ties([a, b], base=base, density=[0.5, 0.5, 0.5])
+
+
+# ------------------------------------------------------------------------------------- TIES' chunked kernel
+
+
+def _ties_reference(tensors, base, density, weights, normalize=True):
+    """Plain TIES in float64 with an explicit stable sort: top ⌊d·n⌋ by |τ| (ties: first in memory order)."""
+    taus = []
+    for x, d in zip(tensors, density):
+        tau = (x.double() - base.double()).reshape(-1)
+        k = max(1, int(d * tau.numel()))
+        order = sorted(range(tau.numel()), key=lambda j: (-abs(float(x.reshape(-1)[j].float() - base.reshape(-1)[j].float())), j))
+        keep = torch.zeros(tau.numel(), dtype=torch.bool)
+        keep[order[:k]] = True
+        taus.append(tau * keep)
+    total = sum(w * t for w, t in zip(weights, taus))
+    sign = total.sign()
+    num = sum(w * t * ((t.sign() == sign) & (t != 0)) for w, t in zip(weights, taus))
+    den = sum(w * ((t.sign() == sign) & (t != 0)).double() for w, t in zip(weights, taus))
+    merged = num / torch.where(den == 0, torch.ones_like(den), den) if normalize else num
+    return (base.double().reshape(-1) + merged).reshape(base.shape)
+
+
+def test_chunked_ties_kernel_is_exact(monkeypatch):
+    monkeypatch.setattr(M, "TIES_CHUNK", 64)  # many chunks, so ties at the threshold straddle chunk boundaries
+    for case in range(6):
+        g = G(300 + case)
+        base = torch.randint(-64, 64, (20, 17), generator=g).float() / 32  # exact differences: elections alike in float32/64
+        # coarse values → many entries tie at the threshold
+        models = [base + torch.randint(-3, 4, (20, 17), generator=g).float() * 0.25 for _ in range(3)]
+        density = [[0.1, 0.5, 0.9], [0.3, 0.3, 0.3], [1.0, 0.05, 0.5]][case % 3]
+        weights = [[1.0, 1.0, 1.0], [0.5, 2.0, 0.0], [1.0, 3.0, 0.25]][case % 3]
+        normalize = case < 4
+        fast = ties(models, base=base, density=density, weights=weights, normalize=normalize)
+        # the generic float32 path (what the kernel replaces) gives the very same bits
+        p = validate_params("ties", {"density": density, "normalize": normalize})
+        slow = M._disjoint_merge(M._Sparsified("ties", "magnitude", models, base, torch.float32, None, p), 3, weights, base, torch.float32, normalize)
+        assert torch.equal(fast, slow.add_(base))
+        ref = _ties_reference(models, base, density, weights, normalize)
+        assert torch.equal(fast != base, ref != base.double())  # the same entries kept and merged
+        assert torch.allclose(fast.double(), ref, atol=1e-6, rtol=0)
+    # whole-model thresholds: ties at the threshold are all kept
+    base = torch.zeros(100)
+    x = torch.arange(100.0) % 10
+    assert torch.equal(ties([x], base=base, thresholds=[7.0]), torch.where(x >= 7, x, 0))
+
+
+# ------------------------------------------------------------------------------------------------ Breadcrumbs
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    base = torch.zeros(10)
+    tau = T(0.1, -0.5, 0.3, -0.2, 0.05, 0.9, -0.7, 0.0, 0.4, -0.15)  # |τ| ascending: 0, .05, .1, .15, .2, .3, .4, .5, .7, .9
+    # density 0.5, gamma 0.1: the largest (0.9) goes, the 4 smallest go, 5 stay: 0.2, 0.3, 0.4, 0.5, 0.7
+    kept = T(0, -0.5, 0.3, -0.2, 0, 0, -0.7, 0, 0.4, 0)
+    assert close(breadcrumbs([tau], base=base, density=0.5, gamma=0.1), kept)
+    # density + gamma > 1: fewer outliers dropped (density 0.8, gamma 0.3 → the 2 largest... only 10 − 8 = 2 go, from the top)
+    assert close(breadcrumbs([tau], base=base, density=0.8, gamma=0.3), torch.where(tau.abs() < 0.7, tau, 0))
+    assert torch.equal(breadcrumbs([tau], base=base), tau)  # density 1 (default): nothing dropped
+    # rescale: the l1 norm of τ is restored
+    out = breadcrumbs([tau], base=base, density=0.5, gamma=0.1, rescale=True)
+    assert close(out, kept * (tau.abs().sum() / kept.abs().sum()), atol=1e-6)
+    # breadcrumbs_ties: the masks, then TIES' election (summed by default)
+    a, b = base + tau, base - 0.5 * tau
+    exp_a, exp_b = kept, -0.5 * kept
+    elected = torch.where((exp_a + exp_b) >= 0, exp_a.clamp(min=0) + exp_b.clamp(min=0), exp_a.clamp(max=0) + exp_b.clamp(max=0))
+    assert close(breadcrumbs_ties([a, b], base=base, density=0.5, gamma=0.1), elected)
+
+
+# ------------------------------------------------------------------------------------------------------ DELLA
+
+
+def test_della_keep_probabilities_by_hand():
+    x = T(0.3, -0.1, 0.5, 0.2, -0.4)  # magnitude ranks 3, 1, 5, 2, 4
+    assert close(della_keep_probabilities(x, 0.5, 0.1), T(0.5, 0.4, 0.6, 0.45, 0.55))
+    rows = torch.stack([x, -x.flip(0)])  # 2-D: ranked within each row
+    assert close(della_keep_probabilities(rows, 0.5, 0.1)[1], T(0.5, 0.4, 0.6, 0.45, 0.55).flip(0))
+
+
+def test_della_is_seeded_and_rescales():
+    base, theta = torch.zeros(4000), torch.randn(4000, generator=G(400))
+    run = lambda **kw: della_linear([theta], base=base, density=0.4, epsilon=0.2, name="w", **kw)  # noqa: E731
+    assert torch.equal(run(seed=1), run(seed=1)) and not torch.equal(run(seed=1), run(seed=2))
+    out = run(seed=1)
+    assert out.abs().sum().item() == pytest.approx(theta.abs().sum().item(), rel=1e-5)  # l1 rescale (mergekit)
+    kept = run(seed=1, rescale=False) != 0
+    assert abs(kept.float().mean().item() - 0.4) < 0.03
+    big = theta.abs() > theta.abs().median()
+    assert kept[big].float().mean() > kept[~big].float().mean() + 0.1  # larger magnitudes kept more often
+    # the papers' rescale divides by each entry's keep probability: unbiased over seeds
+    runs = 300
+    mean = sum(della_linear([theta[:200]], base=base[:200], density=0.4, epsilon=0.2, seed=s, rescale_norm="density") for s in range(runs)) / runs
+    p = della_keep_probabilities(theta[:200], 0.4, 0.2)
+    assert ((mean - theta[:200]).abs() <= 5 * (theta[:200] ** 2 * (1 - p) / p / runs).sqrt() + 1e-6).all()
+    # della = the same masks, then TIES' election and mean
+    m2 = [theta, 0.5 * theta]
+    assert torch.allclose(della(m2, base=base, density=0.4, epsilon=0.2, seed=3, name="w", normalize=False),
+                          della_linear(m2, base=base, density=0.4, epsilon=0.2, seed=3, name="w"), atol=1e-6)
+    assert torch.equal(della(m2, base=base), m2[0] * 0.75)  # density 1: nothing dropped; mean of θ and θ/2
+
+
+# -------------------------------------------------------------------------------------------- Model Stock
+
+
+def _model_stock_reference(models, base, rows):
+    w0 = base.double().reshape(rows)
+    taus = [m.double().reshape(rows) - w0 for m in models]
+    n = len(models)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos.append(((taus[i] * taus[j]).sum(-1) / (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * sum(m.double().reshape(rows) for m in models) / n + (1 - t) * w0).reshape(base.shape)
+
+
+def test_model_stock():
+    base = T(1, 1)
+    # orthogonal task vectors: cos 0 → t 0 → the base; identical ones: cos 1 → t 1 → the average
+    assert close(model_stock([T(2, 1), T(1, 2)], base=base), base)
+    assert close(model_stock([T(2, 3), T(2, 3)], base=base), T(2, 3))
+    # cos = 1/2 with 2 models: t = 1 / 1.5 = 2/3
+    a, b = T(2, 1), T(1 + 0.5, 1 + math.sqrt(3) / 2)
+    assert close(model_stock([a, b], base=base), (2 / 3) * (a + b) / 2 + (1 / 3) * base, atol=1e-6)
+    base, models = _models(3, seed=410)
+    assert torch.allclose(model_stock(models, base=base).double(), _model_stock_reference(models, base, (1, -1)), atol=1e-6)
+    assert torch.allclose(model_stock(models, base=base, filter_wise=True).double(), _model_stock_reference(models, base, (6, 5)), atol=1e-6)
+    with pytest.raises(SymmergeError, match="at least 2 models besides the base"):
+        model_stock(models[:1], base=base)
+
+
+# ------------------------------------------------------------------------------------ NuSLERP, multi, Karcher
+
+
+def test_nuslerp():
+    a, b = torch.randn(4, 6, generator=G(420)), torch.randn(4, 6, generator=G(421))
+    base = torch.randn(4, 6, generator=G(422))
+    # t = w_1 / (w_0 + w_1) = 0.75; flattened = plain SLERP of the whole tensors
+    assert torch.allclose(nuslerp([a, b], weights=[1, 3]), slerp([a, b], t=0.75), atol=1e-6)
+    assert torch.allclose(nuslerp([a, b]), slerp([a, b], t=0.5), atol=1e-6)
+    # with a base: SLERP of the task vectors, added to the base
+    assert torch.allclose(nuslerp([a, b], base=base, weights=[1, 3]), base + slerp([a - base, b - base], t=0.75), atol=1e-6)
+    # per row (last dim) and, row_wise, per column
+    rows = nuslerp([a, b], weights=[1, 3], nuslerp_flatten=False)
+    assert all(torch.allclose(rows[i], slerp([a[i], b[i]], t=0.75), atol=1e-6) for i in range(4))
+    cols = nuslerp([a, b], weights=[1, 3], nuslerp_flatten=False, nuslerp_row_wise=True)
+    assert all(torch.allclose(cols[:, j], slerp([a[:, j], b[:, j]], t=0.75), atol=1e-6) for j in range(6))
+    with pytest.raises(SymmergeError, match="exactly 2 models besides the base"):
+        nuslerp([a, b, base])
+
+
+def _multislerp_reference(vs, w):
+    w = torch.tensor(w, dtype=torch.float64) / sum(w)
+    vs = [v.double().reshape(-1) for v in vs]
+    units = [v / v.norm() for v in vs]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    return (mean / mean.norm() * sum(wi * v.norm() for wi, v in zip(w, vs)))
+
+
+def test_multislerp():
+    e1, e2 = T(1, 0), T(0, 3)
+    # two orthogonal directions, equal weights: 45°, at the mean norm 2
+    assert close(multislerp([e1, e2]), T(math.sqrt(2), math.sqrt(2)), atol=1e-6)
+    base, models = _models(3, seed=430)
+    w = [1.0, 2.0, 0.5]
+    assert torch.allclose(multislerp(models, weights=w).double().reshape(-1), _multislerp_reference(models, w), atol=1e-5)
+    ref = base.double().reshape(-1) + _multislerp_reference([m - base for m in models], w)
+    assert torch.allclose(multislerp(models, base=base, weights=w).double().reshape(-1), ref, atol=1e-5)
+    assert torch.equal(multislerp(models[:1], base=base), models[0])  # one model: itself
+    assert close(multislerp([e1, -e1]), T(0, 0), atol=1e-6)  # antipodal pair: linear average
+    with pytest.raises(SymmergeError, match="weighted sum of the directions is zero"):
+        multislerp([e1, -e1, 2 * e1, -2 * e1])
+
+
+def _karcher_reference(xs, iters=200):
+    xs = [x.double().reshape(-1) for x in xs]
+    norms = [x.norm() for x in xs]
+    us = [x / n for x, n in zip(xs, norms)]
+    mu = sum(us) / len(us)
+    mu = mu / mu.norm()
+    for _ in range(iters):  # Riemannian gradient descent to convergence
+        g = sum(math.acos(max(-1, min(1, float(mu @ u)))) / max(1e-300, math.sin(math.acos(max(-1, min(1, float(mu @ u)))))) * (u - (mu @ u) * mu)
+                for u in us) / len(us)
+        gn = g.norm()
+        if gn < 1e-12:
+            break
+        mu = torch.cos(gn) * mu + torch.sin(gn) * g / gn
+        mu = mu / mu.norm()
+    return mu * sum(norms) / len(norms)
+
+
+def test_karcher():
+    e1, e2 = T(1, 0), T(0, 3)
+    assert close(karcher([e1, e2]), 2 * T(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-5)
+    xs = [torch.randn(12, generator=G(440 + i)) for i in range(3)]
+    assert torch.allclose(karcher(xs, max_iter=100, tol=1e-9).double(), _karcher_reference(xs), atol=1e-5)
+    assert torch.equal(karcher(xs[:1]), xs[0])
+    assert torch.equal(karcher([torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------- SCE
+
+
+def _sce_reference(models, base, topk):
+    taus = torch.stack([m.double() - base.double() for m in models])
+    if topk < 1:
+        var = taus.var(0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * topk)
+        order = sorted(range(var.numel()), key=lambda j: (-float(var[j]), j))
+        mask = torch.zeros(var.numel(), dtype=torch.float64)
+        mask[order[:k]] = 1
+        taus = taus * mask.reshape(base.shape)
+    energy = taus.square().reshape(len(models), -1).mean(1)
+    c = torch.full_like(energy, 1 / len(models)) if energy.sum() < 1e-6 else energy / energy.sum()
+    sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (taus.sign() == sign).double()
+    cw = c.view(-1, *[1] * base.ndim) * agree
+    return base.double() + (taus * cw).sum(0) / cw.sum(0).clamp(min=1e-6)
+
+
+def test_sce():
+    base, models = _models(3, seed=450, scale=1.0)  # large task vectors: energy weights (not the uniform fallback)
+    for topk in (1.0, 0.3):
+        assert torch.allclose(sce(models, base=base, select_topk=topk).double(), _sce_reference(models, base, topk), atol=1e-6)
+    small_base, small = _models(3, seed=451, scale=1e-4)  # Σ mean τ² < 1e-6: uniform weights (mergekit)
+    assert torch.allclose(sce(small, base=small_base).double(), _sce_reference(small, small_base, 1.0), atol=1e-7)
+    # by hand: τ = (1, −2), (3, 1): energies 2.5, 5 → c = 1/3, 2/3; signs (+, −): e0 both, e1 only τ_1
+    out = sce([T(1, -2), T(3, 1)], base=T(0, 0))
+    assert close(out, T((1 / 3 * 1 + 2 / 3 * 3) / 1, -2), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- RAM, RAM+, NearSwap
+
+
+def test_ram_and_ramplus_by_hand():
+    base = torch.zeros(6)
+    a, b = T(1, 2, 0, 0, 4, 1e-6), T(3, 0, 5, 0, -2, 0)
+    # counts (2, 1, 1, 0, 2, 0): shared entries averaged, unique ones kept, |τ| <= ε ignored
+    assert close(ram([a, b], base=base), T(2, 2, 5, 0, 1, 0))
+    # RAM+: a has 2 shared, 1 unique → ρ = 2, clipped to α = 0.2 → λ = 1 + 0.1·0.2; b: 2 shared, 1 unique, same
+    lam = 1 + 0.1 * 0.2
+    assert close(ramplus_tl([a, b], base=base), T(2, 2 * lam, 5 * lam, 0, 1, 0))
+    assert close(ramplus_tl([a, b], base=base, r=1.0, alpha=5.0), T(2, 2 * 3, 5 * 3, 0, 1, 0))
+
+
+def test_nearswap_by_hand():
+    base, other = T(0, 0, 0, 1), T(0.05, 0.5, -2, 1)
+    # |diff| = (0.05, 0.5, 2, 0): within t = 0.1 → swapped; else moved by t toward the other; equal → stays
+    assert close(nearswap([other], base=base, t=0.1), T(0.05, 0.1, -0.1, 1))
+    with pytest.raises(SymmergeError, match="parameter 't' is required"):
+        nearswap([other], base=base)
+
+
+def test_arcee_fusion_against_a_float64_reference():
+    base = torch.randn(8, 16, generator=G(460))
+    other = base + 0.05 * torch.randn(8, 16, generator=G(461))
+    other[2, :4] += 1.0  # a few large, important changes
+    a, b = base.double(), other.double()
+    p, q = torch.softmax(b, -1) + 1e-8, torch.softmax(a, -1) + 1e-8
+    importance = ((b - a).abs() * (p * (p / q).log()).sum(-1, keepdim=True)).reshape(-1)
+    s = importance.sort().values
+    q1, med, q3 = (s[int(x * (s.numel() - 1))] for x in (0.25, 0.5, 0.75))
+    ref = a + (b - a) * (importance >= med + 1.5 * (q3 - q1)).reshape(a.shape)
+    out = arcee_fusion([other], base=base)
+    assert torch.allclose(out.double(), ref, atol=1e-6)
+    assert torch.equal(out[2, :4], other[2, :4]) and 0 < int((out != base).sum()) < 128
+
+
+def test_passthrough():
+    x = torch.randn(3, 4, generator=G(470)).to(torch.bfloat16)
+    assert torch.equal(passthrough([x]), x) and passthrough([x]).dtype == torch.bfloat16
+    assert torch.equal(passthrough([x], scale=0.5), (x.float() * 0.5).to(torch.bfloat16))
+    assert torch.equal(passthrough([x], scale=[2.0], out_dtype=torch.float32), x.float() * 2)
+    m = get_method("passthrough")
+    assert m.min_models == m.max_models == 1 and "alignment does not apply" in m.description
+    with pytest.raises(SymmergeError, match="passthrough: merges exactly 1 models, got 2"):
+        m.check_models(2, has_base=False)
+
+
+def test_all_twenty_mergekit_methods_are_registered():
+    mergekit = {"linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough"}
+    assert set(MERGE_METHODS) == mergekit | {"fisher", "regmean"}
+    assert {m.name for m in list_methods() if m.optional_base} == {"slerp", "nuslerp", "multislerp"}

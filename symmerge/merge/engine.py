@@ -142,22 +142,49 @@ def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTran
     return out
 
 
+def listed_base_index(plan: MergePlan) -> int | None:
+    """The index of base_model among the models when the recipe lists it there too (mergekit's usual SLERP recipe:
+    ``models: [A, B]``, ``base_model: A``), else ``None``."""
+    if plan.base is None:
+        return None
+    base = plan.base.path.resolve()
+    return next((i for i, m in enumerate(plan.models) if m.path.resolve() == base), None)
+
+
 def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None, extra: dict[str, Any]) -> torch.Tensor:
-    """One output tensor from the models' (aligned) tensors, with what the method declared it needs."""
-    method, key, tensors = plan.method, item.key, item.tensors
+    """One output tensor from the models' (aligned) tensors, with what the method declared it needs.
+
+    Methods that use a base (``needs_base``, or ``optional_base`` when the recipe has one) get it as ``base=``; if
+    base_model is also listed among the models, that entry is the base and not a model merged (as in mergekit): it
+    is removed from the tensors, the weights, the per-model parameter lists and any per-model list in ``extra``.
+    The method rounds once, to the output dtype (``out_dtype=``).
+    """
+    method, key, tensors, weights = plan.method, item.key, list(item.tensors), plan.weights
     kwargs: dict[str, Any] = {**plan.params, **extra}
     transposed = False
     if method.statistics_argument is not None:
         per_model = [s["stats"].get(key) for s in stats]
         kwargs[method.statistics_argument] = None if any(x is None for x in per_model) else per_model
         transposed = method.linear_layout and per_model[0] is not None and bool(stats[0]["layout"].get(key))
-    if method.needs_base:
-        kwargs["base"] = item.base
+    if method.needs_base or (method.optional_base and item.base is not None):
+        base, j = item.base, listed_base_index(plan)
+        if j is not None and item.base is not None:
+            n = len(tensors)
+            base = tensors[j] if plan.reference_index == j else item.base  # the untransformed copy of the two
+            per_model = {p.arg for p in method.params if p.per_model} | set(extra)
+            for arg in per_model:
+                value = kwargs.get(arg)
+                if isinstance(value, (list, tuple)) and len(value) == n:
+                    kwargs[arg] = [v for i, v in enumerate(value) if i != j]
+            tensors = tensors[:j] + tensors[j + 1 :]
+            weights = None if weights is None else weights[:j] + weights[j + 1 :]
+        kwargs["base"] = base
     if "name" in method.arguments:
         kwargs["name"] = key
+    kwargs["out_dtype"] = plan.dtype or item.raw[0].dtype
     if transposed:  # Conv1D: the method works in nn.Linear layout, the checkpoint stores in×out
-        return method.fn([t.T for t in tensors], weights=plan.weights, **kwargs).T.contiguous()
-    return method.fn(tensors, weights=plan.weights, **kwargs)
+        return method.fn([t.T for t in tensors], weights=weights, **kwargs).T.contiguous()
+    return method.fn(tensors, weights=weights, **kwargs)
 
 
 @dataclass
@@ -239,8 +266,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     for i in range(n):
                         sq_before[i] += _sq(item.raw[i].float() - item.reference.float())
                         sq_after[i] += _sq(item.tensors[i].float() - item.reference.float())
-                merged = merge_tensor(plan, item, stats, extra)
-                writer.add(item.key, merged.to(plan.dtype or item.raw[0].dtype))
+                merged = merge_tensor(plan, item, stats, extra)  # already rounded, once, to the output dtype
+                writer.add(item.key, merged.to(plan.dtype or item.raw[0].dtype))  # no-op: a guard, not a second rounding
         if base is not None and plan.method.needs_base:
             for i, name in enumerate(plan.names):
                 ratio = math.sqrt(sq_task[i] / max(sq_base, 1e-30))
