@@ -171,7 +171,10 @@ def merge(
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Short form: calibration data for fisher/regmean (.txt or .npz).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Short form: calibration data for fisher/regmean and for --match activations|learned (.txt or .npz; zoo for matching).")] = None,
+    match: Annotated[str, typer.Option("--match", help="Short form: how alignment is found: weights (data-free), activations or learned (need --data).")] = "weights",
+    learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Short form: steps of learned matching.")] = 200,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -187,7 +190,8 @@ def merge(
     check_output_dir(out, force)
     if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
-                                          ("--param", param), ("--data", data), ("--dtype", dtype)) if value]
+                                          ("--param", param), ("--data", data), ("--dtype", dtype),
+                                          ("--match", match if match != "weights" else None)) if value]
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
@@ -201,7 +205,7 @@ def merge(
         recipe, root = recipe_from_models(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
-            data=str(data) if data else None, dtype=dtype, shard_size=shard_size,
+            data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     validate_seconds = time.perf_counter() - start

@@ -344,3 +344,32 @@ def test_slerp_starts_from_the_listed_base_model(family_models, tmp_path, capsys
         code, _, err = run_cli(capsys, "merge", *models, "--method", "slerp", "--base", m["a"], "--param", f"t={t}", "--align", "none", "-o", out, "-q")
         assert code == 0, err
         assert relative_distance_to(m["a"], out) == 0.0
+
+
+def test_merge_with_activation_matching_equals_align_then_average(tmp_path, capsys):
+    """`merge --match activations` is the aligned merge: the same as `align --match activations` followed by
+    averaging with the reference (up to summation order in the cross-correlations)."""
+    import numpy as np
+
+    a_model, _ = make_model("gpt2", 0)
+    b_model, make_inputs = make_model("gpt2", 1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a_model.save_pretrained(a)
+    b_model.save_pretrained(b)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, inputs=np.random.default_rng(0).integers(0, 64, size=(24, 12)))
+    code, _, err = run_cli(capsys, "align", a, b, "-s", "all,residual", "--match", "activations", "--data", calib, "-o", tmp_path / "al", "-q")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "merge", a, tmp_path / "al" / "b", "--method", "linear", "-s", "none", "-o", tmp_path / "two-step", "-q")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "merge", a, b, "--method", "linear", "-s", "all,residual", "--match", "activations", "--data", calib,
+                           "-o", tmp_path / "one-step", "-q")
+    assert code == 0, err
+    one, two = load_file(tmp_path / "one-step" / "model.safetensors"), load_file(tmp_path / "two-step" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+    naive = tmp_path / "naive"
+    code, _, err = run_cli(capsys, "merge", a, b, "--method", "linear", "-s", "none", "-o", naive, "-q")
+    assert code == 0, err
+    assert max(float((one[k] - v).abs().max()) for k, v in load_file(naive / "model.safetensors").items() if k in one) > 1e-2

@@ -30,7 +30,7 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
 from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
-from symmerge.io.hf import build_model, linear_layout, to_checkpoint_names, untied_config
+from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.match import fit_per_layer
 from symmerge.merge.card import model_card, recipe_for_card
@@ -98,29 +98,39 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     return transforms, base_transform
 
 
-def align_with_residual(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                        result: MergeResult) -> tuple[list[dict], dict | None]:
-    """The residual map touches every tensor, so this path aligns whole models in memory: every model (and the
-    base) is aligned to the reference and comes back in the reference's own parametrisation (norms unfolded with
+def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
+                       result: MergeResult) -> tuple[list[dict], dict | None]:
+    """The residual map touches every tensor, and activation / learned matching run the models on data, so these
+    paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
+    recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
     the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
     model folded, merged with the folded reference."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
-    residual = plan.spec.residual
-    partner = with_untied_head(ref_state, residual) if can_unfold(ref_state, residual) else fold_norms(ref_state, residual)
+    ref_ckpt = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
+    residual = plan.spec.residual if "residual" in plan.symmetries else None
+    partner = ref_state if residual is None else (
+        with_untied_head(ref_state, residual) if can_unfold(ref_state, residual) else fold_norms(ref_state, residual))
+    calibration = None
+    if plan.match != "weights":
+        data = plan.recipe.data
+        calibration = load_calibration(plan.data_path, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
+                                       max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size,
+                                       labels=plan.match == "learned")
+    options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
+                   calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps)
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
             aligned.append(partner)
             result.alignment[name] = {"distance_before": 0.0, "distance_after": 0.0}
             continue
-        r = align(ref_state, state, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name=name)
+        r = align(ref_state, state, model_name=name, **options)
         aligned.append(r.state_dict)
         result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
     aligned_base = None
     if base is not None:
-        aligned_base = partner if plan.reference_index is None else align(
-            ref_state, base, spec=plan.spec, symmetries=plan.symmetries, progress=progress, model_name="base model").state_dict
+        aligned_base = partner if plan.reference_index is None else align(ref_state, base, model_name="base model", **options).state_dict
     return aligned, aligned_base
 
 
@@ -235,8 +245,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     base = LazyState(plan.base, lend) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
-    if residual:
-        states, base = align_with_residual(plan, states, base, progress, result)
+    whole_models = plan.aligned and (residual or plan.match != "weights")
+    if whole_models:
+        states, base = align_whole_models(plan, states, base, progress, result)
         transforms, base_transform = [None] * len(states), None
     else:
         transforms, base_transform = fit_alignments(plan, states, base, progress)
@@ -262,7 +273,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     sq_base += _sq(item.base)
                     for i, t in enumerate(item.tensors):
                         sq_task[i] += _sq(t.float() - item.base.float())
-                if item.reference is not None and plan.aligned and not residual:
+                if item.reference is not None and plan.aligned and not whole_models:
                     for i in range(n):
                         sq_before[i] += _sq(item.raw[i].float() - item.reference.float())
                         sq_after[i] += _sq(item.tensors[i].float() - item.reference.float())
@@ -280,7 +291,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     )
         writer.close()
         seconds["merge+write"] = time.perf_counter() - start
-        if plan.aligned and not residual:
+        if plan.aligned and not whole_models:
             for i, name in enumerate(plan.names):
                 result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i])}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]

@@ -60,6 +60,8 @@ class AlignmentBlock(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reference: str | None = None
     symmetries: str | list[str] = "all"
+    match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
+    learn_steps: int = Field(200, gt=0)
 
 
 class DataBlock(BaseModel):
@@ -133,7 +135,8 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
 
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
-                       data: str | None = None, dtype: str | None = None, shard_size: str = "2GB") -> Recipe:
+                       data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
+                       learn_steps: int = 200) -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -142,7 +145,7 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "merge_method": method,
         "base_model": base,
         "parameters": params or {},
-        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align},
+        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
@@ -170,6 +173,7 @@ class MergePlan:
     shard_size: int
     data_path: Path | None
     names: list[str] = field(default_factory=list)
+    match: str = "weights"  # the matcher that finds each model's alignment (symmerge.match.MATCHERS)
     lend_head: tuple[str, str] | None = None  # (head, embedding): some models tie their head, others store one
 
     @property
@@ -201,13 +205,18 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             "from (task vectors θ_i − θ_base only exist for fine-tunes of one base); for models trained independently "
             "use linear, slerp, fisher or regmean"
         )
+    match = "weights" if recipe.alignment == "none" else recipe.alignment.match
     data_path = None
-    if method.needs_data:
+    if method.needs_data or match != "weights":
+        needer = f"merge_method {method.name}" if method.needs_data else f"alignment.match {match}"
         if recipe.data is None:
-            raise SymmergeError(f"merge_method {method.name} needs calibration data: add data: {{path: FILE}} (a text file, one example per line, or an .npz)")
-        data_path = _resolve(recipe.data.path, root, "data.path")
-        if not data_path.is_file():
-            raise SymmergeError(f"data.path: {data_path} is not a file")
+            raise SymmergeError(f"{needer} needs calibration data: add data: {{path: FILE}} (a text file, one example per line, or an .npz)")
+        if recipe.data.path == "zoo" and not method.needs_data:
+            data_path = Path("zoo")  # activation/learned matching on a zoo model's own training data
+        else:
+            data_path = _resolve(recipe.data.path, root, "data.path")
+            if not data_path.is_file():
+                raise SymmergeError(f"data.path: {data_path} is not a file")
 
     weights = [float(m.parameters["weight"]) if "weight" in m.parameters else 1.0 for m in recipe.models]
     has_weights = any("weight" in m.parameters for m in recipe.models)
@@ -247,7 +256,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         recipe=recipe, models=models, weights=weights if has_weights else None, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
         dtype=DTYPES[recipe.dtype] if recipe.dtype else None, shard_size=parse_size(recipe.shard_size),
-        data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head,
+        data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
     )
 
 
