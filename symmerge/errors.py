@@ -3,3 +3,15 @@
 
 class SymmergeError(Exception):
     """A problem with the user's input (models, files, options), with a message that says what to do."""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters with "…", without ever rendering an unbounded value whole."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

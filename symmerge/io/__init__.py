@@ -1,7 +1,8 @@
 """Checkpoint reading and writing (safetensors, sharded, lazy) and HF directory handling."""
 
 from symmerge.io.checkpoint import (
-    Checkpoint, atomic_output_dir, check_output_dir, copy_model_files, load_state_dict, open_checkpoint, save_state_dict, unique_names,
+    Checkpoint, atomic_output_dir, check_output_dir, copy_model_files, is_symmerge_output, load_state_dict, open_checkpoint, save_state_dict,
+    unique_names,
 )
 
-__all__ = ["Checkpoint", "atomic_output_dir", "check_output_dir", "copy_model_files", "load_state_dict", "open_checkpoint", "save_state_dict", "unique_names"]
+__all__ = ["Checkpoint", "atomic_output_dir", "check_output_dir", "copy_model_files", "is_symmerge_output", "load_state_dict", "open_checkpoint", "save_state_dict", "unique_names"]
