@@ -15,3 +15,9 @@ def shorten(value: object, limit: int = 80) -> str:
     r.maxlevel = 3
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` as it is (no quotes), cut to ``limit`` characters with "…"."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
