@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from symmerge.errors import SymmergeError, shorten
+from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -100,9 +101,13 @@ def _load_pickle(f: Path) -> object:
         # mmap needs the zip format torch has written since 1.6; the legacy format is read into memory instead
         return torch.load(f, map_location="cpu", weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line that names what was found is the useful one
+        lines = [" ".join(x.split()) for x in str(e).splitlines() if x.strip()]
+        found = [x for x in lines if re.search(r"unsupported|global|operand|blocked", x, re.I) and "Re-running" not in x]
+        detail = cut(found[0] if found else (lines[0] if lines else type(e).__name__), 120)
         raise SymmergeError(
-            f"{f} was refused: it holds objects other than tensors ({_first_line(e)}); weights-only loading never "
-            "runs code from a file: convert it to safetensors where it was made, or remove it"
+            f"{f} was refused: it holds objects other than tensors ({detail}); weights-only loading never runs code "
+            "from a file: convert it to safetensors where it was made, or remove it"
         ) from None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, IndexError) as e:
         if legacy:
@@ -124,6 +129,35 @@ def _read_json(path: Path, what: str) -> object:
         raise SymmergeError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+# config.json fields that count something: when set, each must be a positive integer (0 heads divides by zero)
+_COUNT_KEYS = ("n_head", "num_attention_heads", "num_key_value_heads", "n_layer", "num_hidden_layers", "hidden_size",
+               "n_embd", "intermediate_size", "n_inner", "vocab_size", "head_dim", "num_labels", "image_size", "patch_size",
+               "num_channels", "max_position_embeddings", "n_positions")
+# what symmerge needs of the families it aligns, in any of their spellings
+_REQUIRED = (("n_head", "num_attention_heads"), ("n_layer", "num_hidden_layers"), ("n_embd", "hidden_size"))
+
+
+def _check_config(config: dict, config_path: Path) -> None:
+    model_dir = config_path.parent
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        got = "" if model_type is None else f" (got {shorten(model_type)})"
+        raise SymmergeError(f"{config_path} has no model_type{got}: the config of model {model_dir} must name its "
+                            "architecture, e.g. \"model_type\": \"llama\" (re-save it with save_pretrained)")
+    for key in _COUNT_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise SymmergeError(f"{config_path}: {key} must be a positive integer, got {shorten(value)}: "
+                                f"the config of model {model_dir} is broken")
+    from symmerge.spec.families import SPEC_BUILDERS
+
+    if model_type in SPEC_BUILDERS:
+        for names in _REQUIRED:
+            if not any(config.get(n) is not None for n in names):
+                raise SymmergeError(f"{config_path} has none of {', '.join(names)}: the config of model {model_dir} "
+                                    f"({model_type}) needs one of them")
+
+
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
     """Validate a model directory (config.json plus safetensors weights, sharded or not)."""
     path = Path(path)
@@ -137,6 +171,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     config = _read_json(config_path, "config")
     if not isinstance(config, dict):
         raise SymmergeError(f"{config_path} does not hold a JSON object")
+    _check_config(config, config_path)
 
     index = path / SAFETENSORS_INDEX
     if index.is_file():
