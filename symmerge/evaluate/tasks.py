@@ -70,6 +70,8 @@ def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_l
             data = {"images": split.train_images, "labels": split.train_labels}
         else:
             data = {"tokens": load_shakespeare().train, "context": record["recipe"]["context"], "windows": examples}
+    elif spec.endswith(".npz"):
+        return _npz_calibration(Path(spec), model_dir, examples=examples, batch_size=batch_size, labels=labels)
     else:
         data = make_evaluator(spec, model_dir, max_length=max_length, windows=examples).keywords
     if "images" in data:
@@ -86,4 +88,43 @@ def calibration_inputs(spec: str, model_dir: Path, *, examples: int = 256, max_l
     if labels:  # causal LM: the model shifts the labels itself
         for b in batches:
             b["labels"] = b["input_ids"]
+    return batches
+
+
+def _npz_calibration(path: Path, model_dir: Path, *, examples: int, batch_size: int, labels: bool) -> list[dict[str, torch.Tensor]]:
+    """An .npz as documented in :mod:`symmerge.data`: integer ``inputs`` are token ids (``input_ids`` +
+    ``attention_mask``) for text models, float ``inputs`` are ``pixel_values`` for image models."""
+    import json
+
+    from symmerge.data import load_calibration
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict):
+        config = {}
+    image_model = any(k in config for k in ("image_size", "num_channels"))
+    batches = load_calibration(path, model_dir=model_dir, main_input_name="pixel_values" if image_model else "input_ids",
+                               num_examples=examples, batch_size=batch_size)
+    if "input_ids" in batches[0]:
+        vocab = config.get("vocab_size")
+        positions = config.get("n_positions") or config.get("max_position_embeddings")
+        top = max(int(b["input_ids"].max()) for b in batches)
+        if isinstance(vocab, int) and top >= vocab:
+            raise SymmergeError(f"{path}: 'inputs' holds token id {top}, but the model's vocabulary has {vocab} tokens "
+                                f"(ids 0..{vocab - 1}): tokenise with the model's own tokenizer")
+        length = batches[0]["input_ids"].shape[1]
+        if isinstance(positions, int) and length > positions:
+            raise SymmergeError(f"{path}: 'inputs' has {length} tokens per example, but the model takes at most "
+                                f"{positions}: cut the examples to {positions} tokens")
+    if not labels:
+        return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    classifier = any(str(a).endswith(("ForSequenceClassification", "ForImageClassification"))
+                     for a in config.get("architectures") or [])
+    if "input_ids" in batches[0] and not classifier:  # a language model: the model shifts the labels itself
+        for b in batches:
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    elif "labels" not in batches[0]:
+        raise SymmergeError(f"{path}: learned matching of a classifier needs 'labels' (one class per example) in the .npz")
     return batches
