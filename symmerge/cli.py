@@ -137,12 +137,18 @@ def _report_json(path: Path, r) -> dict:
 def _parse_params(items: list[str]) -> dict:
     import yaml
 
+    from symmerge.errors import cut, shorten
+    from symmerge.merge.recipe import _BoundedLoader
+
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SymmergeError(f"--param takes KEY=VALUE, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
+            raise SymmergeError(f"--param takes KEY=VALUE, got {shorten(item)}")
+        try:
+            params[key.strip()] = yaml.load(value, Loader=_BoundedLoader)  # noqa: S506 - a bounded SafeLoader
+        except (yaml.YAMLError, ValueError, RecursionError):
+            raise SymmergeError(f"--param {cut(key.strip(), 40)}: {shorten(value)} is not a value (a number, true/false or a word)") from None
     return params
 
 
@@ -184,7 +190,9 @@ def merge(
         try:
             weight_list = [float(w) for w in weights.split(",")] if weights else None
         except ValueError:
-            raise SymmergeError(f"--weights takes comma-separated numbers, got {weights!r}") from None
+            from symmerge.errors import shorten
+
+            raise SymmergeError(f"--weights takes comma-separated numbers, got {shorten(weights)}") from None
         recipe, root = recipe_from_models(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,

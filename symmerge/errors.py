@@ -13,6 +13,8 @@ def shorten(value: object, limit: int = 80) -> str:
     r.maxstring = r.maxother = r.maxlong = limit
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
     r.maxlevel = 3
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return repr(value[: limit - 4])[: limit - 1] + "…"
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -254,3 +254,292 @@ def test_two_racing_runs_one_wins_one_fails_in_one_line(pair, tmp_path):
     err = next(e for c, e in results if c == 2)
     assert err.startswith("error: ") and err.count("\n") == 1 and ("appeared while" in err or "already exists" in err)
     assert (out / "model.safetensors").is_file() and stray_folders(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------- 5. hostile recipe values
+
+
+def _bomb(levels: int = 9, width: int = 9) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["weight", "method parameter", "top level"])
+def test_yaml_alias_bomb_is_refused_quickly(pair, tmp_path, capsys, where):
+    ref, other = pair
+    value = f"*l8"
+    body = {
+        "weight": f"models:\n  - model: {ref}\n    parameters: {{weight: {value}}}\n  - model: {other}\nmerge_method: linear\n",
+        "method parameter": f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: ties\nbase_model: {ref}\nparameters: {{density: {value}}}\n",
+        "top level": f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: linear\nextra: {value}\n",
+    }[where]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(_bomb() + body)
+    start = time.perf_counter()
+    err = expect_cli_error(capsys, "expands to more than", "merge", recipe, "-o", tmp_path / "o")
+    assert time.perf_counter() - start < 5 and len(err) < 400
+
+
+def test_long_values_are_cut_in_messages(pair, tmp_path, capsys):
+    ref, other = pair
+    huge = "x" * 500_000
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(f"models:\n  - model: {ref}\n    parameters: {{weight: '{huge}'}}\n  - model: {other}\nmerge_method: linear\n")
+    err = expect_cli_error(capsys, "weight must be a number", "merge", recipe, "-o", tmp_path / "o")
+    assert len(err) < 400 and "…" in err
+    recipe.write_text(f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: ties\nbase_model: {ref}\nparameters: {{density: '{huge}'}}\n")
+    err = expect_cli_error(capsys, "density", "merge", recipe, "-o", tmp_path / "o")
+    assert len(err) < 400
+    recipe.write_text(f"models: [{{model: '{huge}'}}]\nmerge_method: linear\n")
+    assert len(expect_cli_error(capsys, "models.0.model", "merge", recipe, "-o", tmp_path / "o")) < 400
+    err = expect_cli_error(capsys, "--weights", "merge", ref, other, "-m", "linear", "--weights", huge, "-o", tmp_path / "o")
+    assert len(err) < 400
+    err = expect_cli_error(capsys, "density", "merge", ref, other, "-m", "ties", "--base", ref, "-p", f"density={huge}", "-o", tmp_path / "o")
+    assert len(err) < 400
+    big = tmp_path / "big.yaml"
+    big.write_text("models: []\n# " + "x" * (11 << 20) + "\n")
+    err = expect_cli_error(capsys, "a recipe is at most", "merge", big, "-o", tmp_path / "o")
+    assert len(err) < 400
+
+
+def test_param_option_with_broken_yaml_or_bomb(pair, tmp_path, capsys):
+    ref, other = pair
+    expect_cli_error(capsys, "is not a value", "merge", ref, other, "-m", "ties", "--base", ref, "-p", "density=[1,", "-o", tmp_path / "o")
+    bomb = "&a [" + ",".join(["x"] * 9) + "]"
+    expect_cli_error(capsys, "density", "merge", ref, other, "-m", "ties", "--base", ref, "-p", f"density={bomb}", "-o", tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------- 6. errors, never internal ones
+
+
+def _set_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k, None)
+        else:
+            config[k] = v
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_zero_attention_heads_is_an_error_naming_the_model(pair, capsys):
+    ref, other = pair
+    _set_config(other, n_head=0)
+    err = expect_cli_error(capsys, "n_head must be a positive integer, got 0", "inspect", other)
+    assert str(other) in err
+
+
+def test_weight_map_that_is_not_a_mapping(pair, tmp_path, capsys):
+    ref, _ = pair
+    (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    expect_cli_error(capsys, "is not a valid safetensors index", "inspect", ref)
+    (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
+    expect_cli_error(capsys, "must name a shard file", "inspect", ref)
+    (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    expect_cli_error(capsys, "must name a shard file", "inspect", ref)
+
+
+def test_unwritable_output_location_is_refused_before_any_work(pair, tmp_path, capsys, monkeypatch):
+    ref, other = pair
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = output_mod.tempfile.mkdtemp
+
+    def mkdtemp(*a, dir=None, **k):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkdtemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(output_mod.tempfile, "mkdtemp", mkdtemp)
+    import symmerge.io as io
+    import symmerge.merge.engine as engine
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output location was checked")
+
+    monkeypatch.setattr(engine, "run_merge", no_work)
+    monkeypatch.setattr(io, "load_state_dict", no_work)
+    expect_cli_error(capsys, "cannot write --out", "merge", ref, other, "-m", "linear", "-o", locked / "out")
+    expect_cli_error(capsys, "cannot write --out", "align", ref, other, "-o", locked / "out")
+    expect_cli_error(capsys, "parent directory", "align", ref, other, "-o", tmp_path / "no" / "such" / "out")
+
+
+def test_malicious_pickle_is_one_line(pair, tmp_path, capsys):
+    ref, other = pair
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((ref / "config.json").read_text())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"w": Evil()}, evil / "pytorch_model.bin")
+    err = expect_cli_error(capsys, "holds objects other than tensors", "align", ref, evil, "-o", tmp_path / "o", "--allow-pickle")
+    assert "GLOBAL" in err and len(err) < 400
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "a", "b", "--foo"], "No such option: --foo"),
+    (["merge"], "Missing argument"),
+    (["inspect"], "Missing argument"),
+    (["align", "a", "b"], "Missing option '--out'"),
+    (["frobnicate"], "No such command"),
+    (["merge", "a", "-o", "x", "--shard-size"], "requires an argument"),
+])
+def test_usage_errors_are_usage_messages_with_exit_2(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, err
+    assert message in err and "Error:" in err and "internal error" not in err and "Traceback" not in err
+
+
+def test_npz_token_ids_for_activation_matching_on_gpt2(pair, tmp_path, capsys):
+    ref, other = pair
+    data = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, inputs=rng.integers(0, 64, (8, 12)), labels=rng.integers(0, 3, 8))  # the documented format
+    for match in ("activations", "learned"):
+        code, _, err = run_cli(capsys, "align", ref, other, "--match", match, "--learn-steps", 2, "--data", data, "-o", tmp_path / match, "-q")
+        assert code == 0, err
+    np.savez(data, inputs=rng.integers(0, 64, (8, 100)))
+    expect_cli_error(capsys, "takes at most 32", "align", ref, other, "--match", "activations", "--data", data, "-o", tmp_path / "x")
+    np.savez(data, inputs=rng.integers(0, 1000, (8, 12)))
+    expect_cli_error(capsys, "vocabulary has 64 tokens", "align", ref, other, "--match", "activations", "--data", data, "-o", tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------------- 7. messages with context
+
+
+def test_legacy_pickle_is_read_or_named_as_legacy(pair, tmp_path, capsys):
+    ref, other = pair
+    state = load_file(other / "model.safetensors")
+    (other / "model.safetensors").unlink()
+    torch.save(state, other / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "o", "--allow-pickle", "-q")
+    assert code == 0, err  # weights-only loading handles the legacy format, just without mmap
+    data = (other / "pytorch_model.bin").read_bytes()
+    (other / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    err = expect_cli_error(capsys, "legacy (pre-1.6, non-zip) torch pickle format", "inspect", other, "--allow-pickle")
+    assert "convert it" in err
+
+
+def test_config_without_model_type_or_heads_names_the_model(pair, capsys):
+    ref, other = pair
+    _set_config(other, model_type=None)
+    err = expect_cli_error(capsys, "has no model_type", "align", ref, other, "-o", other.parent / "o")
+    assert f"model {other}" in err
+    _set_config(other, model_type="gpt2", n_head=None)
+    err = expect_cli_error(capsys, "has none of n_head, num_attention_heads", "inspect", other)
+    assert f"model {other}" in err
+
+
+def test_yaml_syntax_error_gives_line_and_column(pair, tmp_path, capsys):
+    ref, other = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models:\n  - model: {ref}\n  - model: [{other}\nmerge_method: linear\n")
+    expect_cli_error(capsys, "is not valid YAML at line 4, column", "merge", recipe, "-o", tmp_path / "o")
+    recipe.write_text("models:\n\t- a\n")
+    expect_cli_error(capsys, "at line 2, column 1", "merge", recipe, "-o", tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------- 8. inconsistent input refused
+
+
+def _shard(model_dir: Path, ghost: bool = False) -> None:
+    state = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[:5]}, model_dir / "a.safetensors", metadata={"format": "pt"})
+    save_file({k: state[k] for k in keys[5:]}, model_dir / "b.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "a.safetensors" for k in keys[:5]} | {k: "b.safetensors" for k in keys[5:]}
+    if ghost:
+        weight_map["transformer.ghost.weight"] = "a.safetensors"
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_index_naming_a_tensor_no_shard_holds(pair, tmp_path, capsys):
+    ref, other = pair
+    _shard(other)
+    assert run_cli(capsys, "inspect", other)[0] == 0
+    _shard(ref, ghost=True)
+    expect_cli_error(capsys, "'transformer.ghost.weight' is in a.safetensors, but that shard does not hold it", "inspect", ref)
+    index = json.loads((other / "model.safetensors.index.json").read_text())
+    moved = sorted(index["weight_map"])[0]
+    del index["weight_map"][moved]
+    (other / "model.safetensors.index.json").write_text(json.dumps(index))
+    expect_cli_error(capsys, "does not list tensor", "inspect", other)
+
+
+def test_boolean_shard_size_is_not_a_size(pair, tmp_path, capsys):
+    ref, other = pair
+    recipe = tmp_path / "r.yaml"
+    for bad in ("true", "false", "[1]", "-5", "0"):
+        recipe.write_text(f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: linear\nshard_size: {bad}\n")
+        expect_cli_error(capsys, "shard_size", "merge", recipe, "-o", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ 9. output as it should be
+
+
+def test_config_dtype_matches_the_weights_written(tmp_path, capsys):
+    base_model, _ = make_model("gpt2")
+    base = save_model(base_model, tmp_path / "base")  # float32
+    fine = []
+    for i in range(2):
+        m, _ = make_model("gpt2")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        fine.append(save_model(m.to(torch.bfloat16), tmp_path / f"ft{i}"))
+    for align in ("all", "none"):
+        out = tmp_path / f"out-{align}"
+        code, _, err = run_cli(capsys, "merge", *fine, "-m", "task_arithmetic", "--base", base, "--align", align, "-o", out, "-q")
+        assert code == 0, err
+        with safe_open(out / "model.safetensors", "pt") as h:
+            dtypes = {h.get_slice(k).get_dtype() for k in h.keys()}
+        config = json.loads((out / "config.json").read_text())
+        written = {"BF16": "bfloat16", "F32": "float32"}[dtypes.pop()]
+        assert not dtypes
+        assert config.get("dtype", config.get("torch_dtype")) == written
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert next(loaded.parameters()).dtype == getattr(torch, written)
+
+
+def test_config_tying_matches_the_weights_written(tmp_path):
+    from symmerge.io.stream import write_config
+
+    emb = torch.randn(8, 4)
+    for head, tied_expected in ((emb.clone(), True), (emb + 1, False)):
+        d = tmp_path / f"d{int(tied_expected)}"
+        d.mkdir()
+        save_file({"model.embed_tokens.weight": emb, "lm_head.weight": head}, d / "model.safetensors")
+        write_config({"model_type": "llama", "tie_word_embeddings": True, "torch_dtype": "bfloat16"}, d, None)
+        config = json.loads((d / "config.json").read_text())
+        assert config["tie_word_embeddings"] is tied_expected and config["torch_dtype"] == "float32"
+
+
+def test_outputs_copy_only_the_models_own_files(pair, tmp_path, capsys):
+    ref, other = pair
+    for model_dir in (ref, other):
+        (model_dir / "tokenizer.json").write_text("{}")
+        (model_dir / "generation_config.json").write_text("{}")
+        old = model_dir / "old-merge"  # an output an older version let a user write inside the input
+        old.mkdir()
+        (old / "merge.yaml").write_text("x")
+        (old / "model.safetensors").write_bytes(b"0" * 1000)
+        (model_dir / "checkpoints").mkdir()
+        (model_dir / "checkpoints" / "notes.txt").write_text("x")
+        (model_dir / "1_Pooling").mkdir()
+        (model_dir / "1_Pooling" / "config.json").write_text("{}")
+        (model_dir / "modules.json").write_text(json.dumps([{"idx": 0, "path": ""}, {"idx": 1, "path": "1_Pooling"}]))
+    assert run_cli(capsys, "merge", ref, other, "-m", "linear", "-o", tmp_path / "m", "-q")[0] == 0
+    assert run_cli(capsys, "align", ref, other, "-o", tmp_path / "a", "-q")[0] == 0
+    for out in (tmp_path / "m", tmp_path / "a" / "scrambled"):
+        names = {p.name for p in out.iterdir()}
+        assert {"tokenizer.json", "generation_config.json", "modules.json", "1_Pooling", "config.json"} <= names
+        assert "old-merge" not in names and "checkpoints" not in names
+    assert not (tmp_path / "a" / "scrambled" / "merge.yaml").exists()

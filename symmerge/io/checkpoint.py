@@ -259,7 +259,7 @@ def copy_model_files(source: Path, dest: Path) -> None:
             shutil.copy2(p, dest / p.name)
     for module in _sentence_transformer_modules(source):
         src = source / module
-        if src.is_dir() and not is_symmerge_output(src) and not (src / "config.json").is_file():
+        if src.is_dir() and not src.is_symlink() and not is_symmerge_output(src):
             shutil.copytree(src, dest / module, symlinks=True,
                             ignore=lambda d, names: [n for n in names if is_weight_file(Path(d) / n) or n in SYMMERGE_FILES])
 
