@@ -152,3 +152,21 @@ def cli_env() -> dict:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     return env
+
+
+# Hypothesis (tests/test_fuzz.py): deterministic everywhere, so a CI failure reproduces locally; no deadline, since
+# the first example of a property pays for imports. HYPOTHESIS_PROFILE=random explores new examples instead.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import Phase as _Phase
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.register_profile("random", deadline=None, print_blob=True,
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.register_profile("fast-fail", derandomize=True, deadline=None, phases=[_Phase.explicit, _Phase.generate],
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is only needed by the fuzz tests
+    pass
