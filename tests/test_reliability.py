@@ -197,15 +197,33 @@ def test_keyboard_interrupt_inside_the_framework_is_not_success(pair, tmp_path, 
     assert not (tmp_path / "out").exists() and stray_folders(tmp_path) == []
 
 
-def test_interrupt_during_the_final_swap_is_deferred(tmp_path):
-    """The swap of a forced output happens with SIGINT/SIGTERM held: either the old or the new output, never none."""
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "mkdir-fallback"])
+def test_interrupt_during_the_final_swap_leaves_one_complete_output(tmp_path, monkeypatch, native):
+    """A SIGTERM arriving in the middle of replacing a forced output: afterwards the output is complete (old or
+    new, here new: the signal is held until the swap is done) and nothing else is left."""
+    from symmerge.cli import Interrupted, _raise_interrupted
+
+    if not native:
+        monkeypatch.setattr(output_mod, "_renameat2", lambda src, dst, flags: False)
+    real = output_mod.rename_noreplace if not native else output_mod._renameat2
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # after the old output was moved aside (fallback) / before the swap
+        return real(*a, **k)
+
     out = tmp_path / "out"
     with atomic_output_dir(out) as tmp:
-        (tmp / "v").write_text("1")
-    with atomic_output_dir(out, force=True) as tmp:
-        (tmp / "v").write_text("2")
-        os.kill(os.getpid(), 0)  # (no signal: the blocking itself is what is exercised)
-    assert (out / "v").read_text() == "2" and stray_folders(tmp_path) == []
+        (tmp / "v").write_text("old")
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        monkeypatch.setattr(output_mod, "rename_noreplace" if not native else "_renameat2", signalled)
+        with pytest.raises(Interrupted):
+            with atomic_output_dir(out, force=True) as tmp:
+                (tmp / "v").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    assert (out / "v").read_text() == "new" and (out / MARKER).is_file()
+    assert stray_folders(tmp_path) == []
 
 
 # -------------------------------------------------------------------------------------------- 3. concurrent runs

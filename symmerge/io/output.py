@@ -92,7 +92,8 @@ def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[str |
     if not parent.is_dir():
         raise SymmergeError(f"the parent directory of {given} does not exist: create {parent} first")
     try:  # a real probe: permissions, read-only file systems, ACLs (and root, whom os.access always lets through)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        with _signals_deferred():
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError as e:
         raise SymmergeError(f"cannot write --out {given}: {e.strerror or e} in {parent}; choose a writable location") from None
 
