@@ -160,15 +160,32 @@ def _replace(src: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the output is swapped into place, so an interrupt cannot leave it half-done."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM while the output is swapped into place, so an interrupt cannot leave it half-done.
+
+    The Python handlers are swapped for a recorder and a recorded signal is re-delivered afterwards. (Blocking
+    the signal with pthread_sigmask is not enough: it blocks only this thread, and a signal sent to the process
+    is then taken by another thread — torch's — whose arrival still runs the Python handler here at once.)
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:  # None: a handler installed outside Python, which we cannot restore
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signum = pending[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _commit(tmp: Path, out: Path, given: Path, force: bool) -> None:
