@@ -212,11 +212,11 @@ def _byte_mutations(models, data):
         header_len = struct.unpack("<Q", raw[:8])[0]
         for _ in range(data.draw(st.integers(1, 3))):
             op = data.draw(st.sampled_from(["flip", "flip-header", "truncate", "extend", "zero-run"]))
-            if op == "truncate":
+            if op == "truncate" and raw:
                 del raw[data.draw(st.integers(0, len(raw) - 1)):]
             elif op == "extend":
                 raw += data.draw(st.binary(min_size=1, max_size=64))
-            elif len(raw) > 0:
+            elif len(raw) > 8 or op != "flip-header" and len(raw) > 0:
                 hi = min(len(raw), 8 + header_len) if op == "flip-header" else len(raw)
                 i = data.draw(st.integers(0, max(hi - 1, 0)))
                 if op == "zero-run":

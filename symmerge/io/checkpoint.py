@@ -123,6 +123,8 @@ def _read_json(path: Path, what: str) -> object:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SymmergeError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise SymmergeError(f"{path} is not a valid {what}: {cut(str(e), 120)}") from None
     except RecursionError:
         raise SymmergeError(f"{path} is not a valid {what}: nested too deeply") from None
     except OSError as e:
