@@ -240,7 +240,7 @@ def _header_mutations(models, data):
         for _ in range(data.draw(st.integers(1, 3))):
             name = data.draw(st.sampled_from(names))
             op = data.draw(st.sampled_from(["dtype", "shape", "offsets", "delete", "add", "rename", "metadata", "entry"]))
-            if name not in header and op not in ("add", "metadata"):
+            if not isinstance(header.get(name), dict) and op not in ("add", "metadata", "entry"):
                 continue
             if op == "dtype":
                 header[name]["dtype"] = data.draw(st.sampled_from(DTYPES))
