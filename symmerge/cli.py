@@ -69,7 +69,8 @@ def align(
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
     chosen = parse_symmetries(symmetries)
-    check_output_dir(out, force)
+    inputs = [reference, *models, data if data is not None and Path(data).exists() else None]
+    check_output_dir(out, force, inputs)  # before any work: never an input, never something that is not ours
     # Validate every input (files, configs, shapes) before reading any weight.
     ref_ckpt = open_checkpoint(reference, allow_pickle)
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
@@ -81,7 +82,7 @@ def align(
     calibration = _calibration(match, data, ref_ckpt)
     ref_state = load_state_dict(ref_ckpt)
     rows, reports = [], {}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
             state = load_state_dict(ckpt)
@@ -125,16 +126,14 @@ def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
 
 
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
-    """An HF directory: weights, plus config and tokenizer files from ``source`` (a tied LM head marked untied)."""
+    """An HF directory: weights, plus config and tokenizer files from ``source`` (config dtype and tied head as written)."""
     from symmerge.io import copy_model_files, save_state_dict
+    from symmerge.io.stream import write_config
 
     dest.mkdir()
     save_state_dict(state, dest)
     copy_model_files(source.path, dest)
-    if untie:
-        config = json.loads((dest / "config.json").read_text())
-        config["tie_word_embeddings"] = False
-        (dest / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(source.config, dest, None, untie=untie)
 
 
 def _report_json(path: Path, r) -> dict:
@@ -152,12 +151,18 @@ def _report_json(path: Path, r) -> dict:
 def _parse_params(items: list[str]) -> dict:
     import yaml
 
+    from symmerge.errors import cut, shorten
+    from symmerge.merge.recipe import _BoundedLoader
+
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SymmergeError(f"--param takes KEY=VALUE, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
+            raise SymmergeError(f"--param takes KEY=VALUE, got {shorten(item)}")
+        try:
+            params[key.strip()] = yaml.load(value, Loader=_BoundedLoader)  # noqa: S506 - a bounded SafeLoader
+        except (yaml.YAMLError, ValueError, RecursionError):
+            raise SymmergeError(f"--param {cut(key.strip(), 40)}: {shorten(value)} is not a value (a number, true/false or a word)") from None
     return params
 
 
@@ -187,8 +192,10 @@ def merge(
     from symmerge.merge.recipe import load_recipe, plan_merge, recipe_from_models
 
     start = time.perf_counter()
-    check_output_dir(out, force)
-    if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
+    recipe_given = len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml")
+    if not recipe_given:  # a recipe's own paths are known once it is read: it is checked below, still before any work
+        check_output_dir(out, force, [*inputs, base, reference, data])
+    if recipe_given:
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
                                           ("--param", param), ("--data", data), ("--dtype", dtype),
                                           ("--match", match if match != "weights" else None)) if value]
@@ -201,13 +208,17 @@ def merge(
         try:
             weight_list = [float(w) for w in weights.split(",")] if weights else None
         except ValueError:
-            raise SymmergeError(f"--weights takes comma-separated numbers, got {weights!r}") from None
+            from symmerge.errors import shorten
+
+            raise SymmergeError(f"--weights takes comma-separated numbers, got {shorten(weights)}") from None
         recipe, root = recipe_from_models(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
+    check_output_dir(out, force, [c.path for c in plan.models] + [plan.base.path if plan.base else None, plan.data_path,
+                                                                  inputs[0] if recipe_given else None])
     validate_seconds = time.perf_counter() - start
     result = run_merge(plan, out, force=force, progress=not quiet)
     seconds = {"validate": validate_seconds, **result.seconds}
@@ -364,29 +375,93 @@ def demo(
         run_vit_demo(out=out, echo=echo)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the CLI with one-line errors instead of tracebacks."""
-    debug = bool(os.environ.get("SYMMERGE_DEBUG"))
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the program is so that cleanup (``finally``, temporary folders) runs.
+
+    A BaseException of its own, not KeyboardInterrupt: the CLI framework would turn that into an exit code that
+    reads like success.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (main thread only; a signal the caller ignores stays ignored)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old = signal.getsignal(sig)
+        if old is signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, _raise_interrupted)
+    return previous
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``name`` from click and from the copy of click that typer vendors (typer raises the latter)."""
+    found = {getattr(click.exceptions, name)}
     try:
-        app(args=argv, standalone_mode=False)
+        from typer._click import exceptions as vendored  # typer ≥ 0.22 ships its own click
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        found.add(getattr(vendored, name))
+    for cls in (typer.Exit, typer.Abort):
+        if cls.__name__ == name:
+            found.add(cls)
+    return tuple(found)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the CLI with one-line errors instead of tracebacks.
+
+    Exit codes: 0 success, 2 bad input or usage, 130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM),
+    1 an unexpected failure (a bug).
+    """
+    import signal
+
+    debug = bool(os.environ.get("SYMMERGE_DEBUG"))
+    previous = _install_signal_handlers()
+    try:
+        code = app(args=argv, standalone_mode=False)
+        # typer turns a KeyboardInterrupt it catches (one not raised by our handler) into the return value 130
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                typer.echo("aborted", err=True)
+            sys.exit(code)
     except SymmergeError as e:
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except _click_classes("Exit") as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except _click_classes("ClickException") as e:
+        e.show()  # a usage error: the framework's usage line and message
+        sys.exit(2 if e.exit_code in (0, 1) else e.exit_code)
+    except (Interrupted, KeyboardInterrupt, *_click_classes("Abort")) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        typer.echo("aborted" if signum == signal.SIGINT else "terminated", err=True)
+        sys.exit(128 + signum)
     except Exception as e:  # an unexpected failure is a bug: say so briefly
         if debug:
             raise
         typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,50 @@ def expect_cli_error(capsys, message: str, *args) -> str:
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
     return err
+
+
+def save_model(model, path, state=None):
+    """``model`` saved as an HF directory at ``path`` (with ``state`` as its weights when given)."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(path)
+    if state is not None:
+        save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def stray_folders(directory) -> list[str]:
+    """Temporary folders symmerge may leave beside an output: ``.NAME.partial-*``, ``.NAME.old-*``, ``.NAME.probe-*``."""
+    from pathlib import Path
+
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith(".") and any(
+        tag in p.name for tag in (".partial-", ".old-", ".probe-")))
+
+
+def cli_env() -> dict:
+    """Environment for running the ``symmerge`` command in a subprocess: this checkout first on the path, offline."""
+    from pathlib import Path
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return env
+
+
+# Hypothesis (tests/test_fuzz.py): deterministic everywhere, so a CI failure reproduces locally; no deadline, since
+# the first example of a property pays for imports. HYPOTHESIS_PROFILE=random explores new examples instead.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import Phase as _Phase
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.register_profile("random", deadline=None, print_blob=True,
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.register_profile("fast-fail", derandomize=True, deadline=None, phases=[_Phase.explicit, _Phase.generate],
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is only needed by the fuzz tests
+    pass

@@ -127,9 +127,14 @@ def test_existing_output_is_refused_unless_forced(pair, tmp_path, capsys):
     (tmp_path / "out" / "keep.txt").write_text("x")
     expect_cli_error(capsys, "already exists", "align", ref, other, "-o", tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
+    # --force replaces only earlier symmerge outputs (or empty folders): a folder of the user's stays
+    expect_cli_error(capsys, "is not a symmerge output", "align", ref, other, "-o", tmp_path / "out", "--force", "-q")
+    assert (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "keep.txt").unlink()
     code, _, _ = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "--force", "-q")
-    assert code == 0
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "scrambled" / "model.safetensors").exists()
+    assert code == 0 and (tmp_path / "out" / "scrambled" / "model.safetensors").exists()
+    code, _, _ = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "--force", "-q", "-s", "ffn")
+    assert code == 0 and json.loads((tmp_path / "out" / "alignment.json").read_text())["symmetries"] == ["ffn"]
 
 
 def test_pickle_weights_need_allow_pickle(pair, tmp_path, capsys):

@@ -19,6 +19,7 @@ Every batch is a ``dict[str, torch.Tensor]`` that can be passed as ``model(**bat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,50 @@ def load_calibration(
     if not path.is_file():
         raise SymmergeError(f"calibration data {path} is not a file: give a text file (one example per line) or an .npz")
     if path.suffix.lower() == ".npz":
-        return _npz_batches(path, main_input_name, num_examples, batch_size)  # labels come with the file, if any
+        batches = _npz_batches(path, main_input_name, num_examples, batch_size)
+        config = _model_config(model_dir)
+        if "input_ids" in batches[0]:
+            _check_token_ids(path, batches, config)
+        return _npz_labels(path, batches, config) if labels else batches  # the file's labels, if any, always come along
     if main_input_name != "input_ids":
         raise SymmergeError(f"{path}: text calibration data is tokenised, but this model takes {main_input_name!r}: "
                             f"give an .npz whose 'inputs' array holds float {main_input_name}")
     return _text_batches(path, model_dir, max_length, num_examples, batch_size, labels)
+
+
+def _model_config(model_dir: str | Path | None) -> dict:
+    """The model's config.json as a dict ({} when there is none to read)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_token_ids(path: Path, batches: list[dict[str, torch.Tensor]], config: dict) -> None:
+    """Token ids inside the model's vocabulary and examples no longer than its positions (else an index error deep
+    inside the model)."""
+    vocab = config.get("vocab_size")
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    top = max(int(b["input_ids"].max()) for b in batches)
+    if isinstance(vocab, int) and top >= vocab:
+        raise SymmergeError(f"{path}: 'inputs' holds token id {top}, but the model's vocabulary has {vocab} tokens "
+                            f"(ids 0..{vocab - 1}): tokenise with the model's own tokenizer")
+    length = batches[0]["input_ids"].shape[1]
+    if isinstance(positions, int) and length > positions:
+        raise SymmergeError(f"{path}: 'inputs' has {length} tokens per example, but the model takes at most "
+                            f"{positions}: cut the examples to {positions} tokens")
+
+
+def _npz_labels(path: Path, batches: list[dict[str, torch.Tensor]], config: dict) -> list[dict[str, torch.Tensor]]:
+    """Batches with labels for a loss: a language model's own tokens (pads −100; it shifts them), or for a
+    classifier the file's labels (one class per example)."""
+    classifier = any(str(a).endswith(("ForSequenceClassification", "ForImageClassification")) for a in config.get("architectures") or [])
+    if "input_ids" in batches[0] and not classifier:
+        return [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in batches]
+    if "labels" not in batches[0]:
+        raise SymmergeError(f"{path}: a loss on a classifier needs 'labels' (one class per example) in the .npz")
+    return batches
 
 
 def _zoo_batches(model_dir: str | Path | None, num_examples: int, batch_size: int, labels: bool) -> list[dict[str, torch.Tensor]]:

@@ -5,10 +5,14 @@ from symmerge.io.checkpoint import (
     atomic_output_dir,
     check_output_dir,
     copy_model_files,
+    is_symmerge_output,
     load_state_dict,
     open_checkpoint,
     save_state_dict,
     unique_names,
 )
 
-__all__ = ["Checkpoint", "atomic_output_dir", "check_output_dir", "copy_model_files", "load_state_dict", "open_checkpoint", "save_state_dict", "unique_names"]
+__all__ = [
+    "Checkpoint", "atomic_output_dir", "check_output_dir", "copy_model_files", "is_symmerge_output", "load_state_dict", "open_checkpoint",
+    "save_state_dict", "unique_names",
+]

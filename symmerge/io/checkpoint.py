@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
-import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from symmerge.errors import SymmergeError
+from symmerge.errors import SymmergeError, cut, shorten
+from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
+from symmerge.spec.families import required_config_keys
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -56,10 +60,7 @@ class Checkpoint:
             else:
                 shapes = {}
                 for f in self.weight_files:
-                    with _reading(f):
-                        with safe_open(f, "pt") as h:
-                            for k in h.keys():
-                                shapes[k] = tuple(h.get_slice(k).get_shape())
+                    shapes.update(_safetensors_header(f))
                 self._shapes = shapes
         return self._shapes
 
@@ -77,8 +78,83 @@ class Checkpoint:
 def _reading(path: Path) -> Iterator[None]:
     try:
         yield
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SymmergeError(f"cannot read {path}: {e} (the file is corrupt or truncated)") from None
+    except SymmergeError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, OverflowError) as e:
+        reason = _first_line(e)
+        raise SymmergeError(f"cannot read {path}: {reason} (the file is corrupt or truncated)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+    return shorten(text, 200).strip("'\"") if len(text) > 200 else text
+
+
+def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from one safetensors file's header (validated by safetensors), no data read."""
+    with _reading(f), safe_open(f, "pt") as h:
+        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+
+
+def _load_pickle(f: Path) -> object:
+    """A torch pickle, weights only (tensors and containers, never arbitrary objects): one-line errors."""
+    legacy = not zipfile.is_zipfile(f)
+    try:
+        # mmap needs the zip format torch has written since 1.6; the legacy format is read into memory instead
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=not legacy)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line that names what was found is the useful one
+        lines = [" ".join(x.split()) for x in str(e).splitlines() if x.strip()]
+        found = [x for x in lines if re.search(r"unsupported|global|operand|blocked", x, re.I) and "Re-running" not in x]
+        detail = cut(found[0] if found else (lines[0] if lines else type(e).__name__), 120)
+        raise SymmergeError(
+            f"{f} was refused: it holds objects other than tensors ({detail}); weights-only loading never runs code "
+            "from a file: convert it to safetensors where it was made, or remove it"
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, IndexError) as e:
+        if legacy:
+            raise SymmergeError(
+                f"cannot read {f}: it is in the legacy (pre-1.6, non-zip) torch pickle format and could not be loaded "
+                f"({_first_line(e)}); convert it: torch.save(torch.load(path, weights_only=True), path), or to safetensors"
+            ) from None
+        raise SymmergeError(f"cannot read {f}: {_first_line(e)} (the file is corrupt or truncated)") from None
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SymmergeError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise SymmergeError(f"{path} is not a valid {what}: {cut(str(e), 120)}") from None
+    except RecursionError:
+        raise SymmergeError(f"{path} is not a valid {what}: nested too deeply") from None
+    except OSError as e:
+        raise SymmergeError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# config.json fields that count something: when set, each must be a positive integer (0 heads divides by zero)
+_COUNT_KEYS = ("n_head", "num_attention_heads", "num_key_value_heads", "n_layer", "num_hidden_layers", "hidden_size",
+               "n_embd", "intermediate_size", "n_inner", "vocab_size", "head_dim", "num_labels", "image_size", "patch_size",
+               "num_channels", "max_position_embeddings", "n_positions")
+
+
+def _check_config(config: dict, config_path: Path) -> None:
+    model_dir = config_path.parent
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        got = "" if model_type is None else f" (got {shorten(model_type)})"
+        raise SymmergeError(f"{config_path} has no model_type{got}: the config of model {model_dir} must name its "
+                            "architecture, e.g. \"model_type\": \"llama\" (re-save it with save_pretrained)")
+    for key in _COUNT_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise SymmergeError(f"{config_path}: {key} must be a positive integer, got {shorten(value)}: "
+                                f"the config of model {model_dir} is broken")
+    for names in required_config_keys(model_type):
+        if not any(config.get(n) is not None for n in names):
+            raise SymmergeError(f"{config_path} has none of {', '.join(names)}: the config of model {model_dir} "
+                                f"({model_type}) needs one of them")
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
@@ -91,26 +167,46 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SymmergeError(f"{path} has no config.json: is it a Hugging Face model directory?")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SymmergeError(f"{config_path} is not valid JSON: {e}") from None
+    config = _read_json(config_path, "config")
     if not isinstance(config, dict):
         raise SymmergeError(f"{config_path} does not hold a JSON object")
+    _check_config(config, config_path)
 
     index = path / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SymmergeError(f"{index} is not a valid safetensors index ({e})") from None
+        data = _read_json(index, "safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SymmergeError(f"{index} is not a valid safetensors index: it needs a non-empty \"weight_map\" object "
+                                "mapping tensor names to shard files")
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard.startswith("."):
+                raise SymmergeError(f"{index}: weight_map[{shorten(key)}] must name a shard file in {path}, got {shorten(shard)}")
         files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
                 raise SymmergeError(f"{index} names {f.name}, which is missing")
-        return Checkpoint(path, config, files)
+        shapes: dict[str, tuple[int, ...]] = {}
+        where: dict[str, str] = {}
+        for f in files:
+            for key, shape in _safetensors_header(f).items():
+                if key in where:
+                    raise SymmergeError(f"{path}: tensor {shorten(key)} is in both {where[key]} and {f.name}")
+                where[key] = f.name
+                shapes[key] = shape
+        for key, shard in weight_map.items():
+            if where.get(key) != shard:
+                held = f" (it is in {where[key]})" if key in where else ""
+                raise SymmergeError(f"{index} says tensor {shorten(key)} is in {shard}, but that shard does not hold it{held}: "
+                                    "the index does not match the shards; re-save the model")
+        extra = sorted(set(where) - set(weight_map))
+        if extra:
+            raise SymmergeError(f"{index} does not list tensor {shorten(extra[0])} of {where[extra[0]]} "
+                                f"({len(extra)} unlisted): the index does not match the shards; re-save the model")
+        return Checkpoint(path, config, files, _shapes=shapes)
     if (path / "model.safetensors").is_file():
-        return Checkpoint(path, config, [path / "model.safetensors"])
+        f = path / "model.safetensors"
+        return Checkpoint(path, config, [f], _shapes=_safetensors_header(f))
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickles:
         if not allow_pickle:
@@ -127,13 +223,11 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True) -> dict[str, to
     state: dict[str, torch.Tensor] = {}
     for f in ckpt.weight_files:
         if ckpt.is_pickle:
-            with _reading(f):
-                # weights_only=True: tensors and containers only, never arbitrary objects
-                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            part = _load_pickle(f)
             if isinstance(part, Mapping) and "state_dict" in part and isinstance(part["state_dict"], Mapping):
                 part = part["state_dict"]
-            if not isinstance(part, Mapping):
-                raise SymmergeError(f"{f} does not hold a state dict")
+            if not isinstance(part, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
+                raise SymmergeError(f"{f} does not hold a state dict (a mapping of tensor names to tensors)")
         else:
             with _reading(f):
                 part = load_file(f)
@@ -149,15 +243,38 @@ def is_weight_file(p: Path) -> bool:
     return p.suffix in WEIGHT_SUFFIXES or p.name in (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 
 
+# What a model folder may hold besides its weights, copied into outputs made from it. Only files at the top level:
+# never other folders (an output written inside an input would otherwise be copied into every later output), except
+# the module folders a sentence-transformers ``modules.json`` names.
+SYMMERGE_FILES = (MARKER, *OLD_MARKERS)
+
+
 def copy_model_files(source: Path, dest: Path) -> None:
-    """Copy everything but the weights (config, tokenizer, sentence-transformers modules...) from ``source``."""
-    for p in source.iterdir():
-        if p.name.startswith(".") or is_weight_file(p):
+    """Copy the model's own files but its weights (config, tokenizer, generation config, model card...) from ``source``."""
+    for p in sorted(source.iterdir()):
+        if p.name.startswith(".") or is_weight_file(p) or p.name in SYMMERGE_FILES or p.is_symlink() and p.is_dir():
             continue
-        if p.is_dir():
-            shutil.copytree(p, dest / p.name, ignore=lambda d, names: [n for n in names if is_weight_file(Path(d) / n)])
-        else:
+        if p.is_file():
             shutil.copy2(p, dest / p.name)
+    for module in _sentence_transformer_modules(source):
+        src = source / module
+        if src.is_dir() and not src.is_symlink() and not is_symmerge_output(src):
+            shutil.copytree(src, dest / module, symlinks=True,
+                            ignore=lambda d, names: [n for n in names if is_weight_file(Path(d) / n) or n in SYMMERGE_FILES])
+
+
+def _sentence_transformer_modules(source: Path) -> list[str]:
+    """The sub-folders a sentence-transformers ``modules.json`` declares (``1_Pooling``...), nothing else."""
+    try:
+        modules = json.loads((source / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    found = []
+    for m in modules if isinstance(modules, list) else []:
+        path = m.get("path") if isinstance(m, dict) else None
+        if isinstance(path, str) and path and "/" not in path and "\\" not in path and path not in (".", "..") and not path.startswith("."):
+            found.append(path)
+    return found
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
@@ -179,30 +296,3 @@ def unique_names(paths: list[Path]) -> list[str]:
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise SymmergeError(f"{out} already exists: choose another --out or pass --force to replace it")
-    if not out.parent.exists():
-        raise SymmergeError(f"the parent directory of {out} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; rename it to ``out`` when the block succeeds, delete it if not."""
-    out = Path(out)
-    check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # --force: replace only now that the new output is complete
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -127,12 +127,53 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+_OUTPUT_EMBEDDINGS = ("lm_head.weight",)
+
+
+def _written_tensors(dest: Path) -> dict[str, tuple[Path, torch.dtype]]:
+    found = {}
+    for f in sorted(dest.glob("*.safetensors")):
+        with _reading(f), safe_open(f, "pt") as h:
+            for k in h.keys():
+                found[k] = (f, h.get_slice(k).get_dtype())
+    return found
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _find(keys, suffixes) -> str | None:
+    return next((k for k in sorted(keys) if k.endswith(suffixes)), None)
+
+
 def write_config(source: Mapping, dest: Path, dtype: torch.dtype | None, untie: bool = False) -> None:
-    """config.json from ``source`` with its dtype field updated to ``dtype`` (and the LM head marked untied)."""
+    """config.json from ``source`` with its metadata made true of the weights in ``dest``: the dtype field names the
+    floating dtype written (``dtype`` when nothing is written yet), ``tie_word_embeddings`` says whether the LM head
+    is the input embedding (False when ``untie``, or when the written head differs from the embedding)."""
     config = dict(source)
+    written = _written_tensors(dest)
+    floating = {}
+    for f, st_dtype in written.values():
+        if st_dtype in _ST_DTYPES:
+            floating[_ST_DTYPES[st_dtype]] = floating.get(_ST_DTYPES[st_dtype], 0) + 1
+    if floating:
+        dtype = max(floating, key=floating.get)
     if untie:
         config["tie_word_embeddings"] = False
+    else:
+        head, embedding = _find(written, _OUTPUT_EMBEDDINGS), _find(written, _INPUT_EMBEDDINGS)
+        if head is not None and embedding is not None and config.get("tie_word_embeddings", True):
+            with safe_open(written[head][0], "pt") as h:
+                head_t = h.get_tensor(head)
+            with safe_open(written[embedding][0], "pt") as h:
+                emb_t = h.get_tensor(embedding)
+            if head_t.shape != emb_t.shape or not torch.equal(head_t, emb_t):
+                config["tie_word_embeddings"] = False  # a tied config would make loaders discard the written head
     if dtype is not None:
-        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-        config[key] = dtype_name(dtype)
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype_name(dtype)
+        if "torch_dtype" not in config and "dtype" not in config:
+            config["dtype"] = dtype_name(dtype)
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

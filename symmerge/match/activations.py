@@ -64,7 +64,8 @@ def record_activations(model: torch.nn.Module, batches: Iterable[Mapping[str, to
     model.eval()
     try:
         for batch in batches:
-            out = model(**batch, output_hidden_states=residual)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}  # activations need no loss
+            out = model(**inputs, output_hidden_states=residual)
             if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
                 store["residual"].extend(h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1])
     finally:

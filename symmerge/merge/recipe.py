@@ -21,6 +21,7 @@ offending key and value.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from symmerge.errors import SymmergeError
+from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import parse_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
@@ -52,7 +53,9 @@ class ModelEntry(BaseModel):
             if key not in MODEL_PARAMETERS:
                 raise ValueError(f"unknown per-model parameter {key!r} (per-model parameters: {', '.join(sorted(MODEL_PARAMETERS))})")
             if key == "weight" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"weight must be a number, got {value!r}")
+                raise ValueError(f"weight must be a number, got {shorten(value)}")
+            if key == "weight" and not _finite(value):
+                raise ValueError(f"weight must be a finite number, got {shorten(value)}")
         return v
 
 
@@ -62,6 +65,13 @@ class AlignmentBlock(BaseModel):
     symmetries: str | list[str] = "all"
     match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
     learn_steps: int = Field(200, gt=0)
+
+    @field_validator("symmetries")
+    @classmethod
+    def _short(cls, v: str | list[str]) -> str | list[str]:
+        if len(v) > 200 or (isinstance(v, list) and any(len(x) > 40 for x in v)):
+            raise ValueError(f"symmetries are a few names such as all,residual, got {shorten(v)}")
+        return v
 
 
 class DataBlock(BaseModel):
@@ -84,11 +94,41 @@ class Recipe(BaseModel):
     shard_size: str | int = "2GB"
     allow_unrelated_base: bool = False  # merge task vectors even when a model looks unrelated to the base
 
-    @field_validator("shard_size")
+    @field_validator("merge_method")
     @classmethod
-    def _size(cls, v: str | int) -> str | int:
+    def _method_name(cls, v: str) -> str:
+        if len(v) > 80:
+            raise ValueError(f"merge_method is a method name (see `symmerge methods`), got {shorten(v)}")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # method parameters are numbers, true/false or a short word; anything else is refused here, before a
+        # validator could render an unbounded value in its message
+        for key, value in v.items():
+            if not isinstance(key, str) or len(key) > 80:
+                raise ValueError(f"parameter names are short words, got {shorten(key)}")
+            ok = value is None or isinstance(value, bool) or (isinstance(value, (int, float)) and _finite(value)) \
+                or (isinstance(value, str) and len(value) <= 80)
+            if not ok:
+                raise ValueError(f"parameter {key!r} must be a number, true/false or a word, got {shorten(value)}")
+        return v
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> str | int:
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"shard_size takes a size such as 2GB, 500MB or a number of bytes, got {shorten(v)}")
         parse_size(v)
         return v
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def parse_size(value: str | int) -> int:
@@ -99,21 +139,76 @@ def parse_size(value: str | int) -> int:
         return value
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.I)
     if not m:
-        raise ValueError(f"not a size: {value!r} (examples: 2GB, 500MB)")
+        raise ValueError(f"not a size: {shorten(value)} (examples: 2GB, 500MB)")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     size = int(float(m.group(1)) * units[(m.group(2) or "").upper()])
     if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(f"size must be positive, got {shorten(value)}")
     return size
 
 
 def _pydantic_message(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    err = e.errors(include_url=False, include_context=False)[0]
+    where = ".".join(shorten(p, 40) if not isinstance(p, (str, int)) else str(p)[:40] for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    msg = msg if len(msg) <= 300 else msg[:299] + "…"
     value = err.get("input")
-    shown = "" if err["type"] in ("missing", "value_error") or isinstance(value, (dict, list)) else f", got {value!r}"
+    shown = "" if err["type"] in ("missing", "value_error") or isinstance(value, (dict, list)) else f", got {shorten(value)}"
     return f"{source}: {where}: {msg}{shown}"
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is a mistake or an attack
+MAX_RECIPE_NODES = 100_000  # YAML nodes after alias expansion ("billion laughs" expands 10 aliases to 10**9)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses documents whose alias expansion exceeds :data:`MAX_RECIPE_NODES` nodes."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root) -> None:
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:  # iterative post-order: deep nesting cannot overflow the Python stack
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _children(node)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_RECIPE_NODES + 1)
+            if sizes[key] > MAX_RECIPE_NODES:
+                raise yaml.YAMLError(f"the document expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases "
+                                     "repeating aliases): a recipe needs a few dozen")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise yaml.YAMLError("an alias refers to a node that contains it (a recursive structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    return []
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    reason = f"{context}: {problem}" if context and getattr(e, "problem", None) else problem
+    return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}"
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
@@ -122,15 +217,35 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     if not path.is_file():
         raise SymmergeError(f"recipe {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise SymmergeError(f"recipe {path} is {size:,} bytes: a recipe is at most {MAX_RECIPE_BYTES:,} bytes (is it the right file?)")
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise SymmergeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise SymmergeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES:,} bytes: is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SymmergeError(f"recipe {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
+    try:
+        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise SymmergeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SymmergeError(_yaml_error(path, e)) from None
+    except RecursionError:
+        raise SymmergeError(f"{path} is not a valid recipe: it is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise SymmergeError(f"{path} is not a valid recipe: {shorten(str(e), 120)}") from None
     if not isinstance(raw, dict):
         raise SymmergeError(f"{path}: a recipe is a mapping with models, merge_method, ... at the top level")
     try:
         return Recipe.model_validate(raw), path.parent
     except ValidationError as e:
         raise SymmergeError(_pydantic_message(e, str(path))) from None
+    except RecursionError:
+        raise SymmergeError(f"{path} is not a valid recipe: it is nested too deeply") from None
 
 
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
@@ -181,14 +296,25 @@ class MergePlan:
         return bool(self.symmetries)
 
 
+def _exists(p: Path, what: str, given: str) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte...
+        reason = getattr(e, "strerror", None) or str(e)
+        raise SymmergeError(f"{what}: {cut(given)} is not a usable path ({reason})") from None
+
+
 def _resolve(path: str, root: Path | None, what: str) -> Path:
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute() or root is None:
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError as e:  # ~user that does not exist
+        raise SymmergeError(f"{what}: {cut(path)}: {e}") from None
+    if _exists(p, what, path) or p.is_absolute() or root is None:
         return p
     candidate = root / p
-    if candidate.exists():
+    if _exists(candidate, what, path):
         return candidate
-    raise SymmergeError(f"{what}: {path} does not exist (looked in the current directory and in {root})")
+    raise SymmergeError(f"{what}: {cut(path)} does not exist (looked in the current directory and in {root})")
 
 
 def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = False) -> MergePlan:
@@ -250,7 +376,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             elif base is not None and base.path.resolve() == ref_path:
                 reference_index = None
             else:
-                raise SymmergeError(f"alignment.reference: {ref} is neither one of the models nor the base_model")
+                raise SymmergeError(f"alignment.reference: {cut(ref)} is neither one of the models nor the base_model")
 
     return MergePlan(
         recipe=recipe, models=models, weights=weights if has_weights else None, base=base, method=method, params=params,

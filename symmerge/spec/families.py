@@ -433,3 +433,10 @@ def spec_for(config: Any, keys: Collection[str]) -> ModelSpec:
 SPEC_BUILDERS = TABLES
 """The registry of supported families (model_type → tables); kept under its historical name."""
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(TABLES))
+
+
+def required_config_keys(model_type: str) -> tuple[tuple[str, ...], ...]:
+    """The config keys a supported family's sizes are read from (layers, hidden size, heads), each as the tuple of
+    its accepted spellings; ``()`` for a family symmerge has no table of."""
+    tables = TABLES.get(model_type)
+    return (tables[0].layers, tables[0].hidden, tables[0].heads) if tables else ()
