@@ -10,7 +10,8 @@ the parametrisation, not the function, and the result is still a standard checkp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 
 import torch
 
@@ -121,6 +122,20 @@ def residual_correlation(model: Mapping[str, torch.Tensor], reference: Mapping[s
     for slot in residual.vectors:
         m += torch.outer(a.get(slot).double(), b.get(slot).double())
     return m
+
+
+def anchor_group(residual: ResidualGroup, moved: Collection[str]) -> ResidualGroup | None:
+    """The part of ``residual`` whose other axis no per-layer group moves: its slots whose tensor is not in
+    ``moved`` (the keys the per-layer groups touch) — embeddings and position tables, the LM head or classifier,
+    a patch projection, writer biases and norm biases. Their terms of :func:`residual_correlation` compare the two
+    models axis for axis before any neuron or head is matched; the per-layer terms are noise until then.
+    ``None`` if no slot is left. The norms are dropped: fold them first."""
+    keep = lambda slots: tuple(s for s in slots if s.key not in moved)  # noqa: E731
+    anchors = replace(residual, embeddings=keep(residual.embeddings), readers=keep(residual.readers),
+                      writers=keep(residual.writers), vectors=keep(residual.vectors), norms=())
+    if not (anchors.embeddings or anchors.readers or anchors.writers or anchors.vectors):
+        return None
+    return anchors
 
 
 def centered_basis(d: int) -> torch.Tensor:

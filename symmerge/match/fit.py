@@ -29,7 +29,8 @@ class Fit:
     ``details``: per group name, what the report shows (neurons moved, rotation angles, ...).
     ``seconds``: per stage. ``folded_reference``: with the residual class, the reference with its norms folded
     — the parametrisation the transformed model is compared in (``None`` otherwise).
-    ``history``: the objective after each accepted step of an iterative matcher (residual descent, learning).
+    ``history``: the objective after each accepted step of an iterative matcher (residual descent, learning), and
+    ``steps`` the element after each of them (where the matcher records them).
     """
 
     transform: ModelTransform
@@ -37,6 +38,7 @@ class Fit:
     seconds: dict[str, float] = field(default_factory=dict)
     folded_reference: dict[str, torch.Tensor] | None = None
     history: list[float] = field(default_factory=list)
+    steps: list[ModelTransform] = field(default_factory=list)  # the element after each accepted step (history[i + 1])
 
 
 Matcher = Callable[..., Fit]
