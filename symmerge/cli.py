@@ -39,6 +39,12 @@ SETTINGS_HELP = (
 )
 
 
+MAX_SECONDS_HELP = (
+    "Time budget per model for the residual coordinate descent (-s ...,residual): a round starts only if it is expected "
+    "to end within the budget; the best element found so far is kept. Default: no budget."
+)
+
+
 def echo(msg: str = "") -> None:
     typer.echo(msg)
 
@@ -55,6 +61,7 @@ def align(
     match: Annotated[str, typer.Option("--match", help="weights (data-free), activations or learned (both need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
@@ -86,7 +93,8 @@ def align(
             start = time.perf_counter()
             state = load_state_dict(ckpt)
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
-                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps)
+                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
+                                  max_seconds=max_seconds)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
@@ -175,6 +183,7 @@ def merge(
         "--data", help="Short form: calibration data for fisher/regmean and for --match activations|learned (.txt or .npz; zoo for matching).")] = None,
     match: Annotated[str, typer.Option("--match", help="Short form: how alignment is found: weights (data-free), activations or learned (need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Short form: steps of learned matching.")] = 200,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help="Short form: " + MAX_SECONDS_HELP)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -191,7 +200,8 @@ def merge(
     if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
                                           ("--param", param), ("--data", data), ("--dtype", dtype),
-                                          ("--match", match if match != "weights" else None)) if value]
+                                          ("--match", match if match != "weights" else None),
+                                          ("--max-seconds", max_seconds is not None)) if value]
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
@@ -206,6 +216,7 @@ def merge(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
+            max_seconds=max_seconds,
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     validate_seconds = time.perf_counter() - start

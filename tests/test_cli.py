@@ -177,3 +177,27 @@ def test_align_with_residual_writes_models_in_the_reference_parametrisation(tmp_
     assert code == 0, err
     merged = type(model).from_pretrained(tmp_path / "avg").eval()
     assert max_output_diff(merged, {k: v.clone() for k, v in original.state_dict().items()}, merged.state_dict(), make_inputs) <= 1e-5
+
+
+def test_max_seconds_bounds_the_residual_descent_on_align_and_merge(tmp_path, capsys):
+    """--max-seconds reaches the descent from align, from merge's short form and from a recipe's alignment block
+    (one round within a zero budget; the rounds' seconds are reported), and is refused beside a recipe."""
+    model, _ = make_model("llama", 2)
+    ref = save(model, tmp_path / "ref")
+    scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=8)
+    other = save(model, tmp_path / "other", scrambled)
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "--max-seconds", "0", "-q")
+    assert code == 0, err
+    residual = json.loads((tmp_path / "out" / "alignment.json").read_text())["models"]["other"]["groups"][-1]["details"]
+    assert len(residual["round_seconds"]) == 1 and residual["stopped_by_max_seconds"]
+    code, _, err = run_cli(capsys, "merge", ref, other, "--method", "linear", "-s", "all,residual", "--max-seconds", "0", "-o", tmp_path / "m1", "-q")
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: linear\n"
+                      "alignment: {symmetries: 'all,residual', max_seconds: 0}\n")
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "m2", "-q")
+    assert code == 0, err
+    m1, m2 = load_file(tmp_path / "m1" / "model.safetensors"), load_file(tmp_path / "m2" / "model.safetensors")
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "m3", "--max-seconds", "5", "-q")
+    assert code == 2 and "--max-seconds cannot be combined with a recipe" in err

@@ -230,6 +230,23 @@ def test_residual_alignment_recovers_a_fully_scrambled_copy(family):
     assert max_output_diff(evaluate, original, result.folded_reference, make_inputs) <= TOL
 
 
+def test_residual_descent_within_a_tiny_time_budget_stops_after_one_round():
+    """max_seconds: the first round always runs, a round that would overrun the budget does not start; the element
+    kept is still function-preserving and no worse than the start."""
+    model, make_inputs = make_model("llama", 2)
+    original = clone(model.state_dict())
+    scrambled = symmerge.apply_random_symmetry(original, config=model.config, symmetries="all,residual", seed=8)
+    unlimited = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual")
+    assert unlimited.report.groups[-1].details["iterations"] >= 2  # otherwise the budget could not cut anything
+    result = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual", max_seconds=1e-9)
+    residual = result.report.groups[-1].details
+    assert residual["iterations"] <= 1 and len(residual["round_seconds"]) == 1 and residual["stopped_by_max_seconds"]
+    assert residual["round_seconds"][0] > 0
+    assert result.report.distance_after <= result.report.distance_before
+    assert max_output_diff(untied(model), scrambled, result.state_dict, make_inputs) <= TOL
+    assert len(unlimited.report.groups[-1].details["round_seconds"]) >= unlimited.report.groups[-1].details["iterations"]
+
+
 def test_residual_needs_a_head_reading_the_stream():
     import transformers
 

@@ -31,7 +31,7 @@ def solve_residual(m: torch.Tensor, kind: str) -> torch.Tensor:
 
 def fit_with_residual(
     reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec, symmetries: frozenset[str], *,
-    progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
+    progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7, max_seconds: float | None = None,
 ) -> Fit:
     """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T``.
 
@@ -40,13 +40,21 @@ def fit_with_residual(
     usual per-layer fit on ``Q(model)``. A step is kept only if it lowers the distance, so the objective never
     increases. ``Fit.history`` holds the distance after each accepted step; ``Fit.folded_reference`` the
     reference the distance is measured to.
+
+    ``max_seconds``: a time budget for the descent. The first round always runs; a further round starts only if
+    the time spent so far plus the last round's duration fits the budget. Stopping early returns the best element
+    so far (every kept step lowered the distance). ``details["residual"]["round_seconds"]``: seconds per round.
     """
     residual = require_residual(spec)
     per_layer = symmetries - {"residual"}
     ref_f, model_f = fold_norms(reference, residual), fold_norms(model, residual)
     transform, details, seconds = ModelTransform(), {}, {"residual": 0.0, "ffn": 0.0, "attention": 0.0}
     history = [state_distance(model_f, ref_f)]
+    began, round_seconds, out_of_time = time.perf_counter(), [], False
     for _ in range(max_iter):
+        if max_seconds is not None and round_seconds and time.perf_counter() - began + round_seconds[-1] > max_seconds:
+            out_of_time = True
+            break
         start = time.perf_counter()
         per_layer_only = ModelTransform(ffn=transform.ffn, heads=transform.heads)
         q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual), residual.kind)
@@ -58,6 +66,7 @@ def fit_with_residual(
         candidate, cand_details = fresh.transform, fresh.details
         q_only = state_distance(apply_transform(rotated, spec, per_layer_only), ref_f)
         full = state_distance(apply_transform(rotated, spec, candidate), ref_f)
+        round_seconds.append(time.perf_counter() - start)
         if full > q_only:  # the fresh per-layer fit is no better: keep the previous one
             candidate, cand_details, full = per_layer_only, details, q_only
         if full >= history[-1]:
@@ -68,5 +77,6 @@ def fit_with_residual(
         history.append(full)
         if improvement <= rtol * history[0]:
             break
-    details = {**details, "residual": {"iterations": len(history) - 1, "distance_history": [round(h, 6) for h in history]}}
+    details = {**details, "residual": {"iterations": len(history) - 1, "distance_history": [round(h, 6) for h in history],
+                                       "round_seconds": [round(t, 4) for t in round_seconds], "stopped_by_max_seconds": out_of_time}}
     return Fit(transform, details, seconds, folded_reference=ref_f, history=history)
