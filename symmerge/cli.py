@@ -45,6 +45,12 @@ MAX_SECONDS_HELP = (
 )
 
 
+DEVICE_HELP = (
+    "Where the matching math runs (similarity GEMMs, SVDs, quartics, residual statistics, activation/learned matching): "
+    "cpu, cuda, or auto (cuda when available). The LAPs always run on the CPU."
+)
+
+
 def echo(msg: str = "") -> None:
     typer.echo(msg)
 
@@ -62,6 +68,7 @@ def align(
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
@@ -73,9 +80,11 @@ def align(
     from symmerge.alignment import align as align_models
     from symmerge.groups import parse_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
+    from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
     chosen = parse_symmetries(symmetries)
+    resolved = resolve_device(device)
     check_output_dir(out, force)
     # Validate every input (files, configs, shapes) before reading any weight.
     ref_ckpt = open_checkpoint(reference, allow_pickle)
@@ -94,7 +103,7 @@ def align(
             state = load_state_dict(ckpt)
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
                                   model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
-                                  max_seconds=max_seconds)
+                                  max_seconds=max_seconds, device=resolved)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
@@ -184,6 +193,8 @@ def merge(
     match: Annotated[str, typer.Option("--match", help="Short form: how alignment is found: weights (data-free), activations or learned (need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Short form: steps of learned matching.")] = 200,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help="Short form: " + MAX_SECONDS_HELP)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help=DEVICE_HELP + " Overrides a recipe's alignment.device.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -205,6 +216,8 @@ def merge(
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
+        if device is not None and recipe.alignment != "none":  # where it runs, not what it computes: may override
+            recipe.alignment = recipe.alignment.model_copy(update={"device": device})
     else:
         if method is None:
             raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")
@@ -216,7 +229,7 @@ def merge(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
-            max_seconds=max_seconds,
+            max_seconds=max_seconds, device=device or "cpu",
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     validate_seconds = time.perf_counter() - start

@@ -201,3 +201,23 @@ def test_max_seconds_bounds_the_residual_descent_on_align_and_merge(tmp_path, ca
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "m3", "--max-seconds", "5", "-q")
     assert code == 2 and "--max-seconds cannot be combined with a recipe" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(pair, tmp_path, capsys):
+    ref, other, _, _ = pair
+    expect_cli_error(capsys, "--device cuda: no CUDA device is available", "align", ref, other, "-o", tmp_path / "out", "--device", "cuda")
+    assert not (tmp_path / "out").exists()
+    expect_cli_error(capsys, "--device cuda: no CUDA device is available", "merge", ref, other, "--method", "linear", "-o", tmp_path / "m",
+                     "--device", "cuda")
+    assert not (tmp_path / "m").exists()
+
+
+def test_device_cpu_and_auto_give_the_default_result(pair, tmp_path, capsys):
+    ref, other, _, _ = pair
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"]), ("auto", ["--device", "auto"])):
+        code, _, err = run_cli(capsys, "merge", ref, other, "--method", "linear", "-o", tmp_path / name, "-q", *extra)
+        assert code == 0, err
+    if not torch.cuda.is_available():  # auto is the CPU here
+        merged = [load_file(tmp_path / n / "model.safetensors") for n in ("default", "cpu", "auto")]
+        assert all(torch.equal(merged[0][k], m[k]) for m in merged[1:] for k in merged[0])

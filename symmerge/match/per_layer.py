@@ -25,9 +25,11 @@ from symmerge.spec import ModelSpec, StateView
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
 
 
-def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2) -> dict[str, torch.Tensor]:
-    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity`; at most
-    ``max_pending`` similarity matrices wait for a solver at a time (memory stays at a few d_ff×d_ff)."""
+def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
+            device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
+    moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
+    (memory stays at a few d_ff×d_ff)."""
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
 
@@ -38,7 +40,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
-            similarity = ffn_similarity(read_ffn(ref, group), read_ffn(model, group))
+            similarity = ffn_similarity(read_ffn(ref, group), read_ffn(model, group), device=device).cpu()
             pending.append((group.name, pool.submit(solve_lap, similarity)))
             while len(pending) > max_pending:
                 collect()
@@ -48,9 +50,11 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
 
 def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model") -> Fit:
+                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model",
+                  device: torch.device | None = None) -> Fit:
     """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
-    of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing."""
+    of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing. ``device``:
+    where the GEMMs, SVDs and quartics run (:mod:`symmerge.match.device`); the element is on the CPU."""
     seconds: dict[str, float] = {}
     ref_view, model_view = StateView(reference), StateView(model)
     transform = ModelTransform()
@@ -60,7 +64,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device)
             for name, perm in transform.ffn.items():
                 details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
         seconds["ffn"] = time.perf_counter() - start
@@ -70,7 +74,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
                 transform.heads[group.name], details[group.name] = match_heads(
                     read_heads(ref_view, group), read_heads(model_view, group),
                     qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
-                    rope=group.rope, qk_fixed=group.qk_fixed,
+                    rope=group.rope, qk_fixed=group.qk_fixed, device=device,
                 )
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start

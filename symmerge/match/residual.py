@@ -20,18 +20,20 @@ from symmerge.spec import ModelSpec
 
 def solve_residual(m: torch.Tensor, kind: str) -> torch.Tensor:
     """The residual map ``Q`` maximising ``tr(Q^T M)`` in its group: orthogonal Procrustes; for ``centered``,
-    Procrustes on the complement of the all-ones direction (``Q 1 = 1``); for ``permutation``, an exact LAP."""
+    Procrustes on the complement of the all-ones direction (``Q 1 = 1``); for ``permutation``, an exact LAP.
+    The SVD runs where ``m`` is (the LAP on the CPU); ``Q`` is returned on the CPU."""
     if kind == "permutation":
-        return torch.eye(m.shape[0], dtype=torch.float64)[:, torch.from_numpy(solve_lap(m.T))]
+        return torch.eye(m.shape[0], dtype=torch.float64)[:, torch.from_numpy(solve_lap(m.T.cpu()))]
     if kind == "centered":
-        v = centered_basis(m.shape[0])
-        return embed_centered(procrustes(v.T @ m @ v))
-    return procrustes(m)
+        v = centered_basis(m.shape[0]).to(m.device)
+        return embed_centered(procrustes(v.T @ m @ v).cpu())
+    return procrustes(m).cpu()
 
 
 def fit_with_residual(
     reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec, symmetries: frozenset[str], *,
     progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7, max_seconds: float | None = None,
+    device: torch.device | None = None,
 ) -> Fit:
     """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T``.
 
@@ -44,6 +46,7 @@ def fit_with_residual(
     ``max_seconds``: a time budget for the descent. The first round always runs; a further round starts only if
     the time spent so far plus the last round's duration fits the budget. Stopping early returns the best element
     so far (every kept step lowered the distance). ``details["residual"]["round_seconds"]``: seconds per round.
+    ``device``: where the correlation, its SVD and the per-layer fits run.
     """
     residual = require_residual(spec)
     per_layer = symmetries - {"residual"}
@@ -57,10 +60,10 @@ def fit_with_residual(
             break
         start = time.perf_counter()
         per_layer_only = ModelTransform(ffn=transform.ffn, heads=transform.heads)
-        q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual), residual.kind)
+        q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual, device), residual.kind)
         rotated = apply_residual(model_f, residual, q)
         seconds["residual"] += time.perf_counter() - start
-        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name)
+        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device)
         for k in ("ffn", "attention"):
             seconds[k] += fresh.seconds[k]
         candidate, cand_details = fresh.transform, fresh.details

@@ -16,10 +16,11 @@ from symmerge.spec import ModelSpec
 @matcher("weights")
 def match_weights(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model", max_seconds: float | None = None,
-                  **_unused) -> Fit:
+                  device: torch.device | None = None, **_unused) -> Fit:
     """Minimise ``Σ_t ‖T(θ_model)_t − θ_ref,t‖²`` over the chosen classes (the objective of
     :mod:`symmerge.match.objective`). Data and config are not needed (``_unused``). ``max_seconds``: the time budget
     of the residual descent (:func:`~symmerge.match.residual.fit_with_residual`)."""
     if "residual" in symmetries:
-        return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name, max_seconds=max_seconds)
-    return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name)
+        return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name, max_seconds=max_seconds,
+                                 device=device)
+    return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name, device=device)

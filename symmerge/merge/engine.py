@@ -32,7 +32,7 @@ from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
-from symmerge.match import fit_per_layer
+from symmerge.match import fit_per_layer, resolve_device
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan
 from symmerge.merge.statistics import fisher_diagonal, input_grams
@@ -82,19 +82,27 @@ def transformed_unit(state: Mapping[str, torch.Tensor], group: Any, keys: list[s
     return dict(view.state)
 
 
+def plan_device(plan: MergePlan) -> torch.device:
+    """Where the alignment's math runs: the recipe's ``alignment.device`` (a one-line error for cuda without a GPU)."""
+    return resolve_device("cpu" if plan.recipe.alignment == "none" else plan.recipe.alignment.device)
+
+
 def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | None,
                    progress: bool) -> tuple[list[ModelTransform | None], ModelTransform | None]:
     """One transform per model and one for the base (``None`` for the reference itself and when not aligning)."""
     transforms: list[ModelTransform | None] = [None] * len(states)
     if not plan.aligned:
         return transforms, None
+    device = plan_device(plan)
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i != plan.reference_index:
-            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name).transform
+            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
+                                          device=device).transform
     base_transform = None
     if base is not None and plan.reference_index is not None:
-        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model").transform
+        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
+                                       device=device).transform
     return transforms, base_transform
 
 
@@ -119,7 +127,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                                        labels=plan.match == "learned")
     options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
                    calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
-                   max_seconds=plan.recipe.alignment.max_seconds)
+                   max_seconds=plan.recipe.alignment.max_seconds, device=plan_device(plan))
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
@@ -241,6 +249,7 @@ def method_extras(plan: MergePlan, states, base, transforms, base_transform, sta
 def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool = True) -> MergeResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    plan_device(plan)  # cuda without a GPU: a one-line error before any weight is read
     lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
     states = [LazyState(c, lend) for c in plan.models]
     base = LazyState(plan.base, lend) if plan.base else None
