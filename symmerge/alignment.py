@@ -110,6 +110,7 @@ def align(
     learn_steps: int = 200,
     max_seconds: float | None = None,
     device: str | torch.device | None = "cpu",
+    ray: Any = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -121,10 +122,13 @@ def align(
     model's loss on ``calibration``, batches with labels). ``max_seconds``: a time budget for the residual
     coordinate descent (it stops before a round that would exceed it and keeps the best element so far).
     ``device``: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``: where the matcher's GEMMs, SVDs, quartics and
-    statistics run (the LAPs always run on the CPU; the result is on the CPU). Returns an :class:`Alignment`; ``model`` is not modified.
+    statistics run (the LAPs always run on the CPU; the result is on the CPU). ``ray``: a
+    :class:`symmerge.match.distributed.RayExecutor` (e.g. ``RayExecutor("auto")``, ``pip install 'symmerge[ray]'``)
+    to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
+    cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified.
     """
     chosen = parse_symmetries(symmetries)
-    device = resolve_device(device)
+    device = resolve_device(device) if ray is None else ray.resolve_device(device)
     ref_state, ref_config = as_state_and_config(reference, config)
     model_state, model_config = as_state_and_config(model, config)
     if spec is None:
@@ -137,7 +141,7 @@ def align(
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
                              calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
-                             max_seconds=max_seconds, device=device)
+                             max_seconds=max_seconds, device=device, executor=ray)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)

@@ -51,6 +51,22 @@ DEVICE_HELP = (
 )
 
 
+RAY_HELP = (
+    "Fit the per-layer alignments as Ray tasks (pip install 'symmerge[ray]'): auto (the cluster this machine joined "
+    "with `ray start`), HOST:6379 (a cluster's head) or local (a Ray instance started here). The checkpoints must be "
+    "on a path every node can read. Same result as without."
+)
+
+
+def _executor(address: Optional[str]):
+    """A Ray executor for ``--ray ADDRESS`` (``None`` without it); imports Ray only when asked for."""
+    if address is None:
+        return None
+    from symmerge.match.distributed import RayExecutor
+
+    return RayExecutor(address)
+
+
 def echo(msg: str = "") -> None:
     typer.echo(msg)
 
@@ -69,6 +85,7 @@ def align(
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
+    ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP)] = None,
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
@@ -84,8 +101,9 @@ def align(
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
     chosen = parse_symmetries(symmetries)
-    resolved = resolve_device(device)
     check_output_dir(out, force)
+    executor = _executor(ray)
+    resolved = resolve_device(device) if executor is None else executor.resolve_device(device)
     # Validate every input (files, configs, shapes) before reading any weight.
     ref_ckpt = open_checkpoint(reference, allow_pickle)
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
@@ -95,15 +113,15 @@ def align(
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     calibration = _calibration(match, data, ref_ckpt)
-    ref_state = load_state_dict(ref_ckpt)
+    ref_state = load_state_dict(ref_ckpt, file_backed=executor is not None)  # Ray tasks read the files themselves
     rows, reports = [], {}
     with atomic_output_dir(out, force) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
-            state = load_state_dict(ckpt)
+            state = load_state_dict(ckpt, file_backed=executor is not None)
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
                                   model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
-                                  max_seconds=max_seconds, device=resolved)
+                                  max_seconds=max_seconds, device=resolved, ray=executor)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
@@ -195,6 +213,7 @@ def merge(
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help="Short form: " + MAX_SECONDS_HELP)] = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", help=DEVICE_HELP + " Overrides a recipe's alignment.device.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP + " Also with a recipe.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -232,8 +251,9 @@ def merge(
             max_seconds=max_seconds, device=device or "cpu",
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
+    executor = _executor(ray) if plan.aligned else None
     validate_seconds = time.perf_counter() - start
-    result = run_merge(plan, out, force=force, progress=not quiet)
+    result = run_merge(plan, out, force=force, progress=not quiet, executor=executor)
     seconds = {"validate": validate_seconds, **result.seconds}
     align_note = f"aligned ({','.join(sorted(plan.symmetries))})" if plan.aligned else "no alignment"
     echo(f"merged {len(plan.models)} models with {plan.method.name}, {align_note} -> {out}/")

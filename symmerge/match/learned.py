@@ -166,12 +166,13 @@ def midpoint_loss(config: Any, reference: Mapping[str, torch.Tensor], batches: l
 def match_learned(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, learn_steps: int = 200,
                   progress: bool = False, model_name: str = "model", max_seconds: float | None = None,
-                  device: torch.device | None = None, **_unused) -> Fit:
+                  device: torch.device | None = None, executor: Any = None, **_unused) -> Fit:
     """Weight matching (its residual descent within ``max_seconds``), then :func:`learn_transform` on the midpoint loss over ``calibration`` (batches with labels)."""
     if not calibration or not all("labels" in b for b in calibration):
         raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
     start = time.perf_counter()
-    init = match_weights(reference, model, spec, symmetries, model_name=model_name, max_seconds=max_seconds, device=device)
+    init = match_weights(reference, model, spec, symmetries, model_name=model_name, max_seconds=max_seconds, device=device,
+                         executor=executor)
     if init.folded_reference is not None:
         reference, model = init.folded_reference, fold_norms(model, spec.residual)
     loss = midpoint_loss(config, reference, calibration, "residual" in symmetries, device)

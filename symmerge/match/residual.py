@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def solve_residual(m: torch.Tensor, kind: str) -> torch.Tensor:
 def fit_with_residual(
     reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec, symmetries: frozenset[str], *,
     progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7, max_seconds: float | None = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, executor: Any = None,
 ) -> Fit:
     """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T``.
 
@@ -46,7 +47,8 @@ def fit_with_residual(
     ``max_seconds``: a time budget for the descent. The first round always runs; a further round starts only if
     the time spent so far plus the last round's duration fits the budget. Stopping early returns the best element
     so far (every kept step lowered the distance). ``details["residual"]["round_seconds"]``: seconds per round.
-    ``device``: where the correlation, its SVD and the per-layer fits run.
+    ``device``: where the correlation, its SVD and the per-layer fits run; ``executor``: where the per-layer fits
+    run (:func:`~symmerge.match.per_layer.fit_per_layer`).
     """
     residual = require_residual(spec)
     per_layer = symmetries - {"residual"}
@@ -63,7 +65,8 @@ def fit_with_residual(
         q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual, device), residual.kind)
         rotated = apply_residual(model_f, residual, q)
         seconds["residual"] += time.perf_counter() - start
-        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device)
+        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device,
+                              executor=executor)
         for k in ("ffn", "attention"):
             seconds[k] += fresh.seconds[k]
         candidate, cand_details = fresh.transform, fresh.details
