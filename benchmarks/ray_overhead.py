@@ -1,11 +1,12 @@
 """What fanning the per-layer fits out as Ray tasks costs on one machine, at BERT-base size.
 
 Two independently initialised BERT-base-shaped checkpoints (``align_speed.make_pair``) are aligned with the
-per-layer classes, single-process and as Ray tasks on a local Ray instance (``--num-cpus`` workers), and the
+per-layer classes, single-process and as Ray tasks on a local Ray instance (``--num-cpus`` workers; Ray gives each worker one thread: run with OMP_NUM_THREADS=1 for
+the same in the single process), and the
 results are checked to be identical. Reported (seconds, wall): Ray start-up, the first Ray alignment (workers
 start, import torch and symmerge), later ones (warm workers), and the single-process alignment. On one machine
 with few cores Ray can only add overhead; it pays off when a cluster has more cores (or GPUs) than one machine.
-Writes ``benchmarks/results/ray_overhead.{json,md}``.
+Writes ``benchmarks/results/ray_overhead_cpus<N>.{json,md}``.
 
     python benchmarks/ray_overhead.py [--repeats 3] [--num-cpus 2] [--symmetries all]
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads collapse on a loaded machine
 sys.path.insert(0, str(Path(__file__).parent))
 
 import ray  # noqa: E402
@@ -85,8 +87,9 @@ def main() -> None:
     print("stages, single process:", {k: round(v, 2) for k, v in result["single_process_stages"].items()})
     print("stages, Ray:", {k: round(v, 2) for k, v in result["ray_stages"].items()})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ray_overhead.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "ray_overhead.md").write_text(header + "\n" + table + "\n")
+    stem = f"ray_overhead_cpus{args.num_cpus}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(header + "\n" + table + "\n")
 
 
 if __name__ == "__main__":
