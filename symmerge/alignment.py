@@ -18,7 +18,7 @@ import torch
 from symmerge.errors import SymmergeError
 from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, parse_symmetries, random_transform
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
-from symmerge.match import get_matcher, squared_distances, state_norm
+from symmerge.match import get_matcher, resolve_device, squared_distances, state_norm
 from symmerge.spec import ModelSpec, check_compatible, check_same_shape, spec_for, untied_head
 
 StateDict = Mapping[str, torch.Tensor]
@@ -108,6 +108,9 @@ def align(
     match: str = "weights",
     calibration: list | None = None,
     learn_steps: int = 200,
+    max_seconds: float | None = None,
+    device: str | torch.device | None = "cpu",
+    ray: Any = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -116,9 +119,16 @@ def align(
     (comma-separated or a list), ``"all"`` (the per-layer classes, default) or ``"none"``. ``match``:
     ``"weights"`` (data-free), ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
     model-input batches) or ``"learned"`` (weight matching refined for ``learn_steps`` steps to lower the midpoint
-    model's loss on ``calibration``, batches with labels). Returns an :class:`Alignment`; ``model`` is not modified.
+    model's loss on ``calibration``, batches with labels). ``max_seconds``: a time budget for the residual
+    coordinate descent (it stops before a round that would exceed it and keeps the best element so far).
+    ``device``: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``: where the matcher's GEMMs, SVDs, quartics and
+    statistics run (the LAPs always run on the CPU; the result is on the CPU). ``ray``: a
+    :class:`symmerge.match.distributed.RayExecutor` (e.g. ``RayExecutor("auto")``, ``pip install 'symmerge[ray]'``)
+    to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
+    cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified.
     """
     chosen = parse_symmetries(symmetries)
+    device = resolve_device(device) if ray is None else ray.resolve_device(device)
     ref_state, ref_config = as_state_and_config(reference, config)
     model_state, model_config = as_state_and_config(model, config)
     if spec is None:
@@ -130,7 +140,8 @@ def align(
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
-                             calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps)
+                             calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
+                             max_seconds=max_seconds, device=device, executor=ray)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)

@@ -39,6 +39,34 @@ SETTINGS_HELP = (
 )
 
 
+MAX_SECONDS_HELP = (
+    "Time budget per model for the residual coordinate descent (-s ...,residual): a round starts only if it is expected "
+    "to end within the budget; the best element found so far is kept. Default: no budget."
+)
+
+
+DEVICE_HELP = (
+    "Where the matching math runs (similarity GEMMs, SVDs, quartics, residual statistics, activation/learned matching): "
+    "cpu, cuda, or auto (cuda when available). The LAPs always run on the CPU."
+)
+
+
+RAY_HELP = (
+    "Fit the per-layer alignments as Ray tasks (pip install 'symmerge[ray]'): auto (the cluster this machine joined "
+    "with `ray start`), HOST:6379 (a cluster's head) or local (a Ray instance started here). The checkpoints must be "
+    "on a path every node can read. Same result as without."
+)
+
+
+def _executor(address: Optional[str]):
+    """A Ray executor for ``--ray ADDRESS`` (``None`` without it); imports Ray only when asked for."""
+    if address is None:
+        return None
+    from symmerge.match.distributed import RayExecutor
+
+    return RayExecutor(address)
+
+
 def echo(msg: str = "") -> None:
     typer.echo(msg)
 
@@ -55,6 +83,9 @@ def align(
     match: Annotated[str, typer.Option("--match", help="weights (data-free), activations or learned (both need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
+    ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP)] = None,
 ) -> None:
     """Align MODELS to REFERENCE without changing what they compute, and write them as HF directories.
 
@@ -66,11 +97,14 @@ def align(
     from symmerge.alignment import align as align_models
     from symmerge.groups import parse_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
+    from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
     chosen = parse_symmetries(symmetries)
     inputs = [reference, *models, data if data is not None and Path(data).exists() else None]
     check_output_dir(out, force, inputs)  # before any work: never an input, never something that is not ours
+    executor = _executor(ray)
+    resolved = resolve_device(device) if executor is None else executor.resolve_device(device)
     # Validate every input (files, configs, shapes) before reading any weight.
     ref_ckpt = open_checkpoint(reference, allow_pickle)
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
@@ -80,14 +114,15 @@ def align(
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     calibration = _calibration(match, data, ref_ckpt)
-    ref_state = load_state_dict(ref_ckpt)
+    ref_state = load_state_dict(ref_ckpt, file_backed=executor is not None)  # Ray tasks read the files themselves
     rows, reports = [], {}
     with atomic_output_dir(out, force, inputs) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
-            state = load_state_dict(ckpt)
+            state = load_state_dict(ckpt, file_backed=executor is not None)
             result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
-                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps)
+                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
+                                  max_seconds=max_seconds, device=resolved, ray=executor)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
@@ -180,6 +215,10 @@ def merge(
         "--data", help="Short form: calibration data for fisher/regmean and for --match activations|learned (.txt or .npz; zoo for matching).")] = None,
     match: Annotated[str, typer.Option("--match", help="Short form: how alignment is found: weights (data-free), activations or learned (need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Short form: steps of learned matching.")] = 200,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help="Short form: " + MAX_SECONDS_HELP)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help=DEVICE_HELP + " Overrides a recipe's alignment.device.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP + " Also with a recipe.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -198,10 +237,13 @@ def merge(
     if recipe_given:
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
                                           ("--param", param), ("--data", data), ("--dtype", dtype),
-                                          ("--match", match if match != "weights" else None)) if value]
+                                          ("--match", match if match != "weights" else None),
+                                          ("--max-seconds", max_seconds is not None)) if value]
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
+        if device is not None and recipe.alignment != "none":  # where it runs, not what it computes: may override
+            recipe.alignment = recipe.alignment.model_copy(update={"device": device})
     else:
         if method is None:
             raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")
@@ -215,12 +257,14 @@ def merge(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
+            max_seconds=max_seconds, device=device or "cpu",
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     check_output_dir(out, force, [c.path for c in plan.models] + [plan.base.path if plan.base else None, plan.data_path,
                                                                   inputs[0] if recipe_given else None])
+    executor = _executor(ray) if plan.aligned else None
     validate_seconds = time.perf_counter() - start
-    result = run_merge(plan, out, force=force, progress=not quiet)
+    result = run_merge(plan, out, force=force, progress=not quiet, executor=executor)
     seconds = {"validate": validate_seconds, **result.seconds}
     align_note = f"aligned ({','.join(sorted(plan.symmetries))})" if plan.aligned else "no alignment"
     echo(f"merged {len(plan.models)} models with {plan.method.name}, {align_note} -> {out}/")

@@ -182,3 +182,47 @@ def test_align_with_residual_writes_models_in_the_reference_parametrisation(tmp_
     assert code == 0, err
     merged = type(model).from_pretrained(tmp_path / "avg").eval()
     assert max_output_diff(merged, {k: v.clone() for k, v in original.state_dict().items()}, merged.state_dict(), make_inputs) <= 1e-5
+
+
+def test_max_seconds_bounds_the_residual_descent_on_align_and_merge(tmp_path, capsys):
+    """--max-seconds reaches the descent from align, from merge's short form and from a recipe's alignment block
+    (one round within a zero budget; the rounds' seconds are reported), and is refused beside a recipe."""
+    model, _ = make_model("llama", 2)
+    ref = save(model, tmp_path / "ref")
+    scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=8)
+    other = save(model, tmp_path / "other", scrambled)
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "--max-seconds", "0", "-q")
+    assert code == 0, err
+    residual = json.loads((tmp_path / "out" / "alignment.json").read_text())["models"]["other"]["groups"][-1]["details"]
+    assert len(residual["round_seconds"]) == 1 and residual["stopped_by_max_seconds"]
+    code, _, err = run_cli(capsys, "merge", ref, other, "--method", "linear", "-s", "all,residual", "--max-seconds", "0", "-o", tmp_path / "m1", "-q")
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: linear\n"
+                      "alignment: {symmetries: 'all,residual', max_seconds: 0}\n")
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "m2", "-q")
+    assert code == 0, err
+    m1, m2 = load_file(tmp_path / "m1" / "model.safetensors"), load_file(tmp_path / "m2" / "model.safetensors")
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "m3", "--max-seconds", "5", "-q")
+    assert code == 2 and "--max-seconds cannot be combined with a recipe" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(pair, tmp_path, capsys):
+    ref, other, _, _ = pair
+    expect_cli_error(capsys, "--device cuda: no CUDA device is available", "align", ref, other, "-o", tmp_path / "out", "--device", "cuda")
+    assert not (tmp_path / "out").exists()
+    expect_cli_error(capsys, "--device cuda: no CUDA device is available", "merge", ref, other, "--method", "linear", "-o", tmp_path / "m",
+                     "--device", "cuda")
+    assert not (tmp_path / "m").exists()
+
+
+def test_device_cpu_and_auto_give_the_default_result(pair, tmp_path, capsys):
+    ref, other, _, _ = pair
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"]), ("auto", ["--device", "auto"])):
+        code, _, err = run_cli(capsys, "merge", ref, other, "--method", "linear", "-o", tmp_path / name, "-q", *extra)
+        assert code == 0, err
+    if not torch.cuda.is_available():  # auto is the CPU here
+        merged = [load_file(tmp_path / n / "model.safetensors") for n in ("default", "cpu", "auto")]
+        assert all(torch.equal(merged[0][k], m[k]) for m in merged[1:] for k in merged[0])

@@ -230,6 +230,23 @@ def test_residual_alignment_recovers_a_fully_scrambled_copy(family):
     assert max_output_diff(evaluate, original, result.folded_reference, make_inputs) <= TOL
 
 
+def test_residual_descent_within_a_tiny_time_budget_stops_after_one_round():
+    """max_seconds: the first round always runs, a round that would overrun the budget does not start; the element
+    kept is still function-preserving and no worse than the start."""
+    model, make_inputs = make_model("llama", 2)
+    original = clone(model.state_dict())
+    scrambled = symmerge.apply_random_symmetry(original, config=model.config, symmetries="all,residual", seed=8)
+    unlimited = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual")
+    assert unlimited.report.groups[-1].details["iterations"] >= 2  # otherwise the budget could not cut anything
+    result = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual", max_seconds=1e-9)
+    residual = result.report.groups[-1].details
+    assert residual["iterations"] <= 1 and len(residual["round_seconds"]) == 1 and residual["stopped_by_max_seconds"]
+    assert residual["round_seconds"][0] > 0
+    assert result.report.distance_after <= result.report.distance_before
+    assert max_output_diff(untied(model), scrambled, result.state_dict, make_inputs) <= TOL
+    assert len(unlimited.report.groups[-1].details["round_seconds"]) >= unlimited.report.groups[-1].details["iterations"]
+
+
 def test_residual_needs_a_head_reading_the_stream():
     import transformers
 
@@ -448,3 +465,62 @@ def test_unfolded_aligned_model_averaged_with_the_reference_is_the_folded_merge(
     assert max_output_diff(evaluate, folded_merge, unfolded_merge, make_inputs) <= TOL
     if result.spec.residual.norms:  # permutation-only residual groups fold nothing: there the two are one
         assert symmerge.state_distance(unfolded_merge, folded_merge) > 1e-3  # different parametrisations, one function
+
+
+def _equal_states(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_reaches_every_solver_and_the_cpu_path_is_bit_identical(monkeypatch):
+    """device= is passed to the FFN GEMM, the head matching (SVDs, quartics) and the residual statistics, and on the
+    CPU the explicit-device path gives exactly what the default (device=None) gives."""
+    import symmerge.match.per_layer as per_layer
+    import symmerge.match.residual as residual
+
+    model, _ = make_model("llama", 2)
+    original = clone(model.state_dict())
+    scrambled = symmerge.apply_random_symmetry(original, config=model.config, symmetries="all,residual", seed=8)
+    default = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual", device=None)
+    seen = set()
+
+    def spy(kind, fn):
+        def wrapped(*args, device=None, **kwargs):
+            seen.add((kind, str(device)))
+            return fn(*args, device=device, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(per_layer, "ffn_similarity", spy("ffn", per_layer.ffn_similarity))
+    monkeypatch.setattr(per_layer, "match_heads", spy("heads", per_layer.match_heads))
+    real_correlation = residual.residual_correlation
+    monkeypatch.setattr(residual, "residual_correlation", lambda *a: seen.add(("residual", str(a[3]))) or real_correlation(*a))
+    explicit = symmerge.align(original, scrambled, config=model.config, symmetries="all,residual", device="cpu")
+    assert seen == {("ffn", "cpu"), ("heads", "cpu"), ("residual", "cpu")}
+    assert _equal_states(default.state_dict, explicit.state_dict)
+    for name, x in explicit.transform.heads.items():
+        assert x.qk_rotation.device.type == "cpu" and torch.equal(x.vo_rotation, default.transform.heads[name].vo_rotation)
+
+
+@pytest.mark.parametrize("match", ["activations", "learned"])
+def test_data_matchers_on_an_explicit_device_match_the_default(match):
+    """The activation and learned matchers move modules, batches and latents to the device: on the CPU the
+    result is the default's, bit for bit."""
+    a, make_inputs = make_model("llama", 0)
+    b, _ = make_model("llama", 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    batches = [dict(x, labels=x["input_ids"]) for x in (make_inputs(torch.Generator().manual_seed(i)) for i in range(2))]
+    options = dict(config=a.config, symmetries="all,residual", match=match, calibration=batches, learn_steps=3)
+    default = symmerge.align(sa, sb, device=None, **options)
+    explicit = symmerge.align(sa, sb, device=torch.device("cpu"), **options)
+    assert _equal_states(default.state_dict, explicit.state_dict)
+
+
+def test_device_names():
+    from symmerge.match import resolve_device
+
+    assert resolve_device(None) == resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(symmerge.SymmergeError, match="device must be one of cpu, cuda, auto, got 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(symmerge.SymmergeError, match=r"^--device cuda: no CUDA device is available$"):
+            symmerge.align({}, {}, device="cuda")

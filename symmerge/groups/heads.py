@@ -16,7 +16,7 @@ diagonal scale is in GL(d_h)). Under RoPE, ``R`` must be a rotation of each rota
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -38,6 +38,10 @@ class HeadTensors:
     @property
     def num_heads(self) -> int:
         return self.q.shape[0]
+
+    def to_device(self, device: torch.device | str) -> HeadTensors:
+        """Every block on ``device`` (the same tensors when they are there already)."""
+        return HeadTensors(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     @property
     def num_kv_heads(self) -> int:
@@ -68,13 +72,16 @@ class HeadTransform:
         ones = torch.ones(kv, head_dim, dtype=dtype)
         return cls(torch.arange(num_heads), torch.arange(kv), eye, ones, eye.clone(), ones.clone())
 
-    def to(self, dtype: torch.dtype) -> HeadTransform:
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> HeadTransform:
+        """Rotations and scales as ``dtype``; with ``device``, every tensor (the permutations too) moved there."""
         return replace(
             self,
-            qk_rotation=self.qk_rotation.to(dtype),
-            qk_scale=self.qk_scale.to(dtype),
-            vo_rotation=self.vo_rotation.to(dtype),
-            vo_scale=self.vo_scale.to(dtype),
+            perm=self.perm if device is None else self.perm.to(device),
+            kv_perm=self.kv_perm if device is None else self.kv_perm.to(device),
+            qk_rotation=self.qk_rotation.to(dtype=dtype, device=device),
+            qk_scale=self.qk_scale.to(dtype=dtype, device=device),
+            vo_rotation=self.vo_rotation.to(dtype=dtype, device=device),
+            vo_scale=self.vo_scale.to(dtype=dtype, device=device),
         )
 
 
@@ -107,7 +114,7 @@ def plane_rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Block rotations (B, d_h, d_h) from per-plane ``cos, sin`` (B, d_h/2): plane ``(i, i + d_h/2)`` is rotated by
     ``[[cos, −sin], [sin, cos]]``, everything else zero."""
     b, half = cos.shape
-    r = torch.zeros(b, 2 * half, 2 * half, dtype=cos.dtype)
+    r = torch.zeros(b, 2 * half, 2 * half, dtype=cos.dtype, device=cos.device)
     i = torch.arange(half)
     r[:, i, i] = cos
     r[:, i + half, i + half] = cos
@@ -139,7 +146,7 @@ def write_heads(view: StateView, group: AttentionGroup, t: HeadTensors) -> None:
 
 def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     """Apply ``x`` to every head at once (batched matmuls, no loop over heads)."""
-    x = x.to(t.q.dtype)
+    x = x.to(t.q.dtype, t.q.device)
     r = t.group_size
     p, pk = x.perm, x.kv_perm
 

@@ -110,17 +110,24 @@ def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q
     return dict(view.state)
 
 
-def residual_correlation(model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], residual: ResidualGroup) -> torch.Tensor:
+def residual_correlation(model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], residual: ResidualGroup,
+                         device: torch.device | str | None = None) -> torch.Tensor:
     """``M`` (d×d) with ``Σ_t ‖Q(model_t) − reference_t‖² = const − 2 tr(Q^T M)``:
-    ``M = Σ E_1^T E_2 + Σ W_1^T W_2 (readers) + Σ W_1 W_2^T (writers) + Σ b_1^T b_2``."""
+    ``M = Σ E_1^T E_2 + Σ W_1^T W_2 (readers) + Σ W_1 W_2^T (writers) + Σ b_1^T b_2``, computed on ``device``
+    (default: the CPU; each tensor is moved there before its product, and ``M`` stays there)."""
     a, b = StateView(model), StateView(reference)
-    m = torch.zeros(residual.width, residual.width, dtype=torch.float64)
+    device = torch.device("cpu") if device is None else torch.device(device)
+
+    def get(view: StateView, slot) -> torch.Tensor:
+        return view.get(slot).to(device=device, dtype=torch.float64)
+
+    m = torch.zeros(residual.width, residual.width, dtype=torch.float64, device=device)
     for slot in residual.embeddings + residual.readers:
-        m += a.get(slot).double().T @ b.get(slot).double()
+        m += get(a, slot).T @ get(b, slot)
     for slot in residual.writers:
-        m += a.get(slot).double() @ b.get(slot).double().T
+        m += get(a, slot) @ get(b, slot).T
     for slot in residual.vectors:
-        m += torch.outer(a.get(slot).double(), b.get(slot).double())
+        m += torch.outer(get(a, slot), get(b, slot))
     return m
 
 

@@ -218,9 +218,24 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     raise SymmergeError(f"{path} has no model.safetensors (nor a sharded index, nor pickle weights)")
 
 
-def load_state_dict(ckpt: Checkpoint, check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (safetensors are memory-mapped, not copied); rejects NaN/Inf weights."""
+class FileBackedState(dict):
+    """A loaded state dict that also knows which safetensors file holds each tensor (:meth:`tensor_files`), so a
+    worker on another machine can read a group's tensors itself instead of receiving them. Copies made from it
+    (``dict(state)``, transformed states) are plain dicts: only the tensors as stored are file-backed."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], files: Mapping[str, Path]):
+        super().__init__(tensors)
+        self._files = dict(files)
+
+    def tensor_files(self) -> dict[str, Path]:
+        return dict(self._files)
+
+
+def load_state_dict(ckpt: Checkpoint, check_finite: bool = True, file_backed: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (safetensors are memory-mapped, not copied); rejects NaN/Inf weights.
+    ``file_backed``: return a :class:`FileBackedState` (safetensors checkpoints; pickles stay plain dicts)."""
     state: dict[str, torch.Tensor] = {}
+    files: dict[str, Path] = {}
     for f in ckpt.weight_files:
         if ckpt.is_pickle:
             part = _load_pickle(f)
@@ -231,12 +246,13 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True) -> dict[str, to
         else:
             with _reading(f):
                 part = load_file(f)
+            files.update(dict.fromkeys(part, f.resolve()))
         state.update(part)
     if check_finite:
         for key, t in state.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise SymmergeError(f"{ckpt.path}: tensor {key!r} holds NaN or Inf values")
-    return state
+    return FileBackedState(state, files) if file_backed and not ckpt.is_pickle else state
 
 
 def is_weight_file(p: Path) -> bool:

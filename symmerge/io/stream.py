@@ -44,6 +44,11 @@ class LazyState(Mapping[str, torch.Tensor]):
     def _stored(self) -> Mapping:
         return self._eager if self._eager is not None else self._where
 
+    def tensor_files(self) -> dict[str, Path] | None:
+        """Tensor name → the safetensors file holding it (absolute), for readers elsewhere (Ray tasks); ``None``
+        for pickle checkpoints, which are read whole."""
+        return None if self._eager is not None else {k: f.resolve() for k, f in self._where.items()}
+
     def __iter__(self) -> Iterator[str]:
         yield from self._stored()
         yield from self._aliases

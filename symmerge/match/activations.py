@@ -62,9 +62,11 @@ def record_activations(model: torch.nn.Module, batches: Iterable[Mapping[str, to
             hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot.rows)))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}  # activations need no loss
+            # activations need no loss: labels stay out of the forward pass
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
             out = model(**inputs, output_hidden_states=residual)
             if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
                 store["residual"].extend(h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1])
@@ -89,10 +91,13 @@ def _head_activations(acts: dict, name: str, h: int, kv: int, dh: int, o: torch.
 
 def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spec: ModelSpec, symmetries: frozenset[str],
                          batches: list[Mapping[str, torch.Tensor]], reference_state: Mapping[str, torch.Tensor],
-                         model_state: Mapping[str, torch.Tensor]) -> tuple[ModelTransform, dict]:
+                         model_state: Mapping[str, torch.Tensor], device: torch.device | None = None) -> tuple[ModelTransform, dict]:
     """The transform bringing ``model`` onto ``reference``, from activations on ``batches``; group names follow
-    ``spec`` (the checkpoint's spec: the live modules' names may differ, the groups' order does not)."""
+    ``spec`` (the checkpoint's spec: the live modules' names may differ, the groups' order does not). ``device``:
+    where the models run and the correlations are taken (the modules are moved there); LAPs on the CPU."""
     residual = "residual" in symmetries
+    if device is not None:
+        reference, model = reference.to(device), model.to(device)
     ref_acts, live = record_activations(reference, batches, residual)
     model_acts, _ = record_activations(model, batches, residual)
     transform, details = ModelTransform(), {}
@@ -104,26 +109,28 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
         model_state = apply_residual(fold_norms(model_state, group), group, transform.residual)
     if "ffn" in symmetries:
         for g_live, g in zip(live.ffn, spec.ffn):
-            s = ffn_similarity(FFNTensors([ref_acts[g_live.name + "/hidden"].T], [], []), FFNTensors([model_acts[g_live.name + "/hidden"].T], [], []))
-            transform.ffn[g.name] = torch.from_numpy(solve_lap(s))
+            s = ffn_similarity(FFNTensors([ref_acts[g_live.name + "/hidden"].T], [], []), FFNTensors([model_acts[g_live.name + "/hidden"].T], [], []),
+                               device)
+            transform.ffn[g.name] = torch.from_numpy(solve_lap(s.cpu()))
     if symmetries & {"qk", "vo", "scale", "heads"}:
         ref_view, model_view = StateView(reference_state), StateView(model_state)
         for g_live, g in zip(live.attention, spec.attention):
             h, kv, dh = g.num_heads, g.kv_heads, g.head_dim
             o_ref, o_model = read_heads(ref_view, g).o, read_heads(model_view, g).o
             # weigh the O side like the V side: ‖v_ref‖ / ‖W_O,ref‖
-            o_scale = float(ref_acts[f"{g_live.name}/v"].norm() / o_ref.norm().clamp_min(1e-30))
+            o_scale = float(ref_acts[f"{g_live.name}/v"].norm().cpu() / o_ref.norm().clamp_min(1e-30))
             transform.heads[g.name], details[g.name] = match_heads(
                 _head_activations(ref_acts, g_live.name, h, kv, dh, o_ref, o_scale),
                 _head_activations(model_acts, g_live.name, h, kv, dh, o_model, o_scale),
                 qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope,
-                qk_fixed=g.qk_fixed)
+                qk_fixed=g.qk_fixed, device=device)
     return transform, details
 
 
 @matcher("activations")
 def match_activations(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                      symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, **_unused) -> Fit:
+                      symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None,
+                      device: torch.device | None = None, **_unused) -> Fit:
     """Activation matching on HF modules rebuilt from the two state dicts (untied when the residual class folds a
     tied head), fed with ``calibration`` (a list of model-input batches)."""
     if not calibration:
@@ -133,6 +140,6 @@ def match_activations(reference: Mapping[str, torch.Tensor], model: Mapping[str,
     config = untied_config(config, untie="residual" in symmetries)
     start = time.perf_counter()
     transform, details = fit_from_activations(build_model(config, reference), build_model(config, model), spec, symmetries,
-                                              calibration, reference, model)
+                                              calibration, reference, model, device)
     folded = fold_norms(reference, require_residual(spec)) if transform.residual is not None else None
     return Fit(transform, details, {"activations": time.perf_counter() - start}, folded_reference=folded)

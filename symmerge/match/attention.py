@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from symmerge.groups.heads import HeadTensors, HeadTransform, group_permutation, plane_rotation_matrix, transform_heads
+from symmerge.match.device import CPU
 from symmerge.match.lap import solve_lap
 from symmerge.match.procrustes import best_scale, nuclear_norm, plane_score, procrustes
 
@@ -87,8 +88,8 @@ def rotation_and_scale(side: Side, rotate: bool, scale: bool, proper: bool = Fal
     (B, k, k), ``a`` (B,) and the objective after each step (summed over blocks).
     """
     b, k, _ = side.m_x.shape
-    r = torch.eye(k, dtype=torch.float64).expand(b, k, k).clone()
-    a = torch.ones(b, dtype=torch.float64)
+    r = torch.eye(k, dtype=torch.float64, device=side.m_x.device).expand(b, k, k).clone()
+    a = torch.ones(b, dtype=torch.float64, device=side.m_x.device)
     history = [objective(side, r, a).sum().item()]
     for _ in range(max_iter if (rotate and scale) else 1):
         if rotate:
@@ -135,36 +136,39 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
     mv = pair_correlations(torch.cat([model.v, model.v_bias.unsqueeze(-1)], -1), torch.cat([reference.v, reference.v_bias.unsqueeze(-1)], -1))
     if r == 1:
         scores = rotation_score(mq + mk, qk_kind) + rotation_score(mv + mo, vo_kind)
-        perm = torch.from_numpy(solve_lap(scores.double()))
+        perm = torch.from_numpy(solve_lap(scores.double().cpu()))
         return perm, perm.clone()
     # query-pair scores, grouped: [g_ref, g_model, j_ref, j_model]
     q_scores = (rotation_score(mq, qk_kind) + rotation_score(mo, vo_kind)).reshape(kv, r, kv, r).permute(0, 2, 1, 3)
     mq4 = mq.reshape(kv, r, kv, r, *mq.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
     mo4 = mo.reshape(kv, r, kv, r, *mo.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
     within = np.empty((kv, kv, r), dtype=np.int64)
-    kv_scores = torch.empty(kv, kv, dtype=torch.float64)
+    kv_scores = torch.empty(kv, kv, dtype=torch.float64, device=mq.device)
     for gr in range(kv):
         for gm in range(kv):
-            within[gr, gm] = solve_lap(q_scores[gr, gm].double())
+            within[gr, gm] = solve_lap(q_scores[gr, gm].double().cpu())
             j = torch.arange(r)
             sel = torch.from_numpy(within[gr, gm])
             kv_scores[gr, gm] = (rotation_score(mk[gr, gm] + mq4[gr, gm, j, sel].sum(0), qk_kind)
                                  + rotation_score(mv[gr, gm] + mo4[gr, gm, j, sel].sum(0), vo_kind)).double()
-    kv_perm = torch.from_numpy(solve_lap(kv_scores))
+    kv_perm = torch.from_numpy(solve_lap(kv_scores.cpu()))
     chosen = torch.from_numpy(np.stack([within[g, int(kv_perm[g])] for g in range(kv)]))
     return group_permutation(kv_perm, chosen, r), kv_perm
 
 
 def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: bool, scale: bool, heads: bool,
-                rope: bool = False, qk_fixed: bool = False) -> tuple[HeadTransform, dict]:
+                rope: bool = False, qk_fixed: bool = False, device: torch.device | str | None = None) -> tuple[HeadTransform, dict]:
     """The :class:`HeadTransform` that brings ``model``'s heads closest to ``reference``'s, and details for the report.
 
     ``scale`` rescales whichever of QK/VO is rotated (both when neither is). ``rope``: QK may only rotate (and
     scale) each rotary plane. Head permutation is solved first (exactly for MHA), then rotation and scale per
     matched KV head, all heads at once. ``qk_fixed``: no QK rotation or rescaling is a symmetry of this layer
     (Qwen3's per-head q/k norms), so QK stays the identity whatever ``qk`` and ``scale`` ask; ``scale`` then
-    rescales VO.
+    rescales VO. ``device``: where the correlations, SVDs and quartics run (default: the CPU); the head
+    assignments are LAPs on the CPU, and the element is returned on the CPU.
     """
+    if device is not None:
+        reference, model = reference.to_device(device), model.to_device(device)
     h, kv, dh = model.num_heads, model.num_kv_heads, model.head_dim
     scale_qk = scale and (qk or not vo) and not qk_fixed
     scale_vo = scale and (vo or not qk or qk_fixed)
@@ -200,4 +204,4 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
         details[f"{name}_objective_decrease"] = history[0] - history[-1]
         if any(b > a_ + 1e-9 * max(abs(a_), 1.0) for a_, b in zip(history, history[1:])):
             raise AssertionError(f"internal: {name} objective increased during alternation: {history}")
-    return x, details
+    return x.to(torch.float64, CPU), details

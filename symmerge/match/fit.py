@@ -4,9 +4,12 @@ A matcher finds the group element bringing ``model`` closest to ``reference`` by
 (data-free), activations or a learned midpoint loss — and has one signature::
 
     matcher(reference, model, spec, symmetries, *, config=None, calibration=None, progress=False,
-            model_name="model", learn_steps=200) -> Fit
+            model_name="model", learn_steps=200, max_seconds=None, device=None, executor=None) -> Fit
 
-``reference`` and ``model`` are state dicts of one ``spec``; ``symmetries`` a validated set of class names.
+``reference`` and ``model`` are state dicts of one ``spec``; ``symmetries`` a validated set of class names;
+``max_seconds`` a time budget for iterative searches (the residual descent), ``None`` for none; ``device`` the
+``torch.device`` the math runs on (:mod:`symmerge.match.device`; LAPs on the CPU, the element returned on the CPU);
+``executor`` where weight matching's per-layer fits run (:mod:`symmerge.match.distributed`), ``None`` for here.
 """
 
 from __future__ import annotations

@@ -11,23 +11,43 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from symmerge.groups import ModelTransform, read_ffn, read_heads
+from symmerge.groups import HeadTransform, ModelTransform, read_ffn, read_heads
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.spec import ModelSpec, StateView
+from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
 
 
-def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2) -> dict[str, torch.Tensor]:
-    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity`; at most
-    ``max_pending`` similarity matrices wait for a solver at a time (memory stays at a few d_ff×d_ff)."""
+def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None) -> torch.Tensor:
+    """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs)."""
+    return ffn_similarity(read_ffn(ref, group), read_ffn(model, group), device=device).cpu()
+
+
+def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
+                        device: torch.device | None = None) -> tuple[HeadTransform, dict]:
+    """One attention layer's element (head assignment, rotations, scales) and its report details."""
+    return match_heads(read_heads(ref, group), read_heads(model, group), qk="qk" in symmetries, vo="vo" in symmetries,
+                       scale="scale" in symmetries, heads="heads" in symmetries, rope=group.rope, qk_fixed=group.qk_fixed,
+                       device=device)
+
+
+def ffn_details(perm: torch.Tensor) -> dict:
+    return {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+
+
+def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
+            device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
+    moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
+    (memory stays at a few d_ff×d_ff)."""
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
 
@@ -38,7 +58,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
-            similarity = ffn_similarity(read_ffn(ref, group), read_ffn(model, group))
+            similarity = ffn_group_similarity(ref, model, group, device)
             pending.append((group.name, pool.submit(solve_lap, similarity)))
             while len(pending) > max_pending:
                 collect()
@@ -48,9 +68,15 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
 
 def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model") -> Fit:
+                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model",
+                  device: torch.device | None = None, executor: Any = None) -> Fit:
     """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
-    of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing."""
+    of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing. ``device``:
+    where the GEMMs, SVDs and quartics run (:mod:`symmerge.match.device`); the element is on the CPU.
+    ``executor``: fit the groups elsewhere (:class:`symmerge.match.distributed.RayExecutor`: one Ray task per
+    group), with the same result."""
+    if executor is not None:
+        return executor.fit_many([(reference, model)], spec, symmetries, device=device, progress=progress, names=[model_name])[0]
     seconds: dict[str, float] = {}
     ref_view, model_view = StateView(reference), StateView(model)
     transform = ModelTransform()
@@ -60,18 +86,14 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar)
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device)
             for name, perm in transform.ffn.items():
-                details[name] = {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+                details[name] = ffn_details(perm)
         seconds["ffn"] = time.perf_counter() - start
         start = time.perf_counter()
         if attention_on:
             for group in spec.attention:
-                transform.heads[group.name], details[group.name] = match_heads(
-                    read_heads(ref_view, group), read_heads(model_view, group),
-                    qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries,
-                    rope=group.rope, qk_fixed=group.qk_fixed,
-                )
+                transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device)
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start
     return Fit(transform, details, seconds)

@@ -67,6 +67,7 @@ def best_scale(x_sq: torch.Tensor, x_dot: torch.Tensor, y_dot: torch.Tensor, y_s
     real roots, the one with the lowest ``f`` wins. ``f → ∞`` at both ends of (0, ∞) when ``x_sq, y_sq > 0``, so
     a positive root always exists; degenerate heads (a zero block) keep ``a = 1``.
     """
+    device = x_sq.device
     x_sq, x_dot, y_dot, y_sq = (t.detach().cpu().double().numpy() for t in (x_sq, x_dot, y_dot, y_sq))
     h = x_sq.shape[0]
     ok = (x_sq > 0) & (y_sq > 0)
@@ -85,4 +86,4 @@ def best_scale(x_sq: torch.Tensor, x_dot: torch.Tensor, y_dot: torch.Tensor, y_s
     f = np.where(usable, f, np.inf)
     best = a[np.arange(h), f.argmin(1)]
     best = np.where(ok & usable.any(1), best, 1.0)
-    return torch.from_numpy(best)
+    return torch.from_numpy(best).to(device)  # (4×4 eigenproblems: numpy on the CPU, whatever the device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -20,13 +21,14 @@ from symmerge.spec import ModelSpec
 
 def solve_residual(m: torch.Tensor, kind: str) -> torch.Tensor:
     """The residual map ``Q`` maximising ``tr(Q^T M)`` in its group: orthogonal Procrustes; for ``centered``,
-    Procrustes on the complement of the all-ones direction (``Q 1 = 1``); for ``permutation``, an exact LAP."""
+    Procrustes on the complement of the all-ones direction (``Q 1 = 1``); for ``permutation``, an exact LAP.
+    The SVD runs where ``m`` is (the LAP on the CPU); ``Q`` is returned on the CPU."""
     if kind == "permutation":
-        return torch.eye(m.shape[0], dtype=torch.float64)[:, torch.from_numpy(solve_lap(m.T))]
+        return torch.eye(m.shape[0], dtype=torch.float64)[:, torch.from_numpy(solve_lap(m.T.cpu()))]
     if kind == "centered":
-        v = centered_basis(m.shape[0])
-        return embed_centered(procrustes(v.T @ m @ v))
-    return procrustes(m)
+        v = centered_basis(m.shape[0]).to(m.device)
+        return embed_centered(procrustes(v.T @ m @ v).cpu())
+    return procrustes(m).cpu()
 
 
 def moved_keys(spec: ModelSpec, per_layer: frozenset[str]) -> set[str]:
@@ -41,7 +43,7 @@ def moved_keys(spec: ModelSpec, per_layer: frozenset[str]) -> set[str]:
 
 
 def anchored_start(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                   per_layer: frozenset[str]) -> torch.Tensor | None:
+                   per_layer: frozenset[str], device: torch.device | None = None) -> torch.Tensor | None:
     """The first residual map solved only from the slots no chosen per-layer group moves (both states folded).
 
     Solved from the full correlation before any neuron or head is matched, the per-layer terms (readers and
@@ -53,12 +55,13 @@ def anchored_start(reference: Mapping[str, torch.Tensor], model: Mapping[str, to
     anchors = anchor_group(spec.residual, moved) if moved else None
     if anchors is None:
         return None
-    return solve_residual(residual_correlation(model, reference, anchors), anchors.kind)
+    return solve_residual(residual_correlation(model, reference, anchors, device), anchors.kind)
 
 
 def residual_descent(
     ref_f: Mapping[str, torch.Tensor], model_f: Mapping[str, torch.Tensor], spec: ModelSpec, per_layer: frozenset[str], *,
     start: torch.Tensor | None = None, progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
+    deadline: float | None = None, device: torch.device | None = None, executor: Any = None,
 ) -> Fit:
     """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T`` on *folded* states.
 
@@ -67,25 +70,35 @@ def residual_descent(
     is kept only if it lowers the distance, so the objective never increases. Round 0 uses ``start`` as its ``Q``
     when given (``None``: solved from the full correlation with every per-layer element at the identity).
     ``Fit.history`` holds the distance after each accepted step and ``Fit.steps`` the element reached by each.
+
+    ``deadline`` (a ``time.perf_counter()`` value): the first round always runs; a further round starts only if the
+    last round's duration still fits before it. Stopping early returns the best element so far (every kept step
+    lowered the distance). ``device``: where the correlation, its SVD and the per-layer fits run; ``executor``:
+    where the per-layer fits run (:func:`~symmerge.match.per_layer.fit_per_layer`).
     """
     residual = require_residual(spec)
     transform, details, seconds = ModelTransform(), {}, {"residual": 0.0, "ffn": 0.0, "attention": 0.0}
-    history, steps = [state_distance(model_f, ref_f)], []
+    history, steps, round_seconds, out_of_time = [state_distance(model_f, ref_f)], [], [], False
     for i in range(max_iter):
+        if deadline is not None and round_seconds and time.perf_counter() + round_seconds[-1] > deadline:
+            out_of_time = True
+            break
         begin = time.perf_counter()
         per_layer_only = ModelTransform(ffn=transform.ffn, heads=transform.heads)
         if i == 0 and start is not None:
             q = start
         else:
-            q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual), residual.kind)
+            q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual, device), residual.kind)
         rotated = apply_residual(model_f, residual, q)
         seconds["residual"] += time.perf_counter() - begin
-        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name)
+        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device,
+                              executor=executor)
         for k in ("ffn", "attention"):
             seconds[k] += fresh.seconds[k]
         candidate, cand_details = fresh.transform, fresh.details
         q_only = state_distance(apply_transform(rotated, spec, per_layer_only), ref_f)
         full = state_distance(apply_transform(rotated, spec, candidate), ref_f)
+        round_seconds.append(time.perf_counter() - begin)
         if full > q_only:  # the fresh per-layer fit is no better: keep the previous one
             candidate, cand_details, full = per_layer_only, details, q_only
         if full >= history[-1]:
@@ -97,26 +110,30 @@ def residual_descent(
         steps.append(transform)
         if improvement <= rtol * history[0]:
             break
+    details = {**details, "residual": {"round_seconds": [round(t, 4) for t in round_seconds], "stopped_by_max_seconds": out_of_time}}
     return Fit(transform, details, seconds, folded_reference=dict(ref_f), history=history, steps=steps)
 
 
 def fit_with_residual(
     reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec, symmetries: frozenset[str], *,
-    progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
+    progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7, max_seconds: float | None = None,
+    device: torch.device | None = None, executor: Any = None,
 ) -> Fit:
     """The residual map and the per-layer elements together (docs/DESIGN.md §2): both models' norms are folded,
     then :func:`residual_descent` runs from two starts — the identity and :func:`anchored_start` — and the one that
     ends at the lower distance (the objective) is kept, so the result is never worse than either start alone.
-    ``details["residual"]``: iterations, the distance history, the start kept and each start's final distance.
+    ``details["residual"]``: iterations, the distance history, the start kept and each start's final distance,
+    seconds per round and whether ``max_seconds`` (one budget for both descents) stopped it.
     """
     residual = require_residual(spec)
     per_layer = symmetries - {"residual"}
     ref_f, model_f = fold_norms(reference, residual), fold_norms(model, residual)
     begin = time.perf_counter()
-    starts = {"identity": None, "anchored": anchored_start(ref_f, model_f, spec, per_layer)}
+    deadline = None if max_seconds is None else begin + max_seconds
+    starts = {"identity": None, "anchored": anchored_start(ref_f, model_f, spec, per_layer, device)}
     anchor_seconds = time.perf_counter() - begin
     runs = {name: residual_descent(ref_f, model_f, spec, per_layer, start=q0, progress=progress, model_name=model_name,
-                                   max_iter=max_iter, rtol=rtol)
+                                   max_iter=max_iter, rtol=rtol, deadline=deadline, device=device, executor=executor)
             for name, q0 in starts.items() if name == "identity" or q0 is not None}
     kept = min(runs, key=lambda name: runs[name].history[-1])  # ties keep the identity start (listed first)
     fit = runs[kept]
@@ -124,5 +141,7 @@ def fit_with_residual(
     fit.seconds["residual"] += anchor_seconds
     fit.details = {**fit.details, "residual": {
         "iterations": len(fit.history) - 1, "distance_history": [round(h, 6) for h in fit.history], "start": kept,
-        "final_distance": {name: run.history[-1] for name, run in runs.items()}}}
+        "final_distance": {name: run.history[-1] for name, run in runs.items()},
+        "round_seconds": fit.details["residual"]["round_seconds"],
+        "stopped_by_max_seconds": any(run.details["residual"]["stopped_by_max_seconds"] for run in runs.values())}}
     return fit

@@ -4,6 +4,7 @@ group; with the residual class, by coordinate descent (:mod:`symmerge.match.resi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -15,9 +16,13 @@ from symmerge.spec import ModelSpec
 
 @matcher("weights")
 def match_weights(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model", **_unused) -> Fit:
+                  symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model", max_seconds: float | None = None,
+                  device: torch.device | None = None, executor: Any = None, **_unused) -> Fit:
     """Minimise ``Σ_t ‖T(θ_model)_t − θ_ref,t‖²`` over the chosen classes (the objective of
-    :mod:`symmerge.match.objective`). Data and config are not needed (``_unused``)."""
+    :mod:`symmerge.match.objective`). Data and config are not needed (``_unused``). ``max_seconds``: the time budget
+    of the residual descent (:func:`~symmerge.match.residual.fit_with_residual`); ``executor``: where the per-layer
+    fits run (:class:`symmerge.match.distributed.RayExecutor`), ``None`` for this process."""
     if "residual" in symmetries:
-        return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name)
-    return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name)
+        return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name, max_seconds=max_seconds,
+                                 device=device, executor=executor)
+    return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name, device=device, executor=executor)

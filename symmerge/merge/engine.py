@@ -32,7 +32,7 @@ from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
-from symmerge.match import fit_per_layer
+from symmerge.match import fit_per_layer, resolve_device
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan
 from symmerge.merge.statistics import fisher_diagonal, input_grams
@@ -82,24 +82,45 @@ def transformed_unit(state: Mapping[str, torch.Tensor], group: Any, keys: list[s
     return dict(view.state)
 
 
+def plan_device(plan: MergePlan, executor: Any = None) -> torch.device:
+    """Where the alignment's math runs: the recipe's ``alignment.device`` (a one-line error for cuda without a GPU;
+    with a Ray executor, a GPU of the cluster)."""
+    device = "cpu" if plan.recipe.alignment == "none" else plan.recipe.alignment.device
+    return resolve_device(device) if executor is None else executor.resolve_device(device)
+
+
 def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | None,
-                   progress: bool) -> tuple[list[ModelTransform | None], ModelTransform | None]:
-    """One transform per model and one for the base (``None`` for the reference itself and when not aligning)."""
+                   progress: bool, executor: Any = None) -> tuple[list[ModelTransform | None], ModelTransform | None]:
+    """One transform per model and one for the base (``None`` for the reference itself and when not aligning).
+    With a Ray ``executor`` every group of every model is one task, all submitted at once; the tasks read the
+    checkpoints' safetensors files themselves."""
     transforms: list[ModelTransform | None] = [None] * len(states)
     if not plan.aligned:
         return transforms, None
+    device = plan_device(plan, executor)
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
+    if executor is not None:
+        todo = [i for i in range(len(states)) if i != plan.reference_index]
+        with_base = base is not None and plan.reference_index is not None
+        pairs = [(ref_state, states[i]) for i in todo] + ([(ref_state, base)] if with_base else [])
+        fits = executor.fit_many(pairs, plan.spec, plan.symmetries, device=device, progress=progress,
+                                 names=[plan.names[i] for i in todo] + (["base model"] if with_base else []))
+        for i, fit in zip(todo, fits):
+            transforms[i] = fit.transform
+        return transforms, fits[-1].transform if with_base else None
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i != plan.reference_index:
-            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name).transform
+            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
+                                          device=device).transform
     base_transform = None
     if base is not None and plan.reference_index is not None:
-        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model").transform
+        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
+                                       device=device).transform
     return transforms, base_transform
 
 
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                       result: MergeResult) -> tuple[list[dict], dict | None]:
+                       result: MergeResult, executor: Any = None) -> tuple[list[dict], dict | None]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
     paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
     recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
@@ -118,7 +139,8 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                                        max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size,
                                        labels=plan.match == "learned")
     options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
-                   calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps)
+                   calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
+                   max_seconds=plan.recipe.alignment.max_seconds, device=plan.recipe.alignment.device, ray=executor)
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
@@ -237,9 +259,12 @@ def method_extras(plan: MergePlan, states, base, transforms, base_transform, sta
     return plan.method.prepare(plan.params, task_vectors, by_tensor)
 
 
-def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool = True) -> MergeResult:
+def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool = True, executor: Any = None) -> MergeResult:
+    """Align, then merge ``plan`` into ``out``. ``executor``: a :class:`symmerge.match.distributed.RayExecutor`
+    to fit the alignments as Ray tasks (same result)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    plan_device(plan, executor)  # cuda without a GPU: a one-line error before any weight is read
     lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
     states = [LazyState(c, lend) for c in plan.models]
     base = LazyState(plan.base, lend) if plan.base else None
@@ -247,10 +272,10 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     residual = "residual" in plan.symmetries
     whole_models = plan.aligned and (residual or plan.match != "weights")
     if whole_models:
-        states, base = align_whole_models(plan, states, base, progress, result)
+        states, base = align_whole_models(plan, states, base, progress, result, executor)
         transforms, base_transform = [None] * len(states), None
     else:
-        transforms, base_transform = fit_alignments(plan, states, base, progress)
+        transforms, base_transform = fit_alignments(plan, states, base, progress, executor)
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()

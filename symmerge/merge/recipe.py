@@ -10,6 +10,8 @@
     alignment:                        # or: alignment: none
       reference: ./finetune-a         # default: base_model for methods with a base, else the first model
       symmetries: [ffn, qk, vo, scale, heads]
+      max_seconds: 600                # optional: time budget of the residual descent, per model
+      device: auto                    # optional: cpu (default), cuda or auto — where the matching math runs
     data: {path: calib.txt, max_length: 128, num_examples: 256, batch_size: 8}   # fisher, regmean
     dtype: bfloat16                   # default: the reference's dtype
     shard_size: 2GB
@@ -65,6 +67,8 @@ class AlignmentBlock(BaseModel):
     symmetries: str | list[str] = "all"
     match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
     learn_steps: int = Field(200, gt=0)
+    max_seconds: float | None = Field(None, ge=0)  # time budget of the residual descent, per model
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the matching math runs (LAPs on the CPU); not the result
 
     @field_validator("symmetries")
     @classmethod
@@ -251,7 +255,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
-                       learn_steps: int = 200) -> Recipe:
+                       learn_steps: int = 200, max_seconds: float | None = None, device: str = "cpu") -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -260,7 +264,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "merge_method": method,
         "base_model": base,
         "parameters": params or {},
-        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps},
+        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
+                                                            "max_seconds": max_seconds, "device": device},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
