@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, run_cli
+from conftest import make_model, require_module, run_cli
 from safetensors.torch import load_file, save_file
 
 import symmerge
@@ -93,7 +93,7 @@ def test_ray_missing_is_a_one_line_error(monkeypatch, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def executor():
-    ray = pytest.importorskip("ray")
+    ray = require_module("ray", reason="pip install 'symmerge[ray]' (scripts/setup installs it)")
     yield distributed.RayExecutor("local", num_cpus=2)
     ray.shutdown()
 
