@@ -46,6 +46,7 @@ def llamas(tmp_path_factory):
 
 
 def _merge(capsys, tmp_path: Path, text: str, *flags) -> tuple[dict, str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
     out = tmp_path / "out"
@@ -234,3 +235,15 @@ def test_unknown_keys_are_refused_with_the_key(llamas, tmp_path, capsys):
         recipe = tmp_path / "bad.yaml"
         recipe.write_text(text)
         expect_cli_error(capsys, message, "merge", recipe, tmp_path / "o")
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+def test_default_alignment_of_fine_tunes_of_one_base_is_the_identity(llamas, tmp_path, capsys, method):
+    """A pasted recipe aligns by default; for fine-tunes of one base that must change no output bit."""
+    base = f"base_model: {llamas['base']}\nparameters: {{density: 0.5, weight: 0.5}}\n" if method in ("ties", "dare_ties") else ""
+    text = f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: {method}\n{base}"
+    aligned, stdout = _merge(capsys, tmp_path / "aligned", text)
+    plain, _ = _merge(capsys, tmp_path / "plain", text + "alignment: none\n")
+    assert aligned.keys() == plain.keys()
+    assert all(torch.equal(aligned[k], plain[k]) for k in plain)
+    assert "alignment: identity" in stdout

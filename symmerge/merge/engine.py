@@ -34,6 +34,7 @@ from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.match import fit_per_layer
+from symmerge.match.per_layer import MIN_GAIN, alignment_gain
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
@@ -96,6 +97,14 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     base_transform = None
     if base is not None and plan.reference_index is not None:
         base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model").transform
+    # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
+    # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
+    # model's optimum composed with another's snapped identity would not be the same function)
+    states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
+    if base_transform is not None:
+        states_and_transforms.append((base, base_transform))
+    if all(alignment_gain(ref_state, s, plan.spec, t) <= MIN_GAIN for s, t in states_and_transforms):
+        return [None] * len(states), None
     return transforms, base_transform
 
 
@@ -308,7 +317,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
         seconds["merge+write"] = time.perf_counter() - start
         if plan.aligned and not whole_models:
             for i, name in enumerate(plan.names):
-                result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i])}
+                t = transforms[i]
+                result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i]),
+                                          "identity": t is None or not (t.ffn or t.heads or t.residual is not None)}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
         if plan.tokenizer_from is not None and plan.tokenizer_from.path != source.path:
