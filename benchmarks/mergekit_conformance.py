@@ -101,6 +101,31 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
     return j
 
 
+EXPLAIN = {  # job prefix → why the outputs may differ by more than one rounding (read from mergekit 0.1.5's source)
+    "slerp": "float32 arithmetic order: symmerge computes the SLERP coefficients in float64, a few ulps",
+    "gradient + filter": "as slerp: coefficient precision, a few ulps",
+    "slices, same ranges": "as slerp: coefficient precision, a few ulps",
+    "multislerp": "float32 arithmetic order, a few ulps",
+    "karcher": "mergekit 0.1.5's karcher ignores `weight` (uniform alphas); symmerge uses the weights given",
+    "task_arithmetic": "float32 summation order, a few ulps",
+    "global weight": "float32 summation order, a few ulps",
+    "ties": "top-k count: symmerge keeps round(density·n) entries, mergekit int(density·n) (one entry per tensor), and "
+            "threshold ties broken differently (docs/DESIGN.md §3)",
+    "per-model gradients": "as ties: top-k count and tie-breaking",
+    "dtype float32 + out_dtype": "as ties, then rounded to bfloat16",
+    "breadcrumbs": "as ties: top-k counts (outlier and small masks) and tie-breaking",
+    "sce": "top-k variance count, as ties",
+    "arcee_fusion": "mergekit samples 10^6 entries (unseeded) for its quantiles; symmerge's are exact",
+    "dtype bfloat16": "mergekit computes in bfloat16; symmerge in float32, rounded once",
+    "dare": "float32 arithmetic order (density 1: no random mask)",
+    "della": "float32 arithmetic order (density 1, epsilon 0: no random mask)",
+}
+
+
+def explain(name: str) -> str:
+    return next((v for k, v in EXPLAIN.items() if name.startswith(k)), "")
+
+
 def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
     p = subprocess.run([str(TIME), "-v", *cmd], capture_output=True, text=True, env=env)
     wall, rss = _parse_time_v(p.stderr)
@@ -159,7 +184,8 @@ def main() -> None:
         if mk[2] or sym[2]:
             rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
         else:
-            rows.append((name, *compare(sym_out, mk_out), mk, sym))
+            worst, over, total, note = compare(sym_out, mk_out)
+            rows.append((name, worst, over, total, note or (explain(name) if over else ""), mk, sym))
         print(rows[-1][:5], flush=True)
     lines = ["# symmerge vs mergekit: conformance", "",
              f"mergekit {versions['mergekit']}, torch {versions['torch']} (its own venv); symmerge with `alignment: none`. "

@@ -167,8 +167,13 @@ def listed_base_index(plan: MergePlan) -> int | None:
     ``models: [A, B]``, ``base_model: A``), else ``None``."""
     if plan.base is None:
         return None
-    base = plan.base.identity
-    return next((i for i, m in enumerate(plan.models) if m.identity == base), None)
+    base = _identity(plan.base)
+    return next((i for i, m in enumerate(plan.models) if _identity(m) == base), None)
+
+
+def _identity(ckpt: Any) -> tuple:
+    """A checkpoint's identity (folder and LoRA adapter); a bare object with a ``path`` (tests) by its folder."""
+    return ckpt.identity if hasattr(ckpt, "identity") else (ckpt.path.resolve(), None)
 
 
 def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None, extra: dict[str, Any]) -> torch.Tensor:
@@ -180,7 +185,8 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
     The method rounds once, to the output dtype (``out_dtype=``).
     """
     method, key, tensors = plan.method, item.key, list(item.tensors)
-    params, weights = tensor_parameters(plan, key, item.slice, item.t, item.inputs)
+    inputs = item.inputs or [(i, key) for i in range(len(tensors))]
+    params, weights = tensor_parameters(plan, key, item.slice, item.t, inputs)
     kwargs: dict[str, Any] = {**params, **extra}
     transposed = False
     if method.statistics_argument is not None:
@@ -189,10 +195,10 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
         transposed = method.linear_layout and per_model[0] is not None and bool(stats[0]["layout"].get(key))
     if method.needs_base or (method.optional_base and item.base is not None):
         base, listed = item.base, listed_base_index(plan)
-        j = next((p for p, (m, _) in enumerate(item.inputs) if m == listed), None)
+        j = next((p for p, (m, _) in enumerate(inputs) if m == listed), None)
         if j is not None and item.base is not None:
             n = len(tensors)
-            base = tensors[j] if plan.reference_index == listed or plan.layout is not None else item.base  # the untransformed copy
+            base = tensors[j] if plan.reference_index == listed or getattr(plan, "layout", None) is not None else item.base  # the untransformed copy
             per_model = {p.arg for p in method.params if p.per_model} | set(extra)
             for arg in per_model:
                 value = kwargs.get(arg)

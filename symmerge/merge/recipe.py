@@ -55,6 +55,8 @@ def _settings(v: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in v.items():
         if not isinstance(key, str) or len(key) > 80:
             raise ValueError(f"parameter names are short words, got {shorten(key)}")
+        if key == "weight" and isinstance(value, str):
+            raise ValueError(f"weight must be a number, got {shorten(value)}")
         out[key] = check_setting(value, f"{where} {key!r}")
         if key == "weight":
             for leaf in leaves(out[key]):
@@ -428,7 +430,7 @@ def tensor_parameters(plan: MergePlan, key: str, slice_index: int, t: float,
     them: a per-model value from the input's own parameters, then the slice's, then the recipe's; a shared value
     from the slice's, then the recipe's; gradients at ``t``, filters on the tensor's name (an input's own name for
     per-model values), else the method's default. Per-model values that agree are passed as one scalar."""
-    if not plan.varying:
+    if not getattr(plan, "varying", False):
         return plan.params, None if plan.weights is None else [plan.weights[m] for m, _ in inputs]
     sl = plan.slices[slice_index]
     top = plan.recipe.parameters
