@@ -203,8 +203,9 @@ def _parse_params(items: list[str]) -> dict:
 
 @app.command()
 def merge(
-    inputs: Annotated[list[Path], typer.Argument(help="A recipe (.yaml) — or the model directories to merge (short form).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (an HF model directory).")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="A recipe (.yaml) and, as mergekit-yaml takes it, the output directory — or the model directories to merge (short form).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (an HF model directory).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
     align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "all",
@@ -224,14 +225,42 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (only files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
+                                                 help="mergekit's: copy the tokenizer files (symmerge always does).")] = True,
+    lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle", help="mergekit's: accepted; safetensors are read by mmap anyway.")] = False,
+    out_shard_size: Annotated[Optional[str], typer.Option("--out-shard-size", help="mergekit's spelling of --shard-size.")] = None,
+    cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's: accepted; symmerge merges on the CPU.")] = False,
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="mergekit's: accepted; symmerge checks shapes, not architecture names.")] = False,
+    random_seed: Annotated[Optional[int], typer.Option("--random-seed", help="Seed of random methods (dare_*, della*) unless the recipe sets seed.")] = None,
+    write_model_card: Annotated[bool, typer.Option("--write-model-card/--no-write-model-card", help="mergekit's: a README.md (always written).")] = True,
 ) -> None:
-    """Align, then merge models: from a YAML recipe, or the short form `symmerge merge A B --method ties --base BASE`."""
+    """Align, then merge models: from a YAML recipe (`symmerge merge RECIPE OUT`, as mergekit-yaml), or the short
+    form `symmerge merge A B --method ties --base BASE -o OUT`."""
     from symmerge.io import check_output_dir
     from symmerge.merge.engine import run_merge
     from symmerge.merge.recipe import load_recipe, plan_merge, recipe_from_models
 
     start = time.perf_counter()
-    recipe_given = len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml")
+    recipe_given = len(inputs) in (1, 2) and inputs[0].suffix in (".yaml", ".yml")
+    if recipe_given and len(inputs) == 2:
+        if out is not None and out != inputs[1]:
+            raise SymmergeError(f"two outputs given: {inputs[1]} and --out {out}")
+        out = inputs[1]
+    if out is None:
+        raise SymmergeError("no output directory: give it after the recipe (symmerge merge RECIPE OUT) or as --out")
+    notes = []
+    if out_shard_size is not None:
+        shard_size = out_shard_size
+    if cuda:
+        notes.append("--cuda: symmerge merges on the CPU (streaming, one tensor group at a time); the flag changes nothing")
+    if lazy_unpickle:
+        notes.append("--lazy-unpickle: safetensors are memory-mapped and read lazily anyway; pickle weights need --allow-pickle")
+    if allow_crimes:
+        notes.append("--allow-crimes: symmerge checks tensor shapes, not architecture names; the flag changes nothing")
+    if not copy_tokenizer:
+        notes.append("--no-copy-tokenizer: the tokenizer files are still copied (an output is a complete model directory)")
+    if not write_model_card:
+        notes.append("--no-write-model-card: the model card is still written (it records the alignment)")
     if not recipe_given:  # a recipe's own paths are known once it is read: it is checked below, still before any work
         check_output_dir(out, force, [*inputs, base, reference, data])
     if recipe_given:
@@ -244,6 +273,8 @@ def merge(
         recipe, root = load_recipe(inputs[0])
         if device is not None and recipe.alignment != "none":  # where it runs, not what it computes: may override
             recipe.alignment = recipe.alignment.model_copy(update={"device": device})
+        if shard_size != "2GB":
+            recipe.shard_size = shard_size
     else:
         if method is None:
             raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")
@@ -260,6 +291,13 @@ def merge(
             max_seconds=max_seconds, device=device or "cpu",
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
+    if random_seed is not None:
+        if any(p.name == "seed" for p in plan.method.params) and "seed" not in recipe.parameters:
+            plan.params["seed"] = random_seed
+        elif not any(p.name == "seed" for p in plan.method.params):
+            notes.append(f"--random-seed: {plan.method.name} draws nothing at random; the seed changes nothing")
+    for note in notes + plan.notes:
+        echo(f"note: {note}")
     check_output_dir(out, force, [c.path for c in plan.models] + [plan.base.path if plan.base else None, plan.data_path,
                                                                   inputs[0] if recipe_given else None])
     executor = _executor(ray) if plan.aligned else None
@@ -269,7 +307,10 @@ def merge(
     align_note = f"aligned ({','.join(sorted(plan.symmetries))})" if plan.aligned else "no alignment"
     echo(f"merged {len(plan.models)} models with {plan.method.name}, {align_note} -> {out}/")
     for name, d in result.alignment.items():
-        echo(f"  {name:<28} distance to reference {d['distance_before']:.5g} -> {d['distance_after']:.5g}")
+        if d.get("identity"):
+            echo(f"  {name:<28} alignment: identity (already in the reference's basis; distance {d['distance_before']:.5g})")
+        else:
+            echo(f"  {name:<28} distance to reference {d['distance_before']:.5g} -> {d['distance_after']:.5g}")
     echo("stage      seconds")
     for stage, secs in seconds.items():
         echo(f"{stage:<10} {secs:>7.2f}")

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -43,6 +44,13 @@ class Checkpoint:
     weight_files: list[Path]
     is_pickle: bool = False
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
+    lora: Any = None  # a symmerge.io.hub.LoraDelta applied as the tensors are read (``model+adapter``)
+    reference: str = ""  # as the recipe named it (a path, a repo id, ``model+adapter``)
+
+    @property
+    def identity(self) -> tuple[Path, Path | None]:
+        """What makes two references the same model: the folder, and the LoRA adapter applied to it."""
+        return self.path.resolve(), self.lora.path.resolve() if self.lora is not None else None
 
     @property
     def name(self) -> str:
@@ -312,3 +320,47 @@ def unique_names(paths: list[Path]) -> list[str]:
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "spiece.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> None:
+    """Replace the tokenizer files in ``dest`` with ``source``'s (mergekit's ``tokenizer_source``, as a plain copy)."""
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise SymmergeError(f"tokenizer_source: {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    for name in TOKENIZER_FILES:
+        (dest / name).unlink(missing_ok=True)
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def set_chat_template(dest: Path, template: str) -> None:
+    """Write a Jinja chat template into ``dest``'s tokenizer_config.json (created if missing)."""
+    path = dest / "tokenizer_config.json"
+    config = _read_json(path, "tokenizer config") if path.is_file() else {}
+    if not isinstance(config, dict):
+        config = {}
+    config["chat_template"] = template
+    (dest / "chat_template.jinja").unlink(missing_ok=True)  # it would take precedence over the config's template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def with_layer_count(config: dict, count: int, layers: list[int]) -> dict:
+    """``config`` for a model of ``count`` layers taken from ``layers`` of the source (a frankenmerge): the layer
+    count key of the family, and any per-layer list (``layer_types``...) re-indexed."""
+    keys = required_config_keys(str(config.get("model_type", "")))
+    names = keys[0] if keys else ("num_hidden_layers",)
+    old = next((config[k] for k in names if isinstance(config.get(k), int)), None)
+    out = dict(config)
+    for k in names:
+        if k in out:
+            out[k] = count
+    if not any(k in out for k in names):
+        out[names[0]] = count
+    if old is not None:
+        for k, v in config.items():
+            if isinstance(v, list) and len(v) == old and old != count or isinstance(v, list) and len(v) == old and k == "layer_types":
+                out[k] = [v[i] for i in layers]
+    return out

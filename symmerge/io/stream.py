@@ -38,6 +38,7 @@ class LazyState(Mapping[str, torch.Tensor]):
                         self._where[k] = f
         self._handles: dict[Path, object] = {}
         self._checked: set[str] = set()
+        self._lora = ckpt.lora.match(list(self._stored())) if ckpt.lora is not None else {}
         stored = self._eager if self._eager is not None else self._where
         self._aliases = {k: v for k, v in self._aliases.items() if k not in stored and v in stored}
 
@@ -74,6 +75,8 @@ class LazyState(Mapping[str, torch.Tensor]):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise SymmergeError(f"{self.ckpt.path}: tensor {key!r} holds NaN or Inf values")
             self._checked.add(key)
+        if key in self._lora:  # a LoRA adapter: W + (alpha / r) B A, rounded once to the stored dtype
+            t = (t.float() + self.ckpt.lora.delta(*self._lora[key])).to(t.dtype)
         return t
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from symmerge.groups import HeadTransform, ModelTransform, read_ffn, read_heads
+from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity
 from symmerge.match.fit import Fit
@@ -24,6 +24,10 @@ from symmerge.match.lap import solve_lap
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
+MIN_GAIN = 0.05
+"""A merge aligns only if some model's alignment lowers its distance to the reference by more than this fraction
+(docs/DESIGN.md §3, "identity for fine-tunes"): fine-tunes of one base already share its basis, and the
+Procrustes / rescaling optimum of two nearly equal weight sets is a near-identity that only fits their noise."""
 
 
 def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None) -> torch.Tensor:
@@ -97,3 +101,20 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start
     return Fit(transform, details, seconds)
+
+
+def alignment_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
+                   transform: ModelTransform) -> float:
+    """By what fraction ``transform`` lowers the distance ``‖T(θ) − θ_ref‖`` over the tensors its groups touch
+    (0 when it has no element)."""
+    sq_before = sq_after = 0.0
+    for group in spec.groups():
+        elements = transform.ffn if isinstance(group, FFNGroup) else transform.heads
+        if group.name not in elements:
+            continue
+        keys = sorted({s.key for s in group.slots()})
+        view = StateView({k: model[k] for k in keys})
+        sq_before += sum(float((model[k].float() - reference[k].float()).square().sum()) for k in keys)
+        apply_to_group(view, group, transform)
+        sq_after += sum(float((view.state[k].float() - reference[k].float()).square().sum()) for k in keys)
+    return 0.0 if sq_before == 0 else 1.0 - (sq_after / sq_before) ** 0.5

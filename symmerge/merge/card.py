@@ -13,10 +13,13 @@ from symmerge.merge.recipe import MergePlan
 def recipe_for_card(plan: MergePlan) -> dict:
     """The recipe as it was run: absolute paths, resolved defaults."""
     r = plan.recipe.model_dump(exclude_none=True)
-    for entry, ckpt in zip(r["models"], plan.models):
-        entry["model"] = str(ckpt.path.resolve())
+    for entry, ckpt in zip(r.get("models", []), plan.models):
+        entry["model"] = _where(ckpt)
+    for sl, out in zip(r.get("slices", []), plan.slices):
+        for entry, src in zip(sl["sources"], out.sources):
+            entry["model"] = _where(plan.models[src.model])
     if plan.base is not None:
-        r["base_model"] = str(plan.base.path.resolve())
+        r["base_model"] = _where(plan.base)
     r["parameters"] = plan.params
     if plan.aligned:
         ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
@@ -24,6 +27,11 @@ def recipe_for_card(plan: MergePlan) -> dict:
     if plan.data_path is not None:
         r["data"]["path"] = str(plan.data_path.resolve())
     return r
+
+
+def _where(ckpt) -> str:
+    """A model as the card records it: its absolute folder, plus ``+ADAPTER`` for a LoRA-adapted one."""
+    return str(ckpt.path.resolve()) + (f"+{ckpt.lora.path.resolve()}" if ckpt.lora is not None else "")
 
 
 def model_card(plan: MergePlan, alignment: Mapping[str, Mapping[str, float]], seconds: Mapping[str, float]) -> str:

@@ -30,11 +30,13 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
 from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
+from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.match import fit_per_layer, resolve_device
+from symmerge.match.per_layer import MIN_GAIN, alignment_gain
 from symmerge.merge.card import model_card, recipe_for_card
-from symmerge.merge.recipe import MergePlan
+from symmerge.merge.recipe import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
 from symmerge.spec import StateView
 
@@ -107,15 +109,24 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
                                  names=[plan.names[i] for i in todo] + (["base model"] if with_base else []))
         for i, fit in zip(todo, fits):
             transforms[i] = fit.transform
-        return transforms, fits[-1].transform if with_base else None
-    for i, (state, name) in enumerate(zip(states, plan.names)):
-        if i != plan.reference_index:
-            transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
-                                          device=device).transform
-    base_transform = None
-    if base is not None and plan.reference_index is not None:
-        base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
-                                       device=device).transform
+        base_transform = fits[-1].transform if with_base else None
+    else:
+        for i, (state, name) in enumerate(zip(states, plan.names)):
+            if i != plan.reference_index:
+                transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
+                                              device=device).transform
+        base_transform = None
+        if base is not None and plan.reference_index is not None:
+            base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
+                                           device=device).transform
+    # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
+    # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
+    # model's optimum composed with another's snapped identity would not be the same function)
+    states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
+    if base_transform is not None:
+        states_and_transforms.append((base, base_transform))
+    if all(alignment_gain(ref_state, s, plan.spec, t) <= MIN_GAIN for s, t in states_and_transforms):
+        return [None] * len(states), None
     return transforms, base_transform
 
 
@@ -179,8 +190,13 @@ def listed_base_index(plan: MergePlan) -> int | None:
     ``models: [A, B]``, ``base_model: A``), else ``None``."""
     if plan.base is None:
         return None
-    base = plan.base.path.resolve()
-    return next((i for i, m in enumerate(plan.models) if m.path.resolve() == base), None)
+    base = _identity(plan.base)
+    return next((i for i, m in enumerate(plan.models) if _identity(m) == base), None)
+
+
+def _identity(ckpt: Any) -> tuple:
+    """A checkpoint's identity (folder and LoRA adapter); a bare object with a ``path`` (tests) by its folder."""
+    return ckpt.identity if hasattr(ckpt, "identity") else (ckpt.path.resolve(), None)
 
 
 def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None, extra: dict[str, Any]) -> torch.Tensor:
@@ -191,18 +207,21 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
     is removed from the tensors, the weights, the per-model parameter lists and any per-model list in ``extra``.
     The method rounds once, to the output dtype (``out_dtype=``).
     """
-    method, key, tensors, weights = plan.method, item.key, list(item.tensors), plan.weights
-    kwargs: dict[str, Any] = {**plan.params, **extra}
+    method, key, tensors = plan.method, item.key, list(item.tensors)
+    inputs = item.inputs or [(i, key) for i in range(len(tensors))]
+    params, weights = tensor_parameters(plan, key, item.slice, item.t, inputs)
+    kwargs: dict[str, Any] = {**params, **extra}
     transposed = False
     if method.statistics_argument is not None:
         per_model = [s["stats"].get(key) for s in stats]
         kwargs[method.statistics_argument] = None if any(x is None for x in per_model) else per_model
         transposed = method.linear_layout and per_model[0] is not None and bool(stats[0]["layout"].get(key))
     if method.needs_base or (method.optional_base and item.base is not None):
-        base, j = item.base, listed_base_index(plan)
+        base, listed = item.base, listed_base_index(plan)
+        j = next((p for p, (m, _) in enumerate(inputs) if m == listed), None)
         if j is not None and item.base is not None:
             n = len(tensors)
-            base = tensors[j] if plan.reference_index == j else item.base  # the untransformed copy of the two
+            base = tensors[j] if plan.reference_index == listed or getattr(plan, "layout", None) is not None else item.base  # the untransformed copy
             per_model = {p.arg for p in method.params if p.per_model} | set(extra)
             for arg in per_model:
                 value = kwargs.get(arg)
@@ -226,12 +245,22 @@ class AlignedTensor:
     base: torch.Tensor | None  # in the reference basis
     raw: list[torch.Tensor]  # per model, as stored
     reference: torch.Tensor | None  # the alignment reference's tensor
+    inputs: list[tuple[int, str]] = field(default_factory=list)  # (model index, its tensor's name) per tensor
+    slice: int = 0  # the output slice it belongs to, and its place t in it (gradients)
+    t: float = 0.0
 
 
 def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
     """Every tensor of the checkpoint, in order, for every model (and the base) brought into the reference basis;
     one symmetry group's tensors at a time are held in memory."""
+    if plan.layout is not None:  # a frankenmerge: renamed tensors, no alignment
+        for o in plan.layout:
+            raw = [states[m][name] for m, name in o.inputs]
+            listed = listed_base_index(plan)
+            base_t = next((t for (m, _), t in zip(o.inputs, raw) if m == listed), None)
+            yield AlignedTensor(o.key, raw, base_t, raw, None, o.inputs, o.slice, o.t)
+        return
     keys = list(states[0].keys())
     for group, unit_keys in merge_units(plan, keys):
         raw = [_subset(s, unit_keys) for s in states]
@@ -240,8 +269,10 @@ def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | 
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:
+            s, t = plan.position(key)
             yield AlignedTensor(key, [a[key] for a in aligned], aligned_base[key] if aligned_base else None,
-                                [r[key] for r in raw], reference[key] if reference else None)
+                                [r[key] for r in raw], reference[key] if reference else None,
+                                [(i, key) for i in range(len(states))], s, t)
 
 
 def method_extras(plan: MergePlan, states, base, transforms, base_transform, stats, progress: bool) -> dict[str, Any]:
@@ -285,46 +316,81 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     start = time.perf_counter()
     extra = method_extras(plan, states, base, transforms, base_transform, stats, progress)
     n = len(states)
-    sq_before, sq_after, sq_task, sq_base = [0.0] * n, [0.0] * n, [0.0] * n, 0.0
+    sq_before, sq_after, sq_task, sq_base = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    listed = listed_base_index(plan)
+    check_base = base is not None and plan.method.needs_base
+    compared = 0  # floating tensors with a base seen: the base check runs after the first few, and at the end
+    total = len(plan.layout) if plan.layout is not None else len(states[0])
     with atomic_output_dir(out, force) as tmp:
         writer = ShardWriter(tmp, plan.shard_size)
-        with tqdm(total=len(states[0]), desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
+        with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
             for item in aligned_tensors(plan, states, base, transforms, base_transform):
                 bar.update(1)
                 if not item.tensors[0].is_floating_point():
                     writer.add(item.key, item.raw[0])  # integer buffers (position ids...) come from the first model
                     continue
                 if item.base is not None:
-                    sq_base += _sq(item.base)
-                    for i, t in enumerate(item.tensors):
-                        sq_task[i] += _sq(t.float() - item.base.float())
+                    b = _sq(item.base)
+                    for (m, _), t in zip(item.inputs, item.tensors):
+                        sq_base[m] += b
+                        sq_task[m] += _sq(t.float() - item.base.float())
+                    compared += 1
+                    if check_base and compared == EARLY_CHECK:  # refuse on the first tensors, not after merging them all
+                        _check_fine_tunes(plan, sq_task, sq_base, listed, result, early=True)
                 if item.reference is not None and plan.aligned and not whole_models:
                     for i in range(n):
                         sq_before[i] += _sq(item.raw[i].float() - item.reference.float())
                         sq_after[i] += _sq(item.tensors[i].float() - item.reference.float())
                 merged = merge_tensor(plan, item, stats, extra)  # already rounded, once, to the output dtype
                 writer.add(item.key, merged.to(plan.dtype or item.raw[0].dtype))  # no-op: a guard, not a second rounding
-        if base is not None and plan.method.needs_base:
-            for i, name in enumerate(plan.names):
-                ratio = math.sqrt(sq_task[i] / max(sq_base, 1e-30))
-                result.task_vector_ratio[name] = ratio
-                if ratio > UNRELATED_BASE and not plan.recipe.allow_unrelated_base:
-                    raise SymmergeError(
-                        f"model {name} is not a fine-tune of base_model: its task vector is {ratio:.2f}x the base's norm "
-                        f"(fine-tunes are typically < 0.1); {plan.method.name} needs models fine-tuned from one base — "
-                        "use linear, slerp, fisher or regmean for independently trained models (allow_unrelated_base: true overrides)"
-                    )
+        if check_base:
+            _check_fine_tunes(plan, sq_task, sq_base, listed, result, early=False)
         writer.close()
         seconds["merge+write"] = time.perf_counter() - start
         if plan.aligned and not whole_models:
             for i, name in enumerate(plan.names):
-                result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i])}
+                t = transforms[i]
+                result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i]),
+                                          "identity": t is None or not (t.ffn or t.heads or t.residual is not None)}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
-        write_config(source.config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
+        if plan.tokenizer_from is not None and plan.tokenizer_from.path != source.path:
+            copy_tokenizer_files(plan.tokenizer_from.path, tmp)
+        if plan.recipe.chat_template not in (None, "auto"):
+            set_chat_template(tmp, plan.recipe.chat_template)
+        config = dict(source.config)
+        if plan.layout is not None:  # a frankenmerge: the new depth, and per-layer config lists follow the layers
+            config = with_layer_count(config, plan.num_layers_out, [layer for _, layer in _source_layers(plan)])
+        write_config(config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
         (tmp / "README.md").write_text(model_card(plan, result.alignment, result.seconds))
     return result
+
+
+EARLY_CHECK = 8  # floating tensors: the base check runs once after these, then over the whole model
+
+
+def _check_fine_tunes(plan: MergePlan, sq_task: list[float], sq_base: list[float], listed: int | None, result: MergeResult,
+                      early: bool) -> None:
+    """Refuse task vectors of models that are no fine-tune of the base: ‖τ_i‖ / ‖θ_base‖ over the tensors seen."""
+    for i, name in enumerate(plan.names):
+        if i == listed or sq_base[i] == 0:
+            continue
+        ratio = math.sqrt(sq_task[i] / max(sq_base[i], 1e-30))
+        if not early:
+            result.task_vector_ratio[name] = ratio
+        if ratio > UNRELATED_BASE and not plan.recipe.allow_unrelated_base:
+            where = f" (over its first {EARLY_CHECK} tensors)" if early else ""
+            raise SymmergeError(
+                f"model {name} is not a fine-tune of base_model: its task vector is {ratio:.2f}x the base's norm{where} "
+                f"(fine-tunes are typically < 0.1); {plan.method.name} needs models fine-tuned from one base — "
+                "use linear, slerp, fisher or regmean for independently trained models (allow_unrelated_base: true overrides)"
+            )
+
+
+def _source_layers(plan: MergePlan) -> list[tuple[int, int]]:
+    """(model index, layer) each output layer of a frankenmerge is taken from (its first source's)."""
+    return [(sl.sources[0].model, sl.sources[0].start + i) for sl in plan.slices for i in range(sl.length)]
 
 
 def _sq(t: torch.Tensor) -> float:

@@ -31,34 +31,90 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import parse_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
+from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
+from symmerge.merge.settings import check_setting, is_plain, layer_position, leaves, resolve
 from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for, tied_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_PARAMETERS = {"weight"}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+MEMORY_OPTIONS = {"int8_mask"}  # mergekit's memory savers: symmerge computes in float32 and masks in bool anyway
+
+
+def _dtype_name(v: Any) -> Any:
+    return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
+
+
+def _settings(v: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every value a scalar, a gradient or a filtered list (:mod:`symmerge.merge.settings`); ``weight`` a number."""
+    out = {}
+    for key, value in v.items():
+        if not isinstance(key, str) or len(key) > 80:
+            raise ValueError(f"parameter names are short words, got {shorten(key)}")
+        if key == "weight" and isinstance(value, str):
+            raise ValueError(f"weight must be a number, got {shorten(value)}")
+        out[key] = check_setting(value, f"{where} {key!r}")
+        if key == "weight":
+            for leaf in leaves(out[key]):
+                if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+                    raise ValueError(f"weight must be a number, got {shorten(leaf)}")
+    return out
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
 
     @field_validator("parameters")
     @classmethod
-    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key, value in v.items():
-            if key not in MODEL_PARAMETERS:
-                raise ValueError(f"unknown per-model parameter {key!r} (per-model parameters: {', '.join(sorted(MODEL_PARAMETERS))})")
-            if key == "weight" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"weight must be a number, got {shorten(value)}")
-            if key == "weight" and not _finite(value):
-                raise ValueError(f"weight must be a finite number, got {shorten(value)}")
+    def _known(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        return _settings(v or {}, "parameter")
+
+
+class SourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _known(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        return _settings(v or {}, "parameter")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range is [first, end) with 0 <= first < end, got {list(v)}")
         return v
+
+
+class SliceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SourceEntry] = Field(min_length=1)
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
+    base_model: str | None = None  # mergekit's per-slice base: accepted when it is the recipe's base_model
+    residual_weight: float | None = None  # mergekit's: not supported (refused in plan_merge)
+
+    @field_validator("parameters")
+    @classmethod
+    def _known(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        return _settings(v or {}, "parameter")
+
+
+class TokenizerBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = None
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
 
 
 class AlignmentBlock(BaseModel):
@@ -87,16 +143,46 @@ class DataBlock(BaseModel):
 
 
 class Recipe(BaseModel):
+    """A recipe: mergekit's single-document configuration (``models`` or ``slices``, ``base_model``,
+    ``merge_method``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer``,
+    ``chat_template``), plus symmerge's ``alignment``, ``data``, ``shard_size`` and ``allow_unrelated_base``."""
+
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
     merge_method: str
     base_model: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
     alignment: AlignmentBlock | Literal["none"] = Field(default_factory=AlignmentBlock)
     data: DataBlock | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
+    tokenizer_source: str | None = None  # "base", "union" or a model reference
+    tokenizer: TokenizerBlock | None = None
+    chat_template: str | None = None
     shard_size: str | int = "2GB"
     allow_unrelated_base: bool = False  # merge task vectors even when a model looks unrelated to the base
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            for key in ("dtype", "out_dtype"):
+                raw[key] = _dtype_name(raw.get(key))
+            if "alignment" in raw and raw["alignment"] in (None, False):
+                raw["alignment"] = "none"
+            given = [k for k in ("models", "slices") if raw.get(k)]
+            if len(given) != 1:
+                raise ValueError("a recipe has exactly one of models (whole models) or slices (layer ranges)"
+                                 + (", not both" if len(given) == 2 else ""))
+        return raw
+
+    @model_validator(mode="after")
+    def _tokenizer(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer_source and tokenizer cannot both be given (as in mergekit)")
+        return self
 
     @field_validator("merge_method")
     @classmethod
@@ -107,17 +193,10 @@ class Recipe(BaseModel):
 
     @field_validator("parameters")
     @classmethod
-    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # method parameters are numbers, true/false or a short word; anything else is refused here, before a
-        # validator could render an unbounded value in its message
-        for key, value in v.items():
-            if not isinstance(key, str) or len(key) > 80:
-                raise ValueError(f"parameter names are short words, got {shorten(key)}")
-            ok = value is None or isinstance(value, bool) or (isinstance(value, (int, float)) and _finite(value)) \
-                or (isinstance(value, str) and len(value) <= 80)
-            if not ok:
-                raise ValueError(f"parameter {key!r} must be a number, true/false or a word, got {shorten(value)}")
-        return v
+    def _scalars(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        # method parameters are settings (numbers, true/false, words, gradients, filtered lists); anything else is
+        # refused here, before a validator could render an unbounded value in its message
+        return _settings(v or {}, "parameter")
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -277,6 +356,36 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
 
 
 @dataclass
+class SliceSource:
+    """One input of an output slice: model ``model`` (an index into :attr:`MergePlan.models`) from layer ``start``."""
+
+    model: int
+    start: int
+    parameters: dict[str, Any]
+
+
+@dataclass
+class OutSlice:
+    """Output layers ``offset … offset + length − 1``, each merged from the matching layer of every source."""
+
+    sources: list[SliceSource]
+    parameters: dict[str, Any]
+    offset: int
+    length: int | None  # None: the whole model, for a family whose layers symmerge does not know (no gradients then)
+
+
+@dataclass
+class OutTensor:
+    """One output tensor of a frankenmerge: its name, the (model index, tensor name) it is merged from, where it
+    sits (``slice`` index, ``t`` for gradients)."""
+
+    key: str
+    inputs: list[tuple[int, str]]
+    slice: int
+    t: float
+
+
+@dataclass
 class MergePlan:
     """A validated recipe with every checkpoint opened (headers only) and every choice resolved."""
 
@@ -289,16 +398,73 @@ class MergePlan:
     symmetries: frozenset[str]
     reference_index: int | None  # index into models; None when aligning to the base model, or not aligning
     spec: ModelSpec | None
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # the output dtype (out_dtype, else dtype)
     shard_size: int
     data_path: Path | None
     names: list[str] = field(default_factory=list)
     match: str = "weights"  # the matcher that finds each model's alignment (symmerge.match.MATCHERS)
     lend_head: tuple[str, str] | None = None  # (head, embedding): some models tie their head, others store one
+    slices: list[OutSlice] = field(default_factory=list)
+    layers: ModelSpec | None = None  # the first model's spec, for layer indices (gradients, slices), aligned or not
+    layout: list[OutTensor] | None = None  # a frankenmerge: output tensors renamed from other layers (no alignment)
+    num_layers_out: int | None = None
+    varying: bool = False  # some parameter differs between tensors or models (gradients, filters, per-model values)
+    notes: list[str] = field(default_factory=list)  # one line each: what a mergekit option does (or does not) here
+    tokenizer_from: Checkpoint | None = None  # whose tokenizer files the output gets (None: the reference's)
 
     @property
     def aligned(self) -> bool:
         return bool(self.symmetries)
+
+    def position(self, key: str) -> tuple[int, float]:
+        """(slice index, t) of an output tensor of an unrenamed merge: its layer's place in its slice; tensors
+        outside the layers take t = 0 in the first slice (embeddings) or the last one (final norm, head)."""
+        i = self.layers.layer_of(key) if self.layers is not None else None
+        if i is None:
+            first = self.layers is None or self.layers.is_embedding(key)
+            return (0 if first else len(self.slices) - 1), 0.0
+        for s, sl in enumerate(self.slices):
+            if sl.length is None or sl.offset <= i < sl.offset + sl.length:
+                return s, 0.0 if sl.length is None else layer_position(i - sl.offset, sl.length)
+        return len(self.slices) - 1, 0.0
+
+
+def tensor_parameters(plan: MergePlan, key: str, slice_index: int, t: float,
+                      inputs: list[tuple[int, str]]) -> tuple[dict[str, Any], list[float] | None]:
+    """The method's parameters and the per-input weights for one output tensor, resolved as mergekit resolves
+    them: a per-model value from the input's own parameters, then the slice's, then the recipe's; a shared value
+    from the slice's, then the recipe's; gradients at ``t``, filters on the tensor's name (an input's own name for
+    per-model values), else the method's default. Per-model values that agree are passed as one scalar."""
+    if not getattr(plan, "varying", False):
+        return plan.params, None if plan.weights is None else [plan.weights[m] for m, _ in inputs]
+    sl = plan.slices[slice_index]
+    top = plan.recipe.parameters
+    params = dict(plan.params)
+    specs = {p.name: p for p in plan.method.params}
+    own = {src.model: src.parameters for src in sl.sources}
+    for name, spec in specs.items():
+        if not spec.per_model:
+            value = resolve(name, (sl.parameters, top), key, t)
+            if value is not None:
+                params[spec.arg] = spec.check(plan.method.name, value)
+            continue
+        values = []
+        for m, input_name in inputs:
+            value = resolve(name, (own.get(m), sl.parameters, top), input_name, t)
+            values.append(plan.params[spec.arg] if value is None else spec.check(plan.method.name, value))
+        params[spec.arg] = values[0] if all(v == values[0] for v in values) else values
+    weights = None
+    if _mentions(plan, "weight"):
+        weights = []
+        for m, input_name in inputs:
+            value = resolve("weight", (own.get(m), sl.parameters, top), input_name, t)
+            weights.append(1.0 if value is None else float(value))
+    return params, weights
+
+
+def _mentions(plan: MergePlan, key: str) -> bool:
+    scopes = [plan.recipe.parameters] + [sl.parameters for sl in plan.slices] + [s.parameters for sl in plan.slices for s in sl.sources]
+    return any(key in (scope or {}) for scope in scopes)
 
 
 def _exists(p: Path, what: str, given: str) -> bool:
@@ -310,26 +476,105 @@ def _exists(p: Path, what: str, given: str) -> bool:
 
 
 def _resolve(path: str, root: Path | None, what: str) -> Path:
+    """A local folder (as given, or relative to the recipe's folder) or a Hugging Face repo id's snapshot."""
     try:
         p = Path(path).expanduser()
     except RuntimeError as e:  # ~user that does not exist
         raise SymmergeError(f"{what}: {cut(path)}: {e}") from None
-    if _exists(p, what, path) or p.is_absolute() or root is None:
+    if _exists(p, what, path) or p.is_absolute() or root is None and not REPO_ID.fullmatch(path):
         return p
-    candidate = root / p
-    if _exists(candidate, what, path):
-        return candidate
+    if root is not None:
+        candidate = root / p
+        if _exists(candidate, what, path):
+            return candidate
+    snapshot = hub_snapshot(path, what)
+    if snapshot is not None:
+        return snapshot
+    if root is None:
+        return p
     raise SymmergeError(f"{what}: {cut(path)} does not exist (looked in the current directory and in {root})")
+
+
+def _open(ref: str, root: Path | None, what: str, allow_pickle: bool) -> Checkpoint:
+    """Open a model reference: a folder or repo id, optionally ``+ADAPTER`` (a LoRA folder or repo id)."""
+    model, lora = split_reference(ref)
+    ckpt = open_checkpoint(_resolve(model, root, what), allow_pickle)
+    if lora is not None:
+        ckpt.lora = open_lora(_resolve(lora, root, f"{what} (LoRA adapter)"), what)
+    ckpt.reference = ref
+    return ckpt
+
+
+def _known_keys(method: MergeMethod) -> dict[str, Any]:
+    return {p.name: p for p in method.params} | {p.arg: p for p in method.params}
+
+
+def _check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_model: bool, notes: list[str]) -> dict[str, Any]:
+    """Check one ``parameters`` block's keys and every value it can produce; drop (with a note) what changes
+    nothing here: memory options of mergekit, and shared parameters under a model (mergekit ignores them too)."""
+    specs = _known_keys(method)
+    out = {}
+    for key, setting in scope.items():
+        if key == "weight":
+            out[key] = setting
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            if key in MEMORY_OPTIONS:
+                notes.append(f"{key}: a mergekit memory option; {method.name} computes in float32 here, so it changes nothing")
+                continue
+            if per_model:
+                known = ", ".join(["weight", *method.per_model_params])
+                raise SymmergeError(f"{where}: unknown per-model parameter {key!r} (per-model parameters of {method.name}: {known})")
+            known = ", ".join(["weight", *(p.name for p in method.params)])
+            raise SymmergeError(f"{method.name}: unknown parameter {key!r} (known: {known})")
+        if per_model and not spec.per_model:
+            notes.append(f"{where}.{key}: {key} is one value for all models in {method.name}: ignored under a model (as in mergekit)")
+            continue
+        if spec.required and setting is None:
+            continue
+        for leaf in leaves(setting):
+            spec.check(method.name, leaf)
+        out[spec.name] = setting
+    return out
 
 
 def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = False) -> MergePlan:
     """Validate everything a merge needs, reading configs and safetensors headers only."""
     method = get_method(recipe.merge_method)
-    params = validate_params(recipe.merge_method, dict(recipe.parameters))
-    method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation
+    notes: list[str] = []
+    top = _check_scope(method, recipe.parameters, "parameters", False, notes)
+    recipe.parameters = top
+    representative = {k: (v if is_plain(v) else next(iter(leaves(v)), None)) for k, v in top.items() if k != "weight"}
+    params = validate_params(recipe.merge_method, representative)
 
-    models = [open_checkpoint(_resolve(m.model, root, f"models.{i}.model"), allow_pickle) for i, m in enumerate(recipe.models)]
-    base = open_checkpoint(_resolve(recipe.base_model, root, "base_model"), allow_pickle) if recipe.base_model else None
+    # the inputs: models, or every model a slice names, each opened once (a LoRA-adapted model is another model)
+    if recipe.models is not None:
+        method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation
+        models = [_open(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
+        model_params = [_check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
+    else:
+        models, model_params = [], []
+    base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+    slice_models: list[list[int]] = []
+    if recipe.slices is not None:
+        for s, sl in enumerate(recipe.slices):
+            if sl.residual_weight is not None:
+                raise SymmergeError(f"slices.{s}.residual_weight: not supported by symmerge")
+            if sl.base_model is not None and sl.base_model != recipe.base_model:
+                raise SymmergeError(f"slices.{s}.base_model: a per-slice base model other than base_model is not supported")
+            method.check_models(len(sl.sources), True)
+            indices = []
+            for j, src in enumerate(sl.sources):
+                ckpt = _open(src.model, root, f"slices.{s}.sources.{j}.model", allow_pickle)
+                known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
+                if known is None:
+                    models.append(ckpt)
+                    known = len(models) - 1
+                indices.append(known)
+            slice_models.append(indices)
+        if base is not None:  # the base, named as a source too, is that same model
+            base = next((c for c in models if c.identity == base.identity), base)
     if method.needs_base and base is None:
         raise SymmergeError(
             f"merge_method {method.name} needs base_model: the common pretrained ancestor the models were fine-tuned "
@@ -349,19 +594,74 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             if not data_path.is_file():
                 raise SymmergeError(f"data.path: {data_path} is not a file")
 
-    weights = [float(m.parameters["weight"]) if "weight" in m.parameters else 1.0 for m in recipe.models]
-    has_weights = any("weight" in m.parameters for m in recipe.models)
-    if has_weights and sum(weights) == 0 and method.name == "linear" and params.get("normalize", True):
+    try:  # the layer structure, for gradients and slices (alignment needs more: checked below)
+        layers = spec_for(models[0].config, models[0].shapes().keys())
+    except SymmergeError:
+        layers = None
+
+    # the output slices: the models form is one slice of every model's whole depth (as mergekit normalises it)
+    layout = None
+    num_layers_out = layers.num_layers if layers is not None else None
+    if recipe.models is not None:
+        slices = [OutSlice([SliceSource(i, 0, p) for i, p in enumerate(model_params)], {}, 0, num_layers_out)]
+    else:
+        if layers is None:
+            raise SymmergeError(f"slices need the layer structure of the model, and symmerge does not know family "
+                                f"{models[0].model_type!r}: use models: (whole models)")
+        slices, offset = [], 0
+        for s, (sl, indices) in enumerate(zip(recipe.slices, slice_models)):
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
+            if len(lengths) != 1:
+                raise SymmergeError(f"slices.{s}: every source must take the same number of layers, got {sorted(lengths)}")
+            sources = []
+            for j, (src, m) in enumerate(zip(sl.sources, indices)):
+                depth = spec_for(models[m].config, models[m].shapes().keys()).num_layers
+                if src.layer_range[1] > depth:
+                    raise SymmergeError(f"slices.{s}.sources.{j}.layer_range: {list(src.layer_range)} goes past the "
+                                        f"model's {depth} layers")
+                sources.append(SliceSource(m, src.layer_range[0], _check_scope(method, src.parameters, f"slices.{s}.sources.{j}.parameters", True, notes)))
+            length = lengths.pop()
+            slices.append(OutSlice(sources, _check_scope(method, sl.parameters, f"slices.{s}.parameters", False, notes), offset, length))
+            offset += length
+        num_layers_out = offset
+        same_models = all([src.model for src in sl.sources] == [src.model for src in slices[0].sources] for sl in slices)
+        in_place = all(src.start == sl.offset for sl in slices for src in sl.sources)
+        if not (same_models and in_place and offset == layers.num_layers):
+            layout = _frankenmerge_layout(slices, models, layers)
+
+    if layout is not None and (method.needs_data or method.prepare is not None and method.name != "ties"):
+        raise SymmergeError(f"{method.name} needs whole models: it cannot merge slices that move or drop layers")
+
+    if layout is not None and method.needs_base:
+        for s, sl in enumerate(slices):
+            if base is None or all(models[src.model] is not base for src in sl.sources):
+                raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
+    # parameters that differ between tensors or models are resolved per tensor (tensor_parameters); else once
+    varying = (any(not is_plain(v) for scope in _scopes(top, slices) for v in scope.values())
+               or any(sl.parameters for sl in slices) or len(slices) > 1
+               or any(set(src.parameters) - {"weight"} for sl in slices for src in sl.sources))
+    weights = None
+    if _has_weight(top, slices) and not varying:
+        plain = [resolve("weight", (src.parameters, top), "", 0.0) for src in slices[0].sources]
+        weights = [1.0 if w is None else float(w) for w in plain]
+    if weights is not None and sum(weights) == 0 and method.name == "linear" and params.get("normalize", True):
         raise SymmergeError("models.*.parameters.weight: the weights sum to 0, so they cannot be normalised")
 
-    everyone = models + ([base] if base else [])
+    everyone = models + ([base] if base is not None and all(base is not c for c in models) else [])
     reference_shapes = models[0].shapes()
     lend_head = _lent_head(everyone)
-    for i, ckpt in enumerate(everyone[1:], start=1):
-        label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
-        check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
+    if layout is None:
+        for ckpt in everyone[1:]:
+            label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
+            check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
 
     symmetries = frozenset() if recipe.alignment == "none" else parse_symmetries(recipe.alignment.symmetries)
+    if layout is not None and symmetries:
+        notes.append("alignment does not apply to slices that move or drop layers (a frankenmerge): merged without it")
+        symmetries = frozenset()
+    if symmetries and method.name == "passthrough":
+        notes.append("passthrough copies one model: nothing to align")
+        symmetries = frozenset()
     spec, reference_index = None, None
     if symmetries:
         try:
@@ -374,21 +674,102 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         reference_index = None if (method.needs_base and base is not None) else 0
         ref = recipe.alignment.reference
         if ref is not None:
-            ref_path = _resolve(ref, root, "alignment.reference").resolve()
-            matches = [i for i, c in enumerate(models) if c.path.resolve() == ref_path]
+            ref_id = _open(ref, root, "alignment.reference", allow_pickle).identity
+            matches = [i for i, c in enumerate(models) if c.identity == ref_id]
             if matches:
                 reference_index = matches[0]
-            elif base is not None and base.path.resolve() == ref_path:
+            elif base is not None and base.identity == ref_id:
                 reference_index = None
             else:
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is neither one of the models nor the base_model")
 
-    return MergePlan(
-        recipe=recipe, models=models, weights=weights if has_weights else None, base=base, method=method, params=params,
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
+        notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
+    tokenizer_from = _tokenizer_source(recipe, root, models, base, allow_pickle, notes)
+    if recipe.chat_template == "auto":
+        notes.append("chat_template: auto keeps the chat template of the tokenizer copied")
+    elif recipe.chat_template is not None and "{" not in recipe.chat_template:
+        raise SymmergeError(f"chat_template: {cut(recipe.chat_template)}: mergekit's built-in template names are not shipped "
+                            "with symmerge: give the Jinja template itself (or auto)")
+    plan = MergePlan(
+        recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
-        dtype=DTYPES[recipe.dtype] if recipe.dtype else None, shard_size=parse_size(recipe.shard_size),
+        dtype=DTYPES[out_dtype] if out_dtype else None, shard_size=parse_size(recipe.shard_size),
         data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
+        slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
+        tokenizer_from=tokenizer_from,
     )
+    for i, c in enumerate(models):
+        if c.lora is not None:
+            plan.names[i] += "+" + c.lora.path.name
+    return plan
+
+
+def _scopes(top: dict, slices: list[OutSlice]) -> list[dict]:
+    return [top] + [sl.parameters for sl in slices] + [s.parameters for sl in slices for s in sl.sources]
+
+
+def _has_weight(top: dict, slices: list[OutSlice]) -> bool:
+    return any("weight" in scope for scope in _scopes(top, slices))
+
+
+def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layers: ModelSpec) -> list[OutTensor]:
+    """Every output tensor of slices that move or drop layers: embeddings from the first slice's models, each
+    output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's."""
+    keys = list(models[slices[0].sources[0].model].shapes())
+    outside = [k for k in keys if layers.layer_of(k) is None]
+    out: list[OutTensor] = []
+    for k in outside:
+        if layers.is_embedding(k):
+            out.append(OutTensor(k, [(s.model, k) for s in slices[0].sources], 0, 0.0))
+    for s, sl in enumerate(slices):
+        for idx in range(sl.length):
+            first = sl.sources[0]
+            for k in _layer_keys(models[first.model], layers, first.start + idx):
+                inputs = [(src.model, layers.in_layer(k, src.start + idx)) for src in sl.sources]
+                out.append(OutTensor(layers.in_layer(k, sl.offset + idx), inputs, s, layer_position(idx, sl.length)))
+    for k in outside:
+        if not layers.is_embedding(k):
+            out.append(OutTensor(k, [(s.model, k) for s in slices[-1].sources], len(slices) - 1, 0.0))
+    for o in out:  # shapes from the headers, before any weight is read
+        shapes = {models[m].shapes().get(name) for m, name in o.inputs}
+        if None in shapes:
+            missing = next(f"{models[m].path}: {name}" for m, name in o.inputs if name not in models[m].shapes())
+            raise SymmergeError(f"slices: tensor {missing} does not exist")
+        if len(shapes) > 1:
+            raise SymmergeError(f"slices: tensor {o.key} would merge tensors of shapes {sorted(shapes)}")
+    return out
+
+
+def _layer_keys(ckpt: Checkpoint, layers: ModelSpec, index: int) -> list[str]:
+    return [k for k in ckpt.shapes() if layers.layer_of(k) == index]
+
+
+def _tokenizer_source(recipe: Recipe, root: Path | None, models: list[Checkpoint], base: Checkpoint | None,
+                      allow_pickle: bool, notes: list[str]) -> Checkpoint | None:
+    """Whose tokenizer files the output gets: mergekit's tokenizer_source (base, a model) as a plain copy."""
+    source = recipe.tokenizer_source if recipe.tokenizer is None else recipe.tokenizer.source
+    if recipe.tokenizer is not None and (recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of):
+        notes.append("tokenizer.tokens / pad_to_multiple_of: not supported (no vocabulary surgery): the tokenizer is copied as is")
+    if source is None:
+        return None
+    if source == "union":
+        notes.append("tokenizer_source: union (merging vocabularies) is not supported: the tokenizer of the base model "
+                     "(else the first model) is copied, embeddings are not resized")
+        return base or models[0]
+    if source == "base":
+        if base is None:
+            raise SymmergeError("tokenizer_source: base needs a base_model")
+        return base
+    try:
+        return _open(source, root, "tokenizer_source", allow_pickle)
+    except SymmergeError:
+        model, _ = split_reference(source)
+        path = _resolve(model, root, "tokenizer_source")
+        if not path.is_dir():
+            raise
+        return Checkpoint(path, {}, [])
 
 
 def _lent_head(checkpoints: list[Checkpoint]) -> tuple[str, str] | None:

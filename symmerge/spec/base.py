@@ -142,6 +142,27 @@ class ModelSpec:
     residual: ResidualGroup | None = None
     no_residual: str = ""  # why the residual class is not offered although a head reads the stream ("" otherwise)
     roles: tuple[tuple[str, str], ...] = ()  # (key, or module ending in ".") → tensor group, for tensors no group names
+    blocks: tuple[str, ...] = ()  # each layer's module prefix, in order (``model.layers.3``): which layer a tensor is in
+
+    def layer_of(self, key: str) -> int | None:
+        """The index of the layer (block) that holds tensor ``key``, or ``None`` for tensors outside the layers
+        (embeddings, final norm, head)."""
+        for i, block in enumerate(self.blocks):
+            if key.startswith(block + "."):
+                return i
+        return None
+
+    def in_layer(self, key: str, index: int) -> str:
+        """``key`` (a tensor of some layer) renamed to the same tensor of layer ``index`` (a frankenmerge's renumbering)."""
+        i = self.layer_of(key)
+        if i is None:
+            raise SymmergeError(f"{key} is not a tensor of a layer")
+        block = self.blocks[i]
+        return block[: len(block) - len(str(i))] + str(index) + key[len(block):]
+
+    def is_embedding(self, key: str) -> bool:
+        """Whether ``key`` is an input embedding (a tensor before the layers) rather than a final norm or head."""
+        return self._role(key) == "embeddings"
 
     def shape(self) -> dict[str, object]:
         """The values two models must share to be aligned, in the order they are checked."""

@@ -1,0 +1,216 @@
+"""Conformance: the same recipe through symmerge and through mergekit, tensor by tensor.
+
+mergekit runs in its own virtualenv (``.cache/bench-mergekit-venv``, created by ``merge_speed.ensure_mergekit``:
+torch pinned to the local CPU wheel first). Checkpoints: a small LLaMA-shaped base and three fine-tunes (base +
+1 % noise), float32. Every merge method and every recipe feature (gradients, filters, per-model parameters, a global
+weight, slices, passthrough frankenmerges, dtype/out_dtype) runs in both tools with the same YAML; symmerge gets
+``alignment: none`` added (mergekit does not know the key). Random methods run where both are deterministic
+(DARE / DELLA at density 1) — mergekit's masks are unseeded. Writes benchmarks/results/mergekit_conformance.md:
+per job, the largest absolute difference over all tensors, how many tensors differ by more than one rounding of the
+output dtype, and wall time and peak RSS of both tools.
+
+    .venv/bin/python benchmarks/mergekit_conformance.py [--only JOB ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_speed import CACHE, MK_VENV, RESULTS, TIME, _parse_time_v, child_env, ensure_mergekit  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CKPTS = CACHE / "conformance-ckpts"
+WORK = CACHE / "conformance-out"
+SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def checkpoints() -> dict[str, str]:
+    import transformers
+
+    names = ("base", "a", "b", "c")
+    if all((CKPTS / n / "model.safetensors").exists() for n in names):
+        return {n: str(CKPTS / n) for n in names}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZE))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, n in enumerate(names):
+        g = torch.Generator().manual_seed(100 + i)
+        state = base if n == "base" else {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        model.save_pretrained(CKPTS / n)
+        save_file({k: v.contiguous() for k, v in state.items()}, CKPTS / n / "model.safetensors", metadata={"format": "pt"})
+    return {n: str(CKPTS / n) for n in names}
+
+
+def jobs(ck: dict[str, str]) -> dict[str, dict]:
+    two = [{"model": ck["a"]}, {"model": ck["b"]}]
+    three_w = [{"model": ck["a"], "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.3}},
+               {"model": ck["c"], "parameters": {"weight": 0.2}}]
+    tv = lambda method, params=None, models=None: {"models": models or three_w, "merge_method": method, "base_model": ck["base"],  # noqa: E731
+                                                   "parameters": params or {}, "dtype": "float32"}
+    j = {
+        "linear": {"models": three_w, "merge_method": "linear", "dtype": "float32"},
+        "slerp": {"models": two, "merge_method": "slerp", "base_model": ck["a"], "parameters": {"t": 0.3}, "dtype": "float32"},
+        "nuslerp": {"models": [{"model": ck["a"], "parameters": {"weight": 0.4}}, {"model": ck["b"], "parameters": {"weight": 0.6}}],
+                    "merge_method": "nuslerp", "dtype": "float32"},
+        "multislerp": {"models": three_w, "merge_method": "multislerp", "dtype": "float32"},
+        "karcher": {"models": three_w, "merge_method": "karcher", "dtype": "float32"},
+        "task_arithmetic": tv("task_arithmetic", {"lambda": 0.8}),
+        "ties": tv("ties", {"density": 0.4}),
+        "dare_linear (density 1)": tv("dare_linear", {"density": 1.0}),
+        "dare_ties (density 1)": tv("dare_ties", {"density": 1.0}),
+        "breadcrumbs": tv("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+        "breadcrumbs_ties": tv("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}),
+        "della (density 1, epsilon 0)": tv("della", {"density": 1.0, "epsilon": 0.0}),
+        "della_linear (density 1, epsilon 0)": tv("della_linear", {"density": 1.0, "epsilon": 0.0}),
+        "sce": tv("sce", {"select_topk": 0.5}),
+        "ram": tv("ram"),
+        "ramplus_tl": tv("ramplus_tl"),
+        "model_stock": tv("model_stock", models=[{"model": ck["a"]}, {"model": ck["b"]}, {"model": ck["c"]}]),
+        "nearswap": {"models": [{"model": ck["a"]}], "merge_method": "nearswap", "base_model": ck["base"], "parameters": {"t": 0.001},
+                     "dtype": "float32"},
+        "arcee_fusion": {"models": [{"model": ck["a"]}], "merge_method": "arcee_fusion", "base_model": ck["base"], "dtype": "float32"},
+        # recipe features
+        "gradient + filter (slerp t)": {"models": two, "merge_method": "slerp", "base_model": ck["a"], "dtype": "float32",
+                                        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+        "per-model gradients (ties)": tv("ties", {"weight": 0.4, "normalize": False}, models=[
+            {"model": ck["a"], "parameters": {"density": [1, 0.5, 0.2], "weight": [0.2, 0.8]}},
+            {"model": ck["b"], "parameters": {"density": 0.6}}, {"model": ck["c"]}]),
+        "global weight default (task_arithmetic)": tv("task_arithmetic", {"weight": 0.3},
+                                                      models=[{"model": ck["a"], "parameters": {"weight": 0.9}}, {"model": ck["b"]}]),
+        "slices, same ranges (slerp per slice)": {
+            "slices": [{"sources": [{"model": ck["a"], "layer_range": [0, 2]}, {"model": ck["b"], "layer_range": [0, 2]}],
+                        "parameters": {"t": 0.2}},
+                       {"sources": [{"model": ck["a"], "layer_range": [2, 4]}, {"model": ck["b"], "layer_range": [2, 4]}]}],
+            "merge_method": "slerp", "base_model": ck["a"], "parameters": {"t": [0.1, 0.9]}, "dtype": "float32"},
+        "passthrough frankenmerge (6 layers)": {
+            "slices": [{"sources": [{"model": ck["a"], "layer_range": [0, 3]}]}, {"sources": [{"model": ck["b"], "layer_range": [1, 4]}]}],
+            "merge_method": "passthrough", "dtype": "float32"},
+        "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
+        "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
+    }
+    return j
+
+
+EXPLAIN = {  # job prefix → why the outputs may differ by more than one rounding (read from mergekit 0.1.5's source)
+    "slerp": "float32 arithmetic order: symmerge computes the SLERP coefficients in float64, a few ulps",
+    "gradient + filter": "as slerp: coefficient precision, a few ulps",
+    "slices, same ranges": "as slerp: coefficient precision, a few ulps",
+    "multislerp": "float32 arithmetic order, a few ulps",
+    "karcher": "mergekit 0.1.5's karcher ignores `weight` (uniform alphas); symmerge uses the weights given",
+    "task_arithmetic": "float32 summation order, a few ulps",
+    "global weight": "float32 summation order, a few ulps",
+    "ties": "top-k count: symmerge keeps round(density·n) entries, mergekit int(density·n) (one entry per tensor), and "
+            "threshold ties broken differently (docs/DESIGN.md §3)",
+    "per-model gradients": "as ties: top-k count and tie-breaking",
+    "dtype float32 + out_dtype": "as ties, then rounded to bfloat16",
+    "breadcrumbs": "as ties: top-k counts (outlier and small masks) and tie-breaking",
+    "sce": "top-k variance count, as ties",
+    "arcee_fusion": "mergekit samples 10^6 entries (unseeded) for its quantiles; symmerge's are exact",
+    "dtype bfloat16": "mergekit computes in bfloat16; symmerge in float32, rounded once",
+    "dare": "float32 arithmetic order (density 1: no random mask)",
+    "della": "float32 arithmetic order (density 1, epsilon 0: no random mask)",
+}
+
+
+def explain(name: str) -> str:
+    return next((v for k, v in EXPLAIN.items() if name.startswith(k)), "")
+
+
+def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
+    p = subprocess.run([str(TIME), "-v", *cmd], capture_output=True, text=True, env=env)
+    wall, rss = _parse_time_v(p.stderr)
+    return wall, rss, "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = x.to(dtype)
+    return (torch.nextafter(y, torch.full_like(y, float("inf"))) - y).abs().float()
+
+
+def compare(sym: Path, mk: Path) -> tuple[float, int, int, str]:
+    a, b = load_file(sym / "model.safetensors") if (sym / "model.safetensors").exists() else _sharded(sym), _sharded(mk)
+    worst, over, note = 0.0, 0, ""
+    if set(a) != set(b):
+        note = f"keys differ: {sorted(set(a) ^ set(b))[:3]}"
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if x.shape != y.shape:
+            note = f"{k}: shapes {tuple(x.shape)} vs {tuple(y.shape)}"
+            continue
+        d = (x.float() - y.float()).abs()
+        worst = max(worst, float(d.max()))
+        if bool((d > ulp(torch.maximum(x.float().abs(), y.float().abs()), y.dtype) * 1.0001).any()):
+            over += 1
+    return worst, over, len(set(a) & set(b)), note
+
+
+def _sharded(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    versions = ensure_mergekit()
+    ck = checkpoints()
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = child_env()
+    saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
+    previous = {r[0]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
+    rows = []
+    for name, recipe in jobs(ck).items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
+        mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
+        mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        sym_cfg.write_text(yaml.safe_dump({**recipe, "alignment": "none"}, sort_keys=False))
+        mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
+        mk = run([str(MK_VENV / "bin" / "mergekit-yaml"), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
+                  "--no-write-model-card", "--allow-crimes"], env)
+        sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
+        if mk[2] or sym[2]:
+            rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
+        else:
+            worst, over, total, note = compare(sym_out, mk_out)
+            rows.append((name, worst, over, total, note or (explain(name) if over else ""), mk, sym))
+        print(rows[-1][:5], flush=True)
+        previous[name] = list(rows[-1])
+        saved.write_text(json.dumps(list(previous.values())))
+    order = list(jobs(ck))
+    rows = sorted((tuple(r) for r in previous.values() if r[0] in order), key=lambda r: order.index(r[0]))
+    lines = ["# symmerge vs mergekit: conformance", "",
+             f"mergekit {versions['mergekit']}, torch {versions['torch']} (its own venv); symmerge with `alignment: none`. "
+             f"LLaMA-shaped checkpoints {SIZE}, base + 3 fine-tunes (1 % noise), float32. Generated by "
+             "`benchmarks/mergekit_conformance.py`.", "",
+             "`> 1 rounding`: tensors with an entry that differs by more than one unit in the last place of the output dtype.", "",
+             "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, worst, over, total, note, mk, sym in rows:
+        mb = lambda r: f"{r / 2**20:.0f}" if r else "?"  # noqa: E731
+        sec = lambda w: f"{w:.2f}" if w else "?"  # noqa: E731
+        diff = "—" if worst is None else f"{worst:.3g}"
+        count = "—" if over is None else f"{over} / {total}"
+        lines.append(f"| {name} | {diff} | {count} | {sec(sym[0])} | {sec(mk[0])} | {mb(sym[1])} | {mb(mk[1])} | {note} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "mergekit_conformance.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Pasted mergekit recipes: parameter precedence, gradients, filters, slices, repo ids, LoRA, mergekit's CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import transformers
+from conftest import expect_cli_error, run_cli
+from safetensors.torch import load_file, save_file
+
+from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
+from symmerge.merge.settings import evaluate
+
+LAYERS = 4
+
+
+def _llama(layers: int = LAYERS):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=40, max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _save(model, path: Path, state: dict) -> Path:
+    model.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """base and two fine-tunes of it (base + 1% noise), float32, 4 layers."""
+    root = tmp_path_factory.mktemp("llamas")
+    model = _llama()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = {"base": _save(model, root / "base", base), "model": model}
+    for i, name in enumerate(("a", "b")):
+        g = torch.Generator().manual_seed(10 + i)
+        state = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        out[name] = _save(model, root / name, state)
+    return out
+
+
+def _merge(capsys, tmp_path: Path, text: str, *flags) -> tuple[dict, str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "merge", recipe, out, "-q", "--force", *flags)
+    assert code == 0, err
+    return load_file(out / "model.safetensors"), stdout
+
+
+def test_gradients_interpolate_anchors_over_the_layers():
+    # 3 anchors over t ∈ [0, 1]: t = 0.25 sits halfway between anchors 0 and 1, t = 0.75 between 1 and 2
+    assert evaluate([0, 1, 0.5], "x", 0.0) == 0
+    assert evaluate([0, 1, 0.5], "x", 0.25) == pytest.approx(0.5)
+    assert evaluate([0, 1, 0.5], "x", 0.75) == pytest.approx(0.75)
+    assert evaluate([0, 1, 0.5], "x", 1.0) == 0.5
+    setting = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.3}, {"filter": None, "value": 0.9}]
+    assert evaluate(setting, "model.layers.1.self_attn.q_proj.weight", 0.5) == pytest.approx(0.5)
+    assert evaluate(setting, "model.layers.1.mlp.up_proj.weight", 0.5) == 0.3
+    assert evaluate(setting, "model.norm.weight", 0.5) == 0.9
+    assert evaluate(setting[:2], "model.norm.weight", 0.5) is None  # no entry: the next scope decides
+
+
+def _plan(tmp_path: Path, text: str):
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(text)
+    r, root = load_recipe(recipe)
+    return plan_merge(r, root)
+
+
+def test_per_model_slice_and_global_parameters_resolve_as_mergekit(llamas, tmp_path):
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    plan = _plan(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{density: [1, 0.4], weight: 0.7}}
+  - model: {b}
+merge_method: ties
+base_model: {base}
+parameters: {{density: 0.5, weight: 0.2, lambda: [1, 2, 3, 4], normalize: false}}
+""")
+    key = "model.layers.2.mlp.up_proj.weight"  # layer 2 of 4: t = 2/3
+    s, t = plan.position(key)
+    assert (s, t) == (0, pytest.approx(2 / 3))
+    params, weights = tensor_parameters(plan, key, s, t, [(0, key), (1, key)])
+    assert params["density"] == [pytest.approx(1 - 0.6 * 2 / 3), 0.5]  # a's own gradient; b falls back to the global 0.5
+    assert weights == [0.7, 0.2]  # a's own weight, b the global default
+    assert params["lambda_"] == pytest.approx(3.0)  # [1, 2, 3, 4] at t = 2/3 → anchor 2
+    assert params["normalize"] is False
+    # outside the layers t = 0: the first anchors
+    params, _ = tensor_parameters(plan, "model.embed_tokens.weight", *plan.position("model.embed_tokens.weight"),
+                                  [(0, "model.embed_tokens.weight"), (1, "model.embed_tokens.weight")])
+    assert params["density"] == [1.0, 0.5] and params["lambda_"] == 1.0
+
+
+def test_weight_gradients_and_filters_merge_the_expected_tensors(llamas, tmp_path, capsys):
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    out, _ = _merge(capsys, tmp_path, f"""
+models:
+  - model: {llamas["a"]}
+    parameters: {{weight: [1, 0]}}
+  - model: {llamas["b"]}
+    parameters: {{weight: [0, 1]}}
+merge_method: linear
+alignment: none
+""")
+    for i in range(LAYERS):
+        key = f"model.layers.{i}.self_attn.o_proj.weight"
+        t = i / (LAYERS - 1)
+        torch.testing.assert_close(out[key], (1 - t) * a[key] + t * b[key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out["lm_head.weight"], a["lm_head.weight"])  # t = 0 outside the layers, as in mergekit
+
+    out, _ = _merge(capsys, tmp_path, f"""
+models:
+  - model: {llamas["a"]}
+  - model: {llamas["b"]}
+merge_method: slerp
+base_model: {llamas["a"]}
+parameters:
+  t: [{{filter: self_attn, value: 0}}, {{filter: mlp, value: 1}}, {{value: 0}}]
+alignment: none
+""")
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+    torch.testing.assert_close(out["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(out["model.norm.weight"], a["model.norm.weight"])
+
+
+def test_passthrough_slices_build_a_deeper_model(llamas, tmp_path, capsys):
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    out, stdout = _merge(capsys, tmp_path, f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 3]}}]
+  - sources: [{{model: {llamas["b"]}, layer_range: [1, 4]}}]
+merge_method: passthrough
+dtype: bfloat16
+""")
+    assert "alignment does not apply" in stdout
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+    for j, (src, i) in enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]):
+        key = "self_attn.k_proj.weight"
+        assert torch.equal(out[f"model.layers.{j}.{key}"], src[f"model.layers.{i}.{key}"].to(torch.bfloat16))
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"].bfloat16())
+    assert torch.equal(out["lm_head.weight"], b["lm_head.weight"].bfloat16())
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+
+
+def test_slices_of_whole_models_keep_alignment_and_per_slice_parameters(llamas, tmp_path, capsys):
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    out, _ = _merge(capsys, tmp_path, f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 2]}}, {{model: {llamas["b"]}, layer_range: [0, 2]}}]
+    parameters: {{t: 0}}
+  - sources: [{{model: {llamas["a"]}, layer_range: [2, 4]}}, {{model: {llamas["b"]}, layer_range: [2, 4]}}]
+merge_method: slerp
+base_model: {llamas["a"]}
+parameters: {{t: 1}}
+alignment: none
+""")
+    key = "self_attn.v_proj.weight"
+    assert torch.equal(out[f"model.layers.1.{key}"], a[f"model.layers.1.{key}"])
+    torch.testing.assert_close(out[f"model.layers.2.{key}"], b[f"model.layers.2.{key}"])
+
+
+def _hub_cache(root: Path, repo: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    folder = root / ("models--" + repo.replace("/", "--"))
+    snap = folder / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in source.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    return root
+
+
+def test_repo_ids_resolve_from_the_cache_offline(llamas, tmp_path, capsys, monkeypatch):
+    cache = _hub_cache(tmp_path / "hub", "someorg/tiny-a", llamas["a"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = _merge(capsys, tmp_path, """
+models: [{model: someorg/tiny-a}, {model: "someorg/tiny-a@0123456789abcdef0123456789abcdef01234567"}]
+merge_method: linear
+alignment: none
+""")
+    a = load_file(llamas["a"] / "model.safetensors")
+    assert all(torch.equal(out[k], a[k]) for k in a)
+    recipe = tmp_path / "missing.yaml"
+    recipe.write_text("models: [{model: someorg/not-there}]\nmerge_method: linear\n")
+    expect_cli_error(capsys, "someorg/not-there is not a local folder", "merge", recipe, tmp_path / "o2")
+
+
+def test_lora_adapter_is_applied_before_merging(llamas, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    g = torch.Generator().manual_seed(3)
+    la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
+               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    out, _ = _merge(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    a = load_file(llamas["a"] / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[key], a[key] + 4.0 * lb @ la)
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], a["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_mergekit_command_line(llamas, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: dare_ties\n"
+                      f"base_model: {llamas['base']}\nparameters: {{density: 0.5, weight: 0.5, int8_mask: true}}\ndtype: float16\n")
+    code, out, err = run_cli(capsys, "merge", recipe, tmp_path / "out", "--cuda", "--lazy-unpickle", "--out-shard-size", "20KB",
+                             "--allow-crimes", "--random-seed", "3", "--copy-tokenizer", "-q")
+    assert code == 0, err
+    assert "--cuda" in out and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    expect_cli_error(capsys, "no output directory", "merge", recipe)
+
+
+def test_unknown_keys_are_refused_with_the_key(llamas, tmp_path, capsys):
+    a = llamas["a"]
+    for text, message in [
+        (f"models: [{{model: {a}}}]\nmerge_method: linear\nmodulez: 1\n", "modulez: Extra inputs are not permitted"),
+        (f"models: [{{model: {a}}}]\nmerge_method: linear\nparameters: {{weight: [{{filtr: mlp, value: 1}}]}}\n", "unknown key 'filtr'"),
+        (f"slices: [{{sources: [{{model: {a}, layer_range: [0, 2], laers: 1}}]}}]\nmerge_method: passthrough\n", "laers"),
+        (f"models: [{{model: {a}}}]\nslices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}]}}]\nmerge_method: linear\n", "exactly one of models"),
+        (f"models: [{{model: {a}, parameters: {{t: 0.3}}}}, {{model: {a}}}]\nmerge_method: ties\nbase_model: {a}\n", "unknown per-model parameter 't'"),
+    ]:
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(text)
+        expect_cli_error(capsys, message, "merge", recipe, tmp_path / "o")
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+def test_default_alignment_of_fine_tunes_of_one_base_is_the_identity(llamas, tmp_path, capsys, method):
+    """A pasted recipe aligns by default; for fine-tunes of one base that must change no output bit."""
+    base = f"base_model: {llamas['base']}\nparameters: {{density: 0.5, weight: 0.5}}\n" if method in ("ties", "dare_ties") else ""
+    text = f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: {method}\n{base}"
+    aligned, stdout = _merge(capsys, tmp_path / "aligned", text)
+    plain, _ = _merge(capsys, tmp_path / "plain", text + "alignment: none\n")
+    assert aligned.keys() == plain.keys()
+    assert all(torch.equal(aligned[k], plain[k]) for k in plain)
+    assert "alignment: identity" in stdout
