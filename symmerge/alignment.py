@@ -108,6 +108,8 @@ def align(
     match: str = "weights",
     calibration: list | None = None,
     learn_steps: int = 200,
+    learn_seconds: float | None = None,
+    learn_path: str = "random",
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -116,7 +118,8 @@ def align(
     (comma-separated or a list), ``"all"`` (the per-layer classes, default) or ``"none"``. ``match``:
     ``"weights"`` (data-free), ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
     model-input batches) or ``"learned"`` (weight matching refined for ``learn_steps`` steps to lower the midpoint
-    model's loss on ``calibration``, batches with labels). Returns an :class:`Alignment`; ``model`` is not modified.
+    model's loss on ``calibration``, batches with labels; ``learn_seconds`` caps its time; ``learn_path``: ``"random"``
+    points of the path, default, or ``"midpoint"``). Returns an :class:`Alignment`; ``model`` is not modified.
     """
     chosen = parse_symmetries(symmetries)
     ref_state, ref_config = as_state_and_config(reference, config)
@@ -130,7 +133,8 @@ def align(
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
-                             calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps)
+                             calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
+                             learn_seconds=learn_seconds, learn_path=learn_path)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)

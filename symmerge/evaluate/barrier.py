@@ -69,7 +69,8 @@ def model_for(config: Mapping, state: StateDict, untied: bool) -> torch.nn.Modul
 
 
 def run_study(reference: StateDict, model: StateDict, config: Mapping, settings: Sequence[str], evaluate: Evaluator,
-              points: int = 11, progress: bool = False, calibration: list | None = None, learn_steps: int = 200) -> Study:
+              points: int = 11, progress: bool = False, calibration: list | None = None, learn_steps: int = 200,
+              learn_seconds: float | None = None, learn_path: str = "random") -> Study:
     """For each alignment setting (``none``, a symmetry list, ``act:`` + a list for activation matching or
     ``learn:`` + a list for learned matching, both on ``calibration``), align ``model`` to ``reference`` and
     evaluate the linear path at ``points`` values of t."""
@@ -86,7 +87,8 @@ def run_study(reference: StateDict, model: StateDict, config: Mapping, settings:
         else:
             spec = spec or spec_for(config, reference.keys())
             result = align(reference, model, config=config, spec=spec, symmetries=chosen, progress=progress,
-                                    match=match, calibration=calibration, learn_steps=learn_steps)
+                                    match=match, calibration=calibration, learn_steps=learn_steps,
+                           learn_seconds=learn_seconds, learn_path=learn_path)
             a = result.merge_partner or (with_untied_head(reference, spec.residual) if "residual" in chosen else reference)
             b, distance = result.state_dict, result.report.distance_after
         setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=time.perf_counter() - start)

@@ -118,7 +118,8 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                                        max_length=data.max_length, num_examples=data.num_examples, batch_size=data.batch_size,
                                        labels=plan.match == "learned")
     options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
-                   calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps)
+                   calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
+                   learn_seconds=plan.recipe.alignment.learn_seconds)
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:

@@ -65,6 +65,7 @@ class AlignmentBlock(BaseModel):
     symmetries: str | list[str] = "all"
     match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
     learn_steps: int = Field(200, gt=0)
+    learn_seconds: float | None = Field(None, gt=0)
 
     @field_validator("symmetries")
     @classmethod
@@ -251,7 +252,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
-                       learn_steps: int = 200) -> Recipe:
+                       learn_steps: int = 200, learn_seconds: float | None = None) -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -260,7 +261,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "merge_method": method,
         "base_model": base,
         "parameters": params or {},
-        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps},
+        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
+                                                              **({"learn_seconds": learn_seconds} if learn_seconds else {})},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
