@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from symmerge.alignment import align
+from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
@@ -98,6 +98,13 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     return transforms, base_transform
 
 
+def iterative(plan: MergePlan) -> bool:
+    """Whether the models are aligned to a common basis iteratively (:func:`symmerge.alignment.align_many`): asked
+    for (``alignment.iterative``), three models or more, no base model, weight matching."""
+    return bool(plan.aligned and plan.recipe.alignment.iterative and plan.base is None and len(plan.models) >= 3
+                and plan.match == "weights")
+
+
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
                        result: MergeResult) -> tuple[list[dict], dict | None]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
@@ -120,6 +127,14 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
     options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
                    calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
                    learn_seconds=plan.recipe.alignment.learn_seconds)
+    if iterative(plan):  # K ≥ 3 models, no base: each to the mean of the others, in rounds (align_many)
+        many = align_many(list(states), reference=plan.reference_index, **options)
+        for i, name in enumerate(plan.names):
+            a = many.alignments[i]
+            result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
+                                      "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
+                                      "spread_history": many.spread_history}
+        return many.states, None
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
@@ -246,7 +261,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     base = LazyState(plan.base, lend) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
-    whole_models = plan.aligned and (residual or plan.match != "weights")
+    whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
     if whole_models:
         states, base = align_whole_models(plan, states, base, progress, result)
         transforms, base_transform = [None] * len(states), None

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from symmerge.errors import SymmergeError, cut, shorten
-from symmerge.groups import parse_symmetries
+from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for, tied_head
@@ -62,10 +62,11 @@ class ModelEntry(BaseModel):
 class AlignmentBlock(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reference: str | None = None
-    symmetries: str | list[str] = "all"
+    symmetries: str | list[str] = "auto"
     match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
     learn_steps: int = Field(200, gt=0)
     learn_seconds: float | None = Field(None, gt=0)
+    iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
 
     @field_validator("symmetries")
     @classmethod
@@ -252,7 +253,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
-                       learn_steps: int = 200, learn_seconds: float | None = None) -> Recipe:
+                       learn_steps: int = 200, learn_seconds: float | None = None, iterative: bool = False) -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -262,7 +263,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "base_model": base,
         "parameters": params or {},
         "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
-                                                              **({"learn_seconds": learn_seconds} if learn_seconds else {})},
+                                                              **({"learn_seconds": learn_seconds} if learn_seconds else {}),
+                                                              **({"iterative": True} if iterative else {})},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
@@ -358,7 +360,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
         check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
 
-    symmetries = frozenset() if recipe.alignment == "none" else parse_symmetries(recipe.alignment.symmetries)
+    auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
+    symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)
     spec, reference_index = None, None
     if symmetries:
         try:
@@ -367,6 +370,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
         for ckpt in everyone[1:]:
             check_same_shape(spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
+        if auto:  # per family (docs/DESIGN.md §2): with the residual map for pre-LN / RMSNorm models
+            symmetries = resolve_symmetries("auto", spec)
         # methods with a base align every model to the base by default (task vectors in the base's basis)
         reference_index = None if (method.needs_base and base is not None) else 0
         ref = recipe.alignment.reference
