@@ -36,7 +36,8 @@ SYMMETRIES_HELP = (
 
 SETTINGS_HELP = (
     "The symmetry classes of one alignment setting (as for align), repeatable: none, all, ffn, qk,vo, all,residual...; "
-    "prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all)."
+    "auto (per family, as align's default); prefix act: for activation matching or learn: for learned matching on the calibration "
+    "data; suffix +repair to REPAIR the path (default: none and all)."
 )
 
 
@@ -255,6 +256,7 @@ def barrier(
         "--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
     grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching (learn: settings).")] = 200,
+    repair: Annotated[bool, typer.Option("--repair", help="Also show each setting with the path REPAIRed (FFN statistics reset on --data).")] = False,
     learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Learned matching time budget, s.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
@@ -269,12 +271,14 @@ def barrier(
     from symmerge.spec import check_compatible
 
     settings = align_ or ["none", "all"]
+    if repair:
+        settings = [x for s in settings for x in (s, s + "+repair")]
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
     check_compatible(a, b, str(ckpt.path))
     calibration = None
-    if any(x.startswith(("act:", "learn:")) for x in settings):
+    if any(x.startswith(("act:", "learn:")) or x.endswith("+repair") for x in settings):
         calibration = load_calibration(data, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
                                        labels=any(x.startswith("learn:") for x in settings))
     study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,

@@ -107,3 +107,26 @@ def test_iterative_alignment_of_many_models_never_ends_above_the_star():
     many = align_many(states, config=config, symmetries="all", rounds=2)
     for i in (1, 2):
         assert max_output_diff(models[i][0], states[i], many.states[i], models[i][1]) <= TOL
+
+
+def test_repair_keeps_shapes_and_is_a_no_op_when_the_statistics_already_match():
+    """Repairing a model toward its own FFN statistics changes nothing (up to float error); shapes are kept."""
+    from symmerge.merge.repair import ffn_statistics, repair
+
+    a, make_inputs = make_model("gpt2", 0)
+    sa = a.state_dict()
+    spec = spec_for(a.config, sa.keys())
+    batches = [make_inputs(torch.Generator().manual_seed(i)) for i in range(2)]
+    stats = ffn_statistics(a.config, sa, batches, untie=False)
+    assert all(s is not None for s in stats)
+    out = repair(sa, a.config, spec, batches, stats, stats, 0.5)
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in sa.items()}
+    assert max(float((out[k] - sa[k]).abs().max()) for k in sa) < 1e-4
+    b, _ = make_model("gpt2", 1)
+    sb = b.state_dict()
+    mid = {k: (sa[k] + sb[k]) / 2 if sa[k].is_floating_point() else sa[k] for k in sa}
+    fixed = repair(mid, a.config, spec, batches, stats, ffn_statistics(a.config, sb, batches, untie=False), 0.5)
+    after = ffn_statistics(a.config, fixed, batches, untie=False)
+    target = ffn_statistics(a.config, sa, batches, untie=False)
+    # the first FFN sees unchanged inputs, so its statistics hit the target exactly
+    assert torch.allclose(after[0][1], (target[0][1] + ffn_statistics(a.config, sb, batches, untie=False)[0][1]) / 2, rtol=1e-3)
