@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from symmerge.errors import SymmergeError
-from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, parse_symmetries, random_transform
+from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, is_auto, parse_symmetries, random_transform, resolve_symmetries
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
-from symmerge.match import get_matcher, resolve_device, squared_distances, state_norm
+from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
 from symmerge.spec import ModelSpec, check_compatible, check_same_shape, spec_for, untied_head
 
 StateDict = Mapping[str, torch.Tensor]
@@ -108,6 +108,8 @@ def align(
     match: str = "weights",
     calibration: list | None = None,
     learn_steps: int = 200,
+    learn_seconds: float | None = None,
+    learn_path: str = "random",
     max_seconds: float | None = None,
     device: str | torch.device | None = "cpu",
     ray: Any = None,
@@ -116,10 +118,13 @@ def align(
 
     ``reference``, ``model``: Hugging Face modules or state dicts (then pass the HF ``config``, an object or the
     config.json dict, or a ready ``spec``). ``symmetries``: any of ``ffn, qk, vo, scale, heads, residual``
-    (comma-separated or a list), ``"all"`` (the per-layer classes, default) or ``"none"``. ``match``:
+    (comma-separated or a list), ``"all"`` (the per-layer classes, default), ``"none"``, or ``"auto"`` (per family:
+    ``all,residual`` where the residual group is a rotation group, else ``all``; with weight matching, the residual
+    map is kept only if it lowers the distance by ``AUTO_MARGIN`` over ``all`` alone). ``match``:
     ``"weights"`` (data-free), ``"activations"`` (cross-correlations of activations on ``calibration``, a list of
     model-input batches) or ``"learned"`` (weight matching refined for ``learn_steps`` steps to lower the midpoint
-    model's loss on ``calibration``, batches with labels). ``max_seconds``: a time budget for the residual
+    model's loss on ``calibration``, batches with labels; ``learn_seconds`` caps its time; ``learn_path``: ``"random"``
+    points of the path, default, or ``"midpoint"``). ``max_seconds``: a time budget for the residual
     coordinate descent (it stops before a round that would exceed it and keeps the best element so far).
     ``device``: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``: where the matcher's GEMMs, SVDs, quartics and
     statistics run (the LAPs always run on the CPU; the result is on the CPU). ``ray``: a
@@ -127,7 +132,8 @@ def align(
     to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
     cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified.
     """
-    chosen = parse_symmetries(symmetries)
+    auto = is_auto(symmetries)
+    chosen = None if auto else parse_symmetries(symmetries)
     device = resolve_device(device) if ray is None else ray.resolve_device(device)
     ref_state, ref_config = as_state_and_config(reference, config)
     model_state, model_config = as_state_and_config(model, config)
@@ -137,11 +143,16 @@ def align(
         spec = spec_for(ref_config, ref_state.keys())
         if model_config is not None and model_config is not ref_config:
             check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
+    if auto:
+        chosen = resolve_symmetries(symmetries, spec)
+        if "residual" in chosen and match == "weights":
+            return _auto_weights(reference, model, chosen, config=config, spec=spec, progress=progress, model_name=model_name,
+                                 max_seconds=max_seconds, device=device, ray=ray)
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
                              calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
-                             max_seconds=max_seconds, device=device, executor=ray)
+                             learn_seconds=learn_seconds, learn_path=learn_path, max_seconds=max_seconds, device=device, executor=ray)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
     start = time.perf_counter()
     aligned = apply_transform(model_state, spec, transform)
@@ -179,6 +190,86 @@ def align(
     )
     seconds["report"] = time.perf_counter() - start
     return Alignment(aligned, transform, report, spec, folded, still_folded)
+
+
+AUTO_MARGIN = 0.05
+"""``auto`` keeps the residual map only if it lowers the weight distance at least this much (relative) below the
+per-layer classes alone; otherwise it falls back to them (the residual map is then not trusted to help)."""
+
+
+def _auto_weights(reference: Any, model: Any, chosen: frozenset[str], **options: Any) -> Alignment:
+    """Data-free ``auto``: ``chosen`` (with the residual map) unless its distance is not ``AUTO_MARGIN`` below the
+    per-layer classes' alone; the report's ``matching["auto"]`` says which was kept and both distances."""
+    with_map = align(reference, model, symmetries=chosen, **options)
+    per_layer = align(reference, model, symmetries=chosen - {"residual"}, **options)
+    keep = with_map.report.distance_after <= (1 - AUTO_MARGIN) * per_layer.report.distance_after
+    kept = with_map if keep else per_layer
+    kept.report.matching["auto"] = {"kept": "all,residual" if keep else "all", "distance_with_residual": with_map.report.distance_after,
+                                    "distance_per_layer": per_layer.report.distance_after, "margin": AUTO_MARGIN}
+    return kept
+
+
+def _mean_state(states: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    common = [k for k in states[0] if all(k in st for st in states)]
+    return {k: sum(st[k].double() for st in states).div(len(states)).to(states[0][k].dtype) if states[0][k].is_floating_point()
+            else states[0][k] for k in common}
+
+
+def _spread(states: list[Mapping[str, torch.Tensor]]) -> float:
+    """``Σ_i ‖θ_i − θ̄‖²`` over the tensors every state holds: what a plain average of them has to bridge."""
+    mean = _mean_state(states)
+    return sum(state_distance({k: st[k] for k in mean}, mean) ** 2 for st in states)
+
+
+@dataclass
+class ManyAlignment:
+    """The result of :func:`align_many`: the reference (as the merge should use it) and every other model aligned to
+    the common basis, the spread ``Σ_i ‖θ_i − θ̄‖²`` after the star and after each round, and rounds run."""
+
+    states: list[dict[str, torch.Tensor]]
+    alignments: list[Alignment | None]  # None for the reference
+    spread_history: list[float]
+    rounds: int
+
+
+def align_many(models: list[Any], *, reference: int = 0, rounds: int = 5, rtol: float = 1e-3, **options: Any) -> ManyAlignment:
+    """Align K models to one common basis, iteratively: first every model to ``models[reference]`` (the star), then
+    in rounds each other model to the mean of all the others (the reference included, which stays fixed and fixes the
+    basis), until a round lowers the spread ``Σ_i ‖θ_i − θ̄‖²`` by less than ``rtol`` (relative) or ``rounds`` end.
+
+    A model's new element is kept only if it brings it closer to the mean of the others than it was; since
+    ``Σ_j ‖θ_j − θ̄‖² = (K−1)/K ‖θ_i − θ̄_{−i}‖² + (terms without θ_i)``, every kept step lowers the spread, so it
+    never ends above the star's. ``options`` go to :func:`align` (``symmetries``, ``config``, ``spec``, ``match``…).
+    """
+    base = models[reference]
+    alignments: list[Alignment | None] = [None] * len(models)
+    for i, m in enumerate(models):
+        if i != reference:
+            alignments[i] = align(base, m, model_name=f"model {i}", **options)
+    first = next(a for a in alignments if a is not None)
+    if first.folded_reference is None:
+        partner = as_state_and_config(base, options.get("config"))[0]
+    else:
+        partner = first.merge_partner or with_untied_head(as_state_and_config(base, options.get("config"))[0], first.spec.residual)
+    current = [partner if a is None else a.state_dict for a in alignments]
+    history = [_spread(current)]
+    done = 0
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            if i == reference:
+                continue
+            target = _mean_state([st for j, st in enumerate(current) if j != i])
+            candidate = align(target, m, model_name=f"model {i}", **options)
+            keys = [k for k in target if k in candidate.state_dict and k in current[i]]
+            now = state_distance({k: current[i][k] for k in keys}, {k: target[k] for k in keys})
+            new = state_distance({k: candidate.state_dict[k] for k in keys}, {k: target[k] for k in keys})
+            if new < now:
+                current[i], alignments[i] = candidate.state_dict, candidate
+        done += 1
+        history.append(_spread(current))
+        if history[-2] - history[-1] <= rtol * history[-2]:
+            break
+    return ManyAlignment(current, alignments, history, done)
 
 
 def apply_random_symmetry(model: Any, *, symmetries: str | Iterable[str] | None = "all", seed: int = 0, config: Any = None,

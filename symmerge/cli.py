@@ -30,12 +30,14 @@ app = typer.Typer(
 SYMMETRIES_HELP = (
     "Comma-separated symmetry classes to align: ffn (FFN neuron permutation), qk / vo (per-head rotations), "
     "scale (per-head rescaling), heads (head permutation), residual (residual-stream map, norms folded first); "
-    "all (= every per-layer class, without residual) / none. Example: all,residual."
+    "all (= every per-layer class, without residual) / none / auto (default for align and merge: all,residual for pre-LN "
+    "and RMSNorm families, all elsewhere; align falls back to all when the map lowers the weight distance < 5%). Example: all,residual."
 )
 
 SETTINGS_HELP = (
     "The symmetry classes of one alignment setting (as for align), repeatable: none, all, ffn, qk,vo, all,residual...; "
-    "prefix act: for activation matching or learn: for learned matching on the calibration data (default: none and all)."
+    "auto (per family, as align's default); prefix act: for activation matching or learn: for learned matching on the calibration "
+    "data; suffix +repair to REPAIR the path (default: none and all)."
 )
 
 
@@ -76,12 +78,13 @@ def align(
     reference: Annotated[Path, typer.Argument(help="Reference model directory (config.json + safetensors): the basis everything is aligned to.")],
     models: Annotated[list[Path], typer.Argument(help="One or more model directories to align to the reference.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; each aligned model is written to OUT/<model name>/.")],
-    symmetries: Annotated[str, typer.Option("--symmetries", "-s", help=SYMMETRIES_HELP)] = "all",
+    symmetries: Annotated[str, typer.Option("--symmetries", "-s", help=SYMMETRIES_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (unpickling can run code: only for files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no per-group table.")] = False,
     match: Annotated[str, typer.Option("--match", help="weights (data-free), activations or learned (both need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
+    learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Learned matching time budget, s.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
@@ -95,12 +98,13 @@ def align(
     reference is written to OUT/reference-folded/ to merge with.)
     """
     from symmerge.alignment import align as align_models
-    from symmerge.groups import parse_symmetries
+    from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
     from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
-    chosen = parse_symmetries(symmetries)
+    auto = is_auto(symmetries)
+    chosen = None if auto else parse_symmetries(symmetries)
     inputs = [reference, *models, data if data is not None and Path(data).exists() else None]
     check_output_dir(out, force, inputs)  # before any work: never an input, never something that is not ours
     executor = _executor(ray)
@@ -109,20 +113,21 @@ def align(
     ref_ckpt = open_checkpoint(reference, allow_pickle)
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
     ref_spec = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys())
+    chosen = resolve_symmetries(symmetries, ref_spec) if auto else chosen
     for ckpt in ckpts:
         check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     calibration = _calibration(match, data, ref_ckpt)
     ref_state = load_state_dict(ref_ckpt, file_backed=executor is not None)  # Ray tasks read the files themselves
-    rows, reports = [], {}
+    rows, reports, kept = [], {}, set()
     with atomic_output_dir(out, force, inputs) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
             state = load_state_dict(ckpt, file_backed=executor is not None)
-            result = align_models(ref_state, state, symmetries=chosen, config=ref_ckpt.config, spec=ref_spec, progress=not quiet,
-                                  model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
-                                  max_seconds=max_seconds, device=resolved, ray=executor)
+            result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
+                                  progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
+                                  learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor)
             write_start = time.perf_counter()
             write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
@@ -133,13 +138,16 @@ def align(
             r = result.report
             rows.append((name, r.distance_before, r.distance_after, r.relative_before, r.relative_after, time.perf_counter() - start))
             reports[name] = _report_json(ckpt.path, r)
+            kept |= set(r.symmetries)
             if not quiet:
                 echo(f"\n{name}:\n{r.table()}")
         (tmp / "alignment.json").write_text(json.dumps(
-            {"reference": str(ref_ckpt.path.resolve()), "family": ref_spec.family, "symmetries": sorted(chosen), "models": reports},
+            {"reference": str(ref_ckpt.path.resolve()), "family": ref_spec.family, "symmetries": sorted(kept if auto else chosen),
+             **({"requested": "auto"} if auto else {}), "models": reports},
             indent=2,
         ))
-    echo(f"\naligned to {ref_ckpt.path} ({ref_spec.family}, symmetries: {','.join(sorted(chosen)) or 'none'})")
+    shown = ','.join(sorted(kept if auto else chosen)) or 'none'
+    echo(f"\naligned to {ref_ckpt.path} ({ref_spec.family}, symmetries: {'auto → ' if auto else ''}{shown})")
     echo(f"{'model':<28} {'distance before':>16} {'→ after':>12} {'relative':>20} {'seconds':>8}")
     for name, before, after, rel_before, rel_after, secs in rows:
         echo(f"{name:<28} {before:>16.5g} {after:>12.5g} {f'{rel_before:.4g} → {rel_after:.4g}':>20} {secs:>8.2f}")
@@ -208,7 +216,7 @@ def merge(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (an HF model directory).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
-    align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "all",
+    align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "auto",
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
@@ -220,6 +228,8 @@ def merge(
     device: Annotated[Optional[str], typer.Option(
         "--device", help=DEVICE_HELP + " Overrides a recipe's alignment.device.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP + " Also with a recipe.")] = None,
+    learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Short form: learned matching time budget, s.")] = None,
+    iterative: Annotated[bool, typer.Option("--iterative/--star", help="Short form, 3+ models: align each to the mean of the others in rounds.")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -267,7 +277,7 @@ def merge(
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
                                           ("--param", param), ("--data", data), ("--dtype", dtype),
                                           ("--match", match if match != "weights" else None),
-                                          ("--max-seconds", max_seconds is not None)) if value]
+                                          ("--max-seconds", max_seconds is not None), ("--iterative", iterative)) if value]
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
@@ -288,7 +298,7 @@ def merge(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
-            max_seconds=max_seconds, device=device or "cpu",
+            max_seconds=max_seconds, device=device or "cpu", learn_seconds=learn_seconds, iterative=iterative,
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     if random_seed is not None:
@@ -329,6 +339,8 @@ def barrier(
         "--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
     grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching (learn: settings).")] = 200,
+    repair: Annotated[bool, typer.Option("--repair", help="Also show each setting with the path REPAIRed (FFN statistics reset on --data).")] = False,
+    learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Learned matching time budget, s.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -342,16 +354,18 @@ def barrier(
     from symmerge.spec import check_compatible
 
     settings = align_ or ["none", "all"]
+    if repair:
+        settings = [x for s in settings for x in (s, s + "+repair")]
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
     check_compatible(a, b, str(ckpt.path))
     calibration = None
-    if any(x.startswith(("act:", "learn:")) for x in settings):
+    if any(x.startswith(("act:", "learn:")) or x.endswith("+repair") for x in settings):
         calibration = load_calibration(data, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
                                        labels=any(x.startswith("learn:") for x in settings))
     study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,
-                      learn_steps=learn_steps)
+                      learn_steps=learn_steps, learn_seconds=learn_seconds)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
     echo(study.table())
     plot_curves([s.curve for s in study.settings], plot, title=f"{ref_ckpt.name} vs {ckpt.name}")

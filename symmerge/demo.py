@@ -14,6 +14,7 @@ import torch
 
 from symmerge.alignment import align, apply_random_symmetry
 from symmerge.assets import load_minilm, minilm_path  # noqa: F401  (re-exported for the README)
+from symmerge.data import load_calibration
 from symmerge.evaluate import make_evaluator, run_study
 from symmerge.evaluate.plots import plot_curves
 from symmerge.io import load_state_dict, open_checkpoint
@@ -90,9 +91,11 @@ def run_minilm_demo(seed: int = 0, echo: Callable[[str], None] = print) -> dict[
     return numbers
 
 
-def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] = print, zoo_entry: str = "vit-digits") -> dict:
+def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] = print, zoo_entry: str = "vit-digits",
+                 learn_seconds: float = 60.0) -> dict:
     """Two ViTs trained from different seeds (built once, then reused from .cache/zoo), aligned at increasing
-    strength, merged by averaging, and the loss along the path between them: the barrier table and its plot."""
+    strength — data-free and with data side by side — merged by averaging, and the loss along the path between them:
+    the barrier table, its plot, and one line saying which setting to use."""
     echo(f"building (or reusing) two {zoo_entry} models trained from seeds 0 and 1 ...")
     a_dir, b_dir = build(zoo_entry, 0), build(zoo_entry, 1)
     for d in (a_dir, b_dir):
@@ -100,20 +103,39 @@ def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] 
         echo(f"  {d}: test accuracy {r['test_accuracy']:.2%}")
     a_ckpt, b_ckpt = open_checkpoint(a_dir), open_checkpoint(b_dir)
     a, b = load_state_dict(a_ckpt), load_state_dict(b_ckpt)
-    settings = ["none", "ffn", "ffn,qk,vo", "all", "all,residual"]
-    echo("aligning B to A with growing sets of symmetries and evaluating the linear path between them ...")
-    study = run_study(a, b, a_ckpt.config, settings, make_evaluator("zoo", a_dir), points=11, progress=True)
+    data_free = ["none", "ffn", "all", "auto"]
+    with_data = ["act:all,residual", "learn:all,residual"]
+    echo("aligning B to A data-free (weights only) and with data (the training split), then evaluating the linear path")
+    echo(f"between them on the held-out split (learned matching: at most {learn_seconds:.0f} s) ...")
+    calibration = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64)
+    study = run_study(a, b, a_ckpt.config, data_free + with_data, make_evaluator("zoo", a_dir), points=11, progress=True,
+                      calibration=calibration, learn_steps=100_000, learn_seconds=learn_seconds)
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves([s.curve for s in study.settings], out / "barrier.png", title=f"{zoo_entry}: seed 0 vs seed 1")
-    (out / "barrier.json").write_text(json.dumps(study.rows(), indent=2))
+    rows = study.rows()
+    (out / "barrier.json").write_text(json.dumps(rows, indent=2))
+    lines = study.table().splitlines()
     echo("")
     echo("Averaging two independently trained models (t = 0.5) is a merge; the barrier is how far the loss rises")
     echo("above the straight line between the two endpoints. Distance is ‖A − B'‖ after aligning B to A.")
     echo("")
-    echo(study.table())
+    echo("-- data-free (weights only) --")
+    echo(lines[0])
+    for line in lines[1:1 + len(data_free)]:
+        echo(line)
+    echo("-- with calibration data --")
+    for line in lines[1 + len(data_free):]:
+        echo(line)
     echo("")
     echo(f"plot: {plot}   numbers: {out / 'barrier.json'}")
-    echo("settings: ffn = FFN permutations (Git Re-Basin); ffn,qk,vo = the seed paper's rotations; all = + rescaling")
-    echo("and head permutations; all,residual = + the residual-stream map (norms folded). Data-free weight matching.")
-    echo(f"Next: symmerge merge {a_dir} {b_dir} --method linear -s all,residual --out merged")
-    return {"rows": study.rows(), "plot": str(plot)}
+    echo("ffn = FFN permutations (Git Re-Basin); all = + per-head rotations, rescaling and head permutations; auto = the")
+    echo("default of align/merge (here all,residual: + the residual-stream map); act: = activation matching; learn: =")
+    echo("learned matching (residual map and per-head GL(d_h) trained on the path loss).")
+    best_free = min(rows[: len(data_free)], key=lambda r: r["barrier"])
+    best = min(rows, key=lambda r: r["barrier"])
+    how = {"act": "--match activations --data zoo", "learn": f"--match learned --data zoo --learn-seconds {learn_seconds:.0f}"}
+    setting = best["setting"]
+    flags = f"-s {setting.split(':')[-1]}" + (f" {how[setting.split(':')[0]]}" if ":" in setting else "")
+    echo(f"Use: symmerge merge {a_dir} {b_dir} --method linear {flags} --out merged   "
+         f"(barrier {best['barrier']:.2f} vs {best_free['barrier']:.2f} for the best data-free setting, {best_free['setting']})")
+    return {"rows": rows, "plot": str(plot), "recommended": setting}

@@ -80,7 +80,7 @@ def run_commands(model_dir: Path, other: Path, scratch: Path) -> None:
     """inspect, then a merge with alignment (reads every weight, aligns, writes): clean outcomes only."""
     assert_clean_outcome(*cli("inspect", model_dir))
     out = scratch / "out"
-    code, err = cli("merge", other, model_dir, "-m", "linear", "-o", out, "-q", "--shard-size", "20KB")
+    code, err = cli("merge", other, model_dir, "-m", "linear", "-s", "all", "-o", out, "-q", "--shard-size", "20KB")
     assert_clean_outcome(code, err, out)
     shutil.rmtree(out, ignore_errors=True)
 
@@ -342,6 +342,6 @@ def test_unmutated_inputs_succeed(models):
         with scratch_copy(models[name]) as (model_dir, scratch):
             assert cli("inspect", model_dir)[0] == 0
             out = scratch / "out"
-            code, err = cli("merge", models["b"], model_dir, "-m", "linear", "-o", out, "-q", "--shard-size", "20KB")
+            code, err = cli("merge", models["b"], model_dir, "-m", "linear", "-s", "all", "-o", out, "-q", "--shard-size", "20KB")
             assert code == 0, err
             assert (out / "model.safetensors.index.json").is_file()

@@ -12,12 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from symmerge.alignment import align
-from symmerge.evaluate.interpolation import Curve, interpolation_curve
+from symmerge.errors import SymmergeError
+from symmerge.evaluate.interpolation import Curve, interpolate, interpolation_curve
 from symmerge.evaluate.tasks import Evaluator
-from symmerge.groups import parse_symmetries
+from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.groups.residual import with_untied_head
 from symmerge.io.hf import build_model, load_weights, untied_config
 from symmerge.match import state_distance
+from symmerge.merge.repair import ffn_statistics, repair
 from symmerge.spec import spec_for
 
 StateDict = Mapping[str, torch.Tensor]
@@ -69,32 +71,81 @@ def model_for(config: Mapping, state: StateDict, untied: bool) -> torch.nn.Modul
 
 
 def run_study(reference: StateDict, model: StateDict, config: Mapping, settings: Sequence[str], evaluate: Evaluator,
-              points: int = 11, progress: bool = False, calibration: list | None = None, learn_steps: int = 200) -> Study:
+              points: int = 11, progress: bool = False, calibration: list | None = None, learn_steps: int = 200,
+              learn_seconds: float | None = None, learn_path: str = "random", repair_batches: int = 8) -> Study:
     """For each alignment setting (``none``, a symmetry list, ``act:`` + a list for activation matching or
-    ``learn:`` + a list for learned matching, both on ``calibration``), align ``model`` to ``reference`` and
-    evaluate the linear path at ``points`` values of t."""
+    ``learn:`` + a list for learned matching, both on ``calibration``; a ``+repair`` suffix also repairs every
+    interior point of the path on the first ``repair_batches`` calibration batches, :mod:`symmerge.merge.repair`),
+    align ``model`` to ``reference`` and evaluate the linear path at ``points`` values of t. A setting and its
+    ``+repair`` twin share one alignment."""
     spec = None
     study = Study()
     ts = [i / (points - 1) for i in range(points)]
     models: dict[bool, torch.nn.Module] = {}
+    found: dict[str, tuple] = {}
     for label in settings:
-        match = {"act": "activations", "learn": "learned"}.get(label.split(":")[0], "weights") if ":" in label else "weights"
-        chosen = parse_symmetries(label.split(":")[-1])
+        repaired = label.endswith(REPAIR_SUFFIX)
+        key = label.removesuffix(REPAIR_SUFFIX)
+        match = {"act": "activations", "learn": "learned"}.get(key.split(":")[0], "weights") if ":" in key else "weights"
+        symmetries = key.split(":")[-1]
+        if is_auto(symmetries):
+            spec = spec or spec_for(config, reference.keys())
+        chosen = resolve_symmetries(symmetries, spec) if is_auto(symmetries) else parse_symmetries(symmetries)
         start = time.perf_counter()
-        if not chosen:
+        if key in found:
+            a, b, distance, seconds = found[key]
+        elif not chosen:
             a, b, distance = reference, model, state_distance(reference, model)
         else:
             spec = spec or spec_for(config, reference.keys())
-            result = align(reference, model, config=config, spec=spec, symmetries=chosen, progress=progress,
-                                    match=match, calibration=calibration, learn_steps=learn_steps)
+            result = align(reference, model, config=config, spec=spec, symmetries=symmetries if is_auto(symmetries) else chosen,
+                           progress=progress,
+                           match=match, calibration=calibration, learn_steps=learn_steps,
+                           learn_seconds=learn_seconds, learn_path=learn_path)
             a = result.merge_partner or (with_untied_head(reference, spec.residual) if "residual" in chosen else reference)
             b, distance = result.state_dict, result.report.distance_after
-        setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=time.perf_counter() - start)
+            chosen = frozenset(result.report.symmetries)  # auto may fall back to the per-layer classes
+            if "residual" not in chosen:
+                a = reference
+        if key not in found:
+            seconds = time.perf_counter() - start
+            found[key] = (a, b, distance, seconds)
+        setting = Setting(label, a, b, distance, untied="residual" in chosen, seconds=seconds)
         if setting.untied not in models:
             models[setting.untied] = model_for(config, reference, setting.untied)
-        setting.curve = interpolation_curve(models[setting.untied], a, b, evaluate, ts, label=label, progress=progress)
+        if repaired:
+            if not calibration:
+                raise SymmergeError("+repair needs calibration data")
+            spec = spec or spec_for(config, reference.keys())
+            begin = time.perf_counter()
+            setting.curve = repaired_curve(models[setting.untied], a, b, evaluate, ts, config, spec, calibration[:repair_batches],
+                                           setting.untied, label=label, progress=progress)
+            setting.seconds += time.perf_counter() - begin
+        else:
+            setting.curve = interpolation_curve(models[setting.untied], a, b, evaluate, ts, label=label, progress=progress)
         study.settings.append(setting)
     return study
+
+
+REPAIR_SUFFIX = "+repair"
+
+
+def repaired_curve(model: torch.nn.Module, a: StateDict, b: StateDict, evaluate: Evaluator, ts: Sequence[float], config: Mapping,
+                   spec, batches: list, untied: bool, label: str = "", progress: bool = False) -> Curve:
+    """The path with every interior point repaired toward the endpoints' interpolated FFN statistics."""
+    stats_a, stats_b = ffn_statistics(config, a, batches, untied), ffn_statistics(config, b, batches, untied)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = []
+    try:
+        for t in tqdm(ts, desc=f"interpolating {label}".strip(), unit="point", disable=not progress, leave=False):
+            state = interpolate(a, b, float(t))
+            if 0 < t < 1:
+                state = repair(state, config, spec, batches, stats_a, stats_b, float(t), untie=untied)
+            load_weights(model, state)
+            metrics.append(evaluate(model))
+    finally:
+        model.load_state_dict(saved)
+    return Curve(label, [float(t) for t in ts], metrics)
 
 
 def landscape(setting: Setting, unaligned: StateDict, config: Mapping, evaluate: Evaluator, grid: int = 9,

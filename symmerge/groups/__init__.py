@@ -23,18 +23,21 @@ from symmerge.groups.random import (
 )
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.groups.transform import (
+    AUTO,
     PER_LAYER_CLASSES,
     SYMMETRY_CLASSES,
     ModelTransform,
     apply_to_group,
     apply_transform,
+    is_auto,
     parse_symmetries,
     require_residual,
+    resolve_symmetries,
 )
 
 __all__ = [
     "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
-    "apply_to_group", "apply_transform", "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn",
+    "apply_to_group", "apply_transform", "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn", "resolve_symmetries", "is_auto", "AUTO",
     "plane_rotation_matrix", "random_orthogonal", "random_plane_rotation", "random_residual", "random_transform", "read_ffn",
     "read_heads", "require_residual", "rope_planes", "transform_heads", "write_ffn",
 ]

@@ -10,8 +10,11 @@ applied to K/V head ``g`` and to every query head of its group:
     W_V   → diag(c) S^T W_V      b_V   → b_V S diag(c)      W_O^h → W_O^h S diag(c)^{-1}  (b_O unchanged)
 
 ``q k^T`` and ``v W_O^{hT}`` are unchanged because ``R R^T = S S^T = I`` and the diagonal scales cancel (any
-diagonal scale is in GL(d_h)). Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it
-(:func:`rope_planes`); the spec says which.
+diagonal scale is in GL(d_h)). With ``general=True`` (learned matching), ``R`` and ``S`` may be any
+invertible matrices ``A``, ``B``: the Q side takes ``A^T``, the K side ``A^{-1}``, the V side ``B^T`` and the
+O side ``B^{-T}`` (``q A A^{-1} k^T = q k^T``, ``W_O B^{-T} B^T v = W_O v``): the full GL(d_h) of each KV head.
+Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it (:func:`rope_planes`); the spec
+says which.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class HeadTransform:
     qk_scale: torch.Tensor  # (H_kv, d_h)
     vo_rotation: torch.Tensor  # (H_kv, d_h, d_h)
     vo_scale: torch.Tensor  # (H_kv, d_h)
+    general: bool = False  # rotations are any invertible matrices (GL(d_h)): K and O sides use the inverse
 
     @classmethod
     def identity(cls, num_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, num_kv_heads: int | None = None) -> HeadTransform:
@@ -159,13 +163,16 @@ def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     def bias(b: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # b R diag(s)
         return s * (b.unsqueeze(1) @ rot).squeeze(1)
 
+    # K and O sides: R^{-T} (= R for a rotation) so that every pair of sides cancels
+    rk = torch.linalg.inv(x.qk_rotation).transpose(-1, -2) if x.general else x.qk_rotation
+    rv = torch.linalg.inv(x.vo_rotation).transpose(-1, -2) if x.general else x.vo_rotation
     rq, aq = per_query(x.qk_rotation), per_query(x.qk_scale)
-    so, co = per_query(x.vo_rotation), per_query(x.vo_scale)
+    so, co = per_query(rv), per_query(x.vo_scale)
     return HeadTensors(
         q=rows(t.q[p], rq, aq),
         q_bias=bias(t.q_bias[p], rq, aq),
-        k=rows(t.k[pk], x.qk_rotation, 1 / x.qk_scale),
-        k_bias=bias(t.k_bias[pk], x.qk_rotation, 1 / x.qk_scale),
+        k=rows(t.k[pk], rk, 1 / x.qk_scale),
+        k_bias=bias(t.k_bias[pk], rk, 1 / x.qk_scale),
         v=rows(t.v[pk], x.vo_rotation, x.vo_scale),
         v_bias=bias(t.v_bias[pk], x.vo_rotation, x.vo_scale),
         o=(t.o[p] @ so) / co.unsqueeze(1),

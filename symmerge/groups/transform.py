@@ -42,6 +42,8 @@ parametrisation of every model involved (gains become 1, a tied LM head is untie
 
 def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
     """``"ffn,qk,vo"`` / ``["ffn", "qk"]`` / ``"all"`` / ``"none"`` → a validated set of class names."""
+    if is_auto(value):
+        raise SymmergeError("symmetries auto resolves per model family: pass a spec (resolve_symmetries), or name the classes")
     if value is None or value == "all":
         return frozenset(PER_LAYER_CLASSES)
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
@@ -53,6 +55,23 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
     if unknown:
         raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all or none")
     return frozenset(names)
+
+
+AUTO = "auto"
+
+
+def is_auto(value: object) -> bool:
+    return isinstance(value, str) and value.strip() == AUTO
+
+
+def resolve_symmetries(value: str | Iterable[str] | None, spec: ModelSpec) -> frozenset[str]:
+    """``auto``: every per-layer class, plus the residual map where the family's residual group is a rotation group
+    (pre-LN LayerNorm and RMSNorm models; not post-LN, whose residual symmetries are permutations only, nor families
+    without one). Anything else: :func:`parse_symmetries`."""
+    if is_auto(value):
+        residual = spec.residual is not None and spec.residual.kind != "permutation"
+        return frozenset(PER_LAYER_CLASSES) | ({"residual"} if residual else frozenset())
+    return parse_symmetries(value)
 
 
 def require_residual(spec: ModelSpec) -> ResidualGroup:

@@ -4,7 +4,8 @@ A matcher finds the group element bringing ``model`` closest to ``reference`` by
 (data-free), activations or a learned midpoint loss — and has one signature::
 
     matcher(reference, model, spec, symmetries, *, config=None, calibration=None, progress=False,
-            model_name="model", learn_steps=200, max_seconds=None, device=None, executor=None) -> Fit
+            model_name="model", learn_steps=200, max_seconds=None, device=None, executor=None,
+            learn_seconds=None, learn_path="random") -> Fit
 
 ``reference`` and ``model`` are state dicts of one ``spec``; ``symmetries`` a validated set of class names;
 ``max_seconds`` a time budget for iterative searches (the residual descent), ``None`` for none; ``device`` the

@@ -1,14 +1,30 @@
-"""Learned matching: tune the alignment so that the *midpoint* model ``(θ_A + T(θ_B)) / 2`` has low loss on
-calibration data (Git Re-Basin's straight-through estimator, extended to rotations; cf. Theus et al. 2025).
+"""Learned matching: tune the alignment so that the linear path ``(1 − t) θ_A + t T(θ_B)`` has low loss on
+calibration data (Git Re-Basin's straight-through estimator for the discrete parts; cf. Theus et al. 2025, GLMC).
 
-Latent matrices are projected onto their group at every step and the projection is used in the forward pass,
-with the gradient passed straight through to the latent: orthogonal maps by SVD (the residual map, per-KV-head QK
-and VO rotations; RoPE planes stay block rotations), FFN permutations by an exact LAP. Head permutations and
-scales stay as weight matching found them. Starts from weight matching, seeded, with a step budget.
+Starts from weight matching (residual map included) and learns every continuous part on its group manifold:
+
+- the residual map as ``Q = Q₀ exp(K)``, ``K`` skew-symmetric (and ``K 1 = 0`` for pre-LN LayerNorm models, so
+  ``Q`` keeps fixing the all-ones direction): exactly orthogonal at every step;
+- per KV head, the full GL(d_h) of attention where both a rotation class and ``scale`` are chosen:
+  ``A = A₀ exp(X)`` (``A₀`` = weight matching's rotation × scale), Q side ``A^T``, K side ``A^{-1}``; V side
+  ``B^T``, O side ``B^{-T}``; with a rotation class alone, ``A = R₀ exp(X − X^T)``; RoPE heads keep a block
+  rotation per plane (straight-through projection), per-head q/k norms keep QK fixed;
+- FFN permutations (and post-LN residual permutations) by an exact LAP on latent scores with straight-through
+  gradients. Head permutations stay as weight matching found them.
+
+Each step evaluates one calibration batch at one point of the path (``t ~ U(0.2, 0.8)``, the default
+``path="random"``, which lowers the whole path; or ``t = 1/2`` with ``path="midpoint"``); Adam with a cosine decay
+over the budget. The *objective* is the mean loss over the held-out calibration batches (every 4th, when
+there are 4 or more; else all) at fixed points of the path
+(``t = 1/2``; ``t ∈ {1/4, 1/2, 3/4}`` for ``path="random"``); it is evaluated at the start (weight matching),
+every ``eval_every`` steps and at the end, and the best element evaluated is returned: never worse than the start
+by the objective. Budgets: ``steps`` and ``seconds``, whichever ends first.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,9 +35,8 @@ from tqdm.auto import tqdm
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group
 from symmerge.groups.heads import HeadTransform, plane_rotation_matrix
-from symmerge.groups.residual import apply_residual, centered_basis, embed_centered, fold_norms
+from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.io.hf import build_model, untied_config
-from symmerge.match.device import CPU
 from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
 from symmerge.match.procrustes import procrustes
@@ -29,35 +44,38 @@ from symmerge.match.weights import match_weights
 from symmerge.spec import ModelSpec, StateView
 from symmerge.spec.base import FFNGroup
 
+PATHS = ("midpoint", "random")
+
 
 def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     """The projection's value with the latent's gradient (∂ projected / ∂ latent taken as the identity)."""
     return projected.detach() + latent - latent.detach()
 
 
-def _project_orthogonal(latent: torch.Tensor, kind: str) -> torch.Tensor:
+def _project_planes(latent: torch.Tensor) -> torch.Tensor:
+    """RoPE: the nearest rotation of each plane (i, i + d_h/2) of (H, d_h, d_h) latents, straight through."""
     with torch.no_grad():
-        if kind == "centered":
-            v = centered_basis(latent.shape[0]).to(device=latent.device, dtype=latent.dtype)
-            q = embed_centered(procrustes(v.T @ latent @ v).cpu()).to(device=latent.device, dtype=latent.dtype)
-        elif kind == "planes":  # RoPE: a rotation of each plane (i, i + d_h/2), (H, d_h, d_h) block matrices
-            half = latent.shape[-1] // 2
-            i = torch.arange(half)
-            blocks = torch.stack([torch.stack([latent[:, i, i], latent[:, i, i + half]], -1),
-                                  torch.stack([latent[:, i + half, i], latent[:, i + half, i + half]], -1)], -2)
-            r = procrustes(blocks.double(), proper=True)
-            q = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0]).to(latent.dtype)
-        else:
-            q = procrustes(latent.double()).to(latent.dtype)
+        half = latent.shape[-1] // 2
+        i = torch.arange(half)
+        blocks = torch.stack([torch.stack([latent[:, i, i], latent[:, i, i + half]], -1),
+                              torch.stack([latent[:, i + half, i], latent[:, i + half, i + half]], -1)], -2)
+        r = procrustes(blocks.double(), proper=True)
+        q = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0]).to(latent.dtype)
     return _straight_through(q, latent)
 
 
 def _permutation_matrix(latent: torch.Tensor) -> torch.Tensor:
     """Straight-through dense permutation ``P`` (``P[j, perm[j]] = 1``) from an exact LAP on the latent scores."""
-    perm = torch.from_numpy(solve_lap(latent.detach().cpu()))
+    perm = torch.from_numpy(solve_lap(latent.detach()))
     p = torch.zeros_like(latent)
     p[torch.arange(len(perm)), perm] = 1.0
     return _straight_through(p, latent)
+
+
+def _one_hot(perm: torch.Tensor) -> torch.Tensor:
+    scores = torch.zeros(len(perm), len(perm))
+    scores[torch.arange(len(perm)), perm] = 1.0
+    return scores
 
 
 def _apply_ffn_dense(view: StateView, group: FFNGroup, p: torch.Tensor) -> None:
@@ -68,96 +86,209 @@ def _apply_ffn_dense(view: StateView, group: FFNGroup, p: torch.Tensor) -> None:
         view.set(slot, view.get(slot) @ p.T)
 
 
+class _Parametrisation:
+    """The learnable element: base matrices from weight matching, generators (zero at the start) and latents."""
+
+    def __init__(self, spec: ModelSpec, init: ModelTransform, symmetries: frozenset[str], learn_ffn: bool):
+        self.spec, self.init = spec, init
+        self.params: dict[str, torch.Tensor] = {}
+        self.residual_kind = spec.residual.kind if init.residual is not None else None
+        if init.residual is not None:  # post-LN: latent scores (Q itself: its LAP is Q); else a skew generator
+            self.params["residual"] = (init.residual.float().clone() if self.residual_kind == "permutation"
+                                       else torch.zeros(init.residual.shape)).requires_grad_(True)
+        if learn_ffn:
+            for name, perm in init.ffn.items():
+                self.params[f"ffn/{name}"] = _one_hot(perm).requires_grad_(True)
+        self.kinds: dict[str, str] = {}
+        for group in spec.attention:
+            if group.name not in init.heads:
+                continue
+            x = init.heads[group.name]
+            for side, cls in (("qk", "qk"), ("vo", "vo")):
+                if side == "qk" and group.qk_fixed:
+                    continue
+                if side == "qk" and group.rope:
+                    if "qk" in symmetries:
+                        self.kinds[f"qk/{group.name}"] = "planes"
+                        self.params[f"qk/{group.name}"] = x.qk_rotation.float().clone().requires_grad_(True)
+                    continue
+                if cls in symmetries and "scale" in symmetries:
+                    kind = "general"
+                elif cls in symmetries:
+                    kind = "orthogonal"
+                elif "scale" in symmetries:
+                    kind = "diagonal"
+                else:
+                    continue
+                self.kinds[f"{side}/{group.name}"] = kind
+                n, dh = x.qk_scale.shape
+                self.params[f"{side}/{group.name}"] = torch.zeros((n, dh) if kind == "diagonal" else (n, dh, dh)).requires_grad_(True)
+        # a rotation is its own inverse-transpose, so general=True (K, O sides by the inverse) covers every kind
+        self.general = "general" in self.kinds.values()
+        if init.residual is not None and self.residual_kind != "permutation":
+            d = init.residual.shape[0]
+            self.centre = torch.eye(d, dtype=torch.float64) - (1.0 / d if self.residual_kind == "centered" else 0.0)
+
+    def residual(self, dtype: torch.dtype) -> torch.Tensor:
+        x = self.params["residual"]
+        if self.residual_kind == "permutation":
+            return _permutation_matrix(x).to(dtype)
+        c = self.centre.to(dtype)
+        k = c @ (x - x.T).to(dtype) @ c  # skew, and K 1 = 0 for the centred group
+        return self.init.residual.to(dtype) @ torch.linalg.matrix_exp(k)
+
+    def head(self, name: str, dtype: torch.dtype) -> HeadTransform:
+        x = self.init.heads[name]
+        out = {}
+        for side, rot, scale in (("qk", x.qk_rotation, x.qk_scale), ("vo", x.vo_rotation, x.vo_scale)):
+            key, base_r, base_s = f"{side}/{name}", rot.to(dtype), scale.to(dtype)
+            kind = self.kinds.get(key)
+            p = self.params.get(key)
+            if kind is None:
+                r, s = base_r, base_s
+            elif kind == "planes":
+                r, s = _project_planes(p).to(dtype), base_s
+            elif kind == "orthogonal":
+                r, s = base_r @ torch.linalg.matrix_exp((p - p.transpose(-1, -2)).to(dtype)), base_s
+            elif kind == "diagonal":
+                r, s = base_r, base_s * torch.exp(p.to(dtype))
+            else:  # general: A = R₀ diag(a₀) exp(X), scale folded into the matrix
+                r, s = (base_r * base_s.unsqueeze(-2)) @ torch.linalg.matrix_exp(p.to(dtype)), torch.ones_like(base_s)
+            out[side] = (r, s)
+        return HeadTransform(x.perm, x.kv_perm, out["qk"][0], out["qk"][1], out["vo"][0], out["vo"][1], general=self.general)
+
+    def transform(self, dtype: torch.dtype = torch.float32) -> ModelTransform:
+        t = ModelTransform()
+        if self.init.residual is not None:
+            t.residual = self.residual(dtype)
+        for name, perm in self.init.ffn.items():
+            key = f"ffn/{name}"
+            t.ffn[name] = _permutation_matrix(self.params[key]).detach().argmax(1) if key in self.params else perm
+        for name in self.init.heads:
+            t.heads[name] = self.head(name, dtype)
+        return t
+
+    def apply(self, model: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``T(model)``, differentiable in the parameters."""
+        state = dict(model)
+        if self.init.residual is not None:
+            state = apply_residual(state, self.spec.residual, self.residual(torch.float64))
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        view = StateView(state)
+        for group in self.spec.ffn:
+            key = f"ffn/{group.name}"
+            if key in self.params:
+                _apply_ffn_dense(view, group, _permutation_matrix(self.params[key]))
+            elif group.name in self.init.ffn:
+                apply_to_group(view, group, ModelTransform(ffn={group.name: self.init.ffn[group.name]}))
+        for group in self.spec.attention:
+            if group.name in self.init.heads:
+                apply_to_group(view, group, ModelTransform(heads={group.name: self.head(group.name, torch.float32)}))
+        return dict(view.state)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def restore(self, snap: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in snap.items():
+                self.params[k].copy_(v)
+
+
+def _on_path(reference: Mapping[str, torch.Tensor], aligned: Mapping[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+    return {k: (1 - t) * reference[k].float() + t * v.float() if v.is_floating_point() else v for k, v in aligned.items()}
+
+
 def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                    init: ModelTransform, loss: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *, steps: int = 200,
-                    lr: float = 1e-2, seed: int = 0, progress: bool = False, device: torch.device | None = None) -> tuple[ModelTransform, list[float]]:
-    """Learn the residual map, per-head rotations and FFN permutations of ``init`` (weight matching's result).
+                    init: ModelTransform, loss: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor], batches: list, *,
+                    symmetries: frozenset[str] = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"}),
+                    steps: int = 200, seconds: float | None = None, lr: float = 3e-3, seed: int = 0, path: str = "random",
+                    learn_ffn: bool = True, eval_every: int | None = None, progress: bool = False) -> tuple[ModelTransform, dict]:
+    """Learn the continuous parts (and FFN permutations) of ``init``, weight matching's result (module docstring).
 
     ``reference`` and ``model`` must already be in a common parametrisation (both folded when ``init`` has a
-    residual map); ``loss(state)`` evaluates a state dict (checkpoint names) on calibration data. Returns the
-    transform with the lowest midpoint loss seen (never worse than ``init``, the first step) and the loss per step.
-    ``device``: where the states, latents and projections live (``loss`` must evaluate there: :func:`midpoint_loss`
-    with the same device); the LAPs run on the CPU and the transform is returned on the CPU.
+    residual map); ``loss(state, batch)`` evaluates a state dict (checkpoint names) on one calibration batch.
+    Returns the element with the lowest objective evaluated (``init`` is the first) and a record: the objective and
+    midpoint loss at the start and of the element returned, the per-step batch losses, steps run and seconds.
     """
+    if path not in PATHS:
+        raise SymmergeError(f"learned matching path must be one of {', '.join(PATHS)}, got {path!r}")
+    begin = time.perf_counter()
     torch.manual_seed(seed)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    reference = {k: v.to(device) for k, v in reference.items()}
-    model = {k: v.to(device) for k, v in model.items()}
-    latents: dict[str, torch.Tensor] = {}
-    if init.residual is not None:
-        latents["residual"] = init.residual.float().to(device).clone().requires_grad_(True)
-    for name, perm in init.ffn.items():
-        scores = torch.zeros(len(perm), len(perm), device=device)
-        scores[torch.arange(len(perm)), perm] = 1.0
-        latents[f"ffn/{name}"] = scores.requires_grad_(True)
-    qk_fixed = {g.name for g in spec.attention if g.qk_fixed}  # no QK rotation is a symmetry there: keep init's (identity)
-    for name, x in init.heads.items():
-        if name not in qk_fixed:
-            latents[f"qk/{name}"] = x.qk_rotation.float().to(device).clone().requires_grad_(True)
-        latents[f"vo/{name}"] = x.vo_rotation.float().to(device).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam(latents.values(), lr=lr)
-    rope = {g.name: g.rope for g in spec.attention}
+    rng = random.Random(seed)
+    param = _Parametrisation(spec, init, symmetries, learn_ffn)
+    optimizer = torch.optim.Adam(param.params.values(), lr=lr) if param.params else None
+    objective_ts = (0.5,) if path == "midpoint" else (0.25, 0.5, 0.75)
+    # with 4 batches or more, every 4th is held out: the objective is measured on batches no step trained on, so
+    # keeping its best element is early stopping against overfitting the calibration data
+    held = batches[3::4] if len(batches) >= 4 else batches
+    train = [b for i, b in enumerate(batches) if i % 4 != 3] if len(batches) >= 4 else batches
+    eval_every = eval_every or max(1, min(25, steps // 4))
+
+    @torch.no_grad()
+    def objective() -> tuple[float, float]:
+        aligned = param.apply(model)
+        per_t = {t: sum(float(loss(_on_path(reference, aligned, t), b)) for b in held) / len(held) for t in objective_ts}
+        return sum(per_t.values()) / len(per_t), per_t[0.5]
+
+    first, first_mid = objective()
+    best = (first, first_mid, param.snapshot(), 0)
+    evaluations = [(0, first)]
     history: list[float] = []
-
-    def current(project: Callable) -> tuple[dict, ModelTransform]:
-        transform = ModelTransform()
-        state = dict(model)
-        if "residual" in latents:
-            kind = spec.residual.kind  # post-LN / sandwich norms: only permutations are symmetries, not rotations
-            transform.residual = _permutation_matrix(latents["residual"]) if kind == "permutation" else project("residual", kind)
-            state = apply_residual(state, spec.residual, transform.residual)
-        view = StateView(state)
-        for group in spec.ffn:
-            if f"ffn/{group.name}" in latents:
-                p = _permutation_matrix(latents[f"ffn/{group.name}"])
-                transform.ffn[group.name] = p.detach().argmax(1)
-                _apply_ffn_dense(view, group, p)
-        for group in spec.attention:
-            if group.name in init.heads:
-                x = init.heads[group.name]
-                qk = x.qk_rotation.float() if group.name in qk_fixed else project(f"qk/{group.name}", "planes" if rope[group.name] else "orthogonal")
-                x = HeadTransform(x.perm, x.kv_perm, qk, x.qk_scale.float(),
-                                  project(f"vo/{group.name}", "orthogonal"), x.vo_scale.float())
-                transform.heads[group.name] = x
-                apply_to_group(view, group, ModelTransform(heads={group.name: x}))
-        return dict(view.state), transform
-
-    def project(key: str, kind: str) -> torch.Tensor:
-        return _project_orthogonal(latents[key], kind)
-
-    best_value, transform = float("inf"), None
-    for _ in tqdm(range(steps), desc="learned matching", unit="step", disable=not progress, leave=False):
-        aligned, candidate = current(project)
-        midpoint = {k: (reference[k].float() + v.float()) / 2 if v.is_floating_point() else v for k, v in aligned.items()}
-        value = loss(midpoint)
-        history.append(value.item())
-        if history[-1] < best_value:  # projections jump: keep the best element seen (step 0 is weight matching's)
-            best_value, transform = history[-1], candidate
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-    final = ModelTransform(ffn={k: v.cpu().clone() for k, v in transform.ffn.items()},
-                           heads={k: HeadTransform(x.perm, x.kv_perm, x.qk_rotation.detach(), x.qk_scale.detach(),
-                                                   x.vo_rotation.detach(), x.vo_scale.detach()).to(torch.float64, CPU)
-                                  for k, x in transform.heads.items()},
-                           residual=None if transform.residual is None else transform.residual.detach().double().cpu())
-    return final, history
+    order: list[int] = []
+    step, diverged = 0, False
+    with tqdm(total=steps, desc="learned matching", unit="step", disable=not progress, leave=False) as bar:
+        while optimizer is not None and step < steps and (seconds is None or time.perf_counter() - begin < seconds):
+            if not order:
+                order = rng.sample(range(len(train)), len(train))
+            done = max(step / steps, (time.perf_counter() - begin) / seconds if seconds else 0.0)
+            for g in optimizer.param_groups:  # cosine decay over whichever budget runs out first
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+            t = 0.5 if path == "midpoint" else rng.uniform(0.2, 0.8)
+            value = loss(_on_path(reference, param.apply(model), t), train[order.pop()])
+            if not torch.isfinite(value):
+                diverged = True
+                break
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            history.append(value.item())
+            step += 1
+            if not all(bool(torch.isfinite(p).all()) for p in param.params.values()):  # diverged: keep the best seen
+                diverged = True
+                break
+            if step % eval_every == 0 or step == steps:
+                current, mid = objective()
+                evaluations.append((step, current))
+                if current < best[0]:
+                    best = (current, mid, param.snapshot(), step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}", midpoint=f"{best[1]:.4f}", refresh=False)
+    if evaluations[-1][0] != step and not diverged:  # the time budget ended between evaluations
+        current, mid = objective()
+        evaluations.append((step, current))
+        if current < best[0]:
+            best = (current, mid, param.snapshot(), step)
+    param.restore(best[2])
+    with torch.no_grad():
+        final = param.transform(torch.float64)
+    final.ffn = {k: v.clone() for k, v in final.ffn.items()}
+    record = {"steps": step, "diverged": diverged, "objective": "midpoint" if path == "midpoint" else "mean of t = 0.25, 0.5, 0.75",
+              "objective_first": first, "objective_best": best[0], "midpoint_loss_first": first_mid, "midpoint_loss_best": best[1],
+              "best_step": best[3], "evaluations": evaluations, "batch_losses": history, "seconds": time.perf_counter() - begin}
+    return final, record
 
 
-def midpoint_loss(config: Any, reference: Mapping[str, torch.Tensor], batches: list, untie: bool,
-                  device: torch.device | None = None) -> Callable:
-    """``loss(state)``: the mean loss over ``batches`` of one HF module evaluated functionally at ``state`` (module
-    and batches on ``device``, default the CPU)."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    module = build_model(untied_config(config, untie), reference).train(False).to(device)
-    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+def path_loss(config: Any, reference: Mapping[str, torch.Tensor], untie: bool) -> Callable:
+    """``loss(state, batch)``: the loss on one batch of one HF module evaluated functionally at ``state``."""
+    module = build_model(untied_config(config, untie), reference).train(False)
     for p in module.parameters():
         p.requires_grad_(False)
     renames = getattr(module, "_symmerge_renames", {})
 
-    def loss(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def loss(state: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         params = {renames.get(k, k): v for k, v in state.items()}
-        return sum(torch.func.functional_call(module, params, args=(), kwargs=b).loss for b in batches) / len(batches)
+        return torch.func.functional_call(module, params, args=(), kwargs=batch).loss
 
     return loss
 
@@ -165,18 +296,19 @@ def midpoint_loss(config: Any, reference: Mapping[str, torch.Tensor], batches: l
 @matcher("learned")
 def match_learned(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, learn_steps: int = 200,
-                  progress: bool = False, model_name: str = "model", max_seconds: float | None = None,
-                  device: torch.device | None = None, executor: Any = None, **_unused) -> Fit:
-    """Weight matching (its residual descent within ``max_seconds``), then :func:`learn_transform` on the midpoint loss over ``calibration`` (batches with labels)."""
+                  learn_seconds: float | None = None, learn_path: str = "random", progress: bool = False,
+                  model_name: str = "model", **_unused) -> Fit:
+    """Weight matching, then :func:`learn_transform` on the path loss over ``calibration`` (batches with labels),
+    for ``learn_steps`` steps or ``learn_seconds`` seconds, whichever ends first."""
     if not calibration or not all("labels" in b for b in calibration):
         raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
     start = time.perf_counter()
-    init = match_weights(reference, model, spec, symmetries, model_name=model_name, max_seconds=max_seconds, device=device,
-                         executor=executor)
+    init = match_weights(reference, model, spec, symmetries, model_name=model_name)
     if init.folded_reference is not None:
         reference, model = init.folded_reference, fold_norms(model, spec.residual)
-    loss = midpoint_loss(config, reference, calibration, "residual" in symmetries, device)
-    transform, history = learn_transform(reference, model, spec, init.transform, loss, steps=learn_steps, progress=progress, device=device)
-    details = {**init.details, "learned": {"steps": learn_steps, "midpoint_loss_first": history[0],
-                                           "midpoint_loss_best": min(history), "midpoint_loss_last": history[-1]}}
-    return Fit(transform, details, {"learned": time.perf_counter() - start}, folded_reference=init.folded_reference, history=history)
+    loss = path_loss(config, reference, "residual" in symmetries)
+    transform, record = learn_transform(reference, model, spec, init.transform, loss, calibration, symmetries=symmetries,
+                                        steps=learn_steps, seconds=learn_seconds, path=learn_path, progress=progress)
+    details = {**init.details, "learned": {k: v for k, v in record.items() if k not in ("batch_losses", "evaluations")}}
+    return Fit(transform, details, {"learned": time.perf_counter() - start},
+               folded_reference=init.folded_reference, history=[e[1] for e in record["evaluations"]])

@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from symmerge.alignment import align
+from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform
@@ -130,14 +130,22 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     return transforms, base_transform
 
 
+def iterative(plan: MergePlan) -> bool:
+    """Whether the models are aligned to a common basis iteratively (:func:`symmerge.alignment.align_many`): asked
+    for (``alignment.iterative``), three models or more, no base model, weight matching."""
+    return bool(plan.aligned and plan.recipe.alignment.iterative and plan.base is None and len(plan.models) >= 3
+                and plan.match == "weights")
+
+
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                       result: MergeResult, executor: Any = None) -> tuple[list[dict], dict | None]:
+                       result: MergeResult, executor: Any = None) -> tuple[list, Any, bool]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
     paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
     recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
     the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
-    model folded, merged with the folded reference."""
+    model folded, merged with the folded reference. Returns the states, the base and whether the alignment was
+    applied."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     ref_ckpt = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
     residual = plan.spec.residual if "residual" in plan.symmetries else None
@@ -151,7 +159,16 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                                        labels=plan.match == "learned")
     options = dict(spec=plan.spec, symmetries=plan.symmetries, progress=progress, config=ref_ckpt.config, match=plan.match,
                    calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
-                   max_seconds=plan.recipe.alignment.max_seconds, device=plan.recipe.alignment.device, ray=executor)
+                   learn_seconds=plan.recipe.alignment.learn_seconds, max_seconds=plan.recipe.alignment.max_seconds,
+                   device=plan.recipe.alignment.device, ray=executor)
+    if iterative(plan):  # K ≥ 3 models, no base: each to the mean of the others, in rounds (align_many)
+        many = align_many(list(states), reference=plan.reference_index, **options)
+        for i, name in enumerate(plan.names):
+            a = many.alignments[i]
+            result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
+                                      "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
+                                      "spread_history": many.spread_history}
+        return many.states, None, True
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
@@ -163,8 +180,12 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
         result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
     aligned_base = None
     if base is not None:
-        aligned_base = partner if plan.reference_index is None else align(ref_state, base, model_name="base model", **options).state_dict
-    return aligned, aligned_base
+        if plan.reference_index is None:
+            aligned_base = partner
+        else:
+            r = align(ref_state, base, model_name="base model", **options)
+            aligned_base = r.state_dict
+    return aligned, aligned_base, True
 
 
 def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
@@ -301,12 +322,21 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     base = LazyState(plan.base, lend) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
-    whole_models = plan.aligned and (residual or plan.match != "weights")
-    if whole_models:
-        states, base = align_whole_models(plan, states, base, progress, result, executor)
-        transforms, base_transform = [None] * len(states), None
-    else:
+    whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
+    transforms, base_transform = [None] * len(states), None
+    if not whole_models or (plan.match == "weights" and not iterative(plan)):
         transforms, base_transform = fit_alignments(plan, states, base, progress, executor)
+        if whole_models:
+            # models that share a basis (fine-tunes of one base) are told apart by the per-layer fit, whose guard
+            # (MIN_GAIN) fits no noise: then nothing is aligned at all, the residual map included (its folding and
+            # d×d rotation would otherwise "improve" fine-tuning noise and change output bits); else the whole-model
+            # path below fits the per-layer elements again, jointly with the residual map
+            whole_models = any(t is not None for t in transforms) or base_transform is not None
+            transforms, base_transform = [None] * len(states), None
+    residual = residual and whole_models
+    if whole_models:
+        states, base, residual_applied = align_whole_models(plan, states, base, progress, result, executor)
+        residual = residual and residual_applied
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()

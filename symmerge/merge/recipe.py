@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from symmerge.errors import SymmergeError, cut, shorten
-from symmerge.groups import parse_symmetries
+from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
@@ -120,11 +120,13 @@ class TokenizerBlock(BaseModel):
 class AlignmentBlock(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reference: str | None = None
-    symmetries: str | list[str] = "all"
+    symmetries: str | list[str] = "auto"
     match: Literal["weights", "activations", "learned"] = "weights"  # activations / learned read the recipe's data
     learn_steps: int = Field(200, gt=0)
     max_seconds: float | None = Field(None, ge=0)  # time budget of the residual descent, per model
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the matching math runs (LAPs on the CPU); not the result
+    learn_seconds: float | None = Field(None, gt=0)
+    iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
 
     @field_validator("symmetries")
     @classmethod
@@ -334,7 +336,8 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
-                       learn_steps: int = 200, max_seconds: float | None = None, device: str = "cpu") -> Recipe:
+                       learn_steps: int = 200, max_seconds: float | None = None, device: str = "cpu",
+                       learn_seconds: float | None = None, iterative: bool = False) -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -344,7 +347,9 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "base_model": base,
         "parameters": params or {},
         "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
-                                                            "max_seconds": max_seconds, "device": device},
+                                                            "max_seconds": max_seconds, "device": device,
+                                                            **({"learn_seconds": learn_seconds} if learn_seconds else {}),
+                                                            **({"iterative": True} if iterative else {})},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
@@ -655,7 +660,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
             check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
 
-    symmetries = frozenset() if recipe.alignment == "none" else parse_symmetries(recipe.alignment.symmetries)
+    auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
+    symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)
     if layout is not None and symmetries:
         notes.append("alignment does not apply to slices that move or drop layers (a frankenmerge): merged without it")
         symmetries = frozenset()
@@ -670,6 +676,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
         for ckpt in everyone[1:]:
             check_same_shape(spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
+        if auto:  # per family (docs/DESIGN.md §2): with the residual map for pre-LN / RMSNorm models
+            symmetries = resolve_symmetries("auto", spec)
         # methods with a base align every model to the base by default (task vectors in the base's basis)
         reference_index = None if (method.needs_base and base is not None) else 0
         ref = recipe.alignment.reference
