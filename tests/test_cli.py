@@ -5,33 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import expect_cli_error, make_model, max_output_diff, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import expect_cli_error, make_model, max_output_diff, run_cli, save_model
+from safetensors.torch import load_file
 
 import symmerge
 from symmerge.match import state_norm
 from symmerge.spec.families import SUPPORTED_FAMILIES
 
 
-def save(model, path: Path, state=None) -> Path:
-    model.save_pretrained(path)
-    if state is not None:
-        save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture
 def pair(tmp_path):
     """A reference GPT-2 directory and a scrambled copy of it."""
     model, make_inputs = make_model("gpt2")
-    ref = save(model, tmp_path / "ref")
+    ref = save_model(model, tmp_path / "ref")
     on_disk = load_file(ref / "model.safetensors")
     scrambled = symmerge.apply_random_symmetry(on_disk, config=model.config, seed=5)
-    other = save(model, tmp_path / "scrambled", scrambled)
+    other = save_model(model, tmp_path / "scrambled", scrambled)
     return ref, other, model, make_inputs
 
 
@@ -74,13 +66,13 @@ def test_different_architectures_name_the_value(pair, tmp_path, capsys):
     import transformers
 
     bigger = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=48, n_head=4, vocab_size=64, n_positions=32))
-    save(bigger, tmp_path / "deeper")
+    save_model(bigger, tmp_path / "deeper")
     expect_cli_error(capsys, "has layers 3, the reference has 2", "align", ref, tmp_path / "deeper", "-o", tmp_path / "out")
     wider_heads = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=6, vocab_size=64, n_positions=32))
-    save(wider_heads, tmp_path / "heads")
+    save_model(wider_heads, tmp_path / "heads")
     expect_cli_error(capsys, "attention heads 6, the reference has 4", "align", ref, tmp_path / "heads", "-o", tmp_path / "out")
     bert, _ = make_model("bert")
-    save(bert, tmp_path / "bert")
+    save_model(bert, tmp_path / "bert")
     expect_cli_error(capsys, "has family bert, the reference has gpt2", "align", ref, tmp_path / "bert", "-o", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -99,7 +91,7 @@ def test_missing_and_corrupt_files(pair, tmp_path, capsys):
     expect_cli_error(capsys, "does not exist", "align", ref, tmp_path / "nope", "-o", tmp_path / "out")
     (other / "config.json").unlink()
     expect_cli_error(capsys, "has no config.json", "align", ref, other, "-o", tmp_path / "out")
-    broken = save(make_model("gpt2")[0], tmp_path / "broken")
+    broken = save_model(make_model("gpt2")[0], tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     expect_cli_error(capsys, "corrupt or truncated", "align", ref, broken, "-o", tmp_path / "out")
@@ -114,7 +106,7 @@ def test_nan_weights_are_refused_without_partial_output(pair, tmp_path, capsys):
     ref, other, model, _ = pair
     state = load_file(other / "model.safetensors")
     state["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
-    bad = save(model, tmp_path / "bad", state)
+    bad = save_model(model, tmp_path / "bad", state)
     # the good model is processed first, then the bad one fails: nothing may be left behind
     expect_cli_error(capsys, "holds NaN or Inf", "align", ref, other, bad, "-o", tmp_path / "out", "-q")
     assert not (tmp_path / "out").exists()
@@ -167,9 +159,9 @@ def test_align_with_residual_writes_models_in_the_reference_parametrisation(tmp_
     from (no separate folded reference is written), computes what the scrambled copy computes, and averaging it
     with the reference as it is, is the aligned merge."""
     model, make_inputs = make_model("gpt2", 4)  # tied LM head: folding unties it
-    ref = save(model, tmp_path / "ref")
+    ref = save_model(model, tmp_path / "ref")
     scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=6)
-    other = save(model, tmp_path / "other", scrambled)
+    other = save_model(model, tmp_path / "other", scrambled)
     code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "-q")
     assert code == 0, err
     assert not (tmp_path / "out" / "reference-folded").exists()
@@ -188,9 +180,9 @@ def test_max_seconds_bounds_the_residual_descent_on_align_and_merge(tmp_path, ca
     """--max-seconds reaches the descent from align, from merge's short form and from a recipe's alignment block
     (one round within a zero budget; the rounds' seconds are reported), and is refused beside a recipe."""
     model, _ = make_model("llama", 2)
-    ref = save(model, tmp_path / "ref")
+    ref = save_model(model, tmp_path / "ref")
     scrambled = symmerge.apply_random_symmetry(load_file(ref / "model.safetensors"), config=model.config, symmetries="all,residual", seed=8)
-    other = save(model, tmp_path / "other", scrambled)
+    other = save_model(model, tmp_path / "other", scrambled)
     code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", "all,residual", "--max-seconds", "0", "-q")
     assert code == 0, err
     residual = json.loads((tmp_path / "out" / "alignment.json").read_text())["models"]["other"]["groups"][-1]["details"]

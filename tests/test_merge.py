@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import expect_cli_error, make_model, max_output_diff, require_module, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import expect_cli_error, make_model, max_output_diff, require_module, run_cli, save_model
+from safetensors.torch import load_file
 
 import symmerge
 from symmerge.match import state_norm
@@ -26,12 +26,6 @@ DATA_FREE = {  # method → parameters under which merging a model with itself r
 
 
 
-def write(model, path: Path, state: dict) -> Path:
-    model.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
     """base; A = a fine-tune of base; scrambled = A in another basis; independent = an unrelated model."""
@@ -46,8 +40,8 @@ def family_models(tmp_path_factory):
     other.save_pretrained(root / "independent")
     return {
         "base": root / "base",
-        "a": write(model, root / "a", finetuned),
-        "scrambled": write(model, root / "scrambled", scrambled),
+        "a": save_model(model, root / "a", finetuned),
+        "scrambled": save_model(model, root / "scrambled", scrambled),
         "independent": root / "independent",
         "model": model,
         "make_inputs": make_inputs,
@@ -202,7 +196,7 @@ def test_failed_merge_leaves_no_output(family_models, tmp_path, capsys):
     m = family_models
     state = load_file(m["scrambled"] / "model.safetensors")
     state["transformer.h.1.mlp.c_proj.weight"][3, 3] = float("inf")
-    bad = write(m["model"], tmp_path / "bad", state)
+    bad = save_model(m["model"], tmp_path / "bad", state)
     expect_cli_error(capsys, "holds NaN or Inf", "merge", m["a"], bad, "--method", "linear", "--align", "none", "-o", tmp_path / "o", "-q")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
 
@@ -236,7 +230,7 @@ def test_merge_with_residual_alignment(tmp_path, capsys):
     model.save_pretrained(tmp_path / "a")
     state = load_file(tmp_path / "a" / "model.safetensors")
     scrambled = symmerge.apply_random_symmetry(state, config=model.config, symmetries="all,residual", seed=9)
-    write(model, tmp_path / "b", scrambled)
+    save_model(model, tmp_path / "b", scrambled)
     original = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a").eval()
     reference = {k: v.clone() for k, v in original.state_dict().items()}
     for align, close in (("all,residual", True), ("all", False)):

@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from conftest import expect_cli_error, run_cli
+from conftest import expect_cli_error, run_cli, save_model
 from safetensors.torch import load_file, save_file
 
 from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
@@ -25,23 +25,17 @@ def _llama(layers: int = LAYERS):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _save(model, path: Path, state: dict) -> Path:
-    model.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     """base and two fine-tunes of it (base + 1% noise), float32, 4 layers."""
     root = tmp_path_factory.mktemp("llamas")
     model = _llama()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = {"base": _save(model, root / "base", base), "model": model}
+    out = {"base": save_model(model, root / "base", base), "model": model}
     for i, name in enumerate(("a", "b")):
         g = torch.Generator().manual_seed(10 + i)
         state = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        out[name] = _save(model, root / name, state)
+        out[name] = save_model(model, root / name, state)
     return out
 
 
