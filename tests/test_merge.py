@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import expect_cli_error, make_model, max_output_diff, require_module, run_cli, save_model
 from safetensors.torch import load_file
 
@@ -134,6 +135,25 @@ alignment:
     assert output_diff(m, m["a"], tmp_path / "out") <= 1e-4
     copied = (tmp_path / "out" / "merge.yaml").read_text()
     assert "ties" in copied and "trim: tensor" in copied
+
+
+
+def test_the_recipe_written_beside_a_merge_runs_again_to_the_same_tensors(family_models, tmp_path, capsys):
+    """merge.yaml keeps every key of the alignment block given (here learn_steps, max_seconds) beside the resolved
+    reference and symmetries, and running it again reproduces the merge bit for bit."""
+    m = family_models
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {m['a']}}}, {{model: {m['scrambled']}}}]\nmerge_method: linear\n"
+                      "alignment: {symmetries: all, learn_steps: 7, max_seconds: 30}\n")
+    code, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "one", "-q")
+    assert code == 0, err
+    written = yaml.safe_load((tmp_path / "one" / "merge.yaml").read_text())
+    assert written["alignment"]["learn_steps"] == 7 and written["alignment"]["max_seconds"] == 30
+    assert written["alignment"]["symmetries"] == sorted(["ffn", "qk", "vo", "scale", "heads"])
+    code, _, err = run_cli(capsys, "merge", tmp_path / "one" / "merge.yaml", "-o", tmp_path / "two", "-q")
+    assert code == 0, err
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 

@@ -23,7 +23,10 @@ def recipe_for_card(plan: MergePlan) -> dict:
     r["parameters"] = plan.params
     if plan.aligned:
         ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
-        r["alignment"] = {"reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
+        # every other key of the alignment block as it was given (match, learn_steps, device, ...), then the resolved
+        # reference and symmetries: a recipe that can be run again
+        given = r.get("alignment") if isinstance(r.get("alignment"), dict) else {}
+        r["alignment"] = {**given, "reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
     if plan.data_path is not None:
         r["data"]["path"] = str(plan.data_path.resolve())
     return r
