@@ -138,14 +138,13 @@ def iterative(plan: MergePlan) -> bool:
 
 
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                       result: MergeResult, executor: Any = None) -> tuple[list, Any, bool]:
+                       result: MergeResult, executor: Any = None) -> tuple[list, Any]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
     paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
     recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
     the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
-    model folded, merged with the folded reference. Returns the states, the base and whether the alignment was
-    applied."""
+    model folded, merged with the folded reference. Returns the aligned states and base."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     ref_ckpt = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
     residual = plan.spec.residual if "residual" in plan.symmetries else None
@@ -168,7 +167,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
             result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
                                       "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
                                       "spread_history": many.spread_history}
-        return many.states, None, True
+        return many.states, None
     aligned = []
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
@@ -185,7 +184,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
         else:
             r = align(ref_state, base, model_name="base model", **options)
             aligned_base = r.state_dict
-    return aligned, aligned_base, True
+    return aligned, aligned_base
 
 
 def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
@@ -335,8 +334,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
             transforms, base_transform = [None] * len(states), None
     residual = residual and whole_models
     if whole_models:
-        states, base, residual_applied = align_whole_models(plan, states, base, progress, result, executor)
-        residual = residual and residual_applied
+        states, base = align_whole_models(plan, states, base, progress, result, executor)
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
