@@ -100,6 +100,7 @@ def align(
     from symmerge.alignment import align as align_models
     from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
+    from symmerge.io.stream import LazyState
     from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
 
@@ -119,12 +120,18 @@ def align(
         check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
 
     calibration = _calibration(match, data, ref_ckpt)
-    ref_state = load_state_dict(ref_ckpt, file_backed=executor is not None)  # Ray tasks read the files themselves
+
+    def read(ckpt):
+        """Weight matching streams from mmap (bounded memory: the aligned model is computed unit by unit as it is
+        written; Ray tasks read the files themselves); data-driven matchers run the models on whole state dicts."""
+        return LazyState(ckpt) if match == "weights" else load_state_dict(ckpt, file_backed=executor is not None)
+
+    ref_state = read(ref_ckpt)
     rows, reports, kept = [], {}, set()
     with atomic_output_dir(out, force, inputs) as tmp:
         for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
             start = time.perf_counter()
-            state = load_state_dict(ckpt, file_backed=executor is not None)
+            state = read(ckpt)
             result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
                                   progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
                                   learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor)
@@ -171,10 +178,13 @@ def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
     """An HF directory: weights, plus config and tokenizer files from ``source`` (config dtype and tied head as written)."""
     from symmerge.io import copy_model_files, save_state_dict
-    from symmerge.io.stream import write_config
+    from symmerge.io.stream import save_streamed, write_config
 
     dest.mkdir()
-    save_state_dict(state, dest)
+    if isinstance(state, dict):
+        save_state_dict(state, dest)
+    else:  # computed unit by unit as it is written (a memory-mapped model aligned lazily)
+        save_streamed(state, dest)
     copy_model_files(source.path, dest)
     write_config(source.config, dest, None, untie=untie)
 

@@ -184,12 +184,12 @@ def test_signal_during_startup_exits_with_its_code(tmp_path):
 def test_keyboard_interrupt_inside_the_framework_is_not_success(pair, tmp_path, capsys, monkeypatch):
     """typer turns a KeyboardInterrupt into a return value of 130 in non-standalone mode: main() must honour it."""
     ref, other = pair
-    import symmerge.io as io
+    import symmerge.io.stream as stream
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "load_state_dict", interrupted)
+    monkeypatch.setattr(stream, "LazyState", interrupted)  # align reads the weights through mmap
     code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-q")
     assert code == 130 and err.strip() == "aborted"
     assert not (tmp_path / "out").exists() and stray_folders(tmp_path) == []

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from symmerge.errors import SymmergeError
-from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, load_state_dict
+from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, all_finite, load_state_dict
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -41,6 +41,11 @@ class LazyState(Mapping[str, torch.Tensor]):
         self._lora = ckpt.lora.match(list(self._stored())) if ckpt.lora is not None else {}
         stored = self._eager if self._eager is not None else self._where
         self._aliases = {k: v for k, v in self._aliases.items() if k not in stored and v in stored}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name → shape without reading a tensor (the safetensors headers; an alias takes its target's)."""
+        shapes = self.ckpt.shapes() if self._eager is None else {k: tuple(v.shape) for k, v in self._eager.items()}
+        return {**shapes, **{k: shapes[v] for k, v in self._aliases.items()}}
 
     def _stored(self) -> Mapping:
         return self._eager if self._eager is not None else self._where
@@ -72,7 +77,7 @@ class LazyState(Mapping[str, torch.Tensor]):
             with _reading(f):
                 t = self._handles[f].get_tensor(key)
         if key not in self._checked:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise SymmergeError(f"{self.ckpt.path}: tensor {key!r} holds NaN or Inf values")
             self._checked.add(key)
         if key in self._lora:  # a LoRA adapter: W + (alpha / r) B A, rounded once to the stored dtype
@@ -129,6 +134,16 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return files
+
+
+def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write ``state`` tensor by tensor in its own order, shard by shard (a lazily computed state, e.g. an aligned
+    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): memory holds
+    one shard, not the model."""
+    writer = ShardWriter(Path(dest), max_shard_bytes)
+    for key in state:
+        writer.add(key, state[key])
+    writer.close()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
