@@ -258,9 +258,18 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True, file_backed: bo
         state.update(part)
     if check_finite:
         for key, t in state.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise SymmergeError(f"{ckpt.path}: tensor {key!r} holds NaN or Inf values")
     return FileBackedState(state, files) if file_backed and not ckpt.is_pickle else state
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf: its min and max are finite (one pass, no boolean mask; NaN propagates
+    through both)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def is_weight_file(p: Path) -> bool:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
 from symmerge.match.attention import match_heads
-from symmerge.match.ffn import ffn_similarity
+from symmerge.match.ffn import ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView
@@ -30,9 +30,17 @@ MIN_GAIN = 0.05
 Procrustes / rescaling optimum of two nearly equal weight sets is a near-identity that only fits their noise."""
 
 
-def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None) -> torch.Tensor:
-    """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs)."""
-    return ffn_similarity(read_ffn(ref, group), read_ffn(model, group), device=device).cpu()
+def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None) -> torch.Tensor | None:
+    """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs); ``None`` when
+    the identity is certified optimal from part of it (:func:`~symmerge.match.ffn.ffn_similarity_or_identity`:
+    fine-tunes of one base skip most of the GEMM and the LAP)."""
+    s = ffn_similarity_or_identity(read_ffn(ref, group), read_ffn(model, group), device=device)
+    return None if s is None else s.cpu()
+
+
+def solve_ffn(similarity: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact LAP."""
+    return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity))
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
@@ -57,13 +65,13 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     def collect() -> None:
         name, fut = pending.popleft()
-        perms[name] = torch.from_numpy(fut.result())
+        perms[name] = fut.result()
         bar.update(1)
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
             similarity = ffn_group_similarity(ref, model, group, device)
-            pending.append((group.name, pool.submit(solve_lap, similarity)))
+            pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
             while len(pending) > max_pending:
                 collect()
         while pending:
