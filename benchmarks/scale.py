@@ -10,6 +10,12 @@ before each job. Writes ``benchmarks/results/scale.{json,md}``.
 
     python benchmarks/scale.py generate --size 7b          # the checkpoints only
     python benchmarks/scale.py run --size 1b --jobs align,merge,align_ft
+    python benchmarks/scale.py run --size 1b --jobs align_residual --repo /path/to/other/checkout --tag before
+
+``--repo`` runs another checkout's code (a before/after comparison with the same script); ``--tag`` keys the rows
+in ``scale.json`` (``1b/align_residual@before``); ``--work`` is the scratch folder for the outputs.
+``align_residual``/``merge_residual``: ``-s all,residual --max-seconds 1``, i.e. exactly one descent round per start
+(the first round always runs): the same work before and after, bounded.
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ def ensure_checkpoints(size: str) -> dict[str, Path]:
 
 MK_VENV = REPO / ".cache" / "bench-mergekit-venv"  # benchmarks/merge_speed.py's mergekit venv
 WORK = ROOT / "out"
+CODE = REPO  # the checkout whose symmerge the jobs run (--repo)
 
 
 def sample_memory(pid: int, peak: dict, done: threading.Event) -> None:
@@ -179,7 +186,7 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     load = os.getloadavg()
     peak, done = {"anon": 0, "rss": 0}, threading.Event()
     log(f"{name}: {' '.join(cmd)} (load {load[0]:.2f})")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": str(CODE), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
@@ -211,6 +218,10 @@ def commands(job: str, ck: dict[str, Path], out: Path) -> list[str]:
     a, b, ft = (str(ck[k]) for k in ("a", "b", "ft"))
     if job == "align":
         return [*cli, "align", a, b, "-o", str(out), "-q"]
+    if job == "align_residual":
+        return [*cli, "align", a, b, "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
+    if job == "merge_residual":
+        return [*cli, "merge", a, b, "--method", "linear", "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
     if job == "align_ft":
         return [*cli, "align", a, ft, "-o", str(out), "-q"]
     if job == "merge":
@@ -239,7 +250,13 @@ def main() -> None:
     parser.add_argument("what", choices=["generate", "run"])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--jobs", default="")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the jobs run")
+    parser.add_argument("--tag", default="", help="suffix of the rows' keys in scale.json (before / after)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for the jobs' outputs")
     args = parser.parse_args()
+    global CODE, WORK
+    CODE = args.repo.resolve()
+    WORK = args.work or WORK
     torch.set_num_threads(2)
     paths = ensure_checkpoints(args.size)
     if args.what == "generate":
@@ -248,7 +265,8 @@ def main() -> None:
     store = RESULTS / "scale.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for job in [j for j in args.jobs.split(",") if j]:
-        results.setdefault(args.size, {})[job] = run_job(f"{args.size}/{job}", commands(job, paths, WORK / job), WORK / job)
+        key = f"{job}@{args.tag}" if args.tag else job
+        results.setdefault(args.size, {})[key] = run_job(f"{args.size}/{key}", commands(job, paths, WORK / job), WORK / job)
         store.write_text(json.dumps(results, indent=2))
 
 
