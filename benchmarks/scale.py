@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -188,14 +189,17 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     log(f"{name}: {' '.join(cmd)} (load {load[0]:.2f})")
     env = {**os.environ, "PYTHONPATH": str(CODE), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the job's own CPU time: on a shared machine, wall time is the others' too
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     done.set()
     sampler.join()
-    result = {"job": name, "wall_s": round(wall, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
+    result = {"job": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
               "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()], "rc": proc.returncode,
               "cmd": " ".join(cmd)}
     report = out / "alignment.json"
@@ -253,6 +257,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the jobs run")
     parser.add_argument("--tag", default="", help="suffix of the rows' keys in scale.json (before / after)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for the jobs' outputs")
+    parser.add_argument("--store", type=Path, default=RESULTS / "scale.json", help="the JSON file the rows are added to")
     args = parser.parse_args()
     global CODE, WORK
     CODE = args.repo.resolve()
@@ -262,7 +267,7 @@ def main() -> None:
     if args.what == "generate":
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / "scale.json"
+    store = args.store
     results = json.loads(store.read_text()) if store.exists() else {}
     for job in [j for j in args.jobs.split(",") if j]:
         key = f"{job}@{args.tag}" if args.tag else job
