@@ -132,7 +132,10 @@ def align(
     statistics run (the LAPs always run on the CPU; the result is on the CPU). ``ray``: a
     :class:`symmerge.match.distributed.RayExecutor` (e.g. ``RayExecutor("auto")``, ``pip install 'symmerge[ray]'``)
     to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
-    cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified.
+    cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified. A ``model`` that is a mapping but
+    not a dict (a memory-mapped :class:`~symmerge.io.stream.LazyState`) is aligned lazily: ``state_dict`` is then a
+    :class:`~symmerge.groups.stream.TransformedState`, computed one group of tensors at a time when read (write it
+    with :func:`~symmerge.io.stream.save_streamed`), with the same values as the in-memory path.
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
