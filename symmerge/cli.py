@@ -496,8 +496,21 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []
+"""Signals received during this run: a library that calls back into Python (safetensors reading through torch)
+may swallow the :class:`Interrupted` raised inside it and fail with an error of its own instead."""
+
+
 def _raise_interrupted(signum, frame) -> None:
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def _exit_interrupted(signum: int) -> None:
+    import signal
+
+    typer.echo("aborted" if signum == signal.SIGINT else "terminated", err=True)
+    sys.exit(128 + signum)
 
 
 def _install_signal_handlers() -> dict:
@@ -541,6 +554,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import signal
 
     debug = bool(os.environ.get("SYMMERGE_DEBUG"))
+    _RECEIVED.clear()
     previous = _install_signal_handlers()
     try:
         code = app(args=argv, standalone_mode=False)
@@ -550,6 +564,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 typer.echo("aborted", err=True)
             sys.exit(code)
     except SymmergeError as e:
+        if _RECEIVED:  # the failure is the interruption, swallowed where it was raised (e.g. a read cut short)
+            _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)
@@ -560,10 +576,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         e.show()  # a usage error: the framework's usage line and message
         sys.exit(2 if e.exit_code in (0, 1) else e.exit_code)
     except (Interrupted, KeyboardInterrupt, *_click_classes("Abort")) as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        typer.echo("aborted" if signum == signal.SIGINT else "terminated", err=True)
-        sys.exit(128 + signum)
+        _exit_interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # an unexpected failure is a bug: say so briefly
+        if _RECEIVED:
+            _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
         typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
