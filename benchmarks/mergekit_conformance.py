@@ -108,6 +108,29 @@ def tokenizer_checkpoints() -> dict[str, str]:
     return {n: str(CKPTS / n) for n in TOK_NAMES}
 
 
+def dora_adapter() -> str:
+    """A PEFT DoRA adapter (r = 4 on q_proj and v_proj of every layer, random A, B and magnitudes) for checkpoint "a",
+    written in PEFT's file format (tensor names as ``PeftModel.save_pretrained`` writes them)."""
+    folder = CKPTS / "a-dora"
+    if (folder / "adapter_model.safetensors").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(300)
+    d, kv = SIZE["hidden_size"], SIZE["hidden_size"] // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
+    tensors = {}
+    for layer in range(SIZE["num_hidden_layers"]):
+        for module, out in (("q_proj", d), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}."
+            tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
+            tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 4, generator=g)
+            tensors[prefix + "lora_magnitude_vector"] = torch.rand(out, generator=g) + 0.5
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "use_dora": True, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
+    return str(folder)
+
+
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
     two = [{"model": ck["a"]}, {"model": ck["b"]}]
     three_w = [{"model": ck["a"], "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.3}},
@@ -156,6 +179,10 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
     }
+    if "a-dora" in ck:
+        j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
+                                                             {"model": ck["b"], "parameters": {"weight": 0.5}}],
+                                                  "merge_method": "linear", "dtype": "float32"}
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
         tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
         tok2 = tok3[1:]
@@ -272,6 +299,7 @@ def main() -> None:
     args = ap.parse_args()
     versions = ensure_mergekit()
     ck = checkpoints() | tokenizer_checkpoints()
+    ck["a-dora"] = dora_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
     env = child_env()
     saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
@@ -287,7 +315,7 @@ def main() -> None:
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
         mk = run([str(MK_VENV / "bin" / "python"), str(MK_VENV / "bin" / "mergekit-yaml"),  # the script's shebang may name an old path
                   str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
-                  "--no-write-model-card", "--allow-crimes"], env)
+                  "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
         sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
         if mk[2] or sym[2]:
             rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
