@@ -235,3 +235,49 @@ def test_refusals_name_the_key(capsys, tmp_path, models):
     (tmp_path / "none.yaml").write_text(f"models: [{{model: {models['a']}}}, {{model: {models['b']}}}]\nmerge_method: linear\n"
                                         f"tokenizer: {{tokens: {{zz: {{force: true}}}}}}\n")
     expect_cli_error(capsys, "tokenizer.tokens.zz: give a source", "merge", tmp_path / "none.yaml", tmp_path / "o2")
+
+
+def test_union_frankenmerge_takes_rows_from_the_slice_models(capsys, tmp_path, models):
+    state, out, _ = _merge(capsys, tmp_path, f"""
+slices:
+  - sources: [{{model: {models['a']}, layer_range: [0, 2]}}]
+  - sources: [{{model: {models['b']}, layer_range: [1, 2]}}]
+merge_method: passthrough
+tokenizer_source: union
+""")
+    rows = _rows(models)
+    union = ["<unk>", "a", "b", "e", "c", "d", "f", "g", "<sep>"]  # A's (the first model), then B's, then <sep>
+    for u, token in enumerate(union):
+        # the embedding comes from A alone and the head from B alone: a token that model lacks is zero (mergekit: no
+        # model among the tensor's inputs has it)
+        for key, m in ((EMBED, "a"), (HEAD, "b")):
+            expected = rows[m][key].get(token, torch.zeros(16))
+            assert torch.equal(state[key][u], expected), (key, token)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_union_of_tied_models_stays_tied(capsys, tmp_path):
+    paths = []
+    for seed, (name, tokens) in enumerate((("x", ["<unk>", "p", "q"]), ("y", ["<unk>", "q", "r", "s"]))):
+        tok = _tokenizer(tokens, None)
+        model = _llama(len(tokens), seed)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        save_model(model, tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths.append(tmp_path / name)
+    state, out, _ = _merge(capsys, tmp_path, f"models: [{{model: {paths[0]}}}, {{model: {paths[1]}}}]\nmerge_method: linear\n"
+                                             "tokenizer_source: union\nalignment: none\n")
+    assert HEAD not in state and state[EMBED].shape[0] == 5  # <unk> p q r s
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    y = load_file(paths[1] / "model.safetensors")[EMBED]
+    assert torch.equal(state[EMBED][4], y[3])  # "s": only y has it
+
+
+def test_differing_vocabularies_with_data_driven_steps_are_refused(capsys, tmp_path, models):
+    (tmp_path / "calib.txt").write_text("a b c\nd e f\n")
+    (tmp_path / "r.yaml").write_text(f"models: [{{model: {models['a']}}}, {{model: {models['b']}}}]\nmerge_method: fisher\n"
+                                     "tokenizer_source: union\nalignment: none\ndata: {path: calib.txt}\n")
+    expect_cli_error(capsys, "tokenized by their own tokenizers", "merge", tmp_path / "r.yaml", tmp_path / "o")
+

@@ -103,30 +103,30 @@ def fill_missing_rows(rows: list[torch.Tensor], present: list[torch.Tensor], who
     dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
     held = torch.stack(present)  # n × V
     count = held.sum(0)
-    shape = (-1,) + (1,) * (rows[0].dim() - 1)
-    real = [r[:vocab_len].to(dtype) for r in rows]
-    total = torch.zeros_like(real[0])
-    for r, h in zip(real, held):
-        total = total + r * h.view(shape).to(dtype)  # x + 0 = x: skipping a model and adding its masked zeros agree
-    default = total / count.clamp(min=1).view(shape).to(dtype)
-    if base is not None:
-        from_base = held[base] & (count >= 2)
-        default = torch.where(from_base.view(shape), real[base], default)
-    replace = count < len(rows)
-    forced = torch.zeros_like(replace)
+    forced = torch.zeros_like(count, dtype=torch.bool)
     for tid, source in overrides.items():
-        if source.model is None:
-            default[tid] = 0
-        else:
-            default[tid] = real[who.index(source.model)][source.row]
         forced[tid] = source.force
+    need = ((count < len(rows)) | forced).nonzero().flatten()  # only these rows change: a few of a large vocabulary
+    shape = (-1,) + (1,) * (rows[0].dim() - 1)
+    total = torch.zeros((len(need), *rows[0].shape[1:]), dtype=dtype)
+    for r, h in zip(rows, held):
+        total = total + r[need].to(dtype) * h[need].view(shape).to(dtype)  # x + 0 = x: a masked-out model adds nothing
+    default = total / count[need].clamp(min=1).view(shape).to(dtype)
+    if base is not None:
+        from_base = held[base][need] & (count[need] >= 2)
+        default = torch.where(from_base.view(shape), rows[base][need].to(dtype), default)
+    position = {int(t): i for i, t in enumerate(need)}
+    for tid, source in overrides.items():
+        if tid in position:
+            default[position[tid]] = 0 if source.model is None else rows[who.index(source.model)][source.row].to(dtype)
     out = []
-    for r, h, row in zip(rows, held, real):
-        take = (replace & ~h) | forced
-        filled = torch.where(take.view(shape), default, row)
+    for r, h in zip(rows, held):
+        take = ~h[need] | forced[need]
+        filled = r.clone()
+        filled[need[take]] = default[take].to(r.dtype)
         if r.shape[0] > vocab_len:  # pad_to_multiple_of: the mean row (vocabulary expansion, Hewitt 2021)
-            filled = torch.cat([filled, filled.mean(0, keepdim=True).expand(r.shape[0] - vocab_len, *filled.shape[1:])])
-        out.append(filled.to(r.dtype))
+            filled[vocab_len:] = filled[:vocab_len].to(dtype).mean(0).to(r.dtype)
+        out.append(filled)
     return out
 
 
