@@ -50,10 +50,8 @@ def extended_tokenizer(folder: Path, plain: list[str], added: list[AddedToken],
     """``folder``'s tokenizer with ``plain`` tokens and then ``added`` tokens appended (ids after its own), as
     mergekit builds the union tokenizer: ``add_tokens`` on a fresh copy of the base's."""
     tokenizer = load_tokenizer(folder, what)
-    for token in plain:
-        tokenizer.add_tokens(token)
-    for token in added:
-        tokenizer.add_tokens(token)
+    tokenizer.add_tokens(plain)  # in order, each after the last: one call is one trie rebuild, not one per token
+    tokenizer.add_tokens(added)
     return tokenizer
 
 

@@ -828,7 +828,7 @@ def _vocabulary_plan(recipe: Recipe, root: Path | None, models: list[Checkpoint]
     sizes = [_vocab_size(c) for c in everyone]
     if not has_tokenizer(first.path):
         raise SymmergeError(f"{where}: {first.path} ({'base_model' if base else 'the first model'}) holds no tokenizer "
-                            "files, and every other vocabulary is mapped onto its")
+                            "files: add them (every vocabulary is mapped from its tokenizer's)")
     first_tok = load_tokenizer(first.path, where)
     vocabs = []
     for c, size in zip(everyone, sizes):
