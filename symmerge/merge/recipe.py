@@ -860,9 +860,9 @@ def _vocabulary_plan(recipe: Recipe, root: Path | None, models: list[Checkpoint]
     new = [t for t in tokens if t not in tokenizer.get_vocab()]
     for token in new:  # mergekit adds every token the tokens: block names
         tokenizer.add_tokens(token)
+    vocab_out = dict(tokenizer.get_vocab())
     if source != "union" and not new:
         tokenizer = None  # copied as stored
-    vocab_out = dict((tokenizer or load_tokenizer(copy_from, where)).get_vocab())
     size = output_size(vocab_out, pad)
     permutations = {i: token_permutation(vocab_out, v) for i, v in enumerate(vocabs)}  # a separate base: len(models)
     keys = _vocabulary_keys(layers, everyone, sizes)
