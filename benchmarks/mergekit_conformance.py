@@ -5,7 +5,10 @@ torch pinned to the local CPU wheel first). Checkpoints: a small LLaMA-shaped ba
 1 % noise), float32. Every merge method and every recipe feature (gradients, filters, per-model parameters, a global
 weight, slices, passthrough frankenmerges, dtype/out_dtype) runs in both tools with the same YAML; symmerge gets
 ``alignment: none`` added (mergekit does not know the key). Random methods run where both are deterministic
-(DARE / DELLA at density 1) — mergekit's masks are unseeded. Writes benchmarks/results/mergekit_conformance.md:
+(DARE / DELLA at density 1) — mergekit's masks are unseeded. Vocabulary merging (``tokenizer_source`` / ``tokenizer``)
+runs on three more checkpoints with their own WordLevel tokenizers (:func:`tokenizer_checkpoints`); the outputs'
+embedding and LM-head rows are compared token by token, since mergekit appends the union's tokens in set / hash-map
+order (and, without a base_model, starts from an arbitrary model's tokenizer) where symmerge's order is fixed. Writes benchmarks/results/mergekit_conformance.md:
 per job, the largest absolute difference over all tensors, how many tensors differ by more than one rounding of the
 output dtype, and wall time and peak RSS of both tools.
 
@@ -49,6 +52,83 @@ def checkpoints() -> dict[str, str]:
         model.save_pretrained(CKPTS / n)
         save_file({k: v.contiguous() for k, v in state.items()}, CKPTS / n / "model.safetensors", metadata={"format": "pt"})
     return {n: str(CKPTS / n) for n in names}
+
+
+TOK_NAMES = ("tok-base", "tok-a", "tok-b")
+
+
+def tokenizer_checkpoints() -> dict[str, str]:
+    """Three checkpoints of SIZE with their own WordLevel tokenizers: the base's 512 words; A a fine-tune of it with
+    20 words replaced by its own and the ids of 100 words shuffled (its rows move with them); B likewise with 30 words
+    of its own and a special token <sep> (513 rows). Rows of a word are the base's row plus 1 % noise."""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    if all((CKPTS / n / "tokenizer.json").exists() for n in TOK_NAMES):
+        return {n: str(CKPTS / n) for n in TOK_NAMES}
+    words = ["<unk>"] + [f"w{i}" for i in range(1, SIZE["vocab_size"])]
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZE))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, name in enumerate(TOK_NAMES):
+        g = torch.Generator().manual_seed(200 + i)
+        own = {"tok-base": 0, "tok-a": 20, "tok-b": 30}[name]
+        vocab = list(words)
+        order = torch.arange(len(words))
+        if own:
+            picks = torch.randperm(len(words) - 1, generator=g)[:own] + 1
+            for j, k in enumerate(picks.tolist()):
+                vocab[k] = f"{name[-1]}{j}"
+            block = torch.randperm(len(words) - 1, generator=g)[:100] + 1
+            order[block] = block[torch.randperm(100, generator=g)]
+            vocab = [vocab[k] for k in order.tolist()]
+        special = ["<sep>"] if name == "tok-b" else []
+        state = {}
+        for k, v in base.items():
+            v = v if name == "tok-base" else v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g)
+            if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                v = v[order]
+                if own:  # its own words: fresh rows
+                    mine = torch.tensor([vocab.index(f"{name[-1]}{j}") for j in range(own)])
+                    v[mine] = torch.randn(own, v.shape[1], generator=g) * v.std()
+                if special:
+                    v = torch.cat([v, torch.randn(1, v.shape[1], generator=g) * v.std()])
+            state[k] = v.contiguous()
+        cfg = transformers.LlamaConfig(**{**SIZE, "vocab_size": len(vocab) + len(special)})
+        transformers.LlamaForCausalLM(cfg).save_pretrained(CKPTS / name)
+        save_file(state, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
+        backend = Tokenizer(WordLevel({w: j for j, w in enumerate(vocab)}, unk_token="<unk>"))
+        backend.pre_tokenizer = Whitespace()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+        if special:
+            tok.add_special_tokens({"additional_special_tokens": special})
+        tok.save_pretrained(CKPTS / name)
+    return {n: str(CKPTS / n) for n in TOK_NAMES}
+
+
+def dora_adapter() -> str:
+    """A PEFT DoRA adapter (r = 4 on q_proj and v_proj of every layer, random A, B and magnitudes) for checkpoint "a",
+    written in PEFT's file format (tensor names as ``PeftModel.save_pretrained`` writes them)."""
+    folder = CKPTS / "a-dora"
+    if (folder / "adapter_model.safetensors").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(300)
+    d, kv = SIZE["hidden_size"], SIZE["hidden_size"] // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
+    tensors = {}
+    for layer in range(SIZE["num_hidden_layers"]):
+        for module, out in (("q_proj", d), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}."
+            tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
+            tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 4, generator=g)
+            tensors[prefix + "lora_magnitude_vector"] = torch.rand(out, generator=g) + 0.5
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "use_dora": True, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
+    return str(folder)
 
 
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
@@ -99,6 +179,28 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
     }
+    if "a-dora" in ck:
+        j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
+                                                             {"model": ck["b"], "parameters": {"weight": 0.5}}],
+                                                  "merge_method": "linear", "dtype": "float32"}
+    if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
+        tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
+        tok2 = tok3[1:]
+        j |= {
+            "tokenizer_source: union (linear)": {"models": tok3, "merge_method": "linear", "tokenizer_source": "union",
+                                                 "dtype": "float32"},
+            "tokenizer_source: union + base (task_arithmetic)": {"models": tok2, "base_model": ck["tok-base"],
+                                                                 "merge_method": "task_arithmetic", "tokenizer_source": "union",
+                                                                 "dtype": "float32"},
+            "tokenizer_source: base (task_arithmetic)": {"models": tok2, "base_model": ck["tok-base"],
+                                                         "merge_method": "task_arithmetic", "tokenizer_source": "base",
+                                                         "dtype": "float32"},
+            "tokenizer: tokens + pad_to_multiple_of (linear)": {
+                "models": tok3, "merge_method": "linear", "dtype": "float32",
+                "tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {
+                    "a0": {"source": {"kind": "zero"}}, "w5": {"source": ck["tok-b"], "force": True},
+                    "new": {"source": {"kind": "model_token", "model": ck["tok-a"], "token": "w7"}}}}},
+        }
     return j
 
 
@@ -120,6 +222,9 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "dtype bfloat16": "mergekit computes in bfloat16; symmerge in float32, rounded once",
     "dare": "float32 arithmetic order (density 1: no random mask)",
     "della": "float32 arithmetic order (density 1, epsilon 0: no random mask)",
+    "tokenizer_source: union + base": "as task_arithmetic: float32 summation order, a few ulps",
+    "tokenizer_source: base": "as task_arithmetic: float32 summation order, a few ulps",
+    "tokenizer: tokens": "the padding rows (the mean of 564 rows): float32 summation order",
 }
 
 
@@ -138,9 +243,35 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (torch.nextafter(y, torch.full_like(y, float("inf"))) - y).abs().float()
 
 
+def _token_order(folder: Path) -> list[str] | None:
+    """The tokens of the tokenizer in ``folder`` by id, or ``None`` without one."""
+    if not (folder / "tokenizer.json").exists():
+        return None
+    import transformers
+
+    vocab = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def by_token(a: dict, b: dict, sym: Path, mk: Path) -> str:
+    """Reorder ``b``'s vocabulary rows (mergekit's) into ``a``'s token order, in place: mergekit appends the union's
+    new tokens in set / hash-map order, symmerge in a fixed one. A note when the vocabularies differ."""
+    ta, tb = _token_order(sym), _token_order(mk)
+    if ta is None or tb is None or ta == tb:
+        return ""
+    if sorted(ta) != sorted(tb):
+        return f"vocabularies differ: {sorted(set(ta) ^ set(tb))[:3]}"
+    where = {t: i for i, t in enumerate(tb)}
+    order = torch.tensor([where[t] for t in ta])
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in b:
+            b[k] = torch.cat([b[k][order], b[k][len(order):]])  # padding rows (pad_to_multiple_of) stay last
+    return ""
+
+
 def compare(sym: Path, mk: Path) -> tuple[float, int, int, str]:
     a, b = load_file(sym / "model.safetensors") if (sym / "model.safetensors").exists() else _sharded(sym), _sharded(mk)
-    worst, over, note = 0.0, 0, ""
+    worst, over, note = 0.0, 0, by_token(a, b, sym, mk)
     if set(a) != set(b):
         note = f"keys differ: {sorted(set(a) ^ set(b))[:3]}"
     for k in sorted(set(a) & set(b)):
@@ -167,7 +298,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     versions = ensure_mergekit()
-    ck = checkpoints()
+    ck = checkpoints() | tokenizer_checkpoints()
+    ck["a-dora"] = dora_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
     env = child_env()
     saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
@@ -181,8 +313,9 @@ def main() -> None:
         mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
         sym_cfg.write_text(yaml.safe_dump({**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
-        mk = run([str(MK_VENV / "bin" / "mergekit-yaml"), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
-                  "--no-write-model-card", "--allow-crimes"], env)
+        mk = run([str(MK_VENV / "bin" / "python"), str(MK_VENV / "bin" / "mergekit-yaml"),  # the script's shebang may name an old path
+                  str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
+                  "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
         sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
         if mk[2] or sym[2]:
             rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
@@ -199,6 +332,10 @@ def main() -> None:
              f"LLaMA-shaped checkpoints {SIZE}, base + 3 fine-tunes (1 % noise), float32. Generated by "
              "`benchmarks/mergekit_conformance.py`.", "",
              "`> 1 rounding`: tensors with an entry that differs by more than one unit in the last place of the output dtype.", "",
+             "`tokenizer` rows: three more checkpoints of that size with their own WordLevel vocabularies (A: 20 words of its "
+             "own and 100 ids shuffled; B: 30 words and a special token); the output vocabularies hold the same tokens and "
+             "their embedding / LM-head rows are compared token by token (mergekit's order of the appended tokens is "
+             "hash order).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,13 @@ from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
+from symmerge.io.tokenizer import save_tokenizer
 from symmerge.match import fit_per_layer, resolve_device
 from symmerge.match.per_layer import MIN_GAIN, alignment_gain
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
+from symmerge.merge.vocabulary import RemappedState, fill_missing_rows
 from symmerge.spec import StateView
 
 UNRELATED_BASE = 1.0  # ‖τ_i‖ / ‖θ_base‖ above this: model i is no fine-tune of the base
@@ -273,7 +275,39 @@ class AlignedTensor:
 def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
     """Every tensor of the checkpoint, in order, for every model (and the base) brought into the reference basis;
-    one symmetry group's tensors at a time are held in memory."""
+    one symmetry group's tensors at a time are held in memory. With a tokenizer source, vocabulary tensors come in
+    the output vocabulary, every row filled."""
+    for item in _aligned_tensors(plan, states, base, transforms, base_transform):
+        yield _with_vocabulary(plan, item)
+
+
+def _with_vocabulary(plan: MergePlan, item: AlignedTensor) -> AlignedTensor:
+    """``item`` with the rows its models lack in the output vocabulary filled by mergekit's rule
+    (:func:`symmerge.merge.vocabulary.fill_missing_rows`), in the reference basis; other tensors as they are."""
+    vocab = getattr(plan, "vocabulary", None)
+    if vocab is None or not vocab.remap or item.key not in vocab.keys:
+        return item
+    who = [m for m, _ in item.inputs]
+    rows = list(item.tensors)
+    listed = listed_base_index(plan)
+    base_position = who.index(listed) if listed in who else None
+    if item.base is not None and base_position is None:
+        who.append(len(plan.models))
+        rows.append(item.base)
+        base_position = len(rows) - 1
+    present = [vocab.permutations[m] >= 0 for m in who]
+    missing = next((o for o in vocab.overrides.values() if o.model is not None and o.model not in who), None)
+    if missing is not None:
+        token = next(t for t, u in vocab.vocab_out.items() if u == missing.token)
+        raise SymmergeError(f"tokenizer.tokens.{token}: its source model is not among the models of {item.key}")
+    filled = fill_missing_rows(rows, present, who, base_position, vocab.overrides, len(vocab.vocab_out))
+    n = len(item.tensors)
+    base = item.base if item.base is None else filled[base_position]
+    return replace(item, tensors=filled[:n], base=base)
+
+
+def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
+                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
     if plan.layout is not None:  # a frankenmerge: renamed tensors, no alignment
         for o in plan.layout:
             raw = [states[m][name] for m, name in o.inputs]
@@ -317,8 +351,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     start = time.perf_counter()
     plan_device(plan, executor)  # cuda without a GPU: a one-line error before any weight is read
     lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
-    states = [LazyState(c, lend) for c in plan.models]
-    base = LazyState(plan.base, lend) if plan.base else None
+    states = [_in_output_vocabulary(plan, LazyState(c, lend), i) for i, c in enumerate(plan.models)]
+    base = _in_output_vocabulary(plan, LazyState(plan.base, lend), base_key(plan)) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
     whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
@@ -382,17 +416,37 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                                           "identity": t is None or not (t.ffn or t.heads or t.residual is not None)}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
-        if plan.tokenizer_from is not None and plan.tokenizer_from.path != source.path:
-            copy_tokenizer_files(plan.tokenizer_from.path, tmp)
+        vocab = plan.vocabulary
+        if vocab is not None and vocab.tokenizer is not None:
+            save_tokenizer(vocab.tokenizer, tmp)
+        elif vocab is not None and vocab.copy_from != source.path:
+            copy_tokenizer_files(vocab.copy_from, tmp)
         if plan.recipe.chat_template not in (None, "auto"):
             set_chat_template(tmp, plan.recipe.chat_template)
         config = dict(source.config)
+        if vocab is not None and "vocab_size" in config:  # as mergekit: the output vocabulary's length, padded
+            config["vocab_size"] = vocab.size
         if plan.layout is not None:  # a frankenmerge: the new depth, and per-layer config lists follow the layers
             config = with_layer_count(config, plan.num_layers_out, [layer for _, layer in _source_layers(plan)])
         write_config(config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
         (tmp / "README.md").write_text(model_card(plan, result.alignment, result.seconds))
     return result
+
+
+def base_key(plan: MergePlan) -> int:
+    """The base's checkpoint key in :attr:`VocabularyPlan.permutations`: its index when listed among the models,
+    else ``len(models)``."""
+    listed = listed_base_index(plan)
+    return len(plan.models) if listed is None else listed
+
+
+def _in_output_vocabulary(plan: MergePlan, state: LazyState, key: int) -> LazyState | RemappedState:
+    """``state`` with its vocabulary tensors permuted to the output vocabulary (missing rows zero until filled)."""
+    vocab = plan.vocabulary
+    if vocab is None or not vocab.remap:
+        return state
+    return RemappedState(state, vocab.permutations[key], vocab.keys, vocab.size)
 
 
 EARLY_CHECK = 8  # floating tensors: the base check runs once after these, then over the whole model
