@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
-from symmerge.groups import ModelTransform, apply_to_group, apply_transform
+from symmerge.groups import ModelTransform, apply_to_group, apply_transform, embedding_transform, fill_empty_slots
 from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
@@ -103,7 +103,10 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         return transforms, None
     device = plan_device(plan, executor)
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
+    model_specs = plan.model_specs or [None] * len(states)
     if executor is not None:
+        if any(model_specs):
+            raise SymmergeError("models of different widths are aligned in this process: drop --ray")
         todo = [i for i in range(len(states)) if i != plan.reference_index]
         with_base = base is not None and plan.reference_index is not None
         pairs = [(ref_state, states[i]) for i in todo] + ([(ref_state, base)] if with_base else [])
@@ -116,7 +119,7 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         for i, (state, name) in enumerate(zip(states, plan.names)):
             if i != plan.reference_index:
                 transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
-                                              device=device).transform
+                                              device=device, model_spec=model_specs[i]).transform
         base_transform = None
         if base is not None and plan.reference_index is not None:
             base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
@@ -124,6 +127,8 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
     # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
     # model's optimum composed with another's snapped identity would not be the same function)
+    if any(model_specs):  # a narrower model has to be embedded into the reference's widths, whatever it gains
+        return transforms, base_transform
     states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
     if base_transform is not None:
         states_and_transforms.append((base, base_transform))
@@ -316,10 +321,15 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
             yield AlignedTensor(o.key, raw, base_t, raw, None, o.inputs, o.slice, o.t)
         return
     keys = list(states[0].keys())
+    embeddings = [None if own is None else embedding_transform(plan.spec, own) for own in plan.model_specs or [None] * len(states)]
     for group, unit_keys in merge_units(plan, keys):
-        raw = [_subset(s, unit_keys) for s in states]
+        # a narrower model's tensors "as stored" are its identity embedding into the reference's widths
+        raw = [_subset(s, unit_keys) if e is None or group is None else transformed_unit(s, group, unit_keys, e)
+               for s, e in zip(states, embeddings)]
         # untransformed units reuse the tensors just read instead of reading them from the mmap again
         aligned = [r if group is None or t is None else transformed_unit(s, group, unit_keys, t) for s, r, t in zip(states, raw, transforms)]
+        if group is not None and plan.recipe.alignment != "none" and plan.recipe.alignment.unmatched == "mean":
+            fill_empty_slots(aligned, group, transforms, plan.weights)
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:
