@@ -4,9 +4,8 @@ narrow one lacks (docs/DESIGN.md §3, ``unmatched``).
 
 For each pair (wide seed s, narrow seed 1 − s) and setting, the narrow model B is embedded into the wide shape —
 ``none``: the identity semi-permutation (neuron i to slot i); ``ffn`` / ``all``: weight matching (rectangular FFN
-assignment; ``all`` adds per-head rotations, scales and head permutations); ``all,residual``: symmerge refuses the
-residual class across widths, so here the identity-embedded model is aligned as a same-shape model (equivalent:
-permuting zero neurons among slots is choosing a semi-permutation) — and the path
+assignment; ``all`` adds per-head rotations, scales and head permutations); ``all,residual``: plus the residual map
+(the narrow model grown by the identity embedding, then aligned as a same-shape model) — and the path
 ``θ(t) = (1 − t)·θ_A + t·θ_B'`` is evaluated at 11 points on the held-out split. ``zero``: B' is the embedding (zero
 neurons in the empty slots: averaging scales A's unmatched neurons by 1 − t); ``mean``: B' has its empty slots filled
 with A's neurons (the per-slot mean over the models that have the slot), so A's unmatched neurons stay unchanged
@@ -33,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import symmerge  # noqa: E402
 from symmerge.evaluate import interpolation_curve, make_evaluator, model_for  # noqa: E402
-from symmerge.groups import ModelTransform, apply_transform, embedding_transform, fill_empty_slots  # noqa: E402
+from symmerge.groups import apply_transform, embedding_transform, fill_empty_slots  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.merge.engine import run_merge  # noqa: E402
 from symmerge.merge.recipe import plan_merge, recipe_from_models  # noqa: E402
@@ -62,20 +61,6 @@ def merged_by_engine(wide_dir: Path, narrow_dir: Path, align: str, unmatched: st
 SETTINGS = ("none", "ffn", "all", "all,residual")
 
 
-def embed_then_align(a: dict, b: dict, spec, own) -> tuple[dict, ModelTransform]:
-    """Not offered by symmerge across widths (the residual class is refused there): embed the narrow model by the
-    identity semi-permutation, then align that same-shape model with ``all,residual``. Permuting an embedded model's
-    neurons, zero ones included, is the same as choosing a semi-permutation, so this is the residual class's
-    widths-aware optimum. Returns the aligned state and a transform whose ``ffn`` marks the empty slots (slots
-    holding one of the zero neurons, numbered from the narrow width on)."""
-    if own.num_heads != spec.num_heads:
-        raise ValueError("embed_then_align marks empty FFN slots only")
-    result = symmerge.align(a, apply_transform(b, spec, embedding_transform(spec, own)), spec=spec, symmetries="all,residual")
-    assert not result.folded
-    marks = ModelTransform(ffn={g: torch.where(p >= own.ffn_width, -1, p) for g, p in result.transform.ffn.items()}, source=own)
-    return result.state_dict, marks
-
-
 def study(wide_dir: Path, narrow_dir: Path, ts: list[float]) -> list[dict]:
     ca, cb = open_checkpoint(wide_dir), open_checkpoint(narrow_dir)
     a, b = load_state_dict(ca), load_state_dict(cb)
@@ -89,18 +74,17 @@ def study(wide_dir: Path, narrow_dir: Path, ts: list[float]) -> list[dict]:
         if align == "none":
             transform = embedding_transform(spec, own)
             embedded = apply_transform(b, spec, transform)
-        elif align == "all,residual":
-            embedded, transform = embed_then_align(a, b, spec, own)
         else:
-            transform = symmerge.align(a, b, spec=spec, model_spec=own, symmetries=align).transform
-            embedded = apply_transform(b, spec, transform)
+            result = symmerge.align(a, b, spec=spec, model_spec=own, symmetries=align)
+            assert not result.folded
+            transform, embedded = result.transform, result.state_dict
         secs = time.perf_counter() - start
         for rule in ("zero", "mean"):
             b_path = embedded if rule == "zero" else filled(a, embedded, spec, transform)
             curve = interpolation_curve(model, a, b_path, evaluate, ts)
             l_a = curve.losses[0]
             barrier = max(loss - ((1 - t) * l_a + t * loss_b) for t, loss in zip(curve.ts, curve.losses))
-            engine = merged_by_engine(wide_dir, narrow_dir, align, rule) if align in ("ffn", "all") else None
+            engine = merged_by_engine(wide_dir, narrow_dir, align, rule) if align != "none" else None
             mid = {k: torch.lerp(v.float(), b_path[k].float(), 0.5) for k, v in a.items() if v.is_floating_point()}
             check = max(float((engine[k].float() - v).abs().max()) for k, v in mid.items() if k in engine) if engine else None
             rows.append({"alignment": align, "unmatched": rule, "loss_A": l_a, "loss_B": loss_b, "loss_t1": curve.losses[-1],
@@ -158,7 +142,7 @@ def main() -> None:
            "the held-out test split of the digits data. `zero`: the narrow model's empty slots are zero neurons (the "
            "midpoint halves the wide model's unmatched neurons); `mean`: they take the wide model's neurons (kept "
            "unchanged by the average). Barrier against the endpoints' own losses (loss B = the narrow model). "
-           "`engine = API`: max |difference| between `symmerge merge WIDE NARROW --method linear -s ffn|all` and the "
+           "`engine = API`: max |difference| between `symmerge merge WIDE NARROW --method linear -s SETTING` and the "
            "midpoint computed here. Distance: ‖θ_A − θ_B'‖ of the embedded narrow model (zero slots).", ""]
     for title, rows in sections:
         out += [f"## {title}", "", *table(rows), ""]

@@ -20,6 +20,7 @@ from symmerge.groups import (
     AUTO,
     SYMMETRY_CLASSES,
     ModelTransform,
+    after_embedding,
     apply_transform,
     embedding_transform,
     is_auto,
@@ -152,8 +153,8 @@ def align(
     to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
     cluster's workers. ``model_spec``: the model's own spec, when it is narrower than the reference (fewer FFN
     neurons or heads; read from the model's config when both configs are given): the model is then embedded into
-    the reference's widths by semi-permutations (docs/DESIGN.md §1), with weight matching and per-layer classes
-    only. Returns an :class:`Alignment`; ``model`` is not modified.
+    the reference's widths by semi-permutations (docs/DESIGN.md §1), by weight matching (with the residual class:
+    grown by the identity embedding first, then aligned as a same-shape model). Returns an :class:`Alignment`; ``model`` is not modified.
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -169,6 +170,9 @@ def align(
     wider = model_spec is not None and widths_differ(spec, model_spec)
     if wider:
         check_embeddable(spec, model_spec, model_name)
+        if "residual" in (resolve_symmetries(AUTO, spec) if auto else chosen):
+            return _align_embedded(ref_state, model_state, spec, model_spec, symmetries if auto else chosen, config=ref_config,
+                                   match=match, progress=progress, model_name=model_name, max_seconds=max_seconds, device=device, ray=ray)
         return _align_narrower(ref_state, model_state, spec, model_spec, chosen, auto=auto, match=match, progress=progress,
                                model_name=model_name, device=device)
     if model_spec is not None:
@@ -222,16 +226,29 @@ def align(
     return Alignment(aligned, transform, report, spec, folded, still_folded)
 
 
+def _align_embedded(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, symmetries: Any, *,
+                    match: str, **options: Any) -> Alignment:
+    """A narrower model with the residual class (or ``auto`` where it includes it): grown to the reference's shape
+    by the identity embedding, then aligned as a same-shape model — permuting its neurons and heads, zero ones
+    included, is choosing a semi-permutation, so this is the same optimum (docs/DESIGN.md §2). The element is
+    returned composed with the embedding (:func:`~symmerge.groups.after_embedding`), an element of the narrow model."""
+    if match != "weights":
+        raise SymmergeError(f"{options['model_name']} is narrower than the reference: --match {match} is not available for models of "
+                            "different widths (use weights)")
+    embedding = embedding_transform(spec, model_spec)
+    result = align(ref_state, apply_transform(model_state, spec, embedding), symmetries=symmetries, spec=spec, **options)
+    result.transform = after_embedding(embedding, result.transform)
+    result.report.matching["widths"] = {"ffn": [model_spec.ffn_width, spec.ffn_width], "heads": [model_spec.num_heads, spec.num_heads]}
+    return result
+
+
 def _align_narrower(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, chosen: frozenset[str] | None,
                     *, auto: bool, match: str, progress: bool, model_name: str, device: torch.device) -> Alignment:
-    """A narrower model into the reference's widths: weight matching of the per-layer classes, whose FFN and head
-    assignments become rectangular (semi-permutations); ``auto`` means the per-layer classes here. The report's
-    "before" is the identity embedding (what merging without alignment would average)."""
+    """A narrower model into the reference's widths by weight matching of the per-layer classes, whose FFN and head
+    assignments become rectangular (semi-permutations). The report's "before" is the identity embedding (what
+    merging without alignment would average)."""
     if auto:
-        chosen = resolve_symmetries(AUTO, spec) - {"residual"}
-    if "residual" in chosen:
-        raise SymmergeError(f"{model_name} is narrower than the reference: the residual class is not available for models of different "
-                            "widths (use the per-layer classes, e.g. all)")
+        chosen = resolve_symmetries(AUTO, spec)
     if match != "weights":
         raise SymmergeError(f"{model_name} is narrower than the reference: --match {match} is not available for models of different "
                             "widths (use weights)")

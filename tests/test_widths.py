@@ -244,13 +244,34 @@ def test_refusals_name_the_difference(change, message):
 
 def test_align_refuses_what_widths_do_not_support():
     wide, narrow, _ = narrow_model("llama")
-    with pytest.raises(SymmergeError, match="residual class is not available for models of different widths"):
-        symmerge.align(wide, narrow, symmetries="all,residual")
-    with pytest.raises(SymmergeError, match="--match activations is not available for models of different widths"):
-        symmerge.align(wide, narrow, match="activations")
+    for symmetries in ("all", "all,residual"):
+        with pytest.raises(SymmergeError, match="--match activations is not available for models of different widths"):
+            symmerge.align(wide, narrow, symmetries=symmetries, match="activations")
     with pytest.raises(SymmergeError, match="only a narrower model can be aligned into a wider one"):
         symmerge.align(narrow, wide)
-    assert symmerge.align(wide, narrow).report.symmetries == ("ffn", "qk", "vo", "scale", "heads")  # auto: per-layer only
+
+
+@pytest.mark.parametrize("family", ["llama", "vit", "qwen3"])
+def test_residual_class_across_widths(family):
+    """With the residual class a narrower model is grown by the identity embedding, then aligned as a same-shape
+    model: the result computes what the narrow model computed, the element (composed with the embedding)
+    re-applies to the narrow model, and the slots it marks empty hold zero neurons."""
+    wide, narrow, make_inputs = narrow_model(family)
+    ws, ns = specs(wide, narrow)
+    state = narrow.state_dict()
+    result = symmerge.align(wide, narrow, symmetries="all,residual")
+    assert "residual" in result.report.symmetries and result.transform.residual is not None and not result.folded
+    inputs = make_inputs(torch.Generator().manual_seed(0))
+    expected = outputs(narrow, state, inputs)
+    assert torch.allclose(outputs(wide, result.state_dict, inputs), expected, atol=1e-4)
+    reapplied = apply_transform(state, ws, result.transform)  # folded norms: gains 1, same function
+    assert torch.allclose(outputs(wide, reapplied, inputs), expected, atol=1e-4)
+    view = StateView(result.state_dict)
+    for group in ws.ffn:
+        empty = result.transform.empty_slots(group)
+        assert empty is not None and int(empty.sum()) == group.width - ns.ffn_width
+        assert read_ffn(view, group).in_weights[0][empty].abs().max() == 0
+        assert read_ffn(view, group).in_weights[0][~empty].abs().min(dim=1).values.max() > 0
 
 
 # --- merging --------------------------------------------------------------------------------------------------
@@ -267,14 +288,16 @@ def gpt2_pair(tmp_path_factory):
             "wide_model": wide, "narrow_model": narrow, "narrow_state": state, "make_inputs": make_inputs}
 
 
-@pytest.mark.parametrize("unmatched", ["mean", "zero"])
-def test_cli_merge_narrow_and_wide(capsys, tmp_path, gpt2_pair, unmatched):
+@pytest.mark.parametrize("unmatched, align", [("mean", "all"), ("zero", "all"), ("mean", "auto"), ("mean", "all,residual"),
+                                              ("zero", "all,residual")])
+def test_cli_merge_narrow_and_wide(capsys, tmp_path, gpt2_pair, unmatched, align):
     """``symmerge merge NARROW WIDE`` (narrow first): aligned to the widest, written at the wide shape. A neuron
     the narrow model was cut from is averaged with itself (= the wide one's); a deleted one is kept unchanged
-    (``mean``) or halved (``zero``)."""
+    (``mean``) or halved (``zero``) — per-layer alignment, or with the residual class (``auto`` for GPT-2)."""
     m = gpt2_pair
     out = tmp_path / "merged"
-    code, stdout, err = run_cli(capsys, "merge", m["narrow"], m["wide"], "--method", "linear", "--unmatched", unmatched, "-o", out, "-q")
+    code, stdout, err = run_cli(capsys, "merge", m["narrow"], m["wide"], "--method", "linear", "--unmatched", unmatched, "-s", align,
+                           "-o", out, "-q")
     assert code == 0, err
     assert "aligned to the widest" in stdout
     merged, wide = load_file(out / "model.safetensors"), load_file(m["wide"] / "model.safetensors")
@@ -283,9 +306,9 @@ def test_cli_merge_narrow_and_wide(capsys, tmp_path, gpt2_pair, unmatched):
     for layer in range(2):
         key = f"transformer.h.{layer}.mlp.c_fc.weight"  # Conv1D: neurons are columns
         empty = m["expected"].ffn[f"layer{layer}.ffn"] < 0
-        assert torch.allclose(merged[key][:, ~empty], wide[key][:, ~empty], atol=1e-5)
+        assert torch.allclose(merged[key][:, ~empty], wide[key][:, ~empty], atol=1e-4)
         factor = 1.0 if unmatched == "mean" else 0.5
-        assert torch.allclose(merged[key][:, empty], factor * wide[key][:, empty], atol=1e-5)
+        assert torch.allclose(merged[key][:, empty], factor * wide[key][:, empty], atol=1e-4)
 
 
 def test_merge_refusals(capsys, tmp_path, gpt2_pair):
@@ -294,8 +317,6 @@ def test_merge_refusals(capsys, tmp_path, gpt2_pair):
                      "--align", "none", "-o", tmp_path / "a")
     expect_cli_error(capsys, "models of different widths cannot be merged with a base_model", "merge", m["wide"], m["narrow"],
                      "--method", "task_arithmetic", "--base", m["wide"], "-o", tmp_path / "b")
-    expect_cli_error(capsys, "models of different widths cannot be merged with the residual class", "merge", m["wide"], m["narrow"],
-                     "--method", "linear", "--align", "all,residual", "-o", tmp_path / "c")
     expect_cli_error(capsys, "is narrower than", "merge", m["wide"], m["narrow"], "--method", "linear", "--reference", m["narrow"],
                      "-o", tmp_path / "d")
 

@@ -9,7 +9,7 @@ family.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -189,6 +189,21 @@ def fill_empty_slots(states: list[dict[str, torch.Tensor]], group: FFNGroup | At
             s.update(v.state)
 
 
+def after_embedding(embedding: ModelTransform, transform: ModelTransform) -> ModelTransform:
+    """``transform``, found for a narrower model already grown by ``embedding`` (:func:`embedding_transform`), as one
+    element of the narrow model: slot ``j`` holds ``embedding``'s slot ``transform[j]``, i.e. narrow neuron
+    ``embedding[transform[j]]`` (−1 stays −1: a permutation of an embedded model, zero neurons included, is a
+    semi-permutation of the narrow one). Rotations, scales and the residual map carry over."""
+    ffn = dict(embedding.ffn)
+    for name, perm in transform.ffn.items():
+        ffn[name] = embedding.ffn[name][perm] if name in embedding.ffn else perm
+    heads = dict(embedding.heads)
+    for name, x in transform.heads.items():
+        e = embedding.heads.get(name)
+        heads[name] = x if e is None else replace(x, perm=e.perm[x.perm], kv_perm=e.kv_perm[x.kv_perm])
+    return ModelTransform(ffn, heads, transform.residual, embedding.source)
+
+
 def embedding_transform(reference: ModelSpec, model: ModelSpec) -> ModelTransform:
     """The identity semi-permutation of a narrower ``model`` into ``reference``'s widths: neuron / head ``i`` to slot
     ``i``, the rest empty (zero). What merging models of different widths without alignment means."""
@@ -205,9 +220,13 @@ def embedding_transform(reference: ModelSpec, model: ModelSpec) -> ModelTransfor
 def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
     """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied. ``spec`` is
     the reference's: a narrower model's transform names its own spec (``transform.source``)."""
+    if transform.residual is not None and transform.source is not None:
+        # a narrower model: grow it by the per-layer elements first, then fold and map the residual stream at the
+        # reference's shape. Both orders give the same tensors: the per-layer elements act on the neuron / head
+        # axis, norm folding and the residual map on the residual axis (a zero reader row stays zero when folded).
+        grown = apply_transform(state, spec, replace(transform, residual=None))
+        return apply_transform(grown, spec, ModelTransform(residual=transform.residual))
     if transform.residual is not None:
-        if transform.source is not None:
-            raise SymmergeError("the residual class is not available for models of different widths")
         residual = require_residual(spec)
         state = apply_residual(fold_norms(state, residual), residual, transform.residual)
     view = StateView(state)

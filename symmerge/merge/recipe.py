@@ -762,11 +762,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         model_specs = [_own_spec(spec, c) for c in models]
         if auto:  # per family (docs/DESIGN.md §2): with the residual map for pre-LN / RMSNorm models
             symmetries = resolve_symmetries("auto", spec)
-            if widest is not None:
-                symmetries -= {"residual"}
-                notes.append("models of different widths: auto aligns the per-layer classes (no residual map)")
         if widest is not None:
-            _check_widths_supported(recipe, symmetries, match, base, models, method)
+            _check_widths_supported(recipe, match, base, models, method)
         # methods with a base align every model to the base by default (task vectors in the base's basis); models of
         # different widths align to the widest
         reference_index = None if (method.needs_base and base is not None) else widest or 0
@@ -845,13 +842,12 @@ def _own_spec(spec: ModelSpec, ckpt: Checkpoint) -> ModelSpec | None:
     return own if widths_differ(spec, own) else None
 
 
-def _check_widths_supported(recipe: Recipe, symmetries: frozenset[str], match: str, base: Checkpoint | None,
+def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
                             models: list[Checkpoint], method: MergeMethod) -> None:
-    """Models of different widths are merged by weight matching of the per-layer classes, without a base and
-    without statistics from data: a one-line error for anything else."""
+    """Models of different widths are merged by weight matching, without a base and without statistics from data:
+    a one-line error for anything else."""
     why = ("a base_model (task vectors need one shape)" if base is not None
            else f"{method.name} (its statistics come from running each model at its own width)" if method.needs_data
-           else "the residual class" if "residual" in symmetries
            else f"match: {match} (use weights)" if match != "weights"
            else "iterative alignment" if recipe.alignment.iterative and len(models) >= 3 else None)
     if why:
