@@ -7,9 +7,11 @@ For each pair (wide seed s, narrow seed 1 − s) and setting, the narrow model B
 assignment; ``all`` adds per-head rotations, scales and head permutations); ``all,residual``: plus the residual map
 (the narrow model grown by the identity embedding, then aligned as a same-shape model) — and the path
 ``θ(t) = (1 − t)·θ_A + t·θ_B'`` is evaluated at 11 points on the held-out split. ``zero``: B' is the embedding (zero
-neurons in the empty slots: averaging scales A's unmatched neurons by 1 − t); ``mean``: B' has its empty slots filled
-with A's neurons (the per-slot mean over the models that have the slot), so A's unmatched neurons stay unchanged
-along the path. The barrier is ``max_t L(θ(t)) − ((1 − t) L_A + t L_B)`` against the endpoints' own losses (B: the
+neurons in the empty slots: averaging scales both sides of A's unmatched neurons by 1 − t); ``inputs``: B' takes
+A's input side (W_in rows, biases) in its empty slots and keeps a zero output side, so A's unmatched neurons keep
+their activations and their output is scaled by 1 − t — as in the ensemble (1 − t) f_A + t f_B; ``mean``: B' takes
+A's whole neurons there (the per-slot mean over the models that have the slot), so they stay unchanged along the
+path. The barrier is ``max_t L(θ(t)) − ((1 − t) L_A + t L_B)`` against the endpoints' own losses (B: the
 narrow model; under ``mean`` the point t = 1 is B plus A's unmatched neurons, so the barrier there can be > 0). The
 midpoint (t = ½) is what ``symmerge merge WIDE NARROW --method linear`` writes: checked here against the merge itself.
 A same-width pair (vit-digits seeds 0 and 1) is the reference. Writes ``benchmarks/results/widths.md``.
@@ -42,11 +44,11 @@ from symmerge.zoo import build  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def filled(a: dict, b: dict, spec, transform) -> dict:
-    """``b`` with the slots ``transform`` leaves empty set to ``a``'s (the ``mean`` rule for two models)."""
+def filled(a: dict, b: dict, spec, transform, rule: str) -> dict:
+    """``b`` with the slots ``transform`` leaves empty filled from ``a`` by ``rule`` (what the merge does for two models)."""
     states = [dict(a), dict(b)]
     for group in spec.groups():
-        fill_empty_slots(states, group, [None, transform])
+        fill_empty_slots(states, group, [None, transform], rule=rule)
     return states[1]
 
 
@@ -79,8 +81,8 @@ def study(wide_dir: Path, narrow_dir: Path, ts: list[float]) -> list[dict]:
             assert not result.folded
             transform, embedded = result.transform, result.state_dict
         secs = time.perf_counter() - start
-        for rule in ("zero", "mean"):
-            b_path = embedded if rule == "zero" else filled(a, embedded, spec, transform)
+        for rule in ("zero", "inputs", "mean"):
+            b_path = filled(a, embedded, spec, transform, rule)
             curve = interpolation_curve(model, a, b_path, evaluate, ts)
             l_a = curve.losses[0]
             barrier = max(loss - ((1 - t) * l_a + t * loss_b) for t, loss in zip(curve.ts, curve.losses))
@@ -140,8 +142,9 @@ def main() -> None:
     out = ["# Merging models of different widths (`benchmarks/widths.py`)", "",
            f"Load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (2 shared CPU cores). {args.points} points on "
            "the held-out test split of the digits data. `zero`: the narrow model's empty slots are zero neurons (the "
-           "midpoint halves the wide model's unmatched neurons); `mean`: they take the wide model's neurons (kept "
-           "unchanged by the average). Barrier against the endpoints' own losses (loss B = the narrow model). "
+           "midpoint halves both sides of the wide model's unmatched neurons); `inputs`: they take the wide model's "
+           "input side (the midpoint keeps their activations and halves their output); `mean`: they take the wide "
+           "model's neurons (kept unchanged by the average). Barrier against the endpoints' own losses (loss B = the narrow model). "
            "`engine = API`: max |difference| between `symmerge merge WIDE NARROW --method linear -s SETTING` and the "
            "midpoint computed here. Distance: ‖θ_A − θ_B'‖ of the embedded narrow model (zero slots).", ""]
     for title, rows in sections:

@@ -239,7 +239,8 @@ def merge(
     iterative: Annotated[bool, typer.Option("--iterative/--star", help="Short form, 3+ models: align each to the mean of the others in rounds.")] = False,
     unmatched: Annotated[str, typer.Option("--unmatched", help=(
         "Short form, models of different widths: mean (a neuron or head only wider models have is averaged over those "
-        "models) or zero (narrower models count as zeros there).")) ] = "mean",
+        "models), inputs (its input side is; its output is scaled by their weight) or zero (narrower models count as "
+        "zeros there).")) ] = "mean",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,

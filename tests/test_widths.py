@@ -29,7 +29,7 @@ from symmerge.groups import (
     write_ffn,
 )
 from symmerge.groups.heads import write_heads
-from symmerge.groups.transform import fill_value
+from symmerge.groups.transform import fill_empty_slots, fill_value
 from symmerge.match import solve_lap
 from symmerge.spec import StateView, check_embeddable, spec_for
 
@@ -173,6 +173,26 @@ def test_fill_value_is_the_masked_weighted_mean():
     assert torch.equal(filled[0], values[0])  # a model with every slot is untouched
 
 
+def test_fill_rules_on_heads():
+    """``mean`` fills a missing head's Q, K, V and O blocks with the other model's; ``inputs`` all but O; ``zero``
+    nothing (checked on a llama pair: 4 heads against 2, GQA)."""
+    wide, narrow, _ = narrow_model("llama")
+    ws, ns = specs(wide, narrow)
+    x = embedding_transform(ws, ns)
+    group = ws.attention[0]
+    embedded = read_heads(StateView(apply_transform(narrow.state_dict(), ws, x)), group)
+    for rule, filled_o in (("mean", True), ("inputs", False), ("zero", None)):
+        states = [dict(wide.state_dict()), apply_transform(narrow.state_dict(), ws, x)]
+        fill_empty_slots(states, group, [None, x], rule=rule)
+        a, b = read_heads(StateView(states[0]), group), read_heads(StateView(states[1]), group)
+        empty = x.heads[group.name].empty
+        assert torch.equal(b.q[~empty], embedded.q[~empty]) and torch.equal(b.o[~empty], embedded.o[~empty])
+        assert torch.equal(b.q[empty], a.q[empty] if filled_o is not None else torch.zeros_like(a.q[empty]))
+        assert torch.equal(b.o[empty], a.o[empty] if filled_o else torch.zeros_like(a.o[empty]))
+    with pytest.raises(SymmergeError, match="unmatched must be one of"):
+        fill_empty_slots(states, group, [None, x], rule="half")
+
+
 # --- recovery by weight matching ------------------------------------------------------------------------------
 
 
@@ -288,12 +308,13 @@ def gpt2_pair(tmp_path_factory):
             "wide_model": wide, "narrow_model": narrow, "narrow_state": state, "make_inputs": make_inputs}
 
 
-@pytest.mark.parametrize("unmatched, align", [("mean", "all"), ("zero", "all"), ("mean", "auto"), ("mean", "all,residual"),
-                                              ("zero", "all,residual")])
+@pytest.mark.parametrize("unmatched, align", [("mean", "all"), ("inputs", "all"), ("zero", "all"), ("mean", "auto"),
+                                              ("mean", "all,residual"), ("inputs", "all,residual"), ("zero", "all,residual")])
 def test_cli_merge_narrow_and_wide(capsys, tmp_path, gpt2_pair, unmatched, align):
     """``symmerge merge NARROW WIDE`` (narrow first): aligned to the widest, written at the wide shape. A neuron
     the narrow model was cut from is averaged with itself (= the wide one's); a deleted one is kept unchanged
-    (``mean``) or halved (``zero``) — per-layer alignment, or with the residual class (``auto`` for GPT-2)."""
+    (``mean``), keeps its input side and halves its output side (``inputs``), or is halved (``zero``) — per-layer
+    alignment, or with the residual class (``auto`` for GPT-2)."""
     m = gpt2_pair
     out = tmp_path / "merged"
     code, stdout, err = run_cli(capsys, "merge", m["narrow"], m["wide"], "--method", "linear", "--unmatched", unmatched, "-s", align,
@@ -304,11 +325,13 @@ def test_cli_merge_narrow_and_wide(capsys, tmp_path, gpt2_pair, unmatched, align
     assert all(merged[k].shape == v.shape for k, v in wide.items())
     assert json.loads((out / "config.json").read_text()).get("n_inner") is None  # the wide model's config (4·d)
     for layer in range(2):
-        key = f"transformer.h.{layer}.mlp.c_fc.weight"  # Conv1D: neurons are columns
         empty = m["expected"].ffn[f"layer{layer}.ffn"] < 0
-        assert torch.allclose(merged[key][:, ~empty], wide[key][:, ~empty], atol=1e-4)
-        factor = 1.0 if unmatched == "mean" else 0.5
-        assert torch.allclose(merged[key][:, empty], factor * wide[key][:, empty], atol=1e-4)
+        w_in, w_out = f"transformer.h.{layer}.mlp.c_fc.weight", f"transformer.h.{layer}.mlp.c_proj.weight"  # Conv1D: in×out
+        assert torch.allclose(merged[w_in][:, ~empty], wide[w_in][:, ~empty], atol=1e-4)
+        assert torch.allclose(merged[w_out][~empty], wide[w_out][~empty], atol=1e-4)
+        factor_in, factor_out = {"mean": (1.0, 1.0), "inputs": (1.0, 0.5), "zero": (0.5, 0.5)}[unmatched]
+        assert torch.allclose(merged[w_in][:, empty], factor_in * wide[w_in][:, empty], atol=1e-4)
+        assert torch.allclose(merged[w_out][empty], factor_out * wide[w_out][empty], atol=1e-4)
 
 
 def test_merge_refusals(capsys, tmp_path, gpt2_pair):

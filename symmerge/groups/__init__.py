@@ -26,6 +26,7 @@ from symmerge.groups.transform import (
     AUTO,
     PER_LAYER_CLASSES,
     SYMMETRY_CLASSES,
+    UNMATCHED_RULES,
     ModelTransform,
     after_embedding,
     apply_to_group,
@@ -39,7 +40,7 @@ from symmerge.groups.transform import (
 )
 
 __all__ = [
-    "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
+    "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "UNMATCHED_RULES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
     "after_embedding", "apply_to_group", "apply_transform", "embedding_transform", "fill_empty_slots",
     "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn", "resolve_symmetries", "is_auto", "AUTO",
     "plane_rotation_matrix", "random_orthogonal", "random_plane_rotation", "random_residual", "random_transform", "read_ffn",

@@ -151,14 +151,26 @@ def fill_value(values: list[torch.Tensor], empty: list[torch.Tensor | None], wei
     return [v if m is None else torch.where(m.view(shape).to(v.device), mean, v) for v, m in zip(values, empty)]
 
 
+UNMATCHED_RULES = ("mean", "inputs", "zero")
+"""What a narrower model contributes to a neuron or head it lacks, in a merge (docs/DESIGN.md §3): ``mean`` fills
+both sides of the empty slot (the slot is averaged over the models that have it: kept unchanged for two models);
+``inputs`` fills the input side only (W_in rows and biases; Q, K, V), leaving the output side (W_out columns; O
+columns) zero, so the slot's contribution to the output is scaled by the weight of the models that have it, as in
+an ensemble of the models; ``zero`` fills nothing (both sides averaged with zeros)."""
+
+
 def fill_empty_slots(states: list[dict[str, torch.Tensor]], group: FFNGroup | AttentionGroup, transforms: list[ModelTransform | None],
-                     weights: list[float] | None = None) -> None:
+                     weights: list[float] | None = None, rule: str = "mean") -> None:
     """Merge semantics for models of different widths (docs/DESIGN.md §3): ``states`` hold one group's tensors of
     every model, aligned into the reference's widths; a narrower model's empty (zero) neurons or heads would
-    shrink the average of a slot only the wider models have (halve it, for two models). Fill them, in place, with
-    the weighted mean of the models that have the slot (:func:`fill_value`), so that averaging merges take each slot
-    over the models that have it: a neuron only the wide model has is kept unchanged. Non-positive weights count
-    as equal weights."""
+    shrink the average of a slot only the wider models have (both sides halved, for two models). Fill them, in
+    place, per ``rule`` (:data:`UNMATCHED_RULES`) with the weighted mean of the models that have the slot
+    (:func:`fill_value`): ``mean`` on both sides, so that averaging merges take each slot over the models that have
+    it; ``inputs`` on the input side only. Non-positive weights count as equal weights."""
+    if rule not in UNMATCHED_RULES:
+        raise SymmergeError(f"unmatched must be one of {', '.join(UNMATCHED_RULES)}, got {rule!r}")
+    if rule == "zero":
+        return
     masks = [None if t is None else t.empty_slots(group) for t in transforms]
     if all(m is None for m in masks):
         return
@@ -166,7 +178,8 @@ def fill_empty_slots(states: list[dict[str, torch.Tensor]], group: FFNGroup | At
     views = [StateView(s) for s in states]
     if isinstance(group, FFNGroup):
         parts = [read_ffn(v, group) for v in views]
-        for field_name, axis in (("in_weights", 0), ("in_biases", 0), ("out_weights", 1)):
+        sides = (("in_weights", 0), ("in_biases", 0)) + ((("out_weights", 1),) if rule == "mean" else ())
+        for field_name, axis in sides:
             for k in range(len(getattr(parts[0], field_name))):
                 filled = fill_value([getattr(p, field_name)[k] for p in parts], masks, w, axis)
                 for p, value in zip(parts, filled):
@@ -177,8 +190,8 @@ def fill_empty_slots(states: list[dict[str, torch.Tensor]], group: FFNGroup | At
     else:
         heads = [read_heads(v, group) for v in views]
         kv_masks = [None if m is None else t.heads[group.name].kv_perm < 0 for m, t in zip(masks, transforms)]
-        for name, mask in (("q", masks), ("q_bias", masks), ("o", masks), ("k", kv_masks), ("k_bias", kv_masks),
-                           ("v", kv_masks), ("v_bias", kv_masks)):
+        sides = (("q", masks), ("q_bias", masks), ("k", kv_masks), ("k_bias", kv_masks), ("v", kv_masks), ("v_bias", kv_masks))
+        for name, mask in sides + ((("o", masks),) if rule == "mean" else ()):
             for h, value in zip(heads, fill_value([getattr(h, name) for h in heads], mask, w)):
                 setattr(h, name, value)
         for v, m, h in zip(views, masks, heads):

@@ -340,8 +340,8 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
                for s, e in zip(states, embeddings)]
         # untransformed units reuse the tensors just read instead of reading them from the mmap again
         aligned = [r if group is None or t is None else transformed_unit(s, group, unit_keys, t) for s, r, t in zip(states, raw, transforms)]
-        if group is not None and plan.recipe.alignment != "none" and plan.recipe.alignment.unmatched == "mean":
-            fill_empty_slots(aligned, group, elements, plan.weights)
+        if group is not None and plan.recipe.alignment != "none":
+            fill_empty_slots(aligned, group, elements, plan.weights, plan.recipe.alignment.unmatched)
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:

@@ -181,7 +181,7 @@ class AlignmentBlock(BaseModel):
     learn_seconds: float | None = Field(None, gt=0)
     iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
     # models of different widths: what a narrower model contributes to the neurons / heads it lacks (docs/DESIGN.md §3)
-    unmatched: Literal["mean", "zero"] = "mean"
+    unmatched: Literal["mean", "inputs", "zero"] = "mean"  # symmerge.groups.UNMATCHED_RULES
 
     @field_validator("symmetries")
     @classmethod
