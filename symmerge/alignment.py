@@ -154,7 +154,8 @@ def align(
     cluster's workers. ``model_spec``: the model's own spec, when it is narrower than the reference (fewer FFN
     neurons or heads; read from the model's config when both configs are given): the model is then embedded into
     the reference's widths by semi-permutations (docs/DESIGN.md §1), by weight matching (with the residual class:
-    grown by the identity embedding first, then aligned as a same-shape model). Returns an :class:`Alignment`; ``model`` is not modified.
+    grown by the identity embedding first, then aligned as a same-shape model). Returns an :class:`Alignment`;
+    ``model`` is not modified.
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
