@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
-from symmerge.groups import ModelTransform, apply_to_group, apply_transform
+from symmerge.groups import ModelTransform, apply_to_group, apply_transform, embedding_transform, fill_empty_slots
 from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
@@ -103,7 +103,10 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         return transforms, None
     device = plan_device(plan, executor)
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
+    model_specs = plan.model_specs or [None] * len(states)
     if executor is not None:
+        if any(model_specs):
+            raise SymmergeError("models of different widths are aligned in this process: drop --ray")
         todo = [i for i in range(len(states)) if i != plan.reference_index]
         with_base = base is not None and plan.reference_index is not None
         pairs = [(ref_state, states[i]) for i in todo] + ([(ref_state, base)] if with_base else [])
@@ -116,7 +119,7 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         for i, (state, name) in enumerate(zip(states, plan.names)):
             if i != plan.reference_index:
                 transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
-                                              device=device).transform
+                                              device=device, model_spec=model_specs[i]).transform
         base_transform = None
         if base is not None and plan.reference_index is not None:
             base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
@@ -124,6 +127,8 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
     # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
     # model's optimum composed with another's snapped identity would not be the same function)
+    if any(model_specs):  # a narrower model has to be embedded into the reference's widths, whatever it gains
+        return transforms, base_transform
     states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
     if base_transform is not None:
         states_and_transforms.append((base, base_transform))
@@ -140,13 +145,15 @@ def iterative(plan: MergePlan) -> bool:
 
 
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                       result: MergeResult, executor: Any = None) -> tuple[list, Any]:
+                       result: MergeResult, executor: Any = None) -> tuple[list, Any, list]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
     paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
     recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
     the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
-    model folded, merged with the folded reference. Returns the aligned states and base."""
+    model folded, merged with the folded reference. A narrower model comes back grown to the reference's widths.
+    Returns the aligned states, the aligned base, and per model the element found (``None`` for the reference):
+    the engine reads from it which slots a narrower model leaves empty."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     ref_ckpt = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
     residual = plan.spec.residual if "residual" in plan.symmetries else None
@@ -169,15 +176,18 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
             result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
                                       "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
                                       "spread_history": many.spread_history}
-        return many.states, None
-    aligned = []
+        return many.states, None, [None] * len(states)
+    aligned, elements = [], []
+    model_specs = plan.model_specs or [None] * len(states)
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
             aligned.append(partner)
+            elements.append(None)
             result.alignment[name] = {"distance_before": 0.0, "distance_after": 0.0}
             continue
-        r = align(ref_state, state, model_name=name, **options)
+        r = align(ref_state, state, model_name=name, model_spec=model_specs[i], **options)
         aligned.append(r.state_dict)
+        elements.append(r.transform)
         result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
     aligned_base = None
     if base is not None:
@@ -186,7 +196,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
         else:
             r = align(ref_state, base, model_name="base model", **options)
             aligned_base = r.state_dict
-    return aligned, aligned_base
+    return aligned, aligned_base, elements
 
 
 def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
@@ -273,11 +283,14 @@ class AlignedTensor:
 
 
 def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
-                    transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
+                    transforms: list[ModelTransform | None], base_transform: ModelTransform | None,
+                    elements: list[ModelTransform | None] | None = None) -> Iterator[AlignedTensor]:
     """Every tensor of the checkpoint, in order, for every model (and the base) brought into the reference basis;
     one symmetry group's tensors at a time are held in memory. With a tokenizer source, vocabulary tensors come in
-    the output vocabulary, every row filled."""
-    for item in _aligned_tensors(plan, states, base, transforms, base_transform):
+    the output vocabulary, every row filled. ``elements``: each model's alignment, to find the slots a narrower
+    model leaves empty (default ``transforms``; the whole-model path has applied its elements already and passes
+    them here); those are filled per ``alignment.unmatched`` (:func:`fill_empty_slots`)."""
+    for item in _aligned_tensors(plan, states, base, transforms, base_transform, elements):
         yield _with_vocabulary(plan, item)
 
 
@@ -307,7 +320,9 @@ def _with_vocabulary(plan: MergePlan, item: AlignedTensor) -> AlignedTensor:
 
 
 def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
-                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
+                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None,
+                     elements: list[ModelTransform | None] | None = None) -> Iterator[AlignedTensor]:
+    elements = transforms if elements is None else elements
     if plan.layout is not None:  # a frankenmerge: renamed tensors, no alignment
         for o in plan.layout:
             raw = [states[m][name] for m, name in o.inputs]
@@ -316,10 +331,17 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
             yield AlignedTensor(o.key, raw, base_t, raw, None, o.inputs, o.slice, o.t)
         return
     keys = list(states[0].keys())
+    # a narrower model not aligned yet (the whole-model path hands over grown states, with transforms None)
+    embeddings = [None if own is None or t is None else embedding_transform(plan.spec, own)
+                  for own, t in zip(plan.model_specs or [None] * len(states), transforms)]
     for group, unit_keys in merge_units(plan, keys):
-        raw = [_subset(s, unit_keys) for s in states]
+        # a narrower model's tensors "as stored" are its identity embedding into the reference's widths
+        raw = [_subset(s, unit_keys) if e is None or group is None else transformed_unit(s, group, unit_keys, e)
+               for s, e in zip(states, embeddings)]
         # untransformed units reuse the tensors just read instead of reading them from the mmap again
         aligned = [r if group is None or t is None else transformed_unit(s, group, unit_keys, t) for s, r, t in zip(states, raw, transforms)]
+        if group is not None and plan.recipe.alignment != "none":
+            fill_empty_slots(aligned, group, elements, plan.weights, plan.recipe.alignment.unmatched)
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:
@@ -367,8 +389,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
             whole_models = any(t is not None for t in transforms) or base_transform is not None
             transforms, base_transform = [None] * len(states), None
     residual = residual and whole_models
+    elements = transforms  # where each model's empty slots are (models of different widths)
     if whole_models:
-        states, base = align_whole_models(plan, states, base, progress, result, executor)
+        states, base, elements = align_whole_models(plan, states, base, progress, result, executor)
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -386,7 +409,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     with atomic_output_dir(out, force) as tmp:
         writer = ShardWriter(tmp, plan.shard_size)
         with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
-            for item in aligned_tensors(plan, states, base, transforms, base_transform):
+            for item in aligned_tensors(plan, states, base, transforms, base_transform, elements):
                 bar.update(1)
                 if not item.tensors[0].is_floating_point():
                     writer.add(item.key, item.raw[0])  # integer buffers (position ids...) come from the first model

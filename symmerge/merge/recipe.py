@@ -49,7 +49,16 @@ from symmerge.merge.vocabulary import (
     token_permutation,
     union_tokens,
 )
-from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for, tied_head
+from symmerge.spec import (
+    ModelSpec,
+    check_compatible_shapes,
+    check_embeddable,
+    check_same_shape,
+    resized_keys,
+    spec_for,
+    tied_head,
+    widths_differ,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -171,6 +180,8 @@ class AlignmentBlock(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the matching math runs (LAPs on the CPU); not the result
     learn_seconds: float | None = Field(None, gt=0)
     iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
+    # models of different widths: what a narrower model contributes to the neurons / heads it lacks (docs/DESIGN.md §3)
+    unmatched: Literal["mean", "inputs", "zero"] = "mean"  # symmerge.groups.UNMATCHED_RULES
 
     @field_validator("symmetries")
     @classmethod
@@ -385,7 +396,7 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
                        learn_steps: int = 200, max_seconds: float | None = None, device: str = "cpu",
-                       learn_seconds: float | None = None, iterative: bool = False) -> Recipe:
+                       learn_seconds: float | None = None, iterative: bool = False, unmatched: str = "mean") -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -397,7 +408,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
                                                             "max_seconds": max_seconds, "device": device,
                                                             **({"learn_seconds": learn_seconds} if learn_seconds else {}),
-                                                            **({"iterative": True} if iterative else {})},
+                                                            **({"iterative": True} if iterative else {}),
+                                                            **({"unmatched": unmatched} if unmatched != "mean" else {})},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
@@ -464,6 +476,7 @@ class MergePlan:
     varying: bool = False  # some parameter differs between tensors or models (gradients, filters, per-model values)
     notes: list[str] = field(default_factory=list)  # one line each: what a mergekit option does (or does not) here
     vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the output vocabulary and the remapping
+    model_specs: list[ModelSpec | None] = field(default_factory=list)  # per model: its own spec when narrower than the reference's
 
     @property
     def aligned(self) -> bool:
@@ -709,12 +722,19 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         raise SymmergeError("models.*.parameters.weight: the weights sum to 0, so they cannot be normalised")
 
     everyone = models + ([base] if base is not None and all(base is not c for c in models) else [])
-    reference_shapes = shapes_of(models[0])
+    widest = _widest(models, base, layout)  # None: every model has one shape
+    if widest is not None and recipe.alignment == "none":
+        raise SymmergeError("models of different widths must be aligned (the narrower are embedded into the widest): "
+                            "drop alignment: none (--align none)")
+    reference_shapes = shapes_of(models[widest or 0])
     lend_head = _lent_head(everyone)
     if layout is None:
-        for ckpt in everyone[1:]:
+        for ckpt in everyone:
+            if ckpt is models[widest or 0]:
+                continue
             label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
-            check_compatible_shapes(reference_shapes, shapes_of(ckpt), label, frozenset(lend_head[:1]) if lend_head else frozenset())
+            resized = _resized(models[widest], ckpt) if widest is not None else frozenset()
+            check_compatible_shapes(reference_shapes, shapes_of(ckpt), label, frozenset(lend_head[:1]) if lend_head else frozenset(), resized)
 
     auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
     symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)
@@ -724,18 +744,31 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     if symmetries and method.name == "passthrough":
         notes.append("passthrough copies one model: nothing to align")
         symmetries = frozenset()
-    spec, reference_index = None, None
+    spec, reference_index, model_specs = None, None, []
+    if widest is not None and not symmetries:
+        raise SymmergeError(f"models of different widths cannot be merged with {method.name}" if layout is None
+                            else "models of different widths cannot be merged slice by slice")
     if symmetries:
         try:
-            spec = spec_for(models[0].config, reference_shapes.keys())
+            spec = spec_for(models[widest or 0].config, reference_shapes.keys())
         except SymmergeError as e:
             raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
-        for ckpt in everyone[1:]:
-            check_same_shape(spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
+        for ckpt in everyone:
+            own = spec_for(ckpt.config, ckpt.shapes().keys())
+            if widths_differ(spec, own):
+                check_embeddable(spec, own, str(ckpt.path))
+            else:
+                check_same_shape(spec, own, str(ckpt.path))
+        model_specs = [_own_spec(spec, c) for c in models]
         if auto:  # per family (docs/DESIGN.md §2): with the residual map for pre-LN / RMSNorm models
             symmetries = resolve_symmetries("auto", spec)
-        # methods with a base align every model to the base by default (task vectors in the base's basis)
-        reference_index = None if (method.needs_base and base is not None) else 0
+        if widest is not None:
+            _check_widths_supported(recipe, match, base, models, method)
+        # methods with a base align every model to the base by default (task vectors in the base's basis); models of
+        # different widths align to the widest
+        reference_index = None if (method.needs_base and base is not None) else widest or 0
+        if widest:
+            notes.append(f"models of different widths: aligned to the widest, {models[widest].path}")
         ref = recipe.alignment.reference
         if ref is not None:
             ref_id = _open(ref, root, "alignment.reference", allow_pickle).identity
@@ -746,6 +779,9 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 reference_index = None
             else:
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is neither one of the models nor the base_model")
+            if widest is not None and reference_index != widest:
+                raise SymmergeError(f"alignment.reference: {cut(ref)} is narrower than {models[widest].path}: models of different "
+                                    "widths are aligned to the widest")
 
     out_dtype = recipe.out_dtype or recipe.dtype
     if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
@@ -762,11 +798,60 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
         vocabulary=vocabulary_plan,
+        model_specs=model_specs,
     )
     for i, c in enumerate(models):
         if c.lora is not None:
             plan.names[i] += "+" + c.lora.path.name
     return plan
+
+
+def _specs(ckpts: list[Checkpoint]) -> list[ModelSpec | None]:
+    """Each checkpoint's spec, ``None`` where symmerge does not know its family."""
+    out = []
+    for c in ckpts:
+        try:
+            out.append(spec_for(c.config, c.shapes().keys()))
+        except SymmergeError:
+            out.append(None)
+    return out
+
+
+def _widest(models: list[Checkpoint], base: Checkpoint | None, layout: Any) -> int | None:
+    """The model every other is aligned to when widths differ (docs/DESIGN.md §1): the one with the most FFN neurons
+    and heads (:func:`~symmerge.spec.check_embeddable` then refuses models no single one contains); ``None`` when every
+    model has one shape, or a family is unknown (the shape checks then name the first difference)."""
+    specs = _specs(models + ([base] if base is not None else []))
+    if any(s is None for s in specs) or not any(widths_differ(specs[0], s) for s in specs[1:]):
+        return None
+    sizes = [(s.ffn_width, s.num_heads) for s in specs[: len(models)]]
+    return max(range(len(models)), key=lambda i: sizes[i])
+
+
+def _resized(reference: Checkpoint, ckpt: Checkpoint) -> frozenset[str]:
+    """The tensors a narrower ``ckpt`` may hold at other shapes than ``reference`` (none when specs are unknown)."""
+    try:
+        return resized_keys(spec_for(reference.config, reference.shapes().keys()), spec_for(ckpt.config, ckpt.shapes().keys()))
+    except SymmergeError:
+        return frozenset()
+
+
+def _own_spec(spec: ModelSpec, ckpt: Checkpoint) -> ModelSpec | None:
+    """``ckpt``'s spec when it is narrower than ``spec``, else ``None``."""
+    own = spec_for(ckpt.config, ckpt.shapes().keys())
+    return own if widths_differ(spec, own) else None
+
+
+def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
+                            models: list[Checkpoint], method: MergeMethod) -> None:
+    """Models of different widths are merged by weight matching, without a base and without statistics from data:
+    a one-line error for anything else."""
+    why = ("a base_model (task vectors need one shape)" if base is not None
+           else f"{method.name} (its statistics come from running each model at its own width)" if method.needs_data
+           else f"match: {match} (use weights)" if match != "weights"
+           else "iterative alignment" if recipe.alignment.iterative and len(models) >= 3 else None)
+    if why:
+        raise SymmergeError(f"models of different widths cannot be merged with {why}")
 
 
 def _scopes(top: dict, slices: list[OutSlice]) -> list[dict]:
