@@ -421,3 +421,5 @@ def test_chunked_squared_distance_matches_float64(monkeypatch):
         t, u = torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16()
         assert engine._sq(t, u) == pytest.approx(float((t.double() - u.double()).square().sum()), rel=1e-6)
         assert engine._sq(t) == pytest.approx(float(t.double().square().sum()), rel=1e-6)
+        base_sq, task_sq = engine._sq_base_and_tasks(u, [t, u])
+        assert base_sq == pytest.approx(engine._sq(u), rel=1e-12) and task_sq == [pytest.approx(engine._sq(t, u), rel=1e-12), 0.0]

@@ -591,7 +591,8 @@ def _sampled_bracket(theta: Tensor, base: Tensor, k: int) -> tuple[float, float]
     """``lo <= hi`` that hold the ``k``-th largest ``|τ|``, ``τ = θ − base`` (flat), with near certainty: the
     sample quantiles at rank ``n − k + 1`` ± 6 binomial standard deviations of :data:`TIES_SAMPLE` entries drawn
     with a fixed seed (the caller checks by counting and falls back to an exact selection on a miss)."""
-    n, s = theta.numel(), TIES_SAMPLE
+    n = theta.numel()
+    s = min(TIES_SAMPLE, max(n, 1024))  # a small tensor: about as many draws as entries (with replacement)
     idx = torch.randint(n, (s,), generator=torch.Generator(device=theta.device).manual_seed(0x5EED), device=theta.device)
     sample = (theta[idx].float() - base[idx].float()).abs_()  # the same float32 arithmetic as the full pass
     p = 1 - k / n
