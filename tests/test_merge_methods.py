@@ -974,3 +974,24 @@ def test_all_twenty_mergekit_methods_are_registered():
                 "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough"}
     assert set(MERGE_METHODS) == mergekit | {"fisher", "regmean"}
     assert {m.name for m in list_methods() if m.optional_base} == {"slerp", "nuslerp", "multislerp"}
+
+
+def test_breadcrumbs_mask_equals_a_stable_sort_window(monkeypatch):
+    """``_outlier_keep`` (two exact selections) keeps exactly the entries a stable ascending sort puts at ranks
+    ``[bottom, bottom + target)``, on tie-heavy and continuous magnitudes, above and below the bracketing size."""
+    monkeypatch.setattr(M, "EXACT_DIRECT_MAX", 2000)  # the 5000-entry tensors take the bracketing selection
+    g = G(11)
+    for values in (torch.randint(-4, 5, (5000,), generator=g).float() * 0.25, torch.randn(5000, generator=g), torch.randn(37, generator=g)):
+        n = values.numel()
+        for density, gamma in ((0.8, 0.05), (0.5, 0.01), (0.9, 0.3), (0.01, 0.0), (1.0, 0.0), (0.3, 0.7)):
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            order = torch.sort(values.abs(), stable=True).indices
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order[bottom : bottom + target]] = True
+            assert torch.equal(M._outlier_keep(values, density, gamma), expected), (density, gamma)
+    # negative control: ties broken from the end would differ on tie-heavy input
+    values = torch.randint(0, 3, (500,), generator=g).float()
+    last = torch.zeros(500, dtype=torch.bool)
+    last[499 - torch.sort(values.flip(0), stable=True).indices[:200]] = True  # the smallest, ties: last index first
+    assert not torch.equal(M._smallest(values, 200), last)

@@ -840,14 +840,33 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
 def _outlier_keep(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs' mask (Davari & Belilovsky 2023): drop the ``⌊γ n⌋`` largest magnitudes (outliers) and the
     smallest, keep ``⌊density · n⌋`` in between — mergekit's ``magnitude_outliers`` (if ``density + γ > 1`` fewer
-    outliers are dropped). Entries ordered by ``|τ|`` with ties by position (a stable sort)."""
+    outliers are dropped). Entries ordered by ``|τ|`` with ties by position (a stable sort): the kept entries are
+    those of stable ascending rank in ``[bottom, bottom + target)``, found by two exact selections instead of a
+    sort (no int64 index array of the whole tensor; :func:`_smallest`)."""
     n = tau.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    order = torch.sort(tau.reshape(-1).abs(), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[order[bottom : bottom + target]] = True
+    mag = tau.reshape(-1).abs()
+    keep = _smallest(mag, bottom + target)
+    if bottom > 0:
+        keep &= ~_smallest(mag, bottom)
     return keep.view(tau.shape)
+
+
+def _smallest(values: Tensor, m: int) -> Tensor:
+    """Bool mask of the ``m`` smallest entries of ``values`` (flat) in stable ascending order: all entries below
+    the ``m``-th smallest value ``v`` (exact, :func:`kth_largest`), and of those equal to ``v`` the first in memory
+    order — the first ``m`` indices of ``torch.sort(values, stable=True)``."""
+    n = values.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    v = kth_largest(values, n - m + 1)
+    mask = values < v
+    tied = (values == v).nonzero().squeeze(1)
+    mask[tied[: m - int(mask.count_nonzero())]] = True
+    return mask
 
 
 class _Sparsified:
