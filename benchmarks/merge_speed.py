@@ -183,6 +183,7 @@ def run_measured(cmd: list[str], out_dir: Path) -> dict:
         proc = subprocess.run(full, capture_output=True, text=True, env=child_env(), cwd=WORK)
         wall = time.perf_counter() - start
         _, rss = _parse_time_v(proc.stderr)
+        cpu = _cpu_seconds(proc.stderr)
         how = "/usr/bin/time -v"
     else:
         peak, done = [0], threading.Event()
@@ -195,10 +196,17 @@ def run_measured(cmd: list[str], out_dir: Path) -> dict:
         done.set()
         poller.join()
         proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
-        rss, how = peak[0], "psutil tree poller (20 ms)"
+        rss, how, cpu = peak[0], "psutil tree poller (20 ms)", None
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {"wall_s": wall, "max_rss_bytes": rss, "load_before": load, "measured_by": how}
+    return {"wall_s": wall, "cpu_s": cpu, "max_rss_bytes": rss, "load_before": load, "measured_by": how}
+
+
+def _cpu_seconds(text: str) -> float | None:
+    """User + system CPU seconds from ``time -v``: less sensitive to other jobs on the machine than wall time."""
+    user = re.search(r"User time \(seconds\): ([\d.]+)", text)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", text)
+    return float(user.group(1)) + float(system.group(1)) if user and system else None
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -294,6 +302,7 @@ def bench_job(job: str, ck: dict[str, Path], tools: list[str], repeats: int, slo
                 wanted[tool] = min(repeats, slow_repeats)
         rep += 1
     return {t: {"runs": rs, "wall_s": statistics.median(r["wall_s"] for r in rs),
+                "cpu_s": statistics.median(r["cpu_s"] for r in rs) if all(r.get("cpu_s") for r in rs) else None,
                 "max_rss_gb": statistics.median(r["max_rss_bytes"] for r in rs) / 1e9,
                 "command": " ".join(builders[t](WORK / f"{job}-{t}"))} for t, rs in runs.items()}
 
@@ -397,8 +406,9 @@ def targets_of(results: dict) -> dict:
 
 def render(results: dict) -> str:
     tools = ["symmerge", "mergekit"]
-    lines = ["| job | tool | wall s (median of runs) | max RSS GB | mergekit/symmerge wall | symmerge/mergekit RSS | load (1-min) | measured |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| job | tool | wall s (median of runs) | CPU s | max RSS GB | mergekit/symmerge wall | mergekit/symmerge CPU | "
+             "symmerge/mergekit RSS | load (1-min) | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = [j for j in JOB_ORDER if j in results["jobs"]] + [j for j in results["jobs"] if j not in JOB_ORDER]
     for job in order:
         res = results["jobs"][job]
@@ -408,12 +418,15 @@ def render(results: dict) -> str:
             r = res[tool]
             walls = " / ".join(f"{x['wall_s']:.2f}" for x in r["runs"])
             loads = [x["load_before"] for x in r["runs"]]
-            ratio = rratio = ""
+            ratio = rratio = cratio = ""
             if tool == "symmerge" and "mergekit" in res:
                 ratio = f"**{res['mergekit']['wall_s'] / r['wall_s']:.2f}x**"
                 rratio = f"{r['max_rss_gb'] / res['mergekit']['max_rss_gb']:.3f}"
+                if r.get("cpu_s") and res["mergekit"].get("cpu_s"):
+                    cratio = f"{res['mergekit']['cpu_s'] / r['cpu_s']:.2f}x"
+            cpu = f"{r['cpu_s']:.1f}" if r.get("cpu_s") else "?"
             when = res.get("measured_at", "?") + (f" @{res['symmerge_commit']}" if tool == "symmerge" and res.get("symmerge_commit") else "")
-            lines.append(f"| {job} | {tool} | {r['wall_s']:.2f} ({walls}) | {r['max_rss_gb']:.2f} | {ratio} | {rratio} | "
+            lines.append(f"| {job} | {tool} | {r['wall_s']:.2f} ({walls}) | {cpu} | {r['max_rss_gb']:.2f} | {ratio} | {cratio} | {rratio} | "
                          f"{min(loads):.1f}–{max(loads):.1f} | {when} |")
     table = "\n".join(lines)
     m = results["machine"]
@@ -421,7 +434,8 @@ def render(results: dict) -> str:
             f"{m['cpus']} CPUs (shared with other jobs: compare the ratios, both tools ran back to back), "
             f"OMP_WAIT_POLICY=PASSIVE, torch {m['torch']}, mergekit {results.get('mergekit_versions', {}).get('mergekit', 'not run')}. "
             f"Each job: the two tools interleaved, median of the runs; load = 1-min load average before each run. "
-            f"Peak memory by {results.get('measured_by', '?')} (max RSS includes mmapped input pages). "
+            f"Peak memory by {results.get('measured_by', '?')} (max RSS includes mmapped input pages); CPU s = user + system "
+            "time of the process tree, less sensitive to the machine's load than wall time. "
             "mergekit computes in the recipe's `dtype` (bfloat16) except in `ties_f32`; symmerge always in float32, "
             "rounded once to bf16. Rows are kept across partial runs (`--jobs`): see `measured`.\n\n")
     for job in order:
