@@ -696,6 +696,7 @@ def test_ties_kernel_equals_a_sorted_reference_on_ties_and_zero_signs(monkeypatc
     bit, on bf16 task vectors with heavy magnitude ties, exact zeros and cancelling models; then with a
     continuous model (the bracket's ``lo < hi`` branch)."""
     monkeypatch.setattr(M, "TIES_CHUNK", chunk)
+    monkeypatch.setattr(M, "_TIE_PIECE", 16)  # the tie position is found piece by piece within a chunk
     base, models = _tie_heavy_models(seed)
     weights = [1.0, 1.0, 0.5]
     for density in ([0.2, 0.2, 0.2], [0.05, 0.5, 0.9], [0.3, 1.0, 0.01]):
@@ -711,6 +712,7 @@ def test_ties_trim_plan_bracket_and_radix_fallback_agree(monkeypatch):
     """The bracket and the exact radix selection give the same plan; a bracket that misses (forced here, rare in
     use) falls back to radix, so the result stays exact; a plan breaking ties from the end is caught (control)."""
     monkeypatch.setattr(M, "TIES_CHUNK", 256)
+    monkeypatch.setattr(M, "_TIE_PIECE", 48)  # not a divisor of the chunk: a ragged last piece
     g = G(7)
     base = torch.zeros(5000)
     for values in (torch.randint(0, 6, (5000,), generator=g).float() * 0.125, torch.randn(5000, generator=g)):
@@ -995,3 +997,18 @@ def test_breadcrumbs_mask_equals_a_stable_sort_window(monkeypatch):
     last = torch.zeros(500, dtype=torch.bool)
     last[499 - torch.sort(values.flip(0), stable=True).indices[:200]] = True  # the smallest, ties: last index first
     assert not torch.equal(M._smallest(values, 200), last)
+
+
+def test_chunked_linear_and_task_arithmetic_equal_the_whole_tensor_arithmetic(monkeypatch):
+    """Chunked evaluation (here 64-entry chunks, a ragged last one) gives the bits of the same operations on whole
+    tensors, bf16 in and out (one rounding)."""
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    g = G(21)
+    base = torch.randn(33, 29, generator=g).bfloat16()
+    a, b = ((base.float() + torch.randn(33, 29, generator=g) * 0.01).bfloat16() for _ in range(2))
+    whole = torch.zeros(33, 29).add_(a, alpha=0.3).add_(b, alpha=0.9).div_(1.2).bfloat16()
+    assert torch.equal(linear([a, b], weights=[0.3, 0.9]).view(torch.int16), whole.view(torch.int16))
+    tv = torch.zeros(33, 29).add_(a.float().sub_(base), alpha=0.3).add_(b.float().sub_(base), alpha=0.9)
+    assert torch.equal(task_arithmetic([a, b], base=base, weights=[0.3, 0.9], lambda_=0.7).view(torch.int16),
+                       tv.mul_(0.7).add_(base).bfloat16().view(torch.int16))
+    assert torch.equal(task_arithmetic([a.T, b.T], base=base.T), task_arithmetic([a, b], base=base).T)  # strided inputs

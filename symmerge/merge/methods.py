@@ -584,7 +584,7 @@ class _TiesScratch:
 
 
 #: The trim plan's bracket: this many entries of ``|τ|``, drawn with a fixed seed, bracket the ``k``-th largest.
-TIES_SAMPLE = 1 << 16
+TIES_SAMPLE = 1 << 14
 
 
 def _sampled_bracket(theta: Tensor, base: Tensor, k: int) -> tuple[float, float]:
@@ -593,7 +593,8 @@ def _sampled_bracket(theta: Tensor, base: Tensor, k: int) -> tuple[float, float]
     with a fixed seed (the caller checks by counting and falls back to an exact selection on a miss)."""
     n = theta.numel()
     s = min(TIES_SAMPLE, max(n, 1024))  # a small tensor: about as many draws as entries (with replacement)
-    idx = torch.randint(n, (s,), generator=torch.Generator(device=theta.device).manual_seed(0x5EED), device=theta.device)
+    g = torch.Generator(device=theta.device).manual_seed(0x5EED)
+    idx = torch.randint(n, (s,), generator=g, device=theta.device).sort().values  # in memory order: fewer cache misses
     sample = (theta[idx].float() - base[idx].float()).abs_()  # the same float32 arithmetic as the full pass
     p = 1 - k / n
     margin = 6 * math.sqrt(p * (1 - p) / s) + 2 / s
@@ -642,6 +643,9 @@ def _trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: in
     return _tie_cut(theta, base, t, r, tied_per_chunk, bounds, scratch, i)
 
 
+_TIE_PIECE = 1 << 14
+
+
 def _tie_cut(theta: Tensor, base: Tensor, t: float, r: int, tied_per_chunk: Tensor, bounds: list[tuple[int, int]],
              scratch: _TiesScratch, i: int) -> tuple[float, int]:
     """The plan that keeps the first ``r`` entries with ``|τ| = t`` (memory order), from their count per chunk: the
@@ -659,8 +663,15 @@ def _tie_cut(theta: Tensor, base: Tensor, t: float, r: int, tied_per_chunk: Tens
     s, e = bounds[j]
     bits = scratch.abs_bits(scratch.task_vector(i, theta, base, s, e))
     v = int(torch.tensor(t, dtype=torch.float32).view(torch.int32))
-    idx = torch.eq(bits, v).nonzero().squeeze(1)
-    return t, s + int(idx[r - before - 1]) + 1
+    tied_here = torch.eq(bits, v, out=scratch.mask[: e - s])
+    # the r-th tied entry: count per piece of _TIE_PIECE entries, then list the tied entries of one piece only
+    m = (e - s) // _TIE_PIECE * _TIE_PIECE
+    counts = torch.cat([tied_here[:m].view(-1, _TIE_PIECE).sum(1), tied_here[m:].sum().reshape(1)]).cumsum(0)
+    q = int(torch.searchsorted(counts, r - before))
+    start = q * _TIE_PIECE
+    prior = before + (int(counts[q - 1]) if q > 0 else 0)
+    idx = tied_here[start : start + _TIE_PIECE].nonzero().squeeze(1)
+    return t, s + start + int(idx[r - prior - 1]) + 1
 
 
 def _radix_trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: int) -> tuple[float, int]:
@@ -743,6 +754,25 @@ def _ties_chunked(tensors: Sequence[Tensor], base: Tensor, w: list[float], lam: 
 
 
 # ------------------------------------------------------------------------------------- output dtype, per-model
+
+
+#: Elementwise methods run chunk by chunk (:func:`_chunked`): a float32 accumulator of this many entries stays in
+#: cache, where whole-tensor float32 temporaries cost fresh pages (several times slower) and peak memory.
+ELEMENTWISE_CHUNK = 1 << 20
+
+
+def _chunked(fn: Callable[[list[Tensor], Tensor], Tensor], inputs: Sequence[Tensor], dtype: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """``fn(chunks, acc)`` over the flattened ``inputs`` (one shape) chunk by chunk: ``acc`` is a zeroed ``dtype``
+    buffer of the chunk's size, ``fn`` returns the chunk's result (in ``dtype``), rounded once to ``out_dtype``.
+    For elementwise methods only: each entry goes through the same operations as on the whole tensor."""
+    flat = [x.reshape(-1) for x in inputs]
+    n = flat[0].numel()
+    out = torch.empty(n, dtype=out_dtype, device=flat[0].device)
+    acc = torch.empty(min(n, ELEMENTWISE_CHUNK), dtype=dtype, device=flat[0].device)
+    for s in range(0, n, ELEMENTWISE_CHUNK):
+        e = min(s + ELEMENTWISE_CHUNK, n)
+        out[s:e].copy_(fn([x[s:e] for x in flat], acc[: e - s].zero_()))
+    return out.view(inputs[0].shape)
 
 
 def _out(x: Tensor, tensors: Sequence[Tensor], out_dtype: torch.dtype | None) -> Tensor:
@@ -964,6 +994,18 @@ def _gta(method: str, tensors: Sequence[Tensor], base: Tensor | None, weights: S
     if consensus and sparsify == "magnitude" and not rescale and dtype == torch.float32 and base.device.type == "cpu":
         ks = None if thresholds is not None else [keep_count(float(d), base.numel()) for d in _broadcast(method, "density", p["density"], len(tensors))]
         return _ties_chunked(tensors, base, w, lam, ks, thresholds, normalize, out_dtype or tensors[0].dtype)
+    if sparsify is None and not consensus:  # task arithmetic: elementwise, so chunk by chunk (the same operations)
+        total = sum(w)
+
+        def task_sum(chunks: list[Tensor], acc: Tensor) -> Tensor:
+            *thetas, b = chunks
+            for theta, wi in zip(thetas, w):
+                acc.add_(_task_vector(theta, b, dtype), alpha=wi)
+            if normalize and abs(total) >= WEIGHT_SUM_EPS:
+                acc.div_(total)
+            return acc.mul_(lam).add_(b)
+
+        return _chunked(task_sum, [*tensors, base], dtype, out_dtype or tensors[0].dtype)
     task_vector = _Sparsified(method, sparsify, tensors, base, dtype, name, p, thresholds)
     if consensus:
         merged = _disjoint_merge(task_vector, len(tensors), w, base, dtype, normalize)
@@ -1343,12 +1385,14 @@ def linear(
     w = _weights("linear", weights, len(tensors))
     if normalize and sum(w) == 0:
         raise SymmergeError(f"linear: weights sum to 0, cannot normalize: {w}")
-    out = torch.zeros(tensors[0].shape, dtype=_compute_dtype(*tensors), device=tensors[0].device)
-    for t, wi in zip(tensors, w):
-        out.add_(t, alpha=wi)
-    if normalize:
-        out.div_(sum(w))
-    return _out(out, tensors, out_dtype)
+    total = sum(w)
+
+    def average(chunks: list[Tensor], acc: Tensor) -> Tensor:
+        for t, wi in zip(chunks, w):
+            acc.add_(t, alpha=wi)
+        return acc.div_(total) if normalize else acc
+
+    return _chunked(average, tensors, _compute_dtype(*tensors), out_dtype or tensors[0].dtype)
 
 
 def _dot64(x: Tensor, y: Tensor) -> float:
