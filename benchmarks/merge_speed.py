@@ -27,6 +27,7 @@ Results go to ``benchmarks/results/merge_speed.{json,md}``; the json holds one r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -467,6 +468,30 @@ def render(results: dict) -> str:
     return head + "\n".join(body) + "\n"
 
 
+def save_merged(results: dict, jobs: list[str], json_path: Path, md_path: Path) -> dict:
+    """Write ``results``' rows of ``jobs`` into the results file as it is now (another run may have added rows since
+    this one started: runs of different jobs may go in parallel), under a lock; render the markdown. Returns the
+    merged results."""
+    RESULTS.mkdir(exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "merge_speed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(json_path.read_text()) if json_path.exists() else {}
+        if current.get("scale") != results["scale"] or current.get("format") != RESULTS_FORMAT:
+            current = {}
+        merged = {**current, **{k: v for k, v in results.items() if k not in ("jobs", "agreement", "errors")}}
+        for part in ("jobs", "agreement", "errors"):
+            rows = dict(current.get(part, {}))
+            for job in jobs:
+                rows.pop(job, None)
+                if job in results.get(part, {}):
+                    rows[job] = results[part][job]
+            merged[part] = rows
+        json_path.write_text(json.dumps(merged, indent=2, default=str))
+        md_path.write_text(render(merged))
+    return merged
+
+
 def git_commit() -> str | None:
     p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     dirty = subprocess.run(["git", "status", "--porcelain", "symmerge"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -518,6 +543,7 @@ def main() -> None:
         except SystemExit as e:  # one tool refused or crashed: record it, go on with the other jobs
             log(f"  {job} failed: {str(e)[:2000]}")
             results.setdefault("errors", {})[job] = str(e)[-1500:]
+            results = save_merged(results, [job], json_path, md_path)
             continue
         results.get("errors", {}).pop(job, None)
         if args.skip_mergekit and "mergekit" in results["jobs"].get(job, {}):
@@ -534,16 +560,9 @@ def main() -> None:
             shutil.rmtree(sym, ignore_errors=True)
             shutil.rmtree(mk, ignore_errors=True)
         # write after every job: an interrupted sweep keeps what it measured
-        RESULTS.mkdir(exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2, default=str))
-        md_path.write_text(render(results))
+        results = save_merged(results, [job], json_path, md_path)
 
-    report = render(results)
-    print(report)
-    json_path.write_text(json.dumps(results, indent=2, default=str))
-    md_path.write_text(report)
-    if not args.keep_outputs:
-        shutil.rmtree(WORK, ignore_errors=True)
+    print(render(results))  # WORK stays: a parallel run of other jobs may be using it (each job removed its outputs)
 
 
 RESULTS_FORMAT = 2  # the json's layout: jobs keyed by name, merged across partial runs
