@@ -1012,3 +1012,14 @@ def test_chunked_linear_and_task_arithmetic_equal_the_whole_tensor_arithmetic(mo
     assert torch.equal(task_arithmetic([a, b], base=base, weights=[0.3, 0.9], lambda_=0.7).view(torch.int16),
                        tv.mul_(0.7).add_(base).bfloat16().view(torch.int16))
     assert torch.equal(task_arithmetic([a.T, b.T], base=base.T), task_arithmetic([a, b], base=base).T)  # strided inputs
+
+
+def test_della_ranks_equal_a_double_argsort():
+    """The ranks come from scattering the sort order (its inverse permutation): the same as ``argsort(argsort)``,
+    ties by position, on tie-heavy and continuous rows and a 1-D tensor."""
+    g = G(31)
+    for x in (torch.randint(-3, 4, (37, 53), generator=g).float() * 0.5, torch.randn(300, 1000, generator=g), torch.randn(9, generator=g)):
+        rows = x.reshape(1, -1) if x.ndim < 2 else x
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
+        expected = ranks.div_(rows.shape[1] - 1).clamp_(0, 1).mul_(0.2).add_(0.4).reshape(x.shape)
+        assert torch.equal(della_keep_probabilities(x, 0.5, 0.1), expected)

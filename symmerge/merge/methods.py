@@ -861,7 +861,9 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     x = tau.reshape(1, -1) if tau.ndim < 2 else tau
     n = x.shape[1]
     order = torch.argsort(x.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1).to(tau.dtype if tau.dtype == torch.float64 else torch.float32)
+    # the inverse permutation by a scatter (O(n)), not a second argsort: ranks[order[j]] = j
+    positions = torch.arange(n, dtype=tau.dtype if tau.dtype == torch.float64 else torch.float32, device=tau.device)
+    ranks = torch.empty(order.shape, dtype=positions.dtype, device=tau.device).scatter_(1, order, positions.expand_as(order))
     del order
     rank_norm = ranks.div_(n - 1).clamp_(0, 1) if n > 1 else ranks.fill_(0.5)
     return rank_norm.mul_(2 * epsilon).add_(density - epsilon).reshape(shape)
