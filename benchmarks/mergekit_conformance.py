@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_speed import CACHE, MK_VENV, RESULTS, TIME, _parse_time_v, child_env, ensure_mergekit  # noqa: E402
+from merge_speed import CACHE, RESULTS, TIME, _parse_time_v, child_env, ensure_mergekit, mergekit_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CKPTS = CACHE / "conformance-ckpts"
@@ -212,16 +212,16 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "karcher": "mergekit 0.1.5's karcher ignores `weight` (uniform alphas); symmerge uses the weights given",
     "task_arithmetic": "float32 summation order, a few ulps",
     "global weight": "float32 summation order, a few ulps",
-    "ties": "top-k count: symmerge keeps round(density·n) entries, mergekit int(density·n) (one entry per tensor), and "
-            "threshold ties broken differently (docs/DESIGN.md §3)",
-    "per-model gradients": "as ties: top-k count and tie-breaking",
+    "ties": "trim-cut ties: these float32 checkpoints' τ = fl(base + noise) − base are multiples of ulp(base), so |τ| "
+            "values repeat; symmerge keeps the first tied entries in memory order, mergekit's argsort any (both keep ⌊d·n⌋)",
+    "per-model gradients": "as ties: trim-cut tie-breaking",
     "dtype float32 + out_dtype": "as ties, then rounded to bfloat16",
-    "breadcrumbs": "as ties: top-k counts (outlier and small masks) and tie-breaking",
+    "breadcrumbs": "as ties: ties across the outlier and small-magnitude cuts (symmerge's stable sort, mergekit's unstable one)",
     "sce": "top-k variance count, as ties",
     "arcee_fusion": "mergekit samples 10^6 entries (unseeded) for its quantiles; symmerge's are exact",
     "dtype bfloat16": "mergekit computes in bfloat16; symmerge in float32, rounded once",
-    "dare": "float32 arithmetic order (density 1: no random mask)",
-    "della": "float32 arithmetic order (density 1, epsilon 0: no random mask)",
+    "dare": "density 1: no random mask, so deterministic",
+    "della": "density 1, epsilon 0: no random mask, so deterministic",
     "tokenizer_source: union + base": "as task_arithmetic: float32 summation order, a few ulps",
     "tokenizer_source: base": "as task_arithmetic: float32 summation order, a few ulps",
     "tokenizer: tokens": "the padding rows (the mean of 564 rows): float32 summation order",
@@ -230,6 +230,91 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
 
 def explain(name: str) -> str:
     return next((v for k, v in EXPLAIN.items() if name.startswith(k)), "")
+
+
+def _straddles(mag: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    """Entries of ``mag`` (flat) whose value sits on both sides of a cut of the ascending order (position ``c``: the
+    first ``c`` entries go one way, the rest the other): which of the tied entries fall on which side is up to
+    the sort, so the two tools may choose differently."""
+    asc = torch.sort(mag).values
+    amb = torch.zeros_like(mag, dtype=torch.bool)
+    for c in cuts:
+        if 0 < c < mag.numel() and asc[c - 1] == asc[c]:
+            amb |= mag == asc[c]
+    return amb
+
+
+def attribute(recipe: dict, ck: dict[str, str], sym: Path, mk: Path) -> dict | None:
+    """For task-vector methods with one global density/gamma: the entries that differ by more than one rounding,
+    split by cause — ``tie``: some model's ``|τ_i|`` there ties across its trim cut (TIES: the ``⌊d n⌋``-th largest;
+    Breadcrumbs: both cuts of its ascending order), where symmerge keeps the first in memory order and mergekit's
+    unstable sort an arbitrary one; ``election``: the weighted task vectors cancel to within float32 rounding
+    (``|Σ w_i τ_i| <= 8 ε Σ |w_i τ_i|``), so the summation order decides the elected sign (symmerge accumulates with
+    fused multiply-adds, mergekit rounds the products first); ``ulps``: within 8 units in the last place of the largest
+    operand (operation order; ``base + τ_m`` may cancel to a far smaller output); ``other``. Also how many election entries the exact
+    (float64) sum gives the sign symmerge elected."""
+    method = recipe.get("merge_method")
+    if method not in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "della") or "base_model" not in recipe:
+        return None
+    params = recipe.get("parameters", {})
+    if any(isinstance(v, (list, dict)) for v in params.values()) or any("density" in m.get("parameters", {}) for m in recipe["models"]):
+        return None
+    density, gamma = float(params.get("density", 1.0)), float(params.get("gamma", 0.01))
+    weights = [float(m.get("parameters", {}).get("weight", 1.0)) for m in recipe["models"]]
+    base = load_file(Path(recipe["base_model"]) / "model.safetensors")
+    models = [load_file(Path(m["model"]) / "model.safetensors") for m in recipe["models"]]
+    a, b = _sharded(sym), _sharded(mk)
+    counts = {"differing": 0, "tie": 0, "election": 0, "ulps": 0, "other": 0, "election_symmerge_sign_exact": 0}
+    for key, bt in base.items():
+        x, y = a[key].float(), b[key].float()
+        d = (x - y).abs() > ulp(torch.maximum(x.abs(), y.abs()), b[key].dtype) * 1.0001
+        if not bool(d.any()):
+            continue
+        taus = [m[key].float().reshape(-1) - bt.float().reshape(-1) for m in models]
+        n = taus[0].numel()
+        tie = torch.zeros(n, dtype=torch.bool)
+        if density < 1 and method in ("ties",):
+            k = max(1, int(density * n))
+            tie = torch.stack([_straddles(t.abs(), [n - k]) for t in taus]).any(0)
+        elif density < 1:
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            tie = torch.stack([_straddles(t.abs(), [bottom, bottom + target]) for t in taus]).any(0)
+        wt = torch.stack([w * t for w, t in zip(weights, taus)])
+        near = wt.sum(0).abs() <= 8 * torch.finfo(torch.float32).eps * wt.abs().sum(0)
+        d = d.reshape(-1)
+        counts["differing"] += int(d.sum())
+        counts["tie"] += int((d & tie).sum())
+        election = d & ~tie & near
+        counts["election"] += int(election.sum())
+        rest = d & ~tie & ~near
+        scale = torch.maximum(torch.maximum(x.abs(), y.abs()), bt.float().abs())  # the largest operand: base + τ_m may cancel
+        few = ((x - y).abs() <= 8 * ulp(scale, b[key].dtype)).reshape(-1)
+        counts["ulps"] += int((rest & few).sum())
+        counts["other"] += int((rest & ~few).sum())
+        counts.setdefault("other_examples", []).extend(f"{key}[{j}]" for j in (rest & ~few).nonzero().squeeze(1)[:2].tolist())
+        if bool(election.any()):
+            exact = sum(w * t.double() for w, t in zip(weights, taus))[election].sign()
+            elected = (x.reshape(-1) - bt.float().reshape(-1))[election].sign().double()
+            counts["election_symmerge_sign_exact"] += int((exact == elected).sum())
+    return counts
+
+
+def describe(c: dict | None) -> str:
+    if not c or not c["differing"]:
+        return ""
+    parts = []
+    if c["tie"]:
+        parts.append(f"{c['tie']} at trim-cut ties (symmerge keeps the first in memory order, mergekit's unstable sort any)")
+    if c["election"]:
+        parts.append(f"{c['election']} where Σ w_i τ_i cancels to float32 rounding, so summation order elects the sign "
+                     f"(symmerge fused multiply-adds, mergekit rounded products; the float64 sum agrees with symmerge's sign in "
+                     f"{c['election_symmerge_sign_exact']})")
+    if c["ulps"]:
+        parts.append(f"{c['ulps']} by 2–8 units in the last place of the largest operand (float32 operation order)")
+    if c["other"]:
+        parts.append(f"{c['other']} other")
+    return f"measured: {c['differing']} entries differ > 1 rounding: " + "; ".join(parts)
 
 
 def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
@@ -313,15 +398,16 @@ def main() -> None:
         mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
         sym_cfg.write_text(yaml.safe_dump({**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
-        mk = run([str(MK_VENV / "bin" / "python"), str(MK_VENV / "bin" / "mergekit-yaml"),  # the script's shebang may name an old path
-                  str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
+        mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
                   "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
         sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
         if mk[2] or sym[2]:
             rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
         else:
             worst, over, total, note = compare(sym_out, mk_out)
-            rows.append((name, worst, over, total, note or (explain(name) if over else ""), mk, sym))
+            if over and not note:
+                note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
+            rows.append((name, worst, over, total, note, mk, sym))
         print(rows[-1][:5], flush=True)
         previous[name] = list(rows[-1])
         saved.write_text(json.dumps(list(previous.values())))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -258,9 +259,21 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True, file_backed: bo
         state.update(part)
     if check_finite:
         for key, t in state.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise SymmergeError(f"{ckpt.path}: tensor {key!r} holds NaN or Inf values")
     return FileBackedState(state, files) if file_backed and not ckpt.is_pickle else state
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t`` (True for integer tensors). ``torch.aminmax`` propagates NaN and brings an infinity
+    out as the min or max, in one pass with no bool temporary: ~40x faster than ``isfinite(t).all()`` on bf16,
+    where the finite check otherwise costs more than a whole TIES merge. Float8 has no ``aminmax``: ``isfinite``."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.element_size() == 1:
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def is_weight_file(p: Path) -> bool:

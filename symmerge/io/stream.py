@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from symmerge.errors import SymmergeError
-from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, load_state_dict
+from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, all_finite, load_state_dict
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -72,7 +72,7 @@ class LazyState(Mapping[str, torch.Tensor]):
             with _reading(f):
                 t = self._handles[f].get_tensor(key)
         if key not in self._checked:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise SymmergeError(f"{self.ckpt.path}: tensor {key!r} holds NaN or Inf values")
             self._checked.add(key)
         if key in self._lora:  # a LoRA adapter: W + (alpha / r) B A (DoRA: rescaled per row), rounded once to the stored dtype
