@@ -79,16 +79,17 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--learn-steps", type=int, default=100_000)
     parser.add_argument("--learn-seconds", type=float, default=300.0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where learned_matching.{md,json} go (rows of other pairs there are kept)")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "learned_matching.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "learned_matching.json"
     done = {r["pair"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}  # pairs not asked for are kept
     for name in args.pairs:
         done[name] = pair_row(name, args.points, args.learn_steps, args.learn_seconds)
         print(f"{name}: barrier {done[name]['barrier']:.4f} after {done[name]['steps']} steps", flush=True)
     rows = [done[n] for n in sorted(done)]
     path.write_text(json.dumps(rows, indent=2))
-    (RESULTS / "learned_matching.md").write_text(markdown(rows))
+    (args.results / "learned_matching.md").write_text(markdown(rows))
     print(markdown(rows))
 
 
