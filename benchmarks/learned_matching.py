@@ -26,6 +26,7 @@ import symmerge  # noqa: E402
 from symmerge.data import load_calibration  # noqa: E402
 from symmerge.evaluate import make_evaluator, model_for  # noqa: E402
 from symmerge.evaluate.interpolation import interpolation_curve  # noqa: E402
+from symmerge.groups.residual import with_untied_head  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
 
@@ -44,7 +45,7 @@ def pair_row(name: str, points: int, learn_steps: int, learn_seconds: float) -> 
                             learn_steps=learn_steps, learn_seconds=learn_seconds)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     load_end = os.getloadavg()
-    partner = result.merge_partner
+    partner = result.merge_partner or with_untied_head(a, result.spec.residual)  # A in the aligned parametrisation
     ts = [i / (points - 1) for i in range(points)]
     curve = interpolation_curve(model_for(ca.config, partner, untied=True), partner, result.state_dict, evaluate, ts, label=SETTING)
     learned = result.report.matching["learned"]
