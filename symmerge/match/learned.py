@@ -22,7 +22,7 @@ by the objective. A step that overflows, or makes a learned head factor too ill-
 keep B's function, is undone: the best element is restored, Adam's moments reset and the rate halved (with a
 warm-up). Budgets: ``steps`` and ``seconds``, whichever ends first.
 
-Measured (benchmarks/results/learned_matching.md): one rate does not suit every zoo pair — 3e-2 with a warm-up
+Measured (benchmarks/results/learned_matching_sweep.md): one rate does not suit every zoo pair — 3e-2 with a warm-up
 reaches a lower barrier in fewer steps on ViT digits (far start) but throws ViT Fashion-MNIST (near start) out of
 its basin for 150 steps; the default stays 3e-3.
 """
