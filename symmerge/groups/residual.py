@@ -99,14 +99,16 @@ def unfold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup, ref
     return dict(view.state)
 
 
-def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``Q`` applied to every tensor that touches the stream (the state must already be folded)."""
+def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q: torch.Tensor,
+                   dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """``Q`` applied to every tensor that touches the stream (the state must already be folded), the products in
+    ``dtype`` (float64 by default; learned matching's steps use float32, the dtype of the loss they feed)."""
     view = StateView(state)
-    q = q.to(torch.float64)
+    q = q.to(dtype)
     for slot in residual.embeddings + residual.readers + residual.vectors:
-        view.set(slot, (view.get(slot).double() @ q))
+        view.set(slot, (view.get(slot).to(dtype) @ q))
     for slot in residual.writers:
-        view.set(slot, (q.T @ view.get(slot).double()))
+        view.set(slot, (q.T @ view.get(slot).to(dtype)))
     return dict(view.state)
 
 
