@@ -1,30 +1,33 @@
-"""symmerge merge vs mergekit: wall time and peak memory of linear and TIES merges of LLaMA-shaped checkpoints.
+"""symmerge merge vs mergekit: wall time and peak memory of every merge method the two tools share.
 
 Three ~168M-parameter LLaMA checkpoints (hidden 1024, 8 layers, FFN 2816, vocab 32000, 16 heads, untied
 embeddings, bf16 safetensors) are generated once and cached: a random ``base`` and two
 "fine-tunes" ``a``/``b`` = base + Gaussian noise of 1% of each tensor's RMS. mergekit is installed into its own
-virtualenv (torch pinned to the local CPU wheel), never into the project's. Each job is run by both tools as a
-separate process under ``/usr/bin/time -v`` (or a psutil poller of the process tree's RSS when that is missing):
+virtualenv (torch pinned to the local CPU wheel), never into the project's. Each job (:func:`recipes`: linear,
+slerp, nuslerp, multislerp, karcher, task_arithmetic, ties, ties_f32, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della, della_linear, sce, model_stock, nearswap, arcee_fusion, passthrough, ram, ramplus_tl) is
+one mergekit YAML recipe, run by ``mergekit-yaml`` and by ``symmerge merge`` (the same YAML plus
+``alignment: none``), each as a separate process under ``/usr/bin/time -v`` (or a psutil poller of the process
+tree's RSS when that is missing), the two tools interleaved so that both see the same machine load; the median of
+the runs is reported, with the ratio (the machine is shared: ratios are the comparable figures).
 
-* linear, weights 0.5/0.5, bf16 out — ``symmerge merge A B --method linear --align none`` vs ``mergekit-yaml``
-  ``merge_method: linear`` (``dtype: bfloat16``);
-* TIES, base, density 0.2, lambda 1, bf16 out — ``symmerge merge A B --method ties --base BASE --align none``
-  vs mergekit's ``ties`` (weights 1, density 0.2, ``normalize: true`` = disjoint mean), in two variants:
-  ``dtype: bfloat16`` (mergekit computes in bf16, its usual setting) and ``dtype: float32`` + ``out_dtype:
-  bfloat16`` (float32 math like symmerge, the closest semantic match).
-
-Outputs are compared tensor by tensor in float32 (linear: expected bit-identical; TIES: the differing entries are
+mergekit computes in the recipe's ``dtype: bfloat16`` (its usual setting; ``ties_f32`` uses ``dtype: float32`` +
+``out_dtype: bfloat16``, float32 math like symmerge's); symmerge computes in float32 and rounds once to bf16.
+Outputs of deterministic methods are compared tensor by tensor in float32 (TIES: the differing entries are
 attributed to their causes — ties at the trim threshold, common in bf16 task vectors, which mergekit's ``argsort``
 and symmerge's memory-order tie-break resolve differently; cancelling task vectors, where mergekit elects +; and
-mergekit's bf16 arithmetic in the first variant; see :func:`ties_attribution`). Prints a table and writes
-``benchmarks/results/merge_speed.{json,md}``.
+mergekit's bf16 arithmetic; see :func:`ties_attribution`).
 
-    .venv/bin/python benchmarks/merge_speed.py [--repeats 3] [--slow-repeats 1] [--scale full|small] [--skip-mergekit]
+Results go to ``benchmarks/results/merge_speed.{json,md}``; the json holds one row per job, and a partial run
+(``--jobs ties``) replaces only its jobs' rows, so no earlier measurement is lost.
+
+    .venv/bin/python benchmarks/merge_speed.py [--jobs JOB ...] [--repeats 3] [--scale full|small] [--skip-mergekit]
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -68,6 +71,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env.pop("VIRTUAL_ENV", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -180,6 +184,7 @@ def run_measured(cmd: list[str], out_dir: Path) -> dict:
         proc = subprocess.run(full, capture_output=True, text=True, env=child_env(), cwd=WORK)
         wall = time.perf_counter() - start
         _, rss = _parse_time_v(proc.stderr)
+        cpu = _cpu_seconds(proc.stderr)
         how = "/usr/bin/time -v"
     else:
         peak, done = [0], threading.Event()
@@ -192,53 +197,96 @@ def run_measured(cmd: list[str], out_dir: Path) -> dict:
         done.set()
         poller.join()
         proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
-        rss, how = peak[0], "psutil tree poller (20 ms)"
+        rss, how, cpu = peak[0], "psutil tree poller (20 ms)", None
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {"wall_s": wall, "max_rss_bytes": rss, "load_before": load, "measured_by": how}
+    return {"wall_s": wall, "cpu_s": cpu, "max_rss_bytes": rss, "load_before": load, "measured_by": how}
+
+
+def _cpu_seconds(text: str) -> float | None:
+    """User + system CPU seconds from ``time -v``: less sensitive to other jobs on the machine than wall time."""
+    user = re.search(r"User time \(seconds\): ([\d.]+)", text)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", text)
+    return float(user.group(1)) + float(system.group(1)) if user and system else None
 
 
 # ------------------------------------------------------------------------------------------------ jobs
 
 
+def recipes(ck: dict[str, Path]) -> dict[str, tuple[str, dict]]:
+    """job → (description, mergekit YAML recipe). symmerge runs the same recipe plus ``alignment: none``. mergekit
+    computes in ``dtype`` (bfloat16, its usual setting; ``ties_f32``: float32 + ``out_dtype``), symmerge always in
+    float32, rounded once to the bf16 output. Every method the two tools share, with typical parameters."""
+    a, b, base = str(ck["a"]), str(ck["b"]), str(ck["base"])
+    w = lambda x, y=None: [{"model": a, "parameters": {"weight": x}}, {"model": b, "parameters": {"weight": x if y is None else y}}]  # noqa: E731
+    two = [{"model": a}, {"model": b}]
+    bf16 = {"dtype": "bfloat16"}
+
+    def tv(method: str, params: dict, models: list | None = None, dtype: dict = bf16) -> dict:
+        return {"merge_method": method, **dtype, "base_model": base, "parameters": params, "models": models or w(1.0)}
+
+    layers = json.loads((ck["a"] / "config.json").read_text())["num_hidden_layers"]
+    return {
+        "linear": ("linear 0.5/0.5", {"merge_method": "linear", **bf16, "models": w(0.5)}),
+        "slerp": ("slerp t 0.5 (base a)", {"merge_method": "slerp", **bf16, "base_model": a, "parameters": {"t": 0.5}, "models": two}),
+        "nuslerp": ("nuslerp 0.5/0.5", {"merge_method": "nuslerp", **bf16, "models": w(0.5)}),
+        "multislerp": ("multislerp 0.5/0.5", {"merge_method": "multislerp", **bf16, "models": w(0.5)}),
+        "karcher": ("karcher mean", {"merge_method": "karcher", **bf16, "models": two}),
+        "task_arithmetic": ("task arithmetic λ 1", tv("task_arithmetic", {"lambda": 1.0})),
+        "ties": ("TIES density 0.2, λ 1 (mergekit computes in bf16)", tv("ties", {"normalize": True, "lambda": 1.0, "density": 0.2})),
+        "ties_f32": ("TIES density 0.2, λ 1 (mergekit dtype float32 + out_dtype bfloat16)",
+                     tv("ties", {"normalize": True, "lambda": 1.0, "density": 0.2}, dtype={"dtype": "float32", "out_dtype": "bfloat16"})),
+        "dare_ties": ("DARE-TIES density 0.5 (random masks)", tv("dare_ties", {"density": 0.5})),
+        "dare_linear": ("DARE linear density 0.5 (random masks)", tv("dare_linear", {"density": 0.5})),
+        "breadcrumbs": ("breadcrumbs density 0.8, γ 0.05", tv("breadcrumbs", {"density": 0.8, "gamma": 0.05})),
+        "breadcrumbs_ties": ("breadcrumbs_ties density 0.8, γ 0.05", tv("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05})),
+        "della": ("DELLA density 0.5, ε 0.1 (random masks)", tv("della", {"density": 0.5, "epsilon": 0.1})),
+        "della_linear": ("DELLA linear density 0.5, ε 0.1 (random masks)", tv("della_linear", {"density": 0.5, "epsilon": 0.1})),
+        "sce": ("SCE select_topk 0.5", tv("sce", {"select_topk": 0.5})),
+        "model_stock": ("model stock (2 models)", tv("model_stock", {}, models=two)),
+        "nearswap": ("nearswap t 0.001 (a with base)", tv("nearswap", {"t": 0.001}, models=[{"model": a}])),
+        "arcee_fusion": ("arcee_fusion (a with base)", tv("arcee_fusion", {}, models=[{"model": a}])),
+        "passthrough": (f"passthrough frankenmerge a[0:{layers // 2 + 1}] + b[{layers // 2 - 1}:{layers}]", {
+            "merge_method": "passthrough", **bf16,
+            "slices": [{"sources": [{"model": a, "layer_range": [0, layers // 2 + 1]}]},
+                       {"sources": [{"model": b, "layer_range": [layers // 2 - 1, layers]}]}]}),
+        "ram": ("RAM", tv("ram", {})),
+        "ramplus_tl": ("RAM+ (ramplus_tl)", tv("ramplus_tl", {})),
+    }
+
+
+#: Jobs whose outputs differ between runs of one tool (unseeded or differently seeded random masks): no agreement.
+RANDOM_JOBS = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
 def symmerge_cmd(job: str, ck: dict[str, Path], out: Path) -> list[str]:
-    exe = Path(sys.executable).parent / "symmerge"
-    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "symmerge.cli"]
-    if job == "linear":
-        return [*cli, "merge", str(ck["a"]), str(ck["b"]), "--method", "linear", "--weights", "0.5,0.5", "--align", "none",
-                "--dtype", "bfloat16", "--out", str(out), "-q"]
-    return [*cli, "merge", str(ck["a"]), str(ck["b"]), "--method", "ties", "--base", str(ck["base"]), "--align", "none",
-            "--param", "density=0.2", "--param", "lambda=1", "--dtype", "bfloat16", "--out", str(out), "-q"]
+    import yaml
 
-
-def mergekit_config(job: str, ck: dict[str, Path]) -> str:
-    if job == "linear":
-        return (f"merge_method: linear\ndtype: bfloat16\nmodels:\n"
-                f"  - model: {ck['a']}\n    parameters: {{weight: 0.5}}\n"
-                f"  - model: {ck['b']}\n    parameters: {{weight: 0.5}}\n")
-    dtype = "dtype: bfloat16\n" if job == "ties" else "dtype: float32\nout_dtype: bfloat16\n"
-    return (f"merge_method: ties\n{dtype}base_model: {ck['base']}\nparameters: {{normalize: true, lambda: 1.0}}\nmodels:\n"
-            f"  - model: {ck['a']}\n    parameters: {{weight: 1.0, density: 0.2}}\n"
-            f"  - model: {ck['b']}\n    parameters: {{weight: 1.0, density: 0.2}}\n")
+    cli = [sys.executable, "-m", "symmerge.cli"]  # this checkout's symmerge (child_env puts it first on PYTHONPATH)
+    cfg = WORK / f"{job}.symmerge.yml"
+    cfg.write_text(yaml.safe_dump({**recipes(ck)[job][1], "alignment": "none"}, sort_keys=False))
+    return [*cli, "merge", str(cfg), "--out", str(out), "--force", "-q"]
 
 
 def mergekit_cmd(job: str, ck: dict[str, Path], out: Path) -> list[str]:
-    cfg = WORK / f"{job}.yml"
-    cfg.write_text(mergekit_config(job, ck))
-    return [str(MK_VENV / "bin" / "mergekit-yaml"), str(cfg), str(out), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"]
+    import yaml
+
+    cfg = WORK / f"{job}.mergekit.yml"
+    cfg.write_text(yaml.safe_dump(recipes(ck)[job][1], sort_keys=False))
+    return [*mergekit_yaml(), str(cfg), str(out), "--no-copy-tokenizer", "--quiet", "--no-write-model-card", "--allow-crimes"]
 
 
-JOBS = {  # job → (symmerge job, description)
-    "linear": "linear 0.5/0.5, bf16",
-    "ties": "TIES density 0.2, λ 1, bf16 (mergekit computes in bf16)",
-    "ties_f32": "TIES density 0.2, λ 1, bf16 out (mergekit dtype float32 + out_dtype bfloat16)",
-}
+def mergekit_yaml() -> list[str]:
+    """``mergekit-yaml`` through the venv's interpreter: the console script's shebang names the folder the venv was
+    created in, which breaks when the cache is shared between checkouts."""
+    return [str(MK_VENV / "bin" / "python"), "-c", "import sys; from mergekit.scripts.run_yaml import main; "
+            "sys.argv[0] = 'mergekit-yaml'; sys.exit(main())"]
 
 
 def bench_job(job: str, ck: dict[str, Path], tools: list[str], repeats: int, slow_repeats: int) -> dict[str, dict]:
-    """Runs interleaved (symmerge, mergekit, symmerge, ...); outputs of the last run kept as WORK/<job>-<tool>."""
-    builders = {"symmerge": lambda out: symmerge_cmd("linear" if job == "linear" else "ties", ck, out),
-                "mergekit": lambda out: mergekit_cmd(job, ck, out)}
+    """Runs interleaved (symmerge, mergekit, symmerge, ...) so both tools see the same load; outputs of the last
+    run kept as WORK/<job>-<tool>."""
+    builders = {"symmerge": lambda out: symmerge_cmd(job, ck, out), "mergekit": lambda out: mergekit_cmd(job, ck, out)}
     runs: dict[str, list[dict]] = {t: [] for t in tools}
     wanted = {t: repeats for t in tools}
     rep = 0
@@ -249,12 +297,13 @@ def bench_job(job: str, ck: dict[str, Path], tools: list[str], repeats: int, slo
             out = WORK / f"{job}-{tool}"
             r = run_measured(builders[tool](out), out)
             runs[tool].append(r)
-            log(f"  {job:<9} {tool:<9} run {len(runs[tool])}: {r['wall_s']:7.2f} s  {r['max_rss_bytes'] / 1e9:5.2f} GB  "
+            log(f"  {job:<16} {tool:<9} run {len(runs[tool])}: {r['wall_s']:7.2f} s  {r['max_rss_bytes'] / 1e9:5.2f} GB  "
                 f"(load {r['load_before']:.2f})")
             if rep == 0 and r["wall_s"] > SLOW_S:
                 wanted[tool] = min(repeats, slow_repeats)
         rep += 1
     return {t: {"runs": rs, "wall_s": statistics.median(r["wall_s"] for r in rs),
+                "cpu_s": statistics.median(r["cpu_s"] for r in rs) if all(r.get("cpu_s") for r in rs) else None,
                 "max_rss_gb": statistics.median(r["max_rss_bytes"] for r in rs) / 1e9,
                 "command": " ".join(builders[t](WORK / f"{job}-{t}"))} for t, rs in runs.items()}
 
@@ -340,37 +389,69 @@ def ties_attribution(ck: dict[str, Path], out_symmerge: Path, out_mergekit: Path
 # ------------------------------------------------------------------------------------------------ report
 
 
-def render(results: dict) -> str:
-    m = results["machine"]
-    tools = ["symmerge", "mergekit"]
-    lines = ["| job | tool | wall s (median) | runs | max RSS GB | wall symmerge/mergekit | RSS symmerge/mergekit |",
-             "|---|---|---|---|---|---|---|"]
+def targets_of(results: dict) -> dict:
+    """Per job: symmerge no slower than mergekit and no more peak memory; TIES (both variants) >= 5x faster."""
+    out = {}
     for job, res in results["jobs"].items():
+        if "mergekit" not in res or "symmerge" not in res:
+            continue
+        s, k = res["symmerge"], res["mergekit"]
+        detail = (f"{k['wall_s'] / s['wall_s']:.2f}x ({s['wall_s']:.2f} s vs {k['wall_s']:.2f} s), "
+                  f"{s['max_rss_gb']:.2f} GB vs {k['max_rss_gb']:.2f} GB")
+        out[f"{job}: wall <= mergekit and peak RSS <= mergekit"] = {
+            "met": s["wall_s"] <= k["wall_s"] and s["max_rss_gb"] <= k["max_rss_gb"], "detail": detail}
+        if job in ("ties", "ties_f32"):
+            out[f"{job}: >= 5x faster than mergekit"] = {"met": k["wall_s"] >= 5 * s["wall_s"], "detail": detail}
+    return out
+
+
+def render(results: dict) -> str:
+    tools = ["symmerge", "mergekit"]
+    lines = ["| job | tool | wall s (median of runs) | CPU s | max RSS GB | mergekit/symmerge wall | mergekit/symmerge CPU | "
+             "symmerge/mergekit RSS | load (1-min) | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = [j for j in JOB_ORDER if j in results["jobs"]] + [j for j in results["jobs"] if j not in JOB_ORDER]
+    for job in order:
+        res = results["jobs"][job]
         for tool in tools:
             if tool not in res:
                 continue
             r = res[tool]
             walls = " / ".join(f"{x['wall_s']:.2f}" for x in r["runs"])
-            ratio = rratio = ""
+            loads = [x["load_before"] for x in r["runs"]]
+            ratio = rratio = cratio = ""
             if tool == "symmerge" and "mergekit" in res:
-                ratio = f"{r['wall_s'] / res['mergekit']['wall_s']:.3f}"
+                ratio = f"**{res['mergekit']['wall_s'] / r['wall_s']:.2f}x**"
                 rratio = f"{r['max_rss_gb'] / res['mergekit']['max_rss_gb']:.3f}"
-            lines.append(f"| {job} | {tool} | {r['wall_s']:.2f} ({walls}) | {len(r['runs'])} | {r['max_rss_gb']:.2f} | {ratio} | {rratio} |")
+                if r.get("cpu_s") and res["mergekit"].get("cpu_s"):
+                    cratio = f"{res['mergekit']['cpu_s'] / r['cpu_s']:.2f}x"
+            cpu = f"{r['cpu_s']:.1f}" if r.get("cpu_s") else "?"
+            when = res.get("measured_at", "?") + (f" @{res['symmerge_commit']}" if tool == "symmerge" and res.get("symmerge_commit") else "")
+            lines.append(f"| {job} | {tool} | {r['wall_s']:.2f} ({walls}) | {cpu} | {r['max_rss_gb']:.2f} | {ratio} | {cratio} | {rratio} | "
+                         f"{min(loads):.1f}–{max(loads):.1f} | {when} |")
     table = "\n".join(lines)
-    loads = [x["load_before"] for res in results["jobs"].values() for t in tools if t in res for x in res[t]["runs"]]
+    m = results["machine"]
     head = (f"# merge_speed ({results['scale']}: {results['params'] / 1e6:.1f} M params per checkpoint, bf16)\n\n"
-            f"{m['cpus']} CPUs, OMP_WAIT_POLICY=PASSIVE, torch {m['torch']}, symmerge {m['symmerge']}, "
-            f"mergekit {results.get('mergekit_versions', {}).get('mergekit', 'not run')}; "
-            f"load average {min(loads, default=0):.2f}–{max(loads, default=0):.2f} (1-min, before each run; shared machine). "
-            f"Peak memory by {results.get('measured_by', '?')} (max RSS includes mmapped input pages).\n\n")
-    body = [table, ""]
+            f"{m['cpus']} CPUs (shared with other jobs: compare the ratios, both tools ran back to back), "
+            f"OMP_WAIT_POLICY=PASSIVE, torch {m['torch']}, mergekit {results.get('mergekit_versions', {}).get('mergekit', 'not run')}. "
+            f"Each job: the two tools interleaved, median of the runs; load = 1-min load average before each run. "
+            f"Peak memory by {results.get('measured_by', '?')} (max RSS includes mmapped input pages); CPU s = user + system "
+            "time of the process tree, less sensitive to the machine's load than wall time. "
+            "mergekit computes in the recipe's `dtype` (bfloat16) except in `ties_f32`; symmerge always in float32, "
+            "rounded once to bf16. Rows are kept across partial runs (`--jobs`): see `measured`.\n\n")
+    for job in order:
+        head += f"- `{job}`: {results['jobs'][job].get('description', '')}\n"
+    body = ["", table, ""]
     if results.get("agreement"):
         body += ["## Agreement (float32 comparison of the outputs)", "", "| job | max abs diff | differing entries | fraction |", "|---|---|---|---|"]
-        for job, a in results["agreement"].items():
+        for job in [j for j in order if j in results["agreement"]]:
+            a = results["agreement"][job]
             if "error" in a:
                 body.append(f"| {job} | {a['error']} | | |")
             else:
                 body.append(f"| {job} | {a['max_abs_diff']:.3g} | {a['differing_entries']:,} / {a['entries']:,} | {a['differing_fraction']:.3%} |")
+        body.append("")
+        body.append("Random-mask methods (" + ", ".join(sorted(RANDOM_JOBS)) + ") are not compared: mergekit's masks are unseeded.")
         for job, a in results["agreement"].items():
             d = a.get("attribution")
             if d:
@@ -379,83 +460,115 @@ def render(results: dict) -> str:
                          f"(tie-breaking of the top-k trim), {d['differing_at_cancelling_entries']:.2%} where the task vectors "
                          f"cancel (sign election: mergekit +, symmerge none), {d['differing_other']:.2%} elsewhere "
                          "(arithmetic: mergekit's bf16 compute when dtype is bfloat16)."]
-    if results.get("targets"):
-        body += ["", "## Targets", ""] + [f"- {k}: {'met' if v['met'] else 'MISSED'} ({v['detail']})" for k, v in results["targets"].items()]
+    if results.get("errors"):
+        body += ["", "## Failed jobs", ""] + [f"- {job}: `{' '.join(err.split())[-400:]}`" for job, err in results["errors"].items()]
+    targets = targets_of(results)
+    if targets:
+        body += ["", "## Targets", ""] + [f"- {k}: {'met' if v['met'] else 'MISSED'} ({v['detail']})" for k, v in targets.items()]
     return head + "\n".join(body) + "\n"
+
+
+def save_merged(results: dict, jobs: list[str], json_path: Path, md_path: Path) -> dict:
+    """Write ``results``' rows of ``jobs`` into the results file as it is now (another run may have added rows since
+    this one started: runs of different jobs may go in parallel), under a lock; render the markdown. Returns the
+    merged results."""
+    RESULTS.mkdir(exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "merge_speed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(json_path.read_text()) if json_path.exists() else {}
+        if current.get("scale") != results["scale"] or current.get("format") != RESULTS_FORMAT:
+            current = {}
+        merged = {**current, **{k: v for k, v in results.items() if k not in ("jobs", "agreement", "errors")}}
+        for part in ("jobs", "agreement", "errors"):
+            rows = dict(current.get(part, {}))
+            for job in jobs:
+                rows.pop(job, None)
+                if job in results.get(part, {}):
+                    rows[job] = results[part][job]
+            merged[part] = rows
+        json_path.write_text(json.dumps(merged, indent=2, default=str))
+        md_path.write_text(render(merged))
+    return merged
+
+
+def git_commit() -> str | None:
+    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "symmerge"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return (p.stdout.strip() + ("+dirty" if dirty else "")) if p.returncode == 0 else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per fast job and tool (median reported)")
-    parser.add_argument("--slow-repeats", type=int, default=2, help=f"runs of a job whose first run exceeds {SLOW_S:.0f} s")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per job and tool (median reported)")
+    parser.add_argument("--slow-repeats", type=int, default=3, help=f"runs of a job whose first run exceeds {SLOW_S:.0f} s")
     parser.add_argument("--skip-mergekit", action="store_true", help="time symmerge only (no mergekit venv needed)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full: ~168M params; small: a quick ~6M run")
-    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
+    parser.add_argument("--jobs", nargs="+", choices=JOB_ORDER, default=JOB_ORDER,
+                        help="jobs to run; the others keep their earlier rows in the results")
     parser.add_argument("--keep-outputs", action="store_true", help=f"keep the merged models under {WORK}")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the output comparison (saves a few seconds per job)")
     args = parser.parse_args()
 
     import torch
 
     import symmerge
 
+    suffix = "" if args.scale == "full" else f"_{args.scale}"
+    json_path, md_path = RESULTS / f"merge_speed{suffix}.json", RESULTS / f"merge_speed{suffix}.md"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if previous.get("scale") != args.scale or previous.get("format") != RESULTS_FORMAT:
+        previous = {}  # another layout or scale: start afresh
     tools = ["symmerge"] if args.skip_mergekit else ["symmerge", "mergekit"]
-    results: dict = {"scale": args.scale, "machine": {
+    results: dict = {"format": RESULTS_FORMAT, "scale": args.scale, "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "symmerge": symmerge.__version__,
-        "load_average_start": os.getloadavg(), "omp_wait_policy": "PASSIVE"}, "jobs": {}}
+        "omp_wait_policy": "PASSIVE"}, "jobs": dict(previous.get("jobs", {})), "agreement": dict(previous.get("agreement", {}))}
     if not args.skip_mergekit:
         results["mergekit_versions"] = ensure_mergekit()
         log(f"mergekit venv: {results['mergekit_versions']}")
+    elif "mergekit_versions" in previous:
+        results["mergekit_versions"] = previous["mergekit_versions"]
     ck = ensure_checkpoints(args.scale)
     results["params"] = json.loads((CKPTS / args.scale / "complete.json").read_text())["params"]
     results["checkpoints"] = {k: str(v) for k, v in ck.items()}
     WORK.mkdir(parents=True, exist_ok=True)
     results["measured_by"] = "/usr/bin/time -v" if TIME.exists() else "psutil tree poller (20 ms)"
+    commit = git_commit()
+    descriptions = {job: d for job, (d, _) in recipes(ck).items()}
 
-    symmerge_ties_done = False
     for job in args.jobs:
-        job_tools = tools
-        if job == "ties_f32" and symmerge_ties_done:
-            job_tools = [t for t in tools if t != "symmerge"]  # symmerge runs the same command as in "ties"
-        if not job_tools:
+        log(f"{job}: {descriptions[job]}  (load {os.getloadavg()[0]:.2f})")
+        try:
+            row = bench_job(job, ck, tools, args.repeats, args.slow_repeats)
+        except SystemExit as e:  # one tool refused or crashed: record it, go on with the other jobs
+            log(f"  {job} failed: {str(e)[:2000]}")
+            results.setdefault("errors", {})[job] = str(e)[-1500:]
+            results = save_merged(results, [job], json_path, md_path)
             continue
-        log(f"{job}: {JOBS[job]}")
-        results["jobs"][job] = bench_job(job, ck, job_tools, args.repeats, args.slow_repeats)
-        symmerge_ties_done |= job == "ties" and "symmerge" in job_tools
-        if job == "ties_f32" and "symmerge" not in job_tools and "ties" in results["jobs"]:
-            results["jobs"][job]["symmerge"] = results["jobs"]["ties"]["symmerge"]  # same command, shared runs
-    results["machine"]["load_average_end"] = os.getloadavg()
+        results.get("errors", {}).pop(job, None)
+        if args.skip_mergekit and "mergekit" in results["jobs"].get(job, {}):
+            row["mergekit"] = results["jobs"][job]["mergekit"]  # an earlier mergekit measurement of the same job
+        row.update(description=descriptions[job], measured_at=time.strftime("%Y-%m-%d %H:%M", time.gmtime()), symmerge_commit=commit)
+        results["jobs"][job] = row
+        results["agreement"].pop(job, None)
+        sym, mk = WORK / f"{job}-symmerge", WORK / f"{job}-mergekit"
+        if not args.no_agreement and job not in RANDOM_JOBS and sym.exists() and mk.exists():
+            results["agreement"][job] = compare(sym, mk)
+            if job in ("ties", "ties_f32"):
+                results["agreement"][job]["attribution"] = ties_attribution(ck, sym, mk)
+        if not args.keep_outputs:
+            shutil.rmtree(sym, ignore_errors=True)
+            shutil.rmtree(mk, ignore_errors=True)
+        # write after every job: an interrupted sweep keeps what it measured
+        results = save_merged(results, [job], json_path, md_path)
 
-    if not args.skip_mergekit:
-        results["agreement"] = {}
-        for job in results["jobs"]:
-            sym = WORK / ("ties-symmerge" if job == "ties_f32" else f"{job}-symmerge")
-            if sym.exists() and (WORK / f"{job}-mergekit").exists():
-                results["agreement"][job] = compare(sym, WORK / f"{job}-mergekit")
-        for job in ("ties", "ties_f32"):
-            if job in results["agreement"]:
-                results["agreement"][job]["attribution"] = ties_attribution(ck, WORK / "ties-symmerge", WORK / f"{job}-mergekit")
-        targets = {}
-        jobs = results["jobs"]
-        if "linear" in jobs:
-            s, k = jobs["linear"]["symmerge"], jobs["linear"]["mergekit"]
-            targets["linear: wall <= mergekit and peak RSS <= mergekit"] = {
-                "met": s["wall_s"] <= k["wall_s"] and s["max_rss_gb"] <= k["max_rss_gb"],
-                "detail": f"{s['wall_s']:.2f} s vs {k['wall_s']:.2f} s, {s['max_rss_gb']:.2f} GB vs {k['max_rss_gb']:.2f} GB"}
-        for job in ("ties", "ties_f32"):
-            if job in jobs and "mergekit" in jobs[job]:
-                s, k = jobs[job]["symmerge"], jobs[job]["mergekit"]
-                targets[f"{job}: >= 5x faster than mergekit"] = {
-                    "met": k["wall_s"] >= 5 * s["wall_s"], "detail": f"{k['wall_s'] / s['wall_s']:.1f}x ({s['wall_s']:.2f} s vs {k['wall_s']:.2f} s)"}
-        results["targets"] = targets
+    print(render(results))  # WORK stays: a parallel run of other jobs may be using it (each job removed its outputs)
 
-    report = render(results)
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "" if args.scale == "full" else f"_{args.scale}"
-    (RESULTS / f"merge_speed{suffix}.json").write_text(json.dumps(results, indent=2, default=str))
-    (RESULTS / f"merge_speed{suffix}.md").write_text(report)
-    if not args.keep_outputs:
-        shutil.rmtree(WORK, ignore_errors=True)
+
+RESULTS_FORMAT = 2  # the json's layout: jobs keyed by name, merged across partial runs
+JOB_ORDER = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "ties_f32", "dare_ties", "dare_linear",
+             "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nearswap", "arcee_fusion", "passthrough",
+             "ram", "ramplus_tl"]
 
 
 if __name__ == "__main__":

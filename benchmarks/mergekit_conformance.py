@@ -5,7 +5,10 @@ torch pinned to the local CPU wheel first). Checkpoints: a small LLaMA-shaped ba
 1 % noise), float32. Every merge method and every recipe feature (gradients, filters, per-model parameters, a global
 weight, slices, passthrough frankenmerges, dtype/out_dtype) runs in both tools with the same YAML; symmerge gets
 ``alignment: none`` added (mergekit does not know the key). Random methods run where both are deterministic
-(DARE / DELLA at density 1) — mergekit's masks are unseeded. Writes benchmarks/results/mergekit_conformance.md:
+(DARE / DELLA at density 1) — mergekit's masks are unseeded. Vocabulary merging (``tokenizer_source`` / ``tokenizer``)
+runs on three more checkpoints with their own WordLevel tokenizers (:func:`tokenizer_checkpoints`); the outputs'
+embedding and LM-head rows are compared token by token, since mergekit appends the union's tokens in set / hash-map
+order (and, without a base_model, starts from an arbitrary model's tokenizer) where symmerge's order is fixed. Writes benchmarks/results/mergekit_conformance.md:
 per job, the largest absolute difference over all tensors, how many tensors differ by more than one rounding of the
 output dtype, and wall time and peak RSS of both tools.
 
@@ -25,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_speed import CACHE, MK_VENV, RESULTS, TIME, _parse_time_v, child_env, ensure_mergekit  # noqa: E402
+from merge_speed import CACHE, RESULTS, TIME, _parse_time_v, child_env, ensure_mergekit, mergekit_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CKPTS = CACHE / "conformance-ckpts"
@@ -49,6 +52,83 @@ def checkpoints() -> dict[str, str]:
         model.save_pretrained(CKPTS / n)
         save_file({k: v.contiguous() for k, v in state.items()}, CKPTS / n / "model.safetensors", metadata={"format": "pt"})
     return {n: str(CKPTS / n) for n in names}
+
+
+TOK_NAMES = ("tok-base", "tok-a", "tok-b")
+
+
+def tokenizer_checkpoints() -> dict[str, str]:
+    """Three checkpoints of SIZE with their own WordLevel tokenizers: the base's 512 words; A a fine-tune of it with
+    20 words replaced by its own and the ids of 100 words shuffled (its rows move with them); B likewise with 30 words
+    of its own and a special token <sep> (513 rows). Rows of a word are the base's row plus 1 % noise."""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    if all((CKPTS / n / "tokenizer.json").exists() for n in TOK_NAMES):
+        return {n: str(CKPTS / n) for n in TOK_NAMES}
+    words = ["<unk>"] + [f"w{i}" for i in range(1, SIZE["vocab_size"])]
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZE))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, name in enumerate(TOK_NAMES):
+        g = torch.Generator().manual_seed(200 + i)
+        own = {"tok-base": 0, "tok-a": 20, "tok-b": 30}[name]
+        vocab = list(words)
+        order = torch.arange(len(words))
+        if own:
+            picks = torch.randperm(len(words) - 1, generator=g)[:own] + 1
+            for j, k in enumerate(picks.tolist()):
+                vocab[k] = f"{name[-1]}{j}"
+            block = torch.randperm(len(words) - 1, generator=g)[:100] + 1
+            order[block] = block[torch.randperm(100, generator=g)]
+            vocab = [vocab[k] for k in order.tolist()]
+        special = ["<sep>"] if name == "tok-b" else []
+        state = {}
+        for k, v in base.items():
+            v = v if name == "tok-base" else v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g)
+            if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                v = v[order]
+                if own:  # its own words: fresh rows
+                    mine = torch.tensor([vocab.index(f"{name[-1]}{j}") for j in range(own)])
+                    v[mine] = torch.randn(own, v.shape[1], generator=g) * v.std()
+                if special:
+                    v = torch.cat([v, torch.randn(1, v.shape[1], generator=g) * v.std()])
+            state[k] = v.contiguous()
+        cfg = transformers.LlamaConfig(**{**SIZE, "vocab_size": len(vocab) + len(special)})
+        transformers.LlamaForCausalLM(cfg).save_pretrained(CKPTS / name)
+        save_file(state, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
+        backend = Tokenizer(WordLevel({w: j for j, w in enumerate(vocab)}, unk_token="<unk>"))
+        backend.pre_tokenizer = Whitespace()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+        if special:
+            tok.add_special_tokens({"additional_special_tokens": special})
+        tok.save_pretrained(CKPTS / name)
+    return {n: str(CKPTS / n) for n in TOK_NAMES}
+
+
+def dora_adapter() -> str:
+    """A PEFT DoRA adapter (r = 4 on q_proj and v_proj of every layer, random A, B and magnitudes) for checkpoint "a",
+    written in PEFT's file format (tensor names as ``PeftModel.save_pretrained`` writes them)."""
+    folder = CKPTS / "a-dora"
+    if (folder / "adapter_model.safetensors").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(300)
+    d, kv = SIZE["hidden_size"], SIZE["hidden_size"] // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
+    tensors = {}
+    for layer in range(SIZE["num_hidden_layers"]):
+        for module, out in (("q_proj", d), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}."
+            tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
+            tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 4, generator=g)
+            tensors[prefix + "lora_magnitude_vector"] = torch.rand(out, generator=g) + 0.5
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "use_dora": True, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
+    return str(folder)
 
 
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
@@ -99,6 +179,28 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
     }
+    if "a-dora" in ck:
+        j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
+                                                             {"model": ck["b"], "parameters": {"weight": 0.5}}],
+                                                  "merge_method": "linear", "dtype": "float32"}
+    if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
+        tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
+        tok2 = tok3[1:]
+        j |= {
+            "tokenizer_source: union (linear)": {"models": tok3, "merge_method": "linear", "tokenizer_source": "union",
+                                                 "dtype": "float32"},
+            "tokenizer_source: union + base (task_arithmetic)": {"models": tok2, "base_model": ck["tok-base"],
+                                                                 "merge_method": "task_arithmetic", "tokenizer_source": "union",
+                                                                 "dtype": "float32"},
+            "tokenizer_source: base (task_arithmetic)": {"models": tok2, "base_model": ck["tok-base"],
+                                                         "merge_method": "task_arithmetic", "tokenizer_source": "base",
+                                                         "dtype": "float32"},
+            "tokenizer: tokens + pad_to_multiple_of (linear)": {
+                "models": tok3, "merge_method": "linear", "dtype": "float32",
+                "tokenizer": {"source": "union", "pad_to_multiple_of": 64, "tokens": {
+                    "a0": {"source": {"kind": "zero"}}, "w5": {"source": ck["tok-b"], "force": True},
+                    "new": {"source": {"kind": "model_token", "model": ck["tok-a"], "token": "w7"}}}}},
+        }
     return j
 
 
@@ -110,21 +212,109 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "karcher": "mergekit 0.1.5's karcher ignores `weight` (uniform alphas); symmerge uses the weights given",
     "task_arithmetic": "float32 summation order, a few ulps",
     "global weight": "float32 summation order, a few ulps",
-    "ties": "top-k count: symmerge keeps round(density·n) entries, mergekit int(density·n) (one entry per tensor), and "
-            "threshold ties broken differently (docs/DESIGN.md §3)",
-    "per-model gradients": "as ties: top-k count and tie-breaking",
+    "ties": "trim-cut ties: these float32 checkpoints' τ = fl(base + noise) − base are multiples of ulp(base), so |τ| "
+            "values repeat; symmerge keeps the first tied entries in memory order, mergekit's argsort any (both keep ⌊d·n⌋)",
+    "per-model gradients": "as ties: trim-cut tie-breaking",
     "dtype float32 + out_dtype": "as ties, then rounded to bfloat16",
-    "breadcrumbs": "as ties: top-k counts (outlier and small masks) and tie-breaking",
+    "breadcrumbs": "as ties: ties across the outlier and small-magnitude cuts (symmerge's stable sort, mergekit's unstable one)",
     "sce": "top-k variance count, as ties",
     "arcee_fusion": "mergekit samples 10^6 entries (unseeded) for its quantiles; symmerge's are exact",
     "dtype bfloat16": "mergekit computes in bfloat16; symmerge in float32, rounded once",
-    "dare": "float32 arithmetic order (density 1: no random mask)",
-    "della": "float32 arithmetic order (density 1, epsilon 0: no random mask)",
+    "dare": "density 1: no random mask, so deterministic",
+    "della": "density 1, epsilon 0: no random mask, so deterministic",
+    "tokenizer_source: union + base": "as task_arithmetic: float32 summation order, a few ulps",
+    "tokenizer_source: base": "as task_arithmetic: float32 summation order, a few ulps",
+    "tokenizer: tokens": "the padding rows (the mean of 564 rows): float32 summation order",
 }
 
 
 def explain(name: str) -> str:
     return next((v for k, v in EXPLAIN.items() if name.startswith(k)), "")
+
+
+def _straddles(mag: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    """Entries of ``mag`` (flat) whose value sits on both sides of a cut of the ascending order (position ``c``: the
+    first ``c`` entries go one way, the rest the other): which of the tied entries fall on which side is up to
+    the sort, so the two tools may choose differently."""
+    asc = torch.sort(mag).values
+    amb = torch.zeros_like(mag, dtype=torch.bool)
+    for c in cuts:
+        if 0 < c < mag.numel() and asc[c - 1] == asc[c]:
+            amb |= mag == asc[c]
+    return amb
+
+
+def attribute(recipe: dict, ck: dict[str, str], sym: Path, mk: Path) -> dict | None:
+    """For task-vector methods with one global density/gamma: the entries that differ by more than one rounding,
+    split by cause — ``tie``: some model's ``|τ_i|`` there ties across its trim cut (TIES: the ``⌊d n⌋``-th largest;
+    Breadcrumbs: both cuts of its ascending order), where symmerge keeps the first in memory order and mergekit's
+    unstable sort an arbitrary one; ``election``: the weighted task vectors cancel to within float32 rounding
+    (``|Σ w_i τ_i| <= 8 ε Σ |w_i τ_i|``), so the summation order decides the elected sign (symmerge accumulates with
+    fused multiply-adds, mergekit rounds the products first); ``ulps``: within 8 units in the last place of the largest
+    operand (operation order; ``base + τ_m`` may cancel to a far smaller output); ``other``. Also how many election entries the exact
+    (float64) sum gives the sign symmerge elected."""
+    method = recipe.get("merge_method")
+    if method not in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "della") or "base_model" not in recipe:
+        return None
+    params = recipe.get("parameters", {})
+    if any(isinstance(v, (list, dict)) for v in params.values()) or any("density" in m.get("parameters", {}) for m in recipe["models"]):
+        return None
+    density, gamma = float(params.get("density", 1.0)), float(params.get("gamma", 0.01))
+    weights = [float(m.get("parameters", {}).get("weight", 1.0)) for m in recipe["models"]]
+    base = load_file(Path(recipe["base_model"]) / "model.safetensors")
+    models = [load_file(Path(m["model"]) / "model.safetensors") for m in recipe["models"]]
+    a, b = _sharded(sym), _sharded(mk)
+    counts = {"differing": 0, "tie": 0, "election": 0, "ulps": 0, "other": 0, "election_symmerge_sign_exact": 0}
+    for key, bt in base.items():
+        x, y = a[key].float(), b[key].float()
+        d = (x - y).abs() > ulp(torch.maximum(x.abs(), y.abs()), b[key].dtype) * 1.0001
+        if not bool(d.any()):
+            continue
+        taus = [m[key].float().reshape(-1) - bt.float().reshape(-1) for m in models]
+        n = taus[0].numel()
+        tie = torch.zeros(n, dtype=torch.bool)
+        if density < 1 and method in ("ties",):
+            k = max(1, int(density * n))
+            tie = torch.stack([_straddles(t.abs(), [n - k]) for t in taus]).any(0)
+        elif density < 1:
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            tie = torch.stack([_straddles(t.abs(), [bottom, bottom + target]) for t in taus]).any(0)
+        wt = torch.stack([w * t for w, t in zip(weights, taus)])
+        near = wt.sum(0).abs() <= 8 * torch.finfo(torch.float32).eps * wt.abs().sum(0)
+        d = d.reshape(-1)
+        counts["differing"] += int(d.sum())
+        counts["tie"] += int((d & tie).sum())
+        election = d & ~tie & near
+        counts["election"] += int(election.sum())
+        rest = d & ~tie & ~near
+        scale = torch.maximum(torch.maximum(x.abs(), y.abs()), bt.float().abs())  # the largest operand: base + τ_m may cancel
+        few = ((x - y).abs() <= 8 * ulp(scale, b[key].dtype)).reshape(-1)
+        counts["ulps"] += int((rest & few).sum())
+        counts["other"] += int((rest & ~few).sum())
+        counts.setdefault("other_examples", []).extend(f"{key}[{j}]" for j in (rest & ~few).nonzero().squeeze(1)[:2].tolist())
+        if bool(election.any()):
+            exact = sum(w * t.double() for w, t in zip(weights, taus))[election].sign()
+            elected = (x.reshape(-1) - bt.float().reshape(-1))[election].sign().double()
+            counts["election_symmerge_sign_exact"] += int((exact == elected).sum())
+    return counts
+
+
+def describe(c: dict | None) -> str:
+    if not c or not c["differing"]:
+        return ""
+    parts = []
+    if c["tie"]:
+        parts.append(f"{c['tie']} at trim-cut ties (symmerge keeps the first in memory order, mergekit's unstable sort any)")
+    if c["election"]:
+        parts.append(f"{c['election']} where Σ w_i τ_i cancels to float32 rounding, so summation order elects the sign "
+                     f"(symmerge fused multiply-adds, mergekit rounded products; the float64 sum agrees with symmerge's sign in "
+                     f"{c['election_symmerge_sign_exact']})")
+    if c["ulps"]:
+        parts.append(f"{c['ulps']} by 2–8 units in the last place of the largest operand (float32 operation order)")
+    if c["other"]:
+        parts.append(f"{c['other']} other")
+    return f"measured: {c['differing']} entries differ > 1 rounding: " + "; ".join(parts)
 
 
 def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
@@ -138,9 +328,35 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (torch.nextafter(y, torch.full_like(y, float("inf"))) - y).abs().float()
 
 
+def _token_order(folder: Path) -> list[str] | None:
+    """The tokens of the tokenizer in ``folder`` by id, or ``None`` without one."""
+    if not (folder / "tokenizer.json").exists():
+        return None
+    import transformers
+
+    vocab = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def by_token(a: dict, b: dict, sym: Path, mk: Path) -> str:
+    """Reorder ``b``'s vocabulary rows (mergekit's) into ``a``'s token order, in place: mergekit appends the union's
+    new tokens in set / hash-map order, symmerge in a fixed one. A note when the vocabularies differ."""
+    ta, tb = _token_order(sym), _token_order(mk)
+    if ta is None or tb is None or ta == tb:
+        return ""
+    if sorted(ta) != sorted(tb):
+        return f"vocabularies differ: {sorted(set(ta) ^ set(tb))[:3]}"
+    where = {t: i for i, t in enumerate(tb)}
+    order = torch.tensor([where[t] for t in ta])
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in b:
+            b[k] = torch.cat([b[k][order], b[k][len(order):]])  # padding rows (pad_to_multiple_of) stay last
+    return ""
+
+
 def compare(sym: Path, mk: Path) -> tuple[float, int, int, str]:
     a, b = load_file(sym / "model.safetensors") if (sym / "model.safetensors").exists() else _sharded(sym), _sharded(mk)
-    worst, over, note = 0.0, 0, ""
+    worst, over, note = 0.0, 0, by_token(a, b, sym, mk)
     if set(a) != set(b):
         note = f"keys differ: {sorted(set(a) ^ set(b))[:3]}"
     for k in sorted(set(a) & set(b)):
@@ -167,7 +383,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     versions = ensure_mergekit()
-    ck = checkpoints()
+    ck = checkpoints() | tokenizer_checkpoints()
+    ck["a-dora"] = dora_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
     env = child_env()
     saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
@@ -181,14 +398,16 @@ def main() -> None:
         mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
         sym_cfg.write_text(yaml.safe_dump({**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
-        mk = run([str(MK_VENV / "bin" / "mergekit-yaml"), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
-                  "--no-write-model-card", "--allow-crimes"], env)
+        mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
+                  "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
         sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
         if mk[2] or sym[2]:
             rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
         else:
             worst, over, total, note = compare(sym_out, mk_out)
-            rows.append((name, worst, over, total, note or (explain(name) if over else ""), mk, sym))
+            if over and not note:
+                note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
+            rows.append((name, worst, over, total, note, mk, sym))
         print(rows[-1][:5], flush=True)
         previous[name] = list(rows[-1])
         saved.write_text(json.dumps(list(previous.values())))
@@ -199,6 +418,10 @@ def main() -> None:
              f"LLaMA-shaped checkpoints {SIZE}, base + 3 fine-tunes (1 % noise), float32. Generated by "
              "`benchmarks/mergekit_conformance.py`.", "",
              "`> 1 rounding`: tensors with an entry that differs by more than one unit in the last place of the output dtype.", "",
+             "`tokenizer` rows: three more checkpoints of that size with their own WordLevel vocabularies (A: 20 words of its "
+             "own and 100 ids shuffled; B: 30 words and a special token); the output vocabularies hold the same tokens and "
+             "their embedding / LM-head rows are compared token by token (mergekit's order of the appended tokens is "
+             "hash order).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:

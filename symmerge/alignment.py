@@ -16,12 +16,32 @@ from typing import Any
 import torch
 
 from symmerge.errors import SymmergeError
-from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, is_auto, parse_symmetries, random_transform, resolve_symmetries
+from symmerge.groups import (
+    AUTO,
+    SYMMETRY_CLASSES,
+    ModelTransform,
+    after_embedding,
+    apply_transform,
+    embedding_transform,
+    is_auto,
+    parse_symmetries,
+    random_transform,
+    resolve_symmetries,
+)
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
-from symmerge.spec import ModelSpec, check_compatible, check_same_shape, spec_for, untied_head
+from symmerge.spec import (
+    ModelSpec,
+    check_compatible,
+    check_embeddable,
+    check_same_shape,
+    resized_keys,
+    spec_for,
+    untied_head,
+    widths_differ,
+)
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -115,6 +135,7 @@ def align(
     max_seconds: float | None = None,
     device: str | torch.device | None = "cpu",
     ray: Any = None,
+    model_spec: ModelSpec | None = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -132,7 +153,11 @@ def align(
     statistics run (the LAPs always run on the CPU; the result is on the CPU). ``ray``: a
     :class:`symmerge.match.distributed.RayExecutor` (e.g. ``RayExecutor("auto")``, ``pip install 'symmerge[ray]'``)
     to run weight matching's per-layer fits as Ray tasks, with the same result; ``device`` then refers to the
-    cluster's workers. Returns an :class:`Alignment`; ``model`` is not modified. A ``model`` that is a mapping but
+    cluster's workers. ``model_spec``: the model's own spec, when it is narrower than the reference (fewer FFN
+    neurons or heads; read from the model's config when both configs are given): the model is then embedded into
+    the reference's widths by semi-permutations (docs/DESIGN.md §1), by weight matching (with the residual class:
+    grown by the identity embedding first, then aligned as a same-shape model). Returns an :class:`Alignment`;
+    ``model`` is not modified. A ``model`` that is a mapping but
     not a dict (a memory-mapped :class:`~symmerge.io.stream.LazyState`) is aligned lazily: ``state_dict`` is then a
     :class:`~symmerge.groups.stream.TransformedState`, computed one group of tensors at a time when read (write it
     with :func:`~symmerge.io.stream.save_streamed`), with the same values as the in-memory path.
@@ -146,8 +171,18 @@ def align(
         if ref_config is None:
             raise SymmergeError("pass the model's config (or a spec) to align plain state dicts")
         spec = spec_for(ref_config, ref_state.keys())
-        if model_config is not None and model_config is not ref_config:
-            check_same_shape(spec, spec_for(model_config, model_state.keys()), model_name)
+        if model_spec is None and model_config is not None and model_config is not ref_config:
+            model_spec = spec_for(model_config, model_state.keys())
+    wider = model_spec is not None and widths_differ(spec, model_spec)
+    if wider:
+        check_embeddable(spec, model_spec, model_name)
+        if "residual" in (resolve_symmetries(AUTO, spec) if auto else chosen):
+            return _align_embedded(ref_state, model_state, spec, model_spec, symmetries if auto else chosen, config=ref_config,
+                                   match=match, progress=progress, model_name=model_name, max_seconds=max_seconds, device=device, ray=ray)
+        return _align_narrower(ref_state, model_state, spec, model_spec, chosen, auto=auto, match=match, progress=progress,
+                               model_name=model_name, device=device)
+    if model_spec is not None:
+        check_same_shape(spec, model_spec, model_name)
     if auto:
         chosen = resolve_symmetries(symmetries, spec)
         if "residual" in chosen and match == "weights":
@@ -205,6 +240,53 @@ def align(
     )
     seconds["report"] = time.perf_counter() - start
     return Alignment(aligned, transform, report, spec, folded, still_folded)
+
+
+def _align_embedded(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, symmetries: Any, *,
+                    match: str, **options: Any) -> Alignment:
+    """A narrower model with the residual class (or ``auto`` where it includes it): grown to the reference's shape
+    by the identity embedding, then aligned as a same-shape model — permuting its neurons and heads, zero ones
+    included, is choosing a semi-permutation, so this is the same optimum (docs/DESIGN.md §2). The element is
+    returned composed with the embedding (:func:`~symmerge.groups.after_embedding`), an element of the narrow model."""
+    if match != "weights":
+        raise SymmergeError(f"{options['model_name']} is narrower than the reference: --match {match} is not available for models of "
+                            "different widths (use weights)")
+    embedding = embedding_transform(spec, model_spec)
+    result = align(ref_state, apply_transform(model_state, spec, embedding), symmetries=symmetries, spec=spec, **options)
+    result.transform = after_embedding(embedding, result.transform)
+    result.report.matching["widths"] = {"ffn": [model_spec.ffn_width, spec.ffn_width], "heads": [model_spec.num_heads, spec.num_heads]}
+    return result
+
+
+def _align_narrower(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, chosen: frozenset[str] | None,
+                    *, auto: bool, match: str, progress: bool, model_name: str, device: torch.device) -> Alignment:
+    """A narrower model into the reference's widths by weight matching of the per-layer classes, whose FFN and head
+    assignments become rectangular (semi-permutations). The report's "before" is the identity embedding (what
+    merging without alignment would average)."""
+    if auto:
+        chosen = resolve_symmetries(AUTO, spec)
+    if match != "weights":
+        raise SymmergeError(f"{model_name} is narrower than the reference: --match {match} is not available for models of different "
+                            "widths (use weights)")
+    check_compatible(ref_state, model_state, model_name, frozenset(), resized_keys(spec, model_spec))
+    fit = get_matcher("weights")(ref_state, model_state, spec, chosen, progress=progress, model_name=model_name, device=device,
+                                 model_spec=model_spec)
+    start = time.perf_counter()
+    aligned = apply_transform(model_state, spec, fit.transform)
+    seconds = {**fit.seconds, "apply": time.perf_counter() - start}
+    before = squared_distances(apply_transform(model_state, spec, embedding_transform(spec, model_spec)), ref_state)
+    after = squared_distances(aligned, ref_state)
+    groups = []
+    for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
+        for group in group_list:
+            keys = {s.key for s in group.slots()}
+            groups.append(GroupReport(group.name, kind, math.sqrt(sum(before[k] for k in keys)), math.sqrt(sum(after[k] for k in keys)),
+                                      fit.details.get(group.name, {})))
+    report = AlignmentReport(tuple(s for s in SYMMETRY_CLASSES if s in chosen), groups, math.sqrt(sum(before.values())),
+                             math.sqrt(sum(after.values())), state_norm(ref_state), seconds,
+                             {"method": "weights", "widths": {"ffn": [model_spec.ffn_width, spec.ffn_width],
+                                                              "heads": [model_spec.num_heads, spec.num_heads]}})
+    return Alignment(aligned, fit.transform, report, spec)
 
 
 AUTO_MARGIN = 0.05

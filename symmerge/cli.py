@@ -102,7 +102,7 @@ def align(
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
     from symmerge.io.stream import LazyState
     from symmerge.match import resolve_device
-    from symmerge.spec import check_compatible_shapes, check_same_shape, spec_for, untied_head
+    from symmerge.spec import check_compatible_shapes, check_embeddable, check_same_shape, resized_keys, spec_for, untied_head, widths_differ
 
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -115,9 +115,14 @@ def align(
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
     ref_spec = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys())
     chosen = resolve_symmetries(symmetries, ref_spec) if auto else chosen
+    own_specs = []
     for ckpt in ckpts:
-        check_same_shape(ref_spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
-        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen))
+        own = spec_for(ckpt.config, ckpt.shapes().keys())
+        narrower = widths_differ(ref_spec, own)
+        (check_embeddable if narrower else check_same_shape)(ref_spec, own, str(ckpt.path))
+        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen),
+                                resized_keys(ref_spec, own) if narrower else frozenset())
+        own_specs.append(own if narrower else None)
 
     calibration = _calibration(match, data, ref_ckpt)
 
@@ -129,14 +134,16 @@ def align(
     ref_state = read(ref_ckpt)
     rows, reports, kept = [], {}, set()
     with atomic_output_dir(out, force, inputs) as tmp:
-        for ckpt, name in zip(ckpts, unique_names([c.path for c in ckpts])):
+        for ckpt, name, own in zip(ckpts, unique_names([c.path for c in ckpts]), own_specs):
             start = time.perf_counter()
             state = read(ckpt)
             result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
                                   progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
-                                  learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor)
+                                  learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor,
+                                  model_spec=own)
             write_start = time.perf_counter()
-            write_model(result.state_dict, ckpt, tmp / name, untie=result.folded_reference is not None)
+            # a narrower model comes back at the reference's widths: it takes the reference's config (sizes)
+            write_model(result.state_dict, ckpt if own is None else ref_ckpt, tmp / name, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
                 # a reference with a zero norm gain cannot lend its gains: the aligned models stay folded, and
                 # the folded reference is what to merge them with
@@ -240,6 +247,10 @@ def merge(
     ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP + " Also with a recipe.")] = None,
     learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Short form: learned matching time budget, s.")] = None,
     iterative: Annotated[bool, typer.Option("--iterative/--star", help="Short form, 3+ models: align each to the mean of the others in rounds.")] = False,
+    unmatched: Annotated[str, typer.Option("--unmatched", help=(
+        "Short form, models of different widths: mean (a neuron or head only wider models have is averaged over those "
+        "models), inputs (its input side is; its output is scaled by their weight) or zero (narrower models count as "
+        "zeros there).")) ] = "mean",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -287,7 +298,8 @@ def merge(
         given = [name for name, value in (("--method", method), ("--base", base), ("--reference", reference), ("--weights", weights),
                                           ("--param", param), ("--data", data), ("--dtype", dtype),
                                           ("--match", match if match != "weights" else None),
-                                          ("--max-seconds", max_seconds is not None), ("--iterative", iterative)) if value]
+                                          ("--max-seconds", max_seconds is not None), ("--iterative", iterative),
+                                          ("--unmatched", unmatched if unmatched != "mean" else None)) if value]
         if given:
             raise SymmergeError(f"{', '.join(given)} cannot be combined with a recipe: put them in {inputs[0]}")
         recipe, root = load_recipe(inputs[0])
@@ -309,6 +321,7 @@ def merge(
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,
             data=str(data) if data else None, dtype=dtype, shard_size=shard_size, match=match, learn_steps=learn_steps,
             max_seconds=max_seconds, device=device or "cpu", learn_seconds=learn_seconds, iterative=iterative,
+            unmatched=unmatched,
         ), None
     plan = plan_merge(recipe, root, allow_pickle)
     if random_seed is not None:

@@ -70,7 +70,7 @@ def test_different_architectures_name_the_value(pair, tmp_path, capsys):
     expect_cli_error(capsys, "has layers 3, the reference has 2", "align", ref, tmp_path / "deeper", "-o", tmp_path / "out")
     wider_heads = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=6, vocab_size=64, n_positions=32))
     save_model(wider_heads, tmp_path / "heads")
-    expect_cli_error(capsys, "attention heads 6, the reference has 4", "align", ref, tmp_path / "heads", "-o", tmp_path / "out")
+    expect_cli_error(capsys, "head dim 8, the reference has 12", "align", ref, tmp_path / "heads", "-o", tmp_path / "out")
     bert, _ = make_model("bert")
     save_model(bert, tmp_path / "bert")
     expect_cli_error(capsys, "has family bert, the reference has gpt2", "align", ref, tmp_path / "bert", "-o", tmp_path / "out")

@@ -10,9 +10,9 @@ from conftest import make_model, max_output_diff
 import symmerge
 from symmerge.groups import ModelTransform, apply_transform, random_transform
 from symmerge.groups.heads import HeadTransform
-from symmerge.groups.residual import fold_norms
+from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.match import get_matcher
-from symmerge.match.learned import learn_transform, path_loss
+from symmerge.match.learned import _schedule, learn_transform, path_loss
 from symmerge.spec import spec_for
 
 TOL = 1e-5
@@ -71,6 +71,8 @@ def test_learned_matching_never_returns_an_element_worse_than_its_start():
         transform, record = learn_transform(ref, model, spec, init.transform, loss, batches, symmetries=chosen, steps=6, lr=lr,
                                             path="midpoint", eval_every=2)
         assert record["objective_best"] <= record["objective_first"]
+        # the rate far too high is caught and halved (restoring the best element); the sane one never is
+        assert bool(record["halvings"]) == (lr > 1.0)
         aligned = apply_transform(model, spec, transform)
         held = batches[3::4]
         with torch.no_grad():
@@ -79,6 +81,29 @@ def test_learned_matching_never_returns_an_element_worse_than_its_start():
         assert value <= record["objective_first"] + 1e-4
         # and the aligned model still computes what B computes
         assert max_output_diff(untied(b), fold_norms(sb, spec.residual), aligned, make_inputs) <= TOL
+
+
+def test_learned_matching_schedule_warms_up_after_each_restart_then_decays():
+    """The rate's factor rises linearly over the warm-up steps after a (re)start, and decays by the cosine of the
+    budget spent: 1 at the start, ½ halfway, 0 at the end."""
+    assert _schedule(0.0, 0, 20) == 1 / 20 and _schedule(0.0, 9, 20) == 10 / 20
+    assert _schedule(0.0, 19, 20) == 1.0 and _schedule(0.0, 500, 20) == 1.0
+    assert abs(_schedule(0.5, 100, 20) - 0.5) < 1e-12 and abs(_schedule(1.0, 100, 20)) < 1e-12
+    assert _schedule(0.3, 0, 0) == _schedule(0.3, 100, 20)  # no warm-up asked: the decay alone
+
+
+def test_residual_map_in_float32_matches_float64():
+    """Learned matching applies its residual map in float32 during the steps (the dtype its loss runs in): the
+    result agrees with the float64 application to float32 precision."""
+    model, _ = make_model("gpt2", 0)
+    spec = spec_for(model.config, model.state_dict().keys())
+    folded = fold_norms(model.state_dict(), spec.residual)
+    q, _ = torch.linalg.qr(torch.randn(spec.residual.width, spec.residual.width, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    wide, narrow = apply_residual(folded, spec.residual, q), apply_residual(folded, spec.residual, q, dtype=torch.float32)
+    changed = [k for k in wide if not torch.equal(wide[k].float(), folded[k].float())]
+    assert changed and all(narrow[k].dtype == torch.float32 for k in changed)
+    assert max(float((wide[k] - narrow[k].double()).abs().max()) for k in changed) < 1e-5
 
 
 def test_learned_matching_time_budget_stops_it():

@@ -13,7 +13,9 @@ from conftest import expect_cli_error, make_model, max_output_diff, require_modu
 from safetensors.torch import load_file
 
 import symmerge
+from symmerge.io import all_finite
 from symmerge.match import state_norm
+from symmerge.merge import engine
 
 DATA_FREE = {  # method → parameters under which merging a model with itself returns it
     "linear": {},
@@ -387,3 +389,37 @@ def test_merge_with_activation_matching_equals_align_then_average(tmp_path, caps
     code, _, err = run_cli(capsys, "merge", a, b, "--method", "linear", "-s", "none", "-o", naive, "-q")
     assert code == 0, err
     assert max(float((one[k] - v).abs().max()) for k, v in load_file(naive / "model.safetensors").items() if k in one) > 1e-2
+
+
+def test_all_finite_finds_nan_and_inf_anywhere_in_every_float_dtype():
+    """The one-pass ``aminmax`` check against ``isfinite``, at every position of short tensors (the vectorised
+    loop's head, body and tail), strided views, float8 (no ``aminmax``) and integers."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for n in (1, 7, 33, 67):
+            for pos in range(n):
+                for bad in (float("nan"), float("inf"), -float("inf")):
+                    x = torch.randn(n).to(dtype)
+                    x[pos] = bad
+                    assert not all_finite(x)
+            assert all_finite(torch.randn(n).to(dtype))
+        m = torch.randn(40, 50).to(dtype)
+        m[3, 17] = float("nan")
+        assert not all_finite(m.T) and all_finite(m[4:].T)
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    f8 = torch.zeros(8, dtype=torch.float8_e5m2)
+    assert all_finite(f8)
+    f8[3] = float("inf")
+    assert not all_finite(f8)
+
+
+def test_chunked_squared_distance_matches_float64(monkeypatch):
+    """The engine's ``‖t − u‖²`` over chunks (fine-tune check, alignment distances) equals the float64 value to
+    float32 precision, for chunk-multiple and ragged sizes, with and without ``u``."""
+    monkeypatch.setattr(engine, "SQ_CHUNK", 100)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((10, 30), (7, 13), (1,)):
+        t, u = torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16()
+        assert engine._sq(t, u) == pytest.approx(float((t.double() - u.double()).square().sum()), rel=1e-6)
+        assert engine._sq(t) == pytest.approx(float(t.double().square().sum()), rel=1e-6)
+        base_sq, task_sq = engine._sq_base_and_tasks(u, [t, u])
+        assert base_sq == pytest.approx(engine._sq(u), rel=1e-12) and task_sq == [pytest.approx(engine._sq(t, u), rel=1e-12), 0.0]

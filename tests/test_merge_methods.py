@@ -656,6 +656,88 @@ def test_chunked_ties_kernel_is_exact(monkeypatch):
     assert torch.equal(ties([x], base=base, thresholds=[7.0]), torch.where(x >= 7, x, 0))
 
 
+def _ties_sorted_reference(tensors, base, density, weights):
+    """TIES spelled out with the plainest operations, in float32 as the kernel computes: ``τ_i`` sorted by
+    (−|τ|, position) with Python's ``sorted`` and the first ``⌊d·n⌋`` kept; ``sign(Σ w τ̂)`` (0 elects nothing);
+    the mean over the agreeing models' weights; one rounding to the inputs' dtype."""
+    b = base.float().reshape(-1).tolist()
+    taus = []
+    for x, d in zip(tensors, density):
+        tau = (x.float().reshape(-1) - base.float().reshape(-1)).tolist()  # float32 differences, as the kernel's
+        k = max(1, int(d * len(tau)))
+        keep = set(sorted(range(len(tau)), key=lambda j: (-abs(tau[j]), j))[:k])
+        taus.append([v if j in keep else 0.0 for j, v in enumerate(tau)])
+    out = []
+    for j in range(len(b)):
+        total = sum(w * t[j] for w, t in zip(weights, taus))
+        sign = (total > 0) - (total < 0)
+        agree = [(w, t[j]) for w, t in zip(weights, taus) if t[j] != 0 and (t[j] > 0) == (sign > 0) and sign != 0]
+        den = sum(w for w, _ in agree)
+        out.append(b[j] + (sum(w * v for w, v in agree) / den if den else 0.0))
+    return torch.tensor(out, dtype=torch.float64).reshape(base.shape).to(tensors[0].dtype)
+
+
+def _tie_heavy_models(seed: int, shape=(37, 41), dtype=torch.bfloat16):
+    """A bf16 base and fine-tunes whose task vectors take few distinct values (many ties in |τ|), hold exact zeros
+    (τ = 0, so sign 0) and cancel between models (τ_a = −τ_b, a tied sign election)."""
+    g = G(seed)
+    base = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    steps = torch.randint(-3, 4, shape, generator=g).float() * 2**-9  # |τ| ∈ {0, 1, 2, 3} · 2⁻⁹: heavy ties, zeros
+    a = (base.float() + steps).to(dtype)
+    b = (base.float() - steps).to(dtype)  # cancels a where the roundings agree
+    b[: shape[0] // 3] = (base[: shape[0] // 3].float() + torch.randn(shape[0] // 3, shape[1], generator=g) * 1e-3).to(dtype)
+    return base, [a, b, (base.float() + steps.roll(7)).to(dtype)]
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ties_kernel_equals_a_sorted_reference_on_ties_and_zero_signs(monkeypatch, chunk, seed):
+    """The chunked kernel (sampled bracket, or its radix fallback) against :func:`_ties_sorted_reference` bit for
+    bit, on bf16 task vectors with heavy magnitude ties, exact zeros and cancelling models; then with a
+    continuous model (the bracket's ``lo < hi`` branch)."""
+    monkeypatch.setattr(M, "TIES_CHUNK", chunk)
+    monkeypatch.setattr(M, "_TIE_PIECE", 16)  # the tie position is found piece by piece within a chunk
+    base, models = _tie_heavy_models(seed)
+    weights = [1.0, 1.0, 0.5]
+    for density in ([0.2, 0.2, 0.2], [0.05, 0.5, 0.9], [0.3, 1.0, 0.01]):
+        fast = ties(models, base=base, density=density, weights=weights)
+        assert fast.dtype == torch.bfloat16
+        assert torch.equal(fast.view(torch.int16), _ties_sorted_reference(models, base, density, weights).view(torch.int16))
+    smooth = [(base.float() + torch.randn(base.shape, generator=G(seed + 50)) * 1e-2).to(torch.bfloat16), models[0]]
+    fast = ties(smooth, base=base, density=[0.25, 0.4], weights=[1.0, 2.0])
+    assert torch.equal(fast.view(torch.int16), _ties_sorted_reference(smooth, base, [0.25, 0.4], [1.0, 2.0]).view(torch.int16))
+
+
+def test_ties_trim_plan_bracket_and_radix_fallback_agree(monkeypatch):
+    """The bracket and the exact radix selection give the same plan; a bracket that misses (forced here, rare in
+    use) falls back to radix, so the result stays exact; a plan breaking ties from the end is caught (control)."""
+    monkeypatch.setattr(M, "TIES_CHUNK", 256)
+    monkeypatch.setattr(M, "_TIE_PIECE", 48)  # not a divisor of the chunk: a ragged last piece
+    g = G(7)
+    base = torch.zeros(5000)
+    for values in (torch.randint(0, 6, (5000,), generator=g).float() * 0.125, torch.randn(5000, generator=g)):
+        for k in (1, 17, 1000, 2500, 4999):
+            scratch = M._TiesScratch(1, 256)
+            radix = M._radix_trim_plan(values, base, k, scratch, 0)
+            assert M._trim_plan(values, base, k, scratch, 0) == radix
+            trimmed = M._apply_trim_(values.clone(), *radix, 0)  # t = 0 (k-th largest is 0) keeps all: zeros stay 0
+            top = torch.zeros(5000, dtype=torch.bool)
+            top[sorted(range(5000), key=lambda j: (-abs(float(values[j])), j))[:k]] = True
+            assert torch.equal(trimmed, values * top)
+            with monkeypatch.context() as m:  # a bracket that misses entirely, above and below the threshold
+                for wrong in ((10.0, 20.0), (0.0, 0.0), (1e-9, 1e-8)):
+                    m.setattr(M, "_sampled_bracket", lambda *a, w=wrong: w)
+                    assert M._trim_plan(values, base, k, scratch, 0) == radix
+    # negative control: keeping the *last* tied entries differs from the reference on tie-heavy input
+    values = torch.randint(0, 3, (5000,), generator=g).float()
+    t, p = M._radix_trim_plan(values, base, 1000, M._TiesScratch(1, 256), 0)
+    first = torch.where(torch.arange(5000) < p, values >= t, values > t)
+    tied = (values == t).nonzero().squeeze(1)
+    last = (values > t).clone()
+    last[tied[len(tied) - int((first & (values == t)).sum()):]] = True
+    assert int(last.sum()) == 1000 and not torch.equal(first, last)
+
+
 # ------------------------------------------------------------------------------------------------ Breadcrumbs
 
 
@@ -894,3 +976,50 @@ def test_all_twenty_mergekit_methods_are_registered():
                 "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough"}
     assert set(MERGE_METHODS) == mergekit | {"fisher", "regmean"}
     assert {m.name for m in list_methods() if m.optional_base} == {"slerp", "nuslerp", "multislerp"}
+
+
+def test_breadcrumbs_mask_equals_a_stable_sort_window(monkeypatch):
+    """``_outlier_keep`` (two exact selections) keeps exactly the entries a stable ascending sort puts at ranks
+    ``[bottom, bottom + target)``, on tie-heavy and continuous magnitudes, above and below the bracketing size."""
+    monkeypatch.setattr(M, "EXACT_DIRECT_MAX", 2000)  # the 5000-entry tensors take the bracketing selection
+    g = G(11)
+    for values in (torch.randint(-4, 5, (5000,), generator=g).float() * 0.25, torch.randn(5000, generator=g), torch.randn(37, generator=g)):
+        n = values.numel()
+        for density, gamma in ((0.8, 0.05), (0.5, 0.01), (0.9, 0.3), (0.01, 0.0), (1.0, 0.0), (0.3, 0.7)):
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            order = torch.sort(values.abs(), stable=True).indices
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order[bottom : bottom + target]] = True
+            assert torch.equal(M._outlier_keep(values, density, gamma), expected), (density, gamma)
+    # negative control: ties broken from the end would differ on tie-heavy input
+    values = torch.randint(0, 3, (500,), generator=g).float()
+    last = torch.zeros(500, dtype=torch.bool)
+    last[499 - torch.sort(values.flip(0), stable=True).indices[:200]] = True  # the smallest, ties: last index first
+    assert not torch.equal(M._smallest(values, 200), last)
+
+
+def test_chunked_linear_and_task_arithmetic_equal_the_whole_tensor_arithmetic(monkeypatch):
+    """Chunked evaluation (here 64-entry chunks, a ragged last one) gives the bits of the same operations on whole
+    tensors, bf16 in and out (one rounding)."""
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    g = G(21)
+    base = torch.randn(33, 29, generator=g).bfloat16()
+    a, b = ((base.float() + torch.randn(33, 29, generator=g) * 0.01).bfloat16() for _ in range(2))
+    whole = torch.zeros(33, 29).add_(a, alpha=0.3).add_(b, alpha=0.9).div_(1.2).bfloat16()
+    assert torch.equal(linear([a, b], weights=[0.3, 0.9]).view(torch.int16), whole.view(torch.int16))
+    tv = torch.zeros(33, 29).add_(a.float().sub_(base), alpha=0.3).add_(b.float().sub_(base), alpha=0.9)
+    assert torch.equal(task_arithmetic([a, b], base=base, weights=[0.3, 0.9], lambda_=0.7).view(torch.int16),
+                       tv.mul_(0.7).add_(base).bfloat16().view(torch.int16))
+    assert torch.equal(task_arithmetic([a.T, b.T], base=base.T), task_arithmetic([a, b], base=base).T)  # strided inputs
+
+
+def test_della_ranks_equal_a_double_argsort():
+    """The ranks come from scattering the sort order (its inverse permutation): the same as ``argsort(argsort)``,
+    ties by position, on tie-heavy and continuous rows and a 1-D tensor."""
+    g = G(31)
+    for x in (torch.randint(-3, 4, (37, 53), generator=g).float() * 0.5, torch.randn(300, 1000, generator=g), torch.randn(9, generator=g)):
+        rows = x.reshape(1, -1) if x.ndim < 2 else x
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
+        expected = ranks.div_(rows.shape[1] - 1).clamp_(0, 1).mul_(0.2).add_(0.4).reshape(x.shape)
+        assert torch.equal(della_keep_probabilities(x, 0.5, 0.1), expected)

@@ -206,6 +206,33 @@ def test_lora_adapter_is_applied_before_merging(llamas, tmp_path, capsys):
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], a["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_dora_adapter_rescales_each_row_to_its_magnitude(llamas, tmp_path, capsys):
+    adapter = tmp_path / "dora"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(4)
+    prefix = "base_model.model.model.layers.0.self_attn."
+    la, lb, mag = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), torch.rand(32, generator=g) + 0.5
+    va, vb, vmag = torch.randn(2, 32, generator=g), torch.randn(16, 2, generator=g), torch.rand(16, generator=g) + 0.5
+    save_file({prefix + "q_proj.lora_A.weight": la, prefix + "q_proj.lora_B.weight": lb, prefix + "q_proj.lora_magnitude_vector": mag,
+               prefix + "v_proj.lora_A.weight": va, prefix + "v_proj.lora_B.weight": vb, prefix + "v_proj.lora_magnitude_vector": vmag},
+              adapter / "adapter_model.safetensors")
+    out, _ = _merge(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    a = load_file(llamas["a"] / "model.safetensors")
+    for name, (lo_a, lo_b, m) in {"q_proj": (la, lb, mag), "v_proj": (va, vb, vmag)}.items():
+        key = f"model.layers.0.self_attn.{name}.weight"
+        w = a[key] + 2.0 * lo_b @ lo_a
+        expected = torch.stack([m[i] * w[i] / w[i].norm() for i in range(w.shape[0])])  # row i scaled to length m_i
+        torch.testing.assert_close(out[key], expected)
+        torch.testing.assert_close(out[key].norm(dim=1), m)
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+    # a magnitude vector missing for one adapted module: refused, naming it
+    save_file({prefix + "q_proj.lora_A.weight": la, prefix + "q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    (tmp_path / "r2.yaml").write_text(f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\n")
+    expect_cli_error(capsys, "has no lora_magnitude_vector", "merge", tmp_path / "r2.yaml", tmp_path / "o2")
+
+
 def test_mergekit_command_line(llamas, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: dare_ties\n"

@@ -26,9 +26,13 @@ from symmerge.groups.transform import (
     AUTO,
     PER_LAYER_CLASSES,
     SYMMETRY_CLASSES,
+    UNMATCHED_RULES,
     ModelTransform,
+    after_embedding,
     apply_to_group,
     apply_transform,
+    embedding_transform,
+    fill_empty_slots,
     is_auto,
     parse_symmetries,
     require_residual,
@@ -36,8 +40,9 @@ from symmerge.groups.transform import (
 )
 
 __all__ = [
-    "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
-    "apply_to_group", "apply_transform", "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn", "resolve_symmetries", "is_auto", "AUTO",
+    "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "UNMATCHED_RULES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
+    "after_embedding", "apply_to_group", "apply_transform", "embedding_transform", "fill_empty_slots",
+    "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn", "resolve_symmetries", "is_auto", "AUTO",
     "plane_rotation_matrix", "random_orthogonal", "random_plane_rotation", "random_residual", "random_transform", "read_ffn",
     "read_heads", "require_residual", "rope_planes", "transform_heads", "write_ffn",
 ]

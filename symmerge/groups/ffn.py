@@ -2,6 +2,12 @@
 
 A permutation is stored as an index vector ``perm`` (d_ff,): neuron ``j`` of the result is neuron ``perm[j]`` of
 the input, i.e. ``W_in → W_in[perm]``, ``b_in → b_in[perm]``, ``W_out → W_out[:, perm]``.
+
+A *semi-permutation* (GLMC, Theus et al. 2025; docs/DESIGN.md §1 "models of different widths") is the same index
+vector with an output width ``m`` larger than the input's ``n``: each input neuron appears once and the ``m − n``
+other entries are ``EMPTY`` (−1), neurons whose input rows, bias and output column are zero. A zero neuron adds
+``W_out[:, j] · act(0·x + 0) = 0`` to the output whatever ``act(0)`` is, so the embedded FFN computes exactly what
+the narrow one did.
 """
 
 from __future__ import annotations
@@ -28,8 +34,38 @@ def read_ffn(view: StateView, group: FFNGroup) -> FFNTensors:
     )
 
 
+EMPTY = -1
+"""The index of an empty slot in a semi-permutation: a zero neuron (or a zero head, :mod:`symmerge.groups.heads`)."""
+
+
+def take(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t`` indexed along ``dim`` by ``index``, ``EMPTY`` entries giving zero slices: a permutation's action when
+    ``index`` is a permutation, a semi-permutation's embedding otherwise."""
+    index = index.to(t.device)
+    out = t.index_select(dim, index.clamp(min=0))
+    empty = index < 0
+    if bool(empty.any()):
+        shape = [1] * t.dim()
+        shape[dim] = len(index)
+        out = out.masked_fill(empty.view(shape), 0)
+    return out
+
+
 def permute_ffn(t: FFNTensors, perm: torch.Tensor) -> FFNTensors:
-    return FFNTensors([w[perm] for w in t.in_weights], [b[perm] for b in t.in_biases], [w[:, perm] for w in t.out_weights])
+    """Neuron ``j`` of the result is input neuron ``perm[j]`` (zero where ``perm[j]`` is ``EMPTY``)."""
+    return FFNTensors([take(w, perm) for w in t.in_weights], [take(b, perm) for b in t.in_biases],
+                      [take(w, perm, 1) for w in t.out_weights])
+
+
+def embedding(width_in: int, width_out: int) -> torch.Tensor:
+    """The identity semi-permutation: input neuron ``i`` to slot ``i``, slots ``width_in …`` empty (what merging
+    models of different widths without alignment means)."""
+    return torch.cat([torch.arange(width_in), torch.full((width_out - width_in,), EMPTY)])
+
+
+def empty_slots(perm: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the slots no input neuron fills."""
+    return perm < 0
 
 
 def write_ffn(view: StateView, group: FFNGroup, t: FFNTensors) -> None:
@@ -42,4 +78,5 @@ def write_ffn(view: StateView, group: FFNGroup, t: FFNTensors) -> None:
 
 
 def is_identity(perm: torch.Tensor) -> bool:
+    """Whether ``perm`` is the identity permutation (a semi-permutation that widens is not)."""
     return bool(torch.equal(perm, torch.arange(len(perm), device=perm.device)))

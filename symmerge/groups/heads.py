@@ -15,6 +15,10 @@ invertible matrices ``A``, ``B``: the Q side takes ``A^T``, the K side ``A^{-1}`
 O side ``B^{-T}`` (``q A A^{-1} k^T = q k^T``, ``W_O B^{-T} B^T v = W_O v``): the full GL(d_h) of each KV head.
 Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it (:func:`rope_planes`); the spec
 says which.
+
+Models of different widths (docs/DESIGN.md §1): ``perm`` and ``kv_perm`` may be *semi-permutations* into more heads
+than the input has, ``EMPTY`` (−1) entries being zero heads (zero Q, K, V rows and biases, zero O columns). A zero
+head's scores are all 0, so it attends uniformly — to zero values, through zero O columns: it adds nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from symmerge.groups.ffn import EMPTY, take
 from symmerge.spec.base import AttentionGroup, Slot, StateView
 
 
@@ -76,6 +81,22 @@ class HeadTransform:
         ones = torch.ones(kv, head_dim, dtype=dtype)
         return cls(torch.arange(num_heads), torch.arange(kv), eye, ones, eye.clone(), ones.clone())
 
+    @classmethod
+    def embedding(cls, num_heads_in: int, num_heads: int, head_dim: int, num_kv_heads_in: int | None = None,
+                  num_kv_heads: int | None = None, dtype: torch.dtype = torch.float32) -> HeadTransform:
+        """The identity semi-permutation of ``num_heads_in`` heads into ``num_heads``: KV head ``g`` to slot ``g``,
+        the remaining KV heads (and their query groups) empty; no rotation."""
+        kv_in, kv = num_kv_heads_in or num_heads_in, num_kv_heads or num_heads
+        x = cls.identity(num_heads, head_dim, dtype, kv)
+        x.kv_perm = torch.cat([torch.arange(kv_in), torch.full((kv - kv_in,), EMPTY)])
+        x.perm = group_permutation(x.kv_perm, None, num_heads // kv)
+        return x
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """Boolean mask of the query-head slots no input head fills (a semi-permutation's zero heads)."""
+        return self.perm < 0
+
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> HeadTransform:
         """Rotations and scales as ``dtype``; with ``device``, every tensor (the permutations too) moved there."""
         return replace(
@@ -91,10 +112,12 @@ class HeadTransform:
 
 def group_permutation(kv_perm: torch.Tensor, within: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """Query-head permutation from a KV-head permutation and, per output group, a permutation of its ``r`` members
-    (``within``: (H_kv, r), default identity): ``perm[g·r + j] = kv_perm[g]·r + within[g, j]``."""
+    (``within``: (H_kv, r), default identity): ``perm[g·r + j] = kv_perm[g]·r + within[g, j]``; an ``EMPTY`` KV
+    slot empties its whole query group."""
     if within is None:
         within = torch.arange(group_size).expand(len(kv_perm), group_size)
-    return (kv_perm[:, None] * group_size + within).reshape(-1)
+    perm = kv_perm[:, None] * group_size + within
+    return torch.where(kv_perm[:, None] < 0, EMPTY, perm).reshape(-1)
 
 
 def split_heads(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -139,13 +162,16 @@ def read_heads(view: StateView, group: AttentionGroup) -> HeadTensors:
     return HeadTensors(q, bias(group.q_bias, q), k, bias(group.k_bias, k), v, bias(group.v_bias, v), o)
 
 
+def head_blocks(group: AttentionGroup, t: HeadTensors) -> list[tuple[Slot, torch.Tensor]]:
+    """Each slot of ``group`` with the canonical tensor ``t`` writes into it."""
+    out = [(slot, value.reshape(-1, value.shape[-1])) for slot, value in ((group.q, t.q), (group.k, t.k), (group.v, t.v))]
+    out += [(slot, value.reshape(-1)) for slot, value in ((group.q_bias, t.q_bias), (group.k_bias, t.k_bias), (group.v_bias, t.v_bias)) if slot]
+    return out + [(group.o, t.o.permute(1, 0, 2).reshape(t.o.shape[1], -1))]
+
+
 def write_heads(view: StateView, group: AttentionGroup, t: HeadTensors) -> None:
-    for slot, value in ((group.q, t.q), (group.k, t.k), (group.v, t.v)):
-        view.set(slot, value.reshape(-1, value.shape[-1]))
-    for slot, value in ((group.q_bias, t.q_bias), (group.k_bias, t.k_bias), (group.v_bias, t.v_bias)):
-        if slot:
-            view.set(slot, value.reshape(-1))
-    view.set(group.o, t.o.permute(1, 0, 2).reshape(t.o.shape[1], -1))
+    for slot, value in head_blocks(group, t):
+        view.set(slot, value)
 
 
 def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
@@ -169,11 +195,11 @@ def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     rq, aq = per_query(x.qk_rotation), per_query(x.qk_scale)
     so, co = per_query(rv), per_query(x.vo_scale)
     return HeadTensors(
-        q=rows(t.q[p], rq, aq),
-        q_bias=bias(t.q_bias[p], rq, aq),
-        k=rows(t.k[pk], rk, 1 / x.qk_scale),
-        k_bias=bias(t.k_bias[pk], rk, 1 / x.qk_scale),
-        v=rows(t.v[pk], x.vo_rotation, x.vo_scale),
-        v_bias=bias(t.v_bias[pk], x.vo_rotation, x.vo_scale),
-        o=(t.o[p] @ so) / co.unsqueeze(1),
+        q=rows(take(t.q, p), rq, aq),
+        q_bias=bias(take(t.q_bias, p), rq, aq),
+        k=rows(take(t.k, pk), rk, 1 / x.qk_scale),
+        k_bias=bias(take(t.k_bias, pk), rk, 1 / x.qk_scale),
+        v=rows(take(t.v, pk), x.vo_rotation, x.vo_scale),
+        v_bias=bias(take(t.v_bias, pk), x.vo_rotation, x.vo_scale),
+        o=(take(t.o, p) @ so) / co.unsqueeze(1),
     )

@@ -106,15 +106,18 @@ def compute_dtype(*stored: torch.dtype) -> torch.dtype:
     return torch.float64 if any(d in (torch.float32, torch.float64) for d in stored) else torch.float32
 
 
-def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``Q`` applied to every tensor that touches the stream (the state must already be folded)."""
+def apply_residual(state: Mapping[str, torch.Tensor], residual: ResidualGroup, q: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``Q`` applied to every tensor that touches the stream (the state must already be folded), the products in
+    ``dtype``: by default :func:`compute_dtype` of each stored tensor; learned matching's steps pass float32, the
+    dtype of the loss they feed."""
     view = StateView(state)
     for slot in residual.embeddings + residual.readers + residual.vectors:
-        dtype = compute_dtype(view.stored(slot.key).dtype)
-        view.set(slot, view.get(slot).to(dtype) @ q.to(dtype))
+        d = dtype or compute_dtype(view.stored(slot.key).dtype)
+        view.set(slot, view.get(slot).to(d) @ q.to(d))
     for slot in residual.writers:
-        dtype = compute_dtype(view.stored(slot.key).dtype)
-        view.set(slot, q.T.to(dtype) @ view.get(slot).to(dtype))
+        d = dtype or compute_dtype(view.stored(slot.key).dtype)
+        view.set(slot, q.T.to(d) @ view.get(slot).to(d))
     return dict(view.state)
 
 

@@ -9,14 +9,15 @@ family.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from symmerge.errors import SymmergeError
-from symmerge.groups.ffn import is_identity, permute_ffn, read_ffn, write_ffn
+from symmerge.groups.ffn import embedding, is_identity, permute_ffn, read_ffn, write_ffn
 from symmerge.groups.heads import (
     HeadTransform,
+    head_blocks,
     read_heads,
     transform_heads,
     write_heads,
@@ -88,11 +89,32 @@ def require_residual(spec: ModelSpec) -> ResidualGroup:
 
 @dataclass
 class ModelTransform:
-    """One group element per group of a spec (groups left out are the identity)."""
+    """One group element per group of a spec (groups left out are the identity).
 
-    ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # group name → perm (d_ff,)
+    ``source``: the spec of the model the element applies to when it is narrower than the reference's (fewer FFN
+    neurons or heads): its elements are then semi-permutations into the reference's widths (docs/DESIGN.md §1),
+    read through ``source``'s groups and written through the reference's. ``None``: the model has the reference's
+    shape."""
+
+    ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # group name → perm (d_ff of the reference,)
     heads: dict[str, HeadTransform] = field(default_factory=dict)  # group name → per-head transform
     residual: torch.Tensor | None = None  # (d, d); applied after folding the norms
+    source: ModelSpec | None = None
+
+    def source_group(self, group: FFNGroup | AttentionGroup) -> FFNGroup | AttentionGroup:
+        """The model's own group of the reference's ``group`` (the same group unless the model is narrower)."""
+        if self.source is None:
+            return group
+        return next(g for g in self.source.groups() if g.name == group.name)
+
+    def empty_slots(self, group: FFNGroup | AttentionGroup) -> torch.Tensor | None:
+        """The neurons (FFN) or query heads (attention) of ``group`` the model leaves empty, as a boolean mask;
+        ``None`` when it fills every one."""
+        element = self.ffn.get(group.name) if isinstance(group, FFNGroup) else self.heads.get(group.name)
+        if element is None:
+            return None
+        mask = element.empty if isinstance(element, HeadTransform) else element < 0
+        return mask if bool(mask.any()) else None
 
 
 IDENTITY_ATOL = 1e-12
@@ -116,18 +138,130 @@ def is_identity_element(group: FFNGroup | AttentionGroup, transform: ModelTransf
 
 
 def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform: ModelTransform) -> None:
-    """Apply ``transform``'s element for ``group`` to the tensors in ``view``; nothing when it has none or it is the
-    identity (:func:`is_identity_element`: fine-tunes of one base, whose neurons and heads still correspond)."""
+    """Apply ``transform``'s element for ``group`` (if it has one) to the tensors in ``view``; a semi-permutation
+    grows the tensors to the reference's shape. Nothing when the element is the identity (:func:`is_identity_element`:
+    fine-tunes of one base, whose neurons and heads still correspond; a semi-permutation never is one)."""
     if is_identity_element(group, transform):
         return
+    source = transform.source_group(group)
     if isinstance(group, FFNGroup):
-        write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
+        if group.name not in transform.ffn:
+            return
+        out = permute_ffn(read_ffn(view, source), transform.ffn[group.name])
+        values = [*zip(group.inputs, out.in_weights), *zip(group.input_biases, out.in_biases), *zip(group.outputs, out.out_weights)]
+        if source.width != group.width:
+            view.reallocate(values)
+        write_ffn(view, group, out)
+    elif group.name in transform.heads:
+        out = transform_heads(read_heads(view, source), transform.heads[group.name])
+        if source.num_heads != group.num_heads:
+            view.reallocate(head_blocks(group, out))
+        write_heads(view, group, out)
+
+
+def fill_value(values: list[torch.Tensor], empty: list[torch.Tensor | None], weights: list[float], axis: int = 0) -> list[torch.Tensor]:
+    """Each model's tensor with its empty slots (``empty[i]``, a boolean mask along ``axis``; ``None``: none) set to
+    the ``weights``-weighted mean of the models that fill that slot. A weighted average of the results then equals,
+    slot by slot, the weighted average over the models that have the slot: with ``W_h`` the weight of those that
+    have it and ``W_e`` of those that do not, ``(Σ_h w x + W_e x̄) / (W_h + W_e) = x̄`` for ``x̄ = Σ_h w x / W_h``."""
+    n = values[0].shape[axis]
+    have = torch.stack([torch.ones(n, dtype=torch.bool) if m is None else ~m.cpu() for m in empty]).to(values[0].dtype)  # (models, n)
+    w = have * torch.tensor(weights, dtype=values[0].dtype)[:, None]
+    shape = [1] * values[0].dim()
+    shape[axis] = n
+    total = sum(wi.view(shape).to(v.device) * v for wi, v in zip(w, values))
+    mean = total / w.sum(0).clamp(min=torch.finfo(values[0].dtype).tiny).view(shape).to(values[0].device)
+    return [v if m is None else torch.where(m.view(shape).to(v.device), mean, v) for v, m in zip(values, empty)]
+
+
+UNMATCHED_RULES = ("mean", "inputs", "zero")
+"""What a narrower model contributes to a neuron or head it lacks, in a merge (docs/DESIGN.md §3): ``mean`` fills
+both sides of the empty slot (the slot is averaged over the models that have it: kept unchanged for two models);
+``inputs`` fills the input side only (W_in rows and biases; Q, K, V), leaving the output side (W_out columns; O
+columns) zero, so the slot's contribution to the output is scaled by the weight of the models that have it, as in
+an ensemble of the models; ``zero`` fills nothing (both sides averaged with zeros)."""
+
+
+def fill_empty_slots(states: list[dict[str, torch.Tensor]], group: FFNGroup | AttentionGroup, transforms: list[ModelTransform | None],
+                     weights: list[float] | None = None, rule: str = "mean") -> None:
+    """Merge semantics for models of different widths (docs/DESIGN.md §3): ``states`` hold one group's tensors of
+    every model, aligned into the reference's widths; a narrower model's empty (zero) neurons or heads would
+    shrink the average of a slot only the wider models have (both sides halved, for two models). Fill them, in
+    place, per ``rule`` (:data:`UNMATCHED_RULES`) with the weighted mean of the models that have the slot
+    (:func:`fill_value`): ``mean`` on both sides, so that averaging merges take each slot over the models that have
+    it; ``inputs`` on the input side only. Non-positive weights count as equal weights."""
+    if rule not in UNMATCHED_RULES:
+        raise SymmergeError(f"unmatched must be one of {', '.join(UNMATCHED_RULES)}, got {rule!r}")
+    if rule == "zero":
+        return
+    masks = [None if t is None else t.empty_slots(group) for t in transforms]
+    if all(m is None for m in masks):
+        return
+    w = list(weights) if weights is not None and all(x > 0 for x in weights) else [1.0] * len(states)
+    views = [StateView(s) for s in states]
+    if isinstance(group, FFNGroup):
+        parts = [read_ffn(v, group) for v in views]
+        sides = (("in_weights", 0), ("in_biases", 0)) + ((("out_weights", 1),) if rule == "mean" else ())
+        for field_name, axis in sides:
+            for k in range(len(getattr(parts[0], field_name))):
+                filled = fill_value([getattr(p, field_name)[k] for p in parts], masks, w, axis)
+                for p, value in zip(parts, filled):
+                    getattr(p, field_name)[k] = value
+        for v, m, p in zip(views, masks, parts):
+            if m is not None:
+                write_ffn(v, group, p)
     else:
-        write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+        heads = [read_heads(v, group) for v in views]
+        kv_masks = [None if m is None else t.heads[group.name].kv_perm < 0 for m, t in zip(masks, transforms)]
+        sides = (("q", masks), ("q_bias", masks), ("k", kv_masks), ("k_bias", kv_masks), ("v", kv_masks), ("v_bias", kv_masks))
+        for name, mask in sides + ((("o", masks),) if rule == "mean" else ()):
+            for h, value in zip(heads, fill_value([getattr(h, name) for h in heads], mask, w)):
+                setattr(h, name, value)
+        for v, m, h in zip(views, masks, heads):
+            if m is not None:
+                write_heads(v, group, h)
+    for s, v, m in zip(states, views, masks):
+        if m is not None:
+            s.update(v.state)
+
+
+def after_embedding(embedding: ModelTransform, transform: ModelTransform) -> ModelTransform:
+    """``transform``, found for a narrower model already grown by ``embedding`` (:func:`embedding_transform`), as one
+    element of the narrow model: slot ``j`` holds ``embedding``'s slot ``transform[j]``, i.e. narrow neuron
+    ``embedding[transform[j]]`` (−1 stays −1: a permutation of an embedded model, zero neurons included, is a
+    semi-permutation of the narrow one). Rotations, scales and the residual map carry over."""
+    ffn = dict(embedding.ffn)
+    for name, perm in transform.ffn.items():
+        ffn[name] = embedding.ffn[name][perm] if name in embedding.ffn else perm
+    heads = dict(embedding.heads)
+    for name, x in transform.heads.items():
+        e = embedding.heads.get(name)
+        heads[name] = x if e is None else replace(x, perm=e.perm[x.perm], kv_perm=e.kv_perm[x.kv_perm])
+    return ModelTransform(ffn, heads, transform.residual, embedding.source)
+
+
+def embedding_transform(reference: ModelSpec, model: ModelSpec) -> ModelTransform:
+    """The identity semi-permutation of a narrower ``model`` into ``reference``'s widths: neuron / head ``i`` to slot
+    ``i``, the rest empty (zero). What merging models of different widths without alignment means."""
+    out = ModelTransform(source=model)
+    for group, own in zip(reference.ffn, model.ffn):
+        if own.width != group.width:
+            out.ffn[group.name] = embedding(own.width, group.width)
+    for group, own in zip(reference.attention, model.attention):
+        if own.num_heads != group.num_heads:
+            out.heads[group.name] = HeadTransform.embedding(own.num_heads, group.num_heads, group.head_dim, own.kv_heads, group.kv_heads)
+    return out
 
 
 def apply_transform(state: Mapping[str, torch.Tensor], spec: ModelSpec, transform: ModelTransform) -> dict[str, torch.Tensor]:
-    """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied."""
+    """A new state dict with ``transform`` applied; tensors no group touches are shared, not copied. ``spec`` is
+    the reference's: a narrower model's transform names its own spec (``transform.source``)."""
+    if transform.residual is not None and transform.source is not None:
+        # a narrower model: grow it by the per-layer elements first, then fold and map the residual stream at the
+        # reference's shape. Both orders give the same tensors: the per-layer elements act on the neuron / head
+        # axis, norm folding and the residual map on the residual axis (a zero reader row stays zero when folded).
+        grown = apply_transform(state, spec, replace(transform, residual=None))
+        return apply_transform(grown, spec, ModelTransform(residual=transform.residual))
     if transform.residual is not None:
         residual = require_residual(spec)
         state = apply_residual(fold_norms(state, residual), residual, transform.residual)

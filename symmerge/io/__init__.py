@@ -2,6 +2,7 @@
 
 from symmerge.io.checkpoint import (
     Checkpoint,
+    all_finite,
     atomic_output_dir,
     check_output_dir,
     copy_model_files,
@@ -13,6 +14,6 @@ from symmerge.io.checkpoint import (
 )
 
 __all__ = [
-    "Checkpoint", "atomic_output_dir", "check_output_dir", "copy_model_files", "is_symmerge_output", "load_state_dict", "open_checkpoint",
+    "Checkpoint", "all_finite", "atomic_output_dir", "check_output_dir", "copy_model_files", "is_symmerge_output", "load_state_dict", "open_checkpoint",
     "save_state_dict", "unique_names",
 ]

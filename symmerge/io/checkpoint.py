@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -264,12 +265,15 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True, file_backed: bo
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds no NaN or Inf: its min and max are finite (one pass, no boolean mask; NaN propagates
-    through both)."""
+    """No NaN or ±Inf in ``t`` (True for integer tensors). ``torch.aminmax`` propagates NaN and brings an infinity
+    out as the min or max, in one pass with no bool temporary: ~40x faster than ``isfinite(t).all()`` on bf16,
+    where the finite check otherwise costs more than a whole TIES merge. Float8 has no ``aminmax``: ``isfinite``."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.element_size() == 1:
+        return bool(torch.isfinite(t).all())
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def is_weight_file(p: Path) -> bool:

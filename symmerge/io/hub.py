@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,19 +56,21 @@ def hub_snapshot(ref: str, what: str) -> Path | None:
 
 @dataclass
 class LoraDelta:
-    """A PEFT LoRA adapter: ``delta(key)`` is ``scale · B A`` for the weights it targets, ``None`` elsewhere."""
+    """A PEFT LoRA (or DoRA) adapter: :meth:`apply` adapts the weights it targets (``W + scale · B A``; DoRA:
+    rescaled per output row to its learned magnitude)."""
 
     path: Path
     scale: float
     pairs: dict[str, tuple[str, str]]  # base weight key suffix (``layers.0.self_attn.q_proj.weight``) → (A key, B key)
+    magnitudes: dict[str, str] = field(default_factory=dict)  # DoRA: base weight key suffix → magnitude vector key
 
-    def match(self, keys: list[str]) -> dict[str, tuple[str, str]]:
-        """Checkpoint key → (A key, B key): a checkpoint key matches an adapter module when it ends with it."""
+    def match(self, keys: list[str]) -> dict[str, str]:
+        """Checkpoint key → the adapter's weight key suffix it matches (a checkpoint key ends with the suffix)."""
         out = {}
         for key in keys:
-            for suffix, ab in self.pairs.items():
+            for suffix in self.pairs:
                 if key == suffix or key.endswith("." + suffix):
-                    out[key] = ab
+                    out[key] = suffix
                     break
         return out
 
@@ -76,6 +78,17 @@ class LoraDelta:
         with safe_open(self.path / "adapter_model.safetensors", "pt") as h:
             a, b = h.get_tensor(a_key).float(), h.get_tensor(b_key).float()
         return (b @ a).mul_(self.scale)
+
+    def apply(self, weight: torch.Tensor, suffix: str) -> torch.Tensor:
+        """``weight`` (out×in, ``nn.Linear`` layout) adapted, rounded once to its dtype: ``W + ΔW`` with
+        ``ΔW = scale · B A``; DoRA (Liu et al. 2024, PEFT's merge): ``m / ‖W + ΔW‖ · (W + ΔW)``, the L2 norm taken
+        per output row over the input axis and ``m`` the adapter's magnitude vector (one entry per output row)."""
+        adapted = weight.float() + self.delta(*self.pairs[suffix])
+        if suffix in self.magnitudes:
+            with safe_open(self.path / "adapter_model.safetensors", "pt") as h:
+                magnitude = h.get_tensor(self.magnitudes[suffix]).float().flatten()
+            adapted = adapted * (magnitude / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
+        return adapted.to(weight.dtype)
 
 
 def open_lora(path: Path, what: str) -> LoraDelta:
@@ -96,8 +109,10 @@ def open_lora(path: Path, what: str) -> LoraDelta:
         scale = alpha / r**0.5
     else:
         scale = alpha / r
-    if cfg.get("use_dora"):
-        raise SymmergeError(f"{cfg_path}: DoRA adapters are not supported (only plain LoRA: W += lora_alpha / r · B A)")
+    dora = bool(cfg.get("use_dora"))
+    if dora and cfg.get("fan_in_fan_out"):
+        raise SymmergeError(f"{cfg_path}: DoRA adapters of Conv1D layers (fan_in_fan_out: true, GPT-2) are not supported: "
+                            "merge the adapter into its model with peft's merge_and_unload and give that folder")
     targets = cfg.get("target_modules")
     with safe_open(weights, "pt") as h:
         keys = list(h.keys())
@@ -115,4 +130,18 @@ def open_lora(path: Path, what: str) -> LoraDelta:
         pairs[module + ".weight"] = (k, b_key)
     if not pairs:
         raise SymmergeError(f"{weights}: no lora_A / lora_B pairs for the target modules {cut(str(targets))}")
-    return LoraDelta(path, float(scale), pairs)
+    magnitudes = {}
+    if dora:  # PEFT stores one magnitude vector per adapted module: MODULE.lora_magnitude_vector
+        for k in keys:
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?", k)
+            if m and m.group(1) + ".weight" in pairs:
+                magnitudes[m.group(1) + ".weight"] = k
+        lacking = sorted(set(pairs) - set(magnitudes))
+        if lacking:
+            raise SymmergeError(f"{weights}: use_dora is set but {cut(lacking[0])} has no lora_magnitude_vector")
+    else:
+        stray = next((k for k in keys if "lora_magnitude_vector" in k), None)
+        if stray is not None:
+            raise SymmergeError(f"{weights}: holds DoRA magnitude vectors ({cut(stray)}) but adapter_config.json does not set "
+                                "use_dora: true: which is it?")
+    return LoraDelta(path, float(scale), pairs, magnitudes)

@@ -80,8 +80,8 @@ class LazyState(Mapping[str, torch.Tensor]):
             if not all_finite(t):
                 raise SymmergeError(f"{self.ckpt.path}: tensor {key!r} holds NaN or Inf values")
             self._checked.add(key)
-        if key in self._lora:  # a LoRA adapter: W + (alpha / r) B A, rounded once to the stored dtype
-            t = (t.float() + self.ckpt.lora.delta(*self._lora[key])).to(t.dtype)
+        if key in self._lora:  # a LoRA adapter: W + (alpha / r) B A (DoRA: rescaled per row), rounded once to the stored dtype
+            t = self.ckpt.lora.apply(t, self._lora[key])
         return t
 
 

@@ -126,10 +126,12 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
     The score of a pair is the best ``tr(R^T M)`` its rotation group allows (docs/DESIGN.md §2): with one head per KV group
     this H×H assignment on nuclear norms is the exact joint optimum over head permutations and rotations. With GQA,
     each candidate KV pair first matches its ``r`` query heads (r×r assignment on the query heads' own scores) and
-    is then scored with its whole group, followed by an H_kv×H_kv assignment.
+    is then scored with its whole group, followed by an H_kv×H_kv assignment. A reference with more heads than the
+    model (same group size) gets a semi-permutation: a rectangular assignment, ``EMPTY`` (−1) for the slots left
+    empty (docs/DESIGN.md §2).
     """
     r = model.group_size
-    kv = model.num_kv_heads
+    kv, kv_ref = model.num_kv_heads, reference.num_kv_heads
     mq = pair_correlations(torch.cat([model.q, model.q_bias.unsqueeze(-1)], -1), torch.cat([reference.q, reference.q_bias.unsqueeze(-1)], -1))
     mo = pair_correlations(model.o.transpose(-1, -2), reference.o.transpose(-1, -2))
     mk = pair_correlations(torch.cat([model.k, model.k_bias.unsqueeze(-1)], -1), torch.cat([reference.k, reference.k_bias.unsqueeze(-1)], -1))
@@ -139,12 +141,12 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
         perm = torch.from_numpy(solve_lap(scores.double().cpu()))
         return perm, perm.clone()
     # query-pair scores, grouped: [g_ref, g_model, j_ref, j_model]
-    q_scores = (rotation_score(mq, qk_kind) + rotation_score(mo, vo_kind)).reshape(kv, r, kv, r).permute(0, 2, 1, 3)
-    mq4 = mq.reshape(kv, r, kv, r, *mq.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
-    mo4 = mo.reshape(kv, r, kv, r, *mo.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
-    within = np.empty((kv, kv, r), dtype=np.int64)
-    kv_scores = torch.empty(kv, kv, dtype=torch.float64, device=mq.device)
-    for gr in range(kv):
+    q_scores = (rotation_score(mq, qk_kind) + rotation_score(mo, vo_kind)).reshape(kv_ref, r, kv, r).permute(0, 2, 1, 3)
+    mq4 = mq.reshape(kv_ref, r, kv, r, *mq.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
+    mo4 = mo.reshape(kv_ref, r, kv, r, *mo.shape[-2:]).permute(0, 2, 1, 3, 4, 5)
+    within = np.empty((kv_ref, kv, r), dtype=np.int64)
+    kv_scores = torch.empty(kv_ref, kv, dtype=torch.float64, device=mq.device)
+    for gr in range(kv_ref):
         for gm in range(kv):
             within[gr, gm] = solve_lap(q_scores[gr, gm].double().cpu())
             j = torch.arange(r)
@@ -152,7 +154,7 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
             kv_scores[gr, gm] = (rotation_score(mk[gr, gm] + mq4[gr, gm, j, sel].sum(0), qk_kind)
                                  + rotation_score(mv[gr, gm] + mo4[gr, gm, j, sel].sum(0), vo_kind)).double()
     kv_perm = torch.from_numpy(solve_lap(kv_scores.cpu()))
-    chosen = torch.from_numpy(np.stack([within[g, int(kv_perm[g])] for g in range(kv)]))
+    chosen = torch.from_numpy(np.stack([within[g, int(kv_perm[g])] if kv_perm[g] >= 0 else np.arange(r) for g in range(kv_ref)]))
     return group_permutation(kv_perm, chosen, r), kv_perm
 
 
@@ -169,37 +171,47 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
     """
     if device is not None:
         reference, model = reference.to_device(device), model.to_device(device)
-    h, kv, dh = model.num_heads, model.num_kv_heads, model.head_dim
+    h, kv, dh = reference.num_heads, reference.num_kv_heads, reference.head_dim
     scale_qk = scale and (qk or not vo) and not qk_fixed
     scale_vo = scale and (vo or not qk or qk_fixed)
     qk = qk and not qk_fixed
-    x = HeadTransform.identity(h, dh, torch.float64, kv)
+    # a narrower model (fewer heads): a semi-permutation into the reference's heads, the identity embedding
+    # unless the heads class is on
+    x = HeadTransform.embedding(model.num_heads, h, dh, model.num_kv_heads, kv, torch.float64)
     details: dict = {}
     qk_kind = ("planes" if rope else "orthogonal") if qk else "none"
     vo_kind = "orthogonal" if vo else "none"
     if heads:
         x.perm, x.kv_perm = match_head_permutation(reference, model, qk_kind, vo_kind)
         details["heads_moved"] = int((x.perm != torch.arange(h)).sum())
+    if heads or model.num_heads != h:
         only_perm = HeadTransform.identity(h, dh, num_kv_heads=kv)
         only_perm.perm, only_perm.kv_perm = x.perm, x.kv_perm
         model = transform_heads(model, only_perm)
+    filled = x.kv_perm >= 0  # empty (zero) KV heads keep the identity: nothing to rotate
     for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", vo_blocks, vo, scale_vo)):
         if not (rotate or rescale):
             continue
         planes = rope and name == "qk"
         model_blocks, reference_blocks = blocks(model), blocks(reference)
+        if not bool(filled.all()):
+            model_blocks, reference_blocks = tuple(b[filled.to(b.device)] for b in model_blocks), tuple(b[filled.to(b.device)] for b in reference_blocks)
+        n = int(filled.sum())
         if planes:
             model_blocks, reference_blocks = to_planes(model_blocks), to_planes(reference_blocks)
         side = side_statistics(model_blocks, reference_blocks)
         r, a, history = rotation_and_scale(side, rotate, rescale, proper=planes)
         if planes:  # back from (H_kv·d_h/2, 2, 2) plane rotations to (H_kv, d_h, d_h) block rotations
-            r = r.reshape(kv, dh // 2, 2, 2)
+            r = r.reshape(n, dh // 2, 2, 2)
             r = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0])
-            a = a.reshape(kv, dh // 2).repeat(1, 2)
+            a = a.reshape(n, dh // 2).repeat(1, 2)
         else:
-            a = a[:, None].expand(kv, dh).clone()
-        setattr(x, f"{name}_rotation", r)
-        setattr(x, f"{name}_scale", a)
+            a = a[:, None].expand(n, dh).clone()
+        full_r = getattr(x, f"{name}_rotation").to(r.device)
+        full_a = getattr(x, f"{name}_scale").to(a.device)
+        full_r[filled.to(r.device)], full_a[filled.to(a.device)] = r, a
+        setattr(x, f"{name}_rotation", full_r)
+        setattr(x, f"{name}_scale", full_a)
         details[f"{name}_iterations"] = len(history) - 1
         details[f"{name}_objective_decrease"] = history[0] - history[-1]
         if any(b > a_ + 1e-9 * max(abs(a_), 1.0) for a_, b in zip(history, history[1:])):

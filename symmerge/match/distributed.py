@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
 from symmerge.groups import HeadTransform, ModelTransform
+from symmerge.io.checkpoint import all_finite
 from symmerge.match.device import resolve_device
 from symmerge.match.fit import Fit
 from symmerge.match.per_layer import ATTENTION_CLASSES, ffn_details, ffn_group_similarity, fit_attention_group, solve_ffn
@@ -56,7 +57,7 @@ class TensorFiles:
                 for key in keys:
                     out[key] = handle.get_tensor(key)
         for key, t in out.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise SymmergeError(f"{self.files[key]}: tensor {key!r} holds NaN or Inf values")
         return out
 

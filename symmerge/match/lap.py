@@ -34,13 +34,22 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
     """``col_for_row`` maximising ``Σ_i similarity[i, col_for_row[i]]`` over permutations (square input). The
     identity is returned without solving when :func:`identity_is_optimal` proves it optimal (and on ties with it).
 
+    More rows than columns (m × n, m > n: a narrow model's n neurons into a wide reference's m): the optimal
+    injective assignment of every column to its own row, the semi-permutation of GLMC (Theus et al. 2025), with
+    ``-1`` (``EMPTY``) for the m − n rows left without a column; solved by scipy, which handles rectangular costs.
+
     ``backend``: ``"lapx"`` or ``"scipy"`` to force one (default: the fastest available).
     """
     s = similarity.detach().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
-    if s.ndim != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"solve_lap needs a square matrix, got shape {s.shape}")
+    if s.ndim != 2 or s.shape[0] < s.shape[1]:
+        raise ValueError(f"solve_lap needs a square matrix or one with more rows than columns, got shape {s.shape}")
     if not np.isfinite(s).all():
         raise ValueError("solve_lap: the similarity matrix holds NaN or Inf")
+    if s.shape[0] > s.shape[1]:
+        rows, cols = linear_sum_assignment(s, maximize=True)
+        col_for_row = np.full(s.shape[0], -1, dtype=np.int64)
+        col_for_row[rows] = cols
+        return col_for_row
     if identity_is_optimal(s):
         return np.arange(s.shape[0], dtype=np.int64)
     use_lapx = _lapjvh is not None if backend is None else backend == "lapx"

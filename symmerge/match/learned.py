@@ -13,12 +13,18 @@ Starts from weight matching (residual map included) and learns every continuous 
   gradients. Head permutations stay as weight matching found them.
 
 Each step evaluates one calibration batch at one point of the path (``t ~ U(0.2, 0.8)``, the default
-``path="random"``, which lowers the whole path; or ``t = 1/2`` with ``path="midpoint"``); Adam with a cosine decay
-over the budget. The *objective* is the mean loss over the held-out calibration batches (every 4th, when
-there are 4 or more; else all) at fixed points of the path
+``path="random"``, which lowers the whole path; or ``t = 1/2`` with ``path="midpoint"``); Adam (``lr`` 3e-3) with a
+cosine decay over the budget (and an optional linear ``warmup``). The *objective* is the mean loss over the held-out
+calibration batches (every 4th, when there are 4 or more; else all) at fixed points of the path
 (``t = 1/2``; ``t ∈ {1/4, 1/2, 3/4}`` for ``path="random"``); it is evaluated at the start (weight matching),
 every ``eval_every`` steps and at the end, and the best element evaluated is returned: never worse than the start
-by the objective. Budgets: ``steps`` and ``seconds``, whichever ends first.
+by the objective. A step that overflows, or makes a learned head factor too ill-conditioned for float32 weights to
+keep B's function, is undone: the best element is restored, Adam's moments reset and the rate halved (with a
+warm-up). Budgets: ``steps`` and ``seconds``, whichever ends first.
+
+Measured (benchmarks/results/learned_matching_sweep.md): one rate does not suit every zoo pair — 3e-2 with a warm-up
+reaches a lower barrier in fewer steps on ViT digits (far start) but throws ViT Fashion-MNIST (near start) out of
+its basin for 150 steps; the default stays 3e-3.
 """
 
 from __future__ import annotations
@@ -45,6 +51,15 @@ from symmerge.spec import ModelSpec, StateView
 from symmerge.spec.base import FFNGroup
 
 PATHS = ("midpoint", "random")
+LEARNING_RATE = 3e-3  # Adam's step on every latent and generator (before the warm-up and the cosine decay)
+WARMUP_STEPS = 20  # linear warm-up after a restart: Adam's first steps are about lr per entry whatever the gradient
+MAX_CONDITION = 100.0  # learned head factors beyond this lose ~2 of float32's 7 digits; the step is undone
+
+
+def _schedule(done: float, since_restart: int, warmup: int) -> float:
+    """The factor on the learning rate: a linear warm-up over the ``warmup`` steps after each (re)start, times a
+    cosine decay over the fraction ``done`` of whichever budget (steps or seconds) runs out first."""
+    return min(1.0, (since_restart + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -172,8 +187,7 @@ class _Parametrisation:
         """``T(model)``, differentiable in the parameters."""
         state = dict(model)
         if self.init.residual is not None:
-            state = apply_residual(state, self.spec.residual, self.residual(torch.float64))
-            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            state = apply_residual(state, self.spec.residual, self.residual(torch.float32), dtype=torch.float32)
         view = StateView(state)
         for group in self.spec.ffn:
             key = f"ffn/{group.name}"
@@ -185,6 +199,19 @@ class _Parametrisation:
             if group.name in self.init.heads:
                 apply_to_group(view, group, ModelTransform(heads={group.name: self.head(group.name, torch.float32)}))
         return dict(view.state)
+
+    @torch.no_grad()
+    def condition(self) -> float:
+        """The largest condition number of the learned invertible head factors ``exp(X)`` (1 when there are none):
+        ``A^{-1}`` and ``A^{-T}`` of an ill-conditioned ``A`` keep the function in exact arithmetic only."""
+        worst = 1.0
+        for key, kind in self.kinds.items():
+            x = self.params[key].double()
+            if kind == "general":
+                worst = max(worst, float(torch.linalg.cond(torch.linalg.matrix_exp(x)).max()))
+            elif kind == "diagonal":
+                worst = max(worst, float((x.max(-1).values - x.min(-1).values).exp().max()))
+        return worst
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
@@ -202,14 +229,16 @@ def _on_path(reference: Mapping[str, torch.Tensor], aligned: Mapping[str, torch.
 def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                     init: ModelTransform, loss: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor], batches: list, *,
                     symmetries: frozenset[str] = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"}),
-                    steps: int = 200, seconds: float | None = None, lr: float = 3e-3, seed: int = 0, path: str = "random",
-                    learn_ffn: bool = True, eval_every: int | None = None, progress: bool = False) -> tuple[ModelTransform, dict]:
+                    steps: int = 200, seconds: float | None = None, lr: float = LEARNING_RATE, warmup: int = 0,
+                    seed: int = 0, path: str = "random", learn_ffn: bool = True, eval_every: int | None = None,
+                    progress: bool = False) -> tuple[ModelTransform, dict]:
     """Learn the continuous parts (and FFN permutations) of ``init``, weight matching's result (module docstring).
 
     ``reference`` and ``model`` must already be in a common parametrisation (both folded when ``init`` has a
     residual map); ``loss(state, batch)`` evaluates a state dict (checkpoint names) on one calibration batch.
     Returns the element with the lowest objective evaluated (``init`` is the first) and a record: the objective and
-    midpoint loss at the start and of the element returned, the per-step batch losses, steps run and seconds.
+    midpoint loss at the start and of the element returned, the evaluations ``(step, objective, midpoint loss,
+    seconds)``, the per-step batch losses, the learning-rate halvings, steps run and seconds.
     """
     if path not in PATHS:
         raise SymmergeError(f"learned matching path must be one of {', '.join(PATHS)}, got {path!r}")
@@ -217,7 +246,6 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     torch.manual_seed(seed)
     rng = random.Random(seed)
     param = _Parametrisation(spec, init, symmetries, learn_ffn)
-    optimizer = torch.optim.Adam(param.params.values(), lr=lr) if param.params else None
     objective_ts = (0.5,) if path == "midpoint" else (0.25, 0.5, 0.75)
     # with 4 batches or more, every 4th is held out: the objective is measured on batches no step trained on, so
     # keeping its best element is early stopping against overfitting the calibration data
@@ -231,49 +259,58 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
         per_t = {t: sum(float(loss(_on_path(reference, aligned, t), b)) for b in held) / len(held) for t in objective_ts}
         return sum(per_t.values()) / len(per_t), per_t[0.5]
 
+    def fresh_optimizer() -> torch.optim.Optimizer | None:
+        return torch.optim.Adam(param.params.values(), lr=lr) if param.params else None
+
     first, first_mid = objective()
     best = (first, first_mid, param.snapshot(), 0)
-    evaluations = [(0, first)]
+    evaluations = [(0, first, first_mid, time.perf_counter() - begin)]
     history: list[float] = []
     order: list[int] = []
-    step, diverged = 0, False
+    step, restart, shrink, halvings = 0, 0, 1.0, []
+    optimizer = fresh_optimizer()
     with tqdm(total=steps, desc="learned matching", unit="step", disable=not progress, leave=False) as bar:
         while optimizer is not None and step < steps and (seconds is None or time.perf_counter() - begin < seconds):
             if not order:
                 order = rng.sample(range(len(train)), len(train))
             done = max(step / steps, (time.perf_counter() - begin) / seconds if seconds else 0.0)
-            for g in optimizer.param_groups:  # cosine decay over whichever budget runs out first
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+            for g in optimizer.param_groups:  # after a restart, warm up again (Adam's moments start afresh)
+                g["lr"] = lr * shrink * _schedule(done, step - restart, warmup if not halvings else max(warmup, WARMUP_STEPS))
             t = 0.5 if path == "midpoint" else rng.uniform(0.2, 0.8)
             value = loss(_on_path(reference, param.apply(model), t), train[order.pop()])
-            if not torch.isfinite(value):
-                diverged = True
-                break
-            optimizer.zero_grad()
-            value.backward()
-            optimizer.step()
-            history.append(value.item())
+            finite = bool(torch.isfinite(value))
+            if finite:
+                optimizer.zero_grad()
+                value.backward()
+                optimizer.step()
+                history.append(value.item())
+                finite = all(bool(torch.isfinite(p).all()) for p in param.params.values())
+                # an element that float32 weights cannot hold exactly (far from orthogonal head maps) is out of bounds
+                finite = finite and param.condition() <= MAX_CONDITION
             step += 1
-            if not all(bool(torch.isfinite(p).all()) for p in param.params.values()):  # diverged: keep the best seen
-                diverged = True
-                break
-            if step % eval_every == 0 or step == steps:
+            if finite and (step % eval_every == 0 or step == steps):
                 current, mid = objective()
-                evaluations.append((step, current))
+                evaluations.append((step, current, mid, time.perf_counter() - begin))
                 if current < best[0]:
                     best = (current, mid, param.snapshot(), step)
+            if not finite:
+                # the step overflowed or left float32's range of exact maps: the rate is too large for this pair;
+                # go back to the best element, forget Adam's moments and warm up again at half the rate
+                param.restore(best[2])
+                optimizer, restart, shrink = fresh_optimizer(), step, shrink / 2
+                halvings.append(step)
             bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]:.4f}", midpoint=f"{best[1]:.4f}", refresh=False)
-    if evaluations[-1][0] != step and not diverged:  # the time budget ended between evaluations
+            bar.set_postfix(loss=f"{history[-1]:.4f}" if history else "–", midpoint=f"{best[1]:.4f}", refresh=False)
+    if evaluations[-1][0] != step and not (halvings and halvings[-1] == step):  # the budget ended between evaluations
         current, mid = objective()
-        evaluations.append((step, current))
+        evaluations.append((step, current, mid, time.perf_counter() - begin))
         if current < best[0]:
             best = (current, mid, param.snapshot(), step)
     param.restore(best[2])
     with torch.no_grad():
         final = param.transform(torch.float64)
     final.ffn = {k: v.clone() for k, v in final.ffn.items()}
-    record = {"steps": step, "diverged": diverged, "objective": "midpoint" if path == "midpoint" else "mean of t = 0.25, 0.5, 0.75",
+    record = {"steps": step, "halvings": halvings, "objective": "midpoint" if path == "midpoint" else "mean of t = 0.25, 0.5, 0.75",
               "objective_first": first, "objective_best": best[0], "midpoint_loss_first": first_mid, "midpoint_loss_best": best[1],
               "best_step": best[3], "evaluations": evaluations, "batch_losses": history, "seconds": time.perf_counter() - begin}
     return final, record

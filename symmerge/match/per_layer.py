@@ -16,12 +16,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from symmerge.errors import SymmergeError
 from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
+from symmerge.groups.ffn import embedding
 from symmerge.match.attention import match_heads
-from symmerge.match.ffn import ffn_similarity_or_identity
+from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView
+from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
 MIN_GAIN = 0.05
@@ -30,23 +32,29 @@ MIN_GAIN = 0.05
 Procrustes / rescaling optimum of two nearly equal weight sets is a near-identity that only fits their noise."""
 
 
-def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None) -> torch.Tensor | None:
+def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None,
+                         model_group: FFNGroup | None = None) -> torch.Tensor | None:
     """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs); ``None`` when
     the identity is certified optimal from part of it (:func:`~symmerge.match.ffn.ffn_similarity_or_identity`:
-    fine-tunes of one base skip most of the GEMM and the LAP)."""
+    fine-tunes of one base skip most of the GEMM and the LAP). ``model_group``: the model's own group when it is
+    narrower than the reference's (a rectangular matrix, never certified: the identity is not a semi-permutation)."""
+    if model_group is not None and model_group.width != group.width:
+        return ffn_similarity(read_ffn(ref, group), read_ffn(model, model_group), device=device).cpu()
     s = ffn_similarity_or_identity(read_ffn(ref, group), read_ffn(model, group), device=device)
     return None if s is None else s.cpu()
 
 
 def solve_ffn(similarity: torch.Tensor | None, width: int) -> torch.Tensor:
-    """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact LAP."""
+    """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact
+    (possibly rectangular) LAP."""
     return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity))
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
-                        device: torch.device | None = None) -> tuple[HeadTransform, dict]:
-    """One attention layer's element (head assignment, rotations, scales) and its report details."""
-    return match_heads(read_heads(ref, group), read_heads(model, group), qk="qk" in symmetries, vo="vo" in symmetries,
+                        device: torch.device | None = None, model_group: AttentionGroup | None = None) -> tuple[HeadTransform, dict]:
+    """One attention layer's element (head assignment, rotations, scales) and its report details. ``model_group``:
+    the model's own group when it has fewer heads (the element is then a semi-permutation)."""
+    return match_heads(read_heads(ref, group), read_heads(model, model_group or group), qk="qk" in symmetries, vo="vo" in symmetries,
                        scale="scale" in symmetries, heads="heads" in symmetries, rope=group.rope, qk_fixed=group.qk_fixed,
                        device=device)
 
@@ -56,10 +64,11 @@ def ffn_details(perm: torch.Tensor) -> dict:
 
 
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
-            device: torch.device | None = None) -> dict[str, torch.Tensor]:
+            device: torch.device | None = None, model_spec: ModelSpec | None = None) -> dict[str, torch.Tensor]:
     """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
     moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
-    (memory stays at a few d_ff×d_ff)."""
+    (memory stays at a few d_ff×d_ff). ``model_spec``: a narrower model's own spec (rectangular LAPs)."""
+    model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
 
@@ -70,7 +79,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
-            similarity = ffn_group_similarity(ref, model, group, device)
+            similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
             pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
             while len(pending) > max_pending:
                 collect()
@@ -81,31 +90,43 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
 def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model",
-                  device: torch.device | None = None, executor: Any = None) -> Fit:
+                  device: torch.device | None = None, executor: Any = None, model_spec: ModelSpec | None = None) -> Fit:
     """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
     of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing. ``device``:
     where the GEMMs, SVDs and quartics run (:mod:`symmerge.match.device`); the element is on the CPU.
     ``executor``: fit the groups elsewhere (:class:`symmerge.match.distributed.RayExecutor`: one Ray task per
-    group), with the same result."""
+    group), with the same result.
+
+    ``model_spec``: the model's own spec when it is narrower than ``spec`` (fewer FFN neurons or heads, checked by
+    :func:`symmerge.spec.check_embeddable`): the element is then a semi-permutation into ``spec``'s widths (rectangular
+    assignments; the identity embedding for a class that is off) and names ``model_spec`` as its ``source``."""
+    if model_spec is not None and not widths_differ(spec, model_spec):
+        model_spec = None
     if executor is not None:
+        if model_spec is not None:
+            raise SymmergeError("models of different widths are aligned in this process: drop --ray")
         return executor.fit_many([(reference, model)], spec, symmetries, device=device, progress=progress, names=[model_name])[0]
     seconds: dict[str, float] = {}
     ref_view, model_view = StateView(reference), StateView(model)
-    transform = ModelTransform()
+    transform = ModelTransform(source=model_spec)
+    model_groups = {g.name: g for g in (model_spec or spec).groups()}
     attention_on = bool(symmetries & ATTENTION_CLASSES)
     total = len(spec.ffn) * ("ffn" in symmetries) + len(spec.attention) * attention_on
     details: dict[str, dict] = {}
     with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device)
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec)
             for name, perm in transform.ffn.items():
                 details[name] = ffn_details(perm)
+        elif model_spec is not None and model_spec.ffn_width != spec.ffn_width:  # unaligned: the identity embedding
+            transform.ffn = {g.name: embedding(model_spec.ffn_width, g.width) for g in spec.ffn}
         seconds["ffn"] = time.perf_counter() - start
         start = time.perf_counter()
-        if attention_on:
+        if attention_on or (model_spec is not None and model_spec.num_heads != spec.num_heads):
             for group in spec.attention:
-                transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device)
+                transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device,
+                                                                                       model_groups[group.name])
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start
     return Fit(transform, details, seconds)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,20 @@ from tqdm.auto import tqdm
 from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
-from symmerge.groups import ModelTransform, apply_to_group, apply_transform
+from symmerge.groups import ModelTransform, apply_to_group, apply_transform, embedding_transform, fill_empty_slots
 from symmerge.groups.residual import can_unfold
 from symmerge.groups.stream import TransformedState
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
+from symmerge.io.tokenizer import save_tokenizer
 from symmerge.match import fit_per_layer, resolve_device
 from symmerge.match.per_layer import MIN_GAIN, alignment_gain
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.recipe import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
+from symmerge.merge.vocabulary import RemappedState, fill_missing_rows
 from symmerge.spec import StateView
 
 UNRELATED_BASE = 1.0  # ‖τ_i‖ / ‖θ_base‖ above this: model i is no fine-tune of the base
@@ -102,7 +104,10 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         return transforms, None
     device = plan_device(plan, executor)
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
+    model_specs = plan.model_specs or [None] * len(states)
     if executor is not None:
+        if any(model_specs):
+            raise SymmergeError("models of different widths are aligned in this process: drop --ray")
         todo = [i for i in range(len(states)) if i != plan.reference_index]
         with_base = base is not None and plan.reference_index is not None
         pairs = [(ref_state, states[i]) for i in todo] + ([(ref_state, base)] if with_base else [])
@@ -115,7 +120,7 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         for i, (state, name) in enumerate(zip(states, plan.names)):
             if i != plan.reference_index:
                 transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
-                                              device=device).transform
+                                              device=device, model_spec=model_specs[i]).transform
         base_transform = None
         if base is not None and plan.reference_index is not None:
             base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
@@ -123,6 +128,8 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
     # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
     # model's optimum composed with another's snapped identity would not be the same function)
+    if any(model_specs):  # a narrower model has to be embedded into the reference's widths, whatever it gains
+        return transforms, base_transform
     states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
     if base_transform is not None:
         states_and_transforms.append((base, base_transform))
@@ -139,13 +146,15 @@ def iterative(plan: MergePlan) -> bool:
 
 
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
-                       result: MergeResult, executor: Any = None) -> tuple[list, Any]:
+                       result: MergeResult, executor: Any = None) -> tuple[list, Any, list]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
     paths align whole models with :func:`symmerge.alignment.align` (the matcher the recipe names, on the recipe's
     calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded
     with the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
-    model folded, merged with the folded reference. Returns the aligned states and base. Weight matching streams
+    model folded, merged with the folded reference. A narrower model comes back grown to the reference's widths.
+    Returns the aligned states, the aligned base, and per model the element found (``None`` for the reference):
+    the engine reads from it which slots a narrower model leaves empty. Weight matching streams
     here too: the states are memory-mapped, so each aligned state is a
     :class:`~symmerge.groups.stream.TransformedState`, computed one unit at a time as the merge reads it, and the
     residual descent itself holds a few units per model (:func:`symmerge.match.residual.residual_descent`)."""
@@ -171,15 +180,18 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
             result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
                                       "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
                                       "spread_history": many.spread_history}
-        return many.states, None
-    aligned = []
+        return many.states, None, [None] * len(states)
+    aligned, elements = [], []
+    model_specs = plan.model_specs or [None] * len(states)
     for i, (state, name) in enumerate(zip(states, plan.names)):
         if i == plan.reference_index:
             aligned.append(partner)
+            elements.append(None)
             result.alignment[name] = {"distance_before": 0.0, "distance_after": 0.0}
             continue
-        r = align(ref_state, state, model_name=name, **options)
+        r = align(ref_state, state, model_name=name, model_spec=model_specs[i], **options)
         aligned.append(r.state_dict)
+        elements.append(r.transform)
         result.alignment[name] = {"distance_before": r.report.distance_before, "distance_after": r.report.distance_after}
     aligned_base = None
     if base is not None:
@@ -188,7 +200,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
         else:
             r = align(ref_state, base, model_name="base model", **options)
             aligned_base = r.state_dict
-    return aligned, aligned_base
+    return aligned, aligned_base, elements
 
 
 def collect_statistics(plan: MergePlan, states: list, transforms: list[ModelTransform | None], progress: bool) -> list[dict]:
@@ -275,9 +287,46 @@ class AlignedTensor:
 
 
 def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
-                    transforms: list[ModelTransform | None], base_transform: ModelTransform | None) -> Iterator[AlignedTensor]:
+                    transforms: list[ModelTransform | None], base_transform: ModelTransform | None,
+                    elements: list[ModelTransform | None] | None = None) -> Iterator[AlignedTensor]:
     """Every tensor of the checkpoint, in order, for every model (and the base) brought into the reference basis;
-    one symmetry group's tensors at a time are held in memory."""
+    one symmetry group's tensors at a time are held in memory. With a tokenizer source, vocabulary tensors come in
+    the output vocabulary, every row filled. ``elements``: each model's alignment, to find the slots a narrower
+    model leaves empty (default ``transforms``; the whole-model path has applied its elements already and passes
+    them here); those are filled per ``alignment.unmatched`` (:func:`fill_empty_slots`)."""
+    for item in _aligned_tensors(plan, states, base, transforms, base_transform, elements):
+        yield _with_vocabulary(plan, item)
+
+
+def _with_vocabulary(plan: MergePlan, item: AlignedTensor) -> AlignedTensor:
+    """``item`` with the rows its models lack in the output vocabulary filled by mergekit's rule
+    (:func:`symmerge.merge.vocabulary.fill_missing_rows`), in the reference basis; other tensors as they are."""
+    vocab = getattr(plan, "vocabulary", None)
+    if vocab is None or not vocab.remap or item.key not in vocab.keys:
+        return item
+    who = [m for m, _ in item.inputs]
+    rows = list(item.tensors)
+    listed = listed_base_index(plan)
+    base_position = who.index(listed) if listed in who else None
+    if item.base is not None and base_position is None:
+        who.append(len(plan.models))
+        rows.append(item.base)
+        base_position = len(rows) - 1
+    present = [vocab.permutations[m] >= 0 for m in who]
+    missing = next((o for o in vocab.overrides.values() if o.model is not None and o.model not in who), None)
+    if missing is not None:
+        token = next(t for t, u in vocab.vocab_out.items() if u == missing.token)
+        raise SymmergeError(f"tokenizer.tokens.{token}: its source model is not among the models of {item.key}")
+    filled = fill_missing_rows(rows, present, who, base_position, vocab.overrides, len(vocab.vocab_out))
+    n = len(item.tensors)
+    base = item.base if item.base is None else filled[base_position]
+    return replace(item, tensors=filled[:n], base=base)
+
+
+def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | None,
+                     transforms: list[ModelTransform | None], base_transform: ModelTransform | None,
+                     elements: list[ModelTransform | None] | None = None) -> Iterator[AlignedTensor]:
+    elements = transforms if elements is None else elements
     if plan.layout is not None:  # a frankenmerge: renamed tensors, no alignment
         for o in plan.layout:
             raw = [states[m][name] for m, name in o.inputs]
@@ -286,10 +335,17 @@ def aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState | 
             yield AlignedTensor(o.key, raw, base_t, raw, None, o.inputs, o.slice, o.t)
         return
     keys = list(states[0].keys())
+    # a narrower model not aligned yet (the whole-model path hands over grown states, with transforms None)
+    embeddings = [None if own is None or t is None else embedding_transform(plan.spec, own)
+                  for own, t in zip(plan.model_specs or [None] * len(states), transforms)]
     for group, unit_keys in merge_units(plan, keys):
-        raw = [_subset(s, unit_keys) for s in states]
+        # a narrower model's tensors "as stored" are its identity embedding into the reference's widths
+        raw = [_subset(s, unit_keys) if e is None or group is None else transformed_unit(s, group, unit_keys, e)
+               for s, e in zip(states, embeddings)]
         # untransformed units reuse the tensors just read instead of reading them from the mmap again
         aligned = [r if group is None or t is None else transformed_unit(s, group, unit_keys, t) for s, r, t in zip(states, raw, transforms)]
+        if group is not None and plan.recipe.alignment != "none":
+            fill_empty_slots(aligned, group, elements, plan.weights, plan.recipe.alignment.unmatched)
         aligned_base = transformed_unit(base, group, unit_keys, base_transform) if base is not None else None
         reference = raw[plan.reference_index] if plan.reference_index is not None else aligned_base
         for key in unit_keys:
@@ -321,8 +377,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     start = time.perf_counter()
     plan_device(plan, executor)  # cuda without a GPU: a one-line error before any weight is read
     lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
-    states = [LazyState(c, lend) for c in plan.models]
-    base = LazyState(plan.base, lend) if plan.base else None
+    states = [_in_output_vocabulary(plan, LazyState(c, lend), i) for i, c in enumerate(plan.models)]
+    base = _in_output_vocabulary(plan, LazyState(plan.base, lend), base_key(plan)) if plan.base else None
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
     whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
@@ -337,8 +393,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
             whole_models = any(t is not None for t in transforms) or base_transform is not None
             transforms, base_transform = [None] * len(states), None
     residual = residual and whole_models
+    elements = transforms  # where each model's empty slots are (models of different widths)
     if whole_models:
-        states, base = align_whole_models(plan, states, base, progress, result, executor)
+        states, base, elements = align_whole_models(plan, states, base, progress, result, executor)
     seconds["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -356,23 +413,23 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     with atomic_output_dir(out, force) as tmp:
         writer = ShardWriter(tmp, plan.shard_size)
         with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
-            for item in aligned_tensors(plan, states, base, transforms, base_transform):
+            for item in aligned_tensors(plan, states, base, transforms, base_transform, elements):
                 bar.update(1)
                 if not item.tensors[0].is_floating_point():
                     writer.add(item.key, item.raw[0])  # integer buffers (position ids...) come from the first model
                     continue
                 if item.base is not None:
-                    b = _sq(item.base)
-                    for (m, _), t in zip(item.inputs, item.tensors):
+                    b, tasks = _sq_base_and_tasks(item.base, item.tensors)
+                    for (m, _), task in zip(item.inputs, tasks):
                         sq_base[m] += b
-                        sq_task[m] += _sq(t.float() - item.base.float())
+                        sq_task[m] += task
                     compared += 1
                     if check_base and compared == EARLY_CHECK:  # refuse on the first tensors, not after merging them all
                         _check_fine_tunes(plan, sq_task, sq_base, listed, result, early=True)
                 if item.reference is not None and plan.aligned and not whole_models:
                     for i in range(n):
-                        sq_before[i] += _sq(item.raw[i].float() - item.reference.float())
-                        sq_after[i] += _sq(item.tensors[i].float() - item.reference.float())
+                        sq_before[i] += _sq(item.raw[i], item.reference)
+                        sq_after[i] += _sq(item.tensors[i], item.reference)
                 merged = merge_tensor(plan, item, stats, extra)  # already rounded, once, to the output dtype
                 writer.add(item.key, merged.to(plan.dtype or item.raw[0].dtype))  # no-op: a guard, not a second rounding
         if check_base:
@@ -386,17 +443,37 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                                           "identity": t is None or not (t.ffn or t.heads or t.residual is not None)}
         source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
         copy_model_files(source.path, tmp)
-        if plan.tokenizer_from is not None and plan.tokenizer_from.path != source.path:
-            copy_tokenizer_files(plan.tokenizer_from.path, tmp)
+        vocab = plan.vocabulary
+        if vocab is not None and vocab.tokenizer is not None:
+            save_tokenizer(vocab.tokenizer, tmp)
+        elif vocab is not None and vocab.copy_from != source.path:
+            copy_tokenizer_files(vocab.copy_from, tmp)
         if plan.recipe.chat_template not in (None, "auto"):
             set_chat_template(tmp, plan.recipe.chat_template)
         config = dict(source.config)
+        if vocab is not None and "vocab_size" in config:  # as mergekit: the output vocabulary's length, padded
+            config["vocab_size"] = vocab.size
         if plan.layout is not None:  # a frankenmerge: the new depth, and per-layer config lists follow the layers
             config = with_layer_count(config, plan.num_layers_out, [layer for _, layer in _source_layers(plan)])
         write_config(config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))
         (tmp / "README.md").write_text(model_card(plan, result.alignment, result.seconds))
     return result
+
+
+def base_key(plan: MergePlan) -> int:
+    """The base's checkpoint key in :attr:`VocabularyPlan.permutations`: its index when listed among the models,
+    else ``len(models)``."""
+    listed = listed_base_index(plan)
+    return len(plan.models) if listed is None else listed
+
+
+def _in_output_vocabulary(plan: MergePlan, state: LazyState, key: int) -> LazyState | RemappedState:
+    """``state`` with its vocabulary tensors permuted to the output vocabulary (missing rows zero until filled)."""
+    vocab = plan.vocabulary
+    if vocab is None or not vocab.remap:
+        return state
+    return RemappedState(state, vocab.permutations[key], vocab.keys, vocab.size)
 
 
 EARLY_CHECK = 8  # floating tensors: the base check runs once after these, then over the whole model
@@ -425,5 +502,42 @@ def _source_layers(plan: MergePlan) -> list[tuple[int, int]]:
     return [(sl.sources[0].model, sl.sources[0].start + i) for sl in plan.slices for i in range(sl.length)]
 
 
-def _sq(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.float())) ** 2
+#: ``_sq`` works on chunks of this many entries: float32 copies of a chunk stay in cache, where a float32 copy of a
+#: whole bf16 tensor costs a fresh allocation's page faults (about 10x slower; and hundreds of MB at the peak).
+SQ_CHUNK = 1 << 20
+
+
+def _sq_base_and_tasks(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[float, list[float]]:
+    """``‖base‖²`` and ``‖θ_i − base‖²`` per model, as :func:`_sq` computes them but converting ``base`` to float32
+    once per chunk for all models."""
+    a = base.reshape(-1)
+    others = [t.reshape(-1) for t in tensors]
+    n = a.numel()
+    fb = torch.empty(min(n, SQ_CHUNK), dtype=torch.float32, device=a.device)
+    buf = torch.empty_like(fb)
+    sq_base, sq_tasks = 0.0, [0.0] * len(others)
+    for s in range(0, n, SQ_CHUNK):
+        e = min(s + SQ_CHUNK, n)
+        c = fb[: e - s].copy_(a[s:e])
+        sq_base += float(torch.linalg.vector_norm(c)) ** 2
+        for i, t in enumerate(others):
+            sq_tasks[i] += float(torch.linalg.vector_norm(buf[: e - s].copy_(t[s:e]).sub_(c))) ** 2
+    return sq_base, sq_tasks
+
+
+def _sq(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """``‖t − minus‖²`` (``‖t‖²`` without ``minus``) in float32 chunk by chunk, the chunks' squares summed in float64:
+    the fine-tune check and alignment distances, without a float32 copy of whole tensors."""
+    a = t.reshape(-1)
+    b = minus.reshape(-1) if minus is not None else None
+    n = a.numel()
+    buf = torch.empty(min(n, SQ_CHUNK), dtype=torch.float32, device=a.device)
+    other = torch.empty_like(buf) if b is not None else None
+    total = 0.0
+    for s in range(0, n, SQ_CHUNK):
+        e = min(s + SQ_CHUNK, n)
+        c = buf[: e - s].copy_(a[s:e])
+        if b is not None:
+            c.sub_(other[: e - s].copy_(b[s:e]))
+        total += float(torch.linalg.vector_norm(c)) ** 2
+    return total

@@ -560,7 +560,7 @@ def _rank_bin(hist: Tensor, k: int) -> tuple[int, int]:
 
 
 class _TiesScratch:
-    """Chunk-sized buffers: the base and one task vector per model in float32, and int32 bit patterns."""
+    """Chunk-sized buffers: the base and one task vector per model in float32, int32 bit patterns, a bool mask."""
 
     def __init__(self, n_models: int, size: int):
         f32, i32 = torch.float32, torch.int32
@@ -570,6 +570,7 @@ class _TiesScratch:
         self.key = torch.empty(size, dtype=i32)
         self.num = torch.empty(size, dtype=f32)
         self.den = torch.empty(size, dtype=f32)
+        self.mask = torch.empty(size, dtype=torch.bool)
 
     def task_vector(self, i: int, theta: Tensor, base: Tensor, s: int, e: int, base_ready: bool = False) -> Tensor:
         """``θ[s:e] − base[s:e]`` in float32, in model ``i``'s buffer (only same-dtype in-place ops: fast on CPU)."""
@@ -582,15 +583,102 @@ class _TiesScratch:
         return torch.bitwise_and(tau.view(torch.int32), 0x7FFFFFFF, out=self.bits[: tau.numel()])
 
 
+#: The trim plan's bracket: this many entries of ``|τ|``, drawn with a fixed seed, bracket the ``k``-th largest.
+TIES_SAMPLE = 1 << 14
+
+
+def _sampled_bracket(theta: Tensor, base: Tensor, k: int) -> tuple[float, float]:
+    """``lo <= hi`` that hold the ``k``-th largest ``|τ|``, ``τ = θ − base`` (flat), with near certainty: the
+    sample quantiles at rank ``n − k + 1`` ± 6 binomial standard deviations of :data:`TIES_SAMPLE` entries drawn
+    with a fixed seed (the caller checks by counting and falls back to an exact selection on a miss)."""
+    n = theta.numel()
+    s = min(TIES_SAMPLE, max(n, 1024))  # a small tensor: about as many draws as entries (with replacement)
+    g = torch.Generator(device=theta.device).manual_seed(0x5EED)
+    idx = torch.randint(n, (s,), generator=g, device=theta.device).sort().values  # in memory order: fewer cache misses
+    sample = (theta[idx].float() - base[idx].float()).abs_()  # the same float32 arithmetic as the full pass
+    p = 1 - k / n
+    margin = 6 * math.sqrt(p * (1 - p) / s) + 2 / s
+    lo = torch.kthvalue(sample, min(s, max(1, math.floor((p - margin) * s)))).values
+    hi = torch.kthvalue(sample, min(s, max(1, math.ceil((p + margin) * s)))).values
+    return float(lo), float(hi)
+
+
 def _trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: int) -> tuple[float, int]:
     """``(t, p)``: keeping ``|τ| >= t`` in ``τ[:p]`` and ``|τ| > t`` in ``τ[p:]`` keeps exactly the ``k`` largest
     ``|τ|``, ``τ = θ − base`` (flat), entries tied with ``t`` the first ones in memory order; ``t = 0``: keep all.
 
-    Exact radix selection on the float bits (non-negative finite float32 values order like their int32 bit
-    patterns) in two histogram passes — the 15 high bits, then the 16 low bits within the bin that holds the
-    ``k``-th largest — with no sort, no ``kthvalue`` copy and no int64 index array. Same result as
-    :func:`magnitude_threshold` + :func:`_trim_to_count_`.
+    One pass over the chunks: a sampled bracket ``[lo, hi]`` (:func:`_sampled_bracket`) holds the ``k``-th largest
+    ``|τ|``; the pass counts the entries above ``hi`` and gathers those inside the bracket (only counts them when
+    ``lo = hi``: bf16 task vectors take few distinct values, and the threshold is often one of them, tied with a
+    sixth of the entries), and the threshold is selected among them. Exact: when the counts show that the bracket
+    missed, :func:`_radix_trim_plan` selects from the whole tensor. Same result as :func:`magnitude_threshold` +
+    :func:`_trim_to_count_`.
     """
+    n = theta.numel()
+    if k >= n:
+        return 0.0, n
+    lo, hi = _sampled_bracket(theta, base, k)
+    bounds = [(s, min(s + TIES_CHUNK, n)) for s in range(0, n, TIES_CHUNK)]
+    above, inside = 0, []  # entries > hi; per chunk, those in [lo, hi] (their count when lo = hi)
+    for s, e in bounds:
+        mag = torch.abs(scratch.task_vector(i, theta, base, s, e), out=scratch.num[: e - s])
+        mask = scratch.mask[: e - s]
+        above += int(torch.gt(mag, hi, out=mask).count_nonzero())
+        if lo == hi:
+            inside.append(int(torch.eq(mag, hi, out=mask).count_nonzero()))
+        else:
+            inside.append(mag[torch.ge(mag, lo, out=mask).logical_and_(mag <= hi)])
+    r = k - above  # the k-th largest is the r-th largest inside the bracket, if it is there
+    if lo == hi:
+        if not 1 <= r <= sum(inside):
+            return _radix_trim_plan(theta, base, k, scratch, i)
+        t, tied_per_chunk = hi, torch.tensor(inside)
+    else:
+        values = torch.cat(inside)
+        if not 1 <= r <= values.numel():
+            return _radix_trim_plan(theta, base, k, scratch, i)
+        t = float(torch.kthvalue(values, values.numel() - r + 1).values)
+        r -= int((values > t).count_nonzero())  # how many entries equal to t are kept (>= 1)
+        tied_per_chunk = torch.tensor([int((v == t).count_nonzero()) for v in inside])
+    return _tie_cut(theta, base, t, r, tied_per_chunk, bounds, scratch, i)
+
+
+_TIE_PIECE = 1 << 14
+
+
+def _tie_cut(theta: Tensor, base: Tensor, t: float, r: int, tied_per_chunk: Tensor, bounds: list[tuple[int, int]],
+             scratch: _TiesScratch, i: int) -> tuple[float, int]:
+    """The plan that keeps the first ``r`` entries with ``|τ| = t`` (memory order), from their count per chunk: the
+    position after the ``r``-th one (found in the one chunk that holds it), or ``n`` when all are kept."""
+    n = theta.numel()
+    if t == 0:  # the k-th largest magnitude is 0: nothing to trim
+        return 0.0, n
+    tied = tied_per_chunk.cumsum(0)
+    if r >= int(tied[-1]):
+        return t, n
+    if r == 0:
+        return t, 0
+    j = int(torch.searchsorted(tied, r))  # the first chunk whose running count reaches r
+    before = int(tied[j - 1]) if j > 0 else 0
+    s, e = bounds[j]
+    bits = scratch.abs_bits(scratch.task_vector(i, theta, base, s, e))
+    v = int(torch.tensor(t, dtype=torch.float32).view(torch.int32))
+    tied_here = torch.eq(bits, v, out=scratch.mask[: e - s])
+    # the r-th tied entry: count per piece of _TIE_PIECE entries, then list the tied entries of one piece only
+    m = (e - s) // _TIE_PIECE * _TIE_PIECE
+    counts = torch.cat([tied_here[:m].view(-1, _TIE_PIECE).sum(1), tied_here[m:].sum().reshape(1)]).cumsum(0)
+    q = int(torch.searchsorted(counts, r - before))
+    start = q * _TIE_PIECE
+    prior = before + (int(counts[q - 1]) if q > 0 else 0)
+    idx = tied_here[start : start + _TIE_PIECE].nonzero().squeeze(1)
+    return t, s + start + int(idx[r - prior - 1]) + 1
+
+
+def _radix_trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: int) -> tuple[float, int]:
+    """:func:`_trim_plan` by exact radix selection on the float bits (non-negative finite float32 values order like
+    their int32 bit patterns), in two histogram passes — the 15 high bits, then the 16 low bits within the bin
+    that holds the ``k``-th largest — with no sort, no ``kthvalue`` copy and no int64 index array. Slower than the
+    bracket (``bincount`` costs ~20 elementwise operations): the fallback when the bracket misses."""
     n = theta.numel()
     if k >= n:
         return 0.0, n
@@ -606,21 +694,8 @@ def _trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: in
         key = torch.sub(bits, b << 16, out=scratch.key[: e - s]).clamp_(-1, _RADIX_LO).add_(1)  # bin b → 1.._RADIX_LO
         per_chunk[j] = torch.bincount(key, minlength=_RADIX_LO + 2)[1 : _RADIX_LO + 1]
     c, above_c = _rank_bin(per_chunk.sum(0), k - above)
-    v = (b << 16) | c
-    if v == 0:  # the k-th largest magnitude is 0: nothing to trim
-        return 0.0, n
-    t = float(torch.tensor(v, dtype=torch.int32).view(torch.float32))
-    r = k - above - above_c  # how many entries equal to t are kept
-    tied = per_chunk[:, c].cumsum(0)
-    if r >= int(tied[-1]):
-        return t, n
-    if r == 0:
-        return t, 0
-    j = int(torch.searchsorted(tied, r))
-    before = int(tied[j - 1]) if j > 0 else 0
-    s, e = bounds[j]
-    idx = torch.eq(scratch.abs_bits(scratch.task_vector(i, theta, base, s, e)), v).nonzero().squeeze(1)
-    return t, s + int(idx[r - before - 1]) + 1
+    t = float(torch.tensor((b << 16) | c, dtype=torch.int32).view(torch.float32))
+    return _tie_cut(theta, base, t, k - above - above_c, per_chunk[:, c], bounds, scratch, i)
 
 
 def _apply_trim_(tau: Tensor, t: float, p: int, s: int) -> Tensor:
@@ -672,11 +747,32 @@ def _ties_chunked(tensors: Sequence[Tensor], base: Tensor, w: list[float], lam: 
         num.mul_(sign)
         if normalize:  # den = 0 only where num = 0 (no model agrees); elsewhere den >= the smallest positive weight
             num.div_(den.clamp_min_(wmin))
-        out[s:e].copy_(num.mul_(lam).add_(scratch.base[:m]))
+        if lam != 1:  # x · 1 = x exactly: skip the pass
+            num.mul_(lam)
+        out[s:e].copy_(num.add_(scratch.base[:m]))
     return out.view(base.shape)
 
 
 # ------------------------------------------------------------------------------------- output dtype, per-model
+
+
+#: Elementwise methods run chunk by chunk (:func:`_chunked`): a float32 accumulator of this many entries stays in
+#: cache, where whole-tensor float32 temporaries cost fresh pages (several times slower) and peak memory.
+ELEMENTWISE_CHUNK = 1 << 20
+
+
+def _chunked(fn: Callable[[list[Tensor], Tensor], Tensor], inputs: Sequence[Tensor], dtype: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """``fn(chunks, acc)`` over the flattened ``inputs`` (one shape) chunk by chunk: ``acc`` is a zeroed ``dtype``
+    buffer of the chunk's size, ``fn`` returns the chunk's result (in ``dtype``), rounded once to ``out_dtype``.
+    For elementwise methods only: each entry goes through the same operations as on the whole tensor."""
+    flat = [x.reshape(-1) for x in inputs]
+    n = flat[0].numel()
+    out = torch.empty(n, dtype=out_dtype, device=flat[0].device)
+    acc = torch.empty(min(n, ELEMENTWISE_CHUNK), dtype=dtype, device=flat[0].device)
+    for s in range(0, n, ELEMENTWISE_CHUNK):
+        e = min(s + ELEMENTWISE_CHUNK, n)
+        out[s:e].copy_(fn([x[s:e] for x in flat], acc[: e - s].zero_()))
+    return out.view(inputs[0].shape)
 
 
 def _out(x: Tensor, tensors: Sequence[Tensor], out_dtype: torch.dtype | None) -> Tensor:
@@ -765,7 +861,9 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     x = tau.reshape(1, -1) if tau.ndim < 2 else tau
     n = x.shape[1]
     order = torch.argsort(x.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1).to(tau.dtype if tau.dtype == torch.float64 else torch.float32)
+    # the inverse permutation by a scatter (O(n)), not a second argsort: ranks[order[j]] = j
+    positions = torch.arange(n, dtype=tau.dtype if tau.dtype == torch.float64 else torch.float32, device=tau.device)
+    ranks = torch.empty(order.shape, dtype=positions.dtype, device=tau.device).scatter_(1, order, positions.expand_as(order))
     del order
     rank_norm = ranks.div_(n - 1).clamp_(0, 1) if n > 1 else ranks.fill_(0.5)
     return rank_norm.mul_(2 * epsilon).add_(density - epsilon).reshape(shape)
@@ -774,14 +872,33 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
 def _outlier_keep(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs' mask (Davari & Belilovsky 2023): drop the ``⌊γ n⌋`` largest magnitudes (outliers) and the
     smallest, keep ``⌊density · n⌋`` in between — mergekit's ``magnitude_outliers`` (if ``density + γ > 1`` fewer
-    outliers are dropped). Entries ordered by ``|τ|`` with ties by position (a stable sort)."""
+    outliers are dropped). Entries ordered by ``|τ|`` with ties by position (a stable sort): the kept entries are
+    those of stable ascending rank in ``[bottom, bottom + target)``, found by two exact selections instead of a
+    sort (no int64 index array of the whole tensor; :func:`_smallest`)."""
     n = tau.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    order = torch.sort(tau.reshape(-1).abs(), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[order[bottom : bottom + target]] = True
+    mag = tau.reshape(-1).abs()
+    keep = _smallest(mag, bottom + target)
+    if bottom > 0:
+        keep &= ~_smallest(mag, bottom)
     return keep.view(tau.shape)
+
+
+def _smallest(values: Tensor, m: int) -> Tensor:
+    """Bool mask of the ``m`` smallest entries of ``values`` (flat) in stable ascending order: all entries below
+    the ``m``-th smallest value ``v`` (exact, :func:`kth_largest`), and of those equal to ``v`` the first in memory
+    order — the first ``m`` indices of ``torch.sort(values, stable=True)``."""
+    n = values.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    v = kth_largest(values, n - m + 1)
+    mask = values < v
+    tied = (values == v).nonzero().squeeze(1)
+    mask[tied[: m - int(mask.count_nonzero())]] = True
+    return mask
 
 
 class _Sparsified:
@@ -879,6 +996,18 @@ def _gta(method: str, tensors: Sequence[Tensor], base: Tensor | None, weights: S
     if consensus and sparsify == "magnitude" and not rescale and dtype == torch.float32 and base.device.type == "cpu":
         ks = None if thresholds is not None else [keep_count(float(d), base.numel()) for d in _broadcast(method, "density", p["density"], len(tensors))]
         return _ties_chunked(tensors, base, w, lam, ks, thresholds, normalize, out_dtype or tensors[0].dtype)
+    if sparsify is None and not consensus:  # task arithmetic: elementwise, so chunk by chunk (the same operations)
+        total = sum(w)
+
+        def task_sum(chunks: list[Tensor], acc: Tensor) -> Tensor:
+            *thetas, b = chunks
+            for theta, wi in zip(thetas, w):
+                acc.add_(_task_vector(theta, b, dtype), alpha=wi)
+            if normalize and abs(total) >= WEIGHT_SUM_EPS:
+                acc.div_(total)
+            return acc.mul_(lam).add_(b)
+
+        return _chunked(task_sum, [*tensors, base], dtype, out_dtype or tensors[0].dtype)
     task_vector = _Sparsified(method, sparsify, tensors, base, dtype, name, p, thresholds)
     if consensus:
         merged = _disjoint_merge(task_vector, len(tensors), w, base, dtype, normalize)
@@ -1258,12 +1387,14 @@ def linear(
     w = _weights("linear", weights, len(tensors))
     if normalize and sum(w) == 0:
         raise SymmergeError(f"linear: weights sum to 0, cannot normalize: {w}")
-    out = torch.zeros(tensors[0].shape, dtype=_compute_dtype(*tensors), device=tensors[0].device)
-    for t, wi in zip(tensors, w):
-        out.add_(t, alpha=wi)
-    if normalize:
-        out.div_(sum(w))
-    return _out(out, tensors, out_dtype)
+    total = sum(w)
+
+    def average(chunks: list[Tensor], acc: Tensor) -> Tensor:
+        for t, wi in zip(chunks, w):
+            acc.add_(t, alpha=wi)
+        return acc.div_(total) if normalize else acc
+
+    return _chunked(average, tensors, _compute_dtype(*tensors), out_dtype or tensors[0].dtype)
 
 
 def _dot64(x: Tensor, y: Tensor) -> float:

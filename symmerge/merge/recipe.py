@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +38,27 @@ from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
+from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.merge.settings import check_setting, is_plain, layer_position, leaves, resolve
-from symmerge.spec import ModelSpec, check_compatible_shapes, check_same_shape, spec_for, tied_head
+from symmerge.merge.vocabulary import (
+    TokenSource,
+    VocabularyPlan,
+    is_identity,
+    output_size,
+    token_permutation,
+    union_tokens,
+)
+from symmerge.spec import (
+    ModelSpec,
+    check_compatible_shapes,
+    check_embeddable,
+    check_same_shape,
+    resized_keys,
+    spec_for,
+    tied_head,
+    widths_differ,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -110,11 +129,45 @@ class SliceEntry(BaseModel):
         return _settings(v or {}, "parameter")
 
 
-class TokenizerBlock(BaseModel):
+class ZeroToken(BaseModel):
+    """``{kind: zero}``: the token's row is zero."""
+
     model_config = ConfigDict(extra="forbid")
-    source: str | None = None
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    kind: Literal["zero"]
+
+
+class ModelToken(BaseModel):
+    """``{kind: model_token, model: M, token: T}`` (or ``token_id: I``): model M's row of token T (id I in M's own
+    tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source names exactly one of token or token_id")
+        return self
+
+
+class TokenEntry(BaseModel):
+    """mergekit's ``tokens: {TOKEN: {source: ..., force: ...}}``: where the token's row comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ZeroToken | ModelToken | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's ``tokenizer:`` block; ``source`` defaults to ``union`` as there."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenEntry] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
 class AlignmentBlock(BaseModel):
@@ -127,6 +180,8 @@ class AlignmentBlock(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the matching math runs (LAPs on the CPU); not the result
     learn_seconds: float | None = Field(None, gt=0)
     iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
+    # models of different widths: what a narrower model contributes to the neurons / heads it lacks (docs/DESIGN.md §3)
+    unmatched: Literal["mean", "inputs", "zero"] = "mean"  # symmerge.groups.UNMATCHED_RULES
 
     @field_validator("symmetries")
     @classmethod
@@ -174,6 +229,10 @@ class Recipe(BaseModel):
                 raw[key] = _dtype_name(raw.get(key))
             if "alignment" in raw and raw["alignment"] in (None, False):
                 raw["alignment"] = "none"
+            if "modules" in raw:
+                raise ValueError("modules: mergekit's multi-module recipes (one merge per module of a vision-language "
+                                 "or multi-tower model) are not supported: for a single-module model (any LLM or "
+                                 "encoder) write models: or slices: at the top level")
             given = [k for k in ("models", "slices") if raw.get(k)]
             if len(given) != 1:
                 raise ValueError("a recipe has exactly one of models (whole models) or slices (layer ranges)"
@@ -337,7 +396,7 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
                        params: dict[str, Any] | None = None, align: str = "all", reference: str | None = None,
                        data: str | None = None, dtype: str | None = None, shard_size: str = "2GB", match: str = "weights",
                        learn_steps: int = 200, max_seconds: float | None = None, device: str = "cpu",
-                       learn_seconds: float | None = None, iterative: bool = False) -> Recipe:
+                       learn_seconds: float | None = None, iterative: bool = False, unmatched: str = "mean") -> Recipe:
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
@@ -349,7 +408,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
                                                             "max_seconds": max_seconds, "device": device,
                                                             **({"learn_seconds": learn_seconds} if learn_seconds else {}),
-                                                            **({"iterative": True} if iterative else {})},
+                                                            **({"iterative": True} if iterative else {}),
+                                                            **({"unmatched": unmatched} if unmatched != "mean" else {})},
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
@@ -415,7 +475,8 @@ class MergePlan:
     num_layers_out: int | None = None
     varying: bool = False  # some parameter differs between tensors or models (gradients, filters, per-model values)
     notes: list[str] = field(default_factory=list)  # one line each: what a mergekit option does (or does not) here
-    tokenizer_from: Checkpoint | None = None  # whose tokenizer files the output gets (None: the reference's)
+    vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the output vocabulary and the remapping
+    model_specs: list[ModelSpec | None] = field(default_factory=list)  # per model: its own spec when narrower than the reference's
 
     @property
     def aligned(self) -> bool:
@@ -603,6 +664,14 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         layers = spec_for(models[0].config, models[0].shapes().keys())
     except SymmergeError:
         layers = None
+    vocabulary_plan = _vocabulary_plan(recipe, root, models, base, layers, allow_pickle, notes)
+    if vocabulary_plan is not None and vocabulary_plan.remap and (method.needs_data or match != "weights"):
+        raise SymmergeError(f"tokenizer: the vocabularies differ, and {'merge_method ' + method.name if method.needs_data else 'alignment.match ' + match} "
+                            "runs the models on data tokenized by their own tokenizers: not supported together; merge "
+                            "with weight matching and a data-free method, or give every model the same tokenizer")
+
+    def shapes_of(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+        return _remapped_shapes(ckpt, vocabulary_plan)
 
     # the output slices: the models form is one slice of every model's whole depth (as mergekit normalises it)
     layout = None
@@ -632,7 +701,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         same_models = all([src.model for src in sl.sources] == [src.model for src in slices[0].sources] for sl in slices)
         in_place = all(src.start == sl.offset for sl in slices for src in sl.sources)
         if not (same_models and in_place and offset == layers.num_layers):
-            layout = _frankenmerge_layout(slices, models, layers)
+            layout = _frankenmerge_layout(slices, models, layers, shapes_of)
 
     if layout is not None and (method.needs_data or method.prepare is not None and method.name != "ties"):
         raise SymmergeError(f"{method.name} needs whole models: it cannot merge slices that move or drop layers")
@@ -653,12 +722,19 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         raise SymmergeError("models.*.parameters.weight: the weights sum to 0, so they cannot be normalised")
 
     everyone = models + ([base] if base is not None and all(base is not c for c in models) else [])
-    reference_shapes = models[0].shapes()
+    widest = _widest(models, base, layout)  # None: every model has one shape
+    if widest is not None and recipe.alignment == "none":
+        raise SymmergeError("models of different widths must be aligned (the narrower are embedded into the widest): "
+                            "drop alignment: none (--align none)")
+    reference_shapes = shapes_of(models[widest or 0])
     lend_head = _lent_head(everyone)
     if layout is None:
-        for ckpt in everyone[1:]:
+        for ckpt in everyone:
+            if ckpt is models[widest or 0]:
+                continue
             label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
-            check_compatible_shapes(reference_shapes, ckpt.shapes(), label, frozenset(lend_head[:1]) if lend_head else frozenset())
+            resized = _resized(models[widest], ckpt) if widest is not None else frozenset()
+            check_compatible_shapes(reference_shapes, shapes_of(ckpt), label, frozenset(lend_head[:1]) if lend_head else frozenset(), resized)
 
     auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
     symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)
@@ -668,18 +744,31 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     if symmetries and method.name == "passthrough":
         notes.append("passthrough copies one model: nothing to align")
         symmetries = frozenset()
-    spec, reference_index = None, None
+    spec, reference_index, model_specs = None, None, []
+    if widest is not None and not symmetries:
+        raise SymmergeError(f"models of different widths cannot be merged with {method.name}" if layout is None
+                            else "models of different widths cannot be merged slice by slice")
     if symmetries:
         try:
-            spec = spec_for(models[0].config, reference_shapes.keys())
+            spec = spec_for(models[widest or 0].config, reference_shapes.keys())
         except SymmergeError as e:
             raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
-        for ckpt in everyone[1:]:
-            check_same_shape(spec, spec_for(ckpt.config, ckpt.shapes().keys()), str(ckpt.path))
+        for ckpt in everyone:
+            own = spec_for(ckpt.config, ckpt.shapes().keys())
+            if widths_differ(spec, own):
+                check_embeddable(spec, own, str(ckpt.path))
+            else:
+                check_same_shape(spec, own, str(ckpt.path))
+        model_specs = [_own_spec(spec, c) for c in models]
         if auto:  # per family (docs/DESIGN.md §2): with the residual map for pre-LN / RMSNorm models
             symmetries = resolve_symmetries("auto", spec)
-        # methods with a base align every model to the base by default (task vectors in the base's basis)
-        reference_index = None if (method.needs_base and base is not None) else 0
+        if widest is not None:
+            _check_widths_supported(recipe, match, base, models, method)
+        # methods with a base align every model to the base by default (task vectors in the base's basis); models of
+        # different widths align to the widest
+        reference_index = None if (method.needs_base and base is not None) else widest or 0
+        if widest:
+            notes.append(f"models of different widths: aligned to the widest, {models[widest].path}")
         ref = recipe.alignment.reference
         if ref is not None:
             ref_id = _open(ref, root, "alignment.reference", allow_pickle).identity
@@ -690,11 +779,13 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 reference_index = None
             else:
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is neither one of the models nor the base_model")
+            if widest is not None and reference_index != widest:
+                raise SymmergeError(f"alignment.reference: {cut(ref)} is narrower than {models[widest].path}: models of different "
+                                    "widths are aligned to the widest")
 
     out_dtype = recipe.out_dtype or recipe.dtype
     if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
         notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
-    tokenizer_from = _tokenizer_source(recipe, root, models, base, allow_pickle, notes)
     if recipe.chat_template == "auto":
         notes.append("chat_template: auto keeps the chat template of the tokenizer copied")
     elif recipe.chat_template is not None and "{" not in recipe.chat_template:
@@ -706,12 +797,61 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         dtype=DTYPES[out_dtype] if out_dtype else None, shard_size=parse_size(recipe.shard_size),
         data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
-        tokenizer_from=tokenizer_from,
+        vocabulary=vocabulary_plan,
+        model_specs=model_specs,
     )
     for i, c in enumerate(models):
         if c.lora is not None:
             plan.names[i] += "+" + c.lora.path.name
     return plan
+
+
+def _specs(ckpts: list[Checkpoint]) -> list[ModelSpec | None]:
+    """Each checkpoint's spec, ``None`` where symmerge does not know its family."""
+    out = []
+    for c in ckpts:
+        try:
+            out.append(spec_for(c.config, c.shapes().keys()))
+        except SymmergeError:
+            out.append(None)
+    return out
+
+
+def _widest(models: list[Checkpoint], base: Checkpoint | None, layout: Any) -> int | None:
+    """The model every other is aligned to when widths differ (docs/DESIGN.md §1): the one with the most FFN neurons
+    and heads (:func:`~symmerge.spec.check_embeddable` then refuses models no single one contains); ``None`` when every
+    model has one shape, or a family is unknown (the shape checks then name the first difference)."""
+    specs = _specs(models + ([base] if base is not None else []))
+    if any(s is None for s in specs) or not any(widths_differ(specs[0], s) for s in specs[1:]):
+        return None
+    sizes = [(s.ffn_width, s.num_heads) for s in specs[: len(models)]]
+    return max(range(len(models)), key=lambda i: sizes[i])
+
+
+def _resized(reference: Checkpoint, ckpt: Checkpoint) -> frozenset[str]:
+    """The tensors a narrower ``ckpt`` may hold at other shapes than ``reference`` (none when specs are unknown)."""
+    try:
+        return resized_keys(spec_for(reference.config, reference.shapes().keys()), spec_for(ckpt.config, ckpt.shapes().keys()))
+    except SymmergeError:
+        return frozenset()
+
+
+def _own_spec(spec: ModelSpec, ckpt: Checkpoint) -> ModelSpec | None:
+    """``ckpt``'s spec when it is narrower than ``spec``, else ``None``."""
+    own = spec_for(ckpt.config, ckpt.shapes().keys())
+    return own if widths_differ(spec, own) else None
+
+
+def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
+                            models: list[Checkpoint], method: MergeMethod) -> None:
+    """Models of different widths are merged by weight matching, without a base and without statistics from data:
+    a one-line error for anything else."""
+    why = ("a base_model (task vectors need one shape)" if base is not None
+           else f"{method.name} (its statistics come from running each model at its own width)" if method.needs_data
+           else f"match: {match} (use weights)" if match != "weights"
+           else "iterative alignment" if recipe.alignment.iterative and len(models) >= 3 else None)
+    if why:
+        raise SymmergeError(f"models of different widths cannot be merged with {why}")
 
 
 def _scopes(top: dict, slices: list[OutSlice]) -> list[dict]:
@@ -722,7 +862,8 @@ def _has_weight(top: dict, slices: list[OutSlice]) -> bool:
     return any("weight" in scope for scope in _scopes(top, slices))
 
 
-def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layers: ModelSpec) -> list[OutTensor]:
+def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layers: ModelSpec,
+                         shapes_of: Callable[[Checkpoint], dict[str, tuple[int, ...]]]) -> list[OutTensor]:
     """Every output tensor of slices that move or drop layers: embeddings from the first slice's models, each
     output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's."""
     keys = list(models[slices[0].sources[0].model].shapes())
@@ -741,7 +882,7 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
         if not layers.is_embedding(k):
             out.append(OutTensor(k, [(s.model, k) for s in slices[-1].sources], len(slices) - 1, 0.0))
     for o in out:  # shapes from the headers, before any weight is read
-        shapes = {models[m].shapes().get(name) for m, name in o.inputs}
+        shapes = {shapes_of(models[m]).get(name) for m, name in o.inputs}
         if None in shapes:
             missing = next(f"{models[m].path}: {name}" for m, name in o.inputs if name not in models[m].shapes())
             raise SymmergeError(f"slices: tensor {missing} does not exist")
@@ -754,30 +895,146 @@ def _layer_keys(ckpt: Checkpoint, layers: ModelSpec, index: int) -> list[str]:
     return [k for k in ckpt.shapes() if layers.layer_of(k) == index]
 
 
-def _tokenizer_source(recipe: Recipe, root: Path | None, models: list[Checkpoint], base: Checkpoint | None,
-                      allow_pickle: bool, notes: list[str]) -> Checkpoint | None:
-    """Whose tokenizer files the output gets: mergekit's tokenizer_source (base, a model) as a plain copy."""
-    source = recipe.tokenizer_source if recipe.tokenizer is None else recipe.tokenizer.source
-    if recipe.tokenizer is not None and (recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of):
-        notes.append("tokenizer.tokens / pad_to_multiple_of: not supported (no vocabulary surgery): the tokenizer is copied as is")
+def _vocabulary_plan(recipe: Recipe, root: Path | None, models: list[Checkpoint], base: Checkpoint | None,
+                     layers: ModelSpec | None, allow_pickle: bool, notes: list[str]) -> VocabularyPlan | None:
+    """mergekit's ``tokenizer_source`` / ``tokenizer`` block: the output tokenizer (``union``: the base's tokens,
+    then the others', :func:`~symmerge.merge.vocabulary.union_tokens`; ``base``; a model) plus ``tokens:`` added,
+    and every checkpoint's permutation onto it. ``None`` without a tokenizer source (the reference's files are
+    copied and nothing is remapped, as mergekit without one)."""
+    block = recipe.tokenizer
+    source = recipe.tokenizer_source if block is None else block.source
     if source is None:
         return None
+    tokens = (block.tokens if block is not None else None) or {}
+    pad = block.pad_to_multiple_of if block is not None else None
+    where = "tokenizer.source" if block is not None else "tokenizer_source"
+    everyone = models + ([base] if base is not None and all(base.identity != c.identity for c in models) else [])
+    first = base or models[0]
+    sizes = [_vocab_size(c) for c in everyone]
+    if not has_tokenizer(first.path):
+        raise SymmergeError(f"{where}: {first.path} ({'base_model' if base else 'the first model'}) holds no tokenizer "
+                            "files: add them (every vocabulary is mapped from its tokenizer's)")
+    first_tok = load_tokenizer(first.path, where)
+    vocabs = []
+    for c, size in zip(everyone, sizes):
+        if c is first:
+            vocabs.append(vocabulary(first_tok, size))
+        elif has_tokenizer(c.path):
+            vocabs.append(vocabulary(load_tokenizer(c.path, where), size))
+        else:  # as mergekit: a model without a tokenizer is assumed to share the base's
+            notes.append(f"{where}: {c.path} has no tokenizer files: its vocabulary is taken to be {first.path}'s")
+            vocabs.append(vocabulary(first_tok, size))
+    sizes = [v.size for v in vocabs]  # a config without vocab_size: the tokenizer's length
+    first_vocab = vocabs[everyone.index(first)]
     if source == "union":
-        notes.append("tokenizer_source: union (merging vocabularies) is not supported: the tokenizer of the base model "
-                     "(else the first model) is copied, embeddings are not resized")
-        return base or models[0]
-    if source == "base":
-        if base is None:
-            raise SymmergeError("tokenizer_source: base needs a base_model")
-        return base
+        beyond = sorted(t for t, i in first_vocab.tokens.items() if i >= first_vocab.size)
+        if beyond:
+            raise SymmergeError(f"{where}: union: {first.path}'s tokenizer has {len(beyond)} token(s) without an embedding "
+                                f"row (ids >= vocab_size {first_vocab.size}, e.g. {cut(repr(beyond[0]), 40)}): not supported")
+        order = [first_vocab] + [v for c, v in zip(everyone, vocabs) if c is not first]
+        plain, added = union_tokens(order)
+        tokenizer, copy_from = extended_tokenizer(first.path, plain, added, where), None
+    else:
+        if source == "base":
+            if base is None:
+                raise SymmergeError("tokenizer_source: base needs a base_model")
+            folder = base.path
+        else:
+            folder = _tokenizer_folder(source, root, where, allow_pickle)
+        tokenizer, copy_from = load_tokenizer(folder, where), folder
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    for token in new:  # mergekit adds every token the tokens: block names
+        tokenizer.add_tokens(token)
+    vocab_out = dict(tokenizer.get_vocab())
+    if source != "union" and not new:
+        tokenizer = None  # copied as stored
+    size = output_size(vocab_out, pad)
+    permutations = {i: token_permutation(vocab_out, v) for i, v in enumerate(vocabs)}  # a separate base: len(models)
+    keys = _vocabulary_keys(layers, everyone, sizes)
+    remap = not all(is_identity(permutations[i], rows, size) for i, rows in enumerate(sizes))
+    overrides = {}
+    for token, entry in tokens.items():
+        overrides[vocab_out[token]] = _token_source(token, entry, vocab_out, everyone, vocabs, permutations, root, allow_pickle)
+    remap = remap or any(o.force for o in overrides.values())
+    if remap and not keys:
+        raise SymmergeError(f"{where}: the vocabularies differ, and symmerge does not know which tensors of family "
+                            f"{models[0].model_type!r} are indexed by token (embedding, LM head)")
+    return VocabularyPlan(tokenizer, copy_from, vocab_out, size, keys, permutations, overrides, remap)
+
+
+def _remapped_shapes(ckpt: Checkpoint, plan: VocabularyPlan | None) -> dict[str, tuple[int, ...]]:
+    """``ckpt``'s tensor shapes once its vocabulary tensors are permuted to the output vocabulary."""
+    shapes = ckpt.shapes()
+    if plan is None or not plan.remap:
+        return shapes
+    return {k: (plan.size, *s[1:]) if k in plan.keys else s for k, s in shapes.items()}
+
+
+def _vocab_size(ckpt: Checkpoint) -> int | None:
+    """The model's ``vocab_size`` (its embedding's rows), from its config."""
+    config = ckpt.config or {}
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _vocabulary_keys(layers: ModelSpec | None, checkpoints: list[Checkpoint], sizes: list[int | None]) -> frozenset[str]:
+    """Tensors indexed by token: embeddings and heads whose first axis is the model's vocab_size (mergekit's
+    ``vocabulary_axis``; BERT's position and token-type embeddings are not), and a tied model's head."""
+    if layers is None:
+        return frozenset()
+    keys = set()
+    for c, size in zip(checkpoints, sizes):
+        shapes = c.shapes()
+        roles = layers.tensor_groups(shapes)
+        keys |= {k for k, role in roles.items() if role in ("embeddings", "head") and shapes[k] and shapes[k][0] == size}
+    pair = tied_head(layers)
+    if pair is not None and pair[1] in keys:
+        keys.add(pair[0])
+    return frozenset(keys)
+
+
+def _tokenizer_folder(source: str, root: Path | None, where: str, allow_pickle: bool) -> Path:
+    """The folder of ``tokenizer_source: MODEL`` (a model folder or repo id; a folder with only tokenizer files too)."""
     try:
-        return _open(source, root, "tokenizer_source", allow_pickle)
+        return _open(source, root, where, allow_pickle).path
     except SymmergeError:
         model, _ = split_reference(source)
-        path = _resolve(model, root, "tokenizer_source")
-        if not path.is_dir():
+        path = _resolve(model, root, where)
+        if not path.is_dir() or not has_tokenizer(path):
             raise
-        return Checkpoint(path, {}, [])
+        return path
+
+
+def _token_source(token: str, entry: TokenEntry, vocab_out: dict[str, int], everyone: list[Checkpoint], vocabs: list,
+                  permutations: dict[int, torch.Tensor], root: Path | None, allow_pickle: bool) -> TokenSource:
+    """One ``tokenizer.tokens`` entry as a :class:`TokenSource` over checkpoint keys and output token ids."""
+    where = f"tokenizer.tokens.{cut(token, 40)}"
+    u = vocab_out[token]
+    source = entry.source
+    if source is None:
+        raise SymmergeError(f"{where}: give a source (a model, {{kind: model_token, ...}} or {{kind: zero}})")
+    if isinstance(source, ZeroToken):
+        return TokenSource(u, None, None, entry.force)
+    ref = source if isinstance(source, str) else source.model
+    identity = _open(ref, root, f"{where}.source", allow_pickle).identity
+    position = next((i for i, c in enumerate(everyone) if c.identity == identity), None)
+    if position is None:
+        raise SymmergeError(f"{where}.source: {cut(ref)} is not one of the models merged (nor the base_model)")
+    key = position  # models[i] is i, a base not listed among them len(models): as in permutations
+    p = permutations[key]
+    if isinstance(source, str):
+        if p[u] < 0:
+            raise SymmergeError(f"{where}.source: {cut(ref)} has no token {cut(repr(token), 40)}: name another model, "
+                                "or a model_token source")
+        return TokenSource(u, key, u, entry.force)
+    original = source.token_id if source.token is None else vocabs[position].tokens.get(source.token)
+    if original is None:
+        raise SymmergeError(f"{where}.source.token: {cut(ref)} has no token {cut(repr(source.token), 40)}")
+    rows = (p == original).nonzero().flatten().tolist()
+    if not rows:
+        raise SymmergeError(f"{where}.source: token id {original} of {cut(ref)} is not in the output vocabulary "
+                            "(symmerge takes rows of the output vocabulary only): use a token it has")
+    return TokenSource(u, key, rows[0], entry.force)
 
 
 def _lent_head(checkpoints: list[Checkpoint]) -> tuple[str, str] | None:

@@ -2,11 +2,21 @@
 tables of tensor-name templates, and the checks that two checkpoints share one spec."""
 
 from symmerge.spec.base import TENSOR_GROUPS, AttentionGroup, FFNGroup, ModelSpec, Norm, ResidualGroup, Slot, StateView
-from symmerge.spec.compat import check_compatible, check_compatible_shapes, check_same_shape, tied_head, untied_head
+from symmerge.spec.compat import (
+    check_compatible,
+    check_compatible_shapes,
+    check_embeddable,
+    check_same_shape,
+    resized_keys,
+    tied_head,
+    untied_head,
+    widths_differ,
+)
 from symmerge.spec.families import REFUSED, SPEC_BUILDERS, SUPPORTED_FAMILIES, FamilyTable, spec_for
 
 __all__ = [
     "REFUSED", "SPEC_BUILDERS", "SUPPORTED_FAMILIES", "TENSOR_GROUPS", "AttentionGroup", "FFNGroup", "FamilyTable", "ModelSpec",
-    "Norm", "ResidualGroup", "Slot", "StateView", "check_compatible", "check_compatible_shapes", "check_same_shape", "spec_for",
+    "Norm", "ResidualGroup", "Slot", "StateView", "check_compatible", "check_compatible_shapes", "check_same_shape", "check_embeddable", "resized_keys", "widths_differ",
+    "spec_for",
     "tied_head", "untied_head",
 ]

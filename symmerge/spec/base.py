@@ -291,6 +291,24 @@ class StateView:
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         return t.to(dtype=dtype, copy=True)
 
+    def reallocate(self, values: Iterable[tuple[Slot, torch.Tensor]]) -> None:
+        """Replace every tensor the slots name by zeros shaped to hold ``values`` (canonical blocks), then ``set``
+        can write them: a narrow model's tensors grow to a wider model's shape (docs/DESIGN.md §1, widths). A fused
+        tensor's canonical rows end where its last block ends. Storage dtype and layout (``transposed``) are kept."""
+        shapes: dict[str, list[int]] = {}
+        layout: dict[str, Slot] = {}
+        for slot, value in values:
+            if slot.flatten is not None:
+                raise SymmergeError(f"internal: cannot resize the flattened tensor {slot.key}")
+            rows = value.shape[0] if slot.rows is None else slot.rows[1]
+            shape = shapes.setdefault(slot.key, [0, *value.shape[1:]])
+            shape[0] = max(shape[0], rows)
+            layout[slot.key] = slot
+        for key, shape in shapes.items():
+            stored = shape[::-1] if layout[key].transposed else shape
+            self.state[key] = self.stored(key).new_zeros(stored)
+            self._owned.add(key)
+
     def set(self, slot: Slot, value: torch.Tensor) -> None:
         if slot.key not in self._owned:
             self.state[slot.key] = self.stored(slot.key).clone()

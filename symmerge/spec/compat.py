@@ -21,10 +21,53 @@ def check_same_shape(reference: ModelSpec, other: ModelSpec, other_name: str = "
             )
 
 
+WIDTHS = ("attention heads", "key/value heads", "FFN width")
+"""The values of :meth:`ModelSpec.shape` a narrower model may have fewer of: a semi-permutation embeds it into the
+reference's widths (docs/DESIGN.md §1, models of different widths)."""
+
+
+def widths_differ(reference: ModelSpec, other: ModelSpec) -> bool:
+    """Whether ``other`` has another FFN width or head count than ``reference``."""
+    return any(reference.shape()[w] != other.shape()[w] for w in WIDTHS)
+
+
+def check_embeddable(reference: ModelSpec, other: ModelSpec, other_name: str = "model") -> None:
+    """:func:`check_same_shape`, except that ``other`` may be narrower: fewer FFN neurons, or fewer attention heads
+    of the same head dim (with GQA, as many query heads per key/value head). One-line error otherwise."""
+    ref_shape, shape = reference.shape(), other.shape()
+    for what, ref_value in ref_shape.items():
+        if what in WIDTHS:
+            continue
+        if shape[what] != ref_value:
+            raise SymmergeError(f"{other_name} has {what} {shape[what]}, the reference has {ref_value}: these cannot be aligned"
+                                + (" (a narrower model can be aligned into a wider one only through its FFN width and head count)"
+                                   if what in ("hidden size", "head dim", "layers") else ""))
+    for what in ("FFN width", "attention heads"):
+        if shape[what] > ref_shape[what]:
+            raise SymmergeError(f"{other_name} has {what} {shape[what]}, the reference has {ref_shape[what]}: only a narrower model "
+                                "can be aligned into a wider one (make the widest model the reference)")
+    group, ref_group = other.num_heads // (other.num_kv_heads or other.num_heads), reference.num_heads // (reference.num_kv_heads or reference.num_heads)
+    if group != ref_group:
+        raise SymmergeError(f"{other_name} has {group} query heads per key/value head, the reference has {ref_group}: "
+                            "heads of different widths can be aligned only with the same grouping")
+
+
+def resized_keys(reference: ModelSpec, other: ModelSpec) -> frozenset[str]:
+    """The tensors whose shapes differ between a narrower ``other`` and ``reference`` (the keys of every group whose
+    width differs), which :func:`check_compatible_shapes` then does not compare."""
+    keys = set()
+    if reference.ffn_width != other.ffn_width:
+        keys |= {s.key for g in reference.ffn for s in g.slots()}
+    if reference.num_heads != other.num_heads:
+        keys |= {s.key for g in reference.attention for s in g.slots()}
+    return frozenset(keys)
+
+
 def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str = "model",
-                            optional: frozenset[str] = frozenset()) -> None:
+                            optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset()) -> None:
     """Same tensor names and shapes, or a one-line error naming the first difference. ``optional`` keys may be
-    missing on either side (a tied LM head that folding unties)."""
+    missing on either side (a tied LM head that folding unties); ``resized`` keys may differ in shape (a narrower
+    model's FFN and attention tensors, :func:`resized_keys`)."""
     missing = sorted(set(reference) - set(model) - optional)
     extra = sorted(set(model) - set(reference) - optional)
     if missing or extra:
@@ -32,15 +75,15 @@ def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Map
         more = len(missing) + len(extra) - 1
         raise SymmergeError(f"{model_name} {which} tensor {key!r}" + (f" (and {more} more differences)" if more else ""))
     for key, shape in reference.items():
-        if key in model and tuple(shape) != tuple(model[key]):
+        if key in model and key not in resized and tuple(shape) != tuple(model[key]):
             raise SymmergeError(f"tensor {key!r} has shape {tuple(model[key])} in {model_name}, {tuple(shape)} in the reference")
 
 
 def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], model_name: str = "model",
-                     optional: frozenset[str] = frozenset()) -> None:
+                     optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset()) -> None:
     """:func:`check_compatible_shapes` on two state dicts (a memory-mapped one's shapes come from its headers:
     nothing is read)."""
-    check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional)
+    check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional, resized)
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

