@@ -10,6 +10,12 @@ before each job. Writes ``benchmarks/results/scale.{json,md}``.
 
     python benchmarks/scale.py generate --size 7b          # the checkpoints only
     python benchmarks/scale.py run --size 1b --jobs align,merge,align_ft
+    python benchmarks/scale.py run --size 1b --jobs align_residual --repo /path/to/other/checkout --tag before
+
+``--repo`` runs another checkout's code (a before/after comparison with the same script); ``--tag`` keys the rows
+in ``scale.json`` (``1b/align_residual@before``); ``--work`` is the scratch folder for the outputs.
+``align_residual``/``merge_residual``: ``-s all,residual --max-seconds 1``, i.e. exactly one descent round per start
+(the first round always runs): the same work before and after, bounded.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -146,6 +153,7 @@ def ensure_checkpoints(size: str) -> dict[str, Path]:
 
 MK_VENV = REPO / ".cache" / "bench-mergekit-venv"  # benchmarks/merge_speed.py's mergekit venv
 WORK = ROOT / "out"
+CODE = REPO  # the checkout whose symmerge the jobs run (--repo)
 
 
 def sample_memory(pid: int, peak: dict, done: threading.Event) -> None:
@@ -179,16 +187,19 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     load = os.getloadavg()
     peak, done = {"anon": 0, "rss": 0}, threading.Event()
     log(f"{name}: {' '.join(cmd)} (load {load[0]:.2f})")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": str(CODE), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the job's own CPU time: on a shared machine, wall time is the others' too
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     done.set()
     sampler.join()
-    result = {"job": name, "wall_s": round(wall, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
+    result = {"job": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
               "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()], "rc": proc.returncode,
               "cmd": " ".join(cmd)}
     report = out / "alignment.json"
@@ -211,6 +222,10 @@ def commands(job: str, ck: dict[str, Path], out: Path) -> list[str]:
     a, b, ft = (str(ck[k]) for k in ("a", "b", "ft"))
     if job == "align":
         return [*cli, "align", a, b, "-o", str(out), "-q"]
+    if job == "align_residual":
+        return [*cli, "align", a, b, "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
+    if job == "merge_residual":
+        return [*cli, "merge", a, b, "--method", "linear", "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
     if job == "align_ft":
         return [*cli, "align", a, ft, "-o", str(out), "-q"]
     if job == "merge":
@@ -239,16 +254,24 @@ def main() -> None:
     parser.add_argument("what", choices=["generate", "run"])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--jobs", default="")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the jobs run")
+    parser.add_argument("--tag", default="", help="suffix of the rows' keys in scale.json (before / after)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for the jobs' outputs")
+    parser.add_argument("--store", type=Path, default=RESULTS / "scale.json", help="the JSON file the rows are added to")
     args = parser.parse_args()
+    global CODE, WORK
+    CODE = args.repo.resolve()
+    WORK = args.work or WORK
     torch.set_num_threads(2)
     paths = ensure_checkpoints(args.size)
     if args.what == "generate":
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / "scale.json"
+    store = args.store
     results = json.loads(store.read_text()) if store.exists() else {}
     for job in [j for j in args.jobs.split(",") if j]:
-        results.setdefault(args.size, {})[job] = run_job(f"{args.size}/{job}", commands(job, paths, WORK / job), WORK / job)
+        key = f"{job}@{args.tag}" if args.tag else job
+        results.setdefault(args.size, {})[key] = run_job(f"{args.size}/{key}", commands(job, paths, WORK / job), WORK / job)
         store.write_text(json.dumps(results, indent=2))
 
 

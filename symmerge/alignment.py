@@ -29,6 +29,8 @@ from symmerge.groups import (
     resolve_symmetries,
 )
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
+from symmerge.groups.stream import TransformedState
+from symmerge.groups.transform import is_identity_element
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
 from symmerge.spec import (
     ModelSpec,
@@ -89,11 +91,11 @@ class AlignmentReport:
 class Alignment:
     """The result of :func:`align`: the aligned state dict, the group element that produced it, and a report."""
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # a dict, or for memory-mapped inputs a TransformedState (computed when read)
     transform: ModelTransform
     report: AlignmentReport
     spec: ModelSpec
-    folded_reference: dict[str, torch.Tensor] | None = None  # residual class: the reference with its norms folded
+    folded_reference: Mapping[str, torch.Tensor] | None = None  # residual class: the reference with its norms folded
     folded: bool = False  # state_dict is still folded (the reference has a zero norm gain): merge it with folded_reference
 
     @property
@@ -155,7 +157,10 @@ def align(
     neurons or heads; read from the model's config when both configs are given): the model is then embedded into
     the reference's widths by semi-permutations (docs/DESIGN.md §1), by weight matching (with the residual class:
     grown by the identity embedding first, then aligned as a same-shape model). Returns an :class:`Alignment`;
-    ``model`` is not modified.
+    ``model`` is not modified. A ``model`` that is a mapping but
+    not a dict (a memory-mapped :class:`~symmerge.io.stream.LazyState`) is aligned lazily: ``state_dict`` is then a
+    :class:`~symmerge.groups.stream.TransformedState`, computed one group of tensors at a time when read (write it
+    with :func:`~symmerge.io.stream.save_streamed`), with the same values as the in-memory path.
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -189,21 +194,31 @@ def align(
                              calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
                              learn_seconds=learn_seconds, learn_path=learn_path, max_seconds=max_seconds, device=device, executor=ray)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
+    in_memory = isinstance(model_state, dict)
+    if folded is not None and in_memory:
+        folded = dict(folded)
     start = time.perf_counter()
-    aligned = apply_transform(model_state, spec, transform)
     # the residual class folds norms: unfold with the reference's gains, so the aligned model lives in the
     # reference's own parametrisation (merge it with the reference itself), unless a zero gain forbids it
     still_folded = folded is not None and not can_unfold(ref_state, spec.residual)
-    if folded is not None and not still_folded:
-        aligned = unfold_norms(aligned, spec.residual, ref_state)
+    unfold_with = ref_state if folded is not None and not still_folded else None
+    if in_memory:
+        aligned = apply_transform(model_state, spec, transform)
+        if unfold_with is not None:
+            aligned = unfold_norms(aligned, spec.residual, unfold_with)
+    else:  # memory-mapped (LazyState): computed unit by unit when read, so writing it streams (io.stream.save_streamed)
+        aligned = TransformedState(model_state, spec, transform, fold=transform.residual is not None, unfold_with=unfold_with)
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
     before = squared_distances(model_state, ref_state)
     if folded is None:
-        after = dict(before)  # tensors no group touched are unchanged
-        after.update(squared_distances(aligned, ref_state, spec.touched_keys() & before.keys()))
+        after = dict(before)  # tensors no group touched are unchanged, and so are those of identity elements (fine-tunes)
+        moved = {s.key for g in spec.groups() if not is_identity_element(g, transform) for s in g.slots()}
+        after.update(squared_distances(aligned, ref_state, [k for k in aligned if k in moved and k in before]))  # unit order
     else:  # the residual map touches every tensor (a head folding untied is compared with the tied embedding)
-        after = squared_distances(aligned, folded if still_folded else with_untied_head(ref_state, spec.residual))
+        partner = folded if still_folded else (with_untied_head(ref_state, spec.residual) if isinstance(ref_state, dict)
+                                               else TransformedState(ref_state, spec, untie=True))
+        after = squared_distances(aligned, partner)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:

@@ -100,6 +100,7 @@ def align(
     from symmerge.alignment import align as align_models
     from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
+    from symmerge.io.stream import LazyState
     from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_embeddable, check_same_shape, resized_keys, spec_for, untied_head, widths_differ
 
@@ -124,12 +125,18 @@ def align(
         own_specs.append(own if narrower else None)
 
     calibration = _calibration(match, data, ref_ckpt)
-    ref_state = load_state_dict(ref_ckpt, file_backed=executor is not None)  # Ray tasks read the files themselves
+
+    def read(ckpt):
+        """Weight matching streams from mmap (bounded memory: the aligned model is computed unit by unit as it is
+        written; Ray tasks read the files themselves); data-driven matchers run the models on whole state dicts."""
+        return LazyState(ckpt) if match == "weights" else load_state_dict(ckpt, file_backed=executor is not None)
+
+    ref_state = read(ref_ckpt)
     rows, reports, kept = [], {}, set()
     with atomic_output_dir(out, force, inputs) as tmp:
         for ckpt, name, own in zip(ckpts, unique_names([c.path for c in ckpts]), own_specs):
             start = time.perf_counter()
-            state = load_state_dict(ckpt, file_backed=executor is not None)
+            state = read(ckpt)
             result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
                                   progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
                                   learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor,
@@ -178,10 +185,13 @@ def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
     """An HF directory: weights, plus config and tokenizer files from ``source`` (config dtype and tied head as written)."""
     from symmerge.io import copy_model_files, save_state_dict
-    from symmerge.io.stream import write_config
+    from symmerge.io.stream import save_streamed, write_config
 
     dest.mkdir()
-    save_state_dict(state, dest)
+    if isinstance(state, dict):
+        save_state_dict(state, dest)
+    else:  # computed unit by unit as it is written (a memory-mapped model aligned lazily)
+        save_streamed(state, dest)
     copy_model_files(source.path, dest)
     write_config(source.config, dest, None, untie=untie)
 
@@ -499,8 +509,21 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []
+"""Signals received during this run: a library that calls back into Python (safetensors reading through torch)
+may swallow the :class:`Interrupted` raised inside it and fail with an error of its own instead."""
+
+
 def _raise_interrupted(signum, frame) -> None:
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def _exit_interrupted(signum: int) -> None:
+    import signal
+
+    typer.echo("aborted" if signum == signal.SIGINT else "terminated", err=True)
+    sys.exit(128 + signum)
 
 
 def _install_signal_handlers() -> dict:
@@ -544,6 +567,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import signal
 
     debug = bool(os.environ.get("SYMMERGE_DEBUG"))
+    _RECEIVED.clear()
     previous = _install_signal_handlers()
     try:
         code = app(args=argv, standalone_mode=False)
@@ -553,6 +577,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 typer.echo("aborted", err=True)
             sys.exit(code)
     except SymmergeError as e:
+        if _RECEIVED:  # the failure is the interruption, swallowed where it was raised (e.g. a read cut short)
+            _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)
@@ -563,10 +589,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         e.show()  # a usage error: the framework's usage line and message
         sys.exit(2 if e.exit_code in (0, 1) else e.exit_code)
     except (Interrupted, KeyboardInterrupt, *_click_classes("Abort")) as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        typer.echo("aborted" if signum == signal.SIGINT else "terminated", err=True)
-        sys.exit(128 + signum)
+        _exit_interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # an unexpected failure is a bug: say so briefly
+        if _RECEIVED:
+            _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
         typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)

@@ -181,15 +181,45 @@ def test_signal_during_startup_exits_with_its_code(tmp_path):
     assert proc.returncode in (-signal.SIGTERM, 143)  # before main() the default action: killed by SIGTERM
 
 
+def test_a_signal_swallowed_inside_a_read_still_ends_the_run_with_its_code(pair, tmp_path, capsys, monkeypatch):
+    """safetensors reads through torch, which can swallow the exception a signal handler raises and fail with an
+    error of its own (then reported as a corrupt file): the run must still end as the signal says, 143."""
+    ref, other = pair
+    import symmerge.io.stream as stream
+
+    real = stream.LazyState.__getitem__
+    calls = []
+
+    def read_cut_short(self, key):
+        calls.append(key)
+        if len(calls) == 5:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here and raises; the "library" swallows it
+            except BaseException:
+                pass
+            raise SymmergeError("cannot read model.safetensors: could not determine the shape (the file is corrupt or truncated)")
+        return real(self, key)
+
+    monkeypatch.setattr(stream.LazyState, "__getitem__", read_cut_short)
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-q")
+    assert len(calls) >= 5 and code == 143 and err.strip() == "terminated"
+    assert not (tmp_path / "out").exists() and stray_folders(tmp_path) == []
+    calls.clear()
+    monkeypatch.setattr(stream.LazyState, "__getitem__", lambda self, key: (_ for _ in ()).throw(SymmergeError("cannot read x")))
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-q")
+    assert code == 2 and err.strip() == "error: cannot read x"  # without a signal, the error is the error
+
+
 def test_keyboard_interrupt_inside_the_framework_is_not_success(pair, tmp_path, capsys, monkeypatch):
     """typer turns a KeyboardInterrupt into a return value of 130 in non-standalone mode: main() must honour it."""
     ref, other = pair
-    import symmerge.io as io
+    import symmerge.io.stream as stream
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "load_state_dict", interrupted)
+    monkeypatch.setattr(stream, "LazyState", interrupted)  # align reads the weights through mmap
     code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-q")
     assert code == 130 and err.strip() == "aborted"
     assert not (tmp_path / "out").exists() and stray_folders(tmp_path) == []

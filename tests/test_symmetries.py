@@ -489,7 +489,7 @@ def test_device_reaches_every_solver_and_the_cpu_path_is_bit_identical(monkeypat
             return fn(*args, device=device, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(per_layer, "ffn_similarity", spy("ffn", per_layer.ffn_similarity))
+    monkeypatch.setattr(per_layer, "ffn_similarity_or_identity", spy("ffn", per_layer.ffn_similarity_or_identity))
     monkeypatch.setattr(per_layer, "match_heads", spy("heads", per_layer.match_heads))
     real_correlation = residual.residual_correlation
     monkeypatch.setattr(residual, "residual_correlation", lambda *a: seen.add(("residual", str(a[3]))) or real_correlation(*a))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from symmerge.errors import SymmergeError
-from symmerge.groups.ffn import embedding, permute_ffn, read_ffn, write_ffn
+from symmerge.groups.ffn import embedding, is_identity, permute_ffn, read_ffn, write_ffn
 from symmerge.groups.heads import (
     HeadTransform,
     head_blocks,
@@ -117,9 +117,32 @@ class ModelTransform:
         return mask if bool(mask.any()) else None
 
 
+IDENTITY_ATOL = 1e-12
+"""A rotation or scale within this of the identity (entry by entry) is the identity: float64 round-off of an SVD or
+quartic whose exact answer is the identity (a model matched to a copy of itself). Applying one would move a weight
+by ~1e-12 of its row's size: below float32's resolution, except at entries (near) zero."""
+
+
+def is_identity_heads(x: HeadTransform, atol: float = IDENTITY_ATOL) -> bool:
+    """Whether ``x`` is the identity: permutations exactly, rotations and scales within ``atol``."""
+    eye = torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype)
+    return (is_identity(x.perm) and is_identity(x.kv_perm) and all(
+        bool(((t - target).abs() <= atol).all()) for t, target in ((x.qk_rotation, eye), (x.vo_rotation, eye), (x.qk_scale, 1), (x.vo_scale, 1))))
+
+
+def is_identity_element(group: FFNGroup | AttentionGroup, transform: ModelTransform) -> bool:
+    """Whether ``transform`` leaves ``group``'s tensors as they are: no element for it, or an identity one."""
+    if isinstance(group, FFNGroup):
+        return group.name not in transform.ffn or is_identity(transform.ffn[group.name])
+    return group.name not in transform.heads or is_identity_heads(transform.heads[group.name])
+
+
 def apply_to_group(view: StateView, group: FFNGroup | AttentionGroup, transform: ModelTransform) -> None:
     """Apply ``transform``'s element for ``group`` (if it has one) to the tensors in ``view``; a semi-permutation
-    grows the tensors to the reference's shape."""
+    grows the tensors to the reference's shape. Nothing when the element is the identity (:func:`is_identity_element`:
+    fine-tunes of one base, whose neurons and heads still correspond; a semi-permutation never is one)."""
+    if is_identity_element(group, transform):
+        return
     source = transform.source_group(group)
     if isinstance(group, FFNGroup):
         if group.name not in transform.ffn:

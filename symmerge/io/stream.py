@@ -42,6 +42,11 @@ class LazyState(Mapping[str, torch.Tensor]):
         stored = self._eager if self._eager is not None else self._where
         self._aliases = {k: v for k, v in self._aliases.items() if k not in stored and v in stored}
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name → shape without reading a tensor (the safetensors headers; an alias takes its target's)."""
+        shapes = self.ckpt.shapes() if self._eager is None else {k: tuple(v.shape) for k, v in self._eager.items()}
+        return {**shapes, **{k: shapes[v] for k, v in self._aliases.items()}}
+
     def _stored(self) -> Mapping:
         return self._eager if self._eager is not None else self._where
 
@@ -129,6 +134,16 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return files
+
+
+def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write ``state`` tensor by tensor in its own order, shard by shard (a lazily computed state, e.g. an aligned
+    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): memory holds
+    one shard, not the model."""
+    writer = ShardWriter(Path(dest), max_shard_bytes)
+    for key in state:
+        writer.add(key, state[key])
+    writer.close()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

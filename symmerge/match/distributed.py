@@ -5,7 +5,7 @@ quartics), for every model at once. A task reads its own tensors: from the check
 driver sends paths and tensor names; every node must be able to read the path) when the state is file-backed, or
 from Ray's object store when it lives in memory (a folded or rotated state of the residual descent: each group's
 tensors are put there once). A task returns only the group element. The functions the tasks run are the ones the
-single-process path runs (:func:`~symmerge.match.per_layer.ffn_group_similarity`, :func:`solve_lap`,
+single-process path runs (:func:`~symmerge.match.per_layer.ffn_group_similarity`, :func:`~symmerge.match.per_layer.solve_ffn`,
 :func:`~symmerge.match.per_layer.fit_attention_group`), so the result is identical.
 
 Ray is optional (``pip install 'symmerge[ray]'``); nothing imports this module when importing symmerge, so Ray's
@@ -29,8 +29,7 @@ from symmerge.groups import HeadTransform, ModelTransform
 from symmerge.io.checkpoint import all_finite
 from symmerge.match.device import resolve_device
 from symmerge.match.fit import Fit
-from symmerge.match.lap import solve_lap
-from symmerge.match.per_layer import ATTENTION_CLASSES, ffn_details, ffn_group_similarity, fit_attention_group
+from symmerge.match.per_layer import ATTENTION_CLASSES, ffn_details, ffn_group_similarity, fit_attention_group, solve_ffn
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView
 
 try:
@@ -73,7 +72,7 @@ def read_source(source: Source) -> dict[str, torch.Tensor]:
 def ffn_task(reference: Source, model: Source, group: FFNGroup, device: str) -> torch.Tensor:
     """A Ray task's body (a plain function: tested without Ray): one FFN's permutation."""
     similarity = ffn_group_similarity(StateView(read_source(reference)), StateView(read_source(model)), group, torch.device(device))
-    return torch.from_numpy(solve_lap(similarity))
+    return solve_ffn(similarity, group.width)
 
 
 def attention_task(reference: Source, model: Source, group: AttentionGroup, symmetries: frozenset[str],

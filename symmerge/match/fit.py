@@ -15,7 +15,7 @@ A matcher finds the group element bringing ``model`` closest to ``reference`` by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,8 @@ class Fit:
     ``transform``: the group element (apply it with :func:`symmerge.groups.apply_transform`).
     ``details``: per group name, what the report shows (neurons moved, rotation angles, ...).
     ``seconds``: per stage. ``folded_reference``: with the residual class, the reference with its norms folded
-    — the parametrisation the transformed model is compared in (``None`` otherwise).
+    — the parametrisation the transformed model is compared in (``None`` otherwise); weight matching returns it
+    as a lazily folded mapping (:class:`~symmerge.groups.stream.TransformedState`), computed unit by unit.
     ``history``: the objective after each accepted step of an iterative matcher (residual descent, learning), and
     ``steps`` the element after each of them (where the matcher records them).
     """
@@ -40,7 +41,7 @@ class Fit:
     transform: ModelTransform
     details: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    folded_reference: dict[str, torch.Tensor] | None = None
+    folded_reference: Mapping[str, torch.Tensor] | None = None
     history: list[float] = field(default_factory=list)
     steps: list[ModelTransform] = field(default_factory=list)  # the element after each accepted step (history[i + 1])
 

@@ -341,11 +341,12 @@ def match_learned(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
     start = time.perf_counter()
     init = match_weights(reference, model, spec, symmetries, model_name=model_name)
-    if init.folded_reference is not None:
-        reference, model = init.folded_reference, fold_norms(model, spec.residual)
+    folded_reference = None if init.folded_reference is None else dict(init.folded_reference)  # the models run whole here
+    if folded_reference is not None:
+        reference, model = folded_reference, fold_norms(model, spec.residual)
     loss = path_loss(config, reference, "residual" in symmetries)
     transform, record = learn_transform(reference, model, spec, init.transform, loss, calibration, symmetries=symmetries,
                                         steps=learn_steps, seconds=learn_seconds, path=learn_path, progress=progress)
     details = {**init.details, "learned": {k: v for k, v in record.items() if k not in ("batch_losses", "evaluations")}}
     return Fit(transform, details, {"learned": time.perf_counter() - start},
-               folded_reference=init.folded_reference, history=[e[1] for e in record["evaluations"]])
+               folded_reference=folded_reference, history=[e[1] for e in record["evaluations"]])

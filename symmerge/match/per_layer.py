@@ -20,7 +20,7 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
 from symmerge.groups.ffn import embedding
 from symmerge.match.attention import match_heads
-from symmerge.match.ffn import ffn_similarity
+from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
@@ -33,10 +33,21 @@ Procrustes / rescaling optimum of two nearly equal weight sets is a near-identit
 
 
 def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, device: torch.device | None = None,
-                         model_group: FFNGroup | None = None) -> torch.Tensor:
-    """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs).
-    ``model_group``: the model's own group when it is narrower than the reference's (a rectangular matrix)."""
-    return ffn_similarity(read_ffn(ref, group), read_ffn(model, model_group or group), device=device).cpu()
+                         model_group: FFNGroup | None = None) -> torch.Tensor | None:
+    """One FFN's similarity matrix, built on ``device`` and returned on the CPU (where the LAP runs); ``None`` when
+    the identity is certified optimal from part of it (:func:`~symmerge.match.ffn.ffn_similarity_or_identity`:
+    fine-tunes of one base skip most of the GEMM and the LAP). ``model_group``: the model's own group when it is
+    narrower than the reference's (a rectangular matrix, never certified: the identity is not a semi-permutation)."""
+    if model_group is not None and model_group.width != group.width:
+        return ffn_similarity(read_ffn(ref, group), read_ffn(model, model_group), device=device).cpu()
+    s = ffn_similarity_or_identity(read_ffn(ref, group), read_ffn(model, group), device=device)
+    return None if s is None else s.cpu()
+
+
+def solve_ffn(similarity: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact
+    (possibly rectangular) LAP."""
+    return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity))
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
@@ -63,13 +74,13 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     def collect() -> None:
         name, fut = pending.popleft()
-        perms[name] = torch.from_numpy(fut.result())
+        perms[name] = fut.result()
         bar.update(1)
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
             similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
-            pending.append((group.name, pool.submit(solve_lap, similarity)))
+            pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
             while len(pending) > max_pending:
                 collect()
         while pending:

@@ -3,14 +3,16 @@ that alternates it with the per-layer elements, and where that descent starts.""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from symmerge.groups import ModelTransform, apply_transform, require_residual
-from symmerge.groups.residual import anchor_group, apply_residual, centered_basis, embed_centered, fold_norms, residual_correlation
+from symmerge.groups import ModelTransform, require_residual
+from symmerge.groups.residual import anchor_group, centered_basis, embed_centered, residual_correlation
+from symmerge.groups.stream import TransformedState
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
 from symmerge.match.objective import state_distance
@@ -58,12 +60,25 @@ def anchored_start(reference: Mapping[str, torch.Tensor], model: Mapping[str, to
     return solve_residual(residual_correlation(model, reference, anchors, device), anchors.kind)
 
 
+def _distances(views: list[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor]) -> list[float]:
+    """``state_distance(view, reference)`` of every view in one pass, in step (views over one lazily transformed
+    source then compute each of its units once), in the first view's key order."""
+    sq = [0.0] * len(views)
+    for k in views[0]:
+        if k in reference and views[0][k].is_floating_point():
+            r = reference[k].float()
+            for i, v in enumerate(views):
+                sq[i] += float(torch.linalg.vector_norm(v[k].float() - r)) ** 2
+    return [math.sqrt(x) for x in sq]
+
+
 def residual_descent(
     ref_f: Mapping[str, torch.Tensor], model_f: Mapping[str, torch.Tensor], spec: ModelSpec, per_layer: frozenset[str], *,
     start: torch.Tensor | None = None, progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
-    deadline: float | None = None, device: torch.device | None = None, executor: Any = None,
+    deadline: float | None = None, device: torch.device | None = None, executor: Any = None, folded: bool = True,
 ) -> Fit:
-    """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T`` on *folded* states.
+    """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T`` on *folded* states
+    (``folded=False``: raw states, folded unit by unit on the fly).
 
     ``Q`` acts on the residual axis of every tensor and ``T`` on the other axis, so they commute: the ``Q`` step is
     an exact Procrustes given ``T`` (on ``T(model)``), the ``T`` step the usual per-layer fit on ``Q(model)``. A step
@@ -75,10 +90,17 @@ def residual_descent(
     last round's duration still fits before it. Stopping early returns the best element so far (every kept step
     lowered the distance). ``device``: where the correlation, its SVD and the per-layer fits run; ``executor``:
     where the per-layer fits run (:func:`~symmerge.match.per_layer.fit_per_layer`).
+
+    Streamed (bounded memory): every state it builds is a :class:`~symmerge.groups.stream.TransformedState`,
+    computed one unit of tensors at a time — the correlation accumulated tensor by tensor, ``Q`` and the per-layer
+    elements applied unit by unit when read — so memory holds a few units per model, never a transformed copy of a
+    model, whatever its size. The values are those of the whole-model functions (same operations, same tensors).
     """
     residual = require_residual(spec)
+    fold = not folded
+    ref_v, model_v = TransformedState(ref_f, spec, fold=fold), TransformedState(model_f, spec, fold=fold)
     transform, details, seconds = ModelTransform(), {}, {"residual": 0.0, "ffn": 0.0, "attention": 0.0}
-    history, steps, round_seconds, out_of_time = [state_distance(model_f, ref_f)], [], [], False
+    history, steps, round_seconds, out_of_time = [state_distance(model_v, ref_v)], [], [], False
     for i in range(max_iter):
         if deadline is not None and round_seconds and time.perf_counter() + round_seconds[-1] > deadline:
             out_of_time = True
@@ -88,16 +110,16 @@ def residual_descent(
         if i == 0 and start is not None:
             q = start
         else:
-            q = solve_residual(residual_correlation(apply_transform(model_f, spec, per_layer_only), ref_f, residual, device), residual.kind)
-        rotated = apply_residual(model_f, residual, q)
+            moved = TransformedState(model_f, spec, per_layer_only, fold=fold)
+            q = solve_residual(residual_correlation(moved, ref_v, residual, device), residual.kind)
+        rotated = TransformedState(model_f, spec, ModelTransform(residual=q), fold=fold)
         seconds["residual"] += time.perf_counter() - begin
-        fresh = fit_per_layer(ref_f, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device,
+        fresh = fit_per_layer(ref_v, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device,
                               executor=executor)
         for k in ("ffn", "attention"):
             seconds[k] += fresh.seconds[k]
         candidate, cand_details = fresh.transform, fresh.details
-        q_only = state_distance(apply_transform(rotated, spec, per_layer_only), ref_f)
-        full = state_distance(apply_transform(rotated, spec, candidate), ref_f)
+        q_only, full = _distances([TransformedState(rotated, spec, per_layer_only), TransformedState(rotated, spec, candidate)], ref_v)
         round_seconds.append(time.perf_counter() - begin)
         if full > q_only:  # the fresh per-layer fit is no better: keep the previous one
             candidate, cand_details, full = per_layer_only, details, q_only
@@ -111,7 +133,7 @@ def residual_descent(
         if improvement <= rtol * history[0]:
             break
     details = {**details, "residual": {"round_seconds": [round(t, 4) for t in round_seconds], "stopped_by_max_seconds": out_of_time}}
-    return Fit(transform, details, seconds, folded_reference=dict(ref_f), history=history, steps=steps)
+    return Fit(transform, details, seconds, folded_reference=ref_v, history=history, steps=steps)
 
 
 def fit_with_residual(
@@ -119,21 +141,22 @@ def fit_with_residual(
     progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7, max_seconds: float | None = None,
     device: torch.device | None = None, executor: Any = None,
 ) -> Fit:
-    """The residual map and the per-layer elements together (docs/DESIGN.md §2): both models' norms are folded,
-    then :func:`residual_descent` runs from two starts — the identity and :func:`anchored_start` — and the one that
-    ends at the lower distance (the objective) is kept, so the result is never worse than either start alone.
+    """The residual map and the per-layer elements together (docs/DESIGN.md §2): both models' norms are folded
+    (lazily, unit by unit: ``reference`` and ``model`` may be memory-mapped), then :func:`residual_descent` runs
+    from two starts — the identity and :func:`anchored_start` — and the one that ends at the lower distance (the
+    objective) is kept, so the result is never worse than either start alone.
     ``details["residual"]``: iterations, the distance history, the start kept and each start's final distance,
     seconds per round and whether ``max_seconds`` (one budget for both descents) stopped it.
     """
-    residual = require_residual(spec)
+    require_residual(spec)
     per_layer = symmetries - {"residual"}
-    ref_f, model_f = fold_norms(reference, residual), fold_norms(model, residual)
     begin = time.perf_counter()
+    ref_f, model_f = TransformedState(reference, spec, fold=True), TransformedState(model, spec, fold=True)
     deadline = None if max_seconds is None else begin + max_seconds
     starts = {"identity": None, "anchored": anchored_start(ref_f, model_f, spec, per_layer, device)}
     anchor_seconds = time.perf_counter() - begin
-    runs = {name: residual_descent(ref_f, model_f, spec, per_layer, start=q0, progress=progress, model_name=model_name,
-                                   max_iter=max_iter, rtol=rtol, deadline=deadline, device=device, executor=executor)
+    runs = {name: residual_descent(reference, model, spec, per_layer, start=q0, progress=progress, model_name=model_name,
+                                   max_iter=max_iter, rtol=rtol, deadline=deadline, device=device, executor=executor, folded=False)
             for name, q0 in starts.items() if name == "identity" or q0 is not None}
     kept = min(runs, key=lambda name: runs[name].history[-1])  # ties keep the identity start (listed first)
     fit = runs[kept]

@@ -28,7 +28,8 @@ from symmerge.alignment import align, align_many
 from symmerge.data import load_calibration
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group, apply_transform, embedding_transform, fill_empty_slots
-from symmerge.groups.residual import can_unfold, fold_norms, with_untied_head
+from symmerge.groups.residual import can_unfold
+from symmerge.groups.stream import TransformedState
 from symmerge.io import atomic_output_dir, copy_model_files
 from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
@@ -147,18 +148,21 @@ def iterative(plan: MergePlan) -> bool:
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
                        result: MergeResult, executor: Any = None) -> tuple[list, Any, list]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
-    paths align whole models in memory with :func:`symmerge.alignment.align` (the matcher the recipe names, on the
-    recipe's calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded with
-    the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
+    paths align whole models with :func:`symmerge.alignment.align` (the matcher the recipe names, on the recipe's
+    calibration data): every model (and the base) comes back in the reference's own parametrisation (norms unfolded
+    with the reference's gains; a head that folding untied stays untied, so a tied reference lends its embedding as
     its head); the merge then runs on those states as they are. Only a reference with a zero norm gain keeps every
     model folded, merged with the folded reference. A narrower model comes back grown to the reference's widths.
     Returns the aligned states, the aligned base, and per model the element found (``None`` for the reference):
-    the engine reads from it which slots a narrower model leaves empty."""
+    the engine reads from it which slots a narrower model leaves empty. Weight matching streams
+    here too: the states are memory-mapped, so each aligned state is a
+    :class:`~symmerge.groups.stream.TransformedState`, computed one unit at a time as the merge reads it, and the
+    residual descent itself holds a few units per model (:func:`symmerge.match.residual.residual_descent`)."""
     ref_state = base if plan.reference_index is None else states[plan.reference_index]
     ref_ckpt = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
     residual = plan.spec.residual if "residual" in plan.symmetries else None
-    partner = ref_state if residual is None else (
-        with_untied_head(ref_state, residual) if can_unfold(ref_state, residual) else fold_norms(ref_state, residual))
+    # the reference as the merge pairs it, computed unit by unit from the mapped checkpoint (never whole)
+    partner = ref_state if residual is None else TransformedState(ref_state, plan.spec, untie=True, fold=not can_unfold(ref_state, residual))
     calibration = None
     if plan.match != "weights":
         data = plan.recipe.data

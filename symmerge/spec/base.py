@@ -227,6 +227,33 @@ class ModelSpec:
         return f"  residual  residual-stream map          1 group, {kind}{folded}"
 
 
+class _Overlay(MutableMapping[str, torch.Tensor]):
+    """Writes kept here, reads falling through to ``source`` (never mutated): a view of a memory-mapped or lazily
+    transformed state that reads only the tensors asked for."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor]):
+        self.source, self.written = source, {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.written[key] if key in self.written else self.source[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.written[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("StateView overlays do not delete keys")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.written or key in self.source
+
+    def __iter__(self):
+        yield from self.source
+        yield from (k for k in self.written if k not in self.source)
+
+    def __len__(self) -> int:
+        return len(self.source) + sum(k not in self.source for k in self.written)
+
+
 class StateView:
     """Copy-on-write access to canonical blocks of a state dict.
 
@@ -237,7 +264,9 @@ class StateView:
 
     def __init__(self, state: Mapping[str, torch.Tensor]):
         self.source = state
-        self.state: MutableMapping[str, torch.Tensor] = dict(state)
+        # a plain dict is copied (shallow); any other mapping (memory-mapped, lazily transformed) is overlaid, so
+        # reading a few tensors never reads the others
+        self.state: MutableMapping[str, torch.Tensor] = dict(state) if isinstance(state, dict) else _Overlay(state)
         self._owned: set[str] = set()
 
     def stored(self, key: str) -> torch.Tensor:

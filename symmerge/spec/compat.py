@@ -81,9 +81,16 @@ def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Map
 
 def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], model_name: str = "model",
                      optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset()) -> None:
-    """:func:`check_compatible_shapes` on two state dicts."""
-    check_compatible_shapes({k: tuple(v.shape) for k, v in reference.items()}, {k: tuple(v.shape) for k, v in model.items()},
-                            model_name, optional, resized)
+    """:func:`check_compatible_shapes` on two state dicts (a memory-mapped one's shapes come from its headers:
+    nothing is read)."""
+    check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional, resized)
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape: ``state.shapes()`` where it has one (:class:`~symmerge.io.stream.LazyState`, from the
+    headers), else from the tensors."""
+    shapes = getattr(state, "shapes", None)
+    return shapes() if callable(shapes) else {k: tuple(v.shape) for k, v in state.items()}
 
 
 def tied_head(spec: ModelSpec | None) -> tuple[str, str] | None:

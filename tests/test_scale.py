@@ -1,0 +1,221 @@
+"""Scale: the partial-similarity identity certificate (fine-tunes skip most of the FFN GEMM and the LAP), identity
+elements left unapplied, shapes from headers and the one-pass NaN/Inf check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, save_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+import symmerge
+from symmerge.errors import SymmergeError
+from symmerge.groups import ModelTransform, apply_transform
+from symmerge.groups.ffn import FFNTensors, permute_ffn, read_ffn, write_ffn
+from symmerge.groups.heads import HeadTransform, read_heads, transform_heads, write_heads
+from symmerge.groups.transform import is_identity_element, is_identity_heads
+from symmerge.io import open_checkpoint
+from symmerge.io.checkpoint import all_finite
+from symmerge.io.stream import LazyState
+from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
+from symmerge.match.lap import identity_is_optimal, solve_lap
+from symmerge.spec import StateView, check_compatible, spec_for
+from symmerge.spec.base import FFNGroup
+
+
+def _ffn(n: int, d: int, seed: int, bias: bool = True) -> FFNTensors:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
+    return FFNTensors([r(n, d), r(n, d)], [r(n)] if bias else [], [r(d, n)])
+
+
+def _noisy(t: FFNTensors, scale: float, seed: int) -> FFNTensors:
+    g = torch.Generator().manual_seed(seed)
+    f = lambda x: x + torch.randn(x.shape, generator=g) * scale * x.std()  # noqa: E731
+    return FFNTensors([f(x) for x in t.in_weights], [f(x) for x in t.in_biases], [f(x) for x in t.out_weights])
+
+
+def _exact(a: FFNTensors, b: FFNTensors) -> np.ndarray:
+    """The similarity in float64 (the exact objective the certificate speaks about)."""
+    d = lambda t: FFNTensors([x.double() for x in t.in_weights], [x.double() for x in t.in_biases], [x.double() for x in t.out_weights])  # noqa: E731
+    a, b = d(a), d(b)
+    s = sum(x @ y.T for x, y in zip(a.in_weights, b.in_weights)) + sum(torch.outer(x, y) for x, y in zip(a.in_biases, b.in_biases))
+    return (s + sum(x.T @ y for x, y in zip(a.out_weights, b.out_weights))).numpy()
+
+
+def _assert_sound(a: FFNTensors, b: FFNTensors) -> bool:
+    """When the certificate claims the identity, no permutation does better on the exact similarity (and the LAP the
+    full float32 matrix gets returns the identity too). Returns whether it claimed."""
+    if ffn_similarity_or_identity(a, b) is not None:
+        return False
+    exact = _exact(a, b)
+    rows, cols = linear_sum_assignment(exact, maximize=True)
+    assert np.trace(exact) >= exact[rows, cols].sum() - 1e-12 * np.abs(exact).sum()
+    assert (solve_lap(ffn_similarity(a, b)) == np.arange(exact.shape[0])).all()  # what the full path returns
+    return True
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01, 0.1])
+def test_fine_tunes_certify_the_identity(noise):
+    a = _ffn(512, 256, 0)
+    assert _assert_sound(a, _noisy(a, noise, 1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_unrelated_or_permuted_models_get_the_full_similarity_bit_for_bit(bias):
+    a, b = _ffn(384, 128, 0, bias), _ffn(384, 128, 1, bias)
+    assert not identity_is_optimal(_exact(a, b))
+    assert torch.equal(ffn_similarity_or_identity(a, b), ffn_similarity(a, b))
+    perm = torch.randperm(384, generator=torch.Generator().manual_seed(3))
+    shuffled = permute_ffn(a, perm)
+    s = ffn_similarity_or_identity(a, shuffled)
+    assert s is not None and torch.equal(s, ffn_similarity(a, shuffled))
+    assert torch.equal(perm[torch.from_numpy(solve_lap(s))], torch.arange(384))
+
+
+def _tail_adversary(a: FFNTensors, i: int, j: int, alpha: float, delta: float = 1e-4) -> tuple[FFNTensors, FFNTensors]:
+    """A reference and a model on which neurons ``i`` and ``j`` can be told apart only by the last features (W_out
+    columns), which the certificate's partial sums never see: their input weights and biases agree up to ``delta``
+    (relative) in both, and the model mixes their W_out columns with weight ``alpha`` on the other one — a swap is
+    better than the identity exactly when ``alpha > 1/2`` (up to ``delta``)."""
+    g = torch.Generator().manual_seed(i * 1000 + j)
+    ref_in = [w.clone() for w in a.in_weights]
+    ref_b = [b.clone() for b in a.in_biases]
+    for w in ref_in:
+        w[j] = w[i] * (1 + delta * torch.randn(w.shape[1], generator=g))
+    for b in ref_b:
+        b[j] = b[i]
+    ref = FFNTensors(ref_in, ref_b, [w.clone() for w in a.out_weights])
+    out = [w.clone() for w in ref.out_weights]
+    for w, src in zip(out, ref.out_weights):
+        w[:, i] = (1 - alpha) * src[:, i] + alpha * src[:, j]
+        w[:, j] = alpha * src[:, i] + (1 - alpha) * src[:, j]
+    return ref, FFNTensors([w.clone() for w in ref_in], [b.clone() for b in ref_b], out)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.49, 0.499, 0.501, 0.51, 0.9])
+@pytest.mark.parametrize("n, d", [(256, 64), (128, 512)])
+def test_a_near_tie_hidden_in_the_unseen_features_is_never_certified_wrongly(alpha, n, d):
+    """Adversary: the first features say the identity (neurons i and j look alike there), the tail decides whether
+    swapping them is better. The certificate never claims the identity when a swap is better."""
+    ref, model = _tail_adversary(_ffn(n, d, 5), 3, 100, alpha)
+    exact = _exact(ref, model)
+    rows, cols = linear_sum_assignment(exact, maximize=True)
+    better = exact[rows, cols].sum() > np.trace(exact) + 1e-9 * np.abs(exact).sum()
+    assert better == (alpha > 0.5)  # the adversary does what it says
+    claimed = _assert_sound(ref, model)
+    if better:
+        assert not claimed
+
+
+def test_the_certificate_claims_clear_cases():
+    """Non-vacuity: fine-tune-like pairs are certified, neurons of very different norms included (the potential)."""
+    claims = sum(ffn_similarity_or_identity(a, _noisy(a, 0.05, seed + 1)) is None for seed in range(10) for a in [_ffn(64, 256, seed)])
+    assert claims == 10
+    a = _ffn(96, 256, 0)
+    scale = torch.logspace(-0.5, 0.5, 96)  # norms 10x apart: Cauchy–Schwarz alone (no potential) does not certify this
+    a = FFNTensors([w * scale[:, None] for w in a.in_weights], [b * scale for b in a.in_biases], [w * scale for w in a.out_weights])
+    assert _assert_sound(a, _noisy(a, 0.02, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 96), d=st.integers(1, 300), bias=st.booleans(), noise=st.floats(0.0, 0.5), seed=st.integers(0, 2**16),
+       scale_spread=st.floats(0.0, 2.0), swaps=st.integers(0, 2), alpha=st.floats(0.0, 1.0))
+def test_certificate_is_sound_on_random_and_adversarial_costs(n, d, bias, noise, seed, scale_spread, swaps, alpha):
+    """Random fine-tune-like pairs (noise, neurons of very different norms) with up to ``swaps`` neuron pairs mixed
+    in the unseen tail: whenever the certificate claims the identity, it is optimal."""
+    a = _ffn(n, d, seed, bias)
+    scale = torch.logspace(-scale_spread, scale_spread, n)
+    a = FFNTensors([w * scale[:, None] for w in a.in_weights], [b * scale for b in a.in_biases], [w * scale for w in a.out_weights])
+    b = _noisy(a, noise, seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(swaps):
+        i, j = torch.randperm(n, generator=g)[:2].tolist()
+        a, b = _tail_adversary(b, i, j, alpha)
+    _assert_sound(a, b)
+
+
+def test_heterogeneous_norms_agree_with_the_full_lap():
+    a = _ffn(256, 64, 0)
+    scale = torch.logspace(-2, 1, 256)
+    a = FFNTensors([w * scale[:, None] for w in a.in_weights], [b * scale for b in a.in_biases], [w * scale for w in a.out_weights])
+    b = _noisy(a, 0.3, 2)
+    s = ffn_similarity_or_identity(a, b)
+    got = np.arange(256) if s is None else solve_lap(s)
+    assert (got == solve_lap(ffn_similarity(a, b))).all()
+
+
+def _fine_tune(model, scale: float = 0.01, seed: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1 else v
+            for k, v in model.state_dict().items()}
+
+
+def _applied_anyway(state, spec, transform) -> dict[str, torch.Tensor]:
+    """Every element applied, identity or not (what the code did before identity elements were skipped)."""
+    view = StateView(state)
+    for group in spec.groups():
+        if isinstance(group, FFNGroup):
+            if group.name in transform.ffn:
+                write_ffn(view, group, permute_ffn(read_ffn(view, group), transform.ffn[group.name]))
+        elif group.name in transform.heads:
+            write_heads(view, group, transform_heads(read_heads(view, group), transform.heads[group.name]))
+    return dict(view.state)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skipping_identity_elements_changes_no_bit_for_a_fine_tune(family):
+    model, _ = make_model(family, 0)
+    spec = spec_for(model.config, model.state_dict().keys())
+    ref, ft = dict(model.state_dict()), _fine_tune(model)
+    result = symmerge.align(ref, ft, symmetries="all", config=model.config)
+    # a fine-tune keeps its neurons: every FFN permutation is the identity, and is skipped (the skip is exercised)
+    assert all(is_identity_element(g, result.transform) for g in spec.ffn)
+    forced = _applied_anyway(ft, spec, result.transform)
+    assert set(forced) == set(result.state_dict)
+    for k, v in forced.items():
+        assert torch.equal(result.state_dict[k], v), k
+    # a non-identity element does move its tensors (the comparison above can fail)
+    perm = torch.roll(torch.arange(spec.ffn_width), 1)
+    moved = apply_transform(ft, spec, ModelTransform(ffn={spec.ffn[0].name: perm}))
+    assert not torch.equal(moved[spec.ffn[0].inputs[0].key], ft[spec.ffn[0].inputs[0].key])
+
+
+def test_identity_heads_within_round_off():
+    head = HeadTransform.identity(4, 8, torch.float64)
+    assert is_identity_heads(head)
+    near = HeadTransform(head.perm, head.kv_perm, head.qk_rotation + 1e-15, head.qk_scale, head.vo_rotation, head.vo_scale - 1e-15)
+    assert is_identity_heads(near)
+    assert not is_identity_heads(HeadTransform(head.perm, head.kv_perm, head.qk_rotation + 1e-6, head.qk_scale, head.vo_rotation,
+                                               head.vo_scale))
+    swapped = torch.tensor([1, 0, 2, 3])
+    assert not is_identity_heads(HeadTransform(swapped, swapped, head.qk_rotation, head.qk_scale, head.vo_rotation, head.vo_scale))
+
+
+def test_check_compatible_reads_shapes_from_headers(tmp_path, monkeypatch):
+    model, _ = make_model("llama", 0)
+    save_model(model, tmp_path / "a")
+    save_model(make_model("llama", 1)[0], tmp_path / "b")
+    a, b = LazyState(open_checkpoint(tmp_path / "a")), LazyState(open_checkpoint(tmp_path / "b"))
+
+    def no_read(self, key):
+        raise AssertionError(f"read {key}")
+
+    monkeypatch.setattr(LazyState, "__getitem__", no_read)
+    check_compatible(a, b)
+    bad = {k: torch.zeros(1) for k in b.shapes()}
+    with pytest.raises(SymmergeError, match="has shape"):
+        check_compatible(a, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_in_one_pass(dtype):
+    x = torch.randn(7, 5).to(dtype)
+    assert all_finite(x) and all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[3, 2] = bad
+        assert not all_finite(y)
