@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import time
+
 import torch
 from conftest import make_model, max_output_diff
 
@@ -114,6 +116,30 @@ def test_learned_matching_time_budget_stops_it():
     learned = result.report.matching["learned"]
     assert learned["steps"] < 10_000 and learned["seconds"] < 30
     assert learned["objective_best"] <= learned["objective_first"]
+
+
+def test_learned_matching_seconds_budget_includes_the_last_evaluation():
+    """``seconds`` bounds the whole of learning: with an objective evaluation that takes 0.25 s per batch and t
+    (0.75 s in all) and a 4 s budget, the steps stop early enough that the closing evaluation fits too (before: the
+    steps ran to 4 s, then the evaluation)."""
+    a, make_inputs = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    sa, sb = a.state_dict(), b.state_dict()
+    spec = spec_for(a.config, sa.keys())
+    chosen = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+    init = get_matcher("weights")(sa, sb, spec, chosen)
+    ref, model = init.folded_reference, fold_norms(sb, spec.residual)
+    inner = path_loss(a.config, ref, untie=True)
+
+    def slow_objective_loss(state, batch):
+        if not torch.is_grad_enabled():  # the objective's evaluations run without gradients; the steps with them
+            time.sleep(0.25)
+        return inner(state, batch)
+
+    _, record = learn_transform(ref, model, spec, init.transform, slow_objective_loss, _lm_batches(make_inputs, 4),
+                                symmetries=chosen, steps=10_000, seconds=4.0, path="random", eval_every=100_000)
+    assert 0 < record["steps"] < 10_000
+    assert record["seconds"] < 4.0 + 0.4  # one step and timer slack, less than the 0.75 s of a late evaluation
 
 
 def test_iterative_alignment_of_many_models_never_ends_above_the_star():
