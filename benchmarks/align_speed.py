@@ -76,9 +76,20 @@ def time_stages(ref_dir: Path, model_dir: Path, out: Path) -> dict[str, float]:
     return t
 
 
-def time_cli(ref_dir: Path, model_dir: Path, out: Path) -> float:
+def time_cli(ref_dir: Path, model_dir: Path, out: Path, symmetries: str | None = None) -> float:
+    """``symmerge align`` end to end (Python start-up, load, align, write) with its defaults or ``-s symmetries``."""
+    extra = [] if symmetries is None else ["-s", symmetries]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet"],
+    subprocess.run([sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet", *extra],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def time_seed_baseline(ref_dir: Path, model_dir: Path, out: Path) -> float:
+    """benchmarks/seed_baseline.py end to end: a straightforward implementation of the seed paper's algorithm (the
+    classes ``ffn,qk,vo,scale``), the yardstick of issue 10's "≤ 0.5× of the straightforward implementation"."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "seed_baseline.py"), str(ref_dir), str(model_dir), str(out)],
                    check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -99,6 +110,13 @@ def main() -> None:
             runs = [time_stages(ref_dir, model_dir, root / f"{family}-out{i}") for i in range(args.repeats)]
             median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             median["cli_end_to_end"] = statistics.median(time_cli(ref_dir, model_dir, root / f"{family}-cli{i}") for i in range(args.repeats))
+            if family == "bert":  # the seed baseline reads BERT checkpoints only; runs alternate so load drifts hit both
+                cli, baseline = [], []
+                for i in range(args.repeats):
+                    cli.append(time_cli(ref_dir, model_dir, root / f"{family}-seedcls{i}", "ffn,qk,vo,scale"))
+                    baseline.append(time_seed_baseline(ref_dir, model_dir, root / f"{family}-baseline{i}"))
+                median["cli_seed_classes"] = statistics.median(cli)
+                median["seed_baseline"] = statistics.median(baseline)
             median["params"] = sum(s.numel() for s in load_state_dict(open_checkpoint(ref_dir)).values())
             results["families"][family] = median
 
@@ -107,9 +125,16 @@ def main() -> None:
     for family, r in results["families"].items():
         cells = " | ".join(f"{r[s]:.2f}" for s in stages)
         lines.append(f"| {family} | {r['params'] / 1e6:.0f}M | {cells} | {r['relative_distance_before']:.4f} → {r['relative_distance_after']:.4f} |")
+    for family, r in results["families"].items():
+        if "seed_baseline" in r:
+            lines += ["", f"{family}, the seed paper's classes (`-s ffn,qk,vo,scale`) end to end: symmerge CLI {r['cli_seed_classes']:.2f} s, "
+                          f"benchmarks/seed_baseline.py {r['seed_baseline']:.2f} s: **{r['cli_seed_classes'] / r['seed_baseline']:.2f}×** "
+                          "(issue 10's target: ≤ 0.5×)."]
+    results["machine"]["load_average_end"] = os.getloadavg()
     table = "\n".join(lines)
     header = (f"Median of {args.repeats} runs, seconds (wall). {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
-              f"LAP: {results['machine']['lap_backend']}, load average at start {results['machine']['load_average'][0]:.2f}.\n"
+              f"LAP: {results['machine']['lap_backend']}, load average at start {results['machine']['load_average'][0]:.2f}, "
+              f"at end {results['machine']['load_average_end'][0]:.2f}.\n"
               "align_total = ffn + attention (with rescale) + apply + report; cli_end_to_end includes Python start-up, load and write.\n")
     print(header)
     print(table)
