@@ -176,7 +176,8 @@ def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: d
         e = p["endpoints"]
         scores = " / ".join(f"{r.get('test_accuracy', r.get('val_loss')):.4g}" for r in e)
         score_kind = 'accuracy' if 'test_accuracy' in e[0] and e[0]['test_accuracy'] is not None else 'val loss'
-        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {score_kind}: {scores}; {p['seconds']:.0f} s)", "",
+        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {score_kind}: {scores}; {p.get('points', 11)} points on the path; {p['seconds']:.0f} s, "
+                f"load {p['load'][0]:.1f} at its end)", "",
                 "| alignment | what | distance | Δ distance | midpoint loss | barrier | barrier cut vs vanilla | midpoint acc | align s |",
                 "|---|---|---|---|---|---|---|---|---|"]
         vanilla = next((r for r in p["rows"] if r["setting"] == "none"), None)
