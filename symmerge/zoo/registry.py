@@ -55,7 +55,7 @@ ZOO: dict[str, ZooEntry] = {
     "vit-fmnist-w256": ZooEntry(partial(train_vit, "fashion_mnist"), VIT_W256,
                                 "ViT, 6 layers, 8 heads, d 256, MLP 512, patch 7, 2 epochs on 30k Fashion-MNIST images: 84% test, ~390 s CPU"),
     "gpt2-shakespeare-w256": ZooEntry(train_char_gpt2, GPT2_W256, "character GPT-2, 6 layers, 4 heads, d 256, MLP 1024, context 256, "
-                                      "500 steps of 8 windows on Shakespeare: 2.44 nats/char (undertrained), ~630 s CPU"),
+                                      "500 steps of 8 windows on Shakespeare: 2.44–2.46 nats/char (undertrained), ~620 s CPU"),
 }
 
 
