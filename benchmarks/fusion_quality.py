@@ -7,6 +7,11 @@ activation and learned matching — the linear path between A and B' is evaluate
 Writes ``benchmarks/results/fusion_quality.{md,json}`` and one plot per pair.
 
     python benchmarks/fusion_quality.py [--pairs vit-digits vit-fmnist gpt2-shakespeare] [--points 11] [--learn-steps 100]
+    python benchmarks/fusion_quality.py --pairs vit-fmnist-w256 gpt2-shakespeare-w256 --kway --no-smollm2   # GLMC's shapes
+
+Pairs and the K-way/SmolLM2 sections not run this time are kept from the stored fusion_quality.json, so the report
+always shows every pair measured so far (each with the load average of its own run). ``--settings`` runs a subset
+of the rows (the others show as "–").
 """
 
 from __future__ import annotations
@@ -42,24 +47,38 @@ SETTINGS = [
     ("all,residual+repair", "data-free + REPAIR of FFN pre-activation statistics"),
     ("learn:all,residual+repair", "learned + REPAIR"),
 ]
+PAIRS = ["vit-digits", "vit-fmnist", "gpt2-shakespeare", "vit-fmnist-w256", "gpt2-shakespeare-w256"]  # report order
+WHAT = dict(SETTINGS)
 GLMC = {  # Theus et al. 2025, Table 2: vanilla → data-free weight matching → learned (their models and data, not ours)
     "ViT CIFAR-10": (1.69, 0.36, 0.00), "ViT CIFAR-100": (2.46, 0.69, 0.00), "ViT Tiny ImageNet": (2.84, 0.47, 0.00),
     "GPT-2 Tiny Shakespeare": (2.02, 0.34, 0.02), "GPT-2 BookCorpus": (4.34, 1.56, 0.42),
 }
 
 
-def pair_study(name: str, points: int, learn_steps: int, learn_seconds: float | None) -> dict:
+def pair_study(name: str, points: int, learn_steps: int, learn_seconds: float | None, settings: list[str]) -> dict:
     a_dir, b_dir = build(name, 0), build(name, 1)
     ca, cb = open_checkpoint(a_dir), open_checkpoint(b_dir)
     a, b = load_state_dict(ca), load_state_dict(cb)
     evaluate = make_evaluator("zoo", a_dir)
     calibration = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64)
     start = time.perf_counter()
-    study = run_study(a, b, ca.config, [s for s, _ in SETTINGS], evaluate, points=points, calibration=calibration, learn_steps=learn_steps,
+    study = run_study(a, b, ca.config, settings, evaluate, points=points, calibration=calibration, learn_steps=learn_steps,
                       learn_seconds=learn_seconds)
     plot = plot_curves([s.curve for s in study.settings], RESULTS / f"fusion_quality_{name}.png", title=f"{name}: seed 0 vs seed 1")
     return {"pair": name, "endpoints": [read_record(a_dir), read_record(b_dir)], "rows": study.rows(), "seconds": time.perf_counter() - start,
-            "plot": plot.name, "load": os.getloadavg(), "learn_seconds": learn_seconds, "learn_steps": learn_steps}
+            "plot": plot.name, "load": os.getloadavg(), "learn_seconds": learn_seconds, "learn_steps": learn_steps, "points": points}
+
+
+def barrier_cut(row: dict, vanilla: dict | None) -> str:
+    """How much of vanilla averaging's barrier an alignment removes: 1 − barrier / barrier(none)."""
+    if vanilla is None or vanilla["barrier"] <= 0:
+        return "–"
+    return f"{1 - row['barrier'] / vanilla['barrier']:.0%}"
+
+
+def ordered_pairs(done: dict[str, dict]) -> list[dict]:
+    """The stored pairs in report order: the known ones first, then any other in the order they were added."""
+    return [done[n] for n in PAIRS if n in done] + [p for n, p in done.items() if n not in PAIRS]
 
 
 def kway(k_values: list[int]) -> list[dict]:
@@ -157,13 +176,16 @@ def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: d
         e = p["endpoints"]
         scores = " / ".join(f"{r.get('test_accuracy', r.get('val_loss')):.4g}" for r in e)
         score_kind = 'accuracy' if 'test_accuracy' in e[0] and e[0]['test_accuracy'] is not None else 'val loss'
-        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {score_kind}: {scores}; {p['seconds']:.0f} s)", "",
-                "| alignment | what | distance | Δ distance | midpoint loss | barrier | midpoint acc | align s |", "|---|---|---|---|---|---|---|---|"]
-        base = p["rows"][0]["distance"]
-        for row, (_, what) in zip(p["rows"], SETTINGS):
+        out += [f"## {p['pair']} (seed 0 vs seed 1; endpoint {score_kind}: {scores}; {p.get('points', 11)} points on the path; {p['seconds']:.0f} s, "
+                f"load {p['load'][0]:.1f} at its end)", "",
+                "| alignment | what | distance | Δ distance | midpoint loss | barrier | barrier cut vs vanilla | midpoint acc | align s |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        vanilla = next((r for r in p["rows"] if r["setting"] == "none"), None)
+        for row in p["rows"]:
             acc = f"{row['midpoint_accuracy']:.2%}" if "midpoint_accuracy" in row else "–"
-            out.append(f"| `{row['setting']}` | {what} | {row['distance']:.4g} | {(row['distance'] - base) / base:+.1%} | {row['midpoint_loss']:.4f} | "
-                       f"{row['barrier']:.4f} | {acc} | {row['align_seconds']:.1f} |")
+            change = f"{(row['distance'] - vanilla['distance']) / vanilla['distance']:+.1%}" if vanilla else "–"
+            out.append(f"| `{row['setting']}` | {WHAT.get(row['setting'], '')} | {row['distance']:.4g} | {change} | {row['midpoint_loss']:.4f} | "
+                       f"{row['barrier']:.4f} | {barrier_cut(row, vanilla)} | {acc} | {row['align_seconds']:.1f} |")
         out += ["", f"![{p['pair']}]({p['plot']})", ""]
     if kway_rows:
         out += ["## K-model merge (digits ViTs: star to model 0 vs iterative `align_many`, data-free, plain mean)", "",
@@ -195,15 +217,17 @@ def main() -> None:
     parser.add_argument("--learn-seconds", type=float, default=150.0)
     parser.add_argument("--kway", type=int, nargs="*", default=[3, 4])
     parser.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--settings", nargs="+", default=[s for s, _ in SETTINGS], choices=[s for s, _ in SETTINGS], metavar="SETTING",
+                        help="the alignment rows to run (default: all)")
     args = parser.parse_args()
     machine = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     RESULTS.mkdir(exist_ok=True)
     previous = json.loads((RESULTS / "fusion_quality.json").read_text()) if (RESULTS / "fusion_quality.json").exists() else {}
     done = {p["pair"]: p for p in previous.get("pairs", [])}  # pairs not asked for this time are kept
     for name in args.pairs:
-        done[name] = pair_study(name, args.points, args.learn_steps, args.learn_seconds)
+        done[name] = pair_study(name, args.points, args.learn_steps, args.learn_seconds, args.settings)
         print(f"{name}: done in {done[name]['seconds']:.0f} s", flush=True)
-    pairs = [done[n] for n in ("vit-digits", "vit-fmnist", "gpt2-shakespeare") if n in done]
+    pairs = ordered_pairs(done)
     kway_rows = kway(args.kway) if args.kway else previous.get("kway", [])
     smollm2 = smollm2_row() if args.smollm2 else previous.get("smollm2")
     text = markdown(pairs, kway_rows, machine, smollm2)

@@ -433,7 +433,7 @@ def distance(
 
 @app.command()
 def zoo(
-    name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist or gpt2-shakespeare (or 'list').")],
+    name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist, gpt2-shakespeare, vit-fmnist-w256, gpt2-shakespeare-w256 (or 'list').")],
     seed: Annotated[Optional[list[int]], typer.Option("--seed", help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
 ) -> None:
     """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import re
+import string
 import time
 
 import pytest
 import torch
 import transformers
-from conftest import missing_asset
+from conftest import expect_cli_error, missing_asset, run_cli
 
 from symmerge.errors import SymmergeError
 from symmerge.zoo import ZOO, ZooEntry, build, evaluate, evaluate_classifier, evaluate_lm, lm_windows, read_record
 from symmerge.zoo import data as zoo_data
-from symmerge.zoo.train import train_char_gpt2, train_vit
+from symmerge.zoo.train import char_gpt2_config, train_char_gpt2, train_vit, vit_config, vit_recipe
 
 TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=8, batch_size=64, lr=3e-3)
 TINY_GPT2 = dict(layers=2, hidden=32, heads=4, context=32, steps=30, batch_size=16, lr=1e-2, val_windows=32)
@@ -110,8 +113,55 @@ def test_build_caches_and_never_leaves_a_partial_model(tmp_path, monkeypatch):
         build("no-such-model", 0, root=tmp_path)
 
 
-def test_registry_names_the_three_models():
-    assert {"vit-digits", "vit-fmnist", "gpt2-shakespeare"} <= set(ZOO)
+def test_registry_names_the_models():
+    assert {"vit-digits", "vit-fmnist", "gpt2-shakespeare", "vit-fmnist-w256", "gpt2-shakespeare-w256"} <= set(ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_recipe_binds_to_its_trainer(name, tmp_path):
+    """A recipe's keyword arguments are ones its trainer takes (build() passes seed, out_dir, progress and them),
+    and its description says what it costs and scores — all checked without training."""
+    entry = ZOO[name]
+    inspect.signature(entry.train).bind(0, tmp_path, progress=False, **entry.kwargs)
+    assert re.search(r"\d (s|min)\b", entry.description), f"no measured training time in {entry.description!r}"
+    with pytest.raises(TypeError):                                   # negative control: a misspelt hyperparameter
+        inspect.signature(entry.train).bind(0, tmp_path, progress=False, **entry.kwargs, hiden=256)
+
+
+def test_w256_vit_has_glmc_shapes():
+    """GLMC's ViT: 6 layers, 8 heads, width 256, MLP 512 — here on 28×28 Fashion-MNIST with 7×7 patches (16 + [CLS] tokens)."""
+    entry = ZOO["vit-fmnist-w256"]
+    assert entry.train.args == ("fashion_mnist",)
+    hp = vit_recipe("fashion_mnist", **{k: v for k, v in entry.kwargs.items() if k != "threads"})
+    assert (hp["layers"], hp["heads"], hp["hidden"], hp["mlp"], hp["patch"]) == (6, 8, 256, 512, 7)
+    assert 28 % hp["patch"] == 0 and hp["hidden"] % hp["heads"] == 0
+    model = transformers.ViTForImageClassification(vit_config(hp, 28, [f"class {i}" for i in range(10)]))
+    assert model.vit.embeddings.position_embeddings.shape == (1, 16 + 1, 256)
+    weights = model.state_dict()
+    assert len(model.vit.layers) == 6 and weights["vit.layers.0.mlp.fc1.weight"].shape == (512, 256)
+    assert weights["vit.layers.5.attention.q_proj.weight"].shape == (256, 256) and model.config.num_attention_heads == 8
+    assert model(pixel_values=torch.zeros(2, 1, 28, 28)).logits.shape == (2, 10)
+    with pytest.raises(ValueError, match="hiden"):                   # negative control
+        vit_recipe("fashion_mnist", hiden=256)
+
+
+def test_w256_char_gpt2_has_glmc_shapes():
+    """GLMC's character GPT-2: 6 layers, 4 heads, width 256, MLP 1024, context 256."""
+    kwargs = ZOO["gpt2-shakespeare-w256"].kwargs
+    vocab = "\n" + string.ascii_letters + " .,;:!?'-&$3"
+    config = char_gpt2_config(vocab, **{k: kwargs[k] for k in ("layers", "hidden", "heads", "context")})
+    model = transformers.GPT2LMHeadModel(config)
+    assert (config.n_layer, config.n_head, config.n_embd, config.n_positions) == (6, 4, 256, 256)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (256, 1024)     # Conv1D: (in, out)
+    assert model.transformer.wpe.weight.shape == (256, 256) and config.bos_token_id == vocab.index("\n")
+    assert model(input_ids=torch.zeros(1, kwargs["context"], dtype=torch.long)).logits.shape == (1, 256, len(vocab))
+
+
+def test_cli_zoo_lists_every_entry(capsys):
+    code, out, _ = run_cli(capsys, "zoo", "list")
+    assert code == 0 and all(name in out for name in ZOO)
+    assert "vit-fmnist-w256" in out and "gpt2-shakespeare-w256" in out
+    expect_cli_error(capsys, "vit-fmnist-w256", "zoo", "no-such-model")
 
 
 def test_idx_parser(tmp_path):

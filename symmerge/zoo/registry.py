@@ -40,6 +40,9 @@ class ZooEntry:
     description: str = ""
 
 
+VIT_W256 = dict(layers=6, hidden=256, heads=8, mlp=512, patch=7, epochs=2, batch_size=128, lr=1.5e-3, train_size=30000, threads=2)
+GPT2_W256 = dict(layers=6, hidden=256, heads=4, context=256, steps=500, batch_size=8, lr=2e-3, val_windows=128, threads=2)
+
 ZOO: dict[str, ZooEntry] = {
     "vit-digits": ZooEntry(partial(train_vit, "digits"), {}, "ViT, 4 layers, d 64, patch 2, 30 epochs on 8×8 digits: 96–98% test, 20–25 s"),
     # half the FFN width of vit-digits (same hidden size, heads, depth): a narrow/wide pair for models of different
@@ -47,6 +50,12 @@ ZOO: dict[str, ZooEntry] = {
     "vit-digits-narrow": ZooEntry(partial(train_vit, "digits"), {"mlp": 64}, "vit-digits with FFN width 64 instead of 128: ~20 s"),
     "vit-fmnist": ZooEntry(partial(train_vit, "fashion_mnist"), {}, "ViT, 4 layers, d 128, patch 7, 3 epochs on 40k Fashion-MNIST images: 85% test, ~150 s"),
     "gpt2-shakespeare": ZooEntry(train_char_gpt2, {}, "character GPT-2, 4 layers, d 128, context 128, 600 steps on Shakespeare: 1.85 nats/char, ~5.5 min"),
+    # At GLMC's shapes (Theus et al. 2025: ViT 6 layers × 8 heads, d 256, MLP 512; GPT-2 6 layers × 4 heads, d 256, MLP 1024,
+    # context 256), with schedules cut to 6–11 CPU-minutes each (2 threads) for a shared 2-core machine: short of GLMC's training.
+    "vit-fmnist-w256": ZooEntry(partial(train_vit, "fashion_mnist"), VIT_W256,
+                                "ViT, 6 layers, 8 heads, d 256, MLP 512, patch 7, 2 epochs on 30k Fashion-MNIST images: 84% test, ~390 s CPU"),
+    "gpt2-shakespeare-w256": ZooEntry(train_char_gpt2, GPT2_W256, "character GPT-2, 6 layers, 4 heads, d 256, MLP 1024, context 256, "
+                                      "500 steps of 8 windows on Shakespeare: 2.44–2.46 nats/char (undertrained), ~620 s CPU"),
 }
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -76,6 +77,35 @@ def _save(model, out_dir: Path, record: dict, progress: bool) -> Path:
     return out_dir
 
 
+def vit_recipe(dataset: str, **given) -> dict:
+    """The hyperparameters of a ViT run on ``dataset``: ``given`` over the dataset's defaults (``VIT_DEFAULTS``;
+    a value of None takes the default)."""
+    if dataset not in VIT_DEFAULTS:
+        raise ValueError(f"dataset must be one of {sorted(VIT_DEFAULTS)}, not {dataset!r}")
+    unknown = set(given) - set(VIT_DEFAULTS[dataset])
+    if unknown:
+        raise ValueError(f"unknown ViT hyperparameters: {', '.join(sorted(unknown))}")
+    return {k: given[k] if given.get(k) is not None else default for k, default in VIT_DEFAULTS[dataset].items()}
+
+
+def vit_config(hp: dict, image_size: int, class_names: Sequence[str]) -> transformers.ViTConfig:
+    """The ``ViTConfig`` of recipe ``hp`` for one-channel ``image_size`` images and ``class_names`` labels."""
+    return transformers.ViTConfig(
+        image_size=image_size, patch_size=hp["patch"], num_channels=1, num_labels=len(class_names),
+        num_hidden_layers=hp["layers"], hidden_size=hp["hidden"], num_attention_heads=hp["heads"], intermediate_size=hp["mlp"],
+        id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)},
+    )
+
+
+def char_gpt2_config(vocab: Sequence[str], *, layers: int, hidden: int, heads: int, context: int) -> transformers.GPT2Config:
+    """The ``GPT2Config`` of a character model over ``vocab``: MLP width 4 × ``hidden``, no dropout, newline as BOS/EOS."""
+    return transformers.GPT2Config(
+        vocab_size=len(vocab), n_positions=context, n_embd=hidden, n_layer=layers, n_head=heads,
+        n_inner=4 * hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=vocab.index("\n"), eos_token_id=vocab.index("\n"),
+    )
+
+
 def train_vit(
     dataset: str,
     seed: int,
@@ -96,19 +126,12 @@ def train_vit(
     """Train a ``ViTForImageClassification`` on ``dataset`` ("digits" or "fashion_mnist") from ``seed`` and save it
     to ``out_dir``; arguments left as None take the dataset's defaults (``VIT_DEFAULTS``). ``train_size`` keeps a
     fixed subset of Fashion-MNIST's training images. Returns ``out_dir``."""
-    if dataset not in VIT_DEFAULTS:
-        raise ValueError(f"dataset must be one of {sorted(VIT_DEFAULTS)}, not {dataset!r}")
-    given = dict(layers=layers, hidden=hidden, heads=heads, mlp=mlp, patch=patch, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size)
-    hp = {k: given[k] if given[k] is not None else default for k, default in VIT_DEFAULTS[dataset].items()}
+    hp = vit_recipe(dataset, layers=layers, hidden=hidden, heads=heads, mlp=mlp, patch=patch, epochs=epochs, batch_size=batch_size, lr=lr,
+                    train_size=train_size)
     data = load_digits() if dataset == "digits" else load_fashion_mnist(train_size=hp["train_size"])
     with _torch_threads(threads):
         torch.manual_seed(seed)
-        config = transformers.ViTConfig(
-            image_size=data.image_size, patch_size=hp["patch"], num_channels=1, num_labels=len(data.class_names),
-            num_hidden_layers=hp["layers"], hidden_size=hp["hidden"], num_attention_heads=hp["heads"], intermediate_size=hp["mlp"],
-            id2label=dict(enumerate(data.class_names)), label2id={name: i for i, name in enumerate(data.class_names)},
-        )
-        model = transformers.ViTForImageClassification(config)
+        model = transformers.ViTForImageClassification(vit_config(hp, data.image_size, data.class_names))
         n = len(data.train_labels)
         batches_per_epoch = math.ceil(n / hp["batch_size"])
         steps = hp["epochs"] * batches_per_epoch
@@ -168,12 +191,7 @@ def train_char_gpt2(
     hp = dict(layers=layers, hidden=hidden, heads=heads, context=context, steps=steps, batch_size=batch_size, lr=lr, val_windows=val_windows)
     with _torch_threads(threads):
         torch.manual_seed(seed)
-        config = transformers.GPT2Config(
-            vocab_size=len(corpus.vocab), n_positions=context, n_embd=hidden, n_layer=layers, n_head=heads,
-            n_inner=4 * hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=corpus.vocab.index("\n"), eos_token_id=corpus.vocab.index("\n"),
-        )
-        model = transformers.GPT2LMHeadModel(config)
+        model = transformers.GPT2LMHeadModel(char_gpt2_config(corpus.vocab, layers=layers, hidden=hidden, heads=heads, context=context))
         opt, schedule = _optimizer(model, lr, steps)
         batches = torch.Generator().manual_seed(seed)
 
