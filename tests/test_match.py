@@ -228,3 +228,41 @@ def test_gqa_head_assignment_recovers_planted_groups():
     scrambled = transform_heads(ref, x)
     y, _ = match_heads(ref, scrambled, qk=True, vo=True, scale=True, heads=True)
     assert _distance(transform_heads(scrambled, y), ref) <= 1e-18 * _distance(ref, scrambled)
+
+
+def test_head_matching_on_equivalent_rows_equals_matching_on_all_positions():
+    """Activation matching keeps only the Gram matrix of [q of both models] (k, v alike) over the calibration positions and
+    rebuilds activations with the same inner products (:func:`_equivalent_rows`): head matching then finds the element
+    it finds on all the positions (every quantity it uses contracts over positions). Negative control: rows that keep
+    only the reference's blocks' inner products (the model's Gram rebuilt separately) lose the cross-correlations and
+    find a different element."""
+    from symmerge.groups.heads import HeadTensors
+    from symmerge.match.activations import _equivalent_rows
+    from symmerge.match.attention import match_heads
+
+    g = torch.Generator().manual_seed(0)
+    n, h, dh = 600, 4, 8
+    ref = [torch.randn(n, h * dh, generator=g) for _ in range(3)]
+    # the model: the reference's heads shuffled and rotated, plus noise
+    perm = torch.randperm(h, generator=g)
+    rot = torch.linalg.qr(torch.randn(h, dh, dh, generator=g))[0]
+    model = [torch.einsum("nhd,hde->nhe", x.reshape(n, h, dh)[:, perm], rot).reshape(n, h * dh) + 0.1 * torch.randn(n, h * dh, generator=g)
+             for x in ref]
+
+    def heads(parts: list[torch.Tensor]) -> HeadTensors:
+        q, k, v = (t.reshape(t.shape[0], h, dh).permute(1, 2, 0) for t in parts)
+        return HeadTensors(q, torch.zeros(h, dh), k, torch.zeros(h, dh), v, torch.zeros(h, dh), torch.zeros(h, 1, dh))
+
+    def match(r, m):
+        x, _ = match_heads(heads(r), heads(m), qk=True, vo=True, scale=False, heads=True, rope=False, qk_fixed=False)
+        return x
+
+    grams = [torch.cat([r, m], dim=1).double() for r, m in zip(ref, model)]
+    rows = [_equivalent_rows(z.T @ z, [h * dh] * 2) for z in grams]
+    full, compact = match(ref, model), match([r for r, _ in rows], [m for _, m in rows])
+    assert torch.equal(full.perm, compact.perm)
+    assert torch.allclose(full.qk_rotation, compact.qk_rotation, atol=1e-4)
+    assert torch.allclose(full.vo_rotation, compact.vo_rotation, atol=1e-4)
+    wrong = match([_equivalent_rows(r.double().T @ r.double(), [h * dh])[0] for r in ref],
+                  [_equivalent_rows(m.double().T @ m.double(), [h * dh])[0] for m in model])
+    assert not (torch.equal(wrong.perm, full.perm) and torch.allclose(wrong.qk_rotation, full.qk_rotation, atol=1e-2))

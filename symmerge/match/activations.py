@@ -11,6 +11,9 @@ residual stream (every layer's hidden states). Then, with activations as the row
 
 Per-layer activations are unchanged by the residual map (it is a symmetry), so the residual and per-layer problems
 decouple: each is solved once, no alternation.
+
+Memory does not grow with the calibration set: the models run batch by batch and only sums over positions are kept
+(:func:`accumulate_statistics`); head matching runs on rows rebuilt from Gram matrices (:func:`_equivalent_rows`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,10 @@ import torch
 
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, require_residual
-from symmerge.groups.ffn import FFNTensors
 from symmerge.groups.heads import HeadTensors, read_heads
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.io.hf import build_model, untied_config
 from symmerge.match.attention import match_heads
-from symmerge.match.ffn import ffn_similarity
 from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
 from symmerge.match.residual import solve_residual
@@ -41,15 +42,16 @@ def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def record_activations(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], residual: bool) -> dict:
-    """Per group of the live module's spec: FFN hidden (N, d_ff), q (N, H·d_h), k, v (N, H_kv·d_h); residual
-    hidden states (N·layers, d). N counts every position of every batch (padding included for fixed windows)."""
+def record_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], residual: bool) -> tuple[dict, ModelSpec]:
+    """One batch's activations, per group of the live module's spec: FFN hidden (N, d_ff), q (N, H·d_h), k, v
+    (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of (N, d). N counts every
+    position of the batch (padding included for fixed windows)."""
     spec = spec_for(model.config, model.state_dict().keys())
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
     def keep(name: str, rows: tuple[int, int] | None = None, use_input: bool = False):
-        def hook(module, inputs, output):
+        def hook(module, inputs, output):  # a module may run more than once (DeBERTa projects relative positions too)
             t = (inputs[0] if use_input else output).detach().float()
             t = t.reshape(-1, t.shape[-1])
             store[name].append(t[:, rows[0]:rows[1]] if rows else t)
@@ -64,17 +66,64 @@ def record_activations(model: torch.nn.Module, batches: Iterable[Mapping[str, to
     model.eval()
     device = next(model.parameters()).device
     try:
-        for batch in batches:
-            # activations need no loss: labels stay out of the forward pass
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-            out = model(**inputs, output_hidden_states=residual)
-            if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
-                store["residual"].extend(h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1])
+        # activations need no loss: labels stay out of the forward pass
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, output_hidden_states=residual)
+        if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
+            store["residual"] = [h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1]]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: torch.cat(v) for k, v in store.items()}, spec
+    return {k: v if k == "residual" else torch.cat(v) for k, v in store.items()}, spec
+
+
+HEAD_PARTS = ("q", "k", "v")
+
+
+@torch.no_grad()
+def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+                          residual: bool) -> tuple[dict, ModelSpec]:
+    """The sums over every calibration position that activation matching needs, accumulated batch by batch (float64)
+    so memory does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model):
+
+    - ``name/ffn``: ``H_ref^T H_model`` (d_ff × d_ff), the FFN similarity itself;
+    - ``name/q`` (``k``, ``v``): the Gram matrix ``Z^T Z`` of ``Z = [q of the reference | q of the model]`` (positions as
+      rows), from which :func:`_equivalent_rows` rebuilds activations with the same inner products (one per part: q,
+      k and v are never contracted with each other, and may count different positions);
+    - ``residual``: ``Σ_layers H_model^T H_ref`` (d × d)."""
+    sums: dict[str, torch.Tensor] = {}
+    live = None
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = value if key not in sums else sums[key] + value
+
+    for batch in batches:
+        ref_acts, live = record_activations(reference, batch, residual)
+        model_acts, _ = record_activations(model, batch, residual)
+        for g in live.ffn:
+            add(g.name + "/ffn", ref_acts[g.name + "/hidden"].double().T @ model_acts[g.name + "/hidden"].double())
+        for g in live.attention:
+            for part in HEAD_PARTS:
+                z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1).double()
+                add(f"{g.name}/{part}", z.T @ z)
+        if residual:
+            add("residual", sum(hm.double().T @ hr.double() for hm, hr in zip(model_acts["residual"], ref_acts["residual"])))
+        del ref_acts, model_acts
+    if live is None:
+        raise SymmergeError("activation matching needs calibration data: the calibration set is empty")
+    return sums, live
+
+
+def _equivalent_rows(gram: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Activations with the inner products of the recorded ones: ``Z' = Λ^{1/2} U^T`` for ``Z^T Z = U Λ U^T``
+    (eigendecomposition), so ``Z'^T Z' = Z^T Z`` with as many rows as ``Z`` has columns instead of one per position;
+    split by column into the blocks of ``widths``. Every quantity head matching computes from activations — the
+    cross-correlations ``Σ q_ref q_model^T``, norms, the quartic's sums — contracts over positions, so it is the same
+    on ``Z'`` (up to float rounding): the element is that of the full activations."""
+    values, vectors = torch.linalg.eigh(gram)
+    rows = (values.clamp_min(0).sqrt()[:, None] * vectors.T).float()
+    return list(torch.split(rows, widths, dim=1))
 
 
 def _head_activations(acts: dict, name: str, h: int, kv: int, dh: int, o: torch.Tensor, o_scale: float) -> HeadTensors:
@@ -98,24 +147,24 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
     residual = "residual" in symmetries
     if device is not None:
         reference, model = reference.to(device), model.to(device)
-    ref_acts, live = record_activations(reference, batches, residual)
-    model_acts, _ = record_activations(model, batches, residual)
+    sums, live = accumulate_statistics(reference, model, batches, residual)
     transform, details = ModelTransform(), {}
     if residual:  # first: the W_O columns read below must be compared in one residual basis
         group = require_residual(spec)
-        m = model_acts["residual"].double().T @ ref_acts["residual"].double()
-        transform.residual = solve_residual(m, group.kind)
+        transform.residual = solve_residual(sums["residual"], group.kind)
         reference_state = fold_norms(reference_state, group)
         model_state = apply_residual(fold_norms(model_state, group), group, transform.residual)
     if "ffn" in symmetries:
         for g_live, g in zip(live.ffn, spec.ffn):
-            s = ffn_similarity(FFNTensors([ref_acts[g_live.name + "/hidden"].T], [], []), FFNTensors([model_acts[g_live.name + "/hidden"].T], [], []),
-                               device)
-            transform.ffn[g.name] = torch.from_numpy(solve_lap(s.cpu()))
+            transform.ffn[g.name] = torch.from_numpy(solve_lap(sums[g_live.name + "/ffn"].float().cpu()))
     if symmetries & {"qk", "vo", "scale", "heads"}:
         ref_view, model_view = StateView(reference_state), StateView(model_state)
         for g_live, g in zip(live.attention, spec.attention):
             h, kv, dh = g.num_heads, g.kv_heads, g.head_dim
+            ref_acts, model_acts = {}, {}
+            for part, width in zip(HEAD_PARTS, (h * dh, kv * dh, kv * dh)):
+                key = f"{g_live.name}/{part}"
+                ref_acts[key], model_acts[key] = _equivalent_rows(sums[key], [width, width])
             o_ref, o_model = read_heads(ref_view, g).o, read_heads(model_view, g).o
             # weigh the O side like the V side: ‖v_ref‖ / ‖W_O,ref‖
             o_scale = float(ref_acts[f"{g_live.name}/v"].norm().cpu() / o_ref.norm().clamp_min(1e-30))
