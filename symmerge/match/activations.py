@@ -42,11 +42,10 @@ def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def record_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], residual: bool) -> tuple[dict, ModelSpec]:
-    """One batch's activations, per group of the live module's spec: FFN hidden (N, d_ff), q (N, H·d_h), k, v
+def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool) -> dict:
+    """One batch's activations, per group of ``spec`` (the live module's): FFN hidden (N, d_ff), q (N, H·d_h), k, v
     (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of (N, d). N counts every
     position of the batch (padding included for fixed windows)."""
-    spec = spec_for(model.config, model.state_dict().keys())
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
@@ -75,7 +74,7 @@ def record_activations(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v if k == "residual" else torch.cat(v) for k, v in store.items()}, spec
+    return {k: v if k == "residual" else torch.cat(v) for k, v in store.items()}
 
 
 HEAD_PARTS = ("q", "k", "v")
@@ -92,15 +91,15 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
       rows), from which :func:`_equivalent_rows` rebuilds activations with the same inner products (one per part: q,
       k and v are never contracted with each other, and may count different positions);
     - ``residual``: ``Σ_layers H_model^T H_ref`` (d × d)."""
+    live = spec_for(reference.config, reference.state_dict().keys())  # both modules are built from one config
     sums: dict[str, torch.Tensor] = {}
-    live = None
 
     def add(key: str, value: torch.Tensor) -> None:
         sums[key] = value if key not in sums else sums[key] + value
 
     for batch in batches:
-        ref_acts, live = record_activations(reference, batch, residual)
-        model_acts, _ = record_activations(model, batch, residual)
+        ref_acts = record_activations(reference, live, batch, residual)
+        model_acts = record_activations(model, live, batch, residual)
         for g in live.ffn:
             add(g.name + "/ffn", ref_acts[g.name + "/hidden"].double().T @ model_acts[g.name + "/hidden"].double())
         for g in live.attention:
@@ -110,7 +109,7 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
         if residual:
             add("residual", sum(hm.double().T @ hr.double() for hm, hr in zip(model_acts["residual"], ref_acts["residual"])))
         del ref_acts, model_acts
-    if live is None:
+    if not sums:
         raise SymmergeError("activation matching needs calibration data: the calibration set is empty")
     return sums, live
 
