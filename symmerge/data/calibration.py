@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from symmerge.errors import SymmergeError
+from symmerge.lazy import lazy_module
 from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
 from symmerge.zoo.evaluate import lm_windows
 from symmerge.zoo.registry import read_record
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 # files from which a Hugging Face tokenizer can be built (without one, transformers 5 silently builds an empty one)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -216,7 +218,7 @@ def _load_tokenizer(path: Path, model_dir: str | Path | None):
     tokenizer = None
     if has_files:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except Exception:  # noqa: BLE001 - transformers raises many types here
             tokenizer = None
     # transformers 5 builds an empty tokenizer from a bare config: a vocabulary of special tokens only is no tokenizer

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from symmerge.errors import SymmergeError
+from symmerge.lazy import lazy_module
 from symmerge.zoo.evaluate import evaluate_classifier, evaluate_lm
 from symmerge.zoo.registry import evaluation_data, read_record
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 Evaluator = Callable[[torch.nn.Module], dict]
 
@@ -43,7 +45,7 @@ def make_evaluator(spec: str, model_dir: Path, *, max_length: int = 128, windows
             raise SymmergeError(f"{path}: float inputs need labels (a classifier); integer inputs alone are LM tokens")
         return partial(evaluate_lm, tokens=inputs.long().reshape(-1), context=max_length, windows=windows)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise SymmergeError(f"--data {spec}: a text file is tokenised with the model's tokenizer, and {model_dir} has none ({type(e).__name__})") from None
     tokens = torch.tensor(tokenizer(path.read_text())["input_ids"], dtype=torch.long)

@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import load_file
-from transformers.pytorch_utils import Conv1D
 
 from symmerge.errors import SymmergeError
+from symmerge.lazy import lazy_module
+
+transformers = lazy_module("transformers")  # ~1 s to import; most commands never build a model
+pytorch_utils = lazy_module("transformers.pytorch_utils")
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -104,8 +106,8 @@ def linear_layout(model: torch.nn.Module) -> dict[str, bool]:
     """Weight key → True when stored in×out (``Conv1D``), for every linear layer (RegMean solves in out×in)."""
     layout = {}
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            layout[f"{name}.weight"] = isinstance(module, Conv1D)
+        if isinstance(module, (torch.nn.Linear, pytorch_utils.Conv1D)):
+            layout[f"{name}.weight"] = isinstance(module, pytorch_utils.Conv1D)
     return layout
 
 

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
 
 from symmerge.errors import SymmergeError, cut
+from symmerge.lazy import lazy_module
+
+# huggingface_hub's download client costs ~0.3 s to import; only repo ids need it (symmerge/lazy.py)
+huggingface_hub = lazy_module("huggingface_hub")
+hub_errors = lazy_module("huggingface_hub.errors")
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?")
 
@@ -45,11 +48,11 @@ def hub_snapshot(ref: str, what: str) -> Path | None:
     repo, _, revision = ref.partition("@")
     local_only = offline()
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=local_only))
-    except LocalEntryNotFoundError:
+        return Path(huggingface_hub.snapshot_download(repo, revision=revision or None, local_files_only=local_only))
+    except hub_errors.LocalEntryNotFoundError:
         how = "not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if local_only else "neither in the local cache nor downloadable"
         raise SymmergeError(f"{what}: {cut(ref)} is not a local folder, and as a Hugging Face repo id it is {how}") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:160]
         raise SymmergeError(f"{what}: {cut(ref)} is not a local folder, and as a Hugging Face repo id it failed: {reason}") from None
 

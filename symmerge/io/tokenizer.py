@@ -7,11 +7,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
 from tokenizers import AddedToken
 
 from symmerge.errors import SymmergeError, cut
 from symmerge.io.checkpoint import TOKENIZER_FILES
+from symmerge.lazy import lazy_module
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 
 @dataclass(frozen=True)

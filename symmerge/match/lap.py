@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from symmerge.lazy import lazy_module
+
+optimize = lazy_module("scipy.optimize")  # ~0.4 s to import; only rectangular costs and the no-lapx fallback use it
 
 try:  # lapx installs the module ``lap``
     from lap import lapjvh as _lapjvh
@@ -46,7 +49,7 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
     if not np.isfinite(s).all():
         raise ValueError("solve_lap: the similarity matrix holds NaN or Inf")
     if s.shape[0] > s.shape[1]:
-        rows, cols = linear_sum_assignment(s, maximize=True)
+        rows, cols = optimize.linear_sum_assignment(s, maximize=True)
         col_for_row = np.full(s.shape[0], -1, dtype=np.int64)
         col_for_row[rows] = cols
         return col_for_row
@@ -57,7 +60,7 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
         # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (measured in benchmarks/lap_solvers.py).
         rows, cols = _lapjvh(np.negative(s, dtype=np.float32), return_cost=False)
     else:
-        rows, cols = linear_sum_assignment(s, maximize=True)
+        rows, cols = optimize.linear_sum_assignment(s, maximize=True)
     col_for_row = np.empty(s.shape[0], dtype=np.int64)
     col_for_row[rows] = cols
     return col_for_row

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.pytorch_utils import Conv1D
 
 from symmerge.errors import SymmergeError
+from symmerge.lazy import lazy_module
+
+modeling_auto = lazy_module("transformers.models.auto.modeling_auto")  # imported on first use (~1 s): see symmerge/lazy.py
+pytorch_utils = lazy_module("transformers.pytorch_utils")
 
 # tensors laid out along the token axis: right padding can be cut from these (see _strip_right_padding)
 _TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels"})
@@ -234,7 +236,7 @@ def _float_outputs(out) -> list[torch.Tensor]:
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
-    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     return any(cls.__name__ in names for cls in type(model).__mro__)
 
 
@@ -307,7 +309,7 @@ def input_grams(
         return fn
 
     handles = [module.register_forward_hook(hook(f"{name}.weight")) for name, module in model.named_modules()
-               if isinstance(module, (torch.nn.Linear, Conv1D))]
+               if isinstance(module, (torch.nn.Linear, pytorch_utils.Conv1D))]
     was_training = model.training
     model.eval()
     seen = 0

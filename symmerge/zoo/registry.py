@@ -21,11 +21,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import transformers
 
+from symmerge.lazy import lazy_module
 from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
 from symmerge.zoo.evaluate import evaluate_classifier, evaluate_lm
 from symmerge.zoo.train import ZOO_JSON, train_char_gpt2, train_vit
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 DEFAULT_ROOT = Path(".cache/zoo")
 COMPLETE = ("config.json", "model.safetensors", ZOO_JSON)

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from tqdm.auto import tqdm
 
+from symmerge.lazy import lazy_module
 from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
 from symmerge.zoo.evaluate import evaluate_classifier, evaluate_lm
+
+transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
 ZOO_JSON = "zoo.json"
 
