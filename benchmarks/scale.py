@@ -246,7 +246,10 @@ def commands(job: str, ck: dict[str, Path], out: Path) -> list[str]:
                        f"parameters: {{normalize: true, lambda: 1.0}}\nmodels:\n  - model: {ft}\n    parameters: {{weight: 1.0, density: 0.2}}\n")
     else:
         raise SystemExit(f"unknown job {job}")
-    return [str(MK_VENV / "bin" / "mergekit-yaml"), str(cfg), str(out), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"]
+    # through the venv's interpreter: the mergekit-yaml script's shebang names the folder the venv was created in
+    mergekit_yaml = [str(MK_VENV / "bin" / "python"), "-c", "import sys; from mergekit.scripts.run_yaml import main; "
+                     "sys.argv[0] = 'mergekit-yaml'; sys.exit(main())"]
+    return [*mergekit_yaml, str(cfg), str(out), "--no-copy-tokenizer", "--quiet", "--no-write-model-card"]
 
 
 def main() -> None:
