@@ -94,6 +94,54 @@ parameters: {{density: 0.5, weight: 0.2, lambda: [1, 2, 3, 4], normalize: false}
     assert params["density"] == [1.0, 0.5] and params["lambda_"] == 1.0
 
 
+def test_the_default_module_form_is_the_top_level_form_and_its_parameters_rank_between_slice_and_recipe(llamas, tmp_path, capsys):
+    """mergekit's ``modules: {default: ...}`` (its own normal form for text models): the module's parameters come
+    after a model's and a slice's and before the recipe's, and a filter with no entry for a tensor falls through to
+    the recipe's value, as in mergekit's ConfigReader.parameter_sources."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    plan = _plan(tmp_path, f"""
+modules:
+  default:
+    models:
+      - model: {a}
+        parameters: {{density: 0.9}}
+      - model: {b}
+    parameters: {{density: 0.3, lambda: [{{filter: mlp, value: 2.0}}]}}
+merge_method: ties
+base_model: {base}
+parameters: {{density: 0.5, lambda: 0.7, weight: 1.0}}
+""")
+    mlp, attn = "model.layers.1.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    params, weights = tensor_parameters(plan, mlp, *plan.position(mlp), [(0, mlp), (1, mlp)])
+    assert params["density"] == [0.9, 0.3] and params["lambda_"] == 2.0 and weights == [1.0, 1.0]
+    params, _ = tensor_parameters(plan, attn, *plan.position(attn), [(0, attn), (1, attn)])
+    assert params["lambda_"] == 0.7  # the module's filter has no entry for attention: the recipe's value
+
+    # the same merge written both ways gives the same tensors
+    top, _ = _merge(capsys, tmp_path / "top", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
+                                              "parameters: {weight: [1, 0.2]}\nalignment: none\n")
+    mod, _ = _merge(capsys, tmp_path / "mod", f"modules: {{default: {{models: [{{model: {a}}}, {{model: {b}}}], "
+                                              "parameters: {weight: [1, 0.2]}}}\nmerge_method: linear\n"
+                                              "parameters: {weight: 0.5}\nalignment: none\n")
+    assert top.keys() == mod.keys() and all(torch.equal(top[k], mod[k]) for k in top)
+    half, _ = _merge(capsys, tmp_path / "half", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
+                                               "parameters: {weight: 0.5}\nalignment: none\n")
+    assert not torch.equal(half["model.layers.3.mlp.up_proj.weight"], mod["model.layers.3.mlp.up_proj.weight"])  # control
+
+
+def test_modules_other_than_the_default_one_are_refused(llamas, tmp_path, capsys):
+    a = llamas["a"]
+    for text, message in [
+        (f"modules: {{default: {{models: [{{model: {a}}}]}}}}\nmodels: [{{model: {a}}}]\nmerge_method: linear\n",
+         "exactly one of models, slices or modules"),
+        (f"modules: {{default: {{models: [{{model: {a}}}], extra: 1}}}}\nmerge_method: linear\n", "modules.default: unknown key 'extra'"),
+        ("modules: {default: {parameters: {t: 0.5}}}\nmerge_method: linear\n", "modules.default: give exactly one of models or slices"),
+        (f"module_parameters: {{weight: 1}}\nmodels: [{{model: {a}}}]\nmerge_method: linear\n", "module_parameters: unknown key"),
+    ]:
+        (tmp_path / "r.yaml").write_text(text)
+        expect_cli_error(capsys, message, "merge", tmp_path / "r.yaml", tmp_path / "o")
+
+
 def test_weight_gradients_and_filters_merge_the_expected_tensors(llamas, tmp_path, capsys):
     a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
     out, _ = _merge(capsys, tmp_path, f"""

@@ -199,6 +199,35 @@ class DataBlock(BaseModel):
     batch_size: int = Field(8, gt=0)
 
 
+def _lift_default_module(raw: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's ``modules:`` form for a single-module model, as the top-level form it stands for. mergekit names
+    the one module of every text-only architecture ``default`` and normalises ``models:`` / ``slices:`` into
+    ``modules: {default: ...}`` itself (``mergekit/plan.py``); the module's ``parameters`` rank below a slice's and
+    above the recipe's (``ConfigReader.parameter_sources``), kept here as ``module_parameters``."""
+    modules = raw.pop("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise ValueError("modules: takes a mapping of module names to {models: ...} or {slices: ...}")
+    if list(modules) != ["default"]:
+        names = ", ".join(shorten(str(k), 40) for k in list(modules)[:4])
+        raise ValueError(f"modules: {names}: only the single module of a text model, default, is supported (multi-module "
+                         "vision-language or multi-tower recipes merge each module separately in mergekit; symmerge does not)")
+    module = modules["default"]
+    if not isinstance(module, dict):
+        raise ValueError("modules.default: takes models: or slices: (and optionally parameters:)")
+    unknown = sorted(set(module) - {"models", "slices", "parameters"})
+    if unknown:
+        raise ValueError(f"modules.default: unknown key {shorten(unknown[0], 40)} (it takes models, slices and parameters)")
+    if raw.get("models") or raw.get("slices"):
+        raise ValueError("a recipe has exactly one of models, slices or modules (as in mergekit)")
+    if bool(module.get("models")) == bool(module.get("slices")):
+        raise ValueError("modules.default: give exactly one of models or slices")
+    for key in ("models", "slices"):
+        if module.get(key):
+            raw[key] = module[key]
+    raw["module_parameters"] = module.get("parameters") or {}
+    return raw
+
+
 class Recipe(BaseModel):
     """A recipe: mergekit's single-document configuration (``models`` or ``slices``, ``base_model``,
     ``merge_method``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer``,
@@ -219,6 +248,8 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     shard_size: str | int = "2GB"
     allow_unrelated_base: bool = False  # merge task vectors even when a model looks unrelated to the base
+    # the parameters of mergekit's ``modules: {default: {parameters: ...}}``: below a slice's, above the recipe's
+    module_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -229,10 +260,10 @@ class Recipe(BaseModel):
                 raw[key] = _dtype_name(raw.get(key))
             if "alignment" in raw and raw["alignment"] in (None, False):
                 raw["alignment"] = "none"
+            if "module_parameters" in raw:
+                raise ValueError("module_parameters: unknown key (write modules: {default: {parameters: ...}})")
             if "modules" in raw:
-                raise ValueError("modules: mergekit's multi-module recipes (one merge per module of a vision-language "
-                                 "or multi-tower model) are not supported: for a single-module model (any LLM or "
-                                 "encoder) write models: or slices: at the top level")
+                raw = _lift_default_module(raw)
             given = [k for k in ("models", "slices") if raw.get(k)]
             if len(given) != 1:
                 raise ValueError("a recipe has exactly one of models (whole models) or slices (layer ranges)"
@@ -252,7 +283,7 @@ class Recipe(BaseModel):
             raise ValueError(f"merge_method is a method name (see `symmerge methods`), got {shorten(v)}")
         return v
 
-    @field_validator("parameters")
+    @field_validator("parameters", "module_parameters")
     @classmethod
     def _scalars(cls, v: dict[str, Any] | None) -> dict[str, Any]:
         # method parameters are settings (numbers, true/false, words, gradients, filtered lists); anything else is
@@ -498,39 +529,38 @@ class MergePlan:
 def tensor_parameters(plan: MergePlan, key: str, slice_index: int, t: float,
                       inputs: list[tuple[int, str]]) -> tuple[dict[str, Any], list[float] | None]:
     """The method's parameters and the per-input weights for one output tensor, resolved as mergekit resolves
-    them: a per-model value from the input's own parameters, then the slice's, then the recipe's; a shared value
-    from the slice's, then the recipe's; gradients at ``t``, filters on the tensor's name (an input's own name for
+    them: a per-model value from the input's own parameters, then the slice's, the module's (``modules:``), the
+    recipe's; a shared value from the slice's, the module's, then the recipe's; gradients at ``t``, filters on the tensor's name (an input's own name for
     per-model values), else the method's default. Per-model values that agree are passed as one scalar."""
     if not getattr(plan, "varying", False):
         return plan.params, None if plan.weights is None else [plan.weights[m] for m, _ in inputs]
     sl = plan.slices[slice_index]
-    top = plan.recipe.parameters
+    top, module = plan.recipe.parameters, plan.recipe.module_parameters
     params = dict(plan.params)
     specs = {p.name: p for p in plan.method.params}
     own = {src.model: src.parameters for src in sl.sources}
     for name, spec in specs.items():
         if not spec.per_model:
-            value = resolve(name, (sl.parameters, top), key, t)
+            value = resolve(name, (sl.parameters, module, top), key, t)
             if value is not None:
                 params[spec.arg] = spec.check(plan.method.name, value)
             continue
         values = []
         for m, input_name in inputs:
-            value = resolve(name, (own.get(m), sl.parameters, top), input_name, t)
+            value = resolve(name, (own.get(m), sl.parameters, module, top), input_name, t)
             values.append(plan.params[spec.arg] if value is None else spec.check(plan.method.name, value))
         params[spec.arg] = values[0] if all(v == values[0] for v in values) else values
     weights = None
     if _mentions(plan, "weight"):
         weights = []
         for m, input_name in inputs:
-            value = resolve("weight", (own.get(m), sl.parameters, top), input_name, t)
+            value = resolve("weight", (own.get(m), sl.parameters, module, top), input_name, t)
             weights.append(1.0 if value is None else float(value))
     return params, weights
 
 
 def _mentions(plan: MergePlan, key: str) -> bool:
-    scopes = [plan.recipe.parameters] + [sl.parameters for sl in plan.slices] + [s.parameters for sl in plan.slices for s in sl.sources]
-    return any(key in (scope or {}) for scope in scopes)
+    return any(key in (scope or {}) for scope in _scopes(plan.recipe.parameters, plan.slices, plan.recipe.module_parameters))
 
 
 def _exists(p: Path, what: str, given: str) -> bool:
@@ -611,6 +641,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     notes: list[str] = []
     top = _check_scope(method, recipe.parameters, "parameters", False, notes)
     recipe.parameters = top
+    module = _check_scope(method, recipe.module_parameters, "modules.default.parameters", False, notes)
+    recipe.module_parameters = module
     representative = {k: (v if is_plain(v) else next(iter(leaves(v)), None)) for k, v in top.items() if k != "weight"}
     params = validate_params(recipe.merge_method, representative)
 
@@ -711,11 +743,11 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             if base is None or all(models[src.model] is not base for src in sl.sources):
                 raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
     # parameters that differ between tensors or models are resolved per tensor (tensor_parameters); else once
-    varying = (any(not is_plain(v) for scope in _scopes(top, slices) for v in scope.values())
-               or any(sl.parameters for sl in slices) or len(slices) > 1
+    varying = (any(not is_plain(v) for scope in _scopes(top, slices, module) for v in scope.values())
+               or any(sl.parameters for sl in slices) or len(slices) > 1 or bool(module)
                or any(set(src.parameters) - {"weight"} for sl in slices for src in sl.sources))
     weights = None
-    if _has_weight(top, slices) and not varying:
+    if _has_weight(top, slices, module) and not varying:
         plain = [resolve("weight", (src.parameters, top), "", 0.0) for src in slices[0].sources]
         weights = [1.0 if w is None else float(w) for w in plain]
     if weights is not None and sum(weights) == 0 and method.name == "linear" and params.get("normalize", True):
@@ -854,12 +886,12 @@ def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
         raise SymmergeError(f"models of different widths cannot be merged with {why}")
 
 
-def _scopes(top: dict, slices: list[OutSlice]) -> list[dict]:
-    return [top] + [sl.parameters for sl in slices] + [s.parameters for sl in slices for s in sl.sources]
+def _scopes(top: dict, slices: list[OutSlice], module: dict | None = None) -> list[dict]:
+    return [top, module or {}] + [sl.parameters or {} for sl in slices] + [s.parameters or {} for sl in slices for s in sl.sources]
 
 
-def _has_weight(top: dict, slices: list[OutSlice]) -> bool:
-    return any("weight" in scope for scope in _scopes(top, slices))
+def _has_weight(top: dict, slices: list[OutSlice], module: dict | None = None) -> bool:
+    return any("weight" in scope for scope in _scopes(top, slices, module))
 
 
 def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layers: ModelSpec,
