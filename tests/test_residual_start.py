@@ -3,6 +3,8 @@ never worse than either start alone."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from conftest import make_model
 
@@ -70,3 +72,34 @@ def test_both_starts_recover_a_scrambled_copy(family):
     residual = result.report.groups[-1].details
     assert residual["start"] in ("identity", "anchored")
     assert max(residual["final_distance"].values()) <= 1e-5 * result.report.reference_norm
+
+
+def test_one_progress_bar_per_descent_not_one_per_round(monkeypatch):
+    """Logs of a long residual descent held one finished bar per round; now each start's descent shows one bar whose
+    total grows by a round's groups, and it ends full."""
+    import symmerge.match.per_layer as per_layer_module
+    import symmerge.match.residual as residual_module
+
+    made = {"residual": [], "per_layer": []}
+
+    def recorder(where):
+        class Recorded(residual_module.tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = False
+                kwargs["file"] = io.StringIO()
+                super().__init__(*args, **kwargs)
+                made[where].append(self)
+        return Recorded
+
+    monkeypatch.setattr(residual_module, "tqdm", recorder("residual"))
+    monkeypatch.setattr(per_layer_module, "tqdm", recorder("per_layer"))
+    a, _ = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    spec = spec_for(a.config, a.state_dict().keys())
+    fit = fit_with_residual(a.state_dict(), b.state_dict(), spec, parse_symmetries("all,residual"), max_iter=3, progress=True)
+    assert made["per_layer"] == [] and len(made["residual"]) == 2  # the identity and the anchored start
+    per_round = len(spec.ffn) + len(spec.attention)
+    rounds = len(fit.details["residual"]["round_seconds"])
+    assert rounds >= 2  # several rounds ran, yet one bar
+    for bar in made["residual"]:
+        assert bar.total % per_round == 0 and bar.n == bar.total and bar.total >= per_round

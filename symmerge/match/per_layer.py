@@ -7,6 +7,7 @@ quartic for all heads of a layer at once).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -90,7 +91,8 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
 def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model",
-                  device: torch.device | None = None, executor: Any = None, model_spec: ModelSpec | None = None) -> Fit:
+                  device: torch.device | None = None, executor: Any = None, model_spec: ModelSpec | None = None,
+                  bar: tqdm | None = None) -> Fit:
     """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
     of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing. ``device``:
     where the GEMMs, SVDs and quartics run (:mod:`symmerge.match.device`); the element is on the CPU.
@@ -99,7 +101,10 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
 
     ``model_spec``: the model's own spec when it is narrower than ``spec`` (fewer FFN neurons or heads, checked by
     :func:`symmerge.spec.check_embeddable`): the element is then a semi-permutation into ``spec``'s widths (rectangular
-    assignments; the identity embedding for a class that is off) and names ``model_spec`` as its ``source``."""
+    assignments; the identity embedding for a class that is off) and names ``model_spec`` as its ``source``.
+
+    ``bar``: a progress bar to advance instead of a bar of its own; its total grows by this fit's groups (the
+    residual descent fits once per round and shows one bar for all its rounds)."""
     if model_spec is not None and not widths_differ(spec, model_spec):
         model_spec = None
     if executor is not None:
@@ -113,7 +118,11 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     attention_on = bool(symmetries & ATTENTION_CLASSES)
     total = len(spec.ffn) * ("ffn" in symmetries) + len(spec.attention) * attention_on
     details: dict[str, dict] = {}
-    with tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) as bar:
+    if bar is not None:
+        bar.total = (bar.total or 0) + total
+        bar.refresh()
+    own_bar = tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) if bar is None else None
+    with own_bar if own_bar is not None else contextlib.nullcontext(bar) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
             transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from symmerge.groups import ModelTransform, require_residual
 from symmerge.groups.residual import anchor_group, centered_basis, embed_centered, residual_correlation
@@ -76,6 +77,7 @@ def residual_descent(
     ref_f: Mapping[str, torch.Tensor], model_f: Mapping[str, torch.Tensor], spec: ModelSpec, per_layer: frozenset[str], *,
     start: torch.Tensor | None = None, progress: bool = False, model_name: str = "model", max_iter: int = 20, rtol: float = 1e-7,
     deadline: float | None = None, device: torch.device | None = None, executor: Any = None, folded: bool = True,
+    label: str = "",
 ) -> Fit:
     """Coordinate descent over the residual map ``Q`` and the per-layer elements ``T`` on *folded* states
     (``folded=False``: raw states, folded unit by unit on the fly).
@@ -89,7 +91,8 @@ def residual_descent(
     ``deadline`` (a ``time.perf_counter()`` value): the first round always runs; a further round starts only if the
     last round's duration still fits before it. Stopping early returns the best element so far (every kept step
     lowered the distance). ``device``: where the correlation, its SVD and the per-layer fits run; ``executor``:
-    where the per-layer fits run (:func:`~symmerge.match.per_layer.fit_per_layer`).
+    where the per-layer fits run (:func:`~symmerge.match.per_layer.fit_per_layer`). ``progress``: one bar for the
+    whole descent (``label`` names the start), its total growing by one round's groups as each round begins.
 
     Streamed (bounded memory): every state it builds is a :class:`~symmerge.groups.stream.TransformedState`,
     computed one unit of tensors at a time — the correlation accumulated tensor by tensor, ``Q`` and the per-layer
@@ -101,6 +104,7 @@ def residual_descent(
     ref_v, model_v = TransformedState(ref_f, spec, fold=fold), TransformedState(model_f, spec, fold=fold)
     transform, details, seconds = ModelTransform(), {}, {"residual": 0.0, "ffn": 0.0, "attention": 0.0}
     history, steps, round_seconds, out_of_time = [state_distance(model_v, ref_v)], [], [], False
+    bar = tqdm(total=0, desc=f"aligning {model_name}" + (f" ({label})" if label else ""), unit="group", disable=not progress, leave=False)
     for i in range(max_iter):
         if deadline is not None and round_seconds and time.perf_counter() + round_seconds[-1] > deadline:
             out_of_time = True
@@ -114,8 +118,9 @@ def residual_descent(
             q = solve_residual(residual_correlation(moved, ref_v, residual, device), residual.kind)
         rotated = TransformedState(model_f, spec, ModelTransform(residual=q), fold=fold)
         seconds["residual"] += time.perf_counter() - begin
+        bar.set_postfix_str(f"round {i + 1}", refresh=False)
         fresh = fit_per_layer(ref_v, rotated, spec, per_layer, progress=progress, model_name=model_name, device=device,
-                              executor=executor)
+                              executor=executor, bar=None if executor is not None else bar)
         for k in ("ffn", "attention"):
             seconds[k] += fresh.seconds[k]
         candidate, cand_details = fresh.transform, fresh.details
@@ -132,6 +137,7 @@ def residual_descent(
         steps.append(transform)
         if improvement <= rtol * history[0]:
             break
+    bar.close()
     details = {**details, "residual": {"round_seconds": [round(t, 4) for t in round_seconds], "stopped_by_max_seconds": out_of_time}}
     return Fit(transform, details, seconds, folded_reference=ref_v, history=history, steps=steps)
 
@@ -156,7 +162,8 @@ def fit_with_residual(
     starts = {"identity": None, "anchored": anchored_start(ref_f, model_f, spec, per_layer, device)}
     anchor_seconds = time.perf_counter() - begin
     runs = {name: residual_descent(reference, model, spec, per_layer, start=q0, progress=progress, model_name=model_name,
-                                   max_iter=max_iter, rtol=rtol, deadline=deadline, device=device, executor=executor, folded=False)
+                                   max_iter=max_iter, rtol=rtol, deadline=deadline, device=device, executor=executor, folded=False,
+                                   label=f"residual descent, {name} start")
             for name, q0 in starts.items() if name == "identity" or q0 is not None}
     kept = min(runs, key=lambda name: runs[name].history[-1])  # ties keep the identity start (listed first)
     fit = runs[kept]
