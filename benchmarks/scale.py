@@ -12,6 +12,9 @@ before each job. Writes ``benchmarks/results/scale.{json,md}``.
     python benchmarks/scale.py run --size 1b --jobs align,merge,align_ft
     python benchmarks/scale.py run --size 1b --jobs align_residual --repo /path/to/other/checkout --tag before
 
+``--device cpu|cuda|auto`` passes ``--device`` to every symmerge job (where the similarity GEMMs, SVDs and
+statistics run; the LAPs stay on the CPU) and records the device's name with each row, so the same measurement runs
+on a GPU machine: ``python benchmarks/scale.py run --size 7b --jobs align,merge --device cuda --tag cuda``.
 ``--repo`` runs another checkout's code (a before/after comparison with the same script); ``--tag`` keys the rows
 in ``scale.json`` (``1b/align_residual@before``); ``--work`` is the scratch folder for the outputs.
 ``align_residual``/``merge_residual``: ``-s all,residual --max-seconds 1``, i.e. exactly one descent round per start
@@ -154,6 +157,7 @@ def ensure_checkpoints(size: str) -> dict[str, Path]:
 MK_VENV = REPO / ".cache" / "bench-mergekit-venv"  # benchmarks/merge_speed.py's mergekit venv
 WORK = ROOT / "out"
 CODE = REPO  # the checkout whose symmerge the jobs run (--repo)
+DEVICE = "cpu"  # --device, passed to every symmerge job
 
 
 def sample_memory(pid: int, peak: dict, done: threading.Event) -> None:
@@ -199,7 +203,7 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     done.set()
     sampler.join()
-    result = {"job": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
+    result = {"job": name, "device": device_name(DEVICE) if "symmerge.cli" in cmd else "cpu (mergekit, no --cuda)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
               "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()], "rc": proc.returncode,
               "cmd": " ".join(cmd)}
     report = out / "alignment.json"
@@ -217,26 +221,36 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     return result
 
 
+def device_name(device: str) -> str:
+    """``cpu``, or ``cuda (NVIDIA H200)``: what ``--device`` resolves to on this machine, as symmerge resolves it."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device on this machine")
+    return f"cuda ({torch.cuda.get_device_name(0)})"
+
+
 def commands(job: str, ck: dict[str, Path], out: Path) -> list[str]:
     cli = [sys.executable, "-m", "symmerge.cli"]
+    device = ["--device", DEVICE]
     a, b, ft = (str(ck[k]) for k in ("a", "b", "ft"))
     if job == "align":
-        return [*cli, "align", a, b, "-o", str(out), "-q"]
+        return [*cli, "align", a, b, *device, "-o", str(out), "-q"]
     if job == "align_residual":
-        return [*cli, "align", a, b, "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
+        return [*cli, "align", a, b, "-s", "all,residual", "--max-seconds", "1", *device, "-o", str(out), "-q"]
     if job == "merge_residual":
-        return [*cli, "merge", a, b, "--method", "linear", "-s", "all,residual", "--max-seconds", "1", "-o", str(out), "-q"]
+        return [*cli, "merge", a, b, "--method", "linear", "-s", "all,residual", "--max-seconds", "1", *device, "-o", str(out), "-q"]
     if job == "align_ft":
-        return [*cli, "align", a, ft, "-o", str(out), "-q"]
+        return [*cli, "align", a, ft, *device, "-o", str(out), "-q"]
     if job == "merge":
-        return [*cli, "merge", a, b, "--method", "linear", "-s", "all", "-o", str(out), "-q"]
+        return [*cli, "merge", a, b, "--method", "linear", "-s", "all", *device, "-o", str(out), "-q"]
     if job == "merge_ft":
-        return [*cli, "merge", a, ft, "--method", "linear", "-s", "all", "-o", str(out), "-q"]
+        return [*cli, "merge", a, ft, "--method", "linear", "-s", "all", *device, "-o", str(out), "-q"]
     if job == "linear_none":
-        return [*cli, "merge", a, ft, "--method", "linear", "--weights", "0.5,0.5", "--align", "none", "--dtype", "bfloat16", "-o", str(out), "-q"]
+        return [*cli, "merge", a, ft, "--method", "linear", "--weights", "0.5,0.5", "--align", "none", "--dtype", "bfloat16", *device, "-o", str(out), "-q"]
     if job == "ties_none":
         return [*cli, "merge", ft, "--method", "ties", "--base", a, "--align", "none", "--param", "density=0.2", "--param", "lambda=1",
-                "--dtype", "bfloat16", "-o", str(out), "-q"]
+                "--dtype", "bfloat16", *device, "-o", str(out), "-q"]
     cfg = WORK / f"{job}.yml"
     if job == "mergekit_linear":
         cfg.write_text(f"merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
@@ -260,10 +274,13 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the jobs run")
     parser.add_argument("--tag", default="", help="suffix of the rows' keys in scale.json (before / after)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder for the jobs' outputs")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="symmerge's --device for every job")
     parser.add_argument("--store", type=Path, default=RESULTS / "scale.json", help="the JSON file the rows are added to")
     args = parser.parse_args()
-    global CODE, WORK
+    global CODE, WORK, DEVICE
     CODE = args.repo.resolve()
+    DEVICE = args.device
+    log(f"symmerge jobs on {device_name(DEVICE)}")
     WORK = args.work or WORK
     torch.set_num_threads(2)
     paths = ensure_checkpoints(args.size)

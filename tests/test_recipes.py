@@ -124,6 +124,10 @@ parameters: {{density: 0.5, lambda: 0.7, weight: 1.0}}
                                               "parameters: {weight: [1, 0.2]}}}\nmerge_method: linear\n"
                                               "parameters: {weight: 0.5}\nalignment: none\n")
     assert top.keys() == mod.keys() and all(torch.equal(top[k], mod[k]) for k in top)
+    written = tmp_path / "mod" / "out" / "merge.yaml"  # the recipe as run keeps the modules form, and runs again
+    assert "modules:" in written.read_text() and "module_parameters" not in written.read_text()
+    again, _ = _merge(capsys, tmp_path / "again", written.read_text())
+    assert all(torch.equal(again[k], mod[k]) for k in mod)
     half, _ = _merge(capsys, tmp_path / "half", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
                                                "parameters: {weight: 0.5}\nalignment: none\n")
     assert not torch.equal(half["model.layers.3.mlp.up_proj.weight"], mod["model.layers.3.mlp.up_proj.weight"])  # control

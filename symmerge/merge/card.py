@@ -29,6 +29,10 @@ def recipe_for_card(plan: MergePlan) -> dict:
         r["alignment"] = {**given, "reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
     if plan.data_path is not None:
         r["data"]["path"] = str(plan.data_path.resolve())
+    module = r.pop("module_parameters", None)
+    if module:  # written as it was given: mergekit's modules: {default: ...} form (recipe._lift_default_module)
+        form = "models" if "models" in r else "slices"
+        r = {"modules": {"default": {form: r.pop(form), "parameters": module}}, **r}
     return r
 
 
