@@ -862,6 +862,7 @@ def test_multislerp():
     assert torch.allclose(multislerp(models, base=base, weights=w).double().reshape(-1), ref, atol=1e-5)
     assert torch.equal(multislerp(models[:1], base=base), models[0])  # one model: itself
     assert close(multislerp([e1, -e1]), T(0, 0), atol=1e-6)  # antipodal pair: linear average
+    assert close(multislerp([T(0, 0), e2], eps=1e-300), T(0, 1.5), atol=1e-6)  # a zero model: no 0 · (1/ε) = NaN
     with pytest.raises(SymmergeError, match="weighted sum of the directions is zero"):
         multislerp([e1, -e1, 2 * e1, -2 * e1])
 

@@ -1670,7 +1670,8 @@ def multislerp(
     tangent = [w[j] / (norms[j] + eps) - sum(w[i] * d[i] for i in range(m)) * mu[j] for j in range(m)]
     tn = math.sqrt(max(dot(tangent, tangent), 0.0)) + eps
     scale = sum(wi * ni for wi, ni in zip(w, norms))
-    k = [scale * (math.cos(tn) * mu[j] + math.sin(tn) / tn * tangent[j]) for j in range(m)]
+    # a zero v_j adds nothing (its huge 1/ε coefficient would overflow float32 and make 0 · inf = NaN)
+    k = [0.0 if norms[j] == 0 else scale * (math.cos(tn) * mu[j] + math.sin(tn) / tn * tangent[j]) for j in range(m)]
     return _combine(tensors, k, base, dtype, out_dtype or tensors[0].dtype)
 
 
