@@ -362,6 +362,29 @@ def test_slerp_starts_from_the_listed_base_model(family_models, tmp_path, capsys
         assert relative_distance_to(m["a"], out) == 0.0
 
 
+def test_a_listed_base_model_is_read_through_its_models_reader(family_models, tmp_path, capsys, monkeypatch):
+    """base_model listed among the models is not opened a second time (its pages would count twice in RSS): one
+    reader per checkpoint. Control: an unlisted base_model gets a reader of its own."""
+    opened = []
+
+    class Counting(engine.LazyState):
+        def __init__(self, ckpt, *args, **kwargs):
+            opened.append(ckpt.path.resolve())
+            super().__init__(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "LazyState", Counting)
+    m = family_models
+    code, _, err = run_cli(capsys, "merge", m["a"], m["independent"], "--method", "slerp", "--base", m["a"], "--param", "t=0.3",
+                           "--align", "none", "-o", tmp_path / "listed", "-q")
+    assert code == 0, err
+    assert sorted(opened) == sorted([m["a"].resolve(), m["independent"].resolve()])
+    opened.clear()
+    code, _, err = run_cli(capsys, "merge", m["a"], m["a"], "--method", "task_arithmetic", "--base", m["base"], "--align", "none",
+                           "-o", tmp_path / "unlisted", "-q")
+    assert code == 0, err
+    assert sorted(opened) == sorted([m["a"].resolve(), m["a"].resolve(), m["base"].resolve()])
+
+
 def test_merge_with_activation_matching_equals_align_then_average(tmp_path, capsys):
     """`merge --match activations` is the aligned merge: the same as `align --match activations` followed by
     averaging with the reference (up to summation order in the cross-correlations)."""

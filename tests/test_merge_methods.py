@@ -862,6 +862,7 @@ def test_multislerp():
     assert torch.allclose(multislerp(models, base=base, weights=w).double().reshape(-1), ref, atol=1e-5)
     assert torch.equal(multislerp(models[:1], base=base), models[0])  # one model: itself
     assert close(multislerp([e1, -e1]), T(0, 0), atol=1e-6)  # antipodal pair: linear average
+    assert close(multislerp([T(0, 0), e2], eps=1e-300), T(0, 1.5), atol=1e-6)  # a zero model: no 0 · (1/ε) = NaN
     with pytest.raises(SymmergeError, match="weighted sum of the directions is zero"):
         multislerp([e1, -e1, 2 * e1, -2 * e1])
 
@@ -890,6 +891,72 @@ def test_karcher():
     assert torch.allclose(karcher(xs, max_iter=100, tol=1e-9).double(), _karcher_reference(xs), atol=1e-5)
     assert torch.equal(karcher(xs[:1]), xs[0])
     assert torch.equal(karcher([torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+
+
+def _blockwise_cases():
+    """(name, call) for each kernel that reads its inputs in GRAM_CHUNK blocks (Gram pass, then the output pass)."""
+    base, models = _models(3, shape=(33, 29), seed=470)
+    wide_base, wide = _models(2, shape=(3, 150), seed=480)  # filter_wise rows longer than a block: pieces of a row
+    return [
+        ("slerp", lambda: slerp(models[:1], base=base, t=0.3)),
+        ("multislerp", lambda: multislerp(models, weights=[1.0, 2.0, 0.5])),
+        ("multislerp base", lambda: multislerp(models, base=base, weights=[1.0, 2.0, 0.5])),
+        ("karcher", lambda: karcher(models, max_iter=100, tol=1e-9)),
+        ("model_stock", lambda: model_stock(models, base=base)),
+        ("model_stock rows", lambda: model_stock(models, base=base, filter_wise=True)),
+        ("model_stock long rows", lambda: model_stock(wide, base=wide_base, filter_wise=True)),
+        ("model_stock strided", lambda: model_stock([m.T for m in models], base=base.T).T),
+    ]
+
+
+def test_blockwise_spherical_and_model_stock_equal_one_block(monkeypatch):
+    """slerp, multislerp, karcher and model_stock over many small blocks (64 entries, a ragged last one; 957
+    entries) give the single-block result up to float32 rounding, and stay on the float64 references. Negative
+    control: with the last block of every pass left out, every case fails the same comparison."""
+    whole = {name: call() for name, call in _blockwise_cases()}
+
+    def agree(name: str, blocks: torch.Tensor) -> bool:
+        return blocks.shape == whole[name].shape and bool((blocks - whole[name]).abs().max() <= 1e-6 * whole[name].abs().max())
+
+    monkeypatch.setattr(M, "GRAM_CHUNK", 64)
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    for name, call in _blockwise_cases():
+        blocks = call()
+        assert blocks.dtype == whole[name].dtype and agree(name, blocks), name
+    base, models = _models(3, shape=(33, 29), seed=470)
+    w = [1.0, 2.0, 0.5]
+    assert torch.allclose(multislerp(models, weights=w).double().reshape(-1), _multislerp_reference(models, w), atol=1e-5)
+    ref = base.double().reshape(-1) + _multislerp_reference([m - base for m in models], w)
+    assert torch.allclose(multislerp(models, base=base, weights=w).double().reshape(-1), ref, atol=1e-5)
+    assert torch.allclose(karcher(models, max_iter=100, tol=1e-9).double(), _karcher_reference(models).view(33, 29), atol=1e-5)
+    assert torch.allclose(model_stock(models, base=base, filter_wise=True).double(), _model_stock_reference(models, base, (33, 29)), atol=1e-6)
+    wide_base, wide = _models(2, shape=(3, 150), seed=480)
+    assert torch.allclose(model_stock(wide, base=wide_base, filter_wise=True).double(), _model_stock_reference(wide, wide_base, (3, 150)),
+                          atol=1e-6)
+    real = M._row_blocks
+    monkeypatch.setattr(M, "_row_blocks", lambda rows, cols: list(real(rows, cols))[:-1])
+    monkeypatch.setattr(M, "_chunked", lambda fn, inputs, dtype, out_dtype: torch.zeros(inputs[0].shape, dtype=out_dtype))
+    assert not any(agree(name, call()) for name, call in _blockwise_cases())
+
+
+def test_blockwise_slerp_and_model_stock_keep_the_bits_of_the_whole_tensor_arithmetic(monkeypatch):
+    """bf16 in and out: slerp is ``c_0 a + c_1 b`` and model_stock ``t · mean θ_i + (1 − t) · base`` evaluated on
+    whole float32 tensors, rounded once — block by block gives the same bits."""
+    monkeypatch.setattr(M, "GRAM_CHUNK", 64)
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    g = G(490)
+    base = torch.randn(33, 29, generator=g).bfloat16()
+    a, b = ((base.float() + torch.randn(33, 29, generator=g) * 0.01).bfloat16() for _ in range(2))
+    c = torch.randn(33, 29, generator=g).bfloat16()  # far from a: a well-conditioned angle (acos near ±1 is not)
+    x, y = a.double().reshape(-1), c.double().reshape(-1)
+    omega = math.acos(float(x @ y / (x.norm() * y.norm())))
+    c0, c1 = math.sin(0.7 * omega) / math.sin(omega), math.sin(0.3 * omega) / math.sin(omega)
+    assert torch.equal(slerp([c], base=a, t=0.3).view(torch.int16), a.float().mul_(c0).add_(c, alpha=c1).bfloat16().view(torch.int16))
+    ta, tb = a.double() - base.double(), b.double() - base.double()  # exact: bf16 differences fit in float32
+    cos = float((ta * tb).sum() / (ta.norm() * tb.norm()))
+    t = torch.tensor(2 * cos / (1 + cos), dtype=torch.float32)
+    expected = torch.zeros(33, 29).add_(a).add_(b).div_(2).mul_(t).add_(base.float() * (1 - t)).bfloat16()
+    assert torch.equal(model_stock([a, b], base=base).view(torch.int16), expected.view(torch.int16))
 
 
 # ---------------------------------------------------------------------------------------------------- SCE

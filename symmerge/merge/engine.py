@@ -378,7 +378,10 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     plan_device(plan, executor)  # cuda without a GPU: a one-line error before any weight is read
     lend = dict([plan.lend_head]) if plan.lend_head else None  # a tied model's embedding stands in for its head
     states = [_in_output_vocabulary(plan, LazyState(c, lend), i) for i, c in enumerate(plan.models)]
-    base = _in_output_vocabulary(plan, LazyState(plan.base, lend), base_key(plan)) if plan.base else None
+    listed = listed_base_index(plan)
+    # base_model listed among the models (mergekit's SLERP recipe): the same reader, not the checkpoint mapped and
+    # NaN-checked a second time (a whole extra model in RSS)
+    base = None if not plan.base else states[listed] if listed is not None else _in_output_vocabulary(plan, LazyState(plan.base, lend), base_key(plan))
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
     whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
@@ -406,7 +409,6 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     extra = method_extras(plan, states, base, transforms, base_transform, stats, progress)
     n = len(states)
     sq_before, sq_after, sq_task, sq_base = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
-    listed = listed_base_index(plan)
     check_base = base is not None and plan.method.needs_base
     compared = 0  # floating tensors with a base seen: the base check runs after the first few, and at the end
     total = len(plan.layout) if plan.layout is not None else len(states[0])

@@ -30,7 +30,7 @@ import hashlib
 import inspect
 import keyword
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1403,6 +1403,72 @@ def _dot64(x: Tensor, y: Tensor) -> float:
     return sum(float(torch.dot(x[i : i + _DOT_CHUNK].double(), y[i : i + _DOT_CHUNK].double())) for i in range(0, x.numel(), _DOT_CHUNK))
 
 
+#: The spherical kernels (slerp, multislerp, karcher) and model_stock read their inputs in blocks of this many
+#: entries — once for the float64 Gram matrix of the models, once for the output — so no whole-tensor float32 or
+#: float64 temporary is made (fresh pages for each cost more time than the arithmetic, and peak memory).
+GRAM_CHUNK = 1 << 18
+
+
+def _row_blocks(rows: int, cols: int) -> Iterator[tuple[slice, slice]]:
+    """Blocks of at most ``GRAM_CHUNK`` entries of a ``rows × cols`` matrix: whole rows at a time, or pieces of one
+    row when a row alone is longer."""
+    row_step, col_step = max(1, GRAM_CHUNK // max(cols, 1)), max(1, min(cols, GRAM_CHUNK))
+    for r in range(0, rows, row_step):
+        for c in range(0, cols, col_step):
+            yield slice(r, min(r + row_step, rows)), slice(c, min(c + col_step, cols))
+
+
+def _vectors_(out: Tensor, tensors: Sequence[Tensor], base: Tensor | None, rs: slice, cs: slice) -> Tensor:
+    """Block ``[rs, cs]`` of each model's vector — ``θ_i``, or ``θ_i − base`` formed in ``out``'s dtype as
+    :func:`_task_vector` does (so the same bits) — written into ``out`` (``M × block``), which is returned."""
+    for i, x in enumerate(tensors):
+        out[i].copy_(x[rs, cs])
+        if base is not None:
+            out[i].sub_(base[rs, cs])
+    return out
+
+
+def _row_gram64(tensors: Sequence[Tensor], base: Tensor | None, dtype: torch.dtype, rows: tuple[int, int]) -> Tensor:
+    """Per row of the ``rows`` view, the float64 Gram matrix ``G[r, i, j] = ⟨v_i[r], v_j[r]⟩`` of the vectors
+    ``v_i = θ_i`` (or ``θ_i − base``, in ``dtype``), shape ``R × M × M``; one pass over the inputs, block by block."""
+    views = [x.reshape(rows) for x in tensors]
+    b = None if base is None else base.reshape(rows)
+    n_rows, cols = views[0].shape
+    m = len(views)
+    gram = torch.zeros(n_rows, m, m, dtype=torch.float64, device=views[0].device)
+    size = min(views[0].numel(), GRAM_CHUNK)  # the largest block of _row_blocks
+    scratch = torch.empty(m, max(size, 1), dtype=dtype, device=views[0].device)
+    wide = torch.empty(m, max(size, 1), dtype=torch.float64, device=views[0].device) if dtype != torch.float64 else None
+    for rs, cs in _row_blocks(n_rows, cols):
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        block = _vectors_(scratch[:, : r * c].view(m, r, c), views, b, rs, cs)
+        if wide is not None:
+            block = wide[:, : r * c].view(m, r, c).copy_(block)
+        by_row = block.transpose(0, 1)  # r × M × c
+        gram[rs].add_(torch.bmm(by_row, by_row.transpose(1, 2)))
+    return gram
+
+
+def _gram64(tensors: Sequence[Tensor], base: Tensor | None, dtype: torch.dtype) -> list[list[float]]:
+    """The float64 Gram matrix of the flattened vectors ``θ_i`` (or ``θ_i − base``), as nested lists."""
+    return _row_gram64(tensors, base, dtype, (1, -1))[0].tolist()
+
+
+def _combine(tensors: Sequence[Tensor], coefficients: Sequence[float], base: Tensor | None, dtype: torch.dtype,
+             out_dtype: torch.dtype) -> Tensor:
+    """``Σ_i k_i v_i`` (``+ base`` with one: ``v_i = θ_i − base``), accumulated in ``dtype`` block by block and
+    rounded once to ``out_dtype``."""
+    inputs = list(tensors) + ([] if base is None else [base])
+    scratch = torch.empty(min(inputs[0].numel(), ELEMENTWISE_CHUNK), dtype=dtype, device=inputs[0].device)
+
+    def combine(chunks: list[Tensor], acc: Tensor) -> Tensor:
+        for x, k in zip(chunks, coefficients):
+            acc.add_(x if base is None else scratch[: x.numel()].copy_(x).sub_(chunks[-1]), alpha=k)
+        return acc if base is None else acc.add_(chunks[-1])
+
+    return _chunked(combine, inputs, dtype, out_dtype)
+
+
 #: SLERP interpolates linearly when ``|cos Ω| > 1 − PARALLEL_TOL`` (mergekit's ``dot_threshold = 0.9995``) or a
 #: tensor has norm ≤ ZERO_NORM.
 PARALLEL_TOL = 5e-4
@@ -1454,15 +1520,17 @@ def slerp(
     """
     t = _params("slerp", t=t)["t"]
     a, b = _slerp_pair("slerp", tensors, base, name)
-    na, nb = math.sqrt(_dot64(a, a)), math.sqrt(_dot64(b, b))
+    dtype = _compute_dtype(a, b)
+    gram = _gram64([a, b], None, dtype)  # ‖a‖², ⟨a, b⟩, ‖b‖² in one pass
+    na, nb = math.sqrt(gram[0][0]), math.sqrt(gram[1][1])
     c0, c1 = 1.0 - t, t
     if min(na, nb) > ZERO_NORM:
-        cos = max(-1.0, min(1.0, _dot64(a, b) / (na * nb)))
+        cos = max(-1.0, min(1.0, gram[0][1] / (na * nb)))
         if abs(cos) <= 1 - PARALLEL_TOL:
             omega = math.acos(cos)
             s = math.sin(omega)
             c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-    return _out(a.to(_compute_dtype(a, b), copy=True).mul_(c0).add_(b, alpha=c1), tensors, out_dtype)
+    return _combine([a, b], [c0, c1], None, dtype, out_dtype or tensors[0].dtype)
 
 
 def _interp_weight(weights: Sequence[float] | None) -> float:
@@ -1579,30 +1647,32 @@ def multislerp(
             raise SymmergeError(f"multislerp: weights sum to 0, cannot normalize: {w}")
         w = [x / total for x in w]
     dtype = _compute_dtype(*tensors, base)
+    # Everything lies in the span of the v_i, so the whole computation runs on coefficients over v_1..v_M and
+    # their float64 Gram matrix (one pass over the inputs), and the result is formed once, Σ_j k_j v_j (a second
+    # pass). The tangent mean τ vanishes in exact arithmetic; on whole float32 vectors it is rounding noise, here
+    # ~float64 noise: either way cos(‖τ‖ + ε) = 1 and sin(‖τ‖ + ε)/(‖τ‖ + ε) = 1 in float32.
+    gram = _gram64(tensors, base, dtype)
+    norms = [math.sqrt(gram[i][i]) for i in range(m)]
 
-    def vec(i: int) -> Tensor:
-        return (tensors[i].to(dtype, copy=True) if base is None else _task_vector(tensors[i], base, dtype)).reshape(-1)
+    def dot(x: Sequence[float], y: Sequence[float]) -> float:  # ⟨Σ x_i v_i, Σ y_j v_j⟩
+        return sum(x[i] * gram[i][j] * y[j] for i in range(m) for j in range(m))
 
-    norms = [math.sqrt(_dot64(v, v)) for v in map(vec, range(m))]
-    mean = torch.zeros(tensors[0].numel(), dtype=dtype, device=tensors[0].device)
-    for i in range(m):
-        mean.add_(vec(i), alpha=w[i] / (norms[i] + eps))
-    mean_norm = math.sqrt(_dot64(mean, mean))
+    mean = [w[i] / (norms[i] + eps) for i in range(m)]  # Σ_i w_i u_i
+    mean_norm = math.sqrt(max(dot(mean, mean), 0.0))
     if mean_norm < eps:
         if m != 2:
             raise SymmergeError("multislerp: the weighted sum of the directions is zero (antipodal models with balancing weights); "
                                 "change the weights")
-        out = vec(0).mul_(w[0]).add_(vec(1), alpha=w[1])
-    else:
-        mean.div_(mean_norm)
-        tangent = torch.zeros_like(mean)
-        for i in range(m):
-            u = vec(i).div_(norms[i] + eps)
-            tangent.add_(u.sub_(mean, alpha=_dot64(u, mean)), alpha=w[i])
-        tn = math.sqrt(_dot64(tangent, tangent)) + eps
-        out = mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn).mul_(sum(wi * ni for wi, ni in zip(w, norms)))
-    out = out.view(tensors[0].shape)
-    return _out(out if base is None else out.add_(base), tensors, out_dtype)
+        return _combine(tensors, w, base, dtype, out_dtype or tensors[0].dtype)
+    mu = [c / mean_norm for c in mean]
+    d = [sum(gram[i][j] * mu[j] for j in range(m)) / (norms[i] + eps) for i in range(m)]  # ⟨u_i, μ⟩
+    # τ = Σ_i w_i (u_i − d_i μ), u_i = v_i / (‖v_i‖ + ε)
+    tangent = [w[j] / (norms[j] + eps) - sum(w[i] * d[i] for i in range(m)) * mu[j] for j in range(m)]
+    tn = math.sqrt(max(dot(tangent, tangent), 0.0)) + eps
+    scale = sum(wi * ni for wi, ni in zip(w, norms))
+    # a zero v_j adds nothing (its huge 1/ε coefficient would overflow float32 and make 0 · inf = NaN)
+    k = [0.0 if norms[j] == 0 else scale * (math.cos(tn) * mu[j] + math.sin(tn) / tn * tangent[j]) for j in range(m)]
+    return _combine(tensors, k, base, dtype, out_dtype or tensors[0].dtype)
 
 
 @merge_method(
@@ -1640,36 +1710,43 @@ def karcher(
     w = _weights("karcher", weights, m, nonnegative=True)
     alphas = [x / sum(w) for x in w]
     dtype = _compute_dtype(*tensors)
-    flat = [t.reshape(-1) for t in tensors]
-    norms = [math.sqrt(_dot64(x, x)) for x in flat]
+    # μ stays in the span of the u_i, so the iteration runs on its coefficients over u_1..u_M with the float64 Gram
+    # matrix of the u_i (one pass over the inputs), and the result is formed once, Σ_i k_i θ_i (a second pass).
+    gram = _gram64(tensors, None, dtype)
+    norms = [math.sqrt(gram[i][i]) for i in range(m)]
     valid = [i for i in range(m) if norms[i] > tol]
     if not valid:
         return _out(torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device), tensors, out_dtype)
-    units = {i: flat[i].to(dtype, copy=True).div_(norms[i]) for i in valid}
+    cosines = {(i, j): gram[i][j] / (norms[i] * norms[j]) for i in valid for j in valid}  # ⟨u_i, u_j⟩
+
+    def dot(x: Mapping[int, float], y: Mapping[int, float]) -> float:  # ⟨Σ x_i u_i, Σ y_j u_j⟩
+        return sum(x[i] * cosines[i, j] * y[j] for i in valid for j in valid)
+
     a_sum = sum(alphas[i] for i in valid)
     a = {i: alphas[i] / a_sum for i in valid}
-    mean = torch.zeros_like(units[valid[0]])
-    for i in valid:
-        mean.add_(units[i], alpha=a[i])
-    mn = math.sqrt(_dot64(mean, mean))
-    mean = units[valid[0]].clone() if mn < tol else mean.div_(mn)
+    mn = math.sqrt(max(dot(a, a), 0.0))
+    mean = {i: float(i == valid[0]) for i in valid} if mn < tol else {i: a[i] / mn for i in valid}
     for _ in range(p["max_iter"]):
-        tangent = torch.zeros_like(mean)
+        tangent = dict.fromkeys(valid, 0.0)
         for i in valid:
-            dot = max(-1.0, min(1.0, _dot64(mean, units[i])))
-            omega = math.acos(dot)
+            cos = max(-1.0, min(1.0, sum(mean[j] * cosines[j, i] for j in valid)))  # ⟨μ, u_i⟩
+            omega = math.acos(cos)
             if omega < tol:
                 continue
-            tangent.add_(units[i], alpha=a[i] * omega / math.sin(omega)).sub_(mean, alpha=a[i] * omega / math.sin(omega) * dot)
-        tn = math.sqrt(_dot64(tangent, tangent))
+            step = a[i] * omega / math.sin(omega)
+            tangent[i] += step
+            for j in valid:
+                tangent[j] -= step * cos * mean[j]
+        tn = math.sqrt(max(dot(tangent, tangent), 0.0))
         if tn < tol:
             break
-        mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
-        un = math.sqrt(_dot64(mean, mean))
+        mean = {i: math.cos(tn) * mean[i] + math.sin(tn) / tn * tangent[i] for i in valid}
+        un = math.sqrt(max(dot(mean, mean), 0.0))
         if un > tol:
-            mean.div_(un)
+            mean = {i: c / un for i, c in mean.items()}
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
-    return _out(mean.mul_(scale).view(tensors[0].shape), tensors, out_dtype)
+    k = [scale * mean[i] / norms[i] if i in mean else 0.0 for i in range(m)]  # Σ_i μ_i u_i = Σ_i μ_i / ‖θ_i‖ θ_i
+    return _combine(tensors, k, None, dtype, out_dtype or tensors[0].dtype)
 
 
 # ---------------------------------------------------------------------------------- base-anchored methods
@@ -1706,26 +1783,37 @@ def model_stock(
     dtype = _compute_dtype(*tensors, base)
     rows = (-1, base.shape[-1]) if filter_wise and base.ndim >= 1 else (1, -1)
 
-    def tau(i: int) -> Tensor:
-        return _task_vector(tensors[i], base, dtype).reshape(rows)
-
-    sq = [tau(i).square().sum(-1, dtype=torch.float64) for i in range(n)]
-    cos = torch.zeros_like(sq[0])
+    gram = _row_gram64(tensors, base, dtype, rows)  # per row: ⟨τ_i, τ_j⟩, one pass over the inputs
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    cos = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)
     for i in range(n):
-        ti = tau(i)
         for j in range(i + 1, n):
-            dot = (ti * tau(j)).sum(-1, dtype=torch.float64)
-            cos += (dot / (sq[i].sqrt() * sq[j].sqrt()).clamp(min=1e-6)).clamp(-1, 1)
+            cos += (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
     cos /= n * (n - 1) / 2
     den = 1 + (n - 1) * cos
     singular = den.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den)).to(dtype).unsqueeze(-1)
-    avg = torch.zeros(base.shape, dtype=dtype, device=base.device)
-    for x in tensors:
-        avg.add_(x)
-    avg.div_(n)
-    out = avg.reshape(rows).mul_(t).add_(base.to(dtype).reshape(rows) * (1 - t))
-    return _out(out.view(base.shape), tensors, out_dtype)
+    return _interpolate_rows(tensors, base, t, rows, dtype, out_dtype or tensors[0].dtype)
+
+
+def _interpolate_rows(tensors: Sequence[Tensor], base: Tensor, t: Tensor, rows: tuple[int, int], dtype: torch.dtype,
+                      out_dtype: torch.dtype) -> Tensor:
+    """Model Stock's ``t · mean_i θ_i + (1 − t) · base`` with one ``t`` per row of the ``rows`` view (``R × 1``), in
+    ``dtype`` block by block, rounded once to ``out_dtype``."""
+    views = [x.reshape(rows) for x in tensors]
+    b = base.reshape(rows)
+    out = torch.empty(b.shape, dtype=out_dtype, device=base.device)
+    size = max(min(b.numel(), GRAM_CHUNK), 1)
+    acc, scratch = torch.empty(size, dtype=dtype, device=base.device), torch.empty(size, dtype=dtype, device=base.device)
+    keep = 1 - t
+    for rs, cs in _row_blocks(*b.shape):
+        shape = (rs.stop - rs.start, cs.stop - cs.start)
+        total = acc[: shape[0] * shape[1]].view(shape).zero_()
+        for x in views:
+            total.add_(x[rs, cs])
+        total.div_(len(views)).mul_(t[rs])
+        out[rs, cs] = total.add_(scratch[: total.numel()].view(shape).copy_(b[rs, cs]).mul_(keep[rs]))
+    return out.view(base.shape)
 
 
 @merge_method(
