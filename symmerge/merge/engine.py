@@ -420,7 +420,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                 if not item.tensors[0].is_floating_point():
                     writer.add(item.key, item.raw[0])  # integer buffers (position ids...) come from the first model
                     continue
-                if item.base is not None:
+                if item.base is not None and check_base:  # slerp & co. take a base without task vectors: no check
                     b, tasks = _sq_base_and_tasks(item.base, item.tensors)
                     for (m, _), task in zip(item.inputs, tasks):
                         sq_base[m] += b
