@@ -203,7 +203,9 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     done.set()
     sampler.join()
-    result = {"job": name, "device": device_name(DEVICE) if "symmerge.cli" in cmd else "cpu (mergekit, no --cuda)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
+    device = device_name(DEVICE) if "symmerge.cli" in cmd else "cpu (mergekit, no --cuda)"
+    result = {"job": name, "device": device, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+              "peak_anon_gb": round(peak["anon"] / 1e9, 2), "peak_rss_gb": round(peak["rss"] / 1e9, 2),
               "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()], "rc": proc.returncode,
               "cmd": " ".join(cmd)}
     report = out / "alignment.json"

@@ -32,6 +32,17 @@ def test_lap_backends_agree_on_a_large_problem():
     assert abs(s[idx, x].sum() - s[idx, y].sum()) <= 1e-9 * abs(s[idx, y].sum())
 
 
+def test_lap_in_place_cost_gives_the_same_assignment_and_touches_the_input_only_when_asked():
+    s = torch.randn(300, 300, generator=torch.Generator().manual_seed(3))
+    kept = s.clone()
+    expected = solve_lap(s)
+    assert torch.equal(s, kept)  # by default the caller's matrix is left alone
+    assert np.array_equal(solve_lap(s, overwrite=True), expected)
+    assert torch.equal(s, -kept)  # overwrite: it became the solver's (negated) cost
+    doubles = kept.double()
+    assert np.array_equal(solve_lap(doubles, overwrite=True), expected) and torch.equal(doubles, kept.double())  # not float32: copied
+
+
 def test_lap_rejects_non_finite():
     with pytest.raises(ValueError):
         solve_lap(np.array([[0.0, np.nan], [1.0, 0.0]]))

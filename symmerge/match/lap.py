@@ -33,7 +33,7 @@ def identity_is_optimal(similarity: np.ndarray) -> bool:
     return bool((diagonal >= similarity.max(axis=1)).all() or (diagonal >= similarity.max(axis=0)).all())
 
 
-def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None) -> np.ndarray:
+def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None, overwrite: bool = False) -> np.ndarray:
     """``col_for_row`` maximising ``Σ_i similarity[i, col_for_row[i]]`` over permutations (square input). The
     identity is returned without solving when :func:`identity_is_optimal` proves it optimal (and on ties with it).
 
@@ -41,7 +41,9 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
     injective assignment of every column to its own row, the semi-permutation of GLMC (Theus et al. 2025), with
     ``-1`` (``EMPTY``) for the m − n rows left without a column; solved by scipy, which handles rectangular costs.
 
-    ``backend``: ``"lapx"`` or ``"scipy"`` to force one (default: the fastest available).
+    ``backend``: ``"lapx"`` or ``"scipy"`` to force one (default: the fastest available). ``overwrite``: the
+    caller no longer needs a float32 ``similarity``, which then becomes the solver's cost in place (negated) instead
+    of a copy: one d_ff² matrix less per solve in flight (485 MB at LLaMA-7B's d_ff = 11008).
     """
     s = similarity.detach().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
     if s.ndim != 2 or s.shape[0] < s.shape[1]:
@@ -58,7 +60,8 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None)
     use_lapx = _lapjvh is not None if backend is None else backend == "lapx"
     if use_lapx:
         # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (measured in benchmarks/lap_solvers.py).
-        rows, cols = _lapjvh(np.negative(s, dtype=np.float32), return_cost=False)
+        in_place = overwrite and s.dtype == np.float32 and s.flags.writeable
+        rows, cols = _lapjvh(np.negative(s, out=s) if in_place else np.negative(s, dtype=np.float32), return_cost=False)
     else:
         rows, cols = optimize.linear_sum_assignment(s, maximize=True)
     col_for_row = np.empty(s.shape[0], dtype=np.int64)

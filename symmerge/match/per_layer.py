@@ -48,7 +48,7 @@ def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, devi
 def solve_ffn(similarity: torch.Tensor | None, width: int) -> torch.Tensor:
     """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact
     (possibly rectangular) LAP."""
-    return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity))
+    return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity, overwrite=True))
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
