@@ -6,6 +6,7 @@ line and exit code 2. Set ``SYMMERGE_DEBUG=1`` to see tracebacks of unexpected f
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -602,5 +603,22 @@ def main(argv: Optional[list[str]] = None) -> None:
             signal.signal(sig, handler)
 
 
+def run() -> None:
+    """The ``symmerge`` console script: :func:`main`, then, after a success, an exit that skips the interpreter's
+    teardown. By the time ``main`` returns every output is complete and renamed into place; what a normal exit adds
+    is freeing every module's objects (torch's C++ state included), measured at 0.3-0.7 s after a 168M merge that
+    takes ~6 s in all, time a command-line user only waits through. Exit handlers (``atexit``: temporary folders,
+    Ray) still run, and the streams are flushed. Failures and interruptions exit the ordinary way."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

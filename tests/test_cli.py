@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import expect_cli_error, make_model, max_output_diff, run_cli, save_model
+from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run_cli, save_model
 from safetensors.torch import load_file
 
 import symmerge
@@ -152,6 +152,20 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.strip() == f"error: {tmp_path / 'missing'} does not exist"
     proc = subprocess.run([sys.executable, "-m", "symmerge.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "align" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_console_script_exits_fast_after_a_success_with_output_flushed_and_exit_handlers_run():
+    """run() skips the interpreter's teardown after a success (os._exit), so it must flush what the command printed
+    and run atexit handlers itself; a failure exits the ordinary way with its code."""
+    probe = ("import atexit, sys, symmerge.cli\n"
+             "atexit.register(lambda: print('exit handler ran'))\n"
+             "sys.argv = ['symmerge'] + sys.argv[1:]\n"
+             "symmerge.cli.run()\n")
+    ok = subprocess.run([sys.executable, "-c", probe, "methods"], capture_output=True, text=True, env=cli_env())
+    assert ok.returncode == 0, ok.stderr
+    assert "ties" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    bad = subprocess.run([sys.executable, "-c", probe, "inspect", "/no/such/model"], capture_output=True, text=True, env=cli_env())
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "exit handler ran" in bad.stdout
 
 
 def test_align_with_residual_writes_models_in_the_reference_parametrisation(tmp_path, capsys):
