@@ -237,7 +237,7 @@ def commands(job: str, ck: dict[str, Path], out: Path) -> list[str]:
     device = ["--device", DEVICE]
     a, b, ft = (str(ck[k]) for k in ("a", "b", "ft"))
     if job == "align":
-        return [*cli, "align", a, b, *device, "-o", str(out), "-q"]
+        return [*cli, "align", a, b, "-s", "all", *device, "-o", str(out), "-q"]  # issue 10's setting (merge -s all)
     if job == "align_residual":
         return [*cli, "align", a, b, "-s", "all,residual", "--max-seconds", "1", *device, "-o", str(out), "-q"]
     if job == "merge_residual":

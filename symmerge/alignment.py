@@ -32,6 +32,7 @@ from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
+from symmerge.match.per_layer import MIN_GAIN
 from symmerge.spec import (
     ModelSpec,
     check_compatible,
@@ -294,11 +295,29 @@ AUTO_MARGIN = 0.05
 per-layer classes alone; otherwise it falls back to them (the residual map is then not trusted to help)."""
 
 
+def _group_gain(report: AlignmentReport) -> float:
+    """By what fraction the alignment lowered the distance over the tensors its groups touch (0 without groups):
+    :func:`symmerge.match.per_layer.alignment_gain`, read off the report."""
+    before = math.sqrt(sum(g.distance_before**2 for g in report.groups))
+    after = math.sqrt(sum(g.distance_after**2 for g in report.groups))
+    return 0.0 if before == 0 else 1.0 - after / before
+
+
 def _auto_weights(reference: Any, model: Any, chosen: frozenset[str], **options: Any) -> Alignment:
     """Data-free ``auto``: ``chosen`` (with the residual map) unless its distance is not ``AUTO_MARGIN`` below the
-    per-layer classes' alone; the report's ``matching["auto"]`` says which was kept and both distances."""
-    with_map = align(reference, model, symmetries=chosen, **options)
+    per-layer classes' alone; the report's ``matching["auto"]`` says which was kept and both distances.
+
+    The per-layer fit runs first. When it gains no more than ``MIN_GAIN`` (fine-tunes of one base: their FFN
+    neurons and heads already correspond, so they share the base's residual basis too), the residual map is not
+    fitted at all, the rule ``merge`` applies (docs/DESIGN.md §3): its descent would cost rounds of full passes over
+    both models (tens of minutes at 7B) only to fit fine-tuning noise."""
     per_layer = align(reference, model, symmetries=chosen - {"residual"}, **options)
+    if _group_gain(per_layer.report) <= MIN_GAIN:
+        per_layer.report.matching["auto"] = {"kept": "all", "reason": f"the per-layer fit gains <= {MIN_GAIN:.0%}: models that "
+                                             "share a basis (fine-tunes of one base); the residual map was not fitted",
+                                             "distance_per_layer": per_layer.report.distance_after, "margin": AUTO_MARGIN}
+        return per_layer
+    with_map = align(reference, model, symmetries=chosen, **options)
     keep = with_map.report.distance_after <= (1 - AUTO_MARGIN) * per_layer.report.distance_after
     kept = with_map if keep else per_layer
     kept.report.matching["auto"] = {"kept": "all,residual" if keep else "all", "distance_with_residual": with_map.report.distance_after,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from conftest import make_model
 
 import symmerge
@@ -103,3 +104,23 @@ def test_one_progress_bar_per_descent_not_one_per_round(monkeypatch):
     assert rounds >= 2  # several rounds ran, yet one bar
     for bar in made["residual"]:
         assert bar.total % per_round == 0 and bar.n == bar.total and bar.total >= per_round
+
+
+def test_auto_skips_the_residual_map_for_fine_tunes_of_one_base(monkeypatch):
+    """``align`` with ``auto`` fits the per-layer classes first; for a fine-tune of the reference (gain <= MIN_GAIN)
+    the residual descent is never started (at 7B it costs rounds of full passes), as merge decides; an independent
+    pair still gets it."""
+    import symmerge.match.weights as weights_module
+
+    model, _ = make_model("llama", 0)
+    ref = model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    fine_tune = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in ref.items()}
+    calls = []
+    real = weights_module.fit_with_residual
+    monkeypatch.setattr(weights_module, "fit_with_residual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = symmerge.align(ref, fine_tune, config=model.config, symmetries="auto")
+    assert calls == [] and result.report.matching["auto"]["kept"] == "all" and "fine-tunes" in result.report.matching["auto"]["reason"]
+    other, _ = make_model("llama", 1)
+    result = symmerge.align(ref, other.state_dict(), config=model.config, symmetries="auto")
+    assert calls != [] and "distance_with_residual" in result.report.matching["auto"]  # control: independent models
