@@ -32,6 +32,7 @@ from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
+from symmerge.match.objective import report_distances
 from symmerge.match.per_layer import MIN_GAIN
 from symmerge.spec import (
     ModelSpec,
@@ -211,15 +212,14 @@ def align(
         aligned = TransformedState(model_state, spec, transform, fold=transform.residual is not None, unfold_with=unfold_with)
     seconds["apply"] = time.perf_counter() - start
     start = time.perf_counter()
-    before = squared_distances(model_state, ref_state)
-    if folded is None:
-        after = dict(before)  # tensors no group touched are unchanged, and so are those of identity elements (fine-tunes)
+    if folded is None:  # tensors no group touched are unchanged, and so are those of identity elements (fine-tunes)
+        partner = ref_state
         moved = {s.key for g in spec.groups() if not is_identity_element(g, transform) for s in g.slots()}
-        after.update(squared_distances(aligned, ref_state, [k for k in aligned if k in moved and k in before]))  # unit order
     else:  # the residual map touches every tensor (a head folding untied is compared with the tied embedding)
         partner = folded if still_folded else (with_untied_head(ref_state, spec.residual) if isinstance(ref_state, dict)
                                                else TransformedState(ref_state, spec, untie=True))
-        after = squared_distances(aligned, partner)
+        moved = set(aligned)
+    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
@@ -235,7 +235,7 @@ def align(
         groups=groups,
         distance_before=math.sqrt(sum(before.values())),
         distance_after=math.sqrt(sum(after.values())),
-        reference_norm=state_norm(ref_state),
+        reference_norm=math.sqrt(ref_sq),
         seconds=seconds,
         matching={"method": match, **({"learned": details["learned"]} if "learned" in details else {})},
     )

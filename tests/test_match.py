@@ -277,3 +277,22 @@ def test_head_matching_on_equivalent_rows_equals_matching_on_all_positions():
     wrong = match([_equivalent_rows(r.double().T @ r.double(), [h * dh])[0] for r in ref],
                   [_equivalent_rows(m.double().T @ m.double(), [h * dh])[0] for m in model])
     assert not (torch.equal(wrong.perm, full.perm) and torch.allclose(wrong.qk_rotation, full.qk_rotation, atol=1e-2))
+
+
+def test_report_distances_in_one_pass_equal_the_separate_sums():
+    """alignment's report reads every tensor once (report_distances); the sums are those of squared_distances and
+    state_norm, with untouched tensors' after-distances taken from before."""
+    from symmerge.match.objective import report_distances, squared_distances, state_norm
+
+    g = torch.Generator().manual_seed(1)
+    ref = {"a": torch.randn(5, 4, generator=g), "b": torch.randn(3, generator=g), "only_ref": torch.randn(2, generator=g),
+           "ids": torch.arange(4)}
+    model = {k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in ref.items() if k != "only_ref"}
+    aligned = {k: (v * 0.5 if k == "a" else v) for k, v in model.items()}
+    before, after, ref_sq = report_distances(model, ref, aligned, ref, moved={"a"})
+    assert before == squared_distances(model, ref)
+    assert after == {**before, **squared_distances(aligned, ref, ["a"])} and after["a"] != before["a"]
+    assert ref_sq == pytest.approx(state_norm(ref) ** 2, rel=1e-12)
+    partner = {**ref, "extra": torch.ones(3)}  # a partner holding a tensor the reference lacks (an untied head)
+    _, after, _ = report_distances(model, ref, {**aligned, "extra": torch.zeros(3)}, partner, moved={"a", "b", "extra"})
+    assert after == squared_distances({**aligned, "extra": torch.zeros(3)}, partner)
