@@ -296,3 +296,24 @@ def test_report_distances_in_one_pass_equal_the_separate_sums():
     partner = {**ref, "extra": torch.ones(3)}  # a partner holding a tensor the reference lacks (an untied head)
     _, after, _ = report_distances(model, ref, {**aligned, "extra": torch.zeros(3)}, partner, moved={"a", "b", "extra"})
     assert after == squared_distances({**aligned, "extra": torch.zeros(3)}, partner)
+
+
+@pytest.mark.parametrize("kind", ["planes", "none", "orthogonal"])
+def test_pair_statistics_score_every_head_pair_as_the_whole_blocks_do(kind):
+    """Head assignment reads only the entries each rotation group's score needs (RoPE planes: 4 per plane; none:
+    the diagonal); the scores equal those computed from the whole d_h×d_h blocks."""
+    from symmerge.match.attention import pair_correlations, pair_statistics, rotation_score
+    from symmerge.match.procrustes import nuclear_norm, plane_score
+
+    g = torch.Generator().manual_seed(2)
+    model, reference = torch.randn(6, 8, 20, generator=g, dtype=torch.float64), torch.randn(5, 8, 20, generator=g, dtype=torch.float64)
+    full = pair_correlations(model, reference)
+    score = {"planes": plane_score, "none": lambda m: torch.diagonal(m, dim1=-2, dim2=-1).sum(-1), "orthogonal": nuclear_norm}[kind]
+    stats = pair_statistics(model, reference, kind)
+    torch.testing.assert_close(rotation_score(stats, kind), score(full))
+    # taking the entries is linear in M: the statistics of two parts (query and key) add up to those of M_q + M_k
+    other, other_ref = torch.randn(6, 8, 20, generator=g, dtype=torch.float64), torch.randn(5, 8, 20, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(rotation_score(stats + pair_statistics(other, other_ref, kind), kind),
+                               score(full + pair_correlations(other, other_ref)))
+    if kind != "orthogonal":
+        assert stats.numel() < full.numel() / 3

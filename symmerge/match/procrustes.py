@@ -41,8 +41,13 @@ def plane_score(m: torch.Tensor) -> torch.Tensor:
     per plane ``sqrt((m_ii + m_jj)² + (m_ji − m_ij)²)``, summed."""
     half = m.shape[-1] // 2
     i = torch.arange(half)
-    a, b = m[..., i, i], m[..., i, i + half]
-    c, d = m[..., i + half, i], m[..., i + half, i + half]
+    return plane_score_of_entries(torch.stack([m[..., i, i], m[..., i, i + half], m[..., i + half, i], m[..., i + half, i + half]], -2))
+
+
+def plane_score_of_entries(e: torch.Tensor) -> torch.Tensor:
+    """:func:`plane_score` from the only entries of ``M`` it reads, ``e`` (..., 4, k/2): per plane ``i``,
+    ``(m_ii, m_i,i+k/2, m_i+k/2,i, m_i+k/2,i+k/2)``."""
+    a, b, c, d = e.unbind(-2)
     return torch.sqrt((a + d) ** 2 + (c - b) ** 2).sum(-1)
 
 
