@@ -32,7 +32,8 @@ SYMMETRIES_HELP = (
     "Comma-separated symmetry classes to align: ffn (FFN neuron permutation), qk / vo (per-head rotations), "
     "scale (per-head rescaling), heads (head permutation), residual (residual-stream map, norms folded first); "
     "all (= every per-layer class, without residual) / none / auto (default for align and merge: all,residual for pre-LN "
-    "and RMSNorm families, all elsewhere; align falls back to all when the map lowers the weight distance < 5%). Example: all,residual."
+    "and RMSNorm families, all elsewhere; align falls back to all when the map lowers the weight distance < 5%, and fine-tunes of one base skip the map). "
+    "Example: all,residual."
 )
 
 SETTINGS_HELP = (
