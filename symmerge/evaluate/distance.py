@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from symmerge.match import squared_distances
 from symmerge.spec import TENSOR_GROUPS, ModelSpec
 
 
@@ -15,9 +16,8 @@ def grouped_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
     """``{"total": ‖a − b‖, group: ‖a_g − b_g‖ ...}`` over the floating tensors both hold."""
     group_of = spec.tensor_groups(a.keys())
     sq = dict.fromkeys(TENSOR_GROUPS, 0.0)
-    for key, t in a.items():
-        if key in b and t.is_floating_point():
-            sq[group_of[key]] += float(torch.linalg.vector_norm(t.float() - b[key].float())) ** 2
+    for key, d in squared_distances(a, b).items():
+        sq[group_of[key]] += d
     out = {"total": math.sqrt(sum(sq.values()))}
     out.update({g: math.sqrt(v) for g, v in sq.items() if v > 0})
     return out

@@ -121,8 +121,8 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     if bar is not None:
         bar.total = (bar.total or 0) + total
         bar.refresh()
-    own_bar = tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) if bar is None else None
-    with own_bar if own_bar is not None else contextlib.nullcontext(bar) as bar:
+    with (tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) if bar is None
+          else contextlib.nullcontext(bar)) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
             transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec)

@@ -16,7 +16,7 @@ from symmerge.groups.residual import anchor_group, centered_basis, embed_centere
 from symmerge.groups.stream import TransformedState
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.match.objective import state_distance
+from symmerge.match.objective import squared_distance, state_distance
 from symmerge.match.per_layer import ATTENTION_CLASSES, fit_per_layer
 from symmerge.match.procrustes import procrustes
 from symmerge.spec import ModelSpec
@@ -69,7 +69,7 @@ def _distances(views: list[Mapping[str, torch.Tensor]], reference: Mapping[str, 
         if k in reference and views[0][k].is_floating_point():
             r = reference[k].float()
             for i, v in enumerate(views):
-                sq[i] += float(torch.linalg.vector_norm(v[k].float() - r)) ** 2
+                sq[i] += squared_distance(v[k], r)
     return [math.sqrt(x) for x in sq]
 
 
