@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from symmerge.groups.ffn import FFNTensors
+from symmerge.match.certificate import CERTIFY_FRACTIONS, CERTIFY_SAMPLE, UNIT_ROUNDOFF, diagonal_dominates, feature_columns
 
 
 def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor:
@@ -31,16 +32,6 @@ def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.devic
     return s
 
 
-CERTIFY_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
-"""Shares of the features summed before each attempt to certify the identity (then the rest is summed anyway)."""
-CERTIFY_SAMPLE = 64
-"""Rows whose similarity is computed in full first: an off-diagonal entry above its diagonal there (independent
-models) means the identity is not optimal by rows, and the certificate is not tried at all."""
-CERTIFY_MARGIN = 1e-3
-"""Relative slack demanded on top of the rounding bound: the certificate only claims clear cases."""
-_UNIT_ROUNDOFF = 2.0**-24  # float32
-
-
 def _features(t: FFNTensors, device: torch.device) -> list[torch.Tensor]:
     """The neuron-indexed feature blocks ``X_t`` (d_ff × k_t, float32) with ``S = Σ_t X_t,ref X_t,model^T``
     (:func:`ffn_similarity`'s three sums as one)."""
@@ -48,36 +39,8 @@ def _features(t: FFNTensors, device: torch.device) -> list[torch.Tensor]:
     return [x.to(device=device, dtype=torch.float32) for x in blocks]
 
 
-def _columns(blocks: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
-    """The column slices of the concatenated feature blocks that cover features ``[lo, hi)``."""
-    out, start = [], 0
-    for x in blocks:
-        stop = start + x.shape[1]
-        if stop > lo and start < hi:
-            out.append(x[:, max(lo - start, 0) : min(hi, stop) - start])
-        start = stop
-    return out
-
-
 def _row_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
     return sum(x.square().sum(1) for x in blocks).sqrt()
-
-
-def _dominant(bound: torch.Tensor, diag: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor) -> bool:
-    """Whether every row's diagonal beats the rest of its row, ``S[i, i] − v_i ≥ bound[i, j] − v_j`` (``j ≠ i``), or
-    every column's the rest of its column (``u`` on rows), by a relative ``CERTIFY_MARGIN``, for one of two
-    potentials: none, or half the squared norms (``v = ½‖y‖²``, ``u = ½‖x‖²``: then ``S[i, j] − v_j`` is
-    ``−½‖x_i − y_j‖²`` plus a row constant, the form neurons of very different norms need). Then for any
-    permutation ``σ``, ``Σ_i S[i, σ(i)] = Σ_i (S[i, σ(i)] − v_σ(i)) + Σ_j v_j ≤ Σ_i S[i, i]``: the identity is
-    optimal for every ``S ≤ bound`` with that diagonal, whatever the potential."""
-    checks = [(1, None), (0, None), (1, 0.5 * y_norm.square()), (0, 0.5 * x_norm.square())]
-    for axis, v in checks:
-        shifted = bound if v is None else bound - (v[None, :] if axis == 1 else v[:, None])
-        d = diag if v is None else diag - v
-        top = shifted.amax(axis)
-        if bool((d >= top + CERTIFY_MARGIN * (d.abs() + top.abs())).all()):
-            return True
-    return False
 
 
 def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -88,7 +51,8 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
     the first ``k`` features are summed into ``S_k``, Cauchy–Schwarz bounds the rest:
     ``S[i, j] ≤ S_k[i, j] + ‖x_i^{>k}‖ ‖y_j^{>k}‖``, while the diagonal ``S[i, i]`` is computed exactly (row-wise
     dot products, O(d_ff·K)). If every diagonal entry beats the bound of every other entry of its row (or every one
-    of its column), after subtracting a potential (:func:`_dominant`) — net of float32's worst-case rounding ``(K+2)u ‖x_i‖ ‖y_j‖`` per entry, counted for both this
+    of its column), after subtracting a potential (:func:`~symmerge.match.certificate.diagonal_dominates`) — net of
+    float32's worst-case rounding ``(K+2)u ‖x_i‖ ‖y_j‖`` per entry, counted for both this
     function's sums and :func:`ffn_similarity`'s, and by a relative ``CERTIFY_MARGIN`` —
     then ``S[i, i] ≥ max_j S[i, j]`` holds for the exact ``S`` and for the float32 one :func:`ffn_similarity`
     computes, which is :func:`~symmerge.match.lap.identity_is_optimal`'s condition: :func:`~symmerge.match.lap.solve_lap`
@@ -106,21 +70,21 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
         attempt = bool((rows.max(1).values <= diag[sample]).all())
         # float32 rounding: any computed entry is within γ‖x_i‖‖y_j‖ of the exact one (γ = (K+2)u, dot products of
         # K terms); counted twice on each side, for this function's sums and for ffn_similarity's
-        gamma = (total + 2) * _UNIT_ROUNDOFF
+        gamma = (total + 2) * UNIT_ROUNDOFF
         x_norm, y_norm = _row_norms(xs), _row_norms(ys)
         diag = diag - 2 * gamma * x_norm * y_norm
         done = 0
         s = torch.zeros(n, n, dtype=torch.float32, device=device) if attempt else None
         for fraction in CERTIFY_FRACTIONS if attempt else ():
             upto = max(int(total * fraction), done + 1)
-            for x, y in zip(_columns(xs, done, upto), _columns(ys, done, upto)):
+            for x, y in zip(feature_columns(xs, done, upto), feature_columns(ys, done, upto)):
                 s.addmm_(x, y.T)
             done = upto
             bound = s.clone()
-            bound.addr_(_row_norms(_columns(xs, done, total)), _row_norms(_columns(ys, done, total)))
+            bound.addr_(_row_norms(feature_columns(xs, done, total)), _row_norms(feature_columns(ys, done, total)))
             bound.addr_(x_norm, y_norm, alpha=2 * gamma)
             bound.fill_diagonal_(-torch.inf)
-            if _dominant(bound, diag, x_norm, y_norm):
+            if diagonal_dominates(bound, diag, x_norm, y_norm):
                 return None
             del bound
         del s

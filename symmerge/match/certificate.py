@@ -1,0 +1,52 @@
+"""Certificates that the identity assignment is optimal, read off part of a similarity matrix (docs/DESIGN.md §3,
+"Identity for fine-tunes of one base").
+
+Both the FFN neuron assignment (:func:`symmerge.match.ffn.ffn_similarity_or_identity`) and the head assignment
+(:func:`symmerge.match.attention.heads_certified_identity`) maximise ``Σ_i S[i, σ(i)]`` over permutations, where every
+entry ``S[i, j]`` is a sum over features. Summing only the first ``k`` features and bounding the rest by
+Cauchy–Schwarz (Hölder for nuclear norms) gives an upper bound on every off-diagonal entry; the diagonal is computed
+exactly (cheap: ``n`` pairs instead of ``n²``). When every diagonal entry beats its row's (or column's) bounds —
+after a potential, see :func:`diagonal_dominates` — no permutation beats the identity, and the solver need not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CERTIFY_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
+"""Shares of the features summed before each attempt to certify the identity (then the rest is summed anyway)."""
+CERTIFY_SAMPLE = 64
+"""Rows whose similarity is computed in full first: an off-diagonal entry above its diagonal there (independent
+models) means the identity is not optimal by rows, and the certificate is not tried at all."""
+CERTIFY_MARGIN = 1e-3
+"""Relative slack demanded on top of the rounding bound: the certificate only claims clear cases."""
+UNIT_ROUNDOFF = 2.0**-24  # float32
+
+
+def feature_columns(blocks: list[torch.Tensor], lo: int, hi: int, dim: int = 1) -> list[torch.Tensor]:
+    """The slices along ``dim`` of the concatenated feature blocks that cover features ``[lo, hi)``."""
+    out, start = [], 0
+    for x in blocks:
+        stop = start + x.shape[dim]
+        if stop > lo and start < hi:
+            out.append(x.narrow(dim, max(lo - start, 0), min(hi, stop) - max(lo, start)))
+        start = stop
+    return out
+
+
+def diagonal_dominates(bound: torch.Tensor, diag: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor) -> bool:
+    """Whether every row's diagonal beats the rest of its row, ``S[i, i] − v_i ≥ bound[i, j] − v_j`` (``j ≠ i``; the
+    caller fills ``bound``'s diagonal with −inf), or every column's the rest of its column (``u`` on rows), by a
+    relative ``CERTIFY_MARGIN``, for one of two potentials: none, or half the squared norms (``v = ½‖y‖²``,
+    ``u = ½‖x‖²``: then ``S[i, j] − v_j`` is ``−½‖x_i − y_j‖²`` plus a row constant for inner products, and
+    ``−½ min_R ‖R y_j − x_i‖²`` for nuclear norms — the form rows of very different norms need). Then for any
+    permutation ``σ``, ``Σ_i S[i, σ(i)] = Σ_i (S[i, σ(i)] − v_σ(i)) + Σ_j v_j ≤ Σ_i S[i, i]``: the identity is
+    optimal for every ``S ≤ bound`` with that diagonal, whatever the potential."""
+    checks = [(1, None), (0, None), (1, 0.5 * y_norm.square()), (0, 0.5 * x_norm.square())]
+    for axis, v in checks:
+        shifted = bound if v is None else bound - (v[None, :] if axis == 1 else v[:, None])
+        d = diag if v is None else diag - v
+        top = shifted.amax(axis)
+        if bool((d >= top + CERTIFY_MARGIN * (d.abs() + top.abs())).all()):
+            return True
+    return False
