@@ -219,7 +219,7 @@ def align(
         partner = folded if still_folded else (with_untied_head(ref_state, spec.residual) if isinstance(ref_state, dict)
                                                else TransformedState(ref_state, spec, untie=True))
         moved = set(aligned)
-    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved)
+    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:

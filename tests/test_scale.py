@@ -20,8 +20,10 @@ from symmerge.groups.transform import is_identity_element, is_identity_heads
 from symmerge.io import open_checkpoint
 from symmerge.io.checkpoint import all_finite
 from symmerge.io.stream import LazyState
+from symmerge.match import objective
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.lap import identity_is_optimal, solve_lap
+from symmerge.match.weights import match_weights
 from symmerge.spec import StateView, check_compatible, spec_for
 from symmerge.spec.base import FFNGroup
 
@@ -219,3 +221,26 @@ def test_all_finite_in_one_pass(dtype):
         y = x.clone()
         y[3, 2] = bad
         assert not all_finite(y)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_report_reuses_the_distances_the_fit_measured(family, tmp_path, monkeypatch):
+    """The per-layer fit records each group's (before, ‖ref‖²) while it reads the tensors; the report then does not
+    read them again (memory-mapped models: a whole pass at 7B) and its numbers are those of a full recomputation."""
+    model, _ = make_model(family, 0)
+    save_model(model, tmp_path / "a")
+    save_model(make_model(family, 1)[0], tmp_path / "b")
+    a, b = LazyState(open_checkpoint(tmp_path / "a")), LazyState(open_checkpoint(tmp_path / "b"))
+    spec = spec_for(model.config, a.keys())
+    result = symmerge.align(a, b, symmetries="all", config=model.config)
+    group_keys = {s.key for g in spec.groups() for s in g.slots()}
+    fitted = match_weights(a, b, spec, frozenset({"ffn", "qk", "vo", "scale", "heads"}))
+    assert set(fitted.distances) == group_keys & set(b.keys())
+    # the same numbers as computing every distance afresh
+    before = objective.squared_distances(b, a)
+    assert result.report.distance_before == pytest.approx(np.sqrt(sum(before.values())), rel=1e-12)
+    assert result.report.reference_norm == pytest.approx(objective.state_norm(a), rel=1e-12)
+    # and the report used them: a wrong recorded value shows in it (the reuse is exercised)
+    known = {k: (v[0] + 1.0, v[1]) for k, v in fitted.distances.items()}
+    shifted, _, _ = objective.report_distances(b, a, b, a, (), known=known)
+    assert sum(shifted.values()) == pytest.approx(sum(before.values()) + len(known), rel=1e-9)

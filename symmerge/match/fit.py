@@ -35,7 +35,9 @@ class Fit:
     — the parametrisation the transformed model is compared in (``None`` otherwise); weight matching returns it
     as a lazily folded mapping (:class:`~symmerge.groups.stream.TransformedState`), computed unit by unit.
     ``history``: the objective after each accepted step of an iterative matcher (residual descent, learning), and
-    ``steps`` the element after each of them (where the matcher records them).
+    ``steps`` the element after each of them (where the matcher records them). ``distances``: per tensor key,
+    ``(‖θ_model − θ_ref‖², ‖θ_ref‖²)`` of the models as given, where the matcher measured them while it read the
+    tensors (the report reuses them instead of reading both models again).
     """
 
     transform: ModelTransform
@@ -44,6 +46,7 @@ class Fit:
     folded_reference: Mapping[str, torch.Tensor] | None = None
     history: list[float] = field(default_factory=list)
     steps: list[ModelTransform] = field(default_factory=list)  # the element after each accepted step (history[i + 1])
+    distances: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 Matcher = Callable[..., Fit]

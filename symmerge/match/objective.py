@@ -22,18 +22,24 @@ def squared_distances(a: StateDict, b: StateDict, keys: Iterable[str] | None = N
 
 
 def report_distances(model: StateDict, reference: StateDict, aligned: StateDict, partner: StateDict,
-                     moved: Iterable[str]) -> tuple[dict[str, float], dict[str, float], float]:
+                     moved: Iterable[str], known: Mapping[str, tuple[float, float]] | None = None) -> tuple[dict[str, float], dict[str, float], float]:
     """An alignment report's three sums in one pass over the tensors, in ``aligned``'s key order (unit order for a
     lazily transformed state): ``‖θ_model − θ_ref‖²`` per tensor (before), ``‖T(θ_model) − θ_partner‖²`` for the
     ``moved`` tensors and the before value for the rest (after; identity elements and untouched tensors do not
     change), and ``Σ ‖θ_ref‖²`` over every floating tensor of ``reference``. The same values as
     :func:`squared_distances` and :func:`state_norm` (same float32 reductions), but every tensor is read once
     instead of in three separate passes. (At 7B, where the two checkpoints do not fit in memory together, the
-    report stayed disk-bound all the same: 124 s with three passes, 137 s with one, on a machine running slower.)"""
+    report stayed disk-bound all the same: 124 s with three passes, 137 s with one, on a machine running slower.)
+    ``known``: ``(before, ‖θ_ref‖²)`` per key already measured by the matcher while it read the tensors
+    (``Fit.distances``): those tensors are not read for the before sum (nor at all, unless moved)."""
     moved = set(moved)
+    known = known or {}
     before, after, ref_sq = {}, {}, 0.0
     for k in aligned:
-        if k in model and k in reference and model[k].is_floating_point():
+        if k in known:
+            before[k] = known[k][0]
+            ref_sq += known[k][1]
+        elif k in model and k in reference and model[k].is_floating_point():
             r = reference[k].float()
             before[k] = squared_distance(model[k], r)
             ref_sq += float(torch.linalg.vector_norm(r)) ** 2

@@ -24,6 +24,7 @@ from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
+from symmerge.match.objective import squared_distance
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
@@ -64,11 +65,24 @@ def ffn_details(perm: torch.Tensor) -> dict:
     return {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
 
 
+def record_distances(ref: StateView, model: StateView, group: FFNGroup | AttentionGroup, out: dict[str, tuple[float, float]]) -> None:
+    """``out[key] = (‖θ_model − θ_ref‖², ‖θ_ref‖²)`` for the group's tensors, taken while the fit has just read them
+    (still in the page cache): the alignment report then need not read them again
+    (:func:`~symmerge.match.objective.report_distances`), a whole pass over both models at 7B, where the two
+    checkpoints do not fit in memory together. The same float32 reductions as the report's."""
+    for key in sorted({s.key for s in group.slots()} - out.keys()):
+        if key in ref.state and key in model.state and model.state[key].is_floating_point():
+            r = ref.state[key].float()
+            out[key] = (squared_distance(model.state[key], r), float(torch.linalg.vector_norm(r)) ** 2)
+
+
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
-            device: torch.device | None = None, model_spec: ModelSpec | None = None) -> dict[str, torch.Tensor]:
+            device: torch.device | None = None, model_spec: ModelSpec | None = None,
+            distances: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
     """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
     moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
-    (memory stays at a few d_ff×d_ff). ``model_spec``: a narrower model's own spec (rectangular LAPs)."""
+    (memory stays at a few d_ff×d_ff). ``model_spec``: a narrower model's own spec (rectangular LAPs).
+    ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded)."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
@@ -81,6 +95,8 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
             similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
+            if distances is not None:
+                record_distances(ref, model, group, distances)
             pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
             while len(pending) > max_pending:
                 collect()
@@ -92,7 +108,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, progress: bool = False, model_name: str = "model",
                   device: torch.device | None = None, executor: Any = None, model_spec: ModelSpec | None = None,
-                  bar: tqdm | None = None) -> Fit:
+                  bar: tqdm | None = None, distances: bool = False) -> Fit:
     """The per-layer element (every class but ``residual``) bringing ``model`` closest to ``reference`` (state dicts
     of one ``spec``). Reads only the tensors the groups touch, one group at a time; applies nothing. ``device``:
     where the GEMMs, SVDs and quartics run (:mod:`symmerge.match.device`); the element is on the CPU.
@@ -104,7 +120,10 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     assignments; the identity embedding for a class that is off) and names ``model_spec`` as its ``source``.
 
     ``bar``: a progress bar to advance instead of a bar of its own; its total grows by this fit's groups (the
-    residual descent fits once per round and shows one bar for all its rounds)."""
+    residual descent fits once per round and shows one bar for all its rounds).
+
+    ``distances``: record each group's distances before alignment while its tensors are in memory
+    (``Fit.distances``, :func:`record_distances`); for fits of the models as they are, not of transformed views."""
     if model_spec is not None and not widths_differ(spec, model_spec):
         model_spec = None
     if executor is not None:
@@ -118,6 +137,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     attention_on = bool(symmetries & ATTENTION_CLASSES)
     total = len(spec.ffn) * ("ffn" in symmetries) + len(spec.attention) * attention_on
     details: dict[str, dict] = {}
+    recorded: dict[str, tuple[float, float]] | None = {} if distances and model_spec is None else None  # same shapes only
     if bar is not None:
         bar.total = (bar.total or 0) + total
         bar.refresh()
@@ -125,7 +145,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
           else contextlib.nullcontext(bar)) as bar:
         start = time.perf_counter()
         if "ffn" in symmetries:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec)
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec, distances=recorded)
             for name, perm in transform.ffn.items():
                 details[name] = ffn_details(perm)
         elif model_spec is not None and model_spec.ffn_width != spec.ffn_width:  # unaligned: the identity embedding
@@ -136,9 +156,11 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
             for group in spec.attention:
                 transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device,
                                                                                        model_groups[group.name])
+                if recorded is not None:
+                    record_distances(ref_view, model_view, group, recorded)
                 bar.update(1)
         seconds["attention"] = time.perf_counter() - start
-    return Fit(transform, details, seconds)
+    return Fit(transform, details, seconds, distances=recorded or {})
 
 
 def alignment_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,

@@ -30,4 +30,4 @@ def match_weights(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         return fit_with_residual(reference, model, spec, symmetries, progress=progress, model_name=model_name, max_seconds=max_seconds,
                                  device=device, executor=executor)
     return fit_per_layer(reference, model, spec, symmetries, progress=progress, model_name=model_name, device=device, executor=executor,
-                         model_spec=model_spec)
+                         model_spec=model_spec, distances=True)
