@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from symmerge.groups.ffn import FFNTensors
-from symmerge.match.certificate import CERTIFY_FRACTIONS, CERTIFY_SAMPLE, UNIT_ROUNDOFF, diagonal_dominates, feature_columns
+from symmerge.match.certificate import CERTIFY_FRACTIONS, CERTIFY_SAMPLE, UNIT_ROUNDOFF, diagonal_dominates, feature_columns, row_dots
 
 
 def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor:
@@ -39,8 +39,9 @@ def _features(t: FFNTensors, device: torch.device) -> list[torch.Tensor]:
     return [x.to(device=device, dtype=torch.float32) for x in blocks]
 
 
-def _row_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
-    return sum(x.square().sum(1) for x in blocks).sqrt()
+def _row_squared_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``‖x_i‖²`` over the blocks, summed in float64 (:func:`~symmerge.match.certificate.row_dots` per block)."""
+    return sum(row_dots(x, x).double() for x in blocks)
 
 
 def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -63,7 +64,7 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
     xs, ys = _features(reference, device), _features(model, device)
     n, total = xs[0].shape[0], sum(x.shape[1] for x in xs)
     if n > 1:
-        diag = sum((x * y).sum(1) for x, y in zip(xs, ys))
+        diag = sum(row_dots(x, y) for x, y in zip(xs, ys))
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(CERTIFY_SAMPLE, n)].to(device)
         rows = sum(x[sample] @ y.T for x, y in zip(xs, ys))
         rows[torch.arange(len(sample), device=device), sample] = -torch.inf
@@ -71,17 +72,19 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
         # float32 rounding: any computed entry is within γ‖x_i‖‖y_j‖ of the exact one (γ = (K+2)u, dot products of
         # K terms); counted twice on each side, for this function's sums and for ffn_similarity's
         gamma = (total + 2) * UNIT_ROUNDOFF
-        x_norm, y_norm = _row_norms(xs), _row_norms(ys)
+        x_sq, y_sq = _row_squared_norms(xs), _row_squared_norms(ys)
+        x_norm, y_norm = x_sq.sqrt().float(), y_sq.sqrt().float()
         diag = diag - 2 * gamma * x_norm * y_norm
         done = 0
-        s = torch.zeros(n, n, dtype=torch.float32, device=device) if attempt else None
+        s = None
         for fraction in CERTIFY_FRACTIONS if attempt else ():
             upto = max(int(total * fraction), done + 1)
             for x, y in zip(feature_columns(xs, done, upto), feature_columns(ys, done, upto)):
-                s.addmm_(x, y.T)
+                s = torch.mm(x, y.T) if s is None else s.addmm_(x, y.T)  # the first product allocates (no zero fill)
+            x_sq, y_sq = x_sq - _row_squared_norms(feature_columns(xs, done, upto)), y_sq - _row_squared_norms(feature_columns(ys, done, upto))
             done = upto
-            bound = s.clone()
-            bound.addr_(_row_norms(feature_columns(xs, done, total)), _row_norms(feature_columns(ys, done, total)))
+            # the unseen features' norms, ‖x^{>k}‖² = ‖x‖² − ‖x^{≤k}‖² (float64; a rounding below zero is no norm)
+            bound = torch.addr(s, x_sq.clamp_min(0).sqrt().float(), y_sq.clamp_min(0).sqrt().float())
             bound.addr_(x_norm, y_norm, alpha=2 * gamma)
             bound.fill_diagonal_(-torch.inf)
             if diagonal_dominates(bound, diag, x_norm, y_norm):
