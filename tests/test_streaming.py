@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from conftest import make_model, run_cli
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import symmerge
 from symmerge.errors import SymmergeError
@@ -20,7 +20,7 @@ from symmerge.groups import apply_transform, parse_symmetries
 from symmerge.groups.residual import can_unfold, fold_norms, residual_correlation, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.io import open_checkpoint
-from symmerge.io.stream import LazyState, _data_ranges
+from symmerge.io.stream import LazyState
 from symmerge.match import fit_with_residual, state_distance
 from symmerge.spec import spec_for
 
@@ -124,28 +124,3 @@ def test_streamed_align_cli_equals_in_memory(tmp_path, capsys, family):
     assert set(written) == set(expected)
     for k, v in expected.items():
         assert torch.equal(written[k], v), k
-
-
-def test_prefetch_names_each_tensors_own_bytes(tmp_path, monkeypatch):
-    """The read-ahead hint covers exactly a tensor's data in its file (checked against the bytes safetensors wrote),
-    forwards through a lazily transformed state to its source, and ignores keys it does not know."""
-    tensors = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": torch.randn(4, 5), "c": torch.zeros(0)}
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    data = (tmp_path / "model.safetensors").read_bytes()
-    ranges = _data_ranges(tmp_path / "model.safetensors")
-    for k, t in tensors.items():
-        start, end = ranges[k]
-        assert data[start:end] == t.contiguous().view(torch.uint8).numpy().tobytes()
-    advised = []
-    monkeypatch.setattr("symmerge.io.stream._will_need", lambda r: advised.extend(r))
-    monkeypatch.setattr("threading.Thread", lambda target, args, daemon: type("T", (), {"start": lambda self: target(*args)})())
-    model, _ = make_model("llama", 0)
-    model.save_pretrained(tmp_path / "m")
-    lazy = LazyState(open_checkpoint(tmp_path / "m"))
-    key = next(k for k in lazy if k.endswith("mlp.up_proj.weight"))
-    lazy.prefetch([key, "no.such.tensor"])
-    assert [(f.name, e - s) for f, s, e in advised] == [("model.safetensors", lazy[key].numel() * lazy[key].element_size())]
-    spec = spec_for(model.config, lazy.keys())
-    advised.clear()
-    TransformedState(lazy, spec).prefetch([key])
-    assert len(advised) >= 1 and all(f.name == "model.safetensors" for f, _, _ in advised)

@@ -14,14 +14,13 @@ Iteration yields keys unit by unit, so one pass computes each unit once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import torch
 
 from symmerge.groups.residual import apply_residual, fold_norms, unfold_norms
 from symmerge.groups.transform import ModelTransform, apply_to_group, require_residual
-from symmerge.io.stream import prefetch
 from symmerge.spec.base import ModelSpec, ResidualGroup, StateView
 
 
@@ -108,11 +107,6 @@ class TransformedState(Mapping[str, torch.Tensor]):
 
     def units(self) -> list[list[str]]:
         return [list(u) for u in self._units]
-
-    def prefetch(self, keys: Iterable[str]) -> None:
-        """Start reading the source tensors behind ``keys`` (their whole units, unless computed already)."""
-        wanted = {self._unit_of[k] for k in keys if k in self._unit_of} - set(self._cache)
-        prefetch(self.source, [self._alias.get(k, k) for i in sorted(wanted) for k in self._units[i]])
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._identity:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -19,35 +17,6 @@ from safetensors.torch import save_file
 
 from symmerge.errors import SymmergeError
 from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, all_finite, load_state_dict
-
-
-def _data_ranges(f: Path) -> dict[str, tuple[int, int]]:
-    """Tensor name → (start, end) byte offsets of its data in a safetensors file (8-byte little-endian header
-    length, the JSON header, then the data; ``data_offsets`` count from the end of the header)."""
-    with open(f, "rb") as h:
-        (length,) = struct.unpack("<Q", h.read(8))
-        header = json.loads(h.read(length))
-    return {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
-
-
-def _will_need(ranges: list[tuple[Path, int, int]]) -> None:
-    for f, start, end in ranges:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:  # a hint only
-            pass
-
-
-def prefetch(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
-    """Let ``state`` start reading ``keys`` in the background if it can (:meth:`LazyState.prefetch`; a lazily
-    transformed state forwards to its source); nothing for states in memory."""
-    ahead = getattr(state, "prefetch", None)
-    if ahead is not None:
-        ahead(keys)
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -68,7 +37,6 @@ class LazyState(Mapping[str, torch.Tensor]):
                     for k in h.keys():
                         self._where[k] = f
         self._handles: dict[Path, object] = {}
-        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
         self._checked: set[str] = set()
         self._lora = ckpt.lora.match(list(self._stored())) if ckpt.lora is not None else {}
         stored = self._eager if self._eager is not None else self._where
@@ -81,28 +49,6 @@ class LazyState(Mapping[str, torch.Tensor]):
 
     def _stored(self) -> Mapping:
         return self._eager if self._eager is not None else self._where
-
-    def prefetch(self, keys: Iterable[str]) -> None:
-        """Ask the kernel to start reading these tensors into the page cache (``posix_fadvise(WILLNEED)`` in a
-        background thread), so that reading the next group overlaps the arithmetic on this one: at 7B the two
-        models of a pair do not fit in memory together, and every pass over them is a disk read. A hint: nothing
-        where the platform lacks it, for pickles (in memory) and for unknown keys."""
-        if self._eager is not None or not hasattr(os, "posix_fadvise"):
-            return
-        ranges = []
-        for key in keys:
-            f = self._where.get(self._aliases.get(key, key))
-            if f is None:
-                continue
-            if f not in self._ranges:
-                try:
-                    self._ranges[f] = _data_ranges(f)
-                except (OSError, ValueError, struct.error):
-                    self._ranges[f] = {}
-            if (r := self._ranges[f].get(self._aliases.get(key, key))) is not None:
-                ranges.append((f, *r))
-        if ranges:
-            threading.Thread(target=_will_need, args=(ranges,), daemon=True).start()
 
     def tensor_files(self) -> dict[str, Path] | None:
         """Tensor name → the safetensors file holding it (absolute), for readers elsewhere (Ray tasks); ``None``
@@ -195,10 +141,7 @@ def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes
     :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): memory holds
     one shard, not the model."""
     writer = ShardWriter(Path(dest), max_shard_bytes)
-    keys = list(state)
-    for i, key in enumerate(keys):
-        if i + 1 < len(keys):
-            prefetch(state, keys[i + 1 : i + 2])
+    for key in state:
         writer.add(key, state[key])
     writer.close()
 

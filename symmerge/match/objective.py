@@ -8,8 +8,6 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from symmerge.io.stream import prefetch
-
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -37,16 +35,7 @@ def report_distances(model: StateDict, reference: StateDict, aligned: StateDict,
     moved = set(moved)
     known = known or {}
     before, after, ref_sq = {}, {}, 0.0
-    keys = list(aligned)
-    for i, k in enumerate(keys):
-        if i + 1 < len(keys):  # start reading the next tensor this loop will need (memory-mapped models)
-            nxt = keys[i + 1 : i + 2]
-            if nxt[0] not in known:
-                prefetch(model, nxt)
-                prefetch(reference, nxt)
-            if nxt[0] in moved:
-                prefetch(aligned, nxt)
-                prefetch(partner, nxt)
+    for k in aligned:
         if k in known:
             before[k] = known[k][0]
             ref_sq += known[k][1]

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from symmerge.errors import SymmergeError
 from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
 from symmerge.groups.ffn import embedding
-from symmerge.io.stream import prefetch
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
@@ -77,14 +76,6 @@ def record_distances(ref: StateView, model: StateView, group: FFNGroup | Attenti
             out[key] = (squared_distance(model.state[key], r), float(torch.linalg.vector_norm(r)) ** 2)
 
 
-def prefetch_group(ref: StateView, model: StateView, group: FFNGroup | AttentionGroup | None) -> None:
-    """Start reading the next group's tensors of both models while this one is fitted (:func:`symmerge.io.stream.prefetch`)."""
-    if group is not None:
-        keys = sorted({s.key for s in group.slots()})
-        prefetch(ref.state, keys)
-        prefetch(model.state, keys)
-
-
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
             device: torch.device | None = None, model_spec: ModelSpec | None = None,
             distances: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
@@ -102,8 +93,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
         bar.update(1)
 
     with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
-        for i, group in enumerate(spec.ffn):
-            prefetch_group(ref, model, spec.ffn[i + 1] if i + 1 < len(spec.ffn) else (spec.attention[0] if spec.attention else None))
+        for group in spec.ffn:
             similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
             if distances is not None:
                 record_distances(ref, model, group, distances)
@@ -163,8 +153,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         seconds["ffn"] = time.perf_counter() - start
         start = time.perf_counter()
         if attention_on or (model_spec is not None and model_spec.num_heads != spec.num_heads):
-            for i, group in enumerate(spec.attention):
-                prefetch_group(ref_view, model_view, spec.attention[i + 1] if i + 1 < len(spec.attention) else None)
+            for group in spec.attention:
                 transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device,
                                                                                        model_groups[group.name])
                 if recorded is not None:
