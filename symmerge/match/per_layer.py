@@ -24,7 +24,7 @@ from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.match.objective import squared_distance
+from symmerge.match.objective import squared_distance, squared_norm
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
@@ -72,8 +72,8 @@ def record_distances(ref: StateView, model: StateView, group: FFNGroup | Attenti
     checkpoints do not fit in memory together. The same float32 reductions as the report's."""
     for key in sorted({s.key for s in group.slots()} - out.keys()):
         if key in ref.state and key in model.state and model.state[key].is_floating_point():
-            r = ref.state[key].float()
-            out[key] = (squared_distance(model.state[key], r), float(torch.linalg.vector_norm(r)) ** 2)
+            r = ref.state[key]
+            out[key] = (squared_distance(model.state[key], r), squared_norm(r))
 
 
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
