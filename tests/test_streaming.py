@@ -7,12 +7,16 @@ associative (float64 there: ~1e-12 relative)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import weakref
 
 import pytest
 import torch
 from conftest import make_model, run_cli
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import symmerge
 from symmerge.errors import SymmergeError
@@ -20,7 +24,7 @@ from symmerge.groups import apply_transform, parse_symmetries
 from symmerge.groups.residual import can_unfold, fold_norms, residual_correlation, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.io import open_checkpoint
-from symmerge.io.stream import LazyState
+from symmerge.io.stream import LazyState, ShardWriter
 from symmerge.match import fit_with_residual, state_distance
 from symmerge.spec import spec_for
 
@@ -124,3 +128,120 @@ def test_streamed_align_cli_equals_in_memory(tmp_path, capsys, family):
     assert set(written) == set(expected)
     for k, v in expected.items():
         assert torch.equal(written[k], v), k
+
+
+# ------------------------------------------------------------------------------------------- ShardWriter
+
+
+def _writer_tensors() -> dict[str, torch.Tensor]:
+    """Random tensors of every dtype safetensors and this torch share, plus a 0-size tensor, a scalar and a
+    non-contiguous view, named out of safetensors' order (which sorts by dtype, then by name)."""
+    g = torch.Generator().manual_seed(0)
+    out = {
+        "z.f32": torch.randn(5, 3, generator=g),
+        "a.bf16": torch.randn(7, 4, generator=g).to(torch.bfloat16),
+        "m.f16": torch.randn(3, generator=g).to(torch.float16),
+        "b.f64": torch.randn(2, 2, generator=g, dtype=torch.float64),
+        "c.i64": torch.randint(-(2**40), 2**40, (9,), generator=g),
+        "d.i32": torch.randint(-(2**30), 2**30, (4, 1), generator=g, dtype=torch.int32),
+        "e.i16": torch.randint(-(2**14), 2**14, (3,), generator=g, dtype=torch.int16),
+        "f.i8": torch.randint(-100, 100, (5,), generator=g, dtype=torch.int8),
+        "g.u8": torch.randint(0, 255, (6,), generator=g, dtype=torch.uint8),
+        "h.bool": torch.rand(7, generator=g) > 0.5,
+        "i.c64": torch.randn(3, generator=g, dtype=torch.complex64),
+        "y.empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "x.scalar": torch.tensor(3.5),
+        "w.transposed": torch.randn(4, 6, generator=g).t(),  # not contiguous: written in C order
+        "f.second": torch.randn(3, generator=g),  # same dtype as z.f32: name order decides
+    }
+    for name, attr in (("u16", "uint16"), ("u32", "uint32"), ("u64", "uint64"), ("f8a", "float8_e4m3fn"), ("f8b", "float8_e5m2"),
+                       ("f8c", "float8_e4m3fnuz"), ("f8d", "float8_e5m2fnuz")):
+        if hasattr(torch, attr):
+            dt = getattr(torch, attr)
+            raw = torch.randint(0, 256, (4 * torch.tensor([], dtype=dt).element_size(),), generator=g, dtype=torch.uint8)
+            out[f"n.{name}"] = raw.view(dt)
+    return out
+
+
+def _write(tmp_path, tensors, max_shard_bytes=10**9):
+    tmp_path.mkdir(exist_ok=True)
+    writer = ShardWriter(tmp_path, max_shard_bytes)
+    for k, v in tensors.items():
+        writer.add(k, v)
+    return writer.close()
+
+
+def test_shard_writer_is_byte_identical_to_save_file(tmp_path):
+    tensors = _writer_tensors()
+    [written] = _write(tmp_path / "ours", tensors)
+    assert written.name == "model.safetensors"
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["model.safetensors"]  # no data file left behind
+    reference = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, reference, metadata={"format": "pt"})
+    assert written.read_bytes() == reference.read_bytes()
+    with safe_open(written, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k, v in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == v.dtype and got.shape == v.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+    # negative control: the comparison sees one changed entry
+    changed = dict(tensors, **{"a.bf16": tensors["a.bf16"].clone().index_fill_(0, torch.tensor([2]), 1.0)})
+    [other] = _write(tmp_path / "changed", changed)
+    assert other.read_bytes() != reference.read_bytes()
+
+
+def test_shard_writer_shards_and_index(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"layer.{i}.weight": torch.randn(10, 10, generator=g).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(7)}
+    files = _write(tmp_path / "out", tensors, max_shard_bytes=700)  # 200 or 400 bytes each: one or two a shard
+    n = len(files)
+    assert n > 2 and [f.name for f in files] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+    assert set(index["weight_map"]) == set(tensors)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*(f.name for f in files), "model.safetensors.index.json"])
+    for f in files:  # each shard: what save_file writes for the tensors the index puts there
+        keys = [k for k, shard in index["weight_map"].items() if shard == f.name]
+        reference = tmp_path / f"ref-{f.name}"
+        save_file({k: tensors[k] for k in keys}, reference, metadata={"format": "pt"})
+        assert f.read_bytes() == reference.read_bytes()
+
+
+def test_shard_writer_holds_no_tensor(tmp_path):
+    """At most the tensor being added is in memory: the writer keeps no reference to any tensor it was given."""
+    writer = ShardWriter(tmp_path, 10**9)
+    refs = []
+    for i in range(3):
+        t = torch.randn(100, 100)
+        refs.append(weakref.ref(t))
+        writer.add(f"t{i}", t)
+        del t
+    assert all(r() is None for r in refs)
+    writer.close()
+    with pytest.raises(SymmergeError, match="written twice"):
+        writer.add("t1", torch.zeros(1))
+
+
+def test_shard_writer_copies_without_copy_file_range(tmp_path, monkeypatch):
+    """Where the kernel copy is missing or refuses the files, the copy through memory writes the same bytes."""
+    tensors = _writer_tensors()
+    [kernel] = _write(tmp_path / "kernel", tensors)
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    [refused] = _write(tmp_path / "refused", tensors)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    missing = _write(tmp_path / "missing", tensors, max_shard_bytes=1)  # one tensor a shard, the 0-byte one included
+    assert refused.read_bytes() == kernel.read_bytes()
+    assert len(missing) == len(tensors)
+    for f in missing:
+        [(k, v)] = load_file(f).items()
+        assert f.read_bytes() == save_file_bytes({k: tensors[k]}, tmp_path / "ref.safetensors"), k
+
+
+def save_file_bytes(tensors: dict[str, torch.Tensor], path) -> bytes:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return path.read_bytes()

@@ -1,19 +1,20 @@
 """Streaming: tensors read one at a time from memory-mapped safetensors, output written shard by shard.
 
-Peak memory of a merge is then about one tensor (or one symmetry group's tensors) per model plus one output
-shard, not whole models: mapped input pages are clean file cache the kernel can drop.
+Peak memory of a merge is then about one tensor (or one symmetry group's tensors) per model plus the output tensor
+being written, not whole models: mapped input pages are clean file cache the kernel can drop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from symmerge.errors import SymmergeError
 from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, all_finite, load_state_dict
@@ -85,38 +86,147 @@ class LazyState(Mapping[str, torch.Tensor]):
         return t
 
 
+#: safetensors' dtype names, in the order of its ``Dtype`` enum (``safetensors/src/tensor.rs``, 0.8): a file lays its
+#: tensors out by this rank descending, then by name, so the 8-byte types come first and every tensor starts
+#: aligned. ``tests/test_streaming.py`` checks the layout byte for byte against ``safetensors.torch.save_file``.
+_ST_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16",
+                   "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_ST_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.complex64: "C64", torch.float64: "F64",
+             torch.int64: "I64"}
+_ST_NAMES.update({getattr(torch, attr): name for name, attr in (  # in newer torch builds only
+    ("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")) if hasattr(torch, attr)})
+
+_COPY_BLOCK = 1 << 26  # bytes per copy call when a shard's data is moved behind its header
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The header safetensors writes for tensors ``(name, dtype name, shape, nbytes)``, and the names in file order.
+
+    Layout as ``safetensors.serialize``: tensors sorted by dtype rank descending (:data:`_ST_DTYPE_ORDER`), then by
+    name (bytewise = code-point order), data offsets consecutive in that order; the JSON compact, ``__metadata__``
+    first, keys in file order, padded with spaces to a multiple of 8 bytes; preceded by its length as 8-byte
+    little-endian.
+    """
+    rank = {name: i for i, name in enumerate(_ST_DTYPE_ORDER)}
+    ordered = sorted(entries, key=lambda e: (-rank[e[1]], e[0]))
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape, nbytes in ordered:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [e[0] for e in ordered]
+
+
+def _tensor_bytes(key: str, tensor: torch.Tensor) -> tuple[str, memoryview]:
+    """``tensor``'s safetensors dtype name and its bytes (C order, little-endian), without a copy when it is a
+    contiguous CPU tensor."""
+    name = _ST_NAMES.get(tensor.dtype)
+    if name is None:
+        raise SymmergeError(f"cannot write tensor {key!r}: safetensors has no dtype for {tensor.dtype}")
+    if sys.byteorder != "little":
+        raise SymmergeError("writing safetensors needs a little-endian machine")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return name, memoryview(b"")
+    return name, memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to ``dst`` (both flushed): in the kernel with
+    ``copy_file_range`` where the system has it, else (or where it refuses these files) through a buffer of
+    :data:`_COPY_BLOCK` bytes."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(_COPY_BLOCK, nbytes - done), offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # EXDEV, EINVAL... on some file systems: the rest through memory
+            pass
+    if done < nbytes:
+        dst.seek(0, os.SEEK_END)  # copy_file_range moved the descriptor's offset, not the buffered object's
+        src.seek(offset + done)
+        while done < nbytes:
+            block = src.read(min(_COPY_BLOCK, nbytes - done))
+            if not block:
+                raise SymmergeError(f"{src.name}: shard data ended {nbytes - done} bytes early")
+            dst.write(block)
+            done += len(block)
+        dst.flush()
+
+
 class ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever the next tensor would exceed ``max_shard_bytes``.
+    """Writes tensors to safetensors shards as they arrive, a new shard whenever the next tensor would exceed
+    ``max_shard_bytes``; memory holds no more than the tensor being added.
+
+    A tensor's bytes go at once to a temporary data file in ``directory`` (only its name, dtype, shape and offset
+    are kept); closing a shard writes the header safetensors would write and then copies the data behind it in
+    safetensors' order — the file is byte for byte what ``safetensors.torch.save_file`` makes of the same tensors.
+    (The header cannot be written first: its length is known only when the shard's last tensor is. Writing the
+    data straight into the shard file after a reserved gap would leave padding and a tensor order safetensors
+    does not produce; the copy costs one more pass over the shard, in the kernel.)
 
     ``close()`` names the shards ``model-0000i-of-0000N.safetensors`` with an index, or ``model.safetensors`` when
     everything fit in one.
     """
 
+    METADATA = {"format": "pt"}  # what transformers' save_pretrained writes (and expects)
+
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._data: BinaryIO | None = None  # the open shard's tensor bytes, in arrival order
+        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # (name, dtype, shape, nbytes), arrival order
         self._buffer_bytes = 0
+        self._keys: set[str] = set()
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
+    def _data_path(self) -> Path:
+        return self.directory / f".shard-{len(self._shards):05d}.data"
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._buffer or any(key in keys for _, keys in self._shards):
+        if key in self._keys:
             raise SymmergeError(f"internal: tensor {key!r} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+        dtype, data = _tensor_bytes(key, tensor)
+        size = data.nbytes
+        if self._entries and self._buffer_bytes + size > self.max_shard_bytes:
             self.flush()
-        self._buffer[key] = tensor.contiguous()
+        if self._data is None:
+            self._data = open(self._data_path(), "w+b")
+        self._data.write(data)
+        self._keys.add(key)
+        self._entries.append((key, dtype, tuple(tensor.shape), size))
         self._buffer_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Close the open shard: header, then its tensors' bytes in safetensors' order."""
+        if not self._entries:
             return
+        data, data_path = self._data, self._data_path()
+        data.flush()
+        starts, offset = {}, 0
+        for name, _, _, nbytes in self._entries:
+            starts[name] = (offset, nbytes)
+            offset += nbytes
+        header, order = safetensors_header(self._entries, self.METADATA)
         path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        with open(path, "wb") as out:
+            out.write(header)
+            out.flush()
+            for name in order:
+                _copy_range(data, out, *starts[name])
+        data.close()
+        data_path.unlink()
+        self._shards.append((path, [e[0] for e in self._entries]))
+        self._data, self._entries, self._buffer_bytes = None, [], 0
 
     def close(self) -> list[Path]:
         self.flush()
@@ -138,8 +248,8 @@ class ShardWriter:
 
 def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = 5 * 10**9) -> None:
     """Write ``state`` tensor by tensor in its own order, shard by shard (a lazily computed state, e.g. an aligned
-    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): memory holds
-    one shard, not the model."""
+    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): the writer
+    holds no tensor after adding it (:class:`ShardWriter`)."""
     writer = ShardWriter(Path(dest), max_shard_bytes)
     for key in state:
         writer.add(key, state[key])
