@@ -708,6 +708,71 @@ def test_ties_kernel_equals_a_sorted_reference_on_ties_and_zero_signs(monkeypatc
     assert torch.equal(fast.view(torch.int16), _ties_sorted_reference(smooth, base, [0.25, 0.4], [1.0, 2.0]).view(torch.int16))
 
 
+def _ties_before_fusing(models, base, density, weights, lam, normalize, round_twice=False):
+    """The disjoint mean as the kernel computed it before its passes were fused (symmerge c9c8f4a), operation for
+    operation on whole tensors, after the same exact trim. ``round_twice``: a wrong variant that rounds the merged
+    task vector to the output dtype before adding the base."""
+    base32 = base.float().reshape(-1)
+    taus = []
+    for i, (x, d) in enumerate(zip(models, density)):
+        plan = M._trim_plan(x.reshape(-1), base.reshape(-1), M.keep_count(d, base.numel()), M._TiesScratch(len(models), M.TIES_CHUNK), i)
+        taus.append(M._apply_trim_(x.float().reshape(-1) - base32, *plan, 0))
+    sign = torch.mul(taus[0], weights[0])
+    for i in range(1, len(taus)):
+        sign.add_(taus[i], alpha=weights[i])
+    sign.sign_()
+    num, den = torch.zeros_like(sign), torch.zeros_like(sign)
+    for i, tau in enumerate(taus):
+        tau.mul_(sign).clamp_min_(0)
+        num.add_(tau, alpha=weights[i])
+        if normalize:
+            den.add_(tau.sign_(), alpha=weights[i])
+    num.mul_(sign)
+    if normalize:
+        num.div_(den.clamp_min_(min((x for x in weights if x > 0), default=1.0)))
+    if lam != 1:
+        num.mul_(lam)
+    if round_twice:
+        num = num.to(models[0].dtype).float()
+    return num.add_(base32).to(models[0].dtype).reshape(base.shape)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 18])
+def test_ties_kernel_bits_equal_the_unfused_kernel(monkeypatch, chunk):
+    """The fused passes (election sum without the product by w_0 = 1, the first model's denominator written
+    directly, addcdiv for base + num / den, the counting trim plan, the chunk size) change no output bit (compared
+    as integers: ``torch.equal`` takes −0 for +0): tie-heavy bf16 task vectors, exact zeros, −0 in the base and in
+    the task vectors, every weight/λ/normalize branch. Control: one rounding more is seen."""
+    monkeypatch.setattr(M, "TIES_CHUNK", chunk)
+    bits = lambda x: x.view(torch.int16)  # noqa: E731
+    for seed in range(3):
+        base, models = _tie_heavy_models(seed, shape=(67, 45))
+        base.view(-1)[::5] = -0.0  # −0 in the base: base + (+0) = +0 there, base + (−0) = −0
+        models[0].view(-1)[::5] = 0.0  # τ = +0 − (−0) = +0; where the election is −, τ̂·γ = −0
+        models[1].view(-1)[::10] = -0.0  # τ = −0 − (−0) = +0
+        for weights, lam, normalize in (([1.0, 1.0, 0.5], 1.0, True), ([1.0, 1.0, 1.0], 0.7, True), ([0.5, 2.0, 0.0], 1.0, True),
+                                        ([1.0, 3.0, 0.25], 1.0, False), ([2.0, 1.0, 1.0], 1.3, False)):
+            density = [0.2, 0.5, 0.9]
+            fast = ties(models, base=base, density=density, weights=weights, lambda_=lam, normalize=normalize)
+            before = _ties_before_fusing(models, base, density, weights, lam, normalize)
+            assert torch.equal(bits(fast), bits(before)), (seed, weights, lam, normalize)
+        # control: one rounding more (the merged task vector rounded to bf16 before the base is added) is seen
+        twice = _ties_before_fusing(models, base, density, weights, lam, normalize, round_twice=True)
+        assert not torch.equal(bits(twice), bits(fast))
+
+
+def test_count_above_counts_strictly_greater_magnitudes():
+    g = G(11)
+    mags = (torch.randint(0, 5, (3000,), generator=g).float() * 0.25).abs()  # many ties, zeros
+    mags[:3] = torch.tensor([1e-45, 2e-45, 0.0])  # subnormals
+    scratch = torch.empty_like(mags)
+    for t in (0.0, 0.25, 0.5, 1.0, 1e-45, 5.0):
+        assert M._count_above(mags, t, scratch) == int((mags > t).sum()), t
+        if t > 0:  # |x| > below(t) ⟺ |x| >= t
+            assert M._count_above(mags, M._below(t), scratch) == int((mags >= t).sum()), t
+    assert M._count_above(mags, M._below(0.5), scratch) != M._count_above(mags, 0.5, scratch)  # control: ties at 0.5 exist
+
+
 def test_ties_trim_plan_bracket_and_radix_fallback_agree(monkeypatch):
     """The bracket and the exact radix selection give the same plan; a bracket that misses (forced here, rare in
     use) falls back to radix, so the result stays exact; a plan breaking ties from the end is caught (control)."""

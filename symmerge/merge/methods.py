@@ -545,10 +545,13 @@ def _disjoint_merge(task_vector: Callable[[int], Tensor], n_models: int, weights
     return num if den is None else num.div_(den.masked_fill_(den == 0, 1))
 
 
-#: TIES works on chunks of this many entries: the trim thresholds come from histograms of the task vectors' float
-#: bits accumulated chunk by chunk, and trim, sign election and disjoint mean run chunk by chunk, so the scratch
-#: memory is a few chunk-sized float32 buffers per model whatever the tensor's size, and stays in cache.
-TIES_CHUNK = 1 << 20
+#: TIES works on chunks of this many entries: the trim thresholds come from counts (or histograms) of the task
+#: vectors accumulated chunk by chunk, and trim, sign election and disjoint mean run chunk by chunk, so the scratch
+#: memory is a few chunk-sized float32 buffers per model whatever the tensor's size. 2^18 entries (1 MiB a float32
+#: buffer, ~8 MiB in use for two models) stay in cache where 2^20 did not: the kernel ran ~1.5x faster on the
+#: 168M-parameter benchmark. Every operation is elementwise (torch's vector and scalar paths round alike, add with
+#: alpha included: both fused multiply-adds), so the chunk size changes no result.
+TIES_CHUNK = 1 << 18
 _RADIX_HI, _RADIX_LO = 1 << 15, 1 << 16
 
 
@@ -590,17 +593,39 @@ TIES_SAMPLE = 1 << 14
 def _sampled_bracket(theta: Tensor, base: Tensor, k: int) -> tuple[float, float]:
     """``lo <= hi`` that hold the ``k``-th largest ``|τ|``, ``τ = θ − base`` (flat), with near certainty: the
     sample quantiles at rank ``n − k + 1`` ± 6 binomial standard deviations of :data:`TIES_SAMPLE` entries drawn
-    with a fixed seed (the caller checks by counting and falls back to an exact selection on a miss)."""
+    with a fixed seed (the caller checks by counting and falls back to an exact selection on a miss).
+
+    The sample is stratified — one entry drawn from each of ``s`` equal runs of ``⌊n/s⌋`` entries — so its indices
+    come in memory order without a sort (which cost as much as the rest of the bracket), and its quantiles vary
+    no more than those of independent draws: the binomial margin stays conservative."""
     n = theta.numel()
-    s = min(TIES_SAMPLE, max(n, 1024))  # a small tensor: about as many draws as entries (with replacement)
+    s = min(TIES_SAMPLE, max(n, 1024))  # a small tensor: about as many draws as entries
     g = torch.Generator(device=theta.device).manual_seed(0x5EED)
-    idx = torch.randint(n, (s,), generator=g, device=theta.device).sort().values  # in memory order: fewer cache misses
+    stride = n // s
+    if stride >= 1:
+        idx = torch.randint(stride, (s,), generator=g, device=theta.device)
+        idx.add_(torch.arange(0, s * stride, stride, device=theta.device))
+    else:  # fewer than 1024 entries: independent draws (with replacement), sorted into memory order
+        idx = torch.randint(n, (s,), generator=g, device=theta.device).sort().values
     sample = (theta[idx].float() - base[idx].float()).abs_()  # the same float32 arithmetic as the full pass
     p = 1 - k / n
     margin = 6 * math.sqrt(p * (1 - p) / s) + 2 / s
     lo = torch.kthvalue(sample, min(s, max(1, math.floor((p - margin) * s)))).values
     hi = torch.kthvalue(sample, min(s, max(1, math.ceil((p + margin) * s)))).values
     return float(lo), float(hi)
+
+
+def _below(t: float) -> float:
+    """The largest float32 below ``t`` (toward 0): ``|x| > _below(t)`` ⟺ ``|x| >= t`` for float32 ``x``, ``t > 0``."""
+    return float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0, dtype=torch.float32)))
+
+
+def _count_above(magnitudes: Tensor, t: float, scratch: Tensor) -> int:
+    """``#{j : m_j > t}`` for float32 ``magnitudes >= 0`` (at most 2^24 of them, ``t >= 0``), as
+    ``Σ sign(hardshrink(m, t))``: hardshrink zeroes ``m <= t``, sign maps the rest to 1, and a float32 sum of at
+    most 2^24 ones is exact. Float ops only, in ``scratch`` (same size): on CPU a comparison into a bool mask and
+    its ``count_nonzero`` cost about twice as much."""
+    return int(torch.hardshrink(magnitudes, t, out=scratch).sign_().sum())
 
 
 def _trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: int) -> tuple[float, int]:
@@ -618,15 +643,17 @@ def _trim_plan(theta: Tensor, base: Tensor, k: int, scratch: _TiesScratch, i: in
     if k >= n:
         return 0.0, n
     lo, hi = _sampled_bracket(theta, base, k)
+    below_hi = _below(hi)
     bounds = [(s, min(s + TIES_CHUNK, n)) for s in range(0, n, TIES_CHUNK)]
     above, inside = 0, []  # entries > hi; per chunk, those in [lo, hi] (their count when lo = hi)
     for s, e in bounds:
         mag = torch.abs(scratch.task_vector(i, theta, base, s, e), out=scratch.num[: e - s])
-        mask = scratch.mask[: e - s]
-        above += int(torch.gt(mag, hi, out=mask).count_nonzero())
-        if lo == hi:
-            inside.append(int(torch.eq(mag, hi, out=mask).count_nonzero()))
+        n_above = _count_above(mag, hi, scratch.den[: e - s])
+        above += n_above
+        if lo == hi:  # |τ| >= hi ⟺ |τ| > below(hi); every entry when hi = 0
+            inside.append((e - s if hi == 0 else _count_above(mag, below_hi, scratch.den[: e - s])) - n_above)
         else:
+            mask = scratch.mask[: e - s]
             inside.append(mag[torch.ge(mag, lo, out=mask).logical_and_(mag <= hi)])
     r = k - above  # the k-th largest is the r-th largest inside the bracket, if it is there
     if lo == hi:
@@ -705,7 +732,7 @@ def _apply_trim_(tau: Tensor, t: float, p: int, s: int) -> Tensor:
     m = tau.numel()
     cut = min(max(p - s, 0), m)
     if cut > 0:  # |x| > nextafter(t, 0) ⟺ |x| >= t in float32
-        below = float(torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0, dtype=torch.float32)))
+        below = _below(t)
         torch.hardshrink(tau[:cut], below, out=tau[:cut])
     if cut < m:
         torch.hardshrink(tau[cut:], t, out=tau[cut:])
@@ -734,22 +761,35 @@ def _ties_chunked(tensors: Sequence[Tensor], base: Tensor, w: list[float], lam: 
         scratch.base[:m].copy_(base_flat[s:e])
         taus = [_apply_trim_(scratch.task_vector(i, x, base_flat, s, e, base_ready=True), *plans[i], s) for i, x in enumerate(flat)]
         sign = scratch.key[:m].view(torch.float32)  # the int32 scratch, reused
-        torch.mul(taus[0], w[0], out=sign)
-        for i in range(1, len(taus)):
+        if w[0] == 1 and len(taus) > 1:  # 1 · τ_0 = τ_0 exactly: the first sum w_1 τ_1 + τ_0 without a product pass
+            torch.add(taus[0], taus[1], alpha=w[1], out=sign)
+        else:
+            torch.mul(taus[0], w[0], out=sign)
+        for i in range(2 if w[0] == 1 and len(taus) > 1 else 1, len(taus)):
             sign.add_(taus[i], alpha=w[i])
         sign.sign_()
-        num, den = scratch.num[:m].zero_(), scratch.den[:m].zero_()
+        num, den = scratch.num[:m].zero_(), scratch.den[:m]
         for i, tau in enumerate(taus):
-            tau.mul_(sign).clamp_min_(0)  # |τ̂_i| where it agrees with γ, else 0
+            tau.mul_(sign).clamp_min_(0)  # |τ̂_i| where it agrees with γ, else 0 (or −0)
             num.add_(tau, alpha=w[i])
-            if normalize:
+            if normalize and i == 0:  # w_0 sign(τ̂_0) = 0 + w_0 sign(τ̂_0) but for the sign of zeros, which the clamp erases
+                torch.sign(tau, out=den)
+                if w[0] != 1:
+                    den.mul_(w[0])
+            elif normalize:
                 den.add_(tau.sign_(), alpha=w[i])
         num.mul_(sign)
         if normalize:  # den = 0 only where num = 0 (no model agrees); elsewhere den >= the smallest positive weight
-            num.div_(den.clamp_min_(wmin))
-        if lam != 1:  # x · 1 = x exactly: skip the pass
-            num.mul_(lam)
-        out[s:e].copy_(num.add_(scratch.base[:m]))
+            den.clamp_min_(wmin)
+        if normalize and lam == 1:  # base + 1 · num / den in one pass, rounded as num.div_(den).add_(base) (1 · num is exact)
+            torch.addcdiv(scratch.base[:m], num, den, out=num)
+        else:
+            if normalize:
+                num.div_(den)
+            if lam != 1:  # x · 1 = x exactly: skip the pass
+                num.mul_(lam)
+            num.add_(scratch.base[:m])
+        out[s:e].copy_(num)
     return out.view(base.shape)
 
 
