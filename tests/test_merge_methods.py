@@ -1077,6 +1077,22 @@ def test_nearswap_by_hand():
         nearswap([other], base=base)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nearswap_chunk_by_chunk_keeps_the_bits_of_the_whole_tensor_formula(monkeypatch, dtype):
+    """Chunked (to bound memory) nearswap gives the bits of the formula on whole tensors; control: another t differs."""
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    g = G(495)
+    base = torch.randn(37, 29, generator=g).to(dtype)
+    other = (base.float() + torch.randn(37, 29, generator=g) * 0.01).to(dtype)
+    other.view(-1)[::7] = base.view(-1)[::7]  # equal entries: |a − b| = 0, clamped to 1e-6
+    a, b = base.float(), other.float()
+    s = (0.004 / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+    whole = (a + s * (b - a)).to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(nearswap([other], base=base, t=0.004).view(bits), whole.view(bits))
+    assert not torch.equal(nearswap([other], base=base, t=0.003).view(bits), whole.view(bits))
+
+
 def test_arcee_fusion_against_a_float64_reference():
     base = torch.randn(8, 16, generator=G(460))
     other = base + 0.05 * torch.randn(8, 16, generator=G(461))

@@ -2029,15 +2029,21 @@ def nearswap(
 
     ``s = clip(t / max(|a − b|, 1e-6), 0, 1)`` per entry, ``θ = s b + (1 − s) a``: entries closer than ``t`` are
     swapped for ``b``'s, farther ones move by ``t`` toward ``b``. ``t`` is required (no default, as in mergekit).
+    Elementwise, so computed chunk by chunk (:func:`_chunked`: the same operations per entry, a few chunk-sized
+    float32 temporaries instead of five tensor-sized ones).
     """
     t = _params("nearswap", t=t)["t"]
     _check_inputs("nearswap", tensors, name, base=base, needs_base=True)
     if len(tensors) != 1:
         raise SymmergeError(f"nearswap: merges base_model with exactly 1 other model, got {len(tensors)} others")
     dtype = _compute_dtype(tensors[0], base)
-    a, b = base.to(dtype), tensors[0].to(dtype)
-    s = (t / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
-    return _out(a + s * (b - a), tensors, out_dtype)
+
+    def swap(chunks: list[Tensor], acc: Tensor) -> Tensor:
+        a, b = chunks[0].to(dtype), chunks[1].to(dtype)
+        s = (t / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+        return a + s * (b - a)
+
+    return _chunked(swap, [base, tensors[0]], dtype, out_dtype or tensors[0].dtype)
 
 
 def _quantiles_like_mergekit(x: Tensor, qs: Sequence[float]) -> list[float]:
