@@ -8,8 +8,10 @@ mean of the endpoints' losses). Compare settings by steps, not seconds: the wall
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,10 +23,12 @@ from symmerge.groups import apply_transform, parse_symmetries  # noqa: E402
 from symmerge.groups.residual import fold_norms  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import build_model, load_weights, untied_config  # noqa: E402
-from symmerge.match.learned import learn_transform, path_loss  # noqa: E402
+from symmerge.match.learned import learn_transform, path_loss, soft_target_loss  # noqa: E402
 from symmerge.match.weights import match_weights  # noqa: E402
 from symmerge.spec import spec_for  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
+
+TARGET = 0.05  # nats: issue 9's barrier target
 
 
 def main() -> None:
@@ -34,25 +38,43 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--group-lr", default="", help="rate factors per group, e.g. residual=2,qk=0.5 (groups: residual, ffn, qk, vo)")
+    parser.add_argument("--patience", type=int, default=None, help="evaluations without a new best before restoring it at half the rate")
+    parser.add_argument("--antithetic", action="store_true", help="each step evaluates t and 1 − t on its batch")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="learned matching's seed (batch order and t)")
+    parser.add_argument("--soft", action="store_true", help="steps fit the endpoints' mean prediction (the objective keeps the labels)")
+    parser.add_argument("--average", type=float, default=0.0, help="evaluate an EMA of the iterates with this decay (0: the iterate)")
+    parser.add_argument("--gain-power", type=float, default=0.0, help="rate × (signal fraction of each group's gradient) ** this")
+    parser.add_argument("--rows", type=Path, default=None, help="append this run's row (JSON lines) to this file")
     args = parser.parse_args()
+    group_lr = {k: float(v) for k, v in (item.split("=") for item in args.group_lr.split(",") if item)}
     a_dir, b_dir = build(args.pair, 0), build(args.pair, 1)
     ca = open_checkpoint(a_dir)
     a, b = load_state_dict(ca), load_state_dict(open_checkpoint(b_dir))
-    batches = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64)
+    batches = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=args.batch_size)
     spec, chosen = spec_for(ca.config, a.keys()), parse_symmetries("all,residual")
     init = match_weights(a, b, spec, chosen)
     ref, model = init.folded_reference, fold_norms(b, spec.residual)
     loss = path_loss(ca.config, ref, untie=True)
+    step_loss = soft_target_loss(ca.config, ref, model, True, batches) if args.soft else None
     held = batches[3::4]
     with torch.no_grad():  # the straight line's height on the objective's batches: both endpoints' mean loss
         base = sum(float(loss(ref, x)) + float(loss(model, x)) for x in held) / (2 * len(held))
-    cpu = time.process_time()
+    load, cpu = os.getloadavg()[0], time.process_time()
     transform, record = learn_transform(ref, model, spec, init.transform, loss, batches, symmetries=chosen, steps=args.steps,
-                                        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
+                                        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, group_lr=group_lr,
+                                        patience=args.patience, antithetic=args.antithetic,
+                                        gain_power=args.gain_power, average=args.average, seed=args.seed,
+                                        step_loss=step_loss)
+    cpu = time.process_time() - cpu
     print(f"{args.pair}: lr {args.lr} warm-up {args.warmup}: {record['steps']} steps, {record['seconds']:.0f} s wall, "
-          f"{time.process_time() - cpu:.0f} s CPU, halvings {record['halvings']}, load {os.getloadavg()[0]:.1f}")
+          f"{cpu:.0f} s CPU, halvings {record['halvings']}, load {os.getloadavg()[0]:.1f}")
+    gains = dict(record["gains"])
     for step, value, mid, seconds in record["evaluations"]:
-        print(f"  step {step:5d} ({seconds:5.0f} s): objective − endpoints {value - base:.4f}, midpoint − endpoints {mid - base:.4f}")
+        signal = ", ".join(f"{k} {v:.2f}" for k, v in gains.get(step, {}).items())
+        print(f"  step {step:5d} ({seconds:5.0f} s): objective − endpoints {value - base:.4f}, midpoint − endpoints {mid - base:.4f}"
+              + (f"; signal fraction {signal}" if signal else ""))
     evaluate = make_evaluator("zoo", a_dir)
     module = build_model(untied_config(ca.config, True), ref)
     aligned = apply_transform(model, spec, transform)
@@ -60,7 +82,41 @@ def main() -> None:
     for t in (0.0, 0.5, 1.0):
         load_weights(module, {k: torch.lerp(ref[k].float(), v.float(), t) if v.is_floating_point() else v for k, v in aligned.items()})
         losses[t] = evaluate(module)["loss"]
-    print(f"  test midpoint barrier {losses[0.5] - (losses[0.0] + losses[1.0]) / 2:.4f} (best step {record['best_step']})")
+    test = losses[0.5] - (losses[0.0] + losses[1.0]) / 2
+    print(f"  test midpoint barrier {test:.4f} (best step {record['best_step']})")
+    # steps to target: the first evaluation whose held-out midpoint − endpoints is ≤ 0.05 (the test target's proxy)
+    reached = next((step for step, _, mid, _ in record["evaluations"] if mid - base <= TARGET), None)
+    best_objective = min(e[1] for e in record["evaluations"]) - base
+    row = {"pair": args.pair, "lr": args.lr, "warmup": args.warmup, "group_lr": args.group_lr, "patience": args.patience,
+           "antithetic": args.antithetic, "batch_size": args.batch_size, "gain_power": args.gain_power, "average": args.average, "soft": args.soft, "seed": args.seed,
+           "steps": record["steps"], "halvings": record["halvings"],
+           "objective_start": record["evaluations"][0][1] - base, "objective_best": best_objective, "best_step": record["best_step"],
+           "steps_to_target": reached, "test_barrier": test, "cpu_seconds": cpu, "load": [load, os.getloadavg()[0]]}
+    print(markdown_row(row))
+    if args.rows is not None:
+        with args.rows.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rule(row: dict) -> str:
+    """The setting in words: rate, warm-up, group factors, patience, batch, antithetic t."""
+    parts = [f"{row['lr']:g}"] + ([f"warm-up {row['warmup']}"] if row["warmup"] else [])
+    parts += [f"×{{{row['group_lr']}}}"] if row["group_lr"] else []
+    parts += [f"plateau {row['patience']}"] if row["patience"] is not None else []
+    parts += [f"× gain^{row['gain_power']:g}"] if row.get("gain_power") else []
+    parts += [f"EMA {row['average']:g} of iterates"] if row.get("average") else []
+    parts += ["soft targets"] if row.get("soft") else []
+    parts += [f"seed {row['seed']}"] if row.get("seed") else []
+    parts += [f"batch {row['batch_size']}"] if row["batch_size"] != 64 else []
+    parts += ["t, 1−t"] if row["antithetic"] else []
+    return ", ".join(parts)
+
+
+def markdown_row(row: dict) -> str:
+    reached = "–" if row["steps_to_target"] is None else str(row["steps_to_target"])
+    return (f"| {row['pair']} | {rule(row)} | {row['steps']} | {row['objective_start']:.3f} → {row['objective_best']:.3f} "
+            f"(step {row['best_step']}) | {reached} | **{row['test_barrier']:.3f}** | {len(row['halvings'])} | "
+            f"{row['cpu_seconds']:.0f} | {row['load'][0]:.1f} → {row['load'][1]:.1f} |")
 
 
 if __name__ == "__main__":

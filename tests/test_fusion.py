@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 
+import pytest
 import torch
 from conftest import make_model, max_output_diff
 
@@ -13,7 +14,7 @@ from symmerge.groups import ModelTransform, apply_transform, random_transform
 from symmerge.groups.heads import HeadTransform
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.match import get_matcher
-from symmerge.match.learned import _schedule, learn_transform, path_loss
+from symmerge.match.learned import _schedule, learn_transform, path_loss, soft_target_loss
 from symmerge.spec import spec_for
 
 TOL = 1e-5
@@ -180,3 +181,48 @@ def test_repair_keeps_shapes_and_is_a_no_op_when_the_statistics_already_match():
     target = ffn_statistics(a.config, sa, batches, untie=False)
     # the first FFN sees unchanged inputs, so its statistics hit the target exactly
     assert torch.allclose(after[0][1], (target[0][1] + ffn_statistics(a.config, sb, batches, untie=False)[0][1]) / 2, rtol=1e-3)
+
+
+def _lm_or_class_batch(family: str, model, make_inputs) -> dict:
+    batch = dict(make_inputs(torch.Generator().manual_seed(3)))
+    if family == "vit":
+        batch["labels"] = torch.tensor([1, 0])
+    else:  # a language model's labels are its tokens (it shifts them); a pad position is not scored
+        batch["labels"] = batch["input_ids"].clone()
+        batch["labels"][0, -3:] = -100
+    return batch
+
+
+@pytest.mark.parametrize("family", ["gpt2", "vit"])
+def test_soft_targets_score_the_positions_the_models_own_loss_scores(family):
+    """With both endpoints the model itself, the soft targets are its own predictions: the model is the minimum of the
+    soft loss (zero gradient; pairing logits with the wrong positions, e.g. without a causal LM's shift, would
+    leave one), its value is the mean entropy over the scored positions, and the labels' loss has a gradient there."""
+    model, make_inputs = make_model(family, 0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch = _lm_or_class_batch(family, model, make_inputs)
+    soft = soft_target_loss(model.config, state, state, True, [batch])  # untied: lm_head apart from the embedding
+    hard = path_loss(model.config, state, untie=True)
+    weights = {k: v.clone().requires_grad_(True) if v.is_floating_point() else v for k, v in state.items()}
+    learnable = [v for v in weights.values() if v.requires_grad]
+    soft_grad = torch.autograd.grad(soft(weights, batch), learnable, allow_unused=True)
+    hard_grad = torch.autograd.grad(hard(weights, batch), learnable, allow_unused=True)
+    largest = lambda gs: max(float(g.abs().max()) for g in gs if g is not None)  # noqa: E731
+    assert largest(soft_grad) < 1e-5 < 1e-3 < largest(hard_grad)
+    with torch.no_grad():
+        p = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.softmax(-1)
+    entropy = -(p * p.log()).sum(-1)
+    if family == "gpt2":  # position i is scored against label i + 1
+        entropy = entropy[:, :-1][batch["labels"][:, 1:] != -100]
+    assert torch.allclose(soft(state, batch), entropy.mean(), atol=1e-5)
+
+
+def test_soft_targets_refuse_a_regression_head():
+    """A head whose loss is not a cross-entropy over its logits (a regression: float labels) gets no soft targets."""
+    model, make_inputs = make_model("vit", 0)
+    config = copy.deepcopy(model.config)
+    config.num_labels, config.problem_type = 1, "regression"
+    regression = type(model)(config).eval()
+    state = regression.state_dict()
+    batch = dict(make_inputs(torch.Generator().manual_seed(0)), labels=torch.tensor([0.5, -1.0]))
+    assert soft_target_loss(config, state, state, False, [batch]) is None
