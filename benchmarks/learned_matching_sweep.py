@@ -1,8 +1,12 @@
-"""Steps-to-target of learned matching under one setting (rate, warm-up, step budget) on one zoo pair: the held-out
-objective after every evaluation, and at the end the midpoint barrier on the test split (loss at t = ½ minus the
-mean of the endpoints' losses). Compare settings by steps, not seconds: the wall clock depends on the load.
+"""Steps-to-target of learned matching under one setting (targets, rate, warm-up, step budget) on one zoo pair:
+the held-out objective after every evaluation, and at the end the midpoint barrier on the test split (loss at
+t = ½ minus the mean of the endpoints' losses). Compare settings by steps, not seconds: the wall clock depends on
+the load. ``--rows FILE`` appends the run's row to a JSON-lines file; ``--table FILE`` prints such a file as the
+markdown table of ``benchmarks/results/learned_matching_sweep.md`` (rows in ``learned_matching_sweep.jsonl``).
 
-    python benchmarks/learned_matching_sweep.py vit-digits --steps 200 --lr 3e-2 --warmup 20
+    python benchmarks/learned_matching_sweep.py vit-fmnist --steps 200 --soft                  # the default rule
+    python benchmarks/learned_matching_sweep.py vit-fmnist --steps 200 --lr 3e-3 --warmup 0    # the rule before
+    python benchmarks/learned_matching_sweep.py --table benchmarks/results/learned_matching_sweep.jsonl
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from symmerge.groups import apply_transform, parse_symmetries  # noqa: E402
 from symmerge.groups.residual import fold_norms  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import build_model, load_weights, untied_config  # noqa: E402
-from symmerge.match.learned import learn_transform, path_loss, soft_target_loss  # noqa: E402
+from symmerge.match.learned import LEARNING_RATE, WARMUP_STEPS, learn_transform, path_loss, soft_target_loss  # noqa: E402
 from symmerge.match.weights import match_weights  # noqa: E402
 from symmerge.spec import spec_for  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
@@ -33,22 +37,22 @@ TARGET = 0.05  # nats: issue 9's barrier target
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pair")
+    parser.add_argument("pair", nargs="?")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS)
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--group-lr", default="", help="rate factors per group, e.g. residual=2,qk=0.5 (groups: residual, ffn, qk, vo)")
-    parser.add_argument("--patience", type=int, default=None, help="evaluations without a new best before restoring it at half the rate")
-    parser.add_argument("--antithetic", action="store_true", help="each step evaluates t and 1 − t on its batch")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="learned matching's seed (batch order and t)")
     parser.add_argument("--soft", action="store_true", help="steps fit the endpoints' mean prediction (the objective keeps the labels)")
-    parser.add_argument("--average", type=float, default=0.0, help="evaluate an EMA of the iterates with this decay (0: the iterate)")
-    parser.add_argument("--gain-power", type=float, default=0.0, help="rate × (signal fraction of each group's gradient) ** this")
     parser.add_argument("--rows", type=Path, default=None, help="append this run's row (JSON lines) to this file")
+    parser.add_argument("--table", type=Path, default=None, help="print the rows of this --rows file as a markdown table, run nothing")
     args = parser.parse_args()
-    group_lr = {k: float(v) for k, v in (item.split("=") for item in args.group_lr.split(",") if item)}
+    if args.table is not None:
+        print(table(args.table))
+        return
+    if args.pair is None:
+        parser.error("a zoo pair is needed (or --table)")
     a_dir, b_dir = build(args.pair, 0), build(args.pair, 1)
     ca = open_checkpoint(a_dir)
     a, b = load_state_dict(ca), load_state_dict(open_checkpoint(b_dir))
@@ -63,18 +67,12 @@ def main() -> None:
         base = sum(float(loss(ref, x)) + float(loss(model, x)) for x in held) / (2 * len(held))
     load, cpu = os.getloadavg()[0], time.process_time()
     transform, record = learn_transform(ref, model, spec, init.transform, loss, batches, symmetries=chosen, steps=args.steps,
-                                        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, group_lr=group_lr,
-                                        patience=args.patience, antithetic=args.antithetic,
-                                        gain_power=args.gain_power, average=args.average, seed=args.seed,
-                                        step_loss=step_loss)
+                                        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, seed=args.seed, step_loss=step_loss)
     cpu = time.process_time() - cpu
     print(f"{args.pair}: lr {args.lr} warm-up {args.warmup}: {record['steps']} steps, {record['seconds']:.0f} s wall, "
           f"{cpu:.0f} s CPU, halvings {record['halvings']}, load {os.getloadavg()[0]:.1f}")
-    gains = dict(record["gains"])
     for step, value, mid, seconds in record["evaluations"]:
-        signal = ", ".join(f"{k} {v:.2f}" for k, v in gains.get(step, {}).items())
-        print(f"  step {step:5d} ({seconds:5.0f} s): objective − endpoints {value - base:.4f}, midpoint − endpoints {mid - base:.4f}"
-              + (f"; signal fraction {signal}" if signal else ""))
+        print(f"  step {step:5d} ({seconds:5.0f} s): objective − endpoints {value - base:.4f}, midpoint − endpoints {mid - base:.4f}")
     evaluate = make_evaluator("zoo", a_dir)
     module = build_model(untied_config(ca.config, True), ref)
     aligned = apply_transform(model, spec, transform)
@@ -87,11 +85,10 @@ def main() -> None:
     # steps to target: the first evaluation whose held-out midpoint − endpoints is ≤ 0.05 (the test target's proxy)
     reached = next((step for step, _, mid, _ in record["evaluations"] if mid - base <= TARGET), None)
     best_objective = min(e[1] for e in record["evaluations"]) - base
-    row = {"pair": args.pair, "lr": args.lr, "warmup": args.warmup, "group_lr": args.group_lr, "patience": args.patience,
-           "antithetic": args.antithetic, "batch_size": args.batch_size, "gain_power": args.gain_power, "average": args.average, "soft": args.soft, "seed": args.seed,
-           "steps": record["steps"], "halvings": record["halvings"],
-           "objective_start": record["evaluations"][0][1] - base, "objective_best": best_objective, "best_step": record["best_step"],
-           "steps_to_target": reached, "test_barrier": test, "cpu_seconds": cpu, "load": [load, os.getloadavg()[0]]}
+    row = {"pair": args.pair, "lr": args.lr, "warmup": args.warmup, "soft": args.soft, "seed": args.seed, "batch_size": args.batch_size,
+           "steps": record["steps"], "halvings": record["halvings"], "objective_start": record["evaluations"][0][1] - base,
+           "objective_best": best_objective, "best_step": record["best_step"], "steps_to_target": reached, "test_barrier": test,
+           "cpu_seconds": cpu, "load": [load, os.getloadavg()[0]], "date": time.strftime("%Y-%m-%d")}
     print(markdown_row(row))
     if args.rows is not None:
         with args.rows.open("a") as f:
@@ -99,24 +96,36 @@ def main() -> None:
 
 
 def rule(row: dict) -> str:
-    """The setting in words: rate, warm-up, group factors, patience, batch, antithetic t."""
-    parts = [f"{row['lr']:g}"] + ([f"warm-up {row['warmup']}"] if row["warmup"] else [])
-    parts += [f"×{{{row['group_lr']}}}"] if row["group_lr"] else []
-    parts += [f"plateau {row['patience']}"] if row["patience"] is not None else []
-    parts += [f"× gain^{row['gain_power']:g}"] if row.get("gain_power") else []
+    """The setting in words. Rows written by earlier versions of this script name rules since removed from
+    learned.py (per-group rate factors, halving on a plateau, the signal-fraction gain, an average of the iterates,
+    antithetic t); they are still rendered."""
+    parts = ["soft targets" if row.get("soft") else "labels", f"{row['lr']:g}"] + ([f"warm-up {row['warmup']}"] if row["warmup"] else [])
+    parts += [f"rates ×{{{row['group_lr']}}}"] if row.get("group_lr") else []
+    parts += [f"halve after {row['patience']} evaluations without a new best"] if row.get("patience") is not None else []
+    parts += [f"× signal fraction^{row['gain_power']:g}"] if row.get("gain_power") else []
     parts += [f"EMA {row['average']:g} of iterates"] if row.get("average") else []
-    parts += ["soft targets"] if row.get("soft") else []
+    parts += ["t and 1−t"] if row.get("antithetic") else []
+    parts += [f"batch {row['batch_size']}"] if row.get("batch_size", 64) != 64 else []
     parts += [f"seed {row['seed']}"] if row.get("seed") else []
-    parts += [f"batch {row['batch_size']}"] if row["batch_size"] != 64 else []
-    parts += ["t, 1−t"] if row["antithetic"] else []
     return ", ".join(parts)
+
+
+HEADER = ("| pair | rule | steps | objective − endpoints: start → best (step) | steps to held-out midpoint ≤ 0.05 | "
+          "test midpoint barrier | halvings | CPU s | load |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(row: dict) -> str:
     reached = "–" if row["steps_to_target"] is None else str(row["steps_to_target"])
     return (f"| {row['pair']} | {rule(row)} | {row['steps']} | {row['objective_start']:.3f} → {row['objective_best']:.3f} "
-            f"(step {row['best_step']}) | {reached} | **{row['test_barrier']:.3f}** | {len(row['halvings'])} | "
+            f"({row['best_step']}) | {reached} | **{row['test_barrier']:.3f}** | {len(row['halvings'])} | "
             f"{row['cpu_seconds']:.0f} | {row['load'][0]:.1f} → {row['load'][1]:.1f} |")
+
+
+def table(path: Path) -> str:
+    """The rows of a ``--rows`` file as a markdown table, grouped by pair in the order first run."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pairs = list(dict.fromkeys(r["pair"] for r in rows))
+    return "\n".join([HEADER] + [markdown_row(r) for p in pairs for r in rows if r["pair"] == p])
 
 
 if __name__ == "__main__":

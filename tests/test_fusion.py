@@ -71,7 +71,7 @@ def test_learned_matching_never_returns_an_element_worse_than_its_start():
     loss = path_loss(a.config, ref, untie=True)
     for lr in (3e-3, 10.0):
         transform, record = learn_transform(ref, model, spec, init.transform, loss, batches, symmetries=chosen, steps=6, lr=lr,
-                                            path="midpoint", eval_every=2)
+                                            warmup=0, path="midpoint", eval_every=2)
         assert record["objective_best"] <= record["objective_first"]
         # the rate far too high is caught and halved (restoring the best element); the sane one never is
         assert bool(record["halvings"]) == (lr > 1.0)
@@ -226,3 +226,22 @@ def test_soft_targets_refuse_a_regression_head():
     state = regression.state_dict()
     batch = dict(make_inputs(torch.Generator().manual_seed(0)), labels=torch.tensor([0.5, -1.0]))
     assert soft_target_loss(config, state, state, False, [batch]) is None
+
+
+def test_learned_matcher_fits_soft_targets_by_default_and_labels_on_request():
+    """The learned matcher's steps fit the endpoints' mean prediction unless asked for the labels; either way the
+    element returned is no worse than weight matching's by the objective (the labels' loss); other targets refused."""
+    a, make_inputs = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    sa, sb = a.state_dict(), b.state_dict()
+    spec = spec_for(a.config, sa.keys())
+    chosen = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+    batches = _lm_batches(make_inputs, 4)
+    learned = get_matcher("learned")
+    for targets in ("soft", "labels"):
+        options = {} if targets == "soft" else {"learn_targets": targets}
+        fit = learned(sa, sb, spec, chosen, config=a.config, calibration=batches, learn_steps=4, **options)
+        record = fit.details["learned"]
+        assert record["targets"] == targets and record["objective_best"] <= record["objective_first"]
+    with pytest.raises(symmerge.SymmergeError, match="learned matching targets must be one of soft, labels, got 'kl'"):
+        learned(sa, sb, spec, chosen, config=a.config, calibration=batches, learn_steps=1, learn_targets="kl")
