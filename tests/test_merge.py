@@ -446,3 +446,28 @@ def test_chunked_squared_distance_matches_float64(monkeypatch):
         assert engine._sq(t) == pytest.approx(float(t.double().square().sum()), rel=1e-6)
         base_sq, task_sq = engine._sq_base_and_tasks(u, [t, u])
         assert base_sq == pytest.approx(engine._sq(u), rel=1e-12) and task_sq == [pytest.approx(engine._sq(t, u), rel=1e-12), 0.0]
+
+
+@pytest.mark.parametrize("method, params", [("ties", ["--param", "density=0.3"]), ("dare_ties", ["--param", "density=0.5"]),
+                                            ("task_arithmetic", []), ("linear", [])])
+def test_tensors_merged_in_parallel_equal_one_at_a_time(family_models, tmp_path, capsys, monkeypatch, method, params):
+    """The merge loop runs MERGE_WORKERS tensors at once; every output tensor is bit for bit what one worker gives
+    (random masks are seeded per tensor), in the same order."""
+    m = family_models
+    base_state = load_file(m["base"] / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    second = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base_state.items()}
+    b = save_model(m["model"], tmp_path / "b", second)
+    models = [m["a"], b, "--base", m["base"]] if method != "linear" else [m["a"], m["independent"]]
+    outs = {}
+    for workers in (1, engine.MERGE_WORKERS):
+        monkeypatch.setattr(engine, "MERGE_WORKERS", workers)
+        out = tmp_path / f"w{workers}"
+        code, _, err = run_cli(capsys, "merge", *models, "--method", method, *params, "--align", "none", "-o", out, "-q")
+        assert code == 0, err
+        outs[workers] = load_file(out / "model.safetensors")
+    assert engine.MERGE_WORKERS > 1
+    one, many = outs[1], outs[engine.MERGE_WORKERS]
+    assert list(one) == list(many)
+    for k in one:
+        assert torch.equal(one[k], many[k]), k

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,11 @@ from symmerge.merge.statistics import fisher_diagonal, input_grams
 from symmerge.merge.vocabulary import RemappedState, fill_missing_rows
 from symmerge.spec import StateView
 
+MERGE_WORKERS = 2
+"""Output tensors merged at once, in threads (torch releases the GIL): each method's kernel is a pure function of
+its tensor's inputs (random masks are seeded per tensor), so the outputs are those of one at a time, written in
+order, while the tensors' reads and checks go on in the main thread. The elementwise kernels (TIES: ~27 passes per
+chunk) kept one of the two cores busy."""
 UNRELATED_BASE = 1.0  # ‖τ_i‖ / ‖θ_base‖ above this: model i is no fine-tune of the base
 
 
@@ -274,6 +281,11 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
     return method.fn(tensors, weights=weights, **kwargs)
 
 
+def _merged(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None, extra: dict[str, Any]) -> torch.Tensor:
+    """:func:`merge_tensor`, already rounded once to the output dtype (``.to`` is a guard, not a second rounding)."""
+    return merge_tensor(plan, item, stats, extra).to(plan.dtype or item.raw[0].dtype)
+
+
 @dataclass
 class AlignedTensor:
     key: str
@@ -414,11 +426,20 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     total = len(plan.layout) if plan.layout is not None else len(states[0])
     with atomic_output_dir(out, force) as tmp:
         writer = ShardWriter(tmp, plan.shard_size)
-        with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar:
+        pending: deque[tuple[str, Future | torch.Tensor]] = deque()  # in output order
+
+        def write_oldest() -> None:
+            key, value = pending.popleft()
+            writer.add(key, value.result() if isinstance(value, Future) else value)
+
+        with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar, \
+                ThreadPoolExecutor(MERGE_WORKERS) as pool:
             for item in aligned_tensors(plan, states, base, transforms, base_transform, elements):
                 bar.update(1)
+                while len(pending) >= MERGE_WORKERS:
+                    write_oldest()
                 if not item.tensors[0].is_floating_point():
-                    writer.add(item.key, item.raw[0])  # integer buffers (position ids...) come from the first model
+                    pending.append((item.key, item.raw[0]))  # integer buffers (position ids...) come from the first model
                     continue
                 if item.base is not None and check_base:  # slerp & co. take a base without task vectors: no check
                     b, tasks = _sq_base_and_tasks(item.base, item.tensors)
@@ -432,8 +453,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                     for i in range(n):
                         sq_before[i] += _sq(item.raw[i], item.reference)
                         sq_after[i] += _sq(item.tensors[i], item.reference)
-                merged = merge_tensor(plan, item, stats, extra)  # already rounded, once, to the output dtype
-                writer.add(item.key, merged.to(plan.dtype or item.raw[0].dtype))  # no-op: a guard, not a second rounding
+                pending.append((item.key, pool.submit(_merged, plan, item, stats, extra)))
+            while pending:
+                write_oldest()
         if check_base:
             _check_fine_tunes(plan, sq_task, sq_base, listed, result, early=False)
         writer.close()
