@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import symmerge
 from symmerge.io import all_finite
 from symmerge.match import state_norm
 from symmerge.merge import engine
+from symmerge.merge.methods import MERGE_METHODS
 
 DATA_FREE = {  # method → parameters under which merging a model with itself returns it
     "linear": {},
@@ -451,8 +453,9 @@ def test_chunked_squared_distance_matches_float64(monkeypatch):
 @pytest.mark.parametrize("method, params", [("ties", ["--param", "density=0.3"]), ("dare_ties", ["--param", "density=0.5"]),
                                             ("task_arithmetic", []), ("linear", [])])
 def test_tensors_merged_in_parallel_equal_one_at_a_time(family_models, tmp_path, capsys, monkeypatch, method, params):
-    """The merge loop runs MERGE_WORKERS tensors at once; every output tensor is bit for bit what one worker gives
-    (random masks are seeded per tensor), in the same order."""
+    """A method registered with workers > 1 has that many tensors merged at once; every output tensor is bit for
+    bit what one worker gives (random masks are seeded per tensor), in the same order. Checked for methods beyond
+    the one registered that way (ties), so that registering another is safe."""
     m = family_models
     base_state = load_file(m["base"] / "model.safetensors")
     g = torch.Generator().manual_seed(7)
@@ -460,14 +463,14 @@ def test_tensors_merged_in_parallel_equal_one_at_a_time(family_models, tmp_path,
     b = save_model(m["model"], tmp_path / "b", second)
     models = [m["a"], b, "--base", m["base"]] if method != "linear" else [m["a"], m["independent"]]
     outs = {}
-    for workers in (1, engine.MERGE_WORKERS):
-        monkeypatch.setattr(engine, "MERGE_WORKERS", workers)
+    for workers in (1, 2):
+        monkeypatch.setitem(MERGE_METHODS, method, dataclasses.replace(MERGE_METHODS[method], workers=workers))
         out = tmp_path / f"w{workers}"
         code, _, err = run_cli(capsys, "merge", *models, "--method", method, *params, "--align", "none", "-o", out, "-q")
         assert code == 0, err
         outs[workers] = load_file(out / "model.safetensors")
-    assert engine.MERGE_WORKERS > 1
-    one, many = outs[1], outs[engine.MERGE_WORKERS]
+    assert MERGE_METHODS["ties"].workers == 2 and MERGE_METHODS["sce"].workers == 1  # as registered
+    one, many = outs[1], outs[2]
     assert list(one) == list(many)
     for k in one:
         assert torch.equal(one[k], many[k]), k

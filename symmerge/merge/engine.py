@@ -45,11 +45,6 @@ from symmerge.merge.statistics import fisher_diagonal, input_grams
 from symmerge.merge.vocabulary import RemappedState, fill_missing_rows
 from symmerge.spec import StateView
 
-MERGE_WORKERS = 2
-"""Output tensors merged at once, in threads (torch releases the GIL): each method's kernel is a pure function of
-its tensor's inputs (random masks are seeded per tensor), so the outputs are those of one at a time, written in
-order, while the tensors' reads and checks go on in the main thread. The elementwise kernels (TIES: ~27 passes per
-chunk) kept one of the two cores busy."""
 UNRELATED_BASE = 1.0  # ‖τ_i‖ / ‖θ_base‖ above this: model i is no fine-tune of the base
 
 
@@ -432,11 +427,15 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
             key, value = pending.popleft()
             writer.add(key, value.result() if isinstance(value, Future) else value)
 
+        # a method registered with workers > 1 (pure per tensor, small scratch) has that many output tensors merged
+        # at once, in threads (torch releases the GIL), written in order, while the reads and checks go on here: TIES's
+        # elementwise kernel otherwise kept one of the two cores busy
+        workers = plan.method.workers
         with tqdm(total=total, desc="merging", unit="tensor", disable=not progress, leave=False) as bar, \
-                ThreadPoolExecutor(MERGE_WORKERS) as pool:
+                ThreadPoolExecutor(workers) as pool:
             for item in aligned_tensors(plan, states, base, transforms, base_transform, elements):
                 bar.update(1)
-                while len(pending) >= MERGE_WORKERS:
+                while len(pending) >= workers:
                     write_oldest()
                 if not item.tensors[0].is_floating_point():
                     pending.append((item.key, item.raw[0]))  # integer buffers (position ids...) come from the first model

@@ -165,6 +165,7 @@ class MergeMethod:
     prepare: Callable[..., dict] | None = field(default=None, repr=False)  # whole-model inputs before the per-tensor pass
     optional_base: bool = False  # uses base_model when the recipe has one (slerp, nuslerp, multislerp), works without
     check: Callable[[str, dict], None] | None = field(default=None, repr=False)  # cross-parameter checks (validate_params)
+    workers: int = 1  # output tensors the engine merges at once, in threads (each in flight adds its scratch memory)
 
     @property
     def uses_base(self) -> bool:
@@ -233,6 +234,7 @@ def merge_method(
     prepare: Callable[..., dict] | None = None,
     optional_base: bool = False,
     check: Callable[[str, dict], None] | None = None,
+    workers: int = 1,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register the decorated per-tensor function in :data:`MERGE_METHODS` under ``name``.
 
@@ -247,7 +249,10 @@ def merge_method(
     over the whole model once, before the per-tensor pass; ``task_vectors()`` yields each tensor's per-model task
     vectors, ``statistics`` maps tensor name → per-model statistics), ``optional_base`` (``base=`` when the recipe
     has a base model, else nothing). ``check(method, params)`` runs cross-parameter checks in
-    :func:`validate_params` (e.g. DELLA's ``density ± epsilon`` in (0, 1)).
+    :func:`validate_params` (e.g. DELLA's ``density ± epsilon`` in (0, 1)). ``workers``: how many output tensors the
+    engine may merge at once, in threads — more than one only for a function that is pure per tensor (scratch per
+    call, random masks seeded per tensor: the bits do not change) and whose scratch is small, because every tensor
+    in flight adds its memory (with two, sce's whole-tensor statistics raised its peak RSS from 1.82 to 2.96 GB).
 
     Every function takes ``out_dtype=None``: it computes in float32 (float64 if an input is float64) and rounds
     once, to ``out_dtype`` (default: the dtype of ``tensors[0]``). The engine passes the output dtype, so a
@@ -271,8 +276,10 @@ def merge_method(
         desc = description or (inspect.getdoc(fn) or name).splitlines()[0]
         if statistics not in (None, "fisher", "gram"):
             raise ValueError(f"{name}: statistics must be None, 'fisher' or 'gram', got {statistics!r}")
+        if workers < 1:
+            raise ValueError(f"{name}: workers must be at least 1, got {workers}")
         MERGE_METHODS[name] = MergeMethod(name, fn, specs, needs_base, statistics, min_models, max_models, desc, linear_layout, prepare,
-                                          optional_base, check)
+                                          optional_base, check, workers)
         return fn
 
     return register
@@ -1129,6 +1136,7 @@ def _ties_prepare(params: Mapping[str, Any], task_vectors: Callable[[], Iterable
 @merge_method(
     "ties",
     prepare=_ties_prepare,
+    workers=2,  # chunked kernel, small scratch: merge_speed 7.96 -> 5.41 s, peak RSS 1.30 -> 1.33 GB (mergekit 29.5 s, 1.92 GB)
     params={
         "density": _DENSITY,
         "lambda": _LAMBDA,
