@@ -68,8 +68,8 @@ def side_statistics(model_blocks: Blocks, reference_blocks: Blocks) -> Side:
     return Side(
         m_x=(x1 @ x2.transpose(-1, -2)).double(),
         m_y=(y1 @ y2.transpose(-1, -2)).double(),
-        x_sq=torch.linalg.vector_norm(x1, dim=-1).double().square().sum(-1),  # row norms in float32, summed in
-        y_sq=torch.linalg.vector_norm(y1, dim=-1).double().square().sum(-1),  # float64: no float64 copy of the blocks
+        x_sq=head_squared_norms([x1]),
+        y_sq=head_squared_norms([y1]),
     )
 
 
@@ -155,11 +155,12 @@ def _side_parts(t: HeadTensors, side: str) -> list[torch.Tensor]:
     return [x.contiguous() for x in parts]
 
 
-def _head_norms(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Per head ``‖X_h‖_F`` over the blocks, float64 (row norms in float32, then summed in float64)."""
+def head_squared_norms(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per block ``‖X_h‖_F²`` over the parts (B, d_h, k_t), float64: row norms in float32, their squares summed in
+    float64 (no float64 copy of the blocks)."""
     if not parts:
         return torch.zeros(())
-    return sum(torch.linalg.vector_norm(x, dim=-1).double().square().sum(-1) for x in parts).sqrt()
+    return sum(torch.linalg.vector_norm(x, dim=-1).double().square().sum(-1) for x in parts)
 
 
 def _score_of_blocks(m: torch.Tensor, kind: str) -> torch.Tensor:
@@ -200,15 +201,15 @@ def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind
         return False
     kinds = {"qk": qk_kind, "vo": vo_kind}
     parts = {s: (_side_parts(model, s), _side_parts(reference, s)) for s in kinds}
-    x_norm = torch.zeros(h, dtype=torch.float64, device=model.q.device)  # reference heads (rows g)
+    x_norm = torch.zeros(h, dtype=torch.float64, device=model.q.device)  # reference heads (rows g): squared, then the norm
     y_norm = torch.zeros_like(x_norm)  # model heads (columns h)
     diag = torch.zeros_like(x_norm)
     exact = torch.zeros(h, h, dtype=torch.float64, device=model.q.device)  # the cheap sides, in full
     rounding = 0.0
     for side, kind in kinds.items():
         mp, rp = parts[side]
-        y_norm += _head_norms(mp).square()
-        x_norm += _head_norms(rp).square()
+        y_norm += head_squared_norms(mp)
+        x_norm += head_squared_norms(rp)
         diag += _score_of_blocks(sum(torch.bmm(x, y.transpose(-1, -2)) for x, y in zip(mp, rp)), kind)
         features = sum(x.shape[-1] for x in mp)
         rounding = max(rounding, 2 * dh**0.5 * (features + 2) * UNIT_ROUNDOFF)
@@ -234,8 +235,8 @@ def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind
             total = sum(x.shape[-1] for x in mp)
             upto = max(int(total * fraction), 1)
             partial = sum(pair_correlations(x, y) for x, y in zip(feature_columns(mp, 0, upto, dim=2), feature_columns(rp, 0, upto, dim=2)))
-            rest_model = _head_norms(feature_columns(mp, upto, total, dim=2))
-            rest_ref = _head_norms(feature_columns(rp, upto, total, dim=2))
+            rest_model = head_squared_norms(feature_columns(mp, upto, total, dim=2)).sqrt()
+            rest_ref = head_squared_norms(feature_columns(rp, upto, total, dim=2)).sqrt()
             # ‖M_k‖_* ≤ √rank ‖M_k‖_F: a bound instead of H² eigensolves (as costly as the correlations they would read)
             rank = min(dh, upto)
             bound = bound + rank**0.5 * torch.linalg.vector_norm(partial.double(), dim=(-1, -2)) + torch.outer(rest_ref, rest_model)

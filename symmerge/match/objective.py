@@ -46,6 +46,12 @@ def squared_norm(a: torch.Tensor) -> float:
     return _sum_of_squares(fa[i : i + DISTANCE_CHUNK].float() for i in range(0, fa.numel(), DISTANCE_CHUNK))
 
 
+def distance_and_norm(model: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(‖model − reference‖², ‖reference‖²)``: a tensor's share of an alignment report's before-distance and of the
+    reference's norm."""
+    return squared_distance(model, reference), squared_norm(reference)
+
+
 def squared_distances(a: StateDict, b: StateDict, keys: Iterable[str] | None = None) -> dict[str, float]:
     """``‖a_t − b_t‖²`` per floating tensor ``t`` both hold (:func:`squared_distance`)."""
     return {k: squared_distance(a[k], b[k]) for k in (a if keys is None else keys) if k in b and a[k].is_floating_point()}
@@ -69,9 +75,8 @@ def report_distances(model: StateDict, reference: StateDict, aligned: StateDict,
             before[k] = known[k][0]
             ref_sq += known[k][1]
         elif k in model and k in reference and model[k].is_floating_point():
-            r = reference[k]
-            before[k] = squared_distance(model[k], r)
-            ref_sq += squared_norm(r)
+            before[k], r_sq = distance_and_norm(model[k], reference[k])
+            ref_sq += r_sq
         if k in moved and k in partner and partner[k].is_floating_point():
             after[k] = squared_distance(aligned[k], partner[k])
         elif k in before:

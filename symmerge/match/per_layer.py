@@ -24,7 +24,7 @@ from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.match.objective import squared_distance, squared_norm
+from symmerge.match.objective import distance_and_norm
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
@@ -69,11 +69,10 @@ def record_distances(ref: StateView, model: StateView, group: FFNGroup | Attenti
     """``out[key] = (‖θ_model − θ_ref‖², ‖θ_ref‖²)`` for the group's tensors, taken while the fit has just read them
     (still in the page cache): the alignment report then need not read them again
     (:func:`~symmerge.match.objective.report_distances`), a whole pass over both models at 7B, where the two
-    checkpoints do not fit in memory together. The same float32 reductions as the report's."""
+    checkpoints do not fit in memory together. The same function as the report's (:func:`~symmerge.match.objective.distance_and_norm`)."""
     for key in sorted({s.key for s in group.slots()} - out.keys()):
         if key in ref.state and key in model.state and model.state[key].is_floating_point():
-            r = ref.state[key]
-            out[key] = (squared_distance(model.state[key], r), squared_norm(r))
+            out[key] = distance_and_norm(model.state[key], ref.state[key])
 
 
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
