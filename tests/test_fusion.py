@@ -53,6 +53,15 @@ def test_general_linear_head_maps_preserve_function(family):
     assert max_output_diff(untied(model), original, moved, make_inputs) <= TOL
 
 
+def _gpt2_pair():
+    """Two tiny GPT-2s of different seeds for learned matching: (model A, model B, make_inputs, A's state, B's state,
+    spec, every symmetry class)."""
+    a, make_inputs = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    sa, sb = a.state_dict(), b.state_dict()
+    return a, b, make_inputs, sa, sb, spec_for(a.config, sa.keys()), frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+
+
 def _lm_batches(make_inputs, n: int) -> list[dict]:
     return [dict(x, labels=x["input_ids"]) for x in (make_inputs(torch.Generator().manual_seed(i)) for i in range(n))]
 
@@ -60,11 +69,7 @@ def _lm_batches(make_inputs, n: int) -> list[dict]:
 def test_learned_matching_never_returns_an_element_worse_than_its_start():
     """A learning rate far too high wrecks the element after the first step: the element returned is then still no
     worse than weight matching's by the objective (loss on the held-out calibration batches), re-evaluated here."""
-    a, make_inputs = make_model("gpt2", 0)
-    b, _ = make_model("gpt2", 1)
-    sa, sb = a.state_dict(), b.state_dict()
-    spec = spec_for(a.config, sa.keys())
-    chosen = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+    a, b, make_inputs, sa, sb, spec, chosen = _gpt2_pair()
     batches = _lm_batches(make_inputs, 8)
     init = get_matcher("weights")(sa, sb, spec, chosen)
     ref, model = init.folded_reference, fold_norms(sb, spec.residual)
@@ -122,11 +127,7 @@ def test_learned_matching_seconds_budget_includes_the_last_evaluation():
     """``seconds`` bounds the whole of learning: with an objective evaluation that takes 0.25 s per batch and t
     (0.75 s in all) and a 4 s budget, the steps stop early enough that the closing evaluation fits too (before: the
     steps ran to 4 s, then the evaluation)."""
-    a, make_inputs = make_model("gpt2", 0)
-    b, _ = make_model("gpt2", 1)
-    sa, sb = a.state_dict(), b.state_dict()
-    spec = spec_for(a.config, sa.keys())
-    chosen = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+    a, b, make_inputs, sa, sb, spec, chosen = _gpt2_pair()
     init = get_matcher("weights")(sa, sb, spec, chosen)
     ref, model = init.folded_reference, fold_norms(sb, spec.residual)
     inner = path_loss(a.config, ref, untie=True)
@@ -231,11 +232,7 @@ def test_soft_targets_refuse_a_regression_head():
 def test_learned_matcher_fits_soft_targets_by_default_and_labels_on_request():
     """The learned matcher's steps fit the endpoints' mean prediction unless asked for the labels; either way the
     element returned is no worse than weight matching's by the objective (the labels' loss); other targets refused."""
-    a, make_inputs = make_model("gpt2", 0)
-    b, _ = make_model("gpt2", 1)
-    sa, sb = a.state_dict(), b.state_dict()
-    spec = spec_for(a.config, sa.keys())
-    chosen = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"})
+    a, b, make_inputs, sa, sb, spec, chosen = _gpt2_pair()
     batches = _lm_batches(make_inputs, 4)
     learned = get_matcher("learned")
     for targets in ("soft", "labels"):
