@@ -1055,6 +1055,23 @@ def test_sce():
     assert close(out, T((1 / 3 * 1 + 2 / 3 * 3) / 1, -2), atol=1e-6)
 
 
+def test_sce_chunks_change_no_bit(monkeypatch):
+    """SCE runs chunk by chunk (no whole-tensor float32 temporaries but the variance): chunk boundaries that cut
+    through tied variances and sign elections change no output bit, and the chunked result is SCE's."""
+    base, models = _models(3, seed=452, scale=1.0, shape=(37, 29))
+    for m in models:
+        m.view(-1)[100:160] = base.view(-1)[100:160]  # zero variance, zero task vectors: ties at the selection threshold
+    models[0].view(-1)[300:340] = models[1].view(-1)[300:340]
+    whole = {topk: sce(models, base=base, select_topk=topk) for topk in (1.0, 0.5, 0.1)}
+    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 7)
+    for topk, expected in whole.items():
+        chunked = sce(models, base=base, select_topk=topk)
+        assert torch.equal(chunked, expected)
+        assert torch.allclose(chunked.double(), _sce_reference(models, base, topk), atol=1e-6)
+    monkeypatch.setattr(M, "_DOT_CHUNK", 5)  # energies summed in other chunks: the same up to float64 rounding
+    assert torch.allclose(sce(models, base=base, select_topk=0.5).double(), _sce_reference(models, base, 0.5), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- RAM, RAM+, NearSwap
 
 

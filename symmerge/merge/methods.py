@@ -252,7 +252,7 @@ def merge_method(
     :func:`validate_params` (e.g. DELLA's ``density ± epsilon`` in (0, 1)). ``workers``: how many output tensors the
     engine may merge at once, in threads — more than one only for a function that is pure per tensor (scratch per
     call, random masks seeded per tensor: the bits do not change) and whose scratch is small, because every tensor
-    in flight adds its memory (with two, sce's whole-tensor statistics raised its peak RSS from 1.82 to 2.96 GB).
+    in flight adds its memory (with two, sce — when it still kept whole-tensor float32 statistics — raised its peak RSS from 1.82 to 2.96 GB).
 
     Every function takes ``out_dtype=None``: it computes in float32 (float64 if an input is float64) and rounds
     once, to ``out_dtype`` (default: the dtype of ``tensors[0]``). The engine passes the output dtype, so a
@@ -1890,47 +1890,69 @@ def sce(
     keeps none), ``τ̂_i = τ_i ⊙ mask``. Calculate: ``c_i = mean_j τ̂_ij² / Σ_k mean_j τ̂_kj²`` (uniform ``1/M`` if
     that sum is < 1e-6, as in mergekit). Erase: ``γ = +1 where Σ_i τ̂_i >= 0, else −1`` (a tie elects + here, as
     mergekit does), ``a_i = [sign τ̂_i = γ]``. Returns ``base + Σ_i c_i a_i τ̂_i / max(Σ_i c_i a_i, 1e-6)``.
-    ``weights`` are ignored (SCE computes its own).
+    ``weights`` are ignored (SCE computes its own). Chunk by chunk, as every entry's operations allow: the only
+    whole-tensor buffers are the variance (for the exact selection, freed before Erase), the bool mask and the output.
     """
     p = _params("sce", select_topk=select_topk, int8_mask=int8_mask)
     _check_inputs("sce", tensors, name, base=base, needs_base=True)
     m = len(tensors)
     dtype = _compute_dtype(*tensors, base)
-    keep: Tensor | None = None
-    if p["select_topk"] < 1:
-        mean = torch.zeros(base.shape, dtype=dtype, device=base.device)
-        for x in tensors:
-            mean.add_(_task_vector(x, base, dtype))
-        mean.div_(m)
-        var = torch.zeros_like(mean)
-        for x in tensors:
-            var.add_(_task_vector(x, base, dtype).sub_(mean).square_())
-        var.div_(m)
-        del mean
-        k = int(int(torch.count_nonzero(var)) * p["select_topk"])
-        if k == 0:
-            keep = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
-        else:
-            keep = _trim_to_count_(var, kth_largest(var, k), k) != 0
+    keep = _sce_keep(tensors, base, dtype, p["select_topk"]) if p["select_topk"] < 1 else None
 
-    def tau(i: int) -> Tensor:
-        t = _task_vector(tensors[i], base, dtype)
-        return t if keep is None else t.masked_fill_(~keep, 0)
+    def task_vectors(xs: Sequence[Tensor], b: Tensor, kept: Tensor | None) -> list[Tensor]:
+        taus = [_task_vector(x, b, dtype) for x in xs]
+        return taus if kept is None else [t.masked_fill_(~kept, 0) for t in taus]
 
-    energy = [_dot64(tau(i), tau(i)) / max(1, base.numel()) for i in range(m)]
+    # Calculate: the energies in _dot64's chunks and order, so the same float64 sums as on whole task vectors
+    flat, b, n = [x.reshape(-1) for x in tensors], base.reshape(-1), base.numel()
+    energy = [0.0] * m
+    for s in range(0, n, _DOT_CHUNK):
+        e = min(s + _DOT_CHUNK, n)
+        for i, t in enumerate(task_vectors([x[s:e] for x in flat], b[s:e], None if keep is None else keep[s:e])):
+            energy[i] += _dot64(t, t)
+    energy = [x / max(1, n) for x in energy]
     total = sum(energy)
-    c = [1 / m] * m if abs(total) < 1e-6 else [e / total for e in energy]
-    sign = torch.zeros(base.shape, dtype=dtype, device=base.device)
-    for i in range(m):
-        sign.add_(tau(i))
-    sign = torch.where(sign >= 0, 1.0, -1.0).to(dtype)
-    num, den = torch.zeros_like(sign), torch.zeros_like(sign)
-    for i in range(m):
-        t = tau(i)
-        agree = t.sign() == sign
-        num.add_(t.masked_fill_(~agree, 0), alpha=c[i])
-        den.add_(agree, alpha=c[i])
-    return _out(num.div_(den.clamp_(min=1e-6)).add_(base), tensors, out_dtype)
+    c = [1 / m] * m if abs(total) < 1e-6 else [x / total for x in energy]
+
+    def erase(chunks: list[Tensor], num: Tensor) -> Tensor:
+        xs, b = chunks[:m], chunks[m]
+        taus = task_vectors(xs, b, chunks[m + 1] if keep is not None else None)
+        sign = torch.zeros_like(num)
+        for t in taus:
+            sign.add_(t)
+        sign = torch.where(sign >= 0, 1.0, -1.0).to(dtype)
+        den = torch.zeros_like(num)
+        for t, ci in zip(taus, c):
+            agree = t.sign() == sign
+            num.add_(t.masked_fill_(~agree, 0), alpha=ci)
+            den.add_(agree, alpha=ci)
+        return num.div_(den.clamp_(min=1e-6)).add_(b)
+
+    inputs = [*tensors, base] + ([keep.view(base.shape)] if keep is not None else [])
+    return _chunked(erase, inputs, dtype, out_dtype or tensors[0].dtype)
+
+
+def _sce_keep(tensors: Sequence[Tensor], base: Tensor, dtype: torch.dtype, select_topk: float) -> Tensor:
+    """SCE's Select mask (flat bool): the ``k = ⌊select_topk · #{σ² ≠ 0}⌋`` entries of largest variance across
+    models ``σ²_j = mean_i (τ_ij − mean_i τ_ij)²``, ties by position. The variance (computed chunk by chunk) is the
+    one whole-tensor float buffer SCE keeps — the exact selection needs all of it — and is freed before the merge."""
+    m = len(tensors)
+
+    def variance(chunks: list[Tensor], var: Tensor) -> Tensor:
+        taus = [_task_vector(x, chunks[m], dtype) for x in chunks[:m]]
+        mean = torch.zeros_like(var)
+        for t in taus:
+            mean.add_(t)
+        mean.div_(m)
+        for t in taus:
+            var.add_(t.sub_(mean).square_())
+        return var.div_(m)
+
+    var = _chunked(variance, [*tensors, base], dtype, dtype).reshape(-1)
+    k = int(int(torch.count_nonzero(var)) * select_topk)
+    if k == 0:
+        return torch.zeros(var.shape, dtype=torch.bool, device=base.device)
+    return _trim_to_count_(var, kth_largest(var, k), k) != 0
 
 
 def _ram_counts(tensors: Sequence[Tensor], base: Tensor, dtype: torch.dtype, epsilon: float) -> Tensor:
