@@ -11,7 +11,10 @@ Writes ``benchmarks/results/fusion_quality.{md,json}`` and one plot per pair.
 
 Pairs and the K-way/SmolLM2 sections not run this time are kept from the stored fusion_quality.json, so the report
 always shows every pair measured so far (each with the load average of its own run). ``--settings`` runs a subset
-of the rows (the others show as "–").
+of the rows and replaces only those rows of a stored pair; every row records when, on which commit and at which
+load it was measured, and the report lists the rows measured in another run than the pair's latest.
+
+    python benchmarks/fusion_quality.py --pairs vit-fmnist --settings learn:all,residual --kway --no-smollm2
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import torch  # noqa: E402
 
 import symmerge  # noqa: E402
 from symmerge.data import load_calibration  # noqa: E402
-from symmerge.evaluate import make_evaluator, model_for, run_study  # noqa: E402
+from symmerge.evaluate import Curve, make_evaluator, model_for, run_study  # noqa: E402
 from symmerge.evaluate.plots import plot_curves  # noqa: E402
 from symmerge.groups.residual import with_untied_head  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
@@ -64,9 +68,36 @@ def pair_study(name: str, points: int, learn_steps: int, learn_seconds: float | 
     start = time.perf_counter()
     study = run_study(a, b, ca.config, settings, evaluate, points=points, calibration=calibration, learn_steps=learn_steps,
                       learn_seconds=learn_seconds)
-    plot = plot_curves([s.curve for s in study.settings], RESULTS / f"fusion_quality_{name}.png", title=f"{name}: seed 0 vs seed 1")
-    return {"pair": name, "endpoints": [read_record(a_dir), read_record(b_dir)], "rows": study.rows(), "seconds": time.perf_counter() - start,
-            "plot": plot.name, "load": os.getloadavg(), "learn_seconds": learn_seconds, "learn_steps": learn_steps, "points": points}
+    measured = f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} @{git_commit()}, load {os.getloadavg()[0]:.1f}"
+    rows = [{**row, "measured": measured, "ts": s.curve.ts, "metrics": s.curve.metrics} for row, s in zip(study.rows(), study.settings)]
+    return {"pair": name, "endpoints": [read_record(a_dir), read_record(b_dir)], "rows": rows, "seconds": time.perf_counter() - start,
+            "plot": f"fusion_quality_{name}.png", "load": os.getloadavg(), "learn_seconds": learn_seconds, "learn_steps": learn_steps,
+            "points": points}
+
+
+def git_commit() -> str:
+    """This checkout's commit, ``+dirty`` when the library has uncommitted changes (the rows record what measured them)."""
+    repo = Path(__file__).parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "status", "--porcelain", "symmerge"], capture_output=True, text=True, cwd=repo).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def merge_rows(stored: dict | None, fresh: dict) -> dict:
+    """``fresh``'s rows replace the same settings' rows of the ``stored`` pair; the stored pair's other rows stay
+    (a ``--settings`` run re-measures some rows without discarding the rest). Rows in :data:`SETTINGS` order."""
+    if stored is None:
+        return fresh
+    by_setting = {r["setting"]: r for r in stored["rows"]} | {r["setting"]: r for r in fresh["rows"]}
+    order = [s for s, _ in SETTINGS]
+    rows = sorted(by_setting.values(), key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+    return {**fresh, "rows": rows}
+
+
+def plot_pair(pair: dict, name: str) -> None:
+    """The pair's loss curves, one per stored row that kept its curve (rows from before curves were stored have none)."""
+    curves = [Curve(r["setting"], r["ts"], r["metrics"]) for r in pair["rows"] if "ts" in r]
+    plot_curves(curves, RESULTS / pair["plot"], title=f"{name}: seed 0 vs seed 1")
 
 
 def barrier_cut(row: dict, vanilla: dict | None) -> str:
@@ -186,6 +217,10 @@ def markdown(pairs: list[dict], kway_rows: list[dict], machine: dict, smollm2: d
             change = f"{(row['distance'] - vanilla['distance']) / vanilla['distance']:+.1%}" if vanilla else "–"
             out.append(f"| `{row['setting']}` | {WHAT.get(row['setting'], '')} | {row['distance']:.4g} | {change} | {row['midpoint_loss']:.4f} | "
                        f"{row['barrier']:.4f} | {barrier_cut(row, vanilla)} | {acc} | {row['align_seconds']:.1f} |")
+        latest = max((r.get("measured", "") for r in p["rows"]), default="")
+        older = [f"`{r['setting']}` {r.get('measured', 'before rows recorded it')}" for r in p["rows"] if r.get("measured", "") != latest]
+        if older:
+            out += ["", f"Rows measured in an earlier run than the rest ({latest}): " + "; ".join(older) + "."]
         out += ["", f"![{p['pair']}]({p['plot']})", ""]
     if kway_rows:
         out += ["## K-model merge (digits ViTs: star to model 0 vs iterative `align_many`, data-free, plain mean)", "",
@@ -225,7 +260,8 @@ def main() -> None:
     previous = json.loads((RESULTS / "fusion_quality.json").read_text()) if (RESULTS / "fusion_quality.json").exists() else {}
     done = {p["pair"]: p for p in previous.get("pairs", [])}  # pairs not asked for this time are kept
     for name in args.pairs:
-        done[name] = pair_study(name, args.points, args.learn_steps, args.learn_seconds, args.settings)
+        done[name] = merge_rows(done.get(name), pair_study(name, args.points, args.learn_steps, args.learn_seconds, args.settings))
+        plot_pair(done[name], name)
         print(f"{name}: done in {done[name]['seconds']:.0f} s", flush=True)
     pairs = ordered_pairs(done)
     kway_rows = kway(args.kway) if args.kway else previous.get("kway", [])
