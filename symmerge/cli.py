@@ -254,14 +254,14 @@ def merge(
         "models), inputs (its input side is; its output is scaled by their weight) or zero (narrower models count as "
         "zeros there).")) ] = "mean",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the reference's).")] = None,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")] = "2GB",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard in bytes: 2GB, 500M, 1GiB, or mergekit's 5B (5 billion); 0: one shard.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (only files you trust).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
                                                  help="mergekit's: copy the tokenizer files (symmerge always does).")] = True,
     lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle", help="mergekit's: accepted; safetensors are read by mmap anyway.")] = False,
-    out_shard_size: Annotated[Optional[str], typer.Option("--out-shard-size", help="mergekit's spelling of --shard-size.")] = None,
+    out_shard_size: Annotated[Optional[str], typer.Option("--out-shard-size", help="mergekit's --shard-size, read as mergekit reads it (5B: 5·10⁹ B).")] = None,
     cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's: accepted; symmerge merges on the CPU.")] = False,
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="mergekit's: accepted; symmerge checks shapes, not architecture names.")] = False,
     random_seed: Annotated[Optional[int], typer.Option("--random-seed", help="Seed of random methods (dare_*, della*) unless the recipe sets seed.")] = None,
@@ -271,7 +271,7 @@ def merge(
     form `symmerge merge A B --method ties --base BASE -o OUT`."""
     from symmerge.io import check_output_dir
     from symmerge.merge.engine import run_merge
-    from symmerge.merge.recipe import load_recipe, plan_merge, recipe_from_models
+    from symmerge.merge.recipe import load_recipe, parse_size, plan_merge, recipe_from_models
 
     start = time.perf_counter()
     recipe_given = len(inputs) in (1, 2) and inputs[0].suffix in (".yaml", ".yml")
@@ -282,8 +282,15 @@ def merge(
     if out is None:
         raise SymmergeError("no output directory: give it after the recipe (symmerge merge RECIPE OUT) or as --out")
     notes = []
+    size_given = None  # --shard-size or mergekit's --out-shard-size, read alike (parse_size: 5B is 5 billion bytes)
     if out_shard_size is not None:
-        shard_size = out_shard_size
+        if shard_size != "2GB" and parse_size(shard_size) != parse_size(out_shard_size):
+            raise SymmergeError(f"--shard-size {shard_size} and --out-shard-size {out_shard_size} disagree: give one")
+        shard_size = size_given = out_shard_size
+    elif shard_size != "2GB":
+        size_given = shard_size
+    if size_given is not None:
+        parse_size(size_given)  # a one-line error now, before any model is opened
     if cuda:
         notes.append("--cuda: symmerge merges on the CPU (streaming, one tensor group at a time); the flag changes nothing")
     if lazy_unpickle:
@@ -307,8 +314,8 @@ def merge(
         recipe, root = load_recipe(inputs[0])
         if device is not None and recipe.alignment != "none":  # where it runs, not what it computes: may override
             recipe.alignment = recipe.alignment.model_copy(update={"device": device})
-        if shard_size != "2GB":
-            recipe.shard_size = shard_size
+        if size_given is not None:
+            recipe.shard_size = size_given
     else:
         if method is None:
             raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")

@@ -320,3 +320,51 @@ def test_default_alignment_of_fine_tunes_of_one_base_is_the_identity(llamas, tmp
     assert aligned.keys() == plain.keys()
     assert all(torch.equal(aligned[k], plain[k]) for k in plain)
     assert "alignment: identity" in stdout
+
+
+def test_sizes_are_read_as_mergekit_reads_them():
+    from symmerge.errors import SymmergeError
+    from symmerge.merge.recipe import parse_size
+
+    # mergekit's parse_kmb: a bare K / M / B is thousands / millions / billions; its default "5B" is 5·10⁹ bytes
+    for text, size in (("5B", 5 * 10**9), ("5b", 5 * 10**9), ("500M", 5 * 10**8), ("2K", 2000), ("1000", 1000), (1000, 1000),
+                       ("0", 0), (0, 0)):
+        assert parse_size(text) == size, text
+    # forms mergekit refuses but that mean one thing: decimal and binary byte units, G / T alone, fractions
+    for text, size in (("1G", 10**9), ("2GB", 2 * 10**9), ("20KB", 20_000), ("1GiB", 2**30), ("3MiB", 3 * 2**20), ("1T", 10**12),
+                       ("1.5B", 1_500_000_000), ("0.1GB", 10**8), (" 2 gb ", 2 * 10**9)):
+        assert parse_size(text) == size, text
+    for text in ("lots", "5X", "-1", -1, "2 gigabytes", "0.5", "1.2.3M", "B"):
+        with pytest.raises(SymmergeError, match="size"):
+            parse_size(text)
+
+
+def _shards(out: Path) -> list[dict]:
+    index = out / "model.safetensors.index.json"
+    if not index.exists():
+        return [load_file(out / "model.safetensors")]
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [load_file(out / f) for f in files]
+
+
+def test_out_shard_size_5B_is_one_shard_and_2K_splits_greedily(llamas, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: linear\nalignment: none\n")
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    # mergekit's default spelling: 5·10⁹ bytes, so the whole (≈ 150 KB) model is one file (it was 5 bytes: a shard per tensor)
+    for flag, size in (("--out-shard-size", "5B"), ("--out-shard-size", "0"), ("--shard-size", "500M")):
+        out = tmp_path / f"o{size}"
+        code, _, err = run_cli(capsys, "merge", recipe, out, flag, size, "-q")
+        assert code == 0, err
+        assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists(), size
+    code, _, err = run_cli(capsys, "merge", recipe, tmp_path / "o2k", "--out-shard-size", "2K", "-q")
+    assert code == 0, err
+    shards = _shards(tmp_path / "o2k")
+    assert len(shards) > 10
+    sizes = [sum(nbytes(t) for t in s.values()) for s in shards]
+    # the writer's rule (mergekit's): a shard holds at most 2000 bytes unless one tensor alone is larger, and a
+    # new shard starts only when the next tensor would not fit
+    assert all(size <= 2000 or len(s) == 1 for size, s in zip(sizes, shards))
+    assert sum(len(s) for s in shards) == len(load_file(llamas["a"] / "model.safetensors"))
+    expect_cli_error(capsys, "not a size: '2X'", "merge", recipe, tmp_path / "bad", "--out-shard-size", "2X")
+    expect_cli_error(capsys, "disagree", "merge", recipe, tmp_path / "bad", "--out-shard-size", "5B", "--shard-size", "1GB")

@@ -163,7 +163,7 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, nbytes: int) -> None:
 
 class ShardWriter:
     """Writes tensors to safetensors shards as they arrive, a new shard whenever the next tensor would exceed
-    ``max_shard_bytes``; memory holds no more than the tensor being added.
+    ``max_shard_bytes`` (``0``: no limit, one shard); memory holds no more than the tensor being added.
 
     A tensor's bytes go at once to a temporary data file in ``directory`` (only its name, dtype, shape and offset
     are kept); closing a shard writes the header safetensors would write and then copies the data behind it in
@@ -196,7 +196,7 @@ class ShardWriter:
             raise SymmergeError(f"internal: tensor {key!r} written twice")
         dtype, data = _tensor_bytes(key, tensor)
         size = data.nbytes
-        if self._entries and self._buffer_bytes + size > self.max_shard_bytes:
+        if self._entries and 0 < self.max_shard_bytes < self._buffer_bytes + size:  # 0: no limit (mergekit's too)
             self.flush()
         if self._data is None:
             self._data = open(self._data_path(), "w+b")

@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,8 +295,11 @@ class Recipe(BaseModel):
     @classmethod
     def _size(cls, v: Any) -> str | int:
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ValueError(f"shard_size takes a size such as 2GB, 500MB or a number of bytes, got {shorten(v)}")
-        parse_size(v)
+            raise ValueError(f"shard_size takes a size such as {SIZE_EXAMPLES}, got {shorten(v)}")
+        try:
+            parse_size(v)
+        except SymmergeError as e:  # pydantic reports ValueErrors with the field's location
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -306,20 +310,36 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+# Size suffixes, case-insensitive. A bare K, M or B is mergekit's (``parse_kmb``): thousands, millions, billions — so
+# mergekit's default ``5B`` is 5·10⁹ bytes, not 5 bytes. G and T alone, and the byte units KB…TB (decimal) and
+# KiB…TiB (binary), mean one thing each, so they are read too (mergekit refuses them).
+SIZE_UNITS = {
+    "": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+SIZE_EXAMPLES = "5B (mergekit's: 5 billion bytes), 500M, 2GB, 1GiB, or a number of bytes; 0: no limit"
+
+
 def parse_size(value: str | int) -> int:
-    """``"2GB"``, ``"500MB"``, ``1000000`` → bytes."""
+    """A shard size in bytes, read as mergekit reads ``--out-shard-size`` plus unambiguous byte units.
+
+    ``"5B"`` → 5·10⁹ (mergekit: B is billions), ``"500M"`` → 5·10⁸, ``"2K"`` → 2000, ``"2GB"``/``"2G"`` → 2·10⁹,
+    ``"1GiB"`` → 2³⁰, ``1000000`` → 10⁶, ``"1.5B"`` → 1.5·10⁹; ``0`` means no limit (one shard), as in mergekit.
+    Anything else raises :class:`SymmergeError`.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
+        if value < 0:
+            raise SymmergeError(f"a size cannot be negative, got {value} (examples: {SIZE_EXAMPLES})")
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.I)
-    if not m:
-        raise ValueError(f"not a size: {shorten(value)} (examples: 2GB, 500MB)")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    size = int(float(m.group(1)) * units[(m.group(2) or "").upper()])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {shorten(value)}")
-    return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = SIZE_UNITS.get(m.group(2).upper()) if m else None
+    if unit is None:
+        raise SymmergeError(f"not a size: {shorten(value)} (examples: {SIZE_EXAMPLES})")
+    size = Fraction(m.group(1)) * unit  # exact: "0.1GB" is 10⁸ bytes, not 10⁸ ± a float rounding
+    if size != 0 and size < 1:
+        raise SymmergeError(f"a size must be at least 1 byte, got {shorten(value)}")
+    return int(size)
 
 
 def _pydantic_message(e: ValidationError, source: str) -> str:
