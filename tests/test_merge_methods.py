@@ -550,8 +550,16 @@ def test_dare_ties_sums_by_default_and_ties_averages():
                                                       "della_linear", "task_arithmetic")}
     assert {m: (d["normalize"], d.get("rescale")) for m, d in defaults.items()} == {  # mergekit 0.1.5's registry
         "ties": (True, False), "dare_ties": (False, True), "dare_linear": (False, True), "breadcrumbs": (False, False),
-        "breadcrumbs_ties": (False, False), "della": (True, True), "della_linear": (False, True), "task_arithmetic": (False, None)}
-    assert all(d["lambda"] == 1.0 and d.get("density", 1.0) == 1.0 for d in defaults.values())
+        "breadcrumbs_ties": (False, False), "della": (True, True), "della_linear": (False, True), "task_arithmetic": (False, False)}
+    assert all(d["lambda"] == 1.0 and d["density"] == 1.0 and d["int8_mask"] is False for d in defaults.values())
+    # every key mergekit 0.1.5 declares for its generalized task arithmetic (gamma with magnitude_outliers, epsilon
+    # with della_magprune) is accepted; task_arithmetic's density and rescale are declared there but never read
+    shared = {"int8_mask", "normalize", "rescale", "lambda", "density"}
+    extra = {"breadcrumbs": {"gamma"}, "breadcrumbs_ties": {"gamma"}, "della": {"epsilon"}, "della_linear": {"epsilon"}}
+    assert all(shared | extra.get(m, set()) <= set(d) for m, d in defaults.items())
+    no_effect = {p.name for p in get_method("task_arithmetic").params if p.no_effect}
+    assert no_effect == {"density", "rescale", "int8_mask"}
+    assert torch.equal(task_arithmetic(models, base=BASE6, density=0.3, rescale=True, int8_mask=True), task_arithmetic(models, base=BASE6))
 
 
 def test_linear_family_normalize_divides_by_the_weight_sum():

@@ -368,3 +368,45 @@ def test_out_shard_size_5B_is_one_shard_and_2K_splits_greedily(llamas, tmp_path,
     assert sum(len(s) for s in shards) == len(load_file(llamas["a"] / "model.safetensors"))
     expect_cli_error(capsys, "not a size: '2X'", "merge", recipe, tmp_path / "bad", "--out-shard-size", "2X")
     expect_cli_error(capsys, "disagree", "merge", recipe, tmp_path / "bad", "--out-shard-size", "5B", "--shard-size", "1GB")
+
+
+def test_task_arithmetic_takes_mergekits_density_and_rescale_and_they_change_nothing(llamas, tmp_path, capsys):
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    head = f"merge_method: task_arithmetic\nbase_model: {base}\nalignment: none\n"
+    plain, _ = _merge(capsys, tmp_path / "plain", head + f"models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]\n")
+    given, out = _merge(capsys, tmp_path / "given", head + "parameters: {rescale: true, int8_mask: true}\n"
+                        f"models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.5, density: [0.2, 0.9]}}}}]\n")
+    # mergekit's task_arithmetic reads density and rescale only inside its sparsify step, which it does not have
+    assert all(torch.equal(given[k], plain[k]) for k in plain)
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes.count("note: density: task_arithmetic does not sparsify task vectors (nor does mergekit's), so it changes nothing") == 1
+    assert notes.count("note: rescale: task_arithmetic does not sparsify task vectors (nor does mergekit's), so it changes nothing") == 1
+    assert "note: int8_mask: a mergekit memory option; task_arithmetic computes in float32 here, so it changes nothing" in notes
+    # hand-computed: base + 0.5 (a − base) + 0.5 (b − base)
+    sa, sb, s0 = (load_file(p / "model.safetensors") for p in (a, b, base))
+    k = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(given[k], s0[k] + 0.5 * (sa[k] - s0[k]) + 0.5 * (sb[k] - s0[k]), rtol=0, atol=1e-6)
+    # values are still checked; and where mergekit sparsifies (dare_linear), density does change the result
+    expect_cli_error(capsys, "density must be a number", "merge", _write(tmp_path / "bad.yaml", head + f"models: [{{model: {a}, parameters: {{density: abc}}}}]\n"),
+                     tmp_path / "bad")
+    dare, out = _merge(capsys, tmp_path / "dare", head.replace("task_arithmetic", "dare_linear") +
+                       f"models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.5, density: 0.3}}}}]\n"
+                       "parameters: {rescale: false}\n")
+    assert not torch.equal(dare[k], plain[k]) and "density:" not in out
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+                                    "breadcrumbs", "breadcrumbs_ties", "sce"])
+def test_int8_mask_gets_the_same_note_wherever_it_changes_nothing(llamas, tmp_path, capsys, method):
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: {method}\nbase_model: {base}\nalignment: none\n"
+    plain, out = _merge(capsys, tmp_path / "plain", text)
+    masked, out_masked = _merge(capsys, tmp_path / "int8", text + "parameters: {int8_mask: true}\n")
+    note = f"note: int8_mask: a mergekit memory option; {method} computes in float32 here, so it changes nothing"
+    assert out_masked.splitlines().count(note) == 1 and "note: int8_mask" not in out
+    assert all(torch.equal(masked[k], plain[k]) for k in plain)

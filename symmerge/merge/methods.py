@@ -62,6 +62,9 @@ class ParamSpec:
     help: str = ""
     per_model: bool = False  # may be one value per model (a list), like mergekit's per-model parameters
     required: bool = False  # no default: a recipe must give it (``default`` is then ``None``)
+    # accepted because mergekit declares it, but it changes nothing here: the one-line note a recipe that sets it
+    # gets ("{method}" is filled in); the recipe planner checks its values and then drops it
+    no_effect: str = ""
 
     @property
     def arg(self) -> str:
@@ -124,14 +127,15 @@ class ParamSpec:
 
 
 def Float(default: float | None, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-          help: str = "", per_model: bool = False, required: bool = False) -> dict:
+          help: str = "", per_model: bool = False, required: bool = False, no_effect: str = "") -> dict:
     """Keyword arguments of a float :class:`ParamSpec` (used in ``@merge_method(params={...})``).
 
     ``per_model=True``: a recipe may give one value per model (a list, or the key under a model's ``parameters``);
-    ``required=True``: no default (pass ``None`` as ``default``), a recipe must set it.
+    ``required=True``: no default (pass ``None`` as ``default``), a recipe must set it. ``no_effect``: see
+    :attr:`ParamSpec.no_effect`.
     """
     return dict(kind="float", default=default, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, help=help, per_model=per_model,
-                required=required)
+                required=required, no_effect=no_effect)
 
 
 def Int(default: int, lo: int | None = None, hi: int | None = None, *, help: str = "", per_model: bool = False) -> dict:
@@ -139,9 +143,9 @@ def Int(default: int, lo: int | None = None, hi: int | None = None, *, help: str
     return dict(kind="int", default=default, lo=lo, hi=hi, help=help, per_model=per_model)
 
 
-def Bool(default: bool, *, help: str = "") -> dict:
+def Bool(default: bool, *, help: str = "", no_effect: str = "") -> dict:
     """Keyword arguments of a boolean :class:`ParamSpec`."""
-    return dict(kind="bool", default=default, help=help)
+    return dict(kind="bool", default=default, help=help, no_effect=no_effect)
 
 
 def Choice(default: str, choices: Sequence[str], *, help: str = "") -> dict:
@@ -1071,7 +1075,9 @@ def _gta(method: str, tensors: Sequence[Tensor], base: Tensor | None, weights: S
 _DENSITY = Float(1.0, 0, 1, lo_open=True, per_model=True, help="fraction of each task vector kept (1: no sparsification)")
 _LAMBDA = Float(1.0, help="scale of the merged task vector")
 _SEED = Int(0, 0, help="seed of the random masks (combined with the tensor name and model index)")
-_INT8 = Bool(False, help="accepted for mergekit recipes; no effect (symmerge's masks are bool)")
+# mergekit's int8_mask stores TIES' sign mask as int8 to save memory; the mask's values are the same either way
+INT8_MASK_NOTE = "a mergekit memory option; {method} computes in float32 here, so it changes nothing"
+_INT8 = Bool(False, help="accepted for mergekit recipes; no effect (symmerge's masks are bool)", no_effect=INT8_MASK_NOTE)
 _RESCALE_NORM = Choice(
     "l1", ("l1", "l2", "linf", "density"),
     help="with rescale: match the task vector's l1/l2/linf norm before sparsifying (mergekit: l1), or divide each kept "
@@ -1101,9 +1107,17 @@ def _check_della(method: str, p: Mapping[str, Any]) -> None:
             raise SymmergeError(f"{method}: density ± epsilon must lie in (0, 1){where}, got density={_num(d)}, epsilon={_num(e)}")
 
 
+# mergekit declares density and rescale for every generalized-task-arithmetic method; task_arithmetic has no
+# sparsification step, so there they change nothing (mergekit's merge_group only reads them inside `sparsify`)
+_NO_SPARSIFY = "{method} does not sparsify task vectors (nor does mergekit's), so it changes nothing"
+
+
 @merge_method(
     "task_arithmetic",
-    params={"normalize": _normalize(False), "lambda": Float(1.0, help="scale of the summed task vectors")},
+    params={"normalize": _normalize(False), "lambda": Float(1.0, help="scale of the summed task vectors"),
+            "density": Float(1.0, per_model=True, help="accepted for mergekit recipes; no effect", no_effect=_NO_SPARSIFY),
+            "rescale": Bool(False, help="accepted for mergekit recipes; no effect", no_effect=_NO_SPARSIFY),
+            "int8_mask": _INT8},
     needs_base=True,
     description="base + λ Σ w_i (θ_i − base)",
 )
@@ -1115,14 +1129,19 @@ def task_arithmetic(
     name: str | None = None,
     normalize: bool = False,
     lambda_: float = 1.0,
+    density: float | Sequence[float] = 1.0,
+    rescale: bool = False,
+    int8_mask: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"): ``θ = base + λ Σ_i w_i τ_i``.
 
     ``τ_i = θ_i − base``; ``tensors``: M tensors and ``base`` of one shape; ``weights`` default all 1 (negative
     weights negate a task). ``normalize``: divide the sum by ``Σ_i w_i`` (mergekit's parameter, default off).
+    ``density``, ``rescale`` and ``int8_mask`` are mergekit's parameters of every task-vector method; without a
+    sparsification step they change nothing, here as in mergekit.
     """
-    p = _params("task_arithmetic", normalize=normalize, lambda_=lambda_)
+    p = _params("task_arithmetic", normalize=normalize, lambda_=lambda_, density=density, rescale=rescale, int8_mask=int8_mask)
     return _gta("task_arithmetic", tensors, base, weights, name, p, sparsify=None, consensus=False, out_dtype=out_dtype)
 
 
@@ -1203,7 +1222,7 @@ _DARE_DOC = """``τ̂_i``: each entry of ``τ_i = θ_i − base`` kept with prob
 @merge_method(
     "dare_linear",
     params={"density": _DENSITY, "lambda": _LAMBDA, "seed": _SEED, "normalize": _normalize(False), "rescale": _rescale(True),
-            "rescale_norm": _RESCALE_NORM},
+            "rescale_norm": _RESCALE_NORM, "int8_mask": _INT8},
     needs_base=True,
     description="DARE: drop task-vector entries at random, rescale, then task arithmetic",
 )
@@ -1219,13 +1238,15 @@ def dare_linear(
     normalize: bool = False,
     rescale: bool = True,
     rescale_norm: str = "l1",
+    int8_mask: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """DARE then task arithmetic (Yu et al. 2023, "Language models are Super Mario"): ``θ = base + λ Σ_i w_i τ̂_i``
     (divided by ``Σ_i w_i`` with ``normalize``).
 
     """
-    p = _params("dare_linear", density=density, lambda_=lambda_, seed=seed, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm)
+    p = _params("dare_linear", density=density, lambda_=lambda_, seed=seed, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
+                int8_mask=int8_mask)
     return _gta("dare_linear", tensors, base, weights, name, p, sparsify="random", consensus=False, out_dtype=out_dtype)
 
 
@@ -1272,7 +1293,7 @@ _BREADCRUMBS_DOC = """``τ̂_i``: of ``τ_i = θ_i − base`` (flattened, ordere
 @merge_method(
     "breadcrumbs",
     params={"density": _DENSITY, "gamma": _GAMMA, "lambda": _LAMBDA, "normalize": _normalize(False), "rescale": _rescale(False),
-            "rescale_norm": _RESCALE_NORM},
+            "rescale_norm": _RESCALE_NORM, "int8_mask": _INT8},
     needs_base=True,
     description="Model Breadcrumbs: drop the largest (outliers) and smallest task-vector entries, then task arithmetic",
 )
@@ -1288,13 +1309,15 @@ def breadcrumbs(
     normalize: bool = False,
     rescale: bool = False,
     rescale_norm: str = "l1",
+    int8_mask: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, "Model Breadcrumbs: scaling multi-task model merging with
     sparse masks"): ``θ = base + λ Σ_i w_i τ̂_i`` (divided by ``Σ_i w_i`` with ``normalize``).
 
     """
-    p = _params("breadcrumbs", density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm)
+    p = _params("breadcrumbs", density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
+                int8_mask=int8_mask)
     return _gta("breadcrumbs", tensors, base, weights, name, p, sparsify="magnitude_outliers", consensus=False, out_dtype=out_dtype)
 
 
@@ -1374,7 +1397,7 @@ def della(
 @merge_method(
     "della_linear",
     params={"density": _DENSITY, "epsilon": _EPSILON, "lambda": _LAMBDA, "seed": _SEED, "normalize": _normalize(False),
-            "rescale": _rescale(True), "rescale_norm": _RESCALE_NORM},
+            "rescale": _rescale(True), "rescale_norm": _RESCALE_NORM, "int8_mask": _INT8},
     needs_base=True,
     check=_check_della,
     description="DELLA's magnitude-ranked random drop and rescale, then task arithmetic",
@@ -1392,6 +1415,7 @@ def della_linear(
     normalize: bool = False,
     rescale: bool = True,
     rescale_norm: str = "l1",
+    int8_mask: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """DELLA's MagPrune then task arithmetic (mergekit's ``della_linear``): ``θ = base + λ Σ_i w_i τ̂_i`` (divided
@@ -1399,7 +1423,7 @@ def della_linear(
 
     """
     p = _params("della_linear", density=density, epsilon=epsilon, lambda_=lambda_, seed=seed, normalize=normalize, rescale=rescale,
-                rescale_norm=rescale_norm)
+                rescale_norm=rescale_norm, int8_mask=int8_mask)
     return _gta("della_linear", tensors, base, weights, name, p, sparsify="della_magprune", consensus=False, out_dtype=out_dtype)
 
 

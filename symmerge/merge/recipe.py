@@ -40,7 +40,7 @@ from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
-from symmerge.merge.methods import MergeMethod, get_method, validate_params
+from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod, get_method, validate_params
 from symmerge.merge.settings import check_setting, is_plain, layer_position, leaves, resolve
 from symmerge.merge.vocabulary import (
     TokenSource,
@@ -64,7 +64,7 @@ from symmerge.spec import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DtypeName = Literal["float32", "bfloat16", "float16"]
-MEMORY_OPTIONS = {"int8_mask"}  # mergekit's memory savers: symmerge computes in float32 and masks in bool anyway
+MEMORY_OPTIONS = {"int8_mask"}  # mergekit's memory savers, for methods that do not declare them: symmerge computes in float32 anyway
 
 
 def _dtype_name(v: Any) -> Any:
@@ -637,7 +637,7 @@ def _check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_mod
         spec = specs.get(key)
         if spec is None:
             if key in MEMORY_OPTIONS:
-                notes.append(f"{key}: a mergekit memory option; {method.name} computes in float32 here, so it changes nothing")
+                _note_once(notes, f"{key}: {INT8_MASK_NOTE.format(method=method.name)}")
                 continue
             if per_model:
                 known = ", ".join(["weight", *method.per_model_params])
@@ -651,8 +651,17 @@ def _check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_mod
             continue
         for leaf in leaves(setting):
             spec.check(method.name, leaf)
+        if spec.no_effect:  # declared by mergekit, a no-op in its method and here: checked, noted, not passed on
+            _note_once(notes, f"{spec.name}: {spec.no_effect.format(method=method.name)}")
+            continue
         out[spec.name] = setting
     return out
+
+
+def _note_once(notes: list[str], note: str) -> None:
+    """One note per key, however many models or slices set it."""
+    if note not in notes:
+        notes.append(note)
 
 
 def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = False) -> MergePlan:
