@@ -145,6 +145,9 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         "multislerp": {"models": three_w, "merge_method": "multislerp", "dtype": "float32"},
         "karcher": {"models": three_w, "merge_method": "karcher", "dtype": "float32"},
         "task_arithmetic": tv("task_arithmetic", {"lambda": 0.8}),
+        "task_arithmetic + density, rescale, int8_mask": tv("task_arithmetic", {"lambda": 0.8, "rescale": True, "int8_mask": True}, models=[
+            {"model": ck["a"], "parameters": {"weight": 0.5, "density": 0.3}}, {"model": ck["b"], "parameters": {"weight": 0.3, "density": 0.5}},
+            {"model": ck["c"], "parameters": {"weight": 0.2}}]),
         "ties": tv("ties", {"density": 0.4}),
         "dare_linear (density 1)": tv("dare_linear", {"density": 1.0}),
         "dare_ties (density 1)": tv("dare_ties", {"density": 1.0}),
@@ -209,7 +212,8 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "gradient + filter": "as slerp: coefficient precision, a few ulps",
     "slices, same ranges": "as slerp: coefficient precision, a few ulps",
     "multislerp": "float32 arithmetic order, a few ulps",
-    "karcher": "mergekit 0.1.5's karcher ignores `weight` (uniform alphas); symmerge uses the weights given",
+    "karcher": "float32 arithmetic order: symmerge iterates in float64 on the Gram matrix of the directions, a few ulps "
+               "(both ignore `weight`: mergekit 0.1.5's alphas are uniform)",
     "task_arithmetic": "float32 summation order, a few ulps",
     "global weight": "float32 summation order, a few ulps",
     "ties": "trim-cut ties: these float32 checkpoints' τ = fl(base + noise) − base are multiples of ulp(base), so |τ| "

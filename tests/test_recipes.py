@@ -410,3 +410,20 @@ def test_int8_mask_gets_the_same_note_wherever_it_changes_nothing(llamas, tmp_pa
     note = f"note: int8_mask: a mergekit memory option; {method} computes in float32 here, so it changes nothing"
     assert out_masked.splitlines().count(note) == 1 and "note: int8_mask" not in out
     assert all(torch.equal(masked[k], plain[k]) for k in plain)
+
+
+def test_karcher_ignores_recipe_weights_as_mergekit_does(llamas, tmp_path, capsys):
+    from symmerge.merge.methods import karcher
+
+    a, b = llamas["a"], llamas["b"]
+    head = "merge_method: karcher\nalignment: none\n"
+    weighted, out = _merge(capsys, tmp_path / "w", head + f"models: [{{model: {a}, parameters: {{weight: 0.9}}}}, {{model: {b}, parameters: {{weight: 0.1}}}}]\n")
+    plain, _ = _merge(capsys, tmp_path / "u", head + f"models: [{{model: {a}}}, {{model: {b}}}]\n")
+    # mergekit 0.1.5's karcher declares no weight and takes alphas = [1/M] * M: the weights change nothing
+    assert all(torch.equal(weighted[k], plain[k]) for k in plain)
+    assert out.splitlines().count("note: weight: karcher averages uniformly (1/M), as mergekit's does, so it changes nothing") == 1
+    # two orthogonal vectors e1, 2·e2: the uniform Karcher mean is their geodesic midpoint (e1 + e2)/√2
+    # at the mean norm (1 + 2)/2; weights (0.9, 0.1) would give another point (the negative control)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    torch.testing.assert_close(karcher([e1, e2]), 1.5 * torch.tensor([0.5**0.5, 0.5**0.5]))
+    assert not torch.allclose(karcher([e1, e2], weights=[0.9, 0.1]), karcher([e1, e2]), atol=1e-3)

@@ -170,6 +170,9 @@ class MergeMethod:
     optional_base: bool = False  # uses base_model when the recipe has one (slerp, nuslerp, multislerp), works without
     check: Callable[[str, dict], None] | None = field(default=None, repr=False)  # cross-parameter checks (validate_params)
     workers: int = 1  # output tensors the engine merges at once, in threads (each in flight adds its scratch memory)
+    # whether a recipe's per-model ``weight`` reaches ``fn``; False where mergekit's method declares no weight and
+    # reads none (karcher): the recipe planner then drops it with a note, so a pasted recipe means what it meant
+    recipe_weight: bool = True
 
     @property
     def uses_base(self) -> bool:
@@ -239,6 +242,7 @@ def merge_method(
     optional_base: bool = False,
     check: Callable[[str, dict], None] | None = None,
     workers: int = 1,
+    recipe_weight: bool = True,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register the decorated per-tensor function in :data:`MERGE_METHODS` under ``name``.
 
@@ -257,6 +261,7 @@ def merge_method(
     engine may merge at once, in threads — more than one only for a function that is pure per tensor (scratch per
     call, random masks seeded per tensor: the bits do not change) and whose scratch is small, because every tensor
     in flight adds its memory (with two, sce — when it still kept whole-tensor float32 statistics — raised its peak RSS from 1.82 to 2.96 GB).
+    ``recipe_weight=False``: a recipe's per-model ``weight`` is noted and dropped (mergekit's method has none).
 
     Every function takes ``out_dtype=None``: it computes in float32 (float64 if an input is float64) and rounds
     once, to ``out_dtype`` (default: the dtype of ``tensors[0]``). The engine passes the output dtype, so a
@@ -283,7 +288,7 @@ def merge_method(
         if workers < 1:
             raise ValueError(f"{name}: workers must be at least 1, got {workers}")
         MERGE_METHODS[name] = MergeMethod(name, fn, specs, needs_base, statistics, min_models, max_models, desc, linear_layout, prepare,
-                                          optional_base, check, workers)
+                                          optional_base, check, workers, recipe_weight)
         return fn
 
     return register
@@ -1753,7 +1758,8 @@ def multislerp(
         "max_iter": Int(10, 0, help="Riemannian gradient steps at most"),
         "tol": Float(1e-5, 0, lo_open=True, help="stop when the tangent step is shorter; norms below it count as zero"),
     },
-    description="Karcher (Riemannian) mean of the models' directions on the sphere, at their mean norm",
+    description="Karcher (Riemannian) mean of the models' directions on the sphere, at their mean norm (unweighted, as mergekit's)",
+    recipe_weight=False,  # mergekit 0.1.5's karcher takes alphas = 1/M whatever the recipe's weights
 )
 def karcher(
     tensors: Sequence[Tensor],
@@ -1767,7 +1773,8 @@ def karcher(
 ) -> Tensor:
     """Karcher mean on the unit sphere (Karcher 1977; mergekit's ``karcher``), per tensor.
 
-    ``α_i = w_i / Σ_j w_j`` (default ``1/M``: mergekit's uniform weights), ``u_i = θ_i / ‖θ_i‖`` (flattened). Start
+    ``α_i = w_i / Σ_j w_j`` (default ``1/M``: mergekit's uniform weights; a recipe's ``weight`` is ignored with a
+    note, as mergekit ignores it — only a direct call can weight the mean), ``u_i = θ_i / ‖θ_i‖`` (flattened). Start
     from ``μ = Σ α_i u_i / ‖·‖`` over the models with ``‖θ_i‖ > tol`` (their α renormalised) and iterate at most
     ``max_iter`` times: ``Ω_i = acos⟨μ, u_i⟩``, ``g = Σ_i α_i Ω_i / sin Ω_i (u_i − cos Ω_i μ)`` (terms with
     ``Ω_i < tol`` skipped), stop if ``‖g‖ < tol``, else ``μ ← cos‖g‖ μ + sin‖g‖ g / ‖g‖`` (renormalised). Returns

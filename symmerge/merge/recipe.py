@@ -632,7 +632,10 @@ def _check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_mod
     out = {}
     for key, setting in scope.items():
         if key == "weight":
-            out[key] = setting
+            if method.recipe_weight:
+                out[key] = setting
+            else:
+                _note_once(notes, f"weight: {method.name} averages uniformly (1/M), as mergekit's does, so it changes nothing")
             continue
         spec = specs.get(key)
         if spec is None:
