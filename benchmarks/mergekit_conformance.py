@@ -131,6 +131,33 @@ def dora_adapter() -> str:
     return str(folder)
 
 
+def extras_adapter() -> str:
+    """A PEFT LoRA adapter for checkpoint "a" with what a plain LoRA lacks: a ``modules_to_save`` copy of lm_head, an
+    embedding LoRA (``lora_embedding_A/B``, plus the embedding layer PEFT saves beside it) and q_proj pairs — tensor
+    names as PEFT 0.21's ``save_pretrained`` writes them for ``target_modules=[q_proj, embed_tokens],
+    modules_to_save=[lm_head]``."""
+    folder = CKPTS / "a-peft-extras"
+    if (folder / "adapter_model.safetensors").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(301)
+    d, vocab = SIZE["hidden_size"], SIZE["vocab_size"]
+    a = load_file(Path(checkpoints()["a"]) / "model.safetensors")
+    p = "base_model.model."
+    tensors = {p + "lm_head.weight": a["lm_head.weight"] + 0.02 * torch.randn(vocab, d, generator=g),
+               p + "model.embed_tokens.base_layer.weight": a["model.embed_tokens.weight"],
+               p + "model.embed_tokens.lora_embedding_A": 0.05 * torch.randn(4, vocab, generator=g),
+               p + "model.embed_tokens.lora_embedding_B": 0.05 * torch.randn(d, 4, generator=g)}
+    for layer in range(SIZE["num_hidden_layers"]):
+        tensors[p + f"model.layers.{layer}.self_attn.q_proj.lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
+        tensors[p + f"model.layers.{layer}.self_attn.q_proj.lora_B.weight"] = 0.05 * torch.randn(d, 4, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"],
+        "modules_to_save": ["lm_head"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
+    return str(folder)
+
+
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
     two = [{"model": ck["a"]}, {"model": ck["b"]}]
     three_w = [{"model": ck["a"], "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.3}},
@@ -186,6 +213,10 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
                                                              {"model": ck["b"], "parameters": {"weight": 0.5}}],
                                                   "merge_method": "linear", "dtype": "float32"}
+    if "a-extras" in ck:
+        j["model+lora: modules_to_save + embedding LoRA (linear)"] = {
+            "models": [{"model": f"{ck['a']}+{ck['a-extras']}", "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.5}}],
+            "merge_method": "linear", "dtype": "float32"}
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
         tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
         tok2 = tok3[1:]
@@ -389,6 +420,7 @@ def main() -> None:
     versions = ensure_mergekit()
     ck = checkpoints() | tokenizer_checkpoints()
     ck["a-dora"] = dora_adapter()
+    ck["a-extras"] = extras_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
     env = child_env()
     saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others

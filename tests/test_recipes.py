@@ -427,3 +427,80 @@ def test_karcher_ignores_recipe_weights_as_mergekit_does(llamas, tmp_path, capsy
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     torch.testing.assert_close(karcher([e1, e2]), 1.5 * torch.tensor([0.5**0.5, 0.5**0.5]))
     assert not torch.allclose(karcher([e1, e2], weights=[0.9, 0.1]), karcher([e1, e2]), atol=1e-3)
+
+
+def _adapter(folder: Path, config: dict, tensors: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_lora_modules_to_save_and_embedding_lora_are_applied_as_peft_merges_them(llamas, tmp_path, capsys):
+    # key names as PEFT 0.21 saves them (get_peft_model(..., target_modules=[q_proj, embed_tokens], modules_to_save=[lm_head]))
+    g = torch.Generator().manual_seed(5)
+    head, emb = torch.randn(40, 32, generator=g), torch.randn(40, 32, generator=g)
+    ea, eb = torch.randn(2, 40, generator=g), torch.randn(32, 2, generator=g)  # lora_embedding_A: r×vocab, _B: dim×r
+    qa, qb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    p = "base_model.model."
+    adapter = _adapter(tmp_path / "ad", {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]}, {
+        p + "lm_head.weight": head, p + "model.embed_tokens.base_layer.weight": emb,
+        p + "model.embed_tokens.lora_embedding_A": ea, p + "model.embed_tokens.lora_embedding_B": eb,
+        p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb})
+    out, _ = _merge(capsys, tmp_path / "m", f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    a = load_file(llamas["a"] / "model.safetensors")
+    # PEFT's merge_and_unload: the modules_to_save copy replaces lm_head; the saved embedding replaces the base's and
+    # its LoRA adds scale·(B A)ᵀ (scale = lora_alpha / r = 4); q_proj gets W + 4 B A
+    assert torch.equal(out["lm_head.weight"], head)
+    torch.testing.assert_close(out["model.embed_tokens.weight"], emb + 4.0 * (eb @ ea).T)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[q], a[q] + 4.0 * qb @ qa)
+    assert torch.equal(out["model.norm.weight"], a["model.norm.weight"])
+    # what cannot be applied is refused in one line, never ignored
+    cases = [
+        ({p + "score.weight": head}, {}, "matches no tensor of the model"),
+        ({p + "lm_head.weight": torch.zeros(41, 32)}, {}, "has shape (41, 32), the model's (40, 32)"),
+        ({p + "model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 32)}, {}, "trainable token deltas"),
+        ({p + "model.layers.0.self_attn.q_proj.lora_C.weight": qa}, {}, "no LoRA tensor symmerge knows"),
+        ({p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb},
+         {"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        ({p + "model.embed_tokens.lora_embedding_A": ea}, {}, "has no matching lora_embedding_B"),
+    ]
+    for i, (tensors, extra, message) in enumerate(cases):
+        bad = _adapter(tmp_path / f"bad{i}", {"r": 2, "lora_alpha": 8, **extra}, tensors)
+        recipe = _write(tmp_path / f"bad{i}.yaml", f"models: [{{model: {llamas['a']}+{bad}}}]\nmerge_method: linear\n")
+        expect_cli_error(capsys, message, "merge", recipe, tmp_path / f"o{i}")
+
+
+def test_conv1d_lora_is_transposed_and_lora_bias_added(tmp_path, capsys):
+    from conftest import _gpt2
+
+    model, _ = _gpt2()  # n_embd 48: c_attn stored 48×144 (in×out), attn.c_proj 48×48, mlp.c_proj 192×48
+    src = save_model(model, tmp_path / "gpt2")
+    w = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(6)
+    p = "base_model.model.transformer.h.0."
+    ca, cb, cbias = torch.randn(2, 48, generator=g), torch.randn(144, 2, generator=g), torch.randn(144, generator=g)
+    pa, pb = torch.randn(2, 48, generator=g), torch.randn(48, 2, generator=g)
+    ma, mb = torch.randn(2, 192, generator=g), torch.randn(48, 2, generator=g)
+    tensors = {p + "attn.c_attn.lora_A.weight": ca, p + "attn.c_attn.lora_B.weight": cb, p + "attn.c_attn.lora_B.bias": cbias,
+               p + "attn.c_proj.lora_A.weight": pa, p + "attn.c_proj.lora_B.weight": pb,
+               p + "mlp.c_proj.lora_A.weight": ma, p + "mlp.c_proj.lora_B.weight": mb}
+    # PEFT sets fan_in_fan_out: true in the config it saves when it wraps a Conv1D
+    adapter = _adapter(tmp_path / "ad", {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True,
+                                         "lora_bias": True}, tensors)
+    out, _ = _merge(capsys, tmp_path / "m", f"models: [{{model: {src}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    h = "transformer.h.0."
+    # PEFT's Linear(is_target_conv_1d_layer): ΔW = transpose(B A, fan_in_fan_out) · scale (scale 2), bias += scale · b_B
+    torch.testing.assert_close(out[h + "attn.c_attn.weight"], w[h + "attn.c_attn.weight"] + 2.0 * (cb @ ca).T)
+    torch.testing.assert_close(out[h + "attn.c_attn.bias"], w[h + "attn.c_attn.bias"] + 2.0 * cbias)
+    torch.testing.assert_close(out[h + "attn.c_proj.weight"], w[h + "attn.c_proj.weight"] + 2.0 * (pb @ pa).T)  # square: the flag
+    torch.testing.assert_close(out[h + "mlp.c_proj.weight"], w[h + "mlp.c_proj.weight"] + 2.0 * (mb @ ma).T)
+    assert torch.equal(out[h + "attn.c_proj.bias"], w[h + "attn.c_proj.bias"])
+    # negative control: without the transpose the square c_proj would get B A, another matrix
+    assert not torch.allclose(out[h + "attn.c_proj.weight"], w[h + "attn.c_proj.weight"] + 2.0 * pb @ pa, atol=1e-3)
+    # DoRA on a Conv1D: refused in one line
+    dora = _adapter(tmp_path / "dora", {"r": 2, "lora_alpha": 4, "use_dora": True}, {
+        p + "attn.c_attn.lora_A.weight": ca, p + "attn.c_attn.lora_B.weight": cb, p + "attn.c_attn.lora_magnitude_vector": torch.ones(144)})
+    recipe = _write(tmp_path / "d.yaml", f"models: [{{model: {src}+{dora}}}]\nmerge_method: linear\n")
+    expect_cli_error(capsys, "DoRA on a Conv1D layer", "merge", recipe, tmp_path / "od")

@@ -617,6 +617,7 @@ def _open(ref: str, root: Path | None, what: str, allow_pickle: bool) -> Checkpo
     ckpt = open_checkpoint(_resolve(model, root, what), allow_pickle)
     if lora is not None:
         ckpt.lora = open_lora(_resolve(lora, root, f"{what} (LoRA adapter)"), what)
+        ckpt.lora.check(ckpt.shapes(), what)  # every adapter tensor lands on a model tensor of its shape, or a one-line refusal
     ckpt.reference = ref
     return ckpt
 
