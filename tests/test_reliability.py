@@ -522,7 +522,7 @@ def test_index_naming_a_tensor_no_shard_holds(pair, tmp_path, capsys):
 def test_boolean_shard_size_is_not_a_size(pair, tmp_path, capsys):
     ref, other = pair
     recipe = tmp_path / "r.yaml"
-    for bad in ("true", "false", "[1]", "-5", "0"):
+    for bad in ("true", "false", "[1]", "-5", "-1"):  # 0 is mergekit's "no limit" (test_recipes: one shard)
         recipe.write_text(f"models: [{{model: {ref}}}, {{model: {other}}}]\nmerge_method: linear\nshard_size: {bad}\n")
         expect_cli_error(capsys, "shard_size", "merge", recipe, "-o", tmp_path / "o")
     assert not (tmp_path / "o").exists()
