@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
 from symmerge.spec.families import required_config_keys
+from symmerge.spec.layers import LAYER_COUNT_KEYS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -364,7 +365,8 @@ def with_layer_count(config: dict, count: int, layers: list[int]) -> dict:
     """``config`` for a model of ``count`` layers taken from ``layers`` of the source (a frankenmerge): the layer
     count key of the family, and any per-layer list (``layer_types``...) re-indexed."""
     keys = required_config_keys(str(config.get("model_type", "")))
-    names = keys[0] if keys else ("num_hidden_layers",)
+    # a family without a table: whichever of the usual depth keys the config sets (bloom's n_layer, mpt's n_layers)
+    names = keys[0] if keys else tuple(k for k in LAYER_COUNT_KEYS if k in config) or ("num_hidden_layers",)
     old = next((config[k] for k in names if isinstance(config.get(k), int)), None)
     out = dict(config)
     for k in names:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
@@ -41,7 +41,7 @@ from symmerge.io import Checkpoint, open_checkpoint, unique_names
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
 from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod, get_method, validate_params
-from symmerge.merge.settings import check_setting, is_plain, layer_position, leaves, resolve
+from symmerge.merge.settings import check_setting, has_gradient, is_plain, layer_position, leaves, resolve
 from symmerge.merge.vocabulary import (
     TokenSource,
     VocabularyPlan,
@@ -55,6 +55,7 @@ from symmerge.spec import (
     check_compatible_shapes,
     check_embeddable,
     check_same_shape,
+    layer_structure,
     resized_keys,
     spec_for,
     tied_head,
@@ -251,6 +252,8 @@ class Recipe(BaseModel):
     allow_unrelated_base: bool = False  # merge task vectors even when a model looks unrelated to the base
     # the parameters of mergekit's ``modules: {default: {parameters: ...}}``: below a slice's, above the recipe's
     module_parameters: dict[str, Any] = Field(default_factory=dict)
+    # no alignment key: align where the family allows it, else merge unaligned with a note (as mergekit merges)
+    _default_alignment: bool = PrivateAttr(default=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -275,7 +278,15 @@ class Recipe(BaseModel):
     def _tokenizer(self) -> Recipe:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("tokenizer_source and tokenizer cannot both be given (as in mergekit)")
+        # read once, here: a later assignment (the CLI's --device) must not turn the default into an explicit choice
+        self._default_alignment = "alignment" not in self.model_fields_set
         return self
+
+    @property
+    def default_alignment(self) -> bool:
+        """Whether the recipe has no ``alignment`` key (a pasted mergekit recipe): it then aligns the families
+        symmerge has a spec of and merges any other unaligned, with a note, instead of refusing."""
+        return self._default_alignment
 
     @field_validator("merge_method")
     @classmethod
@@ -451,6 +462,9 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
+    # the short form's defaults are a recipe without an alignment key (aligns where the family allows it)
+    default_alignment = (align == "auto" and reference is None and match == "weights" and max_seconds is None and device == "cpu"
+                         and learn_seconds is None and not iterative and unmatched == "mean" and learn_steps == 200)
     raw: dict[str, Any] = {
         "models": [{"model": m, "parameters": {"weight": w} if weights else {}} for m, w in zip(models, weights or [None] * len(models))],
         "merge_method": method,
@@ -465,6 +479,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
         "dtype": dtype,
         "shard_size": shard_size,
     }
+    if default_alignment:
+        del raw["alignment"]
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -487,7 +503,7 @@ class OutSlice:
     sources: list[SliceSource]
     parameters: dict[str, Any]
     offset: int
-    length: int | None  # None: the whole model, for a family whose layers symmerge does not know (no gradients then)
+    length: int | None  # None: the whole model, whose layers its tensor names do not tell (no gradients then)
 
 
 @dataclass
@@ -521,7 +537,9 @@ class MergePlan:
     match: str = "weights"  # the matcher that finds each model's alignment (symmerge.match.MATCHERS)
     lend_head: tuple[str, str] | None = None  # (head, embedding): some models tie their head, others store one
     slices: list[OutSlice] = field(default_factory=list)
-    layers: ModelSpec | None = None  # the first model's spec, for layer indices (gradients, slices), aligned or not
+    # the first model's layers (gradients, slices), aligned or not: its spec, else read from the tensor names
+    # (symmerge.spec.layer_structure); None when the names do not tell (gradients and slices are then refused)
+    layers: ModelSpec | None = None
     layout: list[OutTensor] | None = None  # a frankenmerge: output tensors renamed from other layers (no alignment)
     num_layers_out: int | None = None
     varying: bool = False  # some parameter differs between tensors or models (gradients, filters, per-model values)
@@ -726,9 +744,9 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 raise SymmergeError(f"data.path: {data_path} is not a file")
 
     try:  # the layer structure, for gradients and slices (alignment needs more: checked below)
-        layers = spec_for(models[0].config, models[0].shapes().keys())
-    except SymmergeError:
-        layers = None
+        layers, no_layers = layer_structure(models[0].config, models[0].shapes().keys()), ""
+    except SymmergeError as e:  # tensor names that do not tell the layers apart
+        layers, no_layers = None, str(e)
     vocabulary_plan = _vocabulary_plan(recipe, root, models, base, layers, allow_pickle, notes)
     if vocabulary_plan is not None and vocabulary_plan.remap and (method.needs_data or match != "weights"):
         raise SymmergeError(f"tokenizer: the vocabularies differ, and {'merge_method ' + method.name if method.needs_data else 'alignment.match ' + match} "
@@ -745,8 +763,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         slices = [OutSlice([SliceSource(i, 0, p) for i, p in enumerate(model_params)], {}, 0, num_layers_out)]
     else:
         if layers is None:
-            raise SymmergeError(f"slices need the layer structure of the model, and symmerge does not know family "
-                                f"{models[0].model_type!r}: use models: (whole models)")
+            raise SymmergeError(f"slices need the layer structure of the model: {no_layers}; use models: (whole models)")
         slices, offset = [], 0
         for s, (sl, indices) in enumerate(zip(recipe.slices, slice_models)):
             lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
@@ -754,7 +771,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 raise SymmergeError(f"slices.{s}: every source must take the same number of layers, got {sorted(lengths)}")
             sources = []
             for j, (src, m) in enumerate(zip(sl.sources, indices)):
-                depth = spec_for(models[m].config, models[m].shapes().keys()).num_layers
+                depth = layer_structure(models[m].config, models[m].shapes().keys()).num_layers
                 if src.layer_range[1] > depth:
                     raise SymmergeError(f"slices.{s}.sources.{j}.layer_range: {list(src.layer_range)} goes past the "
                                         f"model's {depth} layers")
@@ -775,6 +792,11 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         for s, sl in enumerate(slices):
             if base is None or all(models[src.model] is not base for src in sl.sources):
                 raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
+    if layers is None:
+        gradient = next((k for scope in _scopes(top, slices, module) for k, v in scope.items() if has_gradient(v)), None)
+        if gradient is not None:
+            raise SymmergeError(f"{gradient}: a gradient (a list of values over the layers) needs the layer structure of "
+                                f"the model: {no_layers}; give one value")
     # parameters that differ between tensors or models are resolved per tensor (tensor_parameters); else once
     varying = (any(not is_plain(v) for scope in _scopes(top, slices, module) for v in scope.values())
                or any(sl.parameters for sl in slices) or len(slices) > 1 or bool(module)
@@ -817,7 +839,12 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         try:
             spec = spec_for(models[widest or 0].config, reference_shapes.keys())
         except SymmergeError as e:
-            raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
+            if not recipe.default_alignment:
+                raise SymmergeError(f"{e}; to merge without alignment set alignment: none (--align none)") from None
+            # a pasted recipe (no alignment key) on a family symmerge cannot align: merged as mergekit merges it
+            notes.append(f"merged without alignment, as with alignment: none: symmerge cannot align this model ({e})")
+            symmetries = frozenset()
+    if symmetries:
         for ckpt in everyone:
             own = spec_for(ckpt.config, ckpt.shapes().keys())
             if widths_differ(spec, own):

@@ -91,6 +91,16 @@ def is_plain(setting: Any) -> bool:
     return not isinstance(setting, list)
 
 
+def has_gradient(setting: Any) -> bool:
+    """Whether the setting's value can depend on ``t`` (a layer's place in its slice): a gradient of two or more
+    different anchors, itself or under a filter."""
+    if not isinstance(setting, list):
+        return False
+    if setting and isinstance(setting[0], dict):
+        return any(has_gradient(cond["value"]) for cond in setting)
+    return any(v != setting[0] for v in setting)
+
+
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     """The value of ``setting`` for the tensor ``tensor_name`` at position ``t`` ∈ [0, 1] of its slice, or ``None``
     when a filtered list has no entry for it."""

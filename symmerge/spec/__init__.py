@@ -13,10 +13,11 @@ from symmerge.spec.compat import (
     widths_differ,
 )
 from symmerge.spec.families import REFUSED, SPEC_BUILDERS, SUPPORTED_FAMILIES, FamilyTable, spec_for
+from symmerge.spec.layers import LAYER_COUNT_KEYS, infer_layers, layer_structure
 
 __all__ = [
-    "REFUSED", "SPEC_BUILDERS", "SUPPORTED_FAMILIES", "TENSOR_GROUPS", "AttentionGroup", "FFNGroup", "FamilyTable", "ModelSpec",
+    "LAYER_COUNT_KEYS", "REFUSED", "SPEC_BUILDERS", "SUPPORTED_FAMILIES", "TENSOR_GROUPS", "AttentionGroup", "FFNGroup", "FamilyTable", "ModelSpec",
     "Norm", "ResidualGroup", "Slot", "StateView", "check_compatible", "check_compatible_shapes", "check_same_shape", "check_embeddable", "resized_keys", "widths_differ",
-    "spec_for",
+    "infer_layers", "layer_structure", "spec_for",
     "tied_head", "untied_head",
 ]
