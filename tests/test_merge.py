@@ -237,7 +237,11 @@ def test_plain_merge_of_an_architecture_without_a_spec(tmp_path, capsys):
     assert code == 0, err
     x, y, o = (load_file(tmp_path / n / "model.safetensors") for n in ("x", "y", "o"))
     assert all(torch.allclose(o[k], (x[k] + y[k]) / 2) for k in o)
-    expect_cli_error(capsys, "align none", "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-o", tmp_path / "o2")
+    # the default (as a recipe without an alignment key) merges it unaligned with a note; asking for alignment is refused
+    code, out, err = run_cli(capsys, "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-o", tmp_path / "o2", "-q")
+    assert code == 0 and "note: merged without alignment" in out and "partial rotary" in out, err
+    assert all(torch.equal(o[k], v) for k, v in load_file(tmp_path / "o2" / "model.safetensors").items())
+    expect_cli_error(capsys, "align none", "merge", tmp_path / "x", tmp_path / "y", "--method", "linear", "-s", "all", "-o", tmp_path / "o3")
 
 
 def test_methods_listing(capsys):

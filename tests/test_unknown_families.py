@@ -20,8 +20,8 @@ LAYERS, D, FFN, VOCAB = 4, 8, 16, 20
 
 
 def _starcoder2_state(seed: int, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
-    """A tiny starcoder2-named state dict: embeddings, LAYERS blocks (biased attention, c_fc/c_proj MLP,
-    LayerNorms), final norm and an untied head."""
+    """A tiny state dict named as Starcoder2ForCausalLM's: embeddings, LAYERS blocks (biased attention, biased
+    c_fc/c_proj MLP, LayerNorms), final norm and an untied head."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,), "model.norm.bias": (D,), "lm_head.weight": (VOCAB, D)}
     for i in range(LAYERS):
@@ -29,6 +29,7 @@ def _starcoder2_state(seed: int, prefix: str = "model.layers") -> dict[str, torc
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shapes[f"{block}.self_attn.{p}.weight"], shapes[f"{block}.self_attn.{p}.bias"] = (D, D), (D,)
         shapes[f"{block}.mlp.c_fc.weight"], shapes[f"{block}.mlp.c_proj.weight"] = (FFN, D), (D, FFN)
+        shapes[f"{block}.mlp.c_fc.bias"], shapes[f"{block}.mlp.c_proj.bias"] = (FFN,), (D,)
         for n in ("input_layernorm", "post_attention_layernorm"):
             shapes[f"{block}.{n}.weight"], shapes[f"{block}.{n}.bias"] = (D,), (D,)
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
