@@ -54,6 +54,28 @@ def checkpoints() -> dict[str, str]:
     return {n: str(CKPTS / n) for n in names}
 
 
+UNKNOWN = "starcoder2"
+"""Jobs named so run a family symmerge has no spec of, pasted as is (no ``alignment`` key): symmerge merges it
+unaligned with a note, its layers read from the tensor names (``symmerge/spec/layers.py``)."""
+
+
+def unknown_family_checkpoints() -> dict[str, str]:
+    """Two unrelated Starcoder2 checkpoints (seeds 0 and 1) of SIZE's widths, float32: a family without a spec."""
+    import transformers
+
+    names = ("sc2-a", "sc2-b")
+    if all((CKPTS / n / "model.safetensors").exists() for n in names):
+        return {n: str(CKPTS / n) for n in names}
+    cfg = transformers.Starcoder2Config(hidden_size=SIZE["hidden_size"], intermediate_size=SIZE["intermediate_size"],
+                                        num_hidden_layers=SIZE["num_hidden_layers"], num_attention_heads=SIZE["num_attention_heads"],
+                                        num_key_value_heads=SIZE["num_key_value_heads"], vocab_size=SIZE["vocab_size"],
+                                        max_position_embeddings=SIZE["max_position_embeddings"], tie_word_embeddings=False)
+    for seed, n in enumerate(names):
+        torch.manual_seed(seed)
+        transformers.Starcoder2ForCausalLM(cfg).save_pretrained(CKPTS / n)
+    return {n: str(CKPTS / n) for n in names}
+
+
 TOK_NAMES = ("tok-base", "tok-a", "tok-b")
 
 
@@ -217,6 +239,21 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         j["model+lora: modules_to_save + embedding LoRA (linear)"] = {
             "models": [{"model": f"{ck['a']}+{ck['a-extras']}", "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.5}}],
             "merge_method": "linear", "dtype": "float32"}
+    if "sc2-a" in ck:  # a family without a spec, recipes pasted unchanged
+        sc2 = [{"model": ck["sc2-a"]}, {"model": ck["sc2-b"]}]
+        j |= {
+            f"{UNKNOWN}, no alignment key (linear)": {"models": [{"model": ck["sc2-a"], "parameters": {"weight": 0.3}},
+                                                                 {"model": ck["sc2-b"], "parameters": {"weight": 0.7}}],
+                                                      "merge_method": "linear", "dtype": "float32"},
+            f"{UNKNOWN}, per-model weight gradients (linear)": {
+                "models": [{"model": ck["sc2-a"], "parameters": {"weight": [1, 0]}}, {"model": ck["sc2-b"], "parameters": {"weight": [0, 1]}}],
+                "merge_method": "linear", "dtype": "float32"},
+            f"{UNKNOWN}, gradient + filter (slerp t)": {"models": sc2, "merge_method": "slerp", "base_model": ck["sc2-a"], "dtype": "float32",
+                                                        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}},
+            f"{UNKNOWN}, passthrough frankenmerge (5 layers)": {
+                "slices": [{"sources": [{"model": ck["sc2-a"], "layer_range": [0, 2]}]}, {"sources": [{"model": ck["sc2-b"], "layer_range": [1, 4]}]}],
+                "merge_method": "passthrough", "dtype": "float32"},
+        }
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
         tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
         tok2 = tok3[1:]
@@ -242,6 +279,7 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "slerp": "float32 arithmetic order: symmerge computes the SLERP coefficients in float64, a few ulps",
     "gradient + filter": "as slerp: coefficient precision, a few ulps",
     "slices, same ranges": "as slerp: coefficient precision, a few ulps",
+    f"{UNKNOWN}, gradient + filter": "as slerp: coefficient precision, a few ulps",
     "multislerp": "float32 arithmetic order, a few ulps",
     "karcher": "float32 arithmetic order: symmerge iterates in float64 on the Gram matrix of the directions, a few ulps "
                "(both ignore `weight`: mergekit 0.1.5's alphas are uniform)",
@@ -418,7 +456,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     versions = ensure_mergekit()
-    ck = checkpoints() | tokenizer_checkpoints()
+    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints()
     ck["a-dora"] = dora_adapter()
     ck["a-extras"] = extras_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -432,7 +470,8 @@ def main() -> None:
         slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
         mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
         mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        sym_cfg.write_text(yaml.safe_dump({**recipe, "alignment": "none"}, sort_keys=False))
+        pasted = name.startswith(UNKNOWN)  # as is: the default alignment must fall back by itself
+        sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
         mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
                   "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
@@ -450,7 +489,8 @@ def main() -> None:
     order = list(jobs(ck))
     rows = sorted((tuple(r) for r in previous.values() if r[0] in order), key=lambda r: order.index(r[0]))
     lines = ["# symmerge vs mergekit: conformance", "",
-             f"mergekit {versions['mergekit']}, torch {versions['torch']} (its own venv); symmerge with `alignment: none`. "
+             f"mergekit {versions['mergekit']}, torch {versions['torch']} (its own venv); symmerge with `alignment: none` "
+             f"added, except in the `{UNKNOWN}` rows (a family symmerge has no spec of, recipes as pasted: no alignment key). "
              f"LLaMA-shaped checkpoints {SIZE}, base + 3 fine-tunes (1 % noise), float32. Generated by "
              "`benchmarks/mergekit_conformance.py`.", "",
              "`> 1 rounding`: tensors with an entry that differs by more than one unit in the last place of the output dtype.", "",
@@ -458,6 +498,9 @@ def main() -> None:
              "own and 100 ids shuffled; B: 30 words and a special token); the output vocabularies hold the same tokens and "
              "their embedding / LM-head rows are compared token by token (mergekit's order of the appended tokens is "
              "hash order).", "",
+             f"`{UNKNOWN}` rows: two unrelated Starcoder2 checkpoints of those widths (seeds 0 and 1), a family symmerge has "
+             "no spec of; mergekit reads it with its own starcoder2 architecture file, symmerge reads the layers from the "
+             "tensor names and notes that it merges without alignment.", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:
