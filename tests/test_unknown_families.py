@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import FAMILIES, expect_cli_error, make_model, run_cli
 from safetensors.torch import load_file, save_file
+from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
 from symmerge.merge.recipe import load_recipe, plan_merge
@@ -19,11 +20,11 @@ from symmerge.spec import infer_layers, layer_structure, spec_for
 LAYERS, D, FFN, VOCAB = 4, 8, 16, 20
 
 
-def _starcoder2_state(seed: int, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+def _starcoder2_state(seed: int, prefix: str = "model.layers", vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     """A tiny state dict named as Starcoder2ForCausalLM's: embeddings, LAYERS blocks (biased attention, biased
     c_fc/c_proj MLP, LayerNorms), final norm and an untied head."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,), "model.norm.bias": (D,), "lm_head.weight": (VOCAB, D)}
+    shapes = {"model.embed_tokens.weight": (vocab, D), "model.norm.weight": (D,), "model.norm.bias": (D,), "lm_head.weight": (vocab, D)}
     for i in range(LAYERS):
         block = f"{prefix}.{i}"
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -193,3 +194,23 @@ def test_the_plan_places_each_tensor_as_for_a_known_family(coders, tmp_path):
     assert plan.layers is not None and plan.slices[0].length == LAYERS and not plan.aligned
     assert [plan.position(f"model.layers.{i}.mlp.c_fc.weight")[1] for i in range(LAYERS)] == [0, 1 / 3, 2 / 3, 1]
     assert plan.position("lm_head.weight") == (0, 0.0) and plan.position("model.embed_tokens.weight") == (0, 0.0)
+
+
+def test_a_union_vocabulary_maps_the_embedding_and_head_rows_by_token(tmp_path, capsys):
+    # the vocabulary tensors of a family without a spec are found by name too: embedding and head rows follow tokens
+    vocabs = {"a": ["<unk>", "x", "y", "z"], "b": ["<unk>", "z", "w", "x", "v"]}
+    paths, rows = {}, {}
+    for seed, (name, tokens) in enumerate(vocabs.items()):
+        state = _starcoder2_state(seed, vocab=len(tokens))
+        paths[name] = _save(tmp_path / name, state, _config() | {"vocab_size": len(tokens)})
+        _tokenizer(tokens, None).save_pretrained(paths[name])
+        rows[name] = {k: dict(zip(tokens, state[k])) for k in ("model.embed_tokens.weight", "lm_head.weight")}
+    out, stdout = _merge(capsys, tmp_path / "merge", f"models: [{{model: {paths['a']}}}, {{model: {paths['b']}}}]\n"
+                                                      "merge_method: linear\ntokenizer_source: union\n")
+    assert "without alignment" in stdout
+    union = ["<unk>", "x", "y", "z", "w", "v"]  # a's tokens, then b's new ones in b's id order
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[key].shape == (len(union), D)
+        for u, token in enumerate(union):  # a token one model lacks takes the other's row there: the mean of those that exist
+            expected = torch.stack([rows[m][key][token] for m in vocabs if token in rows[m][key]]).mean(0)
+            torch.testing.assert_close(out[key][u], expected)
