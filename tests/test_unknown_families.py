@@ -78,19 +78,21 @@ def test_layers_are_read_from_the_tensor_names():
     assert layers.in_layer("model.layers.1.self_attn.q_proj.bias", 3) == "model.layers.3.self_attn.q_proj.bias"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "vit", "gemma"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_names_give_the_same_layers_as_the_specs_of_known_families(family):
     # the fallback agrees with the tables where both apply: same layer of every tensor, same embeddings
     model, _ = make_model(family)
     keys = list(model.state_dict())
     spec, inferred = spec_for(model.config, keys), infer_layers(model.config, keys)
-    assert family in FAMILIES and inferred.blocks == spec.blocks
+    assert inferred.blocks == spec.blocks
     assert {k: inferred.layer_of(k) for k in keys} == {k: spec.layer_of(k) for k in keys}
-    # the one difference: an embedding LayerNorm (BERT's embeddings.LayerNorm) is a norm to the spec, so a
-    # frankenmerge takes it from the last slice, where the names (and mergekit's bert.json) put it before the layers
-    roles = spec.tensor_groups(keys)
-    outside = [k for k in keys if spec.layer_of(k) is None and not (roles[k] == "norms" and "embeddings." in k)]
+    # before the layers in both, as in mergekit's architecture files: embeddings and BERT's embeddings.LayerNorm; but
+    # DeBERTa's encoder.LayerNorm normalises its relative embeddings, which its name does not tell (the spec knows)
+    outside = [k for k in keys if spec.layer_of(k) is None and not k.startswith("deberta.encoder.LayerNorm.")]
     assert [k for k in outside if inferred.is_embedding(k)] == [k for k in outside if spec.is_embedding(k)]
+    if family == "bert":
+        assert spec.is_embedding("embeddings.LayerNorm.weight") and spec.tensor_groups(["embeddings.LayerNorm.weight"]) == {
+            "embeddings.LayerNorm.weight": "norms"}
 
 
 def test_ambiguous_or_gapped_names_are_refused_in_one_line():

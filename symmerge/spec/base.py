@@ -143,6 +143,7 @@ class ModelSpec:
     no_residual: str = ""  # why the residual class is not offered although a head reads the stream ("" otherwise)
     roles: tuple[tuple[str, str], ...] = ()  # (key, or module ending in ".") → tensor group, for tensors no group names
     blocks: tuple[str, ...] = ()  # each layer's module prefix, in order (``model.layers.3``): which layer a tensor is in
+    pre_layers: tuple[str, ...] = ()  # norm modules (ending in ".") applied before the layers: BERT's embeddings.LayerNorm
 
     def layer_of(self, key: str) -> int | None:
         """The index of the layer (block) that holds tensor ``key``, or ``None`` for tensors outside the layers
@@ -161,8 +162,10 @@ class ModelSpec:
         return block[: len(block) - len(str(i))] + str(index) + key[len(block):]
 
     def is_embedding(self, key: str) -> bool:
-        """Whether ``key`` is an input embedding (a tensor before the layers) rather than a final norm or head."""
-        return self._role(key) == "embeddings"
+        """Whether ``key`` comes before the layers — an input embedding, or the norm a post-LN model applies to it —
+        rather than after them (final norm, head): mergekit's ``pre_weights``, which a frankenmerge takes from its
+        first slice."""
+        return self._role(key) == "embeddings" or any(key.startswith(module) for module in self.pre_layers)
 
     def shape(self) -> dict[str, object]:
         """The values two models must share to be aligned, in the order they are checked."""

@@ -412,7 +412,8 @@ def build_spec(table: FamilyTable, family: str, config: Any, keys: Collection[st
         residual = build(table, config, keys, prefix, blocks, head)
     return ModelSpec(family, s.layers, s.hidden, s.heads, s.head_dim, s.ffn_width, ffn, attention,
                      num_kv_heads=s.kv_heads if table.kv_heads else 0, residual=residual, no_residual=no_residual,
-                     roles=_roles(table, prefix, blocks), blocks=tuple(blocks))
+                     roles=_roles(table, prefix, blocks), blocks=tuple(blocks),
+                     pre_layers=tuple(f"{prefix}{v.rsplit('.', 1)[0]}." for v in table.stream_vectors))
 
 
 def _choose_table(tables: tuple[FamilyTable, ...], keys: Collection[str]) -> FamilyTable:
