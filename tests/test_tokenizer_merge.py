@@ -281,3 +281,62 @@ def test_differing_vocabularies_with_data_driven_steps_are_refused(capsys, tmp_p
                                      "tokenizer_source: union\nalignment: none\ndata: {path: calib.txt}\n")
     expect_cli_error(capsys, "tokenized by their own tokenizers", "merge", tmp_path / "r.yaml", tmp_path / "o")
 
+
+
+# ------------------------------------------------------------------------------------------------ chat_template
+
+TEMPLATE_X = "{% for m in messages %}X:{{ m['content'] }}\n{% endfor %}"
+TEMPLATE_Y = "{% for m in messages %}Y:{{ m['content'] }}\n{% endfor %}"
+
+
+def _with_template(src: Path, dest: Path, template: str | None, as_file: bool = False) -> Path:
+    """A copy of checkpoint ``src`` whose tokenizer carries ``template`` (in tokenizer_config.json, or as the
+    chat_template.jinja file newer transformers write)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if template is not None and not as_file:
+        config["chat_template"] = template
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    if template is not None and as_file:
+        (dest / "chat_template.jinja").write_text(template + "\n")
+    return dest
+
+
+def _rendered(out: Path) -> str:
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    return tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_chat_template_given_and_auto_as_mergekit(capsys, tmp_path, models):
+    x1 = _with_template(models["a"], tmp_path / "x1", TEMPLATE_X)
+    x2 = _with_template(models["a"], tmp_path / "x2", TEMPLATE_X, as_file=True)  # the same template, stored the other way
+    y = _with_template(models["a"], tmp_path / "y", TEMPLATE_Y)
+    plain = _with_template(models["a"], tmp_path / "plain", None)
+
+    def merge(name: str, first: Path, others: list[Path], template: str) -> tuple[str, str]:
+        listed = ", ".join(f"{{model: {p}}}" for p in [first, *others])
+        _, out, log = _merge(capsys, tmp_path / name, f"models: [{listed}]\nmerge_method: linear\nalignment: none\n"
+                                                      f"chat_template: {json.dumps(template)}\n")
+        return _rendered(out), log
+
+    # auto: the plurality of the models' templates (mergekit's rule), not the copied tokenizer's (the first model's)
+    rendered, log = merge("auto", y, [x1, x2], "auto")
+    assert rendered == "X:hi\n" and "chat_template: auto chose the models' most common template" in log
+    rendered, _ = merge("auto-one", plain, [y], "auto")  # one model has a template: it wins over none
+    assert rendered == "Y:hi\n"
+    rendered, _ = merge("tie", y, [x1], "auto")  # a tie: the first in recipe order
+    assert rendered == "Y:hi\n"
+    # a given template replaces the copied one, and a chat_template.jinja of the copied tokenizer cannot shadow it
+    rendered, _ = merge("given", x2, [y], TEMPLATE_Y)
+    assert rendered == "Y:hi\n"
+    # negative control: without the key, the copied tokenizer's template stays
+    _, out, _ = _merge(capsys, tmp_path / "none", f"models: [{{model: {y}}}, {{model: {x1}}}]\nmerge_method: linear\nalignment: none\n")
+    assert _rendered(out) == "Y:hi\n"
+
+
+def test_chat_template_names_are_refused_in_one_line(capsys, tmp_path, models):
+    (tmp_path / "r.yaml").write_text(f"models: [{{model: {models['a']}}}]\nmerge_method: linear\nchat_template: chatml\n")
+    expect_cli_error(capsys, "chat_template: chatml: mergekit's built-in template names are not shipped", "merge", tmp_path / "r.yaml", tmp_path / "o")

@@ -350,6 +350,25 @@ def copy_tokenizer_files(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template a tokenizer saved in ``directory`` carries, stripped, or None: ``chat_template.jinja``
+    (which transformers prefers), else ``chat_template.json``'s, else ``tokenizer_config.json``'s — of a list of
+    named templates, the one named ``default`` (what ``tokenizer.chat_template`` gives mergekit)."""
+    if (directory / "chat_template.jinja").is_file():
+        template: object = (directory / "chat_template.jinja").read_text(errors="replace")
+    else:
+        template = None
+        for name in ("chat_template.json", "tokenizer_config.json"):
+            if (directory / name).is_file():
+                config = _read_json(directory / name, name)
+                template = config.get("chat_template") if isinstance(config, dict) else None
+                if template is not None:
+                    break
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return (template.strip() or None) if isinstance(template, str) else None
+
+
 def set_chat_template(dest: Path, template: str) -> None:
     """Write a Jinja chat template into ``dest``'s tokenizer_config.json (created if missing)."""
     path = dest / "tokenizer_config.json"

@@ -471,8 +471,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
             save_tokenizer(vocab.tokenizer, tmp)
         elif vocab is not None and vocab.copy_from != source.path:
             copy_tokenizer_files(vocab.copy_from, tmp)
-        if plan.recipe.chat_template not in (None, "auto"):
-            set_chat_template(tmp, plan.recipe.chat_template)
+        if plan.chat_template is not None:
+            set_chat_template(tmp, plan.chat_template)
         config = dict(source.config)
         if vocab is not None and "vocab_size" in config:  # as mergekit: the output vocabulary's length, padded
             config["vocab_size"] = vocab.size

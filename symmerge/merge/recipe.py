@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
+from symmerge.io.checkpoint import read_chat_template
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
 from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod, get_method, validate_params
@@ -546,6 +548,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)  # one line each: what a mergekit option does (or does not) here
     vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the output vocabulary and the remapping
     model_specs: list[ModelSpec | None] = field(default_factory=list)  # per model: its own spec when narrower than the reference's
+    chat_template: str | None = None  # the template written into the output's tokenizer (``auto`` resolved); None: as copied
 
     @property
     def aligned(self) -> bool:
@@ -684,6 +687,15 @@ def _note_once(notes: list[str], note: str) -> None:
     """One note per key, however many models or slices set it."""
     if note not in notes:
         notes.append(note)
+
+
+def plurality_chat_template(directories: list[Path]) -> str | None:
+    """mergekit's ``chat_template: auto``: the template most of the models' tokenizers carry (each folder counted
+    once; a tie goes to the first in recipe order, base model first — mergekit's order there is a set's), or None
+    when none has one (the copied tokenizer is then left as it is)."""
+    folders = list(dict.fromkeys(Path(d).resolve() for d in directories))
+    templates = [t for t in (read_chat_template(d) for d in folders) if t is not None]
+    return Counter(templates).most_common(1)[0][0] if templates else None
 
 
 def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = False) -> MergePlan:
@@ -878,10 +890,13 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     out_dtype = recipe.out_dtype or recipe.dtype
     if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
         notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
-    if recipe.chat_template == "auto":
-        notes.append("chat_template: auto keeps the chat template of the tokenizer copied")
-    elif recipe.chat_template is not None and "{" not in recipe.chat_template:
-        raise SymmergeError(f"chat_template: {cut(recipe.chat_template)}: mergekit's built-in template names are not shipped "
+    chat_template = recipe.chat_template
+    if chat_template == "auto":
+        chat_template = plurality_chat_template([c.path for c in ([base] if base is not None else []) + models])
+        notes.append("chat_template: auto chose " + ("no template (no model has one)" if chat_template is None else
+                                                      f"the models' most common template ({cut(chat_template, 40)!r})"))
+    elif chat_template is not None and "{" not in chat_template:
+        raise SymmergeError(f"chat_template: {cut(chat_template)}: mergekit's built-in template names are not shipped "
                             "with symmerge: give the Jinja template itself (or auto)")
     plan = MergePlan(
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
@@ -890,7 +905,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
         vocabulary=vocabulary_plan,
-        model_specs=model_specs,
+        model_specs=model_specs, chat_template=chat_template,
     )
     for i, c in enumerate(models):
         if c.lora is not None:
