@@ -216,6 +216,23 @@ alignment: none
     torch.testing.assert_close(out[f"model.layers.2.{key}"], b[f"model.layers.2.{key}"])
 
 
+def test_residual_weight_is_accepted_and_changes_nothing_as_in_mergekit(llamas, tmp_path, capsys):
+    """mergekit 0.1.5 declares a slice's residual_weight and never reads it: same output, with a note."""
+    text = f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 4]}}, {{model: {llamas["b"]}, layer_range: [0, 4]}}]
+merge_method: linear
+alignment: none
+"""
+    plain, _ = _merge(capsys, tmp_path / "plain", text)
+    (tmp_path / "r.yaml").write_text(text.replace("layer_range: [0, 4]}]", "layer_range: [0, 4]}]\n    residual_weight: 0.3", 1))
+    code, stdout, err = run_cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "weighted", "-q")
+    assert code == 0, err
+    assert "residual_weight: mergekit declares it but never uses it" in stdout + err
+    weighted = load_file(tmp_path / "weighted" / "model.safetensors")
+    assert plain.keys() == weighted.keys() and all(torch.equal(plain[k], weighted[k]) for k in plain)
+
+
 def _hub_cache(root: Path, repo: str, source: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
     folder = root / ("models--" + repo.replace("/", "--"))
     snap = folder / "snapshots" / revision

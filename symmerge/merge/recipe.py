@@ -125,7 +125,7 @@ class SliceEntry(BaseModel):
     sources: list[SourceEntry] = Field(min_length=1)
     parameters: dict[str, Any] | None = Field(default_factory=dict)
     base_model: str | None = None  # mergekit's per-slice base: accepted when it is the recipe's base_model
-    residual_weight: float | None = None  # mergekit's: not supported (refused in plan_merge)
+    residual_weight: float | None = None  # mergekit's: declared, never read (accepted with a note in plan_merge)
 
     @field_validator("parameters")
     @classmethod
@@ -720,8 +720,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     slice_models: list[list[int]] = []
     if recipe.slices is not None:
         for s, sl in enumerate(recipe.slices):
-            if sl.residual_weight is not None:
-                raise SymmergeError(f"slices.{s}.residual_weight: not supported by symmerge")
+            if sl.residual_weight is not None:  # mergekit 0.1.5 declares it and never reads it
+                _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
             if sl.base_model is not None and sl.base_model != recipe.base_model:
                 raise SymmergeError(f"slices.{s}.base_model: a per-slice base model other than base_model is not supported")
             method.check_models(len(sl.sources), True)
