@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
@@ -12,6 +14,7 @@ import transformers
 from conftest import expect_cli_error, run_cli, save_model
 from safetensors.torch import load_file, save_file
 
+from symmerge.io.hub import hub_snapshot
 from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
 from symmerge.merge.settings import evaluate
 
@@ -242,6 +245,35 @@ def _hub_cache(root: Path, repo: str, source: Path, revision: str = "0123456789a
     (folder / "refs").mkdir()
     (folder / "refs" / "main").write_text(revision)
     return root
+
+
+def test_online_downloads_fetch_only_what_a_merge_reads(monkeypatch, tmp_path):
+    """Online, a repo id downloads configs, tokenizer files and safetensors weights — not a GGUF or ONNX copy of
+    the same weights, nor pickled weights beside safetensors ones (no network here: the hub calls are stubbed)."""
+    hf = huggingface_hub
+    files = {"org/st": ["config.json", "model.safetensors", "model.gguf", "onnx/model.onnx", "pytorch_model.bin", "tokenizer.json"],
+             "org/bin": ["config.json", "pytorch_model.bin", "tokenizer.model"]}
+    seen = {}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf, "list_repo_files", lambda repo, revision=None: files[repo])
+
+    def download(repo, revision=None, local_files_only=False, allow_patterns=None):
+        seen[repo] = (revision, local_files_only, allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hf, "snapshot_download", download)
+    hub_snapshot("org/st@v1", "models.0.model")
+    hub_snapshot("org/bin", "models.0.model")
+
+    def fetched(repo):
+        return [f for f in files[repo] if any(fnmatch.fnmatch(f, p) for p in seen[repo][2])]
+
+    assert seen["org/st"][:2] == ("v1", False)
+    assert fetched("org/st") == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert fetched("org/bin") == ["config.json", "pytorch_model.bin", "tokenizer.model"]
+    monkeypatch.setattr(hf, "list_repo_files", lambda repo, revision=None: (_ for _ in ()).throw(OSError("no network")))
+    hub_snapshot("org/st", "models.0.model")  # no listing: snapshot_download decides (from the cache if it must)
+    assert seen["org/st"][2] is None
 
 
 def test_repo_ids_resolve_from_the_cache_offline(llamas, tmp_path, capsys, monkeypatch):

@@ -49,13 +49,35 @@ def hub_snapshot(ref: str, what: str) -> Path | None:
     repo, _, revision = ref.partition("@")
     local_only = offline()
     try:
-        return Path(huggingface_hub.snapshot_download(repo, revision=revision or None, local_files_only=local_only))
+        patterns = None if local_only else _listed_patterns(repo, revision or None)
+        return Path(huggingface_hub.snapshot_download(repo, revision=revision or None, local_files_only=local_only,
+                                                      allow_patterns=patterns))
     except hub_errors.LocalEntryNotFoundError:
         how = "not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if local_only else "neither in the local cache nor downloadable"
         raise SymmergeError(f"{what}: {cut(ref)} is not a local folder, and as a Hugging Face repo id it is {how}") from None
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:160]
         raise SymmergeError(f"{what}: {cut(ref)} is not a local folder, and as a Hugging Face repo id it failed: {reason}") from None
+
+
+def _listed_patterns(repo: str, revision: str | None) -> list[str] | None:
+    try:
+        return download_patterns(huggingface_hub.list_repo_files(repo, revision=revision))
+    except Exception:  # no listing (no network, a gated repo): snapshot_download decides, from the cache if it must
+        return None
+
+
+#: What a merge reads from a model repo: configs, tokenizer files and the weights — not other formats of the same
+#: weights (GGUF, ONNX, Flax, TF), images or code, which can be many times the model's size.
+REPO_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+PICKLE_WEIGHTS = ["*.bin", "*.pt", "*.pth"]
+
+
+def download_patterns(files: list[str]) -> list[str]:
+    """The ``allow_patterns`` of a download, given the repo's file list: :data:`REPO_FILES`, plus the pickled
+    weights only when the repo has no safetensors weights (as mergekit prefers safetensors)."""
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    return REPO_FILES + ([] if has_safetensors else PICKLE_WEIGHTS)
 
 
 _PREFIX = r"(?:base_model\.model\.)?"
