@@ -287,6 +287,8 @@ alignment: none
 """)
     a = load_file(llamas["a"] / "model.safetensors")
     assert all(torch.equal(out[k], a[k]) for k in a)
+    names = plan_merge(*load_recipe(tmp_path / "r.yaml")).names  # tables and the card name the repo, not the snapshot hash
+    assert names == ["tiny-a", "tiny-a-2"]
     recipe = tmp_path / "missing.yaml"
     recipe.write_text("models: [{model: someorg/not-there}]\nmerge_method: linear\n")
     expect_cli_error(capsys, "someorg/not-there is not a local folder", "merge", recipe, tmp_path / "o2")

@@ -632,6 +632,15 @@ def _resolve(path: str, root: Path | None, what: str) -> Path:
     raise SymmergeError(f"{what}: {cut(path)} does not exist (looked in the current directory and in {root})")
 
 
+def _shown_path(path: Path) -> Path:
+    """How a model is named in tables and the card: a Hugging Face cache snapshot
+    (``…/models--org--name/snapshots/<commit>``) by its repo's name, not by the commit hash; other paths as they are."""
+    p = Path(path)
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return Path(p.parent.parent.name.split("--")[-1])
+    return p
+
+
 def _open(ref: str, root: Path | None, what: str, allow_pickle: bool) -> Checkpoint:
     """Open a model reference: a folder or repo id, optionally ``+ADAPTER`` (a LoRA folder or repo id)."""
     model, lora = split_reference(ref)
@@ -902,7 +911,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
         dtype=DTYPES[out_dtype] if out_dtype else None, shard_size=parse_size(recipe.shard_size),
-        data_path=data_path, names=unique_names([c.path for c in models]), lend_head=lend_head, match=match,
+        data_path=data_path, names=unique_names([_shown_path(c.path) for c in models]), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
         vocabulary=vocabulary_plan,
         model_specs=model_specs, chat_template=chat_template,
