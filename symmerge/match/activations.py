@@ -150,10 +150,10 @@ def refine_residual(reference_state: Mapping[str, torch.Tensor], model_state: Ma
     worse than weight matching on four pairs, and its residual map was the cause — swapping weight matching's ``Q``
     in, per-layer elements still from activations, cut the wide ViT's barrier from 0.92 to 0.66 and GPT-2's from
     0.43 to 0.29. Normalising the stream statistic (per position as the norm reads it, per layer, centred, whitened
-    as in CCA) improved that ``Q`` but closed at most half the gap. Per-layer elements from activations, given one
+    as in CCA) improved that ``Q`` but closed only about half the gap to weight matching. Per-layer elements from activations, given one
     ``Q``, beat the weights' on the two small ViTs but lost on GPT-2 and the wide ViT (0.66 vs 0.41), so they come
     from the descent. Weight matching's own starts (identity, anchored slots) are not used: its objective is flat
-    across basins (final distances within 0.2 %, barriers up to 1.6× apart), so the start decides, and the data's
+    across basins (final distances within 0.2 %, barriers up to 1.7× apart), so the start decides, and the data's
     start gave the lower barrier on every pair but the noisiest (digits: equal)."""
     return residual_descent(reference_state, model_state, spec, symmetries - {"residual"}, start=start, folded=False,
                             deadline=deadline, device=device, progress=progress, model_name=model_name,
@@ -211,6 +211,8 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
                               deadline=None if max_seconds is None else begin + max_seconds)
         if fit.transform.residual is None:  # no step of the descent got closer than the models as given: keep the start
             fit.transform.residual = start
+        fit.details["residual"] = {**fit.details["residual"], "start": "activations", "iterations": len(fit.history) - 1,
+                                   "distance_history": [round(h, 6) for h in fit.history]}
         fit.seconds = {**seconds, **fit.seconds}
         return fit
     transform, details = per_layer_from_activations(sums, live, spec, symmetries, reference_state, model_state, device)
