@@ -153,6 +153,62 @@ def dora_adapter() -> str:
     return str(folder)
 
 
+def lora_adapter() -> str:
+    """A plain PEFT LoRA adapter for checkpoint "a" (r = 8, alpha 16 on every attention and MLP projection of every
+    layer, random A and B), tensor names as ``PeftModel.save_pretrained`` writes them."""
+    folder = CKPTS / "a-lora"
+    if (folder / "adapter_model.safetensors").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(302)
+    d, ff = SIZE["hidden_size"], SIZE["intermediate_size"]
+    kv = d // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
+    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, d),
+              "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
+    tensors = {}
+    for layer in range(SIZE["num_hidden_layers"]):
+        for module, (out, inp) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.{module}."
+            tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(8, inp, generator=g)
+            tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 8, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": [m.split(".")[1] for m in shapes], "fan_in_fan_out": False}))
+    return str(folder)
+
+
+HUB_REPO = "conformance/tiny-{name}"
+HUB_CACHE = CKPTS / "hub-cache"
+
+
+def hub_cache(ck: dict[str, str]) -> Path:
+    """A Hugging Face cache (the layout huggingface_hub reads offline) holding checkpoints "a" and "b" as repos
+    ``conformance/tiny-a`` and ``conformance/tiny-b``: both tools resolve the repo ids from it with HF_HUB_OFFLINE=1."""
+    revision = "0" * 40
+    for name in ("a", "b"):
+        folder = HUB_CACHE / ("models--" + HUB_REPO.format(name=name).replace("/", "--"))
+        snapshot = folder / "snapshots" / revision
+        if not (snapshot / "model.safetensors").exists():
+            snapshot.mkdir(parents=True, exist_ok=True)
+            for f in Path(ck[name]).iterdir():
+                if f.is_file():
+                    (snapshot / f.name).write_bytes(f.read_bytes())
+            (folder / "refs").mkdir(exist_ok=True)
+            (folder / "refs" / "main").write_text(revision)
+    return HUB_CACHE
+
+
+def mergekit_form(recipe: dict, ck: dict[str, str]) -> dict:
+    """The recipe mergekit runs: the same, except repo ids of :func:`hub_cache` given as the local folders they hold —
+    mergekit 0.1.5 lists a repo's files online before it reads its cache (``OfflineModeIsEnabled`` offline), so the
+    hub row compares symmerge reading the repo ids offline with mergekit reading the same checkpoints as folders."""
+    local = {HUB_REPO.format(name=n) + suffix: ck[n] for n in ("a", "b") for suffix in ("", "@main")}
+    if "models" not in recipe:
+        return recipe
+    return {**recipe, "models": [{**m, "model": local.get(m["model"], m["model"])} for m in recipe["models"]]}
+
+
 def extras_adapter() -> str:
     """A PEFT LoRA adapter for checkpoint "a" with what a plain LoRA lacks: a ``modules_to_save`` copy of lm_head, an
     embedding LoRA (``lora_embedding_A/B``, plus the embedding layer PEFT saves beside it) and q_proj pairs — tensor
@@ -228,6 +284,12 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         "passthrough frankenmerge (6 layers)": {
             "slices": [{"sources": [{"model": ck["a"], "layer_range": [0, 3]}]}, {"sources": [{"model": ck["b"], "layer_range": [1, 4]}]}],
             "merge_method": "passthrough", "dtype": "float32"},
+        "modules: default (linear)": {"modules": {"default": {"models": three_w}}, "merge_method": "linear", "dtype": "float32"},
+        "ties, normalize: false, lambda 0.7": tv("ties", {"density": 0.4, "normalize": False, "lambda": 0.7}),
+        "breadcrumbs, rescale: true": tv("breadcrumbs", {"density": 0.8, "gamma": 0.05, "rescale": True}),
+        "hub repo ids, offline cache (linear; mergekit given the folders)": {"models": [{"model": HUB_REPO.format(name="a"), "parameters": {"weight": 0.6}},
+                                                            {"model": HUB_REPO.format(name="b") + "@main", "parameters": {"weight": 0.4}}],
+                                                 "merge_method": "linear", "dtype": "float32"},
         "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
     }
@@ -235,6 +297,10 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
         j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
                                                              {"model": ck["b"], "parameters": {"weight": 0.5}}],
                                                   "merge_method": "linear", "dtype": "float32"}
+    if "a-lora" in ck:
+        j["model+lora: plain LoRA on every projection (linear)"] = {
+            "models": [{"model": f"{ck['a']}+{ck['a-lora']}", "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.5}}],
+            "merge_method": "linear", "dtype": "float32"}
     if "a-extras" in ck:
         j["model+lora: modules_to_save + embedding LoRA (linear)"] = {
             "models": [{"model": f"{ck['a']}+{ck['a-extras']}", "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.5}}],
@@ -459,8 +525,9 @@ def main() -> None:
     ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints()
     ck["a-dora"] = dora_adapter()
     ck["a-extras"] = extras_adapter()
+    ck["a-lora"] = lora_adapter()
     WORK.mkdir(parents=True, exist_ok=True)
-    env = child_env()
+    env = {**child_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache(ck))}  # repo ids: from this cache only
     saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
     previous = {r[0]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     rows = []
@@ -469,7 +536,7 @@ def main() -> None:
             continue
         slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
         mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
-        mk_cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        mk_cfg.write_text(yaml.safe_dump(mergekit_form(recipe, ck), sort_keys=False))
         pasted = name.startswith(UNKNOWN)  # as is: the default alignment must fall back by itself
         sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
