@@ -46,7 +46,7 @@ SETTINGS = [
     ("ffn,qk,vo,scale", "the seed paper's method"),
     ("all", "+ exact head permutation (per-layer classes)"),
     ("all,residual", "+ residual-stream map (data-free; `auto` for pre-LN / RMSNorm families)"),
-    ("act:all,residual", "activation matching"),
+    ("act:all,residual", "activation matching (the activations' residual map starts the weight descent)"),
     ("learn:all,residual", "learned matching (residual map, per-head GL(d_h), FFN permutations; random t)"),
     ("all,residual+repair", "data-free + REPAIR of FFN pre-activation statistics"),
     ("learn:all,residual+repair", "learned + REPAIR"),
