@@ -169,6 +169,18 @@ def expect_cli_error(capsys, message: str, *args) -> str:
     return err
 
 
+def merge_recipe(capsys, tmp_path, text: str, *flags) -> tuple[dict, str]:
+    """``symmerge merge`` of recipe ``text`` (written to ``tmp_path/r.yaml``) into ``tmp_path/out``: the merged
+    tensors and stdout; the command must succeed."""
+    from safetensors.torch import load_file
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "r.yaml").write_text(text)
+    code, stdout, err = run_cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "out", "-q", "--force", *flags)
+    assert code == 0, err
+    return load_file(tmp_path / "out" / "model.safetensors"), stdout
+
+
 def save_model(model, path, state=None):
     """``model`` saved as an HF directory at ``path`` (with ``state`` as its weights when given)."""
     from safetensors.torch import save_file

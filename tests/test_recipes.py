@@ -11,7 +11,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from conftest import expect_cli_error, run_cli, save_model
+from conftest import expect_cli_error, merge_recipe, run_cli, save_model
 from safetensors.torch import load_file, save_file
 
 from symmerge.io.hub import hub_snapshot
@@ -40,16 +40,6 @@ def llamas(tmp_path_factory):
         state = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in base.items()}
         out[name] = save_model(model, root / name, state)
     return out
-
-
-def _merge(capsys, tmp_path: Path, text: str, *flags) -> tuple[dict, str]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(text)
-    out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "merge", recipe, out, "-q", "--force", *flags)
-    assert code == 0, err
-    return load_file(out / "model.safetensors"), stdout
 
 
 def test_gradients_interpolate_anchors_over_the_layers():
@@ -121,17 +111,17 @@ parameters: {{density: 0.5, lambda: 0.7, weight: 1.0}}
     assert params["lambda_"] == 0.7  # the module's filter has no entry for attention: the recipe's value
 
     # the same merge written both ways gives the same tensors
-    top, _ = _merge(capsys, tmp_path / "top", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
+    top, _ = merge_recipe(capsys, tmp_path / "top", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
                                               "parameters: {weight: [1, 0.2]}\nalignment: none\n")
-    mod, _ = _merge(capsys, tmp_path / "mod", f"modules: {{default: {{models: [{{model: {a}}}, {{model: {b}}}], "
+    mod, _ = merge_recipe(capsys, tmp_path / "mod", f"modules: {{default: {{models: [{{model: {a}}}, {{model: {b}}}], "
                                               "parameters: {weight: [1, 0.2]}}}\nmerge_method: linear\n"
                                               "parameters: {weight: 0.5}\nalignment: none\n")
     assert top.keys() == mod.keys() and all(torch.equal(top[k], mod[k]) for k in top)
     written = tmp_path / "mod" / "out" / "merge.yaml"  # the recipe as run keeps the modules form, and runs again
     assert "modules:" in written.read_text() and "module_parameters" not in written.read_text()
-    again, _ = _merge(capsys, tmp_path / "again", written.read_text())
+    again, _ = merge_recipe(capsys, tmp_path / "again", written.read_text())
     assert all(torch.equal(again[k], mod[k]) for k in mod)
-    half, _ = _merge(capsys, tmp_path / "half", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
+    half, _ = merge_recipe(capsys, tmp_path / "half", f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\n"
                                                "parameters: {weight: 0.5}\nalignment: none\n")
     assert not torch.equal(half["model.layers.3.mlp.up_proj.weight"], mod["model.layers.3.mlp.up_proj.weight"])  # control
 
@@ -151,7 +141,7 @@ def test_modules_other_than_the_default_one_are_refused(llamas, tmp_path, capsys
 
 def test_weight_gradients_and_filters_merge_the_expected_tensors(llamas, tmp_path, capsys):
     a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"""
+    out, _ = merge_recipe(capsys, tmp_path, f"""
 models:
   - model: {llamas["a"]}
     parameters: {{weight: [1, 0]}}
@@ -166,7 +156,7 @@ alignment: none
         torch.testing.assert_close(out[key], (1 - t) * a[key] + t * b[key], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out["lm_head.weight"], a["lm_head.weight"])  # t = 0 outside the layers, as in mergekit
 
-    out, _ = _merge(capsys, tmp_path, f"""
+    out, _ = merge_recipe(capsys, tmp_path, f"""
 models:
   - model: {llamas["a"]}
   - model: {llamas["b"]}
@@ -183,7 +173,7 @@ alignment: none
 
 def test_passthrough_slices_build_a_deeper_model(llamas, tmp_path, capsys):
     a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
-    out, stdout = _merge(capsys, tmp_path, f"""
+    out, stdout = merge_recipe(capsys, tmp_path, f"""
 slices:
   - sources: [{{model: {llamas["a"]}, layer_range: [0, 3]}}]
   - sources: [{{model: {llamas["b"]}, layer_range: [1, 4]}}]
@@ -204,7 +194,7 @@ dtype: bfloat16
 
 def test_slices_of_whole_models_keep_alignment_and_per_slice_parameters(llamas, tmp_path, capsys):
     a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"""
+    out, _ = merge_recipe(capsys, tmp_path, f"""
 slices:
   - sources: [{{model: {llamas["a"]}, layer_range: [0, 2]}}, {{model: {llamas["b"]}, layer_range: [0, 2]}}]
     parameters: {{t: 0}}
@@ -227,7 +217,7 @@ slices:
 merge_method: linear
 alignment: none
 """
-    plain, _ = _merge(capsys, tmp_path / "plain", text)
+    plain, _ = merge_recipe(capsys, tmp_path / "plain", text)
     (tmp_path / "r.yaml").write_text(text.replace("layer_range: [0, 4]}]", "layer_range: [0, 4]}]\n    residual_weight: 0.3", 1))
     code, stdout, err = run_cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "weighted", "-q")
     assert code == 0, err
@@ -280,7 +270,7 @@ def test_repo_ids_resolve_from_the_cache_offline(llamas, tmp_path, capsys, monke
     cache = _hub_cache(tmp_path / "hub", "someorg/tiny-a", llamas["a"])
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out, _ = _merge(capsys, tmp_path, """
+    out, _ = merge_recipe(capsys, tmp_path, """
 models: [{model: someorg/tiny-a}, {model: "someorg/tiny-a@0123456789abcdef0123456789abcdef01234567"}]
 merge_method: linear
 alignment: none
@@ -302,7 +292,7 @@ def test_lora_adapter_is_applied_before_merging(llamas, tmp_path, capsys):
     la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
     save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
                "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    out, _ = merge_recipe(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
     a = load_file(llamas["a"] / "model.safetensors")
     key = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(out[key], a[key] + 4.0 * lb @ la)
@@ -321,7 +311,7 @@ def test_dora_adapter_rescales_each_row_to_its_magnitude(llamas, tmp_path, capsy
     save_file({prefix + "q_proj.lora_A.weight": la, prefix + "q_proj.lora_B.weight": lb, prefix + "q_proj.lora_magnitude_vector": mag,
                prefix + "v_proj.lora_A.weight": va, prefix + "v_proj.lora_B.weight": vb, prefix + "v_proj.lora_magnitude_vector": vmag},
               adapter / "adapter_model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    out, _ = merge_recipe(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
     a = load_file(llamas["a"] / "model.safetensors")
     for name, (lo_a, lo_b, m) in {"q_proj": (la, lb, mag), "v_proj": (va, vb, vmag)}.items():
         key = f"model.layers.0.self_attn.{name}.weight"
@@ -366,8 +356,8 @@ def test_default_alignment_of_fine_tunes_of_one_base_is_the_identity(llamas, tmp
     """A pasted recipe aligns by default; for fine-tunes of one base that must change no output bit."""
     base = f"base_model: {llamas['base']}\nparameters: {{density: 0.5, weight: 0.5}}\n" if method in ("ties", "dare_ties") else ""
     text = f"models: [{{model: {llamas['a']}}}, {{model: {llamas['b']}}}]\nmerge_method: {method}\n{base}"
-    aligned, stdout = _merge(capsys, tmp_path / "aligned", text)
-    plain, _ = _merge(capsys, tmp_path / "plain", text + "alignment: none\n")
+    aligned, stdout = merge_recipe(capsys, tmp_path / "aligned", text)
+    plain, _ = merge_recipe(capsys, tmp_path / "plain", text + "alignment: none\n")
     assert aligned.keys() == plain.keys()
     assert all(torch.equal(aligned[k], plain[k]) for k in plain)
     assert "alignment: identity" in stdout
@@ -424,8 +414,8 @@ def test_out_shard_size_5B_is_one_shard_and_2K_splits_greedily(llamas, tmp_path,
 def test_task_arithmetic_takes_mergekits_density_and_rescale_and_they_change_nothing(llamas, tmp_path, capsys):
     a, b, base = llamas["a"], llamas["b"], llamas["base"]
     head = f"merge_method: task_arithmetic\nbase_model: {base}\nalignment: none\n"
-    plain, _ = _merge(capsys, tmp_path / "plain", head + f"models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]\n")
-    given, out = _merge(capsys, tmp_path / "given", head + "parameters: {rescale: true, int8_mask: true}\n"
+    plain, _ = merge_recipe(capsys, tmp_path / "plain", head + f"models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]\n")
+    given, out = merge_recipe(capsys, tmp_path / "given", head + "parameters: {rescale: true, int8_mask: true}\n"
                         f"models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.5, density: [0.2, 0.9]}}}}]\n")
     # mergekit's task_arithmetic reads density and rescale only inside its sparsify step, which it does not have
     assert all(torch.equal(given[k], plain[k]) for k in plain)
@@ -440,7 +430,7 @@ def test_task_arithmetic_takes_mergekits_density_and_rescale_and_they_change_not
     # values are still checked; and where mergekit sparsifies (dare_linear), density does change the result
     expect_cli_error(capsys, "density must be a number", "merge", _write(tmp_path / "bad.yaml", head + f"models: [{{model: {a}, parameters: {{density: abc}}}}]\n"),
                      tmp_path / "bad")
-    dare, out = _merge(capsys, tmp_path / "dare", head.replace("task_arithmetic", "dare_linear") +
+    dare, out = merge_recipe(capsys, tmp_path / "dare", head.replace("task_arithmetic", "dare_linear") +
                        f"models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.5, density: 0.3}}}}]\n"
                        "parameters: {rescale: false}\n")
     assert not torch.equal(dare[k], plain[k]) and "density:" not in out
@@ -456,8 +446,8 @@ def _write(path: Path, text: str) -> Path:
 def test_int8_mask_gets_the_same_note_wherever_it_changes_nothing(llamas, tmp_path, capsys, method):
     a, b, base = llamas["a"], llamas["b"], llamas["base"]
     text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: {method}\nbase_model: {base}\nalignment: none\n"
-    plain, out = _merge(capsys, tmp_path / "plain", text)
-    masked, out_masked = _merge(capsys, tmp_path / "int8", text + "parameters: {int8_mask: true}\n")
+    plain, out = merge_recipe(capsys, tmp_path / "plain", text)
+    masked, out_masked = merge_recipe(capsys, tmp_path / "int8", text + "parameters: {int8_mask: true}\n")
     note = f"note: int8_mask: a mergekit memory option; {method} computes in float32 here, so it changes nothing"
     assert out_masked.splitlines().count(note) == 1 and "note: int8_mask" not in out
     assert all(torch.equal(masked[k], plain[k]) for k in plain)
@@ -468,8 +458,8 @@ def test_karcher_ignores_recipe_weights_as_mergekit_does(llamas, tmp_path, capsy
 
     a, b = llamas["a"], llamas["b"]
     head = "merge_method: karcher\nalignment: none\n"
-    weighted, out = _merge(capsys, tmp_path / "w", head + f"models: [{{model: {a}, parameters: {{weight: 0.9}}}}, {{model: {b}, parameters: {{weight: 0.1}}}}]\n")
-    plain, _ = _merge(capsys, tmp_path / "u", head + f"models: [{{model: {a}}}, {{model: {b}}}]\n")
+    weighted, out = merge_recipe(capsys, tmp_path / "w", head + f"models: [{{model: {a}, parameters: {{weight: 0.9}}}}, {{model: {b}, parameters: {{weight: 0.1}}}}]\n")
+    plain, _ = merge_recipe(capsys, tmp_path / "u", head + f"models: [{{model: {a}}}, {{model: {b}}}]\n")
     # mergekit 0.1.5's karcher declares no weight and takes alphas = [1/M] * M: the weights change nothing
     assert all(torch.equal(weighted[k], plain[k]) for k in plain)
     assert out.splitlines().count("note: weight: karcher averages uniformly (1/M), as mergekit's does, so it changes nothing") == 1
@@ -498,7 +488,7 @@ def test_lora_modules_to_save_and_embedding_lora_are_applied_as_peft_merges_them
         p + "lm_head.weight": head, p + "model.embed_tokens.base_layer.weight": emb,
         p + "model.embed_tokens.lora_embedding_A": ea, p + "model.embed_tokens.lora_embedding_B": eb,
         p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb})
-    out, _ = _merge(capsys, tmp_path / "m", f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    out, _ = merge_recipe(capsys, tmp_path / "m", f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
     a = load_file(llamas["a"] / "model.safetensors")
     # PEFT's merge_and_unload: the modules_to_save copy replaces lm_head; the saved embedding replaces the base's and
     # its LoRA adds scale·(B A)ᵀ (scale = lora_alpha / r = 4); q_proj gets W + 4 B A
@@ -540,7 +530,7 @@ def test_conv1d_lora_is_transposed_and_lora_bias_added(tmp_path, capsys):
     # PEFT sets fan_in_fan_out: true in the config it saves when it wraps a Conv1D
     adapter = _adapter(tmp_path / "ad", {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True,
                                          "lora_bias": True}, tensors)
-    out, _ = _merge(capsys, tmp_path / "m", f"models: [{{model: {src}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    out, _ = merge_recipe(capsys, tmp_path / "m", f"models: [{{model: {src}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
     h = "transformer.h.0."
     # PEFT's Linear(is_target_conv_1d_layer): ΔW = transpose(B A, fan_in_fan_out) · scale (scale 2), bias += scale · b_B
     torch.testing.assert_close(out[h + "attn.c_attn.weight"], w[h + "attn.c_attn.weight"] + 2.0 * (cb @ ca).T)

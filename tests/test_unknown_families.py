@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, expect_cli_error, make_model, run_cli
+from conftest import FAMILIES, expect_cli_error, make_model, merge_recipe, run_cli
 from safetensors.torch import load_file, save_file
 from test_tokenizer_merge import _tokenizer
 
@@ -55,14 +55,6 @@ def coders(tmp_path_factory):
     """Two unrelated starcoder2 checkpoints a and b (float32, 4 layers)."""
     root = tmp_path_factory.mktemp("coders")
     return {name: _save(root / name, _starcoder2_state(seed)) for name, seed in (("a", 1), ("b", 2))}
-
-
-def _merge(capsys, tmp_path: Path, text: str) -> tuple[dict[str, torch.Tensor], str]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "r.yaml").write_text(text)
-    code, out, err = run_cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "out", "-q", "--force")
-    assert code == 0, err
-    return load_file(tmp_path / "out" / "model.safetensors"), out
 
 
 def test_layers_are_read_from_the_tensor_names():
@@ -112,10 +104,10 @@ def test_ambiguous_or_gapped_names_are_refused_in_one_line():
 
 def test_a_default_recipe_merges_unaligned_with_a_note_bit_for_bit(coders, tmp_path, capsys):
     models = f"models:\n  - model: {coders['a']}\n    parameters: {{weight: 0.3}}\n  - model: {coders['b']}\n    parameters: {{weight: 0.7}}\nmerge_method: linear\n"
-    pasted, stdout = _merge(capsys, tmp_path / "pasted", models)
+    pasted, stdout = merge_recipe(capsys, tmp_path / "pasted", models)
     note = [line for line in stdout.splitlines() if "without alignment" in line]
     assert len(note) == 1 and "model_type 'starcoder2' is not supported" in note[0], stdout
-    unaligned, stdout = _merge(capsys, tmp_path / "none", models + "alignment: none\n")
+    unaligned, stdout = merge_recipe(capsys, tmp_path / "none", models + "alignment: none\n")
     assert "without alignment" not in stdout
     assert pasted.keys() == unaligned.keys() and all(torch.equal(pasted[k], unaligned[k]) for k in pasted)
     a, b = load_file(coders["a"] / "model.safetensors"), load_file(coders["b"] / "model.safetensors")
@@ -136,7 +128,7 @@ def test_the_short_form_default_is_the_pasted_recipe_default(coders, tmp_path, c
 
 def test_a_weight_gradient_interpolates_over_the_inferred_layers(coders, tmp_path, capsys):
     a, b = load_file(coders["a"] / "model.safetensors"), load_file(coders["b"] / "model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"""
+    out, _ = merge_recipe(capsys, tmp_path, f"""
 models:
   - model: {coders["a"]}
     parameters: {{weight: [1, 0]}}
@@ -156,7 +148,7 @@ merge_method: linear
 
 def test_passthrough_slices_take_the_named_layers(coders, tmp_path, capsys):
     a, b = load_file(coders["a"] / "model.safetensors"), load_file(coders["b"] / "model.safetensors")
-    out, _ = _merge(capsys, tmp_path, f"""
+    out, _ = merge_recipe(capsys, tmp_path, f"""
 slices:
   - sources: [{{model: {coders["a"]}, layer_range: [0, 2]}}]
   - sources: [{{model: {coders["b"]}, layer_range: [1, 4]}}]
@@ -185,7 +177,7 @@ def test_ambiguous_names_refuse_slices_and_gradients_but_merge_whole_models(tmp_
     (tmp_path / "gradient.yaml").write_text(gradient)
     expect_cli_error(capsys, "weight: a gradient (a list of values over the layers) needs the layer structure",
                      "merge", tmp_path / "gradient.yaml", tmp_path / "out2")
-    out, stdout = _merge(capsys, tmp_path / "plain", gradient.replace("[1, 0]", "0.5"))
+    out, stdout = merge_recipe(capsys, tmp_path / "plain", gradient.replace("[1, 0]", "0.5"))
     assert "without alignment" in stdout and "model.vision.blocks.0.mlp.c_fc.weight" in out
 
 
@@ -207,7 +199,7 @@ def test_a_union_vocabulary_maps_the_embedding_and_head_rows_by_token(tmp_path, 
         paths[name] = _save(tmp_path / name, state, _config() | {"vocab_size": len(tokens)})
         _tokenizer(tokens, None).save_pretrained(paths[name])
         rows[name] = {k: dict(zip(tokens, state[k])) for k in ("model.embed_tokens.weight", "lm_head.weight")}
-    out, stdout = _merge(capsys, tmp_path / "merge", f"models: [{{model: {paths['a']}}}, {{model: {paths['b']}}}]\n"
+    out, stdout = merge_recipe(capsys, tmp_path / "merge", f"models: [{{model: {paths['a']}}}, {{model: {paths['b']}}}]\n"
                                                       "merge_method: linear\ntokenizer_source: union\n")
     assert "without alignment" in stdout
     union = ["<unk>", "x", "y", "z", "w", "v"]  # a's tokens, then b's new ones in b's id order
