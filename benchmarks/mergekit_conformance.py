@@ -130,13 +130,27 @@ def tokenizer_checkpoints() -> dict[str, str]:
     return {n: str(CKPTS / n) for n in TOK_NAMES}
 
 
+def _save_adapter(name: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """Write a PEFT adapter folder ``CKPTS/name``: ``tensors`` as adapter_model.safetensors and ``config`` (on top of
+    the entries every adapter here shares) as adapter_config.json."""
+    folder = CKPTS / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, **config}))
+    return str(folder)
+
+
+def _cached_adapter(name: str) -> str | None:
+    """``CKPTS/name`` if an earlier run wrote that adapter, else None (adapters are random: written once, reused)."""
+    return str(CKPTS / name) if (CKPTS / name / "adapter_model.safetensors").exists() else None
+
+
 def dora_adapter() -> str:
     """A PEFT DoRA adapter (r = 4 on q_proj and v_proj of every layer, random A, B and magnitudes) for checkpoint "a",
     written in PEFT's file format (tensor names as ``PeftModel.save_pretrained`` writes them)."""
-    folder = CKPTS / "a-dora"
-    if (folder / "adapter_model.safetensors").exists():
-        return str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if cached := _cached_adapter("a-dora"):
+        return cached
     g = torch.Generator().manual_seed(300)
     d, kv = SIZE["hidden_size"], SIZE["hidden_size"] // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
     tensors = {}
@@ -146,20 +160,14 @@ def dora_adapter() -> str:
             tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
             tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 4, generator=g)
             tensors[prefix + "lora_magnitude_vector"] = torch.rand(out, generator=g) + 0.5
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-        "use_dora": True, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
-    return str(folder)
+    return _save_adapter("a-dora", tensors, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True})
 
 
 def lora_adapter() -> str:
     """A plain PEFT LoRA adapter for checkpoint "a" (r = 8, alpha 16 on every attention and MLP projection of every
     layer, random A and B), tensor names as ``PeftModel.save_pretrained`` writes them."""
-    folder = CKPTS / "a-lora"
-    if (folder / "adapter_model.safetensors").exists():
-        return str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if cached := _cached_adapter("a-lora"):
+        return cached
     g = torch.Generator().manual_seed(302)
     d, ff = SIZE["hidden_size"], SIZE["intermediate_size"]
     kv = d // SIZE["num_attention_heads"] * SIZE["num_key_value_heads"]
@@ -171,11 +179,7 @@ def lora_adapter() -> str:
             prefix = f"base_model.model.model.layers.{layer}.{module}."
             tensors[prefix + "lora_A.weight"] = 0.05 * torch.randn(8, inp, generator=g)
             tensors[prefix + "lora_B.weight"] = 0.05 * torch.randn(out, 8, generator=g)
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": [m.split(".")[1] for m in shapes], "fan_in_fan_out": False}))
-    return str(folder)
+    return _save_adapter("a-lora", tensors, {"r": 8, "lora_alpha": 16, "target_modules": [m.split(".")[1] for m in shapes]})
 
 
 HUB_REPO = "conformance/tiny-{name}"
@@ -214,10 +218,8 @@ def extras_adapter() -> str:
     embedding LoRA (``lora_embedding_A/B``, plus the embedding layer PEFT saves beside it) and q_proj pairs — tensor
     names as PEFT 0.21's ``save_pretrained`` writes them for ``target_modules=[q_proj, embed_tokens],
     modules_to_save=[lm_head]``."""
-    folder = CKPTS / "a-peft-extras"
-    if (folder / "adapter_model.safetensors").exists():
-        return str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if cached := _cached_adapter("a-peft-extras"):
+        return cached
     g = torch.Generator().manual_seed(301)
     d, vocab = SIZE["hidden_size"], SIZE["vocab_size"]
     a = load_file(Path(checkpoints()["a"]) / "model.safetensors")
@@ -229,11 +231,8 @@ def extras_adapter() -> str:
     for layer in range(SIZE["num_hidden_layers"]):
         tensors[p + f"model.layers.{layer}.self_attn.q_proj.lora_A.weight"] = 0.05 * torch.randn(4, d, generator=g)
         tensors[p + f"model.layers.{layer}.self_attn.q_proj.lora_B.weight"] = 0.05 * torch.randn(d, 4, generator=g)
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"],
-        "modules_to_save": ["lm_head"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}))
-    return str(folder)
+    return _save_adapter("a-peft-extras", tensors, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"],
+                                                    "modules_to_save": ["lm_head"]})
 
 
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
