@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +38,9 @@ from symmerge.groups.residual import with_untied_head  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import load_weights  # noqa: E402
 from symmerge.zoo import build, read_record  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_speed import git_commit  # noqa: E402  (the rows record the commit that measured them)
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = [
@@ -73,14 +76,6 @@ def pair_study(name: str, points: int, learn_steps: int, learn_seconds: float | 
     return {"pair": name, "endpoints": [read_record(a_dir), read_record(b_dir)], "rows": rows, "seconds": time.perf_counter() - start,
             "plot": f"fusion_quality_{name}.png", "load": os.getloadavg(), "learn_seconds": learn_seconds, "learn_steps": learn_steps,
             "points": points}
-
-
-def git_commit() -> str:
-    """This checkout's commit, ``+dirty`` when the library has uncommitted changes (the rows record what measured them)."""
-    repo = Path(__file__).parent.parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "status", "--porcelain", "symmerge"], capture_output=True, text=True, cwd=repo).stdout.strip()
-    return head + ("+dirty" if dirty else "")
 
 
 def merge_rows(stored: dict | None, fresh: dict) -> dict:
