@@ -209,6 +209,74 @@ alignment: none
     torch.testing.assert_close(out[f"model.layers.2.{key}"], b[f"model.layers.2.{key}"])
 
 
+def test_a_slice_base_model_is_that_slices_base_as_in_mergekit(llamas, tmp_path, capsys):
+    """mergekit's per-slice base_model: slice 1's tensors (and the final norm and head, which follow the last slice)
+    take their task vectors from model a; slice 0's (and the embeddings) from the recipe's base_model. Values by hand:
+    task_arithmetic is base_s + Σ_i w_i (θ_i − base_s) over the slice's other sources."""
+    base, a, b = (load_file(llamas[n] / "model.safetensors") for n in ("base", "a", "b"))
+    text = f"""
+slices:
+  - sources: [{{model: {llamas["base"]}, layer_range: [0, 2]}}, {{model: {llamas["a"]}, layer_range: [0, 2]}},
+              {{model: {llamas["b"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {llamas["a"]}, layer_range: [2, 4]}}, {{model: {llamas["b"]}, layer_range: [2, 4]}}]
+    base_model: {llamas["a"]}
+base_model: {llamas["base"]}
+merge_method: task_arithmetic
+parameters: {{weight: 0.3}}
+"""
+    out, stdout = merge_recipe(capsys, tmp_path / "a", text)
+    assert "slices with their own base_model: merged slice by slice without alignment" in stdout
+    for k in out:
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        if layer is not None and layer < 2 or k == "model.embed_tokens.weight":  # the recipe's base
+            expected = base[k] + 0.3 * (a[k] - base[k]) + 0.3 * (b[k] - base[k])
+        else:  # layers 2, 3, model.norm, lm_head: a is the base, b the one task vector
+            expected = a[k] + 0.3 * (b[k] - a[k])
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6, msg=k)
+    # negative control: b as slice 1's base moves exactly its tensors, to b + 0.3 (a − b) (≠ a + 0.3 (b − a))
+    swapped, _ = merge_recipe(capsys, tmp_path / "b", text.replace(f"base_model: {llamas['a']}", f"base_model: {llamas['b']}"))
+    key = "model.layers.3.mlp.up_proj.weight"
+    torch.testing.assert_close(swapped[key], b[key] + 0.3 * (a[key] - b[key]), rtol=0, atol=1e-6)
+    assert (swapped[key] - out[key]).abs().max() > 1e-4
+    assert torch.equal(swapped["model.layers.1.mlp.up_proj.weight"], out["model.layers.1.mlp.up_proj.weight"])
+    card = (tmp_path / "a" / "out" / "merge.yaml").read_text()
+    assert f"base_model: {llamas['a'].resolve()}" in card
+
+
+def test_slice_bases_without_a_recipe_base_and_their_refusals(llamas, tmp_path, capsys):
+    """No top-level base_model: each slice's own base serves its tensors, the first slice's the embeddings (as
+    mergekit plans them); mergekit's rules are kept: the base is one of the slice's sources, every slice of a
+    method that needs a base has one, and a method without a base ignores it (a note)."""
+    base, a, b = (load_file(llamas[n] / "model.safetensors") for n in ("base", "a", "b"))
+
+    def src(name: str, start: int, end: int) -> str:
+        return f"{{model: {llamas[name]}, layer_range: [{start}, {end}]}}"
+
+    def recipe(first_base: str | None, method: str = "task_arithmetic", extra: str = "") -> str:
+        own = f"\n    base_model: {llamas[first_base]}" if first_base else ""
+        return (f"slices:\n  - sources: [{src('base', 0, 2)}, {src('a', 0, 2)}]{own}\n"
+                f"  - sources: [{src('a', 2, 4)}, {src('b', 2, 4)}]\n    base_model: {llamas['b']}\n"
+                f"merge_method: {method}\nparameters: {{weight: 0.5}}\n{extra}")
+
+    out, _ = merge_recipe(capsys, tmp_path / "ok", recipe("base"))
+    for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(out[k], base[k] + 0.5 * (a[k] - base[k]), rtol=0, atol=1e-6)
+    for k in ("model.layers.3.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"):
+        torch.testing.assert_close(out[k], b[k] + 0.5 * (a[k] - b[k]), rtol=0, atol=1e-6)
+    (tmp_path / "r.yaml").write_text(recipe(None))
+    expect_cli_error(capsys, "slices.0: merge_method task_arithmetic needs a base model for this slice too", "merge", tmp_path / "r.yaml", tmp_path / "o")
+    (tmp_path / "r.yaml").write_text(recipe("b"))
+    expect_cli_error(capsys, "slices.0.base_model:", "merge", tmp_path / "r.yaml", tmp_path / "o")
+    expect_cli_error(capsys, "must be one of the slice's sources for task_arithmetic", "merge", tmp_path / "r.yaml", tmp_path / "o")
+    (tmp_path / "r.yaml").write_text(recipe("base", extra="alignment: {symmetries: [ffn]}\n"))
+    expect_cli_error(capsys, "alignment: slices with their own base_model are merged slice by slice", "merge", tmp_path / "r.yaml", tmp_path / "o")
+    # linear uses no base: the slices' base_model changes nothing (mergekit never reads it), said in a note
+    plain, _ = merge_recipe(capsys, tmp_path / "plain", recipe(None, "linear").replace(f"    base_model: {llamas['b']}\n", ""))
+    noted, stdout = merge_recipe(capsys, tmp_path / "noted", recipe("base", "linear"))
+    assert "slices.*.base_model: linear uses no base model" in stdout
+    assert plain.keys() == noted.keys() and all(torch.equal(plain[k], noted[k]) for k in plain)
+
+
 def test_residual_weight_is_accepted_and_changes_nothing_as_in_mergekit(llamas, tmp_path, capsys):
     """mergekit 0.1.5 declares a slice's residual_weight and never reads it: same output, with a note."""
     text = f"""

@@ -18,6 +18,8 @@ def recipe_for_card(plan: MergePlan) -> dict:
     for sl, out in zip(r.get("slices", []), plan.slices):
         for entry, src in zip(sl["sources"], out.sources):
             entry["model"] = _where(plan.models[src.model])
+        if out.base is not None:
+            sl["base_model"] = _where(plan.models[out.base])
     if plan.base is not None:
         r["base_model"] = _where(plan.base)
     r["parameters"] = plan.params

@@ -232,6 +232,15 @@ def listed_base_index(plan: MergePlan) -> int | None:
     return next((i for i, m in enumerate(plan.models) if _identity(m) == base), None)
 
 
+def slice_base_index(plan: MergePlan, slice_index: int) -> int | None:
+    """The index among the models of the base of output slice ``slice_index``'s tensors: the slice's own base_model
+    (mergekit's per-slice base), else base_model when the recipe lists it among the models (:func:`listed_base_index`),
+    else ``None``."""
+    slices = getattr(plan, "slices", None) or []
+    own = getattr(slices[slice_index], "base", None) if slice_index < len(slices) else None
+    return own if own is not None else listed_base_index(plan)
+
+
 def _identity(ckpt: Any) -> tuple:
     """A checkpoint's identity (folder and LoRA adapter); a bare object with a ``path`` (tests) by its folder."""
     return ckpt.identity if hasattr(ckpt, "identity") else (ckpt.path.resolve(), None)
@@ -255,7 +264,7 @@ def merge_tensor(plan: MergePlan, item: AlignedTensor, stats: list[dict] | None,
         kwargs[method.statistics_argument] = None if any(x is None for x in per_model) else per_model
         transposed = method.linear_layout and per_model[0] is not None and bool(stats[0]["layout"].get(key))
     if method.needs_base or (method.optional_base and item.base is not None):
-        base, listed = item.base, listed_base_index(plan)
+        base, listed = item.base, slice_base_index(plan, item.slice)
         j = next((p for p, (m, _) in enumerate(inputs) if m == listed), None)
         if j is not None and item.base is not None:
             n = len(tensors)
@@ -313,7 +322,7 @@ def _with_vocabulary(plan: MergePlan, item: AlignedTensor) -> AlignedTensor:
         return item
     who = [m for m, _ in item.inputs]
     rows = list(item.tensors)
-    listed = listed_base_index(plan)
+    listed = slice_base_index(plan, item.slice)
     base_position = who.index(listed) if listed in who else None
     if item.base is not None and base_position is None:
         who.append(len(plan.models))
@@ -337,7 +346,7 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
     if plan.layout is not None:  # a frankenmerge: renamed tensors, no alignment
         for o in plan.layout:
             raw = [states[m][name] for m, name in o.inputs]
-            listed = listed_base_index(plan)
+            listed = slice_base_index(plan, o.slice)  # the slice's own base_model, else the recipe's
             base_t = next((t for (m, _), t in zip(o.inputs, raw) if m == listed), None)
             yield AlignedTensor(o.key, raw, base_t, raw, None, o.inputs, o.slice, o.t)
         return
@@ -416,7 +425,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     extra = method_extras(plan, states, base, transforms, base_transform, stats, progress)
     n = len(states)
     sq_before, sq_after, sq_task, sq_base = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
-    check_base = base is not None and plan.method.needs_base
+    own_bases = any(getattr(sl, "base", None) is not None for sl in plan.slices)
+    check_base = (base is not None or own_bases) and plan.method.needs_base
     compared = 0  # floating tensors with a base seen: the base check runs after the first few, and at the end
     total = len(plan.layout) if plan.layout is not None else len(states[0])
     with atomic_output_dir(out, force) as tmp:

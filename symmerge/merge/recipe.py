@@ -124,7 +124,7 @@ class SliceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SourceEntry] = Field(min_length=1)
     parameters: dict[str, Any] | None = Field(default_factory=dict)
-    base_model: str | None = None  # mergekit's per-slice base: accepted when it is the recipe's base_model
+    base_model: str | None = None  # mergekit's per-slice base: the base of this slice's tensors (plan_merge, _slice_base)
     residual_weight: float | None = None  # mergekit's: declared, never read (accepted with a note in plan_merge)
 
     @field_validator("parameters")
@@ -506,6 +506,7 @@ class OutSlice:
     parameters: dict[str, Any]
     offset: int
     length: int | None  # None: the whole model, whose layers its tensor names do not tell (no gradients then)
+    base: int | None = None  # its own base_model (mergekit's per-slice base), a model index; None: the recipe's
 
 
 @dataclass
@@ -698,6 +699,27 @@ def _note_once(notes: list[str], note: str) -> None:
         notes.append(note)
 
 
+def _slice_base(method: MergeMethod, given: str | None, where: str, indices: list[int], models: list[Checkpoint],
+                base: Checkpoint | None, root: Path | None, allow_pickle: bool, notes: list[str]) -> int | None:
+    """mergekit's per-slice ``base_model``: the base of that slice's tensors (its layers; the embeddings when it is
+    the first slice, the final norm and head when it is the last) in place of the recipe's. As in mergekit it must be
+    one of the slice's sources for a method that uses a base, and changes nothing for one that does not (mergekit
+    never reads it then). Returns its index among ``models``; None when the slice has none of its own, names the
+    recipe's base_model, or the method uses no base."""
+    if given is None:
+        return None
+    if not method.uses_base:
+        _note_once(notes, f"slices.*.base_model: {method.name} uses no base model, so a slice's changes nothing (as in mergekit)")
+        return None
+    identity = _open(given, root, f"{where}.base_model", allow_pickle).identity
+    if base is not None and identity == base.identity:
+        return None
+    own = next((m for m in indices if models[m].identity == identity), None)
+    if own is None:
+        raise SymmergeError(f"{where}.base_model: {cut(given)} must be one of the slice's sources for {method.name} (as in mergekit)")
+    return own
+
+
 def plurality_chat_template(directories: list[Path]) -> str | None:
     """mergekit's ``chat_template: auto``: the template most of the models' tokenizers carry (each folder counted
     once; a tie goes to the first in recipe order, base model first — mergekit's order there is a set's), or None
@@ -727,12 +749,11 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         models, model_params = [], []
     base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
     slice_models: list[list[int]] = []
+    slice_bases: list[int | None] = []  # per slice: its own base_model, an index into models (None: the recipe's)
     if recipe.slices is not None:
         for s, sl in enumerate(recipe.slices):
             if sl.residual_weight is not None:  # mergekit 0.1.5 declares it and never reads it
                 _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
-            if sl.base_model is not None and sl.base_model != recipe.base_model:
-                raise SymmergeError(f"slices.{s}.base_model: a per-slice base model other than base_model is not supported")
             method.check_models(len(sl.sources), True)
             indices = []
             for j, src in enumerate(sl.sources):
@@ -743,9 +764,16 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                     known = len(models) - 1
                 indices.append(known)
             slice_models.append(indices)
+            slice_bases.append(_slice_base(method, sl.base_model, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
         if base is not None:  # the base, named as a source too, is that same model
             base = next((c for c in models if c.identity == base.identity), base)
-    if method.needs_base and base is None:
+    own_bases = any(b is not None for b in slice_bases)
+    if method.needs_base and base is None and own_bases:  # as mergekit validates each slice: every one needs a base
+        s = slice_bases.index(None) if None in slice_bases else None
+        if s is not None:
+            raise SymmergeError(f"slices.{s}: merge_method {method.name} needs a base model for this slice too: give it "
+                                "base_model (its own, one of its sources) or set the recipe's base_model")
+    if method.needs_base and base is None and not own_bases:
         raise SymmergeError(
             f"merge_method {method.name} needs base_model: the common pretrained ancestor the models were fine-tuned "
             "from (task vectors θ_i − θ_base only exist for fine-tunes of one base); for models trained independently "
@@ -798,20 +826,24 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                                         f"model's {depth} layers")
                 sources.append(SliceSource(m, src.layer_range[0], _check_scope(method, src.parameters, f"slices.{s}.sources.{j}.parameters", True, notes)))
             length = lengths.pop()
-            slices.append(OutSlice(sources, _check_scope(method, sl.parameters, f"slices.{s}.parameters", False, notes), offset, length))
+            slices.append(OutSlice(sources, _check_scope(method, sl.parameters, f"slices.{s}.parameters", False, notes), offset,
+                                   length, slice_bases[s]))
             offset += length
         num_layers_out = offset
         same_models = all([src.model for src in sl.sources] == [src.model for src in slices[0].sources] for sl in slices)
         in_place = all(src.start == sl.offset for sl in slices for src in sl.sources)
-        if not (same_models and in_place and offset == layers.num_layers):
+        # slices with their own base merge slice by slice (the slice-by-slice path reads each slice's base from its
+        # sources), even in place
+        if not (same_models and in_place and offset == layers.num_layers) or own_bases:
             layout = _frankenmerge_layout(slices, models, layers, shapes_of)
 
     if layout is not None and (method.needs_data or method.prepare is not None and method.name != "ties"):
-        raise SymmergeError(f"{method.name} needs whole models: it cannot merge slices that move or drop layers")
+        why = "slices with their own base_model" if own_bases else "slices that move or drop layers"
+        raise SymmergeError(f"{method.name} needs whole models: it cannot merge {why}")
 
     if layout is not None and method.needs_base:
         for s, sl in enumerate(slices):
-            if base is None or all(models[src.model] is not base for src in sl.sources):
+            if sl.base is None and (base is None or all(models[src.model] is not base for src in sl.sources)):
                 raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
     if layers is None:
         gradient = next((k for scope in _scopes(top, slices, module) for k, v in scope.items() if has_gradient(v)), None)
@@ -846,6 +878,14 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
 
     auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
     symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)
+    if own_bases and symmetries:
+        # symmerge aligns every model to one reference, the base for methods with one; slices measuring their task
+        # vectors from different bases have no one reference: merged as mergekit merges them, unaligned
+        if not recipe.default_alignment:
+            raise SymmergeError("alignment: slices with their own base_model are merged slice by slice, without alignment: "
+                                "set alignment: none (or drop the alignment key)")
+        notes.append("slices with their own base_model: merged slice by slice without alignment, as mergekit merges them")
+        symmetries = frozenset()
     if layout is not None and symmetries:
         notes.append("alignment does not apply to slices that move or drop layers (a frankenmerge): merged without it")
         symmetries = frozenset()
