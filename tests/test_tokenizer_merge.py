@@ -336,7 +336,3 @@ def test_chat_template_given_and_auto_as_mergekit(capsys, tmp_path, models):
     _, out, _ = _merge(capsys, tmp_path / "none", f"models: [{{model: {y}}}, {{model: {x1}}}]\nmerge_method: linear\nalignment: none\n")
     assert _rendered(out) == "Y:hi\n"
 
-
-def test_chat_template_names_are_refused_in_one_line(capsys, tmp_path, models):
-    (tmp_path / "r.yaml").write_text(f"models: [{{model: {models['a']}}}]\nmerge_method: linear\nchat_template: chatml\n")
-    expect_cli_error(capsys, "chat_template: chatml: mergekit's built-in template names are not shipped", "merge", tmp_path / "r.yaml", tmp_path / "o")

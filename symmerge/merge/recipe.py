@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint, open_checkpoint, unique_names
+from symmerge.io.chat_templates import CHAT_TEMPLATES
 from symmerge.io.checkpoint import read_chat_template
 from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
 from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
@@ -944,9 +945,11 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         chat_template = plurality_chat_template([c.path for c in ([base] if base is not None else []) + models])
         notes.append("chat_template: auto chose " + ("no template (no model has one)" if chat_template is None else
                                                       f"the models' most common template ({cut(chat_template, 40)!r})"))
+    elif chat_template in CHAT_TEMPLATES:  # mergekit's names: symmerge's own templates of those formats
+        chat_template = CHAT_TEMPLATES[chat_template]
     elif chat_template is not None and "{" not in chat_template:
-        raise SymmergeError(f"chat_template: {cut(chat_template)}: mergekit's built-in template names are not shipped "
-                            "with symmerge: give the Jinja template itself (or auto)")
+        raise SymmergeError(f"chat_template: {cut(chat_template)} is neither a Jinja template nor a template name "
+                            f"({', '.join(CHAT_TEMPLATES)}) nor auto")
     plan = MergePlan(
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
