@@ -237,6 +237,10 @@ def extras_adapter() -> str:
 
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
     two = [{"model": ck["a"]}, {"model": ck["b"]}]
+
+    def src(name: str, start: int, end: int, weight: float | None = None) -> dict:
+        return {"model": ck[name], "layer_range": [start, end], **({"parameters": {"weight": weight}} if weight is not None else {})}
+
     three_w = [{"model": ck["a"], "parameters": {"weight": 0.5}}, {"model": ck["b"], "parameters": {"weight": 0.3}},
                {"model": ck["c"], "parameters": {"weight": 0.2}}]
     tv = lambda method, params=None, models=None: {"models": models or three_w, "merge_method": method, "base_model": ck["base"],  # noqa: E731
@@ -290,6 +294,24 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                                                             {"model": HUB_REPO.format(name="b") + "@main", "parameters": {"weight": 0.4}}],
                                                  "merge_method": "linear", "dtype": "float32"},
         "dtype bfloat16 (linear)": {"models": three_w, "merge_method": "linear", "dtype": "bfloat16"},
+        # mergekit's per-slice base_model: the base of that slice's tensors (the first slice's: the embeddings; the
+        # last's: final norm and head)
+        "slice base_model overrides base_model (task_arithmetic)": {
+            "slices": [{"sources": [src("base", 0, 2), src("a", 0, 2, 0.5), src("b", 0, 2, 0.3)]},
+                       {"sources": [src("a", 2, 4), src("b", 2, 4, 0.3), src("c", 2, 4, 0.2)], "base_model": ck["a"]}],
+            "merge_method": "task_arithmetic", "base_model": ck["base"], "parameters": {"lambda": 0.8}, "dtype": "float32"},
+        "slice base_model, no recipe base (dare_ties, density 1)": {
+            "slices": [{"sources": [src("base", 0, 2), src("a", 0, 2, 0.5), src("b", 0, 2, 0.3)], "base_model": ck["base"]},
+                       {"sources": [src("a", 2, 4, 0.5), src("b", 2, 4), src("c", 2, 4, 0.2)], "base_model": ck["b"]}],
+            "merge_method": "dare_ties", "parameters": {"density": 1.0}, "dtype": "float32"},
+        "slice base_model, moved layers (task_arithmetic)": {
+            "slices": [{"sources": [src("base", 0, 2), src("a", 1, 3, 0.6)], "base_model": ck["base"]},
+                       {"sources": [src("b", 2, 4, 0.4), src("c", 1, 3)], "base_model": ck["c"]}],
+            "merge_method": "task_arithmetic", "dtype": "float32"},
+        "slice base_model, slerp (one base per slice)": {
+            "slices": [{"sources": [src("a", 0, 2), src("b", 0, 2)], "base_model": ck["a"]},
+                       {"sources": [src("a", 2, 4), src("b", 2, 4)], "base_model": ck["b"]}],
+            "merge_method": "slerp", "parameters": {"t": 0.3}, "dtype": "float32"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
     }
     if "a-dora" in ck:
@@ -337,6 +359,10 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                     "a0": {"source": {"kind": "zero"}}, "w5": {"source": ck["tok-b"], "force": True},
                     "new": {"source": {"kind": "model_token", "model": ck["tok-a"], "token": "w7"}}}}},
         }
+        # mergekit's chat template names: a tokenizer is built (union), so both tools write the named template
+        for name in TEMPLATE_NAMES:
+            j[f"chat_template: {name} (linear, union tokenizer)"] = {"models": tok3, "merge_method": "linear", "tokenizer_source": "union",
+                                                                     "chat_template": name, "dtype": "float32"}
     return j
 
 
@@ -363,7 +389,61 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "tokenizer_source: union + base": "as task_arithmetic: float32 summation order, a few ulps",
     "tokenizer_source: base": "as task_arithmetic: float32 summation order, a few ulps",
     "tokenizer: tokens": "the padding rows (the mean of 564 rows): float32 summation order",
+    "slice base_model, slerp": "as slerp: coefficient precision, a few ulps",
+    "slice base_model": "as task_arithmetic: float32 summation order, a few ulps",
 }
+
+TEMPLATE_NAMES = ("chatml", "llama3", "mistral", "alpaca", "exaone")
+TEMPLATE_EXPLAIN = {  # why mergekit's file renders otherwise (transformers renders with trim_blocks and lstrip_blocks)
+    "llama3": "mergekit's file prints each message on a line of its own, so a \\n follows every <|eot_id|>, which the Llama 3 "
+              "format (and Meta's template) does not have",
+    "alpaca": "mergekit's file renders a blank line first when there is no system message, and none between the last turn "
+              "and the generation prompt's ### Response:",
+    "exaone": "mergekit's file is indented: lstrip_blocks strips only before {% %} tags, so the indentation before its {{ }} "
+              "and its line breaks are rendered into the prompt",
+}
+
+
+def _conversations() -> list[tuple[list[dict], bool, dict]]:
+    """(messages, add_generation_prompt, special tokens): every role layout the five formats treat differently."""
+    s, u, a = "system", "user", "assistant"
+    chats = [[(u, "Hi")], [(s, "Be brief."), (u, "Hi there")], [(s, "Be brief."), (u, "Hi there"), (a, "Hello!"), (u, "2+2?")],
+             [(u, "Hi"), (a, " Hello ")], [(u, "one"), (a, "1"), (u, "two"), (a, "2")], [(s, "only a system message")],
+             [(u, "line 1\nline 2 "), (a, "ok\n")], [(s, "S"), (u, "Summarise"), ("user_context", "the input")],
+             [(u, "a"), (u, "b")], [(a, "first")]]
+    tokens = [{"bos_token": "<s>", "eos_token": "</s>"}, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}]
+    return [([{"role": r, "content": c} for r, c in chat], g, t) for chat in chats for g in (False, True) for t in tokens]
+
+
+def _render(template: str, messages: list[dict], generation: bool, tokens: dict) -> str:
+    """The prompt transformers' apply_chat_template renders (its renderer, trim_blocks and lstrip_blocks), or the
+    error a template raises (``raise_exception``)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        return render_jinja_template([messages], chat_template=template, add_generation_prompt=generation, **tokens)[0][0]
+    except Exception as e:  # noqa: BLE001 - a template's raise_exception: compared as an outcome
+        return f"<error {type(e).__name__}>"
+
+
+def template_conformance(name: str, sym: Path, mk: Path) -> str:
+    """The chat templates both tools wrote into their outputs' tokenizers (as transformers loads them), rendered
+    over :func:`_conversations`: how many prompts are the same string, and whether the others differ in whitespace
+    only."""
+    import transformers
+
+    ours, theirs = (transformers.AutoTokenizer.from_pretrained(p, local_files_only=True).chat_template for p in (sym, mk))
+    if not ours or not theirs:
+        return f"chat template missing: symmerge {bool(ours)}, mergekit {bool(theirs)}"
+    pairs = [(_render(ours, *c), _render(theirs, *c)) for c in _conversations()]
+    differ = [(x, y) for x, y in pairs if x != y]
+    out = f"chat template `{name}`: {len(pairs) - len(differ)} / {len(pairs)} prompts identical"
+    if differ:
+        spaces = sum("".join(x.split()) == "".join(y.split()) for x, y in differ)
+        x, y = min(differ, key=lambda d: len(d[0]))
+        out += (f"; {spaces} of the {len(differ)} others differ in whitespace only (e.g. symmerge {x[:60]!r}, mergekit "
+                f"{y[:60]!r}): {TEMPLATE_EXPLAIN.get(name, '')}")
+    return out
 
 
 def explain(name: str) -> str:
@@ -548,6 +628,8 @@ def main() -> None:
             worst, over, total, note = compare(sym_out, mk_out)
             if over and not note:
                 note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
+            if "chat_template" in recipe:
+                note = "; ".join(filter(None, [note, template_conformance(recipe["chat_template"], sym_out, mk_out)]))
             rows.append((name, worst, over, total, note, mk, sym))
         print(rows[-1][:5], flush=True)
         previous[name] = list(rows[-1])
@@ -567,6 +649,13 @@ def main() -> None:
              f"`{UNKNOWN}` rows: two unrelated Starcoder2 checkpoints of those widths (seeds 0 and 1), a family symmerge has "
              "no spec of; mergekit reads it with its own starcoder2 architecture file, symmerge reads the layers from the "
              "tensor names and notes that it merges without alignment.", "",
+             "`slice base_model` rows: mergekit's per-slice base (the base of that slice's layers; the first slice's also of "
+             "the embeddings, the last's of the final norm and head).", "",
+             "`chat_template` rows: the template each tool wrote into its output tokenizer (loaded with transformers) is "
+             f"rendered by transformers' chat renderer (trim_blocks, lstrip_blocks) over {len(_conversations())} prompts "
+             "(10 conversations of every role layout, add_generation_prompt false / true, two bos/eos pairs); the note says "
+             "how many are the same string. symmerge's templates are its own, written from each format's definition "
+             "(`symmerge/io/chat_templates.py`).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:
