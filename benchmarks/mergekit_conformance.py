@@ -359,6 +359,12 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                     "a0": {"source": {"kind": "zero"}}, "w5": {"source": ck["tok-b"], "force": True},
                     "new": {"source": {"kind": "model_token", "model": ck["tok-a"], "token": "w7"}}}}},
         }
+        tok_src = lambda name, start, end, weight=None: {"model": ck[name], "layer_range": [start, end],  # noqa: E731
+                                                         **({"parameters": {"weight": weight}} if weight is not None else {})}
+        j["slice base_model + tokenizer_source: union (task_arithmetic)"] = {
+            "slices": [{"sources": [tok_src("tok-base", 0, 2), tok_src("tok-a", 0, 2, 0.5), tok_src("tok-b", 0, 2, 0.3)]},
+                       {"sources": [tok_src("tok-a", 2, 4), tok_src("tok-b", 2, 4, 0.4)], "base_model": ck["tok-a"]}],
+            "merge_method": "task_arithmetic", "base_model": ck["tok-base"], "tokenizer_source": "union", "dtype": "float32"}
         # mergekit's chat template names: a tokenizer is built (union), so both tools write the named template
         for name in TEMPLATE_NAMES:
             j[f"chat_template: {name} (linear, union tokenizer)"] = {"models": tok3, "merge_method": "linear", "tokenizer_source": "union",
@@ -535,6 +541,21 @@ def describe(c: dict | None) -> str:
     return f"measured: {c['differing']} entries differ > 1 rounding: " + "; ".join(parts)
 
 
+def operand_ulps(ck: dict[str, str], sym: Path, mk: Path) -> float:
+    """The largest difference between the two outputs in units in the last place of the largest input at that entry
+    (over checkpoints base, a, b, c, at the same tensor name): what float32 operation order alone can explain is a
+    few; a wrong base would be ~10^4 (a task vector is 1 % of the weights)."""
+    inputs = [load_file(Path(ck[n]) / "model.safetensors") for n in ("base", "a", "b", "c")]
+    a, b = _sharded(sym), _sharded(mk)
+    worst = 0.0
+    for key, x in a.items():
+        if key not in inputs[0] or inputs[0][key].shape != x.shape:
+            continue
+        scale = torch.stack([m[key].float().abs() for m in inputs]).amax(0)
+        worst = max(worst, float(((x.float() - b[key].float()).abs() / ulp(scale, torch.float32)).max()))
+    return worst
+
+
 def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
     p = subprocess.run([str(TIME), "-v", *cmd], capture_output=True, text=True, env=env)
     wall, rss = _parse_time_v(p.stderr)
@@ -628,6 +649,8 @@ def main() -> None:
             worst, over, total, note = compare(sym_out, mk_out)
             if over and not note:
                 note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
+            if over and name.startswith("slice base_model") and "tokenizer_source" not in recipe:
+                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out):.0f} units in the last place of the largest input"
             if "chat_template" in recipe:
                 note = "; ".join(filter(None, [note, template_conformance(recipe["chat_template"], sym_out, mk_out)]))
             rows.append((name, worst, over, total, note, mk, sym))
