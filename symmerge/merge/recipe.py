@@ -839,8 +839,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             layout = _frankenmerge_layout(slices, models, layers, shapes_of)
 
     if layout is not None and (method.needs_data or method.prepare is not None and method.name != "ties"):
-        why = "slices with their own base_model" if own_bases else "slices that move or drop layers"
-        raise SymmergeError(f"{method.name} needs whole models: it cannot merge {why}")
+        raise SymmergeError(f"{method.name} needs whole models: it cannot merge slices that move or drop layers")
 
     if layout is not None and method.needs_base:
         for s, sl in enumerate(slices):
