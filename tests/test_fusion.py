@@ -14,7 +14,7 @@ from symmerge.groups import ModelTransform, apply_transform, random_transform
 from symmerge.groups.heads import HeadTransform
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.match import get_matcher
-from symmerge.match.learned import _schedule, learn_transform, path_loss, soft_target_loss
+from symmerge.match.learned import MAX_EVALUATION_SHARE, _evaluation_due, _schedule, learn_transform, path_loss, soft_target_loss
 from symmerge.spec import spec_for
 
 TOL = 1e-5
@@ -141,6 +141,33 @@ def test_learned_matching_seconds_budget_includes_the_last_evaluation():
                                 symmetries=chosen, steps=10_000, seconds=4.0, path="random", eval_every=100_000)
     assert 0 < record["steps"] < 10_000
     assert record["seconds"] < 4.0 + 0.4  # one step and timer slack, less than the 0.75 s of a late evaluation
+
+
+def test_evaluations_take_a_bounded_share_of_a_seconds_budget():
+    """Under a seconds budget an intermediate evaluation waits until the steps since the last one took (1 − s)/s times
+    its cost; a steps-only budget keeps the fixed schedule (reproducible). Then, end to end: objective evaluations of
+    0.75 s with eval_every=1 and a 4 s budget leave the start and the end only, and the steps the rest of the time
+    (the fixed schedule would have evaluated after every step)."""
+    share = MAX_EVALUATION_SHARE
+    assert _evaluation_due(25, 25, None, 0.0, 100.0) and not _evaluation_due(24, 25, None, 1e9, 0.0)
+    needed = 1.0 * (1 - share) / share
+    assert _evaluation_due(25, 25, 150.0, needed * 1.01, 1.0) and not _evaluation_due(25, 25, 150.0, needed * 0.99, 1.0)
+    assert not _evaluation_due(24, 25, 150.0, 1e9, 1.0)
+
+    a, b, make_inputs, sa, sb, spec, chosen = _gpt2_pair()
+    init = get_matcher("weights")(sa, sb, spec, chosen)
+    ref, model = init.folded_reference, fold_norms(sb, spec.residual)
+    inner = path_loss(a.config, ref, untie=True)
+
+    def slow_objective_loss(state, batch):
+        if not torch.is_grad_enabled():
+            time.sleep(0.25)
+        return inner(state, batch)
+
+    _, record = learn_transform(ref, model, spec, init.transform, slow_objective_loss, _lm_batches(make_inputs, 4),
+                                symmetries=chosen, steps=10_000, seconds=4.0, path="random", eval_every=1)
+    assert [e[0] for e in record["evaluations"]] == [0, record["steps"]]
+    assert record["steps"] > 10
 
 
 def test_iterative_alignment_of_many_models_never_ends_above_the_star():

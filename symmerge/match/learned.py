@@ -19,7 +19,8 @@ Each step evaluates one calibration batch at one point of the path (``t ~ U(0.2,
 cosine decay over the budget. The *objective* is the mean loss (with the labels) over the held-out
 calibration batches (every 4th, when there are 4 or more; else all) at fixed points of the path
 (``t = 1/2``; ``t ∈ {1/4, 1/2, 3/4}`` for ``path="random"``); it is evaluated at the start (weight matching),
-every ``eval_every`` steps and at the end, and the best element evaluated is returned: never worse than the start
+every ``eval_every`` steps (under a seconds budget: at most MAX_EVALUATION_SHARE of the time) and at the end, and
+the best element evaluated is returned: never worse than the start
 by the objective. A step that overflows, or makes a learned head factor too ill-conditioned for float32 weights to
 keep B's function, is undone: the best element is restored, Adam's moments reset and the rate halved (with a
 warm-up). Budgets: ``steps`` and ``seconds``, whichever ends first.
@@ -65,12 +66,25 @@ TARGETS = ("soft", "labels")  # what the steps fit: the endpoints' mean predicti
 LEARNING_RATE = 1e-2  # Adam's step on every latent and generator (before the warm-up and the cosine decay)
 WARMUP_STEPS = 20  # linear warm-up at the start and after a restart: Adam's first steps are about lr per entry whatever the gradient
 MAX_CONDITION = 100.0  # learned head factors beyond this lose ~2 of float32's 7 digits; the step is undone
+# Under a seconds budget, intermediate objective evaluations may take at most this share of the time: on GPT-2 one
+# evaluation (8 held-out batches × 3 points of the path) costs as much as ~10 steps, so evaluating every 25 steps
+# spent ~30% of a 150 s budget on evaluations instead of steps (benchmarks/results/learned_matching_sweep.md).
+MAX_EVALUATION_SHARE = 0.1
 
 
 def _schedule(done: float, since_restart: int, warmup: int) -> float:
     """The factor on the learning rate: a linear warm-up over the ``warmup`` steps after each (re)start, times a
     cosine decay over the fraction ``done`` of whichever budget (steps or seconds) runs out first."""
     return min(1.0, (since_restart + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def _evaluation_due(step: int, eval_every: int, seconds: float | None, since_last: float, evaluation_seconds: float) -> bool:
+    """Whether to evaluate the objective after ``step``: every ``eval_every`` steps; under a seconds budget only once
+    the steps since the last evaluation took ``(1 − s)/s`` times as long as it did (``s`` = MAX_EVALUATION_SHARE), so
+    evaluations stay within that share of the budget. A steps-only budget keeps the fixed schedule (reproducible)."""
+    if step % eval_every:
+        return False
+    return seconds is None or since_last * MAX_EVALUATION_SHARE >= evaluation_seconds * (1 - MAX_EVALUATION_SHARE)
 
 
 def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -281,6 +295,7 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     # the seconds budget covers the whole of learning: steps stop early enough for the last objective evaluation
     # (as long as the one before; ~25 s for GPT-2 on this machine) to fit in it too
     evaluation_seconds = evaluations[0][3]
+    last_evaluated = time.perf_counter()
     history: list[float] = []
     order: list[int] = []
     step, restart, shrink, halvings = 0, 0, 1.0, []
@@ -304,10 +319,12 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
                 # an element that float32 weights cannot hold exactly (far from orthogonal head maps) is out of bounds
                 finite = finite and param.condition() <= MAX_CONDITION
             step += 1
-            if finite and (step % eval_every == 0 or step == steps):
+            if finite and (step == steps or _evaluation_due(step, eval_every, seconds, time.perf_counter() - last_evaluated,
+                                                            evaluation_seconds)):
                 evaluated = time.perf_counter()
                 current, mid = objective()
-                evaluation_seconds = time.perf_counter() - evaluated
+                last_evaluated = time.perf_counter()
+                evaluation_seconds = last_evaluated - evaluated
                 evaluations.append((step, current, mid, time.perf_counter() - begin))
                 if current < best[0]:
                     best = (current, mid, param.snapshot(), step)
