@@ -126,7 +126,7 @@ parameters: {{density: 0.5, lambda: 0.7, weight: 1.0}}
     assert not torch.equal(half["model.layers.3.mlp.up_proj.weight"], mod["model.layers.3.mlp.up_proj.weight"])  # control
 
 
-def test_modules_other_than_the_default_one_are_refused(llamas, tmp_path, capsys):
+def test_malformed_modules_forms_are_refused(llamas, tmp_path, capsys):
     a = llamas["a"]
     for text, message in [
         (f"modules: {{default: {{models: [{{model: {a}}}]}}}}\nmodels: [{{model: {a}}}]\nmerge_method: linear\n",

@@ -380,6 +380,27 @@ def set_chat_template(dest: Path, template: str) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def with_module_depth(config: dict, key: str, count: int, layers: list[int]) -> dict:
+    """``config`` with the depth at ``key`` (dotted for a nested config: ``text_config.num_hidden_layers``) set to
+    ``count``, the module's output layers taken from its source ``layers``; per-layer lists beside that key
+    (``layer_types``...) re-indexed as :func:`with_layer_count` does. The input is not modified."""
+    *path, last = key.split(".")
+    out = dict(config)
+    parent = out
+    for part in path:
+        if not isinstance(parent.get(part), dict):
+            return out
+        parent[part] = dict(parent[part])
+        parent = parent[part]
+    old = parent.get(last)
+    parent[last] = count
+    if isinstance(old, int):
+        for k, v in list(parent.items()):
+            if isinstance(v, list) and len(v) == old and (old != count or k == "layer_types"):
+                parent[k] = [v[i] for i in layers]
+    return out
+
+
 def with_layer_count(config: dict, count: int, layers: list[int]) -> dict:
     """``config`` for a model of ``count`` layers taken from ``layers`` of the source (a frankenmerge): the layer
     count key of the family, and any per-layer list (``layer_types``...) re-indexed."""

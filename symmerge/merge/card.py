@@ -20,6 +20,11 @@ def recipe_for_card(plan: MergePlan) -> dict:
             entry["model"] = _where(plan.models[src.model])
         if out.base is not None:
             sl["base_model"] = _where(plan.models[out.base])
+    where = {getattr(c, "reference", None): _where(c) for c in plan.models}
+    for module in (r.get("modules") or {}).values():  # mergekit's multi-module form: each module's inputs
+        inputs = module.get("models", []) + [src for sl in module.get("slices", []) for src in sl["sources"]]
+        for entry in inputs:
+            entry["model"] = where.get(entry["model"], entry["model"])
     if plan.base is not None:
         r["base_model"] = _where(plan.base)
     r["parameters"] = plan.params

@@ -33,7 +33,7 @@ from symmerge.groups import ModelTransform, apply_to_group, apply_transform, emb
 from symmerge.groups.residual import can_unfold
 from symmerge.groups.stream import TransformedState
 from symmerge.io import atomic_output_dir, copy_model_files
-from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count
+from symmerge.io.checkpoint import copy_tokenizer_files, set_chat_template, with_layer_count, with_module_depth
 from symmerge.io.hf import build_model, linear_layout, model_input_name, to_checkpoint_names, untied_config
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.io.tokenizer import save_tokenizer
@@ -486,7 +486,11 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
         config = dict(source.config)
         if vocab is not None and "vocab_size" in config:  # as mergekit: the output vocabulary's length, padded
             config["vocab_size"] = vocab.size
-        if plan.layout is not None:  # a frankenmerge: the new depth, and per-layer config lists follow the layers
+        if getattr(plan, "module_depths", None):  # modules: each module's depth where the config states it (as mergekit)
+            for key, count, layers in plan.module_depths:
+                config = with_module_depth(config, key, count, layers)
+        elif plan.layout is not None and plan.num_layers_out is not None:  # a frankenmerge: the new depth, and
+            # per-layer config lists follow the layers
             config = with_layer_count(config, plan.num_layers_out, [layer for _, layer in _source_layers(plan)])
         write_config(config, tmp, plan.dtype, untie=residual or plan.lend_head is not None)
         (tmp / "merge.yaml").write_text(yaml.safe_dump(recipe_for_card(plan), sort_keys=False))

@@ -27,7 +27,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -54,13 +54,21 @@ from symmerge.merge.vocabulary import (
     union_tokens,
 )
 from symmerge.spec import (
+    MODULAR_ARCHITECTURES,
     ModelSpec,
+    Module,
+    architecture_name,
     check_compatible_shapes,
     check_embeddable,
     check_same_shape,
     layer_structure,
+    module_keys,
+    module_layers,
+    module_of,
+    modules_of,
     resized_keys,
     spec_for,
+    stated_depth,
     tied_head,
     widths_differ,
 )
@@ -204,26 +212,51 @@ class DataBlock(BaseModel):
     batch_size: int = Field(8, gt=0)
 
 
+class ModuleEntry(BaseModel):
+    """One module of mergekit's ``modules: {NAME: {models: ... | slices: ..., parameters: ...}}``: the inputs of
+    that module's tensors, and its parameters (ranked below a slice's, above the recipe's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModuleEntry:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of models or slices (as in mergekit)")
+        return self
+
+    @field_validator("parameters")
+    @classmethod
+    def _known(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        return _settings(v or {}, "parameter")
+
+
 def _lift_default_module(raw: dict[str, Any]) -> dict[str, Any]:
     """mergekit's ``modules:`` form for a single-module model, as the top-level form it stands for. mergekit names
     the one module of every text-only architecture ``default`` and normalises ``models:`` / ``slices:`` into
     ``modules: {default: ...}`` itself (``mergekit/plan.py``); the module's ``parameters`` rank below a slice's and
-    above the recipe's (``ConfigReader.parameter_sources``), kept here as ``module_parameters``."""
-    modules = raw.pop("modules")
+    above the recipe's (``ConfigReader.parameter_sources``), kept here as ``module_parameters``. Other module names
+    (a vision-language model's ``text_decoder``, ``vision_tower``...) stay as ``modules``: :func:`plan_merge` checks
+    them against the models' architecture."""
+    modules = raw.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise ValueError("modules: takes a mapping of module names to {models: ...} or {slices: ...}")
+    if raw.get("models") or raw.get("slices"):
+        raise ValueError("a recipe has exactly one of models, slices or modules (as in mergekit)")
+    for name in modules:
+        if not isinstance(name, str) or not name or len(name) > 80:
+            raise ValueError(f"modules: module names are words such as text_decoder, got {shorten(name)}")
     if list(modules) != ["default"]:
-        names = ", ".join(shorten(str(k), 40) for k in list(modules)[:4])
-        raise ValueError(f"modules: {names}: only the single module of a text model, default, is supported (multi-module "
-                         "vision-language or multi-tower recipes merge each module separately in mergekit; symmerge does not)")
+        return raw
+    raw.pop("modules")
     module = modules["default"]
     if not isinstance(module, dict):
         raise ValueError("modules.default: takes models: or slices: (and optionally parameters:)")
     unknown = sorted(set(module) - {"models", "slices", "parameters"})
     if unknown:
         raise ValueError(f"modules.default: unknown key {shorten(unknown[0], 40)} (it takes models, slices and parameters)")
-    if raw.get("models") or raw.get("slices"):
-        raise ValueError("a recipe has exactly one of models, slices or modules (as in mergekit)")
     if bool(module.get("models")) == bool(module.get("slices")):
         raise ValueError("modules.default: give exactly one of models or slices")
     for key in ("models", "slices"):
@@ -234,13 +267,15 @@ def _lift_default_module(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class Recipe(BaseModel):
-    """A recipe: mergekit's single-document configuration (``models`` or ``slices``, ``base_model``,
+    """A recipe: mergekit's single-document configuration (``models``, ``slices`` or ``modules``, ``base_model``,
     ``merge_method``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer``,
     ``chat_template``), plus symmerge's ``alignment``, ``data``, ``shard_size`` and ``allow_unrelated_base``."""
 
     model_config = ConfigDict(extra="forbid")
     models: list[ModelEntry] | None = None
     slices: list[SliceEntry] | None = None
+    # mergekit's multi-module form (modules other than default): each module merged from its own models or slices
+    modules: dict[str, ModuleEntry] | None = None
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, Any] | None = Field(default_factory=dict)
@@ -271,6 +306,8 @@ class Recipe(BaseModel):
                 raise ValueError("module_parameters: unknown key (write modules: {default: {parameters: ...}})")
             if "modules" in raw:
                 raw = _lift_default_module(raw)
+                if "modules" in raw:
+                    return raw
             given = [k for k in ("models", "slices") if raw.get(k)]
             if len(given) != 1:
                 raise ValueError("a recipe has exactly one of models (whole models) or slices (layer ranges)"
@@ -508,6 +545,7 @@ class OutSlice:
     offset: int
     length: int | None  # None: the whole model, whose layers its tensor names do not tell (no gradients then)
     base: int | None = None  # its own base_model (mergekit's per-slice base), a model index; None: the recipe's
+    module: dict[str, Any] | None = None  # its module's parameters (modules: NAME); None: the recipe's module_parameters
 
 
 @dataclass
@@ -551,6 +589,9 @@ class MergePlan:
     vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the output vocabulary and the remapping
     model_specs: list[ModelSpec | None] = field(default_factory=list)  # per model: its own spec when narrower than the reference's
     chat_template: str | None = None  # the template written into the output's tokenizer (``auto`` resolved); None: as copied
+    # modules: of a multi-module model: (config key of a module's depth, its new depth, the source layer of each
+    # output layer) for every module whose depth the config states
+    module_depths: list[tuple[str, int, list[int]]] = field(default_factory=list)
 
     @property
     def aligned(self) -> bool:
@@ -578,7 +619,8 @@ def tensor_parameters(plan: MergePlan, key: str, slice_index: int, t: float,
     if not getattr(plan, "varying", False):
         return plan.params, None if plan.weights is None else [plan.weights[m] for m, _ in inputs]
     sl = plan.slices[slice_index]
-    top, module = plan.recipe.parameters, plan.recipe.module_parameters
+    top = plan.recipe.parameters
+    module = plan.recipe.module_parameters if sl.module is None else sl.module
     params = dict(plan.params)
     specs = {p.name: p for p in plan.method.params}
     own = {src.model: src.parameters for src in sl.sources}
@@ -740,6 +782,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     recipe.module_parameters = module
     representative = {k: (v if is_plain(v) else next(iter(leaves(v)), None)) for k, v in top.items() if k != "weight"}
     params = validate_params(recipe.merge_method, representative)
+    if recipe.modules is None:
+        recipe = _as_modules(recipe, root, allow_pickle, module)
+    if recipe.modules is not None:
+        return _plan_modules(recipe, root, allow_pickle, method, params, notes)
 
     # the inputs: models, or every model a slice names, each opened once (a LoRA-adapted model is another model)
     if recipe.models is not None:
@@ -936,19 +982,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is narrower than {models[widest].path}: models of different "
                                     "widths are aligned to the widest")
 
-    out_dtype = recipe.out_dtype or recipe.dtype
-    if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
-        notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
-    chat_template = recipe.chat_template
-    if chat_template == "auto":
-        chat_template = plurality_chat_template([c.path for c in ([base] if base is not None else []) + models])
-        notes.append("chat_template: auto chose " + ("no template (no model has one)" if chat_template is None else
-                                                      f"the models' most common template ({cut(chat_template, 40)!r})"))
-    elif chat_template in CHAT_TEMPLATES:  # mergekit's names: symmerge's own templates of those formats
-        chat_template = CHAT_TEMPLATES[chat_template]
-    elif chat_template is not None and "{" not in chat_template:
-        raise SymmergeError(f"chat_template: {cut(chat_template)} is neither a Jinja template nor a template name "
-                            f"({', '.join(CHAT_TEMPLATES)}) nor auto")
+    out_dtype, chat_template = _output_choices(recipe, models, base, notes)
     plan = MergePlan(
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
@@ -1013,7 +1047,8 @@ def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
 
 
 def _scopes(top: dict, slices: list[OutSlice], module: dict | None = None) -> list[dict]:
-    return [top, module or {}] + [sl.parameters or {} for sl in slices] + [s.parameters or {} for sl in slices for s in sl.sources]
+    return ([top, module or {}] + [sl.module or {} for sl in slices] + [sl.parameters or {} for sl in slices]
+            + [s.parameters or {} for sl in slices for s in sl.sources])
 
 
 def _has_weight(top: dict, slices: list[OutSlice], module: dict | None = None) -> bool:
@@ -1021,10 +1056,13 @@ def _has_weight(top: dict, slices: list[OutSlice], module: dict | None = None) -
 
 
 def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layers: ModelSpec,
-                         shapes_of: Callable[[Checkpoint], dict[str, tuple[int, ...]]]) -> list[OutTensor]:
+                         shapes_of: Callable[[Checkpoint], dict[str, tuple[int, ...]]],
+                         keys_of: Callable[[Checkpoint], list[str]] | None = None) -> list[OutTensor]:
     """Every output tensor of slices that move or drop layers: embeddings from the first slice's models, each
-    output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's."""
-    keys = list(models[slices[0].sources[0].model].shapes())
+    output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's.
+    ``keys_of``: the tensors of a checkpoint taken (one module's), default all."""
+    first_model = models[slices[0].sources[0].model]
+    keys = list(first_model.shapes()) if keys_of is None else keys_of(first_model)
     outside = [k for k in keys if layers.layer_of(k) is None]
     out: list[OutTensor] = []
     for k in outside:
@@ -1207,3 +1245,206 @@ def _lent_head(checkpoints: list[Checkpoint]) -> tuple[str, str] | None:
         return None
     has_head = [pair[0] in c.shapes() for c in checkpoints]
     return pair if any(has_head) and not all(has_head) else None
+
+
+def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method: MergeMethod, params: dict[str, Any],
+                  notes: list[str]) -> MergePlan:
+    """A multi-module recipe (``modules: {text_decoder: ..., vision_tower: ...}``) as mergekit 0.1.5 plans it
+    (``MergePlanner.normalize_config`` / ``plan_module``): each module's tensors merged from that module's models or
+    slices with that module's parameters; ``merge_method``, ``base_model``, the recipe's ``parameters`` and the dtypes
+    apply to all. A module's ``models:`` is one slice of the module's whole depth, with the base model added as a
+    source when the method uses one and it is not listed (as mergekit adds it). Every module of the architecture
+    must be listed, and every tensor must belong to one: mergekit writes no tensor outside the modules it merges,
+    which would leave the output without them. Never aligned: symmerge has no spec of these models."""
+    assert recipe.modules is not None
+    models: list[Checkpoint] = []
+
+    def index_of(ckpt: Checkpoint) -> int:
+        known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
+        if known is None:
+            models.append(ckpt)
+            known = len(models) - 1
+        return known
+
+    base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+    if method.needs_base and base is None:
+        raise SymmergeError(f"merge_method {method.name} needs base_model: the common pretrained ancestor the models were "
+                            "fine-tuned from")
+    if method.needs_data or method.prepare is not None and method.name != "ties":
+        raise SymmergeError(f"merge_method {method.name} needs whole models: it cannot merge modules: module by module "
+                            "(use models: for all modules at once)")
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        raise SymmergeError("tokenizer: merging vocabularies is not supported with modules: other than default (yet): "
+                            "give every model the same tokenizer and drop tokenizer_source / tokenizer")
+    if recipe.alignment != "none" and not recipe.default_alignment:
+        raise SymmergeError("alignment: symmerge cannot align the modules of a multi-module model (it has no spec of "
+                            "them): set alignment: none, or leave alignment out")
+    if recipe.data is not None:
+        _note_once(notes, "data: not read: merging modules one by one uses no calibration data")
+
+    # every input opened once, in recipe order (a module's models, then its slices' sources)
+    entries: dict[str, list[tuple[list[tuple[int, dict, tuple[int, int] | None]], dict]]] = {}
+    for name, entry in recipe.modules.items():
+        where = f"modules.{cut(name, 40)}"
+        if entry.models:
+            method.check_models(len(entry.models), True)
+            sources = [(index_of(_open(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
+                        _check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
+                       for i, m in enumerate(entry.models)]
+            if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
+                sources.append((index_of(base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
+            entries[name] = [(sources, {})]
+        else:
+            entries[name] = []
+            for s, sl in enumerate(entry.slices):
+                if sl.residual_weight is not None:
+                    _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
+                if sl.base_model is not None and sl.base_model != recipe.base_model:
+                    raise SymmergeError(f"{where}.slices.{s}.base_model: a per-slice base model other than base_model is not supported")
+                method.check_models(len(sl.sources), True)
+                sources = [(index_of(_open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
+                            _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
+                            src.layer_range) for j, src in enumerate(sl.sources)]
+                entries[name].append((sources, _check_scope(method, sl.parameters, f"{where}.slices.{s}.parameters", False, notes)))
+    if base is not None:  # the base, named as a source too, is that same model
+        base = next((c for c in models if c.identity == base.identity), base)
+
+    architecture, table = _modular_architecture(recipe, models, base)
+    by_name = {m.name: m for m in table}
+    missing = [m.name for m in table if m.name not in recipe.modules]
+    if missing:
+        raise SymmergeError(f"modules: {architecture} has modules {', '.join(by_name)}; the recipe omits {', '.join(missing)} "
+                            "(mergekit 0.1.5 writes no tensor of an omitted module, so the output would lack it): list "
+                            "every module, e.g. with another module's models")
+    for ckpt in models + ([base] if base is not None and base not in models else []):
+        stray = next((k for k in ckpt.shapes() if module_of(table, k) is None), None)
+        if stray is not None:
+            prefixes = ", ".join(p for m in table for p in m.prefixes)
+            raise SymmergeError(f"modules: {ckpt.path}: tensor {cut(stray, 80)} is in no module of {architecture} (tensor "
+                                f"names start with {prefixes}; mergekit would drop it)")
+
+    keys_cache: dict[tuple[int, str], list[str]] = {}
+
+    def keys_in(ckpt: Checkpoint, module: Module) -> list[str]:
+        key = (id(ckpt), module.name)
+        if key not in keys_cache:
+            keys_cache[key] = module_keys(table, module, ckpt.shapes())
+        return keys_cache[key]
+
+    def layers_of(m: int, module: Module) -> ModelSpec:
+        return module_layers(models[m].config, module, keys_in(models[m], module), architecture)
+
+    slices: list[OutSlice] = []
+    layout: list[OutTensor] = []
+    module_depths: list[tuple[str, int, list[int]]] = []
+    module_params = {}
+    for name, module_slices in entries.items():
+        module, where = by_name[name], f"modules.{cut(name, 40)}"
+        module_params[name] = _check_scope(method, recipe.modules[name].parameters, f"{where}.parameters", False, notes)
+        first = len(slices)
+        offset = 0
+        for s, (sources, slice_params) in enumerate(module_slices):
+            depths = [layers_of(m, module).num_layers for m, _, _ in sources]
+            ranges = [(0, d) if r is None else r for (_, _, r), d in zip(sources, depths)]
+            for j, ((m, _, r), d) in enumerate(zip(sources, depths)):
+                if r is not None and r[1] > d:
+                    raise SymmergeError(f"{where}.slices.{s}.sources.{j}.layer_range: {list(r)} goes past the module's {d} "
+                                        f"layers in {models[m].path}")
+            lengths = sorted({b - a for a, b in ranges})
+            if len(lengths) != 1:
+                what = f"{where}: the models' {name} have different depths" if sources[0][2] is None else \
+                    f"{where}.slices.{s}: every source must take the same number of layers"
+                raise SymmergeError(f"{what}, got {lengths}")
+            out = [SliceSource(m, a, p) for (m, p, _), (a, _) in zip(sources, ranges)]
+            slices.append(OutSlice(out, slice_params, offset, lengths[0], module_params[name]))
+            offset += lengths[0]
+        own = slices[first:]
+        if method.needs_base:
+            for s, sl in enumerate(own):
+                if all(models[src.model] is not base for src in sl.sources):
+                    raise SymmergeError(f"{where}.slices.{s}: base_model must be one of the slice's sources for {method.name} "
+                                        "(as in mergekit)")
+        layers = layers_of(own[0].sources[0].model, module)
+        tensors = _frankenmerge_layout(own, models, layers, lambda c: c.shapes(), lambda c, mod=module: keys_in(c, mod))
+        layout += [replace(o, slice=o.slice + first) for o in tensors]
+        source_config = models[0].config  # the output's config (engine: the first model's when not aligned)
+        stated = stated_depth(source_config, module)
+        if stated is not None:
+            module_depths.append((stated[0], offset, [sl.sources[0].start + i for sl in own for i in range(sl.length)]))
+    if recipe.default_alignment:
+        notes.append(f"merged without alignment, as with alignment: none: symmerge cannot align the modules of {architecture}")
+    out_dtype, chat_template = _output_choices(recipe, models, base, notes)
+    plan = MergePlan(
+        recipe=recipe, models=models, weights=None, base=base, method=method, params=params, symmetries=frozenset(),
+        reference_index=None, spec=None, dtype=DTYPES[out_dtype] if out_dtype else None,
+        shard_size=parse_size(recipe.shard_size), data_path=None, names=unique_names([_shown_path(c.path) for c in models]),
+        slices=slices, layers=None, layout=layout, num_layers_out=None, varying=True, notes=notes,
+        chat_template=chat_template, module_depths=module_depths,
+    )
+    for i, c in enumerate(models):
+        if c.lora is not None:
+            plan.names[i] += "+" + c.lora.path.name
+    return plan
+
+
+def _as_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, module: dict[str, Any]) -> Recipe:
+    """A top-level recipe on a multi-module model as mergekit normalises it, where the layers matter: ``models:``
+    with a gradient is every module merged from those models (each module's own layers give ``t``); ``slices:`` is
+    refused in one line, as mergekit refuses it. Other recipes are returned as they are (a whole-model merge of every
+    tensor, which is what mergekit's normal form computes without gradients)."""
+    scopes = [recipe.parameters or {}, module] + [m.parameters or {} for m in recipe.models or []]
+    if not recipe.slices and not any(has_gradient(v) for scope in scopes for v in scope.values()):
+        return recipe
+    where = "models.0.model" if recipe.models else "slices.0.sources.0.model"
+    first = _open(recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model, root, where, allow_pickle)
+    table = modules_of(first.config)
+    if table is None:
+        return recipe
+    names = ", ".join(m.name for m in table)
+    if recipe.slices:
+        raise SymmergeError(f"slices: {architecture_name(first.config)} has modules {names}: give each module's slices "
+                            "under modules: {NAME: {slices: ...}} (as mergekit requires)")
+    lifted = recipe.model_copy(update={"models": None, "modules": {
+        m.name: ModuleEntry(models=recipe.models, parameters=module) for m in table}})
+    return lifted
+
+
+def _modular_architecture(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None) -> tuple[str, tuple[Module, ...]]:
+    """The architecture of a multi-module recipe's models (config.json ``architectures``, one entry, the same in
+    every model, as mergekit requires without ``--allow-crimes``) and its modules; one-line errors otherwise."""
+    everyone = models + ([base] if base is not None and base not in models else [])
+    names = [architecture_name(c.config) for c in everyone]
+    first = names[0]
+    for c, name in zip(everyone, names):
+        if name != first:
+            raise SymmergeError(f"modules: {c.path} is a {name or 'model without one architecture'}, {everyone[0].path} "
+                                f"a {first or 'model without one architecture'}: the modules of one architecture are merged")
+    given = ", ".join(cut(n, 40) for n in list(recipe.modules or {})[:4])
+    table = MODULAR_ARCHITECTURES.get(first) if first is not None else None
+    if table is None:
+        kind = first or "a model whose config.json names no single architecture"
+        raise SymmergeError(f"modules: {given}: {kind} has one module, default (modules are defined for "
+                            f"{', '.join(sorted(MODULAR_ARCHITECTURES))})")
+    unknown = [n for n in recipe.modules or {} if n not in {m.name for m in table}]
+    if unknown:
+        raise SymmergeError(f"modules.{cut(unknown[0], 40)}: {first} has no such module (its modules: "
+                            f"{', '.join(m.name for m in table)})")
+    return first, table
+
+
+def _output_choices(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, notes: list[str]) -> tuple[str | None, str | None]:
+    """The output dtype (``out_dtype``, else ``dtype``) and chat template (``auto`` resolved), with their notes."""
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
+        notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
+    chat_template = recipe.chat_template
+    if chat_template == "auto":
+        chat_template = plurality_chat_template([c.path for c in ([base] if base is not None else []) + models])
+        notes.append("chat_template: auto chose " + ("no template (no model has one)" if chat_template is None else
+                                                      f"the models' most common template ({cut(chat_template, 40)!r})"))
+    elif chat_template in CHAT_TEMPLATES:  # mergekit's names: symmerge's own templates of those formats
+        chat_template = CHAT_TEMPLATES[chat_template]
+    elif chat_template is not None and "{" not in chat_template:
+        raise SymmergeError(f"chat_template: {cut(chat_template)} is neither a Jinja template nor a template name "
+                            f"({', '.join(CHAT_TEMPLATES)}) nor auto")
+    return out_dtype, chat_template

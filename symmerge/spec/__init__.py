@@ -14,10 +14,21 @@ from symmerge.spec.compat import (
 )
 from symmerge.spec.families import REFUSED, SPEC_BUILDERS, SUPPORTED_FAMILIES, FamilyTable, spec_for
 from symmerge.spec.layers import LAYER_COUNT_KEYS, infer_layers, layer_structure
+from symmerge.spec.modules import (
+    MODULAR_ARCHITECTURES,
+    Module,
+    architecture_name,
+    module_keys,
+    module_layers,
+    module_of,
+    modules_of,
+    stated_depth,
+)
 
 __all__ = [
     "LAYER_COUNT_KEYS", "REFUSED", "SPEC_BUILDERS", "SUPPORTED_FAMILIES", "TENSOR_GROUPS", "AttentionGroup", "FFNGroup", "FamilyTable", "ModelSpec",
     "Norm", "ResidualGroup", "Slot", "StateView", "check_compatible", "check_compatible_shapes", "check_same_shape", "check_embeddable", "resized_keys", "widths_differ",
     "infer_layers", "layer_structure", "spec_for",
+    "MODULAR_ARCHITECTURES", "Module", "architecture_name", "module_keys", "module_layers", "module_of", "modules_of", "stated_depth",
     "tied_head", "untied_head",
 ]
