@@ -142,6 +142,8 @@ parameters: {{weight: 0.75}}
     assert not torch.allclose(out[k], 0.25 * s["a"][k] + 0.75 * s["b"][k])
     written = (tmp_path / "out" / "merge.yaml").read_text()
     assert "multi_modal_projector:" in written and str(vlms["c"].resolve()) in written
+    again = plan_merge(*load_recipe(tmp_path / "out" / "merge.yaml"))  # the recipe as run runs again
+    assert [sl.module for sl in again.slices] == [{}, {}, {"weight": 0.2}]
 
 
 def test_slices_and_gradients_run_over_each_modules_own_layers(vlms, tmp_path, capsys):
@@ -170,11 +172,15 @@ merge_method: passthrough
     assert all(torch.equal(out[k], s["c"][k]) for k in _of(PROJECTOR, s["a"]))
     assert len(out) == len(s["a"]) + len([k for k in s["a"] if k.startswith("language_model.model.layers.0.")])
 
-    # a gradient: t runs over each module's own layers (3 text, 2 vision), 0 outside them
+    # a gradient: t runs over each module's own layers (3 text, 2 vision), 0 outside them; mergekit's default form too
     out, _ = merge_recipe(capsys, tmp_path / "gradient", f"""
-models: [{{model: {vlms["a"]}, parameters: {{weight: [1, 0]}}}}, {{model: {vlms["b"]}, parameters: {{weight: [0, 1]}}}}]
+modules:
+  default:
+    models: [{{model: {vlms["a"]}, parameters: {{weight: [1, 0]}}}}, {{model: {vlms["b"]}}}]
+    parameters: {{weight: [0, 1]}}
 merge_method: linear
 """)
+    assert "modules:" in (tmp_path / "gradient" / "out" / "merge.yaml").read_text()
     for prefix, n, name in (("language_model.model.layers", TEXT_LAYERS, "self_attn.o_proj.weight"),
                             ("vision_tower.transformer.layers", VISION_LAYERS, "attention.o_proj.weight")):
         for i in range(n):

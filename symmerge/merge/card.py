@@ -34,10 +34,12 @@ def recipe_for_card(plan: MergePlan) -> dict:
         # reference and symmetries: a recipe that can be run again
         given = r.get("alignment") if isinstance(r.get("alignment"), dict) else {}
         r["alignment"] = {**given, "reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
+    elif getattr(plan.recipe, "default_alignment", False):  # no alignment key, and none possible: it ran unaligned
+        r["alignment"] = "none"
     if plan.data_path is not None:
         r["data"]["path"] = str(plan.data_path.resolve())
     module = r.pop("module_parameters", None)
-    if module:  # written as it was given: mergekit's modules: {default: ...} form (recipe._lift_default_module)
+    if module and "modules" not in r:  # written as it was given: mergekit's modules: {default: ...} form (recipe._lift_default_module)
         form = "models" if "models" in r else "slices"
         r = {"modules": {"default": {form: r.pop(form), "parameters": module}}, **r}
     return r
