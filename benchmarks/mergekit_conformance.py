@@ -76,6 +76,37 @@ def unknown_family_checkpoints() -> dict[str, str]:
     return {n: str(CKPTS / n) for n in names}
 
 
+MODULAR = "modules (mistral3)"
+"""Jobs named so run mergekit's multi-module recipes (``modules: {text_decoder: ..., vision_tower: ...,
+multi_modal_projector: ...}``) on tiny Mistral3ForConditionalGeneration checkpoints, pasted as is (no
+``alignment`` key): symmerge reads the modules from ``symmerge/spec/modules.py`` and merges them unaligned."""
+MM_NAMES = ("mm-base", "mm-a", "mm-b")
+
+
+def modular_checkpoints() -> dict[str, str]:
+    """Three Mistral3ForConditionalGeneration checkpoints (a 4-layer Mistral text decoder of SIZE's widths, a 2-layer
+    Pixtral vision tower of width 64, the projector; untied head), float32: a base and two fine-tunes (base + 1 %
+    noise), saved by transformers (mergekit 0.1.5's mistral3.json names every tensor)."""
+    import transformers
+
+    if all((CKPTS / n / "model.safetensors").exists() for n in MM_NAMES):
+        return {n: str(CKPTS / n) for n in MM_NAMES}
+    text = transformers.MistralConfig(**{**SIZE, "head_dim": SIZE["hidden_size"] // SIZE["num_attention_heads"]})
+    vision = transformers.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                              head_dim=32, image_size=32, patch_size=8)
+    config = transformers.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2, tie_word_embeddings=False)
+    torch.manual_seed(2)
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    for i, name in enumerate(MM_NAMES):
+        model.save_pretrained(CKPTS / name)
+        state = load_file(CKPTS / name / "model.safetensors")
+        if name != "mm-base":
+            g = torch.Generator().manual_seed(400 + i)
+            state = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
+    return {n: str(CKPTS / n) for n in MM_NAMES}
+
+
 TOK_NAMES = ("tok-base", "tok-a", "tok-b")
 
 
@@ -339,6 +370,25 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                                                         "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}},
             f"{UNKNOWN}, passthrough frankenmerge (5 layers)": {
                 "slices": [{"sources": [{"model": ck["sc2-a"], "layer_range": [0, 2]}]}, {"sources": [{"model": ck["sc2-b"], "layer_range": [1, 4]}]}],
+                "merge_method": "passthrough", "dtype": "float32"},
+        }
+    if "mm-base" in ck:  # a multi-module model: each module merged from its own inputs, recipes pasted unchanged
+        mm = lambda name, w=None: {"model": ck[name], **({"parameters": {"weight": w}} if w is not None else {})}  # noqa: E731
+        j |= {
+            f"{MODULAR}: per-module models + parameters (linear)": {
+                "modules": {"text_decoder": {"models": [mm("mm-a", 0.3), mm("mm-b")]},
+                            "vision_tower": {"models": [mm("mm-a"), mm("mm-b", 0.8)], "parameters": {"weight": 0.4}},
+                            "multi_modal_projector": {"models": [mm("mm-b")]}},
+                "merge_method": "linear", "parameters": {"weight": 0.7}, "dtype": "float32"},
+            f"{MODULAR}: per-module gradients, base added (task_arithmetic)": {
+                "modules": {"text_decoder": {"models": [mm("mm-a", [0.2, 0.9]), mm("mm-b", 0.5)]},
+                            "vision_tower": {"models": [mm("mm-a", 0.6)], "parameters": {"lambda": [1.0, 0.5]}},
+                            "multi_modal_projector": {"models": [mm("mm-b", 0.7)]}},
+                "merge_method": "task_arithmetic", "base_model": ck["mm-base"], "dtype": "float32"},
+            f"{MODULAR}: text decoder frankenmerge (passthrough, 6 text layers)": {
+                "modules": {"text_decoder": {"slices": [{"sources": [{"model": ck["mm-a"], "layer_range": [0, 3]}]},
+                                                        {"sources": [{"model": ck["mm-b"], "layer_range": [1, 4]}]}]},
+                            "vision_tower": {"models": [mm("mm-a")]}, "multi_modal_projector": {"models": [mm("mm-b")]}},
                 "merge_method": "passthrough", "dtype": "float32"},
         }
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
@@ -622,7 +672,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     versions = ensure_mergekit()
-    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints()
+    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints() | modular_checkpoints()
     ck["a-dora"] = dora_adapter()
     ck["a-extras"] = extras_adapter()
     ck["a-lora"] = lora_adapter()
@@ -637,7 +687,7 @@ def main() -> None:
         slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
         mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
         mk_cfg.write_text(yaml.safe_dump(mergekit_form(recipe, ck), sort_keys=False))
-        pasted = name.startswith(UNKNOWN)  # as is: the default alignment must fall back by itself
+        pasted = name.startswith((UNKNOWN, MODULAR))  # as is: the default alignment must fall back by itself
         sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
         mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
@@ -679,6 +729,10 @@ def main() -> None:
              "(10 conversations of every role layout, add_generation_prompt false / true, two bos/eos pairs); the note says "
              "how many are the same string. symmerge's templates are its own, written from each format's definition "
              "(`symmerge/io/chat_templates.py`).", "",
+             f"`{MODULAR}` rows: mergekit's multi-module recipes (`modules: {{text_decoder, vision_tower, "
+             "multi_modal_projector}`, each module with its own models or slices and parameters) on three tiny "
+             "Mistral3ForConditionalGeneration checkpoints (a 4-layer text decoder of those widths, a 2-layer Pixtral vision "
+             "tower, the projector; a base and two fine-tunes), pasted as is.", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:
