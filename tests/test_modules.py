@@ -244,3 +244,40 @@ def test_alignment_none_merges_without_the_note_and_the_plan_keeps_modules_apart
     whole, _ = merge_recipe(capsys, tmp_path / "whole", f"models: [{{model: {vlms['a']}}}, {{model: {vlms['b']}}}]\n"
                                                         "merge_method: linear\n")
     assert out.keys() == whole.keys() and all(torch.equal(out[k], whole[k]) for k in out)
+
+
+def _qwen2_vl_state(seed: int) -> dict[str, torch.Tensor]:
+    """A tiny state dict named as Qwen2VLForConditionalGeneration's (mergekit's qwen2_vl.json): no module prefixes;
+    the projector (visual.merger.) sits inside the vision tower's visual. names."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,), "lm_head.weight": (VOCAB, D),
+              "visual.patch_embed.proj.weight": (DV, 3, 2, 2, 2), "visual.merger.ln_q.weight": (DV,),
+              "visual.merger.mlp.0.weight": (4 * DV, 4 * DV), "visual.merger.mlp.2.weight": (D, 4 * DV)}
+    for i in range(TEXT_LAYERS):
+        shapes[f"model.layers.{i}.self_attn.q_proj.weight"], shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (D, D), (2 * D, D)
+    for i in range(VISION_LAYERS):
+        shapes[f"visual.blocks.{i}.attn.qkv.weight"], shapes[f"visual.blocks.{i}.norm1.weight"] = (3 * DV, DV), (DV,)
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def test_modules_without_prefixes_are_told_apart_by_the_longest_prefix(tmp_path, capsys):
+    config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "num_hidden_layers": TEXT_LAYERS,
+              "vision_config": {"depth": VISION_LAYERS}, "torch_dtype": "float32"}
+    a, b = (_save(tmp_path / n, _qwen2_vl_state(seed), config) for n, seed in (("a", 1), ("b", 2)))
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    out, _ = merge_recipe(capsys, tmp_path / "m", f"""
+modules:
+  text_decoder: {{models: [{{model: {a}}}]}}
+  vision_tower: {{models: [{{model: {a}, parameters: {{weight: [1, 0]}}}}, {{model: {b}, parameters: {{weight: [0, 1]}}}}]}}
+  multi_modal_projector: {{models: [{{model: {b}}}]}}
+merge_method: linear
+""")
+    assert out.keys() == sa.keys()
+    for k in ("model.embed_tokens.weight", "model.layers.2.mlp.up_proj.weight", "lm_head.weight"):
+        torch.testing.assert_close(out[k], sa[k])
+    for k in ("visual.merger.ln_q.weight", "visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight"):  # not vision's
+        torch.testing.assert_close(out[k], sb[k])
+    for i in range(VISION_LAYERS):  # t = i over the two vision blocks: a's block 0, b's block 1
+        key = f"visual.blocks.{i}.attn.qkv.weight"
+        torch.testing.assert_close(out[key], (sa if i == 0 else sb)[key])
+    torch.testing.assert_close(out["visual.patch_embed.proj.weight"], sa["visual.patch_embed.proj.weight"])  # t = 0
