@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ MODULAR = "modules (mistral3)"
 multi_modal_projector: ...}``) on tiny Mistral3ForConditionalGeneration checkpoints, pasted as is (no
 ``alignment`` key): symmerge reads the modules from ``symmerge/spec/modules.py`` and merges them unaligned."""
 MM_NAMES = ("mm-base", "mm-a", "mm-b")
+MM_TOK_NAMES = ("mm-tok-a", "mm-tok-b")
 
 
 def modular_checkpoints() -> dict[str, str]:
@@ -89,8 +91,9 @@ def modular_checkpoints() -> dict[str, str]:
     noise), saved by transformers (mergekit 0.1.5's mistral3.json names every tensor)."""
     import transformers
 
-    if all((CKPTS / n / "model.safetensors").exists() for n in MM_NAMES):
-        return {n: str(CKPTS / n) for n in MM_NAMES}
+    names = MM_NAMES + MM_TOK_NAMES
+    if all((CKPTS / n / "model.safetensors").exists() for n in names):
+        return {n: str(CKPTS / n) for n in names}
     text = transformers.MistralConfig(**{**SIZE, "head_dim": SIZE["hidden_size"] // SIZE["num_attention_heads"]})
     vision = transformers.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                               head_dim=32, image_size=32, patch_size=8)
@@ -104,7 +107,22 @@ def modular_checkpoints() -> dict[str, str]:
             g = torch.Generator().manual_seed(400 + i)
             state = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in state.items()}
         save_file({k: v.contiguous() for k, v in state.items()}, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
-    return {n: str(CKPTS / n) for n in MM_NAMES}
+    # mm-a and mm-b with the vocabularies of tok-a (512 words) and tok-b (513, a special token): their tokenizers'
+    # files, b's text decoder one row longer (rows are compared token by token)
+    words = tokenizer_checkpoints()
+    for name, source, rows in (("mm-tok-a", "mm-a", 512), ("mm-tok-b", "mm-b", 513)):
+        shutil.copytree(CKPTS / source, CKPTS / name, dirs_exist_ok=True)
+        for f in Path(words["tok-" + name[-1]]).glob("*token*"):
+            shutil.copy(f, CKPTS / name / f.name)
+        state = load_file(CKPTS / source / "model.safetensors")
+        g = torch.Generator().manual_seed(410 + rows)
+        for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            state[k] = torch.cat([state[k], torch.randn(rows - len(state[k]), state[k].shape[1], generator=g) * state[k].std()])
+        config = json.loads((CKPTS / name / "config.json").read_text())
+        config["text_config"]["vocab_size"] = rows
+        (CKPTS / name / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
+    return {n: str(CKPTS / n) for n in names}
 
 
 TOK_NAMES = ("tok-base", "tok-a", "tok-b")
@@ -390,6 +408,11 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                                                         {"sources": [{"model": ck["mm-b"], "layer_range": [1, 4]}]}]},
                             "vision_tower": {"models": [mm("mm-a")]}, "multi_modal_projector": {"models": [mm("mm-b")]}},
                 "merge_method": "passthrough", "dtype": "float32"},
+            f"{MODULAR}: tokenizer_source: union (linear)": {
+                "modules": {"text_decoder": {"models": [mm("mm-tok-a", 0.4), mm("mm-tok-b", 0.6)]},
+                            "vision_tower": {"models": [mm("mm-tok-a", 0.5), mm("mm-tok-b", 0.5)]},
+                            "multi_modal_projector": {"models": [mm("mm-tok-b", 1.0)]}},
+                "merge_method": "linear", "tokenizer_source": "union", "dtype": "float32"},
         }
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
         tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
@@ -637,9 +660,8 @@ def by_token(a: dict, b: dict, sym: Path, mk: Path) -> str:
         return f"vocabularies differ: {sorted(set(ta) ^ set(tb))[:3]}"
     where = {t: i for i, t in enumerate(tb)}
     order = torch.tensor([where[t] for t in ta])
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        if k in b:
-            b[k] = torch.cat([b[k][order], b[k][len(order):]])  # padding rows (pad_to_multiple_of) stay last
+    for k in [k for k in b if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:  # a VLM's under its module prefix
+        b[k] = torch.cat([b[k][order], b[k][len(order):]])  # padding rows (pad_to_multiple_of) stay last
     return ""
 
 
@@ -732,7 +754,8 @@ def main() -> None:
              f"`{MODULAR}` rows: mergekit's multi-module recipes (`modules: {{text_decoder, vision_tower, "
              "multi_modal_projector}`, each module with its own models or slices and parameters) on three tiny "
              "Mistral3ForConditionalGeneration checkpoints (a 4-layer text decoder of those widths, a 2-layer Pixtral vision "
-             "tower, the projector; a base and two fine-tunes), pasted as is.", "",
+             "tower, the projector; a base and two fine-tunes), pasted as is; the tokenizer row gives the fine-tunes the "
+             "`tokenizer` rows' vocabularies of A and B (text-decoder rows compared token by token).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:

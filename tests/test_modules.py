@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import expect_cli_error, merge_recipe
 from safetensors.torch import load_file, save_file
+from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
 from symmerge.merge.recipe import load_recipe, plan_merge
@@ -21,11 +22,11 @@ TABLE = MODULAR_ARCHITECTURES["Mistral3ForConditionalGeneration"]
 TEXT, VISION, PROJECTOR = TABLE
 
 
-def _mistral3_state(seed: int, text_layers: int = TEXT_LAYERS) -> dict[str, torch.Tensor]:
+def _mistral3_state(seed: int, text_layers: int = TEXT_LAYERS, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     """A tiny state dict named as mergekit 0.1.5's mistral3.json names Mistral3ForConditionalGeneration's tensors."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"language_model.model.embed_tokens.weight": (VOCAB, D), "language_model.model.norm.weight": (D,),
-              "language_model.lm_head.weight": (VOCAB, D),
+    shapes = {"language_model.model.embed_tokens.weight": (vocab, D), "language_model.model.norm.weight": (D,),
+              "language_model.lm_head.weight": (vocab, D),
               "vision_tower.patch_conv.weight": (DV, 3, 2, 2), "vision_tower.ln_pre.weight": (DV,),
               "multi_modal_projector.norm.weight": (DV,), "multi_modal_projector.patch_merger.merging_layer.weight": (DV, 4 * DV),
               "multi_modal_projector.linear_1.weight": (D, DV), "multi_modal_projector.linear_2.weight": (D, D)}
@@ -49,7 +50,7 @@ def _mistral3_state(seed: int, text_layers: int = TEXT_LAYERS) -> dict[str, torc
 def _config(text_layers: int = TEXT_LAYERS, architecture: str = "Mistral3ForConditionalGeneration") -> dict:
     return {"architectures": [architecture], "model_type": "mistral3", "torch_dtype": "float32",
             "text_config": {"model_type": "mistral", "num_hidden_layers": text_layers, "hidden_size": D, "vocab_size": VOCAB,
-                            "layer_types": [f"full-{i}" for i in range(text_layers)]},
+                            "layer_types": [("full_attention", "sliding_attention")[i % 2] for i in range(text_layers)]},
             "vision_config": {"model_type": "pixtral", "num_hidden_layers": VISION_LAYERS, "hidden_size": DV}}
 
 
@@ -162,7 +163,7 @@ merge_method: passthrough
 """)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == 4 and config["vision_config"]["num_hidden_layers"] == VISION_LAYERS
-    assert config["text_config"]["layer_types"] == ["full-0", "full-1", "full-1", "full-2"]
+    assert config["text_config"]["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
     for j, (src, i) in enumerate([("a", 0), ("a", 1), ("b", 1), ("b", 2)]):
         for name in ("self_attn.k_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
             assert torch.equal(out[f"language_model.model.layers.{j}.{name}"], s[src][f"language_model.model.layers.{i}.{name}"])
@@ -216,7 +217,6 @@ def test_multi_module_recipes_are_refused_in_one_line_where_they_cannot_run(vlms
         (recipe({k: v for k, v in every.items() if k != "vision_tower"}), "the recipe omits vision_tower"),
         (recipe({"text_decoder": f"{{models: [{{model: {starcoder}}}]}}"}), "Starcoder2ForCausalLM has one module, default"),
         (recipe(every, "alignment: {symmetries: all}\n"), "cannot align the modules of a multi-module model"),
-        (recipe(every, "tokenizer_source: union\n"), "tokenizer: merging vocabularies is not supported with modules"),
         (recipe({**every, "text_decoder": f"{{models: [{{model: {stray}}}]}}"}), "tensor image_newline is in no module"),
         (recipe({**every, "text_decoder": "{parameters: {weight: 1}}"}), "modules.text_decoder: give exactly one of models or slices"),
         (recipe({**every, "text_decoder": f"{{slices: [{{sources: [{{model: {a}, layer_range: [1, 4]}}]}}]}}"}),
@@ -281,3 +281,31 @@ merge_method: linear
         key = f"visual.blocks.{i}.attn.qkv.weight"
         torch.testing.assert_close(out[key], (sa if i == 0 else sb)[key])
     torch.testing.assert_close(out["visual.patch_embed.proj.weight"], sa["visual.patch_embed.proj.weight"])  # t = 0
+
+
+def test_a_union_vocabulary_maps_the_text_decoders_rows_by_token(tmp_path, capsys):
+    vocabs = {"a": ["<unk>", "x", "y", "z"], "b": ["<unk>", "z", "w", "x", "v"]}
+    paths, states = {}, {}
+    for seed, (name, tokens) in enumerate(vocabs.items()):
+        states[name] = _mistral3_state(seed, vocab=len(tokens))
+        config = _config()
+        config["text_config"]["vocab_size"] = len(tokens)
+        paths[name] = _save(tmp_path / name, states[name], config)
+        _tokenizer(tokens, None).save_pretrained(paths[name])
+    out, _ = merge_recipe(capsys, tmp_path / "m", f"""
+modules:
+  text_decoder: {{models: [{{model: {paths["a"]}}}, {{model: {paths["b"]}}}]}}
+  vision_tower: {{models: [{{model: {paths["b"]}}}]}}
+  multi_modal_projector: {{models: [{{model: {paths["a"]}}}]}}
+merge_method: linear
+tokenizer_source: union
+""")
+    union = ["<unk>", "x", "y", "z", "w", "v"]  # a's tokens, then b's new ones in b's id order
+    assert json.loads((tmp_path / "m" / "out" / "config.json").read_text())["text_config"]["vocab_size"] == len(union)
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        rows = {m: dict(zip(vocabs[m], states[m][key])) for m in vocabs}
+        assert out[key].shape == (len(union), D)
+        for u, token in enumerate(union):  # the mean of the rows that exist
+            torch.testing.assert_close(out[key][u], torch.stack([rows[m][token] for m in vocabs if token in rows[m]]).mean(0))
+    for key in ("vision_tower.patch_conv.weight", "multi_modal_projector.linear_1.weight"):  # untouched by the vocabulary
+        torch.testing.assert_close(out[key], states["b" if key.startswith("vision") else "a"][key])

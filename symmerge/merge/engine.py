@@ -486,6 +486,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
         config = dict(source.config)
         if vocab is not None and "vocab_size" in config:  # as mergekit: the output vocabulary's length, padded
             config["vocab_size"] = vocab.size
+        elif vocab is not None and isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+            config["text_config"] = {**config["text_config"], "vocab_size": vocab.size}  # a vision-language model's
         if getattr(plan, "module_depths", None):  # modules: each module's depth where the config states it (as mergekit)
             for key, count, layers in plan.module_depths:
                 config = with_module_depth(config, key, count, layers)

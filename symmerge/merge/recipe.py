@@ -1273,9 +1273,6 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
     if method.needs_data or method.prepare is not None and method.name != "ties":
         raise SymmergeError(f"merge_method {method.name} needs whole models: it cannot merge modules: module by module "
                             "(use models: for all modules at once)")
-    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
-        raise SymmergeError("tokenizer: merging vocabularies is not supported with modules: other than default (yet): "
-                            "give every model the same tokenizer and drop tokenizer_source / tokenizer")
     if recipe.alignment != "none" and not recipe.default_alignment:
         raise SymmergeError("alignment: symmerge cannot align the modules of a multi-module model (it has no spec of "
                             "them): set alignment: none, or leave alignment out")
@@ -1334,6 +1331,14 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
     def layers_of(m: int, module: Module) -> ModelSpec:
         return module_layers(models[m].config, module, keys_in(models[m], module), architecture)
 
+    # tokenizer_source / tokenizer: the tensors indexed by token are the modules' embeddings and heads whose rows are
+    # the vocabulary (mergekit's vocabulary_axis: the text decoder's embed_tokens and lm_head)
+    roles = ModelSpec(architecture, 0, 0, 0, 0, 0, roles=tuple(r for m in table for r in layers_of(0, m).roles))
+    vocabulary_plan = _vocabulary_plan(recipe, root, models, base, roles, allow_pickle, notes)
+
+    def shapes_of(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+        return _remapped_shapes(ckpt, vocabulary_plan)
+
     slices: list[OutSlice] = []
     layout: list[OutTensor] = []
     module_depths: list[tuple[str, int, list[int]]] = []
@@ -1365,7 +1370,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                     raise SymmergeError(f"{where}.slices.{s}: base_model must be one of the slice's sources for {method.name} "
                                         "(as in mergekit)")
         layers = layers_of(own[0].sources[0].model, module)
-        tensors = _frankenmerge_layout(own, models, layers, lambda c: c.shapes(), lambda c, mod=module: keys_in(c, mod))
+        tensors = _frankenmerge_layout(own, models, layers, shapes_of, lambda c, mod=module: keys_in(c, mod))
         layout += [replace(o, slice=o.slice + first) for o in tensors]
         source_config = models[0].config  # the output's config (engine: the first model's when not aligned)
         stated = stated_depth(source_config, module)
@@ -1379,7 +1384,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         reference_index=None, spec=None, dtype=DTYPES[out_dtype] if out_dtype else None,
         shard_size=parse_size(recipe.shard_size), data_path=None, names=unique_names([_shown_path(c.path) for c in models]),
         slices=slices, layers=None, layout=layout, num_layers_out=None, varying=True, notes=notes,
-        chat_template=chat_template, module_depths=module_depths,
+        chat_template=chat_template, module_depths=module_depths, vocabulary=vocabulary_plan,
     )
     for i, c in enumerate(models):
         if c.lora is not None:
