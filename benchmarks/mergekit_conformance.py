@@ -125,6 +125,34 @@ def modular_checkpoints() -> dict[str, str]:
     return {n: str(CKPTS / n) for n in names}
 
 
+GEMMA3 = "modules (gemma3)"
+GEMMA3_NAMES = ("g3-a", "g3-b")
+
+
+def gemma3_checkpoints() -> dict[str, str]:
+    """Two Gemma3ForConditionalGeneration checkpoints (a 4-layer Gemma3 text decoder of SIZE's widths, a 2-layer SigLIP
+    vision tower of width 64 without its pooling head, the projector), float32, fine-tunes of one random model (1 %
+    noise). The vision tower's tensors are renamed to ``vision_tower.vision_model.``, the layout mergekit 0.1.5's
+    gemma3vl.json names (transformers 5 saves them as ``vision_tower.encoder...``)."""
+    import transformers
+
+    if all((CKPTS / n / "model.safetensors").exists() for n in GEMMA3_NAMES):
+        return {n: str(CKPTS / n) for n in GEMMA3_NAMES}
+    text = transformers.Gemma3TextConfig(**{**SIZE, "head_dim": SIZE["hidden_size"] // SIZE["num_attention_heads"]})
+    vision = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                             image_size=32, patch_size=8, vision_use_head=False)
+    torch.manual_seed(3)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                                                                   mm_tokens_per_image=4))
+    for i, name in enumerate(GEMMA3_NAMES):
+        model.save_pretrained(CKPTS / name)
+        g = torch.Generator().manual_seed(500 + i)
+        state = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g)
+                 for k, v in load_file(CKPTS / name / "model.safetensors").items()}
+        save_file(state, CKPTS / name / "model.safetensors", metadata={"format": "pt"})
+    return {n: str(CKPTS / n) for n in GEMMA3_NAMES}
+
+
 TOK_NAMES = ("tok-base", "tok-a", "tok-b")
 
 
@@ -414,6 +442,12 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                             "multi_modal_projector": {"models": [mm("mm-tok-b", 1.0)]}},
                 "merge_method": "linear", "tokenizer_source": "union", "dtype": "float32"},
         }
+    if "g3-a" in ck:
+        j[f"{GEMMA3}: per-module models + parameters (slerp)"] = {
+            "modules": {"text_decoder": {"models": [{"model": ck["g3-a"]}, {"model": ck["g3-b"]}], "parameters": {"t": [0.2, 0.8]}},
+                        "vision_tower": {"models": [{"model": ck["g3-a"]}, {"model": ck["g3-b"]}]},
+                        "multi_modal_projector": {"models": [{"model": ck["g3-a"]}, {"model": ck["g3-b"]}], "parameters": {"t": 0.9}}},
+            "merge_method": "slerp", "base_model": ck["g3-a"], "parameters": {"t": 0.4}, "dtype": "float32"}
     if "tok-base" in ck:  # different vocabularies: tokenizer_source / tokenizer (rows compared token by token)
         tok3 = [{"model": ck[n], "parameters": {"weight": w}} for n, w in zip(TOK_NAMES, (0.5, 0.3, 0.2))]
         tok2 = tok3[1:]
@@ -451,6 +485,7 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "slices, same ranges": "as slerp: coefficient precision, a few ulps",
     f"{UNKNOWN}, gradient + filter": "as slerp: coefficient precision, a few ulps",
     "multislerp": "float32 arithmetic order, a few ulps",
+    GEMMA3: "as slerp: coefficient precision, a few ulps",
     "karcher": "float32 arithmetic order: symmerge iterates in float64 on the Gram matrix of the directions, a few ulps "
                "(both ignore `weight`: mergekit 0.1.5's alphas are uniform)",
     "task_arithmetic": "float32 summation order, a few ulps",
@@ -694,7 +729,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     versions = ensure_mergekit()
-    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints() | modular_checkpoints()
+    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints() | modular_checkpoints() | gemma3_checkpoints()
     ck["a-dora"] = dora_adapter()
     ck["a-extras"] = extras_adapter()
     ck["a-lora"] = lora_adapter()
@@ -709,7 +744,7 @@ def main() -> None:
         slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
         mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
         mk_cfg.write_text(yaml.safe_dump(mergekit_form(recipe, ck), sort_keys=False))
-        pasted = name.startswith((UNKNOWN, MODULAR))  # as is: the default alignment must fall back by itself
+        pasted = name.startswith((UNKNOWN, MODULAR, GEMMA3))  # as is: the default alignment must fall back by itself
         sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
         mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
         mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
@@ -755,7 +790,8 @@ def main() -> None:
              "multi_modal_projector}`, each module with its own models or slices and parameters) on three tiny "
              "Mistral3ForConditionalGeneration checkpoints (a 4-layer text decoder of those widths, a 2-layer Pixtral vision "
              "tower, the projector; a base and two fine-tunes), pasted as is; the tokenizer row gives the fine-tunes the "
-             "`tokenizer` rows' vocabularies of A and B (text-decoder rows compared token by token).", "",
+             f"`tokenizer` rows' vocabularies of A and B (text-decoder rows compared token by token). The `{GEMMA3}` row: the "
+             "same on two Gemma3ForConditionalGeneration fine-tunes (Gemma3 text decoder, SigLIP vision tower).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for name, worst, over, total, note, mk, sym in rows:

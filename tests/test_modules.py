@@ -94,6 +94,8 @@ def test_each_module_holds_its_prefix_and_reads_its_own_layers():
     assert module_of(qwen, "visual.merger.mlp.2.weight").name == "multi_modal_projector"
     assert module_of(qwen, "visual.blocks.0.attn.qkv.weight").name == "vision_tower"
     assert module_of(qwen, "lm_head.weight").name == module_of(qwen, "model.layers.0.mlp.up_proj.weight").name == "text_decoder"
+    gemma3 = MODULAR_ARCHITECTURES["Gemma3ForConditionalGeneration"]  # mergekit's layout and transformers 5's
+    assert {module_of(gemma3, f"vision_tower.{p}encoder.layers.0.mlp.fc1.weight").name for p in ("vision_model.", "")} == {"vision_tower"}
     merger = ["visual.merger.ln_q.weight", "visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight"]
     assert module_layers({}, qwen[2], merger).num_layers == 0
 

@@ -61,7 +61,8 @@ MODULAR_ARCHITECTURES: dict[str, tuple[Module, ...]] = {
         _LLAVA_PROJECTOR),
     "Gemma3ForConditionalGeneration": (  # gemma3vl.json: a SigLIP vision tower
         Module("text_decoder", ("language_model.",), _TEXT),
-        Module("vision_tower", ("vision_tower.vision_model.",), _VISION),
+        # mergekit: vision_tower.vision_model. (the layout transformers 4.5x saves); transformers 5 saves vision_tower.encoder...
+        Module("vision_tower", ("vision_tower.",), _VISION),
         _LLAVA_PROJECTOR),
     "Llama4ForConditionalGeneration": (  # llama4.json: the vision module is named vision_model there
         Module("text_decoder", ("language_model.",), _TEXT),
