@@ -96,6 +96,9 @@ def test_each_module_holds_its_prefix_and_reads_its_own_layers():
     assert module_of(qwen, "lm_head.weight").name == module_of(qwen, "model.layers.0.mlp.up_proj.weight").name == "text_decoder"
     gemma3 = MODULAR_ARCHITECTURES["Gemma3ForConditionalGeneration"]  # mergekit's layout and transformers 5's
     assert {module_of(gemma3, f"vision_tower.{p}encoder.layers.0.mlp.fc1.weight").name for p in ("vision_model.", "")} == {"vision_tower"}
+    t5 = MODULAR_ARCHITECTURES["T5ForConditionalGeneration"]  # T5's shared embedding is the vocabulary's, before the layers
+    assert module_layers({}, t5[2], ["shared.weight", "lm_head.weight"]).tensor_groups(["shared.weight", "lm_head.weight"]) == {
+        "shared.weight": "embeddings", "lm_head.weight": "head"}
     merger = ["visual.merger.ln_q.weight", "visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight"]
     assert module_layers({}, qwen[2], merger).num_layers == 0
 

@@ -79,7 +79,7 @@ MODULAR_ARCHITECTURES: dict[str, tuple[Module, ...]] = {
     "T5ForConditionalGeneration": (  # t5.json: the shared embedding and the head are a module of their own
         Module("decoder", ("decoder.",), ("num_decoder_layers",)),
         Module("encoder", ("encoder.",), ("num_layers",)),
-        Module("shared", ("shared.", "lm_head."), layered=False)),
+        Module("shared", ("shared.", "lm_head."), layered=False, before=frozenset({"shared"}))),  # shared: the embedding
     # whisper.json (its decoder prefix lacks the final dot there, so mergekit 0.1.5 finds none of its tensors)
     "WhisperForConditionalGeneration": (
         Module("decoder", ("model.decoder.",), ("decoder_layers",)),
