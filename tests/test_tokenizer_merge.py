@@ -231,7 +231,7 @@ alignment: {{symmetries: [all, residual]}}
 
 def test_refusals_name_the_key(capsys, tmp_path, models):
     (tmp_path / "modules.yaml").write_text(f"modules: {{text: {{models: [{{model: {models['a']}}}]}}}}\nmerge_method: linear\n")
-    expect_cli_error(capsys, "modules: 'text': only the single module of a text model, default", "merge", tmp_path / "modules.yaml", tmp_path / "o1")
+    expect_cli_error(capsys, "modules: text: LlamaForCausalLM has one module, default", "merge", tmp_path / "modules.yaml", tmp_path / "o1")
     (tmp_path / "none.yaml").write_text(f"models: [{{model: {models['a']}}}, {{model: {models['b']}}}]\nmerge_method: linear\n"
                                         f"tokenizer: {{tokens: {{zz: {{force: true}}}}}}\n")
     expect_cli_error(capsys, "tokenizer.tokens.zz: give a source", "merge", tmp_path / "none.yaml", tmp_path / "o2")
