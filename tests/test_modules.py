@@ -232,6 +232,7 @@ def test_multi_module_recipes_are_refused_in_one_line_where_they_cannot_run(vlms
          "slices: Mistral3ForConditionalGeneration has modules text_decoder, vision_tower, multi_modal_projector: give each "
          "module's slices under modules:"),
         (recipe(every).replace("linear", "fisher") + "data: {path: x.txt}\n", "fisher needs whole models"),
+        (recipe(every).replace("linear", "ties") + f"base_model: {b}\nparameters: {{trim: model}}\n", "ties: trim: model takes one"),
     ]):
         (tmp_path / f"r{i}.yaml").write_text(text)
         expect_cli_error(capsys, message, "merge", tmp_path / f"r{i}.yaml", tmp_path / f"o{i}")

@@ -1376,6 +1376,10 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         stated = stated_depth(source_config, module)
         if stated is not None:
             module_depths.append((stated[0], offset, [sl.sources[0].start + i for sl in own for i in range(sl.length)]))
+    if any(scope.get("trim") == "model" for scope in _scopes(recipe.parameters or {}, slices) + [params]):
+        # one threshold per model over all its tensors: the modules merge different models, so there is no one model
+        raise SymmergeError(f"{method.name}: trim: model takes one threshold over each whole model; modules: merge each "
+                            "module from its own models: use trim: tensor (mergekit's)")
     if recipe.default_alignment:
         notes.append(f"merged without alignment, as with alignment: none: symmerge cannot align the modules of {architecture}")
     out_dtype, chat_template = _output_choices(recipe, models, base, notes)
