@@ -315,3 +315,26 @@ tokenizer_source: union
             torch.testing.assert_close(out[key][u], torch.stack([rows[m][token] for m in vocabs if token in rows[m]]).mean(0))
     for key in ("vision_tower.patch_conv.weight", "multi_modal_projector.linear_1.weight"):  # untouched by the vocabulary
         torch.testing.assert_close(out[key], states["b" if key.startswith("vision") else "a"][key])
+
+
+def test_a_module_slice_with_its_own_base_model_merges_against_it(vlms, tmp_path, capsys):
+    s = _states(vlms)
+    a, b, c = vlms["a"], vlms["b"], vlms["c"]
+    out, _ = merge_recipe(capsys, tmp_path, f"""
+modules:
+  text_decoder:
+    slices:
+      - sources: [{{model: {a}, layer_range: [0, 3], parameters: {{weight: 0.5}}}}, {{model: {b}, layer_range: [0, 3]}}]
+        base_model: {b}
+  vision_tower: {{models: [{{model: {a}, parameters: {{weight: 0.5}}}}]}}
+  multi_modal_projector: {{models: [{{model: {a}, parameters: {{weight: 0.5}}}}]}}
+merge_method: task_arithmetic
+base_model: {c}
+allow_unrelated_base: true
+""")
+    for k in out:  # the text decoder against its slice's base b, the other modules against the recipe's c (added)
+        base = s["b"] if module_of(TABLE, k) is TEXT else s["c"]
+        torch.testing.assert_close(out[k], base[k] + 0.5 * (s["a"][k] - base[k]))
+    (tmp_path / "r2.yaml").write_text((tmp_path / "r.yaml").read_text().replace(f"base_model: {c}\n", ""))
+    expect_cli_error(capsys, "modules.vision_tower: merge_method task_arithmetic needs base_model", "merge", tmp_path / "r2.yaml",
+                     tmp_path / "o2")

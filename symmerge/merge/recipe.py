@@ -1267,9 +1267,6 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         return known
 
     base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
-    if method.needs_base and base is None:
-        raise SymmergeError(f"merge_method {method.name} needs base_model: the common pretrained ancestor the models were "
-                            "fine-tuned from")
     if method.needs_data or method.prepare is not None and method.name != "ties":
         raise SymmergeError(f"merge_method {method.name} needs whole models: it cannot merge modules: module by module "
                             "(use models: for all modules at once)")
@@ -1280,7 +1277,9 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         _note_once(notes, "data: not read: merging modules one by one uses no calibration data")
 
     # every input opened once, in recipe order (a module's models, then its slices' sources)
-    entries: dict[str, list[tuple[list[tuple[int, dict, tuple[int, int] | None]], dict]]] = {}
+    # per module, per slice: (model index, parameters, layer_range or None for the whole module) of each source, the
+    # slice's parameters, its own base_model (mergekit's per-slice base, a model index; None: the recipe's)
+    entries: dict[str, list[tuple[list[tuple[int, dict, tuple[int, int] | None]], dict, int | None]]] = {}
     for name, entry in recipe.modules.items():
         where = f"modules.{cut(name, 40)}"
         if entry.models:
@@ -1290,19 +1289,26 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                        for i, m in enumerate(entry.models)]
             if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
                 sources.append((index_of(base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
-            entries[name] = [(sources, {})]
+            if method.needs_base and base is None:
+                raise SymmergeError(f"{where}: merge_method {method.name} needs base_model: the common pretrained "
+                                    "ancestor its models were fine-tuned from")
+            entries[name] = [(sources, {}, None)]
         else:
             entries[name] = []
             for s, sl in enumerate(entry.slices):
                 if sl.residual_weight is not None:
                     _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
-                if sl.base_model is not None and sl.base_model != recipe.base_model:
-                    raise SymmergeError(f"{where}.slices.{s}.base_model: a per-slice base model other than base_model is not supported")
                 method.check_models(len(sl.sources), True)
                 sources = [(index_of(_open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
                             _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
                             src.layer_range) for j, src in enumerate(sl.sources)]
-                entries[name].append((sources, _check_scope(method, sl.parameters, f"{where}.slices.{s}.parameters", False, notes)))
+                own_base = _slice_base(method, sl.base_model, f"{where}.slices.{s}", [m for m, _, _ in sources], models, base,
+                                       root, allow_pickle, notes)
+                if method.needs_base and base is None and own_base is None:
+                    raise SymmergeError(f"{where}.slices.{s}: merge_method {method.name} needs a base model for this slice: "
+                                        "give it base_model (its own, one of its sources) or set the recipe's base_model")
+                entries[name].append((sources, _check_scope(method, sl.parameters, f"{where}.slices.{s}.parameters", False, notes),
+                                      own_base))
     if base is not None:  # the base, named as a source too, is that same model
         base = next((c for c in models if c.identity == base.identity), base)
 
@@ -1348,7 +1354,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         module_params[name] = _check_scope(method, recipe.modules[name].parameters, f"{where}.parameters", False, notes)
         first = len(slices)
         offset = 0
-        for s, (sources, slice_params) in enumerate(module_slices):
+        for s, (sources, slice_params, own_base) in enumerate(module_slices):
             depths = [layers_of(m, module).num_layers for m, _, _ in sources]
             ranges = [(0, d) if r is None else r for (_, _, r), d in zip(sources, depths)]
             for j, ((m, _, r), d) in enumerate(zip(sources, depths)):
@@ -1361,12 +1367,12 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                     f"{where}.slices.{s}: every source must take the same number of layers"
                 raise SymmergeError(f"{what}, got {lengths}")
             out = [SliceSource(m, a, p) for (m, p, _), (a, _) in zip(sources, ranges)]
-            slices.append(OutSlice(out, slice_params, offset, lengths[0], module_params[name]))
+            slices.append(OutSlice(out, slice_params, offset, lengths[0], base=own_base, module=module_params[name]))
             offset += lengths[0]
         own = slices[first:]
         if method.needs_base:
             for s, sl in enumerate(own):
-                if all(models[src.model] is not base for src in sl.sources):
+                if sl.base is None and all(models[src.model] is not base for src in sl.sources):
                     raise SymmergeError(f"{where}.slices.{s}: base_model must be one of the slice's sources for {method.name} "
                                         "(as in mergekit)")
         layers = layers_of(own[0].sources[0].model, module)
