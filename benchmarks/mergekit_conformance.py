@@ -436,6 +436,13 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                                                         {"sources": [{"model": ck["mm-b"], "layer_range": [1, 4]}]}]},
                             "vision_tower": {"models": [mm("mm-a")]}, "multi_modal_projector": {"models": [mm("mm-b")]}},
                 "merge_method": "passthrough", "dtype": "float32"},
+            f"{MODULAR}: a text-decoder slice with its own base_model (task_arithmetic)": {
+                "modules": {"text_decoder": {"slices": [{"sources": [{"model": ck["mm-a"], "layer_range": [0, 4], "parameters": {"weight": 0.7}},
+                                                                     {"model": ck["mm-b"], "layer_range": [0, 4]}],
+                                                         "base_model": ck["mm-b"]}]},
+                            "vision_tower": {"models": [mm("mm-a", 0.6), mm("mm-b", 0.4)]},
+                            "multi_modal_projector": {"models": [mm("mm-a", 0.5)]}},
+                "merge_method": "task_arithmetic", "base_model": ck["mm-base"], "dtype": "float32"},
             f"{MODULAR}: tokenizer_source: union (linear)": {
                 "modules": {"text_decoder": {"models": [mm("mm-tok-a", 0.4), mm("mm-tok-b", 0.6)]},
                             "vision_tower": {"models": [mm("mm-tok-a", 0.5), mm("mm-tok-b", 0.5)]},
@@ -486,6 +493,7 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     f"{UNKNOWN}, gradient + filter": "as slerp: coefficient precision, a few ulps",
     "multislerp": "float32 arithmetic order, a few ulps",
     GEMMA3: "as slerp: coefficient precision, a few ulps",
+    f"{MODULAR}: a text-decoder slice": "as task_arithmetic: float32 summation order, a few ulps",
     "karcher": "float32 arithmetic order: symmerge iterates in float64 on the Gram matrix of the directions, a few ulps "
                "(both ignore `weight`: mergekit 0.1.5's alphas are uniform)",
     "task_arithmetic": "float32 summation order, a few ulps",
@@ -649,11 +657,11 @@ def describe(c: dict | None) -> str:
     return f"measured: {c['differing']} entries differ > 1 rounding: " + "; ".join(parts)
 
 
-def operand_ulps(ck: dict[str, str], sym: Path, mk: Path) -> float:
+def operand_ulps(ck: dict[str, str], sym: Path, mk: Path, names: tuple[str, ...] = ("base", "a", "b", "c")) -> float:
     """The largest difference between the two outputs in units in the last place of the largest input at that entry
-    (over checkpoints base, a, b, c, at the same tensor name): what float32 operation order alone can explain is a
+    (over checkpoints ``names``, at the same tensor name): what float32 operation order alone can explain is a
     few; a wrong base would be ~10^4 (a task vector is 1 % of the weights)."""
-    inputs = [load_file(Path(ck[n]) / "model.safetensors") for n in ("base", "a", "b", "c")]
+    inputs = [load_file(Path(ck[n]) / "model.safetensors") for n in names]
     a, b = _sharded(sym), _sharded(mk)
     worst = 0.0
     for key, x in a.items():
@@ -758,6 +766,8 @@ def main() -> None:
                 note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
             if over and name.startswith("slice base_model") and "tokenizer_source" not in recipe:
                 note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out):.0f} units in the last place of the largest input"
+            if over and name.startswith(f"{MODULAR}: a text-decoder slice"):
+                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out, MM_NAMES):.0f} units in the last place of the largest input"
             if "chat_template" in recipe:
                 note = "; ".join(filter(None, [note, template_conformance(recipe["chat_template"], sym_out, mk_out)]))
             rows.append((name, worst, over, total, note, mk, sym))
