@@ -502,24 +502,21 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
     """The short form ``symmerge merge A B --method ties ...`` as a :class:`Recipe`."""
     if weights is not None and len(weights) != len(models):
         raise SymmergeError(f"--weights has {len(weights)} values for {len(models)} models")
-    # the short form's defaults are a recipe without an alignment key (aligns where the family allows it)
-    default_alignment = (align == "auto" and reference is None and match == "weights" and max_seconds is None and device == "cpu"
-                         and learn_seconds is None and not iterative and unmatched == "mean" and learn_steps == 200)
+    alignment = {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps, "max_seconds": max_seconds,
+                 "device": device, "learn_seconds": learn_seconds, "iterative": iterative, "unmatched": unmatched}
     raw: dict[str, Any] = {
         "models": [{"model": m, "parameters": {"weight": w} if weights else {}} for m, w in zip(models, weights or [None] * len(models))],
         "merge_method": method,
         "base_model": base,
         "parameters": params or {},
-        "alignment": "none" if align == "none" else {"reference": reference, "symmetries": align, "match": match, "learn_steps": learn_steps,
-                                                            "max_seconds": max_seconds, "device": device,
-                                                            **({"learn_seconds": learn_seconds} if learn_seconds else {}),
-                                                            **({"iterative": True} if iterative else {}),
-                                                            **({"unmatched": unmatched} if unmatched != "mean" else {})},
+        "alignment": "none" if align == "none" else alignment,
         "data": {"path": data} if data else None,
         "dtype": dtype,
         "shard_size": shard_size,
     }
-    if default_alignment:
+    # options that all equal a recipe's alignment defaults are a recipe without an alignment key (it aligns where the
+    # family allows it, and merges unaligned with a note where it cannot); the defaults are stated once, in AlignmentBlock
+    if align != "none" and alignment == AlignmentBlock().model_dump():
         del raw["alignment"]
     try:
         return Recipe.model_validate(raw)
