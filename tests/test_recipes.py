@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
+from string import Template
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -13,6 +14,7 @@ import torch
 import transformers
 from conftest import expect_cli_error, merge_recipe, run_cli, save_model
 from safetensors.torch import load_file, save_file
+from test_modules import _mistral3_state, _save
 
 from symmerge.io.hub import hub_snapshot
 from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
@@ -613,3 +615,80 @@ def test_conv1d_lora_is_transposed_and_lora_bias_added(tmp_path, capsys):
         p + "attn.c_attn.lora_A.weight": ca, p + "attn.c_attn.lora_B.weight": cb, p + "attn.c_attn.lora_magnitude_vector": torch.ones(144)})
     recipe = _write(tmp_path / "d.yaml", f"models: [{{model: {src}+{dora}}}]\nmerge_method: linear\n")
     expect_cli_error(capsys, "DoRA on a Conv1D layer", "merge", recipe, tmp_path / "od")
+
+
+# every recipe form a merge.yaml must carry: $a, $b, $base are the llamas, $hub a repo id in a stubbed cache,
+# $lora an adapter, $va $vb $vc Mistral3-shaped models (multi-module)
+REPRODUCED = {
+    # a top-level weight is the default of every model that has none (b here): the card used to drop it
+    "top-level weight": """
+models: [{model: $a, parameters: {weight: 0.7}}, {model: $b}]
+merge_method: linear
+parameters: {weight: 0.2}
+alignment: none
+""",
+    "top-level gradient and filter list": """
+models: [{model: $a, parameters: {density: [1, 0.4]}}, {model: $b}]
+merge_method: ties
+base_model: $base
+parameters: {density: [0.9, 0.3], lambda: [{filter: mlp, value: 2.0}, {value: 0.8}], weight: [0.3, 1]}
+alignment: none
+""",
+    "slices with their own base_model": """
+slices:
+  - sources: [{model: $base, layer_range: [0, 2]}, {model: $a, layer_range: [0, 2]}, {model: $b, layer_range: [0, 2]}]
+    parameters: {weight: [0.5, 0.2]}
+  - sources: [{model: $a, layer_range: [2, 4]}, {model: $b, layer_range: [2, 4]}]
+    base_model: $a
+base_model: $base
+merge_method: task_arithmetic
+parameters: {weight: 0.3}
+""",
+    "passthrough slices": """
+slices:
+  - sources: [{model: $a, layer_range: [0, 3]}]
+  - sources: [{model: $b, layer_range: [1, 4]}]
+merge_method: passthrough
+""",
+    "repo id and LoRA adapter": """
+models: [{model: someorg/tiny-a}, {model: $b+$lora, parameters: {weight: 2}}]
+merge_method: linear
+parameters: {weight: 0.5}
+alignment: none
+""",
+    "aligned, default alignment": """
+models: [{model: $a}, {model: $b}]
+merge_method: linear
+parameters: {weight: [1, 0.25]}
+""",
+    "modules": """
+modules:
+  text_decoder:
+    models: [{model: $va, parameters: {weight: 0.25}}, {model: $vb}]
+  vision_tower:
+    models: [{model: $vb}]
+  multi_modal_projector:
+    models: [{model: $va}, {model: $vc, parameters: {weight: 0.6}}]
+    parameters: {weight: 0.2}
+merge_method: linear
+parameters: {weight: 0.75}
+""",
+}
+
+
+@pytest.mark.parametrize("form", sorted(REPRODUCED))
+def test_the_written_merge_yaml_reproduces_the_merge_bit_for_bit(form, llamas, tmp_path, capsys, monkeypatch):
+    """``symmerge merge OUT/merge.yaml OUT2`` gives OUT's tensors exactly, whatever the recipe's form: the card keeps
+    every value that decides a tensor (top-level defaults, gradients, filters, slices, modules, repo ids, adapters)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "someorg/tiny-a", llamas["a"])))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    g = torch.Generator().manual_seed(5)
+    lora = _adapter(tmp_path / "lora", {"r": 2, "lora_alpha": 4, "target_modules": ["v_proj"]}, {
+        "base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight": torch.randn(2, 32, generator=g),
+        "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight": torch.randn(16, 2, generator=g)})
+    vlms = {f"v{n}": _save(tmp_path / n, _mistral3_state(seed)) for n, seed in (("a", 1), ("b", 2), ("c", 3))}
+    text = Template(REPRODUCED[form]).substitute(a=llamas["a"], b=llamas["b"], base=llamas["base"], lora=lora, **vlms)
+    first, _ = merge_recipe(capsys, tmp_path / "one", text)
+    again, _ = merge_recipe(capsys, tmp_path / "two", (tmp_path / "one" / "out" / "merge.yaml").read_text())
+    assert first.keys() == again.keys()
+    assert [k for k in first if not torch.equal(first[k], again[k])] == []

@@ -27,7 +27,11 @@ def recipe_for_card(plan: MergePlan) -> dict:
             entry["model"] = where.get(entry["model"], entry["model"])
     if plan.base is not None:
         r["base_model"] = _where(plan.base)
-    r["parameters"] = plan.params
+    # the top-level parameters as given (a default weight, gradients, filter lists rank below the models' and
+    # slices' own values, so they decide tensors too), then each method default the recipe left out, resolved
+    given = r.get("parameters") or {}
+    defaults = {p.name: plan.params[p.arg] for p in plan.method.params if p.name not in given and p.arg in plan.params}
+    r["parameters"] = {**given, **defaults}
     if plan.aligned:
         ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
         # every other key of the alignment block as it was given (match, learn_steps, device, ...), then the resolved
