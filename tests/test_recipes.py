@@ -574,13 +574,54 @@ def test_lora_modules_to_save_and_embedding_lora_are_applied_as_peft_merges_them
         ({p + "model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 32)}, {}, "trainable token deltas"),
         ({p + "model.layers.0.self_attn.q_proj.lora_C.weight": qa}, {}, "no LoRA tensor symmerge knows"),
         ({p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb},
-         {"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+         {"rank_pattern": {"q_proj": 4}}, "has rank 2, the config's r / rank_pattern give 4"),
+        ({p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb},
+         {"alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key q_proj( is not a regular expression"),
+        ({p + "model.layers.0.self_attn.q_proj.lora_A.weight": qa, p + "model.layers.0.self_attn.q_proj.lora_B.weight": qb},
+         {"rank_pattern": {"q_proj": 2.5}}, "rank_pattern[q_proj] must be a positive integer"),
         ({p + "model.embed_tokens.lora_embedding_A": ea}, {}, "has no matching lora_embedding_B"),
     ]
     for i, (tensors, extra, message) in enumerate(cases):
         bad = _adapter(tmp_path / f"bad{i}", {"r": 2, "lora_alpha": 8, **extra}, tensors)
         recipe = _write(tmp_path / f"bad{i}.yaml", f"models: [{{model: {llamas['a']}+{bad}}}]\nmerge_method: linear\n")
         expect_cli_error(capsys, message, "merge", recipe, tmp_path / f"o{i}")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_rank_and_alpha_patterns_give_each_module_its_own_scale(rslora, llamas, tmp_path, capsys):
+    """PEFT's rank_pattern / alpha_pattern: a module takes the first key (in the config's order) that is its whole
+    name or a dotted tail of it, as a regular expression, else r / lora_alpha; its scale is alpha / r (rsLoRA:
+    alpha / √r) with its own values. Scales by hand below."""
+    g = torch.Generator().manual_seed(8)
+    p = "base_model.model.model."
+    ranks = {"layers.0.self_attn.q_proj": 4, "layers.1.self_attn.q_proj": 2, "layers.0.self_attn.v_proj": 3, "embed_tokens": 2}
+    tensors, pairs = {}, {}
+    for module, r in ranks.items():
+        if module == "embed_tokens":  # lora_embedding_A: r×vocab, _B: dim×r
+            pairs[module] = torch.randn(r, 40, generator=g), torch.randn(32, r, generator=g)
+            tensors[p + module + ".lora_embedding_A"], tensors[p + module + ".lora_embedding_B"] = pairs[module]
+        else:
+            pairs[module] = torch.randn(r, 32, generator=g), torch.randn(16 if "v_proj" in module else 32, r, generator=g)
+            tensors[p + module + ".lora_A.weight"], tensors[p + module + ".lora_B.weight"] = pairs[module]
+    config = {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"], "use_rslora": rslora,
+              # "proj" names no module (a key must match a whole dotted component); "v_proj" names v_proj
+              "rank_pattern": {"proj": 9, "layers.0.self_attn.q_proj": 4, "v_proj": 3},
+              # the first key that matches wins: layer 0's q_proj takes 1, not 16
+              "alpha_pattern": {r"model\.layers\.0\.self_attn\.q_proj": 1, "q_proj": 16}}
+    adapter = _adapter(tmp_path / "ad", config, tensors)
+    out, _ = merge_recipe(capsys, tmp_path / "m", f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
+    a = load_file(llamas["a"] / "model.safetensors")
+    alphas = {"layers.0.self_attn.q_proj": 1, "layers.1.self_attn.q_proj": 16, "layers.0.self_attn.v_proj": 8, "embed_tokens": 8}
+    for module, r in ranks.items():
+        scale = alphas[module] / (r**0.5 if rslora else r)
+        la, lb = pairs[module]
+        key = f"model.{module}.weight"
+        expected = a[key] + scale * ((lb @ la).T if module == "embed_tokens" else lb @ la)
+        torch.testing.assert_close(out[key], expected, rtol=0, atol=1e-6, msg=key)
+    # negative control: layer 1's q_proj at the adapter-wide scale is visibly another tensor
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    wide = a[q1] + (8 / (2**0.5 if rslora else 2)) * pairs["layers.1.self_attn.q_proj"][1] @ pairs["layers.1.self_attn.q_proj"][0]
+    assert (out[q1] - wide).abs().max() > 1e-2
 
 
 def test_conv1d_lora_is_transposed_and_lora_bias_added(tmp_path, capsys):

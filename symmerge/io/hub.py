@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -115,13 +116,17 @@ class LoraDelta:
     (``layers.0.self_attn.q_proj.weight``): a checkpoint key matches a suffix it ends with."""
 
     path: Path
-    scale: float
+    scale: float  # lora_alpha / r (rsLoRA: / √r) of every module the patterns do not name
     pairs: dict[str, tuple[str, str]]  # linear / Conv1D weight suffix → (A key, B key)
     magnitudes: dict[str, str] = field(default_factory=dict)  # DoRA: weight suffix → magnitude vector key
     embeddings: dict[str, tuple[str, str]] = field(default_factory=dict)  # embedding weight suffix → (A key, B key)
     biases: dict[str, str] = field(default_factory=dict)  # bias suffix → lora_B bias key (PEFT's lora_bias)
     whole: dict[str, str] = field(default_factory=dict)  # tensor suffix → adapter key of its replacement
     fan_in_fan_out: bool = False  # the config's flag: decides a square weight's layout (PEFT sets it for Conv1D)
+    scales: dict[str, float] = field(default_factory=dict)  # tensor suffix → its module's own scale (rank_pattern / alpha_pattern)
+
+    def scale_of(self, suffix: str) -> float:
+        return self.scales.get(suffix, self.scale)
 
     def suffixes(self) -> set[str]:
         return set(self.pairs) | set(self.embeddings) | set(self.biases) | set(self.whole)
@@ -178,9 +183,9 @@ class LoraDelta:
         with safe_open(self.path / "adapter_model.safetensors", "pt") as h:
             return [h.get_tensor(k).float() for k in keys]
 
-    def delta(self, a_key: str, b_key: str) -> torch.Tensor:
+    def delta(self, a_key: str, b_key: str, scale: float) -> torch.Tensor:
         a, b = self._read(a_key, b_key)
-        return (b @ a).mul_(self.scale)
+        return (b @ a).mul_(scale)
 
     def apply(self, weight: torch.Tensor, suffix: str) -> torch.Tensor:
         """``weight`` adapted, rounded once to its dtype. A whole tensor the adapter saved replaces it (rounded to its
@@ -192,7 +197,7 @@ class LoraDelta:
         if suffix in self.whole:
             weight = self._read(self.whole[suffix])[0].to(dtype)
         if suffix in self.pairs:
-            delta = self.delta(*self.pairs[suffix])
+            delta = self.delta(*self.pairs[suffix], self.scale_of(suffix))
             if self._transposed(tuple(weight.shape), tuple(delta.shape)):
                 delta = delta.T
             adapted = weight.float() + delta
@@ -201,10 +206,10 @@ class LoraDelta:
                 adapted = adapted * (magnitude.flatten() / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
             return adapted.to(dtype)
         if suffix in self.embeddings:
-            return (weight.float() + self.delta(*self.embeddings[suffix]).T).to(dtype)
+            return (weight.float() + self.delta(*self.embeddings[suffix], self.scale_of(suffix)).T).to(dtype)
         if suffix in self.biases:
             (bias,) = self._read(self.biases[suffix])
-            return (weight.float() + self.scale * bias).to(dtype)
+            return (weight.float() + self.scale_of(suffix) * bias).to(dtype)
         return weight
 
 
@@ -223,14 +228,9 @@ def open_lora(path: Path, what: str) -> LoraDelta:
     r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
     if not isinstance(r, int) or r <= 0 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise SymmergeError(f"{cfg_path}: r must be a positive integer and lora_alpha a number")
-    for key in ("rank_pattern", "alpha_pattern"):  # per-module r / alpha: each module would need its own scale
-        if cfg.get(key):
-            raise SymmergeError(f"{cfg_path}: {key} (a per-module rank or alpha) is not supported: merge the adapter with peft's "
-                                "merge_and_unload and give that folder")
-    if cfg.get("use_rslora"):
-        scale = alpha / r**0.5
-    else:
-        scale = alpha / r
+    rank_pattern, alpha_pattern = _pattern(cfg, "rank_pattern", cfg_path, int), _pattern(cfg, "alpha_pattern", cfg_path, (int, float))
+    rslora = bool(cfg.get("use_rslora"))
+    scale = lora_scale(alpha, r, rslora)
     dora = bool(cfg.get("use_dora"))
     targets = cfg.get("target_modules")
     with safe_open(weights, "pt") as h:
@@ -287,4 +287,47 @@ def open_lora(path: Path, what: str) -> LoraDelta:
         stray = next(iter(found["magnitude"].values()))
         raise SymmergeError(f"{weights}: holds DoRA magnitude vectors ({cut(stray)}) but adapter_config.json does not set "
                             "use_dora: true: which is it?")
-    return LoraDelta(path, float(scale), pairs, magnitudes, embeddings, biases, whole, bool(cfg.get("fan_in_fan_out")))
+    # per-module rank and alpha (PEFT's rank_pattern / alpha_pattern): each module's own scale; its lora_A must hold
+    # that many rows, as PEFT builds the layer with that rank before loading the saved tensors into it
+    with safe_open(weights, "pt") as h:
+        ranks = {k: h.get_slice(k).get_shape()[0] for k, _ in (*pairs.values(), *embeddings.values())}
+    scales = {}
+    for suffix, (a_key, _) in (*pairs.items(), *embeddings.items()):
+        module = suffix.removesuffix(".weight")
+        r_m, alpha_m = pattern_value(rank_pattern, module, r), pattern_value(alpha_pattern, module, alpha)
+        if ranks[a_key] != r_m:
+            raise SymmergeError(f"{weights}: {cut(a_key)} has rank {ranks[a_key]}, the config's r / rank_pattern give {r_m}")
+        if (r_m, alpha_m) != (r, alpha):
+            scales[suffix] = scales[module + ".bias"] = float(lora_scale(alpha_m, r_m, rslora))
+    return LoraDelta(path, float(scale), pairs, magnitudes, embeddings, biases, whole, bool(cfg.get("fan_in_fan_out")),
+                     {k: v for k, v in scales.items() if k in pairs or k in embeddings or k in biases})
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    """The factor of a LoRA update ``scale · B A``: ``alpha / r``, or rsLoRA's ``alpha / √r`` (Kalajdzievski 2023)."""
+    return alpha / r**0.5 if rslora else alpha / r
+
+
+def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """A module's entry in a PEFT ``rank_pattern`` / ``alpha_pattern``: the first key, in the config's order, that
+    names the module's whole dotted name or a dotted tail of it, read as a regular expression (``q_proj`` names
+    ``model.layers.0.self_attn.q_proj``, ``layers.0.self_attn.q_proj`` too, ``proj`` does not); else ``default``."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+            return value
+    return default
+
+
+def _pattern(cfg: dict, name: str, cfg_path: Path, kind: type | tuple[type, ...]) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern`` of an adapter config, checked: regular expressions → positive numbers."""
+    pattern = cfg.get(name) or {}
+    if not isinstance(pattern, dict):
+        raise SymmergeError(f"{cfg_path}: {name} must map module name patterns to values, got {cut(str(pattern))}")
+    for key, value in pattern.items():
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise SymmergeError(f"{cfg_path}: {name}[{cut(key)}] must be a positive {'integer' if kind is int else 'number'}, got {cut(str(value))}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise SymmergeError(f"{cfg_path}: {name} key {cut(key)} is not a regular expression ({e})") from None
+    return pattern
