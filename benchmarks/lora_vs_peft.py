@@ -7,7 +7,8 @@ a child process there builds tiny random models, wraps them with ``peft.get_peft
 ``base+adapter`` (``merge_method: linear`` of one model, ``alignment: none``) and every tensor is compared.
 
 Cases: LLaMA with ``modules_to_save: [lm_head]`` and an embedding LoRA; LLaMA with rsLoRA on q/v; GPT-2 (Conv1D,
-stored in×out: attn ``c_attn`` 48×144, the square ``c_proj`` and mlp ``c_proj``) with ``lora_bias``.
+stored in×out: attn ``c_attn`` 48×144, the square ``c_proj`` and mlp ``c_proj``) with ``lora_bias``; LLaMA with
+``rank_pattern`` and ``alpha_pattern`` (per-module rank and alpha, without and with rsLoRA).
 Writes benchmarks/results/lora_vs_peft.md.
 
     .venv/bin/python benchmarks/lora_vs_peft.py
@@ -37,11 +38,19 @@ PEFT_SIDE = textwrap.dedent('''
             num_attention_heads=4, num_key_value_heads=2, vocab_size=40, max_position_embeddings=32, tie_word_embeddings=False))
     def gpt2():
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=64, n_positions=32))
+    # per-module rank and alpha: a dotted tail, a bare name, a regular expression; the first matching key wins
+    # (layer 1's q_proj takes alpha 2, not 16); "proj" names no module
+    PATTERNS = ({"proj": 9, "layers.0.self_attn.q_proj": 4, "v_proj": 3},
+                {r"model\\.layers\\.1\\.self_attn\\.q_proj": 2, "q_proj": 16, "embed_tokens": 5})
     cases = {
         "llama, modules_to_save lm_head + embedding LoRA + q_proj": (llama, dict(r=2, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
                                                                                  modules_to_save=["lm_head"])),
         "llama, rsLoRA on q_proj and v_proj": (llama, dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True)),
         "gpt2 (Conv1D), c_attn + c_proj with lora_bias": (gpt2, dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], lora_bias=True)),
+        "llama, rank_pattern + alpha_pattern on q/v/embedding": (llama, dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                                             rank_pattern=PATTERNS[0], alpha_pattern=PATTERNS[1])),
+        "llama, rank_pattern + alpha_pattern with rsLoRA": (llama, dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                                        rank_pattern=PATTERNS[0], alpha_pattern=PATTERNS[1], use_rslora=True)),
     }
     for i, (name, (make, kw)) in enumerate(cases.items()):
         torch.manual_seed(i)
