@@ -733,3 +733,43 @@ def test_the_written_merge_yaml_reproduces_the_merge_bit_for_bit(form, llamas, t
     again, _ = merge_recipe(capsys, tmp_path / "two", (tmp_path / "one" / "out" / "merge.yaml").read_text())
     assert first.keys() == again.keys()
     assert [k for k in first if not torch.equal(first[k], again[k])] == []
+
+
+def test_final_norm_and_head_take_as_many_of_the_last_slices_sources_as_the_first_slice_has(llamas, tmp_path, capsys):
+    """mergekit 0.1.5 (plan.py, plan_module) merges the tensors after the layers from the last slice's models zipped
+    with the first slice's count of tensor names: the last slice's first min(len(first), len(last)) sources."""
+    base, a, b = (load_file(llamas[n] / "model.safetensors") for n in ("base", "a", "b"))
+    out, _ = merge_recipe(capsys, tmp_path / "wider", f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 2]}}, {{model: {llamas["base"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {llamas["b"]}, layer_range: [2, 4], parameters: {{weight: 0.3}}}},
+              {{model: {llamas["a"]}, layer_range: [1, 3], parameters: {{weight: 0.5}}}},
+              {{model: {llamas["base"]}, layer_range: [2, 4], parameters: {{weight: 0.2}}}}]
+merge_method: linear
+""")
+    for k in ("model.norm.weight", "lm_head.weight"):  # b and a only (weights 0.3, 0.5, normalised): base is dropped
+        torch.testing.assert_close(out[k], (0.3 * b[k] + 0.5 * a[k]) / 0.8, rtol=0, atol=1e-6, msg=k)
+        assert (out[k] - (0.3 * b[k] + 0.5 * a[k] + 0.2 * base[k])).abs().max() > 1e-5  # negative control: all three
+    layer = "model.layers.3.mlp.up_proj.weight"  # the layers keep all three
+    torch.testing.assert_close(out[layer], 0.3 * b[layer] + 0.5 * a["model.layers.2.mlp.up_proj.weight"] + 0.2 * base[layer],
+                               rtol=0, atol=1e-6)
+    # a narrower last slice keeps all of its sources
+    out, _ = merge_recipe(capsys, tmp_path / "narrower", f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 2]}}, {{model: {llamas["base"]}, layer_range: [0, 2]}},
+              {{model: {llamas["b"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {llamas["b"]}, layer_range: [2, 4]}}, {{model: {llamas["a"]}, layer_range: [2, 4]}}]
+merge_method: linear
+""")
+    torch.testing.assert_close(out["model.norm.weight"], (b["model.norm.weight"] + a["model.norm.weight"]) / 2, rtol=0, atol=1e-6)
+    # a base model past those sources: mergekit stops ("Base input is not present in merge inputs"); so does symmerge
+    _write(tmp_path / "dropped.yaml", f"""
+slices:
+  - sources: [{{model: {llamas["a"]}, layer_range: [0, 2]}}, {{model: {llamas["base"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {llamas["b"]}, layer_range: [2, 4]}}, {{model: {llamas["a"]}, layer_range: [1, 3]}},
+              {{model: {llamas["base"]}, layer_range: [2, 4]}}]
+base_model: {llamas["base"]}
+merge_method: task_arithmetic
+""")
+    expect_cli_error(capsys, "slices.1: the final norm and head merge from the last slice's first 2 sources", "merge",
+                     tmp_path / "dropped.yaml", tmp_path / "o")

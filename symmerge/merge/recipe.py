@@ -888,6 +888,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         for s, sl in enumerate(slices):
             if sl.base is None and (base is None or all(models[src.model] is not base for src in sl.sources)):
                 raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
+        _check_tail_base(slices, models, base, "slices")
     if layers is None:
         gradient = next((k for scope in _scopes(top, slices, module) for k, v in scope.items() if has_gradient(v)), None)
         if gradient is not None:
@@ -1056,8 +1057,8 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
                          shapes_of: Callable[[Checkpoint], dict[str, tuple[int, ...]]],
                          keys_of: Callable[[Checkpoint], list[str]] | None = None) -> list[OutTensor]:
     """Every output tensor of slices that move or drop layers: embeddings from the first slice's models, each
-    output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's.
-    ``keys_of``: the tensors of a checkpoint taken (one module's), default all."""
+    output layer from its sources' layers (renamed to its new index), final norm and head from the last slice's
+    (its first sources, as many as the first slice has, as in mergekit). ``keys_of``: the tensors of a checkpoint taken (one module's), default all."""
     first_model = models[slices[0].sources[0].model]
     keys = list(first_model.shapes()) if keys_of is None else keys_of(first_model)
     outside = [k for k in keys if layers.layer_of(k) is None]
@@ -1071,9 +1072,13 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
             for k in _layer_keys(models[first.model], layers, first.start + idx):
                 inputs = [(src.model, layers.in_layer(k, src.start + idx)) for src in sl.sources]
                 out.append(OutTensor(layers.in_layer(k, sl.offset + idx), inputs, s, layer_position(idx, sl.length)))
+    # after the layers, mergekit 0.1.5 (plan.py, MergePlanner.plan_module) pairs the last slice's models with as
+    # many tensor names as the first slice has sources, and zip() keeps the shorter: the last slice's first
+    # min(len(first), len(last)) sources
+    last = slices[-1].sources[:len(slices[0].sources)]
     for k in outside:
         if not layers.is_embedding(k):
-            out.append(OutTensor(k, [(s.model, k) for s in slices[-1].sources], len(slices) - 1, 0.0))
+            out.append(OutTensor(k, [(s.model, k) for s in last], len(slices) - 1, 0.0))
     for o in out:  # shapes from the headers, before any weight is read
         shapes = {shapes_of(models[m]).get(name) for m, name in o.inputs}
         if None in shapes:
@@ -1082,6 +1087,20 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
         if len(shapes) > 1:
             raise SymmergeError(f"slices: tensor {o.key} would merge tensors of shapes {sorted(shapes)}")
     return out
+
+
+def _check_tail_base(slices: list[OutSlice], models: list[Checkpoint], base: Checkpoint | None, where: str) -> None:
+    """Refuse a last slice whose base model is not among the sources its final norm and head merge from (the first
+    as many as the first slice has, :func:`_frankenmerge_layout`): mergekit 0.1.5 stops there too ("Base input is not
+    present in merge inputs")."""
+    last = slices[-1]
+    kept = last.sources[:len(slices[0].sources)]
+    wanted = models[last.base] if last.base is not None else base
+    if wanted is None or len(kept) == len(last.sources) or any(models[src.model].identity == wanted.identity for src in kept):
+        return
+    raise SymmergeError(f"{where}.{len(slices) - 1}: the final norm and head merge from the last slice's first {len(kept)} "
+                        f"sources (as many as the first slice has, as in mergekit), and its base model {cut(str(wanted.path))} "
+                        "is not among them: list it earlier in the slice")
 
 
 def _layer_keys(ckpt: Checkpoint, layers: ModelSpec, index: int) -> list[str]:
@@ -1372,6 +1391,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                 if sl.base is None and all(models[src.model] is not base for src in sl.sources):
                     raise SymmergeError(f"{where}.slices.{s}: base_model must be one of the slice's sources for {method.name} "
                                         "(as in mergekit)")
+            _check_tail_base(own, models, base, f"{where}.slices")
         layers = layers_of(own[0].sources[0].model, module)
         tensors = _frankenmerge_layout(own, models, layers, shapes_of, lambda c, mod=module: keys_in(c, mod))
         layout += [replace(o, slice=o.slice + first) for o in tensors]
