@@ -390,6 +390,11 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
                        {"sources": [src("a", 2, 4), src("b", 2, 4)], "base_model": ck["b"]}],
             "merge_method": "slerp", "parameters": {"t": 0.3}, "dtype": "float32"},
         "dtype float32 + out_dtype bfloat16 (ties)": {**tv("ties", {"density": 0.4}), "out_dtype": "bfloat16"},
+        # the tensors after the layers come from the last slice's first sources, as many as the first slice has (b, c)
+        "slices, last slice wider than the first (linear; final norm and head)": {
+            "slices": [{"sources": [src("a", 0, 2, 0.5), src("base", 0, 2, 0.5)]},
+                       {"sources": [src("b", 2, 4, 0.3), src("c", 2, 4, 0.5), src("a", 1, 3, 0.2)]}],
+            "merge_method": "linear", "dtype": "float32"},
     }
     if "a-dora" in ck:
         j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
