@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from pathlib import Path
 from string import Template
 
@@ -15,6 +16,8 @@ import transformers
 from conftest import expect_cli_error, merge_recipe, run_cli, save_model
 from safetensors.torch import load_file, save_file
 from test_modules import _mistral3_state, _save
+from test_tokenizer_merge import SPECIAL, VOCABS, _tokenizer
+from test_tokenizer_merge import _llama as _vocab_llama
 
 from symmerge.io.hub import hub_snapshot
 from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
@@ -702,6 +705,46 @@ models: [{model: $a}, {model: $b}]
 merge_method: linear
 parameters: {weight: [1, 0.25]}
 """,
+    "relative paths: a module slice's own base_model, an adapter": """
+modules:
+  text_decoder:
+    slices:
+      - sources: [{model: $rva+$rlora_v, layer_range: [0, 3], parameters: {weight: 0.5}}, {model: $rvb, layer_range: [0, 3]}]
+        base_model: $rvb
+  vision_tower: {models: [{model: $rva, parameters: {weight: 0.5}}]}
+  multi_modal_projector: {models: [{model: $rva, parameters: {weight: 0.5}}]}
+merge_method: task_arithmetic
+base_model: $rvc
+allow_unrelated_base: true
+""",
+    "relative paths: slices": """
+slices:
+  - sources: [{model: $rbase, layer_range: [0, 2]}, {model: $ra, layer_range: [0, 2]}]
+    base_model: ./$rbase
+  - sources: [{model: $ra, layer_range: [2, 4]}, {model: $rb+$rlora, layer_range: [2, 4]}]
+    base_model: $ra
+base_model: $rbase
+merge_method: task_arithmetic
+parameters: {weight: 0.3}
+allow_unrelated_base: true
+""",
+    "relative paths: tokenizer_source a model": """
+models: [{model: $rtbase}, {model: $rta}, {model: $rtb}]
+merge_method: linear
+tokenizer_source: $rtb
+alignment: none
+""",
+    "relative paths: tokenizer block with token sources": """
+models: [{model: $rtbase}, {model: $rta}, {model: $rtb}]
+merge_method: linear
+tokenizer:
+  source: union
+  tokens:
+    e: {source: {kind: zero}}
+    a: {source: $rtb, force: true}
+    h: {source: {kind: model_token, model: $rta, token: b}}
+alignment: none
+""",
     "modules": """
 modules:
   text_decoder:
@@ -728,9 +771,22 @@ def test_the_written_merge_yaml_reproduces_the_merge_bit_for_bit(form, llamas, t
         "base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight": torch.randn(2, 32, generator=g),
         "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight": torch.randn(16, 2, generator=g)})
     vlms = {f"v{n}": _save(tmp_path / n, _mistral3_state(seed)) for n, seed in (("a", 1), ("b", 2), ("c", 3))}
-    text = Template(REPRODUCED[form]).substitute(a=llamas["a"], b=llamas["b"], base=llamas["base"], lora=lora, **vlms)
+    lora_v = _adapter(tmp_path / "lora_v", {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}, {
+        "base_model.model.language_model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+        "base_model.model.language_model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)})
+    vocabs = {}
+    for seed, (name, tokens) in enumerate(VOCABS.items()):  # three tiny LLaMAs, each with its own vocabulary
+        tok = _tokenizer(tokens, SPECIAL.get(name))
+        vocabs["t" + name] = save_model(_vocab_llama(len(tok), seed), tmp_path / f"vocab-{name}")
+        tok.save_pretrained(tmp_path / f"vocab-{name}")
+    paths = {"a": llamas["a"], "b": llamas["b"], "base": llamas["base"], "lora": lora, "lora_v": lora_v, **vlms, **vocabs}
+    # relative to the recipe's folder (tmp_path/one), which a merge.yaml in tmp_path/one/out is not in
+    relative = {"r" + k: os.path.relpath(v, tmp_path / "one") for k, v in paths.items()}
+    text = Template(REPRODUCED[form]).substitute(**paths, **relative)
     first, _ = merge_recipe(capsys, tmp_path / "one", text)
-    again, _ = merge_recipe(capsys, tmp_path / "two", (tmp_path / "one" / "out" / "merge.yaml").read_text())
+    code, _, err = run_cli(capsys, "merge", tmp_path / "one" / "out" / "merge.yaml", tmp_path / "two", "-q")  # run where it lies
+    assert code == 0, err
+    again = load_file(tmp_path / "two" / "model.safetensors")
     assert first.keys() == again.keys()
     assert [k for k in first if not torch.equal(first[k], again[k])] == []
 

@@ -739,19 +739,27 @@ def _note_once(notes: list[str], note: str) -> None:
         notes.append(note)
 
 
-def _slice_base(method: MergeMethod, given: str | None, where: str, indices: list[int], models: list[Checkpoint],
+def _absolute(identity: tuple[Path, Path | None]) -> str:
+    """A checkpoint's reference as the recipe as run (merge.yaml) records it: its absolute folder, ``+ADAPTER``."""
+    return str(identity[0]) + (f"+{identity[1]}" if identity[1] is not None else "")
+
+
+def _slice_base(method: MergeMethod, entry: SliceEntry, where: str, indices: list[int], models: list[Checkpoint],
                 base: Checkpoint | None, root: Path | None, allow_pickle: bool, notes: list[str]) -> int | None:
     """mergekit's per-slice ``base_model``: the base of that slice's tensors (its layers; the embeddings when it is
     the first slice, the final norm and head when it is the last) in place of the recipe's. As in mergekit it must be
     one of the slice's sources for a method that uses a base, and changes nothing for one that does not (mergekit
     never reads it then). Returns its index among ``models``; None when the slice has none of its own, names the
-    recipe's base_model, or the method uses no base."""
+    recipe's base_model, or the method uses no base. A base that is used is rewritten in ``entry`` as its absolute
+    folder (``+ADAPTER``), so the recipe as run (merge.yaml) names it from any folder."""
+    given = entry.base_model
     if given is None:
         return None
     if not method.uses_base:
         _note_once(notes, f"slices.*.base_model: {method.name} uses no base model, so a slice's changes nothing (as in mergekit)")
         return None
     identity = _open(given, root, f"{where}.base_model", allow_pickle).identity
+    entry.base_model = _absolute(identity)  # as run: found wherever merge.yaml lies
     if base is not None and identity == base.identity:
         return None
     own = next((m for m in indices if models[m].identity == identity), None)
@@ -808,7 +816,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                     known = len(models) - 1
                 indices.append(known)
             slice_models.append(indices)
-            slice_bases.append(_slice_base(method, sl.base_model, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
+            slice_bases.append(_slice_base(method, sl, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
         if base is not None:  # the base, named as a source too, is that same model
             base = next((c for c in models if c.identity == base.identity), base)
     own_bases = any(b is not None for b in slice_bases)
@@ -1153,6 +1161,11 @@ def _vocabulary_plan(recipe: Recipe, root: Path | None, models: list[Checkpoint]
             folder = base.path
         else:
             folder = _tokenizer_folder(source, root, where, allow_pickle)
+            # as run: the folder found, so that merge.yaml names it from any folder
+            if block is not None:
+                block.source = str(folder.resolve())
+            else:
+                recipe.tokenizer_source = str(folder.resolve())
         tokenizer, copy_from = load_tokenizer(folder, where), folder
     new = [t for t in tokens if t not in tokenizer.get_vocab()]
     for token in new:  # mergekit adds every token the tokens: block names
@@ -1229,6 +1242,10 @@ def _token_source(token: str, entry: TokenEntry, vocab_out: dict[str, int], ever
         return TokenSource(u, None, None, entry.force)
     ref = source if isinstance(source, str) else source.model
     identity = _open(ref, root, f"{where}.source", allow_pickle).identity
+    if isinstance(source, str):  # as run: named from any folder
+        entry.source = _absolute(identity)
+    else:
+        source.model = _absolute(identity)
     position = next((i for i, c in enumerate(everyone) if c.identity == identity), None)
     if position is None:
         raise SymmergeError(f"{where}.source: {cut(ref)} is not one of the models merged (nor the base_model)")
@@ -1318,7 +1335,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                 sources = [(index_of(_open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
                             _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
                             src.layer_range) for j, src in enumerate(sl.sources)]
-                own_base = _slice_base(method, sl.base_model, f"{where}.slices.{s}", [m for m, _, _ in sources], models, base,
+                own_base = _slice_base(method, sl, f"{where}.slices.{s}", [m for m, _, _ in sources], models, base,
                                        root, allow_pickle, notes)
                 if method.needs_base and base is None and own_base is None:
                     raise SymmergeError(f"{where}.slices.{s}: merge_method {method.name} needs a base model for this slice: "
