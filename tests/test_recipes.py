@@ -789,6 +789,8 @@ def test_the_written_merge_yaml_reproduces_the_merge_bit_for_bit(form, llamas, t
     again = load_file(tmp_path / "two" / "model.safetensors")
     assert first.keys() == again.keys()
     assert [k for k in first if not torch.equal(first[k], again[k])] == []
+    # and the recipe as run is a fixed point: the second merge.yaml is the first
+    assert (tmp_path / "two" / "merge.yaml").read_text() == (tmp_path / "one" / "out" / "merge.yaml").read_text()
 
 
 def test_final_norm_and_head_take_as_many_of_the_last_slices_sources_as_the_first_slice_has(llamas, tmp_path, capsys):

@@ -30,13 +30,15 @@ def recipe_for_card(plan: MergePlan) -> dict:
     # the top-level parameters as given (a default weight, gradients, filter lists rank below the models' and
     # slices' own values, so they decide tensors too), then each method default the recipe left out, resolved
     given = r.get("parameters") or {}
-    defaults = {p.name: plan.params[p.arg] for p in plan.method.params if p.name not in given and p.arg in plan.params}
+    defaults = {p.name: plan.params[p.arg] for p in plan.method.params
+                if p.name not in given and p.arg in plan.params and not p.no_effect}  # no_effect: a note on every re-run
     r["parameters"] = {**given, **defaults}
     if plan.aligned:
         ref = plan.base if plan.reference_index is None else plan.models[plan.reference_index]
         # every other key of the alignment block as it was given (match, learn_steps, device, ...), then the resolved
         # reference and symmetries: a recipe that can be run again
         given = r.get("alignment") if isinstance(r.get("alignment"), dict) else {}
+        given = {k: v for k, v in given.items() if k not in ("reference", "symmetries")}  # the same order on every re-run
         r["alignment"] = {**given, "reference": str(ref.path.resolve()), "symmetries": sorted(plan.symmetries)}
     elif getattr(plan.recipe, "default_alignment", False):  # no alignment key, and none possible: it ran unaligned
         r["alignment"] = "none"
