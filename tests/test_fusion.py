@@ -269,3 +269,25 @@ def test_learned_matcher_fits_soft_targets_by_default_and_labels_on_request():
         assert record["targets"] == targets and record["objective_best"] <= record["objective_first"]
     with pytest.raises(symmerge.SymmergeError, match="learned matching targets must be one of soft, labels, got 'kl'"):
         learned(sa, sb, spec, chosen, config=a.config, calibration=batches, learn_steps=1, learn_targets="kl")
+
+
+def test_learned_matcher_on_a_named_device_returns_the_same_element_on_the_cpu():
+    """``device=`` moves the states, the calibration batches, the module and the learned element there (the LAPs
+    stay on the CPU) and brings the element back: on this machine's CPU, named explicitly, the fit is bit-identical
+    to the default, every tensor of the element returned is on the CPU, and B' = T(B) built from it is the same."""
+    a, b, make_inputs, sa, sb, spec, chosen = _gpt2_pair()
+    batches = _lm_batches(make_inputs, 4)
+    learned = get_matcher("learned")
+    default = learned(sa, sb, spec, chosen, config=a.config, calibration=batches, learn_steps=6)
+    named = learned(sa, sb, spec, chosen, config=a.config, calibration=batches, learn_steps=6, device=torch.device("cpu"))
+    for fit in (default, named):
+        t = fit.transform
+        tensors = [t.residual, *t.ffn.values()] + [getattr(h, f) for h in t.heads.values()
+                                                   for f in ("perm", "kv_perm", "qk_rotation", "qk_scale", "vo_rotation", "vo_scale")]
+        assert all(x.device.type == "cpu" for x in tensors)
+    assert torch.equal(default.transform.residual, named.transform.residual)
+    assert all(torch.equal(default.transform.ffn[k], named.transform.ffn[k]) for k in default.transform.ffn)
+    assert default.history == named.history
+    folded = fold_norms(sb, spec.residual)
+    before, after = apply_transform(folded, spec, default.transform), apply_transform(folded, spec, named.transform)
+    assert all(torch.equal(before[k], after[k]) for k in before)

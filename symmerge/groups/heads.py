@@ -142,7 +142,7 @@ def plane_rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     ``[[cos, −sin], [sin, cos]]``, everything else zero."""
     b, half = cos.shape
     r = torch.zeros(b, 2 * half, 2 * half, dtype=cos.dtype, device=cos.device)
-    i = torch.arange(half)
+    i = torch.arange(half, device=cos.device)
     r[:, i, i] = cos
     r[:, i + half, i + half] = cos
     r[:, i, i + half] = -sin

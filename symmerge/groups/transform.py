@@ -125,7 +125,7 @@ by ~1e-12 of its row's size: below float32's resolution, except at entries (near
 
 def is_identity_heads(x: HeadTransform, atol: float = IDENTITY_ATOL) -> bool:
     """Whether ``x`` is the identity: permutations exactly, rotations and scales within ``atol``."""
-    eye = torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype)
+    eye = torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype, device=x.qk_rotation.device)
     return (is_identity(x.perm) and is_identity(x.kv_perm) and all(
         bool(((t - target).abs() <= atol).all()) for t, target in ((x.qk_rotation, eye), (x.vo_rotation, eye), (x.qk_scale, 1), (x.vo_scale, 1))))
 

@@ -44,6 +44,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ def _project_planes(latent: torch.Tensor) -> torch.Tensor:
     """RoPE: the nearest rotation of each plane (i, i + d_h/2) of (H, d_h, d_h) latents, straight through."""
     with torch.no_grad():
         half = latent.shape[-1] // 2
-        i = torch.arange(half)
+        i = torch.arange(half, device=latent.device)
         blocks = torch.stack([torch.stack([latent[:, i, i], latent[:, i, i + half]], -1),
                               torch.stack([latent[:, i + half, i], latent[:, i + half, i + half]], -1)], -2)
         r = procrustes(blocks.double(), proper=True)
@@ -106,16 +107,28 @@ def _project_planes(latent: torch.Tensor) -> torch.Tensor:
 
 def _permutation_matrix(latent: torch.Tensor) -> torch.Tensor:
     """Straight-through dense permutation ``P`` (``P[j, perm[j]] = 1``) from an exact LAP on the latent scores."""
-    perm = torch.from_numpy(solve_lap(latent.detach()))
+    perm = torch.from_numpy(solve_lap(latent.detach())).to(latent.device)  # the LAP runs on the CPU
     p = torch.zeros_like(latent)
-    p[torch.arange(len(perm)), perm] = 1.0
+    p[torch.arange(len(perm), device=latent.device), perm] = 1.0
     return _straight_through(p, latent)
 
 
 def _one_hot(perm: torch.Tensor) -> torch.Tensor:
-    scores = torch.zeros(len(perm), len(perm))
-    scores[torch.arange(len(perm)), perm] = 1.0
+    scores = torch.zeros(len(perm), len(perm), device=perm.device)
+    scores[torch.arange(len(perm), device=perm.device), perm] = 1.0
     return scores
+
+
+def transform_to(transform: ModelTransform, device: torch.device | str) -> ModelTransform:
+    """``transform`` with every tensor on ``device`` (rotations and scales keep their dtype)."""
+    return replace(transform, residual=None if transform.residual is None else transform.residual.to(device),
+                   ffn={k: v.to(device) for k, v in transform.ffn.items()},
+                   heads={k: h.to(h.qk_rotation.dtype, device) for k, h in transform.heads.items()})
+
+
+def tensors_to(tensors: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A state dict or calibration batch with every tensor on ``device`` (the same tensors when they are there)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
 def _apply_ffn_dense(view: StateView, group: FFNGroup, p: torch.Tensor) -> None:
@@ -127,15 +140,18 @@ def _apply_ffn_dense(view: StateView, group: FFNGroup, p: torch.Tensor) -> None:
 
 
 class _Parametrisation:
-    """The learnable element: base matrices from weight matching, generators (zero at the start) and latents."""
+    """The learnable element: base matrices from weight matching, generators (zero at the start) and latents, all on
+    ``device`` (where the model runs)."""
 
-    def __init__(self, spec: ModelSpec, init: ModelTransform, symmetries: frozenset[str], learn_ffn: bool):
+    def __init__(self, spec: ModelSpec, init: ModelTransform, symmetries: frozenset[str], learn_ffn: bool,
+                 device: torch.device | str = "cpu"):
+        init = transform_to(init, device)
         self.spec, self.init = spec, init
         self.params: dict[str, torch.Tensor] = {}
         self.residual_kind = spec.residual.kind if init.residual is not None else None
         if init.residual is not None:  # post-LN: latent scores (Q itself: its LAP is Q); else a skew generator
             self.params["residual"] = (init.residual.float().clone() if self.residual_kind == "permutation"
-                                       else torch.zeros(init.residual.shape)).requires_grad_(True)
+                                       else torch.zeros(init.residual.shape, device=device)).requires_grad_(True)
         if learn_ffn:
             for name, perm in init.ffn.items():
                 self.params[f"ffn/{name}"] = _one_hot(perm).requires_grad_(True)
@@ -162,12 +178,12 @@ class _Parametrisation:
                     continue
                 self.kinds[f"{side}/{group.name}"] = kind
                 n, dh = x.qk_scale.shape
-                self.params[f"{side}/{group.name}"] = torch.zeros((n, dh) if kind == "diagonal" else (n, dh, dh)).requires_grad_(True)
+                self.params[f"{side}/{group.name}"] = torch.zeros((n, dh) if kind == "diagonal" else (n, dh, dh), device=device).requires_grad_(True)
         # a rotation is its own inverse-transpose, so general=True (K, O sides by the inverse) covers every kind
         self.general = "general" in self.kinds.values()
         if init.residual is not None and self.residual_kind != "permutation":
             d = init.residual.shape[0]
-            self.centre = torch.eye(d, dtype=torch.float64) - (1.0 / d if self.residual_kind == "centered" else 0.0)
+            self.centre = torch.eye(d, dtype=torch.float64, device=device) - (1.0 / d if self.residual_kind == "centered" else 0.0)
 
     def residual(self, dtype: torch.dtype) -> torch.Tensor:
         x = self.params["residual"]
@@ -272,7 +288,8 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     begin = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    param = _Parametrisation(spec, init, symmetries, learn_ffn)
+    device = next((v.device for v in model.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    param = _Parametrisation(spec, init, symmetries, learn_ffn, device)
     objective_ts = (0.5,) if path == "midpoint" else (0.25, 0.5, 0.75)
     # with 4 batches or more, every 4th is held out: the objective is measured on batches no step trained on, so
     # keeping its best element is early stopping against overfitting the calibration data
@@ -343,7 +360,7 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
             best = (current, mid, param.snapshot(), step)
     param.restore(best[2])
     with torch.no_grad():
-        final = param.transform(torch.float64)
+        final = transform_to(param.transform(torch.float64), "cpu")
     final.ffn = {k: v.clone() for k, v in final.ffn.items()}
     record = {"steps": step, "halvings": halvings, "objective": "midpoint" if path == "midpoint" else "mean of t = 0.25, 0.5, 0.75",
               "objective_first": first, "objective_best": best[0], "midpoint_loss_first": first_mid, "midpoint_loss_best": best[1],
@@ -357,6 +374,7 @@ TARGET_CACHE_ELEMENTS = 1 << 26  # endpoint predictions kept (256 MB of float32)
 def _functional(config: Any, reference: Mapping[str, torch.Tensor], untie: bool) -> Callable:
     """``run(state, inputs)``: one frozen HF module evaluated functionally at a state dict (checkpoint names)."""
     module = build_model(untied_config(config, untie), reference).train(False)
+    module.to(next((v.device for v in reference.values() if isinstance(v, torch.Tensor)), torch.device("cpu")))  # where the states are
     for p in module.parameters():
         p.requires_grad_(False)
     renames = getattr(module, "_symmerge_renames", {})
@@ -451,21 +469,26 @@ def soft_target_loss(config: Any, reference: Mapping[str, torch.Tensor], model: 
 def match_learned(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
                   symmetries: frozenset[str], *, config: Any = None, calibration: list | None = None, learn_steps: int = 200,
                   learn_seconds: float | None = None, learn_path: str = "random", learn_targets: str = "soft", progress: bool = False,
-                  model_name: str = "model", **_unused) -> Fit:
+                  model_name: str = "model", device: torch.device | str | None = None, **_unused) -> Fit:
     """Weight matching, then :func:`learn_transform` on the path loss over ``calibration`` (batches with labels),
     for ``learn_steps`` steps or ``learn_seconds`` seconds, whichever ends first. ``learn_targets``: what the
     steps fit — ``"soft"`` (default: the endpoints' mean prediction, :func:`soft_target_loss`; the labels where
-    the model's loss is not a cross-entropy over its logits) or ``"labels"``; the objective always uses the labels."""
+    the model's loss is not a cross-entropy over its logits) or ``"labels"``; the objective always uses the labels.
+    ``device``: where weight matching's math, the models' forward and backward passes and the learned element live
+    (the LAPs run on the CPU); the element returned is on the CPU."""
     if not calibration or not all("labels" in b for b in calibration):
         raise SymmergeError("learned matching needs calibration batches with labels (--data zoo, or an .npz with labels)")
     if learn_targets not in TARGETS:
         raise SymmergeError(f"learned matching targets must be one of {', '.join(TARGETS)}, got {learn_targets!r}")
     start = time.perf_counter()
-    init = match_weights(reference, model, spec, symmetries, model_name=model_name)
+    init = match_weights(reference, model, spec, symmetries, model_name=model_name, device=device)
     folded_reference = None if init.folded_reference is None else dict(init.folded_reference)  # the models run whole here
     if folded_reference is not None:
         reference, model = folded_reference, fold_norms(model, spec.residual)
     untie = "residual" in symmetries
+    if device is not None:  # the states, the calibration batches and (in _functional) the module, on the device
+        reference, model = tensors_to(reference, device), tensors_to(model, device)
+        calibration = [tensors_to(b, device) for b in calibration]
     loss = path_loss(config, reference, untie)
     step_loss = soft_target_loss(config, reference, model, untie, calibration) if learn_targets == "soft" else None
     transform, record = learn_transform(reference, model, spec, init.transform, loss, calibration, symmetries=symmetries,
