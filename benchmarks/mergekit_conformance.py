@@ -12,13 +12,15 @@ order (and, without a base_model, starts from an arbitrary model's tokenizer) wh
 per job, the largest absolute difference over all tensors, how many tensors differ by more than one rounding of the
 output dtype, and wall time and peak RSS of both tools.
 
-    .venv/bin/python benchmarks/mergekit_conformance.py [--only JOB ...]
+    .venv/bin/python benchmarks/mergekit_conformance.py [--only JOB ...]   # run all jobs / those whose names contain JOB
+    .venv/bin/python benchmarks/mergekit_conformance.py --render           # re-render the .md from the json, run nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -737,50 +739,41 @@ def _sharded(path: Path) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*")
-    args = ap.parse_args()
-    versions = ensure_mergekit()
-    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints() | modular_checkpoints() | gemma3_checkpoints()
-    ck["a-dora"] = dora_adapter()
-    ck["a-extras"] = extras_adapter()
-    ck["a-lora"] = lora_adapter()
-    WORK.mkdir(parents=True, exist_ok=True)
-    env = {**child_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache(ck))}  # repo ids: from this cache only
-    saved = WORK / "rows.json"  # rows of earlier runs: --only reruns some jobs and keeps the others
-    previous = {r[0]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
-    rows = []
-    for name, recipe in jobs(ck).items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
-        mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
-        mk_cfg.write_text(yaml.safe_dump(mergekit_form(recipe, ck), sort_keys=False))
-        pasted = name.startswith((UNKNOWN, MODULAR, GEMMA3))  # as is: the default alignment must fall back by itself
-        sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
-        mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
-        mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
-                  "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
-        sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
-        if mk[2] or sym[2]:
-            rows.append((name, None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}", mk, sym))
-        else:
-            worst, over, total, note = compare(sym_out, mk_out)
-            if over and not note:
-                note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
-            if over and name.startswith("slice base_model") and "tokenizer_source" not in recipe:
-                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out):.0f} units in the last place of the largest input"
-            if over and name.startswith(f"{MODULAR}: a text-decoder slice"):
-                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out, MM_NAMES):.0f} units in the last place of the largest input"
-            if "chat_template" in recipe:
-                note = "; ".join(filter(None, [note, template_conformance(recipe["chat_template"], sym_out, mk_out)]))
-            rows.append((name, worst, over, total, note, mk, sym))
-        print(rows[-1][:5], flush=True)
-        previous[name] = list(rows[-1])
-        saved.write_text(json.dumps(list(previous.values())))
-    order = list(jobs(ck))
-    rows = sorted((tuple(r) for r in previous.values() if r[0] in order), key=lambda r: order.index(r[0]))
+RESULTS_JSON = RESULTS / "mergekit_conformance.json"
+"""Every row measured, tracked: the source of truth the .md is rendered from (an ``--only`` run replaces its rows and
+keeps the others, whatever the local cache holds)."""
+
+
+class _AnyCheckpoint(dict):
+    """Stands in for the checkpoint folders where only the job names are wanted: every checkpoint present, one path."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> str:
+        return "/checkpoint"
+
+
+def job_order() -> list[str]:
+    """Every job's name in the order :func:`jobs` lists them (the table's order), without building a checkpoint."""
+    return list(jobs(_AnyCheckpoint()))
+
+
+def merge_rows(stored: list[dict], fresh: list[dict], order: list[str]) -> list[dict]:
+    """``fresh`` rows replace the stored rows of the same jobs; the stored rows of jobs not run this time stay (an
+    ``--only`` run re-measures some rows without touching the rest). Rows in ``order``; a stored row whose job is no
+    longer in ``order`` (renamed or removed) is dropped, as its recipe can no longer be re-run."""
+    by_job = {r["job"]: r for r in stored} | {r["job"]: r for r in fresh}
+    return [by_job[name] for name in order if name in by_job]
+
+
+def _tool(measured: tuple[float | None, int | None, str]) -> dict:
+    wall, rss, error = measured
+    return {"seconds": wall, "rss_bytes": rss, "error": error}
+
+
+def render(versions: dict, rows: list[dict]) -> str:
+    """The markdown report of ``rows`` (as stored in RESULTS_JSON)."""
     lines = ["# symmerge vs mergekit: conformance", "",
              f"mergekit {versions['mergekit']}, torch {versions['torch']} (its own venv); symmerge with `alignment: none` "
              f"added, except in the `{UNKNOWN}` rows (a family symmerge has no spec of, recipes as pasted: no alignment key). "
@@ -809,15 +802,76 @@ def main() -> None:
              "same on two Gemma3ForConditionalGeneration fine-tunes (Gemma3 text decoder, SigLIP vision tower).", "",
              "| job | max abs diff | tensors > 1 rounding / all | symmerge s | mergekit s | symmerge RSS MB | mergekit RSS MB | note |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, worst, over, total, note, mk, sym in rows:
-        mb = lambda r: f"{r / 2**20:.0f}" if r else "?"  # noqa: E731
-        sec = lambda w: f"{w:.2f}" if w else "?"  # noqa: E731
-        diff = "—" if worst is None else f"{worst:.3g}"
-        count = "—" if over is None else f"{over} / {total}"
-        lines.append(f"| {name} | {diff} | {count} | {sec(sym[0])} | {sec(mk[0])} | {mb(sym[1])} | {mb(mk[1])} | {note} |")
+    mb = lambda r: f"{r / 2**20:.0f}" if r else "?"  # noqa: E731
+    sec = lambda w: f"{w:.2f}" if w else "?"  # noqa: E731
+    for r in rows:
+        diff = "—" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
+        count = "—" if r["tensors_over"] is None else f"{r['tensors_over']} / {r['tensors']}"
+        sym, mk = r["symmerge"], r["mergekit"]
+        lines.append(f"| {r['job']} | {diff} | {count} | {sec(sym['seconds'])} | {sec(mk['seconds'])} | {mb(sym['rss_bytes'])} "
+                     f"| {mb(mk['rss_bytes'])} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(versions: dict, rows: list[dict]) -> str:
+    """Store ``rows`` in RESULTS_JSON and render them into benchmarks/results/mergekit_conformance.md; the text."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mergekit_conformance.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    RESULTS_JSON.write_text(json.dumps({"versions": versions, "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+    text = render(versions, rows)
+    (RESULTS / "mergekit_conformance.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help="run the jobs whose names contain one of these; the other stored rows stay")
+    ap.add_argument("--render", action="store_true", help="run nothing: re-render the .md from the stored json")
+    args = ap.parse_args()
+    stored = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {"versions": {}, "rows": []}
+    order = job_order()
+    if args.render:
+        print(write_results(stored["versions"], merge_rows(stored["rows"], [], order)))
+        return
+    versions = ensure_mergekit()
+    versions = {"mergekit": versions["mergekit"], "torch": versions["torch"]}
+    ck = checkpoints() | tokenizer_checkpoints() | unknown_family_checkpoints() | modular_checkpoints() | gemma3_checkpoints()
+    ck["a-dora"] = dora_adapter()
+    ck["a-extras"] = extras_adapter()
+    ck["a-lora"] = lora_adapter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    env = {**child_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache(ck))}  # repo ids: from this cache only
+    rows = stored["rows"]
+    for name, recipe in jobs(ck).items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in name)[:50]
+        mk_cfg, sym_cfg = WORK / f"{slug}.mk.yaml", WORK / f"{slug}.sym.yaml"
+        mk_cfg.write_text(yaml.safe_dump(mergekit_form(recipe, ck), sort_keys=False))
+        pasted = name.startswith((UNKNOWN, MODULAR, GEMMA3))  # as is: the default alignment must fall back by itself
+        sym_cfg.write_text(yaml.safe_dump(recipe if pasted else {**recipe, "alignment": "none"}, sort_keys=False))
+        mk_out, sym_out = WORK / f"{slug}-mergekit", WORK / f"{slug}-symmerge"
+        load = os.getloadavg()[0]
+        mk = run([*mergekit_yaml(), str(mk_cfg), str(mk_out), "--no-copy-tokenizer", "--quiet",
+                  "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
+        sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
+        if mk[2] or sym[2]:
+            worst, over, total, note = None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}"
+        else:
+            worst, over, total, note = compare(sym_out, mk_out)
+            if over and not note:
+                note = "; ".join(filter(None, [explain(name), describe(attribute(recipe, ck, sym_out, mk_out))]))
+            if over and name.startswith("slice base_model") and "tokenizer_source" not in recipe:
+                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out):.0f} units in the last place of the largest input"
+            if over and name.startswith(f"{MODULAR}: a text-decoder slice"):
+                note += f"; measured: at most {operand_ulps(ck, sym_out, mk_out, MM_NAMES):.0f} units in the last place of the largest input"
+            if "chat_template" in recipe:
+                note = "; ".join(filter(None, [note, template_conformance(recipe["chat_template"], sym_out, mk_out)]))
+        row = {"job": name, "max_abs_diff": worst, "tensors_over": over, "tensors": total, "note": note,
+               "symmerge": _tool(sym), "mergekit": _tool(mk), "load_average": [load, os.getloadavg()[0]]}
+        print(row, flush=True)
+        rows = merge_rows(rows, [row], order)
+        write_results(versions, rows)  # after every job: an interrupted run keeps what it measured
+    print(write_results(versions, merge_rows(rows, [], order)))
 
 
 if __name__ == "__main__":
