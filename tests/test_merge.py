@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -385,10 +386,11 @@ def test_a_listed_base_model_is_read_through_its_models_reader(family_models, tm
     assert code == 0, err
     assert sorted(opened) == sorted([m["a"].resolve(), m["independent"].resolve()])
     opened.clear()
-    code, _, err = run_cli(capsys, "merge", m["a"], m["a"], "--method", "task_arithmetic", "--base", m["base"], "--align", "none",
+    a2 = Path(shutil.copytree(m["a"], tmp_path / "a2"))  # a model listed twice is refused: a copy of it
+    code, _, err = run_cli(capsys, "merge", m["a"], a2, "--method", "task_arithmetic", "--base", m["base"], "--align", "none",
                            "-o", tmp_path / "unlisted", "-q")
     assert code == 0, err
-    assert sorted(opened) == sorted([m["a"].resolve(), m["a"].resolve(), m["base"].resolve()])
+    assert sorted(opened) == sorted([m["a"].resolve(), a2.resolve(), m["base"].resolve()])
 
 
 def test_merge_with_activation_matching_equals_align_then_average(tmp_path, capsys):

@@ -341,10 +341,11 @@ def test_online_downloads_fetch_only_what_a_merge_reads(monkeypatch, tmp_path):
 
 def test_repo_ids_resolve_from_the_cache_offline(llamas, tmp_path, capsys, monkeypatch):
     cache = _hub_cache(tmp_path / "hub", "someorg/tiny-a", llamas["a"])
+    _hub_cache(cache, "otherorg/tiny-a", llamas["a"])  # another repo of the same name (and weights): its own model
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, _ = merge_recipe(capsys, tmp_path, """
-models: [{model: someorg/tiny-a}, {model: "someorg/tiny-a@0123456789abcdef0123456789abcdef01234567"}]
+models: [{model: someorg/tiny-a}, {model: "otherorg/tiny-a@0123456789abcdef0123456789abcdef01234567"}]
 merge_method: linear
 alignment: none
 """)
@@ -417,7 +418,7 @@ def test_unknown_keys_are_refused_with_the_key(llamas, tmp_path, capsys):
         (f"models: [{{model: {a}}}]\nmerge_method: linear\nparameters: {{weight: [{{filtr: mlp, value: 1}}]}}\n", "unknown key 'filtr'"),
         (f"slices: [{{sources: [{{model: {a}, layer_range: [0, 2], laers: 1}}]}}]\nmerge_method: passthrough\n", "laers"),
         (f"models: [{{model: {a}}}]\nslices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}]}}]\nmerge_method: linear\n", "exactly one of models"),
-        (f"models: [{{model: {a}, parameters: {{t: 0.3}}}}, {{model: {a}}}]\nmerge_method: ties\nbase_model: {a}\n", "unknown per-model parameter 't'"),
+        (f"models: [{{model: {a}, parameters: {{t: 0.3}}}}, {{model: {llamas['b']}}}]\nmerge_method: ties\nbase_model: {a}\n", "unknown per-model parameter 't'"),
     ]:
         recipe = tmp_path / "bad.yaml"
         recipe.write_text(text)
@@ -831,3 +832,48 @@ merge_method: task_arithmetic
 """)
     expect_cli_error(capsys, "slices.1: the final norm and head merge from the last slice's first 2 sources", "merge",
                      tmp_path / "dropped.yaml", tmp_path / "o")
+
+
+def test_a_model_repeated_in_one_slice_or_models_list_is_refused_as_mergekit_does(llamas, tmp_path, capsys):
+    # mergekit 0.1.5 refuses each of these before merging ("Duplicate merge inputs for default.slices[0]"): it keys a
+    # tensor's inputs by model. symmerge used to count A twice in models: (0.8 a + 0.2 b) but once in slices: ((a + b) / 2)
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    a_ = f"{a}/../{a.name}"  # the same folder, spelled otherwise: still the same model
+    vlm_a, vlm_b = _save(tmp_path / "va", _mistral3_state(1)), _save(tmp_path / "vb", _mistral3_state(2))
+    vlm = f"modules: {{text_decoder: {{models: [{{model: {vlm_a}}}, {{model: {vlm_b}}}, {{model: {vlm_a}}}]}}, " + \
+          "".join(f"{m}: {{models: [{{model: {vlm_a}}}, {{model: {vlm_b}}}]}}, " for m in ("vision_tower", "multi_modal_projector"))
+    for text, message in [
+        (f"models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {a_}, parameters: {{weight: 0.3}}}}, "
+         f"{{model: {b}, parameters: {{weight: 0.2}}}}]\nmerge_method: linear\nalignment: none\n",
+         f"models.0 and models.1 are both {a.resolve()}: a tensor takes one input per model"),
+        (f"slices: [{{sources: [{{model: {a}, layer_range: [0, 4]}}, {{model: {b}, layer_range: [0, 4]}}, "
+         f"{{model: {a}, layer_range: [0, 4]}}]}}]\nmerge_method: linear\nalignment: none\n", "slices.0.sources.0 and slices.0.sources.2"),
+        (f"slices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [2, 4]}}]}}]\n"
+         "merge_method: linear\nalignment: none\n", "slices.0.sources.0 and slices.0.sources.1"),  # other layers of it too
+        (f"models: [{{model: {base}}}, {{model: {a}}}, {{model: {base}}}]\nbase_model: {base}\nmerge_method: task_arithmetic\n"
+         "alignment: none\n", "models.0 and models.2"),
+        (vlm[:-2] + "}\nmerge_method: linear\n", "modules.text_decoder.models.0 and modules.text_decoder.models.2"),
+    ]:
+        (tmp_path / "r.yaml").write_text(text)
+        expect_cli_error(capsys, message, "merge", tmp_path / "r.yaml", tmp_path / "o")
+
+    # listed once with the sum of its weights: A's share by hand; a model in two slices and the base named in models
+    # and as base_model are not repeats
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    out, _ = merge_recipe(capsys, tmp_path / "once", f"""
+models: [{{model: {a}, parameters: {{weight: 0.8}}}}, {{model: {b}, parameters: {{weight: 0.2}}}}]
+merge_method: linear
+alignment: none
+""")
+    key = "model.layers.2.mlp.up_proj.weight"
+    torch.testing.assert_close(out[key], 0.8 * ta[key] + 0.2 * tb[key], rtol=1e-6, atol=1e-7)
+    out, _ = merge_recipe(capsys, tmp_path / "twice", f"""
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [0, 2]}}]
+  - sources: [{{model: {a}, layer_range: [2, 4]}}, {{model: {b}, layer_range: [2, 4]}}]
+merge_method: linear
+alignment: none
+""")
+    torch.testing.assert_close(out[key], (ta[key] + tb[key]) / 2, rtol=1e-6, atol=1e-7)
+    merge_recipe(capsys, tmp_path / "base", f"models: [{{model: {base}}}, {{model: {a}}}]\nbase_model: {base}\n"
+                 "merge_method: task_arithmetic\nalignment: none\n")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,8 @@ dtype: float32
 
 
 def test_same_vocabulary_changes_no_bit(capsys, tmp_path, models):
-    text = f"models: [{{model: {models['a']}}}, {{model: {models['a']}}}]\nmerge_method: linear\nalignment: none\n"
+    twin = shutil.copytree(models["a"], tmp_path / "a2")  # a model listed twice is refused: a copy of it
+    text = f"models: [{{model: {models['a']}}}, {{model: {twin}}}]\nmerge_method: linear\nalignment: none\n"
     plain, _, _ = _merge(capsys, tmp_path / "plain", text)
     with_source, _, _ = _merge(capsys, tmp_path / "union", text + "tokenizer_source: union\n")
     assert plain.keys() == with_source.keys() and all(torch.equal(plain[k], with_source[k]) for k in plain)

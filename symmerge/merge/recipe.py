@@ -739,6 +739,18 @@ def _note_once(notes: list[str], note: str) -> None:
         notes.append(note)
 
 
+def refuse_repeated_models(identities: list[tuple[Path, Path | None]], where: str) -> None:
+    """Refuse a model listed twice among one slice's sources (or one ``models:`` list), as mergekit 0.1.5 does
+    (``Duplicate merge inputs``, checked before it merges anything): it keys a tensor's inputs by model, so a repeat has
+    no meaning there, and here it counted twice in ``models:`` but once in ``slices:``. The same folder with a
+    different LoRA adapter is another model."""
+    for j, identity in enumerate(identities):
+        if identity in identities[:j]:
+            i = identities.index(identity)
+            raise SymmergeError(f"{where}.{i} and {where}.{j} are both {_absolute(identity)}: a tensor takes one input per "
+                                "model (mergekit 0.1.5 refuses this too); list it once, with a larger weight for a larger share")
+
+
 def _absolute(identity: tuple[Path, Path | None]) -> str:
     """A checkpoint's reference as the recipe as run (merge.yaml) records it: its absolute folder, ``+ADAPTER``."""
     return str(identity[0]) + (f"+{identity[1]}" if identity[1] is not None else "")
@@ -796,6 +808,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     if recipe.models is not None:
         method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation
         models = [_open(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
+        refuse_repeated_models([m.identity for m in models], "models")
         model_params = [_check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
     else:
         models, model_params = [], []
@@ -815,6 +828,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                     models.append(ckpt)
                     known = len(models) - 1
                 indices.append(known)
+            refuse_repeated_models([models[i].identity for i in indices], f"slices.{s}.sources")
             slice_models.append(indices)
             slice_bases.append(_slice_base(method, sl, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
         if base is not None:  # the base, named as a source too, is that same model
@@ -1320,6 +1334,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
             sources = [(index_of(_open(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
                         _check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
                        for i, m in enumerate(entry.models)]
+            refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.models")
             if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
                 sources.append((index_of(base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
             if method.needs_base and base is None:
@@ -1335,6 +1350,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                 sources = [(index_of(_open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
                             _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
                             src.layer_range) for j, src in enumerate(sl.sources)]
+                refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.slices.{s}.sources")
                 own_base = _slice_base(method, sl, f"{where}.slices.{s}", [m for m, _, _ in sources], models, base,
                                        root, allow_pickle, notes)
                 if method.needs_base and base is None and own_base is None:
