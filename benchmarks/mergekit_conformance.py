@@ -314,6 +314,10 @@ def extras_adapter() -> str:
                                                     "modules_to_save": ["lm_head"]})
 
 
+REPEATED = "a model listed twice in models: (linear; both refuse)"
+"""A job both tools must refuse: the row is conformant when both fail, with the two errors as its note."""
+
+
 def jobs(ck: dict[str, str]) -> dict[str, dict]:
     two = [{"model": ck["a"]}, {"model": ck["b"]}]
 
@@ -397,6 +401,9 @@ def jobs(ck: dict[str, str]) -> dict[str, dict]:
             "slices": [{"sources": [src("a", 0, 2, 0.5), src("base", 0, 2, 0.5)]},
                        {"sources": [src("b", 2, 4, 0.3), src("c", 2, 4, 0.5), src("a", 1, 3, 0.2)]}],
             "merge_method": "linear", "dtype": "float32"},
+        # mergekit keys a tensor's inputs by model: a model listed twice is refused before merging
+        REPEATED: {"models": [{"model": ck["a"], "parameters": {"weight": 0.5}}, {"model": ck["a"], "parameters": {"weight": 0.3}},
+                              {"model": ck["b"], "parameters": {"weight": 0.2}}], "merge_method": "linear", "dtype": "float32"},
     }
     if "a-dora" in ck:
         j["model+lora: DoRA adapter (linear)"] = {"models": [{"model": f"{ck['a']}+{ck['a-dora']}", "parameters": {"weight": 0.5}},
@@ -682,7 +689,13 @@ def operand_ulps(ck: dict[str, str], sym: Path, mk: Path, names: tuple[str, ...]
 def run(cmd: list[str], env: dict) -> tuple[float | None, int | None, str]:
     p = subprocess.run([str(TIME), "-v", *cmd], capture_output=True, text=True, env=env)
     wall, rss = _parse_time_v(p.stderr)
-    return wall, rss, "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+    if p.returncode == 0:
+        return wall, rss, ""
+    own = p.stderr.split("\tCommand being timed:")[0]  # the tool's stderr, before time -v's report and exit line
+    last = ([line for line in own.strip().splitlines() if not line.startswith("Command exited with")] or ["?"])[-1]
+    for folder in (CKPTS.resolve(), CKPTS):  # a checkpoint by its name, not this machine's path
+        last = last.replace(f"{folder}/", "")
+    return wall, rss, last[:200]
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -855,7 +868,8 @@ def main() -> None:
                   "--no-write-model-card", "--allow-crimes", "--lora-merge-cache", str(WORK / "lora-cache")], env)
         sym = run([sys.executable, "-m", "symmerge.cli", "merge", str(sym_cfg), str(sym_out), "--force", "-q"], {**env, "PYTHONPATH": str(REPO)})
         if mk[2] or sym[2]:
-            worst, over, total, note = None, None, None, f"mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}"
+            both = "both refuse, as they should: " if name == REPEATED and mk[2] and sym[2] else ""
+            worst, over, total, note = None, None, None, f"{both}mergekit: {mk[2] or 'ok'}; symmerge: {sym[2] or 'ok'}"
         else:
             worst, over, total, note = compare(sym_out, mk_out)
             if over and not note:
