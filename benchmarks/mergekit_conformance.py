@@ -506,6 +506,8 @@ EXPLAIN = {  # job prefix → why the outputs may differ by more than one roundi
     "slices, same ranges": "as slerp: coefficient precision, a few ulps",
     f"{UNKNOWN}, gradient + filter": "as slerp: coefficient precision, a few ulps",
     "multislerp": "float32 arithmetic order, a few ulps",
+    "ram": "float32 arithmetic order (the largest difference, 1.19e-07 = 2⁻²³, is the spacing of float32 numbers between 1 and 2)",
+    "model_stock": "float32 arithmetic order (the largest difference, 1.19e-07 = 2⁻²³, is the spacing of float32 numbers between 1 and 2)",
     GEMMA3: "as slerp: coefficient precision, a few ulps",
     f"{MODULAR}: a text-decoder slice": "as task_arithmetic: float32 summation order, a few ulps",
     "karcher": "float32 arithmetic order: symmerge iterates in float64 on the Gram matrix of the directions, a few ulps "
