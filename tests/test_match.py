@@ -7,13 +7,17 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
+from tqdm.auto import tqdm
 
+import symmerge.match.per_layer as per_layer
 from symmerge.groups import random_orthogonal
 from symmerge.groups.ffn import FFNTensors
 from symmerge.groups.heads import HeadTensors, HeadTransform, transform_heads
 from symmerge.match import best_scale, ffn_similarity, match_heads, procrustes, rotation_and_scale, solve_lap
 from symmerge.match.attention import objective, qk_blocks, side_statistics, vo_blocks
 from symmerge.match.objective import squared_distance, squared_norm
+from symmerge.spec import StateView, spec_for
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 
@@ -333,3 +337,50 @@ def test_squared_distance_is_accurate_and_leaves_its_inputs_alone():
     assert squared_norm(a.bfloat16()) == pytest.approx(float(a.bfloat16().double().square().sum()), rel=1e-6)
     assert squared_distance(torch.zeros(0), torch.zeros(0)) == 0.0
     assert squared_distance(torch.tensor(3.0), torch.tensor(1.0)) == 4.0
+
+
+def _tiny_bert_pair():
+    ref, other = (make_model("bert", seed)[0] for seed in (0, 1))
+    return ref.state_dict(), other.state_dict(), spec_for(ref.config, ref.state_dict().keys())
+
+
+def test_attention_fits_run_while_the_ffn_solvers_do_and_give_the_same_element(monkeypatch):
+    """fit_per_layer fits each attention group right after an FFN's matrix goes to its solver (fit_ffn's
+    ``interleave``), before the last FFN solver is waited for; the element equals the FFN fit and the attention fits
+    run separately (each group's fit is independent). Negative control: without attention classes no attention fit
+    runs, and an FFN-only fit has no heads."""
+    ref, other, spec = _tiny_bert_pair()
+    seed_classes = frozenset({"ffn", "qk", "vo", "scale"})
+    events = []
+    fit_attention, solve = per_layer.fit_attention_group, per_layer.solve_ffn
+    monkeypatch.setattr(per_layer, "fit_attention_group", lambda r, m, group, *a: (events.append(("attention", group.name)), fit_attention(r, m, group, *a))[1])
+    monkeypatch.setattr(per_layer, "solve_ffn", lambda s, width: (events.append(("lap", width)), solve(s, width))[1])
+    both = per_layer.fit_per_layer(ref, other, spec, seed_classes)
+    assert [e for e in events if e[0] == "attention"] == [("attention", g.name) for g in spec.attention]
+    last_lap = max(i for i, e in enumerate(events) if e[0] == "lap")
+    assert events.index(("attention", spec.attention[0].name)) < last_lap  # the first attention fit ran before the last LAP started
+    assert set(both.seconds) == {"ffn", "attention"} and both.seconds["attention"] > 0 and both.seconds["ffn"] > 0
+
+    events.clear()
+    ffn_only = per_layer.fit_per_layer(ref, other, spec, frozenset({"ffn"}))
+    attention_only = per_layer.fit_per_layer(ref, other, spec, seed_classes - {"ffn"})
+    assert not [e for e in events[: len(spec.ffn)] if e[0] == "attention"] and not ffn_only.transform.heads
+    assert list(both.transform.ffn) == [g.name for g in spec.ffn] and list(both.transform.heads) == [g.name for g in spec.attention]
+    for name, perm in ffn_only.transform.ffn.items():
+        assert torch.equal(both.transform.ffn[name], perm)
+    for name, x in attention_only.transform.heads.items():
+        y = both.transform.heads[name]
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("perm", "kv_perm", "qk_rotation", "qk_scale", "vo_rotation", "vo_scale"))
+    assert both.details == {**ffn_only.details, **attention_only.details}
+
+
+@pytest.mark.parametrize("items", [0, 1, 2, 5])
+def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
+    """More or fewer items than FFN groups (2 here): each runs once, in order, and the permutations are unchanged."""
+    ref, other, spec = _tiny_bert_pair()
+    ran = []
+    with tqdm(disable=True) as bar:
+        plain = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar)
+        perms = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar, interleave=[lambda i=i: ran.append(i) for i in range(items)])
+    assert ran == list(range(items))
+    assert perms.keys() == plain.keys() and all(torch.equal(perms[k], plain[k]) for k in plain)

@@ -2,7 +2,9 @@
 
 Stages (each timed): FFN matching (similarity GEMM + exact LAP per layer; the LAPs of different layers run in a
 2-thread pool while the next layer's similarity is built), attention matching (head assignment, Procrustes and
-quartic for all heads of a layer at once).
+quartic for all heads of a layer at once). With both, the attention groups are fitted on the main thread while the
+FFN solvers run (each fit is independent of every other, so the element is the same): their single-threaded
+linear algebra fills the cores the LAPs leave idle instead of running after them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -77,14 +79,20 @@ def record_distances(ref: StateView, model: StateView, group: FFNGroup | Attenti
 
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
             device: torch.device | None = None, model_spec: ModelSpec | None = None,
-            distances: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
+            distances: dict[str, tuple[float, float]] | None = None,
+            interleave: Sequence[Callable[[], None]] = ()) -> dict[str, torch.Tensor]:
     """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
     moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
     (memory stays at a few d_ff×d_ff). ``model_spec``: a narrower model's own spec (rectangular LAPs).
-    ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded)."""
+    ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded).
+
+    ``interleave``: other work for this thread while the solvers run (the attention fits), one item after each FFN's
+    matrix is handed to its solver, the rest before waiting for the last solvers; each item runs exactly once, in
+    order, whatever the FFN count."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
+    side_work = deque(interleave)
 
     def collect() -> None:
         name, fut = pending.popleft()
@@ -97,8 +105,13 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
             if distances is not None:
                 record_distances(ref, model, group, distances)
             pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
+            del similarity  # the solver holds it now; freed as soon as it is solved
+            if side_work:
+                side_work.popleft()()
             while len(pending) > max_pending:
                 collect()
+        while side_work:
+            side_work.popleft()()
         while pending:
             collect()
     return perms
@@ -142,23 +155,35 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         bar.refresh()
     with (tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) if bar is None
           else contextlib.nullcontext(bar)) as bar:
-        start = time.perf_counter()
-        if "ffn" in symmetries:
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec, distances=recorded)
-            for name, perm in transform.ffn.items():
-                details[name] = ffn_details(perm)
-        elif model_spec is not None and model_spec.ffn_width != spec.ffn_width:  # unaligned: the identity embedding
-            transform.ffn = {g.name: embedding(model_spec.ffn_width, g.width) for g in spec.ffn}
-        seconds["ffn"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if attention_on or (model_spec is not None and model_spec.num_heads != spec.num_heads):
-            for group in spec.attention:
+        attention_seconds = [0.0]
+
+        def attention_fit(group: AttentionGroup) -> Callable[[], None]:
+            def run() -> None:
+                begin = time.perf_counter()
                 transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device,
                                                                                        model_groups[group.name])
                 if recorded is not None:
                     record_distances(ref_view, model_view, group, recorded)
                 bar.update(1)
-        seconds["attention"] = time.perf_counter() - start
+                attention_seconds[0] += time.perf_counter() - begin
+            return run
+
+        attention_fits = ([attention_fit(group) for group in spec.attention]
+                          if attention_on or (model_spec is not None and model_spec.num_heads != spec.num_heads) else [])
+        start = time.perf_counter()
+        if "ffn" in symmetries:  # the attention fits run while the FFN solvers do (fit_ffn's interleave)
+            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec, distances=recorded,
+                                    interleave=attention_fits)
+            for name, perm in transform.ffn.items():
+                details[name] = ffn_details(perm)
+        else:
+            if model_spec is not None and model_spec.ffn_width != spec.ffn_width:  # unaligned: the identity embedding
+                transform.ffn = {g.name: embedding(model_spec.ffn_width, g.width) for g in spec.ffn}
+            for fit in attention_fits:
+                fit()
+        # each stage's own time; interleaved, the attention fits' time is taken out of the FFN stage's
+        seconds["ffn"] = time.perf_counter() - start - attention_seconds[0]
+        seconds["attention"] = attention_seconds[0]
     return Fit(transform, details, seconds, distances=recorded or {})
 
 
