@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from symmerge.groups import apply_transform, parse_symmetries
 from symmerge.groups.residual import can_unfold, fold_norms, residual_correlation, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.io import open_checkpoint
-from symmerge.io.stream import LazyState, ShardWriter
+from symmerge.io.stream import LazyState, ShardWriter, computed_ahead, save_streamed
 from symmerge.match import fit_with_residual, state_distance
 from symmerge.spec import spec_for
 
@@ -245,3 +247,54 @@ def test_shard_writer_copies_without_copy_file_range(tmp_path, monkeypatch):
 def save_file_bytes(tensors: dict[str, torch.Tensor], path) -> bytes:
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
     return path.read_bytes()
+
+
+class _Recording(Mapping):
+    """A state whose reads are logged with the reading thread (what a TransformedState's cache sees)."""
+
+    def __init__(self, n: int):
+        self.values = {f"t{i}": torch.full((3,), float(i)) for i in range(n)}
+        self.reads: list[tuple[str, int]] = []
+
+    def __getitem__(self, key):
+        self.reads.append((key, threading.get_ident()))
+        return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self):
+        return len(self.values)
+
+
+def test_computed_ahead_reads_every_value_once_in_order_on_one_worker_thread_at_most_depth_ahead():
+    state = _Recording(7)
+    seen = []
+    for key, value in computed_ahead(state, depth=2):
+        assert len(state.reads) <= len(seen) + 3  # this one and at most 2 ahead
+        seen.append(key)
+        assert torch.equal(value, state.values[key])
+    assert seen == list(state.values) and [k for k, _ in state.reads] == seen
+    threads = {t for _, t in state.reads}
+    assert len(threads) == 1 and threading.get_ident() not in threads  # negative control: a plain loop reads on this thread
+
+
+def test_computed_ahead_stops_reading_when_the_consumer_stops():
+    state = _Recording(10)
+    stream = computed_ahead(state, depth=2)
+    next(stream)
+    stream.close()
+    assert len(state.reads) <= 4
+
+
+def test_save_streamed_writes_what_save_file_writes_for_an_aligned_state(tmp_path):
+    """The written file is byte for byte safetensors' own for the same tensors, read ahead through a lazily aligned state."""
+    ref, other = make_model("bert", 0)[0], make_model("bert", 1)[0]
+    state = other.state_dict()
+    aligned = symmerge.align(ref, other, symmetries="ffn,qk,vo,scale")
+    spec = spec_for(other.config, state.keys())
+    lazy = TransformedState(state, spec, aligned.transform)
+    (tmp_path / "streamed").mkdir()
+    save_streamed(lazy, tmp_path / "streamed")
+    save_file({k: aligned.state_dict[k].contiguous() for k in lazy}, tmp_path / "whole.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -246,13 +248,40 @@ class ShardWriter:
         return files
 
 
+WRITE_AHEAD = 2
+"""Tensors :func:`save_streamed` lets its reader compute before the writer takes them."""
+
+
+def computed_ahead(state: Mapping[str, torch.Tensor], depth: int = WRITE_AHEAD) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, state[key])`` in ``state``'s order, every value read by one worker thread at most ``depth`` tensors
+    ahead of the consumer: a lazily computed state (an aligned :class:`~symmerge.groups.stream.TransformedState`)
+    computes its next unit while the consumer writes the last one (torch and file writes release the GIL). Only the
+    worker reads ``state``, so a state that is not thread-safe (an LRU unit cache) is read as by one thread; memory
+    holds at most ``depth + 1`` values besides the state's own."""
+    pending: deque[tuple[str, Future]] = deque()
+    with ThreadPoolExecutor(1) as reader:
+        try:
+            for key in state:
+                pending.append((key, reader.submit(state.__getitem__, key)))
+                if len(pending) > depth:
+                    key_done, value = pending.popleft()
+                    yield key_done, value.result()
+            while pending:
+                key_done, value = pending.popleft()
+                yield key_done, value.result()
+        finally:  # the consumer stopped early (an error while writing): drop what was read ahead
+            for _, value in pending:
+                value.cancel()
+
+
 def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = 5 * 10**9) -> None:
     """Write ``state`` tensor by tensor in its own order, shard by shard (a lazily computed state, e.g. an aligned
-    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written): the writer
-    holds no tensor after adding it (:class:`ShardWriter`)."""
+    :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written, the next unit
+    while the last is written: :func:`computed_ahead`): the writer holds no tensor after adding it
+    (:class:`ShardWriter`)."""
     writer = ShardWriter(Path(dest), max_shard_bytes)
-    for key in state:
-        writer.add(key, state[key])
+    for key, tensor in computed_ahead(state):
+        writer.add(key, tensor)
     writer.close()
 
 
