@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from symmerge.groups.ffn import FFNTensors
 from symmerge.groups.heads import HeadTensors, HeadTransform, transform_heads
 from symmerge.match import best_scale, ffn_similarity, match_heads, procrustes, rotation_and_scale, solve_lap
 from symmerge.match.attention import objective, qk_blocks, side_statistics, vo_blocks
-from symmerge.match.objective import squared_distance, squared_norm
+from symmerge.match.objective import report_distances, squared_distance, squared_norm
 from symmerge.spec import StateView, spec_for
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
@@ -384,3 +385,30 @@ def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
         perms = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar, interleave=[lambda i=i: ran.append(i) for i in range(items)])
     assert ran == list(range(items))
     assert perms.keys() == plain.keys() and all(torch.equal(perms[k], plain[k]) for k in plain)
+
+
+class _ThreadLog(dict):
+    """A state dict that logs which thread reads it."""
+
+    def __init__(self, *a, log: set, **k):
+        super().__init__(*a, **k)
+        self.log = log
+
+    def __getitem__(self, key):
+        self.log.add(threading.get_ident())
+        return super().__getitem__(key)
+
+
+def test_report_distances_reads_the_states_on_one_worker_thread_while_this_one_measures():
+    """The aligned state's next unit is computed while the last one is measured: every read of the model, the aligned
+    state and the partner happens on one reader thread (never this one: a plain loop would read here), and the sums
+    are unchanged."""
+    g = torch.Generator().manual_seed(4)
+    ref = {k: torch.randn(6, 5, generator=g) for k in "abcd"}
+    model = {k: v + torch.randn(v.shape, generator=g) for k, v in ref.items()}
+    aligned = {k: v.flip(0) if k in "ab" else v for k, v in model.items()}
+    log: set = set()
+    got = report_distances(_ThreadLog(model, log=log), _ThreadLog(ref, log=log), _ThreadLog(aligned, log=log), _ThreadLog(ref, log=log),
+                           moved={"a", "b"})
+    assert got == report_distances(model, ref, aligned, ref, moved={"a", "b"})
+    assert len(log) == 1 and threading.get_ident() not in log

@@ -270,7 +270,7 @@ class _Recording(Mapping):
 def test_computed_ahead_reads_every_value_once_in_order_on_one_worker_thread_at_most_depth_ahead():
     state = _Recording(7)
     seen = []
-    for key, value in computed_ahead(state, depth=2):
+    for key, value in computed_ahead(state, state.__getitem__, depth=2):
         assert len(state.reads) <= len(seen) + 3  # this one and at most 2 ahead
         seen.append(key)
         assert torch.equal(value, state.values[key])
@@ -281,7 +281,7 @@ def test_computed_ahead_reads_every_value_once_in_order_on_one_worker_thread_at_
 
 def test_computed_ahead_stops_reading_when_the_consumer_stops():
     state = _Recording(10)
-    stream = computed_ahead(state, depth=2)
+    stream = computed_ahead(state, state.__getitem__, depth=2)
     next(stream)
     stream.close()
     assert len(state.reads) <= 4

@@ -10,10 +10,10 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -248,21 +248,23 @@ class ShardWriter:
         return files
 
 
+T = TypeVar("T")
 WRITE_AHEAD = 2
 """Tensors :func:`save_streamed` lets its reader compute before the writer takes them."""
 
 
-def computed_ahead(state: Mapping[str, torch.Tensor], depth: int = WRITE_AHEAD) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, state[key])`` in ``state``'s order, every value read by one worker thread at most ``depth`` tensors
-    ahead of the consumer: a lazily computed state (an aligned :class:`~symmerge.groups.stream.TransformedState`)
-    computes its next unit while the consumer writes the last one (torch and file writes release the GIL). Only the
-    worker reads ``state``, so a state that is not thread-safe (an LRU unit cache) is read as by one thread; memory
-    holds at most ``depth + 1`` values besides the state's own."""
+def computed_ahead(keys: Iterable[str], read: Callable[[str], T], depth: int = WRITE_AHEAD) -> Iterator[tuple[str, T]]:
+    """``(key, read(key))`` in ``keys``' order, every ``read`` run by one worker thread at most ``depth`` keys ahead
+    of the consumer: a lazily computed state (an aligned :class:`~symmerge.groups.stream.TransformedState`)
+    computes its next unit while the consumer writes or measures the last one (torch and file writes release the
+    GIL). Only the worker reads, so states that are not thread-safe (an LRU unit cache, safetensors handles) are read
+    as by one thread, provided the consumer reads none of them meanwhile; memory holds at most ``depth + 1`` results
+    besides the states' own."""
     pending: deque[tuple[str, Future]] = deque()
     with ThreadPoolExecutor(1) as reader:
         try:
-            for key in state:
-                pending.append((key, reader.submit(state.__getitem__, key)))
+            for key in keys:
+                pending.append((key, reader.submit(read, key)))
                 if len(pending) > depth:
                     key_done, value = pending.popleft()
                     yield key_done, value.result()
@@ -280,7 +282,7 @@ def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes
     while the last is written: :func:`computed_ahead`): the writer holds no tensor after adding it
     (:class:`ShardWriter`)."""
     writer = ShardWriter(Path(dest), max_shard_bytes)
-    for key, tensor in computed_ahead(state):
+    for key, tensor in computed_ahead(state, state.__getitem__):
         writer.add(key, tensor)
     writer.close()
 

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from symmerge.io.stream import computed_ahead
+
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -69,16 +71,25 @@ def report_distances(model: StateDict, reference: StateDict, aligned: StateDict,
     (``Fit.distances``): those tensors are not read for the before sum (nor at all, unless moved)."""
     moved = set(moved)
     known = known or {}
+
+    def tensors(k: str) -> tuple[torch.Tensor | None, ...]:
+        """What key ``k``'s sums need, read on computed_ahead's worker: the next unit of a lazily aligned state is
+        computed there while this thread measures the last; it is the only thread that reads the states."""
+        measure_before = k not in known and k in model and k in reference
+        p = partner[k] if k in moved and k in partner else None
+        a = aligned[k] if p is not None and p.is_floating_point() else None
+        return (model[k] if measure_before else None), (reference[k] if measure_before else None), a, p
+
     before, after, ref_sq = {}, {}, 0.0
-    for k in aligned:
+    for k, (m, r, a, p) in computed_ahead(aligned, tensors):
         if k in known:
             before[k] = known[k][0]
             ref_sq += known[k][1]
-        elif k in model and k in reference and model[k].is_floating_point():
-            before[k], r_sq = distance_and_norm(model[k], reference[k])
+        elif m is not None and m.is_floating_point():
+            before[k], r_sq = distance_and_norm(m, r)
             ref_sq += r_sq
-        if k in moved and k in partner and partner[k].is_floating_point():
-            after[k] = squared_distance(aligned[k], partner[k])
+        if a is not None:
+            after[k] = squared_distance(a, p)
         elif k in before:
             after[k] = before[k]
     for k in reference:
