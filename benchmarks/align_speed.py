@@ -6,7 +6,11 @@ load (mmap + NaN/Inf check), FFN (similarity GEMM + exact LAP per layer), attent
 per-head Procrustes), rescale (the extra cost of alternating rotation and quartic rescaling), write.
 Finally the CLI itself is timed end to end. Prints a table and writes ``benchmarks/results/align_speed.{json,md}``.
 
-    python benchmarks/align_speed.py [--repeats 3] [--families bert gpt2]
+``--before DIR``: also time the CLI of another source tree (e.g. ``git archive main | tar -x -C DIR``), alternating
+with this one and the seed baseline, so a change is measured before and after under the same load; ``--before-label``
+names it in the table (e.g. its commit).
+
+    python benchmarks/align_speed.py [--repeats 3] [--families bert gpt2] [--before DIR --before-label COMMIT]
 """
 
 from __future__ import annotations
@@ -76,12 +80,14 @@ def time_stages(ref_dir: Path, model_dir: Path, out: Path) -> dict[str, float]:
     return t
 
 
-def time_cli(ref_dir: Path, model_dir: Path, out: Path, symmetries: str | None = None) -> float:
-    """``symmerge align`` end to end (Python start-up, load, align, write) with its defaults or ``-s symmetries``."""
+def time_cli(ref_dir: Path, model_dir: Path, out: Path, symmetries: str | None = None, source: Path | None = None) -> float:
+    """``symmerge align`` end to end (Python start-up, load, align, write) with its defaults or ``-s symmetries``;
+    ``source``: the source tree whose ``symmerge`` runs (default: the one this script imports)."""
     extra = [] if symmetries is None else ["-s", symmetries]
+    env = dict(os.environ, PYTHONPATH=str(Path(source or Path(symmerge.__file__).parent.parent).resolve()))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet", *extra],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -98,9 +104,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="+", default=["bert", "gpt2"], choices=["bert", "gpt2"])
+    parser.add_argument("--before", type=Path, help="another source tree whose CLI is timed too (the seed classes, on bert)")
+    parser.add_argument("--before-label", default="before", help="what --before is (e.g. its commit)")
     args = parser.parse_args()
 
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    results = {"commit": commit, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                            "torch": torch.__version__, "lap_backend": lap_backend(), "load_average": os.getloadavg()},
                "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,12 +120,16 @@ def main() -> None:
             median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             median["cli_end_to_end"] = statistics.median(time_cli(ref_dir, model_dir, root / f"{family}-cli{i}") for i in range(args.repeats))
             if family == "bert":  # the seed baseline reads BERT checkpoints only; runs alternate so load drifts hit both
-                cli, baseline = [], []
+                cli, baseline, before = [], [], []
                 for i in range(args.repeats):
                     cli.append(time_cli(ref_dir, model_dir, root / f"{family}-seedcls{i}", "ffn,qk,vo,scale"))
                     baseline.append(time_seed_baseline(ref_dir, model_dir, root / f"{family}-baseline{i}"))
+                    if args.before is not None:
+                        before.append(time_cli(ref_dir, model_dir, root / f"{family}-before{i}", "ffn,qk,vo,scale", args.before))
                 median["cli_seed_classes"] = statistics.median(cli)
                 median["seed_baseline"] = statistics.median(baseline)
+                if before:
+                    median["cli_seed_classes_before"] = statistics.median(before)
             median["params"] = sum(s.numel() for s in load_state_dict(open_checkpoint(ref_dir)).values())
             results["families"][family] = median
 
@@ -130,9 +143,12 @@ def main() -> None:
             lines += ["", f"{family}, the seed paper's classes (`-s ffn,qk,vo,scale`) end to end: symmerge CLI {r['cli_seed_classes']:.2f} s, "
                           f"benchmarks/seed_baseline.py {r['seed_baseline']:.2f} s: **{r['cli_seed_classes'] / r['seed_baseline']:.2f}×** "
                           "(issue 10's target: ≤ 0.5×)."]
+            if "cli_seed_classes_before" in r:
+                lines += [f"In the same run, the CLI of {args.before_label}: {r['cli_seed_classes_before']:.2f} s "
+                          f"({r['cli_seed_classes_before'] / r['seed_baseline']:.2f}× the baseline)."]
     results["machine"]["load_average_end"] = os.getloadavg()
     table = "\n".join(lines)
-    header = (f"Median of {args.repeats} runs, seconds (wall). {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
+    header = (f"Median of {args.repeats} runs, seconds (wall), at commit {commit}. {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
               f"LAP: {results['machine']['lap_backend']}, load average at start {results['machine']['load_average'][0]:.2f}, "
               f"at end {results['machine']['load_average_end'][0]:.2f}.\n"
               "align_total = ffn + attention (with rescale) + apply + report; cli_end_to_end includes Python start-up, load and write.\n")
