@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,24 +81,35 @@ def time_stages(ref_dir: Path, model_dir: Path, out: Path) -> dict[str, float]:
     return t
 
 
+CHILD_CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system) of each timed subprocess, by what it ran: on a shared machine the measure that load
+does not inflate as much as wall time."""
+
+
+def run_timed(what: str, command: list[str], env: dict | None = None) -> float:
+    """Wall seconds of ``command``; its CPU seconds are appended to ``CHILD_CPU[what]``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CHILD_CPU.setdefault(what, []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
+
+
 def time_cli(ref_dir: Path, model_dir: Path, out: Path, symmetries: str | None = None, source: Path | None = None) -> float:
     """``symmerge align`` end to end (Python start-up, load, align, write) with its defaults or ``-s symmetries``;
     ``source``: the source tree whose ``symmerge`` runs (default: the one this script imports)."""
     extra = [] if symmetries is None else ["-s", symmetries]
     env = dict(os.environ, PYTHONPATH=str(Path(source or Path(symmerge.__file__).parent.parent).resolve()))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet", *extra],
-                   check=True, capture_output=True, env=env)
-    return time.perf_counter() - start
+    return run_timed(f"cli {symmetries or 'auto'}{' before' if source else ''}",
+                     [sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet", *extra], env)
 
 
 def time_seed_baseline(ref_dir: Path, model_dir: Path, out: Path) -> float:
     """benchmarks/seed_baseline.py end to end: a straightforward implementation of the seed paper's algorithm (the
     classes ``ffn,qk,vo,scale``), the yardstick of issue 10's "≤ 0.5× of the straightforward implementation"."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).parent / "seed_baseline.py"), str(ref_dir), str(model_dir), str(out)],
-                   check=True, capture_output=True)
-    return time.perf_counter() - start
+    return run_timed("seed_baseline", [sys.executable, str(Path(__file__).parent / "seed_baseline.py"), str(ref_dir), str(model_dir), str(out)])
 
 
 def main() -> None:
@@ -130,6 +142,7 @@ def main() -> None:
                 median["seed_baseline"] = statistics.median(baseline)
                 if before:
                     median["cli_seed_classes_before"] = statistics.median(before)
+                median["cpu_seconds"] = {what: statistics.median(v) for what, v in CHILD_CPU.items()}
             median["params"] = sum(s.numel() for s in load_state_dict(open_checkpoint(ref_dir)).values())
             results["families"][family] = median
 
@@ -146,6 +159,7 @@ def main() -> None:
             if "cli_seed_classes_before" in r:
                 lines += [f"In the same run, the CLI of {args.before_label}: {r['cli_seed_classes_before']:.2f} s "
                           f"({r['cli_seed_classes_before'] / r['seed_baseline']:.2f}× the baseline)."]
+            lines += ["CPU seconds (user + system, median): " + ", ".join(f"{what} {cpu:.2f}" for what, cpu in r["cpu_seconds"].items()) + "."]
     results["machine"]["load_average_end"] = os.getloadavg()
     table = "\n".join(lines)
     header = (f"Median of {args.repeats} runs, seconds (wall), at commit {commit}. {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
