@@ -3,8 +3,8 @@
 Stages (each timed): FFN matching (similarity GEMM + exact LAP per layer; the LAPs of different layers run in a
 2-thread pool while the next layer's similarity is built), attention matching (head assignment, Procrustes and
 quartic for all heads of a layer at once). With both, the attention groups are fitted on the main thread while the
-FFN solvers run (each fit is independent of every other, so the element is the same): their single-threaded
-linear algebra fills the cores the LAPs leave idle instead of running after them.
+FFN solvers run (each fit is independent of every other, so the element is the same): their mostly
+single-threaded linear algebra then shares the cores with the LAPs instead of running after them, one core idle.
 """
 
 from __future__ import annotations
@@ -155,13 +155,13 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         bar.refresh()
     with (tqdm(total=total, desc=f"aligning {model_name}", unit="group", disable=not progress, leave=False) if bar is None
           else contextlib.nullcontext(bar)) as bar:
-        attention_seconds = [0.0]
+        attention_seconds, attention_details = [0.0], {}
 
         def attention_fit(group: AttentionGroup) -> Callable[[], None]:
             def run() -> None:
                 begin = time.perf_counter()
-                transform.heads[group.name], details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries, device,
-                                                                                       model_groups[group.name])
+                transform.heads[group.name], attention_details[group.name] = fit_attention_group(ref_view, model_view, group, symmetries,
+                                                                                                 device, model_groups[group.name])
                 if recorded is not None:
                     record_distances(ref_view, model_view, group, recorded)
                 bar.update(1)
@@ -184,6 +184,7 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
         # each stage's own time; interleaved, the attention fits' time is taken out of the FFN stage's
         seconds["ffn"] = time.perf_counter() - start - attention_seconds[0]
         seconds["attention"] = attention_seconds[0]
+        details.update(attention_details)  # after the FFNs', as when the stages ran one after the other
     return Fit(transform, details, seconds, distances=recorded or {})
 
 
