@@ -377,13 +377,22 @@ def test_attention_fits_run_while_the_ffn_solvers_do_and_give_the_same_element(m
 
 @pytest.mark.parametrize("items", [0, 1, 2, 5])
 def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
-    """More or fewer items than FFN groups (2 here): each runs once, in order, and the permutations are unchanged."""
+    """More or fewer items than FFN groups (2 here): each runs once, in order, with torch's threads less the LAP
+    workers', and the permutations are unchanged."""
     ref, other, spec = _tiny_bert_pair()
-    ran = []
+    ran, threads = [], []
+    old = torch.get_num_threads()
     with tqdm(disable=True) as bar:
         plain = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar)
-        perms = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar, interleave=[lambda i=i: ran.append(i) for i in range(items)])
+        torch.set_num_threads(4)
+        try:
+            perms = per_layer.fit_ffn(StateView(ref), StateView(other), spec, bar,
+                                      interleave=[lambda i=i: (ran.append(i), threads.append(torch.get_num_threads())) for i in range(items)])
+            assert torch.get_num_threads() == 4  # restored
+        finally:
+            torch.set_num_threads(old)
     assert ran == list(range(items))
+    assert threads == [4 - per_layer.LAP_WORKERS] * items  # the solvers' cores are left to them
     assert perms.keys() == plain.keys() and all(torch.equal(perms[k], plain[k]) for k in plain)
 
 

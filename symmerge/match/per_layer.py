@@ -27,6 +27,7 @@ from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
 from symmerge.match.objective import distance_and_norm
+from symmerge.match.procrustes import torch_threads
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
 ATTENTION_CLASSES = frozenset({"qk", "vo", "scale", "heads"})
@@ -77,6 +78,10 @@ def record_distances(ref: StateView, model: StateView, group: FFNGroup | Attenti
             out[key] = distance_and_norm(model.state[key], ref.state[key])
 
 
+LAP_WORKERS = 2
+"""Threads solving FFN LAPs at once (they release the GIL)."""
+
+
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
             device: torch.device | None = None, model_spec: ModelSpec | None = None,
             distances: dict[str, tuple[float, float]] | None = None,
@@ -88,7 +93,9 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     ``interleave``: other work for this thread while the solvers run (the attention fits), one item after each FFN's
     matrix is handed to its solver, the rest before waiting for the last solvers; each item runs exactly once, in
-    order, whatever the FFN count."""
+    order, whatever the FFN count, with torch's threads less the solvers' (at least one): a thread team of small
+    ops that must wait for cores the solvers hold collapses (batched 64×64 SVDs ran >100× slower at 2 threads on a
+    saturated 2-core machine, :func:`~symmerge.match.procrustes.single_threaded`)."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, torch.Tensor] = {}
     pending: deque[tuple[str, Future]] = deque()
@@ -99,7 +106,11 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
         perms[name] = fut.result()
         bar.update(1)
 
-    with ThreadPoolExecutor(2) as pool:  # the LAP solvers release the GIL
+    def side() -> None:
+        with torch_threads(torch.get_num_threads() - LAP_WORKERS):
+            side_work.popleft()()
+
+    with ThreadPoolExecutor(LAP_WORKERS) as pool:  # the LAP solvers release the GIL
         for group in spec.ffn:
             similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
             if distances is not None:
@@ -107,11 +118,11 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
             pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
             del similarity  # the solver holds it now; freed as soon as it is solved
             if side_work:
-                side_work.popleft()()
+                side()
             while len(pending) > max_pending:
                 collect()
         while side_work:
-            side_work.popleft()()
+            side()
         while pending:
             collect()
     return perms

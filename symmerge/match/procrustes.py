@@ -10,15 +10,20 @@ import torch
 
 
 @contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Small batched SVDs/eigensolvers gain nothing from a second thread and collapse under contention
-    on a shared 2-core machine, while the GEMMs around them do gain: limit threads for these calls only."""
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads limited to ``n`` (at least 1) for the calls inside, then restored."""
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, min(n, old)))
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def single_threaded() -> contextlib.AbstractContextManager[None]:
+    """Small batched SVDs/eigensolvers gain nothing from a second thread and collapse under contention
+    on a shared 2-core machine, while the GEMMs around them do gain: limit threads for these calls only."""
+    return torch_threads(1)
 
 
 def procrustes(m: torch.Tensor, proper: bool = False) -> torch.Tensor:
