@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def time_stages(ref_dir: Path, model_dir: Path, out: Path) -> dict[str, float]:
     out.mkdir()
     save_state_dict(full.state_dict, out)
     t["write"] = time.perf_counter() - start
+    shutil.rmtree(out)
     t["relative_distance_before"] = full.report.relative_before
     t["relative_distance_after"] = full.report.relative_after
     return t
@@ -102,14 +104,18 @@ def time_cli(ref_dir: Path, model_dir: Path, out: Path, symmetries: str | None =
     ``source``: the source tree whose ``symmerge`` runs (default: the one this script imports)."""
     extra = [] if symmetries is None else ["-s", symmetries]
     env = dict(os.environ, PYTHONPATH=str(Path(source or Path(symmerge.__file__).parent.parent).resolve()))
-    return run_timed(f"cli {symmetries or 'auto'}{' before' if source else ''}",
+    wall = run_timed(f"cli {symmetries or 'auto'}{' before' if source else ''}",
                      [sys.executable, "-m", "symmerge.cli", "align", str(ref_dir), str(model_dir), "--out", str(out), "--quiet", *extra], env)
+    shutil.rmtree(out)  # 0.44 GB a run: a dozen runs would fill a small disk
+    return wall
 
 
 def time_seed_baseline(ref_dir: Path, model_dir: Path, out: Path) -> float:
     """benchmarks/seed_baseline.py end to end: a straightforward implementation of the seed paper's algorithm (the
     classes ``ffn,qk,vo,scale``), the yardstick of issue 10's "≤ 0.5× of the straightforward implementation"."""
-    return run_timed("seed_baseline", [sys.executable, str(Path(__file__).parent / "seed_baseline.py"), str(ref_dir), str(model_dir), str(out)])
+    wall = run_timed("seed_baseline", [sys.executable, str(Path(__file__).parent / "seed_baseline.py"), str(ref_dir), str(model_dir), str(out)])
+    shutil.rmtree(out)
+    return wall
 
 
 def main() -> None:
