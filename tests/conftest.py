@@ -191,6 +191,19 @@ def save_model(model, path, state=None):
     return path
 
 
+def save_checkpoint(path, state: dict, config: dict):
+    """A bare checkpoint folder (``model.safetensors`` and ``config.json``, nothing else) at a new ``path``: models of
+    architectures transformers need not build (unknown families, vision-language modules)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def stray_folders(directory) -> list[str]:
     """Temporary folders symmerge may leave beside an output: ``.NAME.partial-*``, ``.NAME.old-*``, ``.NAME.probe-*``."""
     from pathlib import Path

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import expect_cli_error, merge_recipe
-from safetensors.torch import load_file, save_file
+from conftest import expect_cli_error, merge_recipe, save_checkpoint
+from safetensors.torch import load_file
 from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
@@ -55,10 +55,7 @@ def _config(text_layers: int = TEXT_LAYERS, architecture: str = "Mistral3ForCond
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> Path:
-    path.mkdir(parents=True)
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config or _config()))
-    return path
+    return save_checkpoint(path, state, config or _config())
 
 
 @pytest.fixture(scope="module")

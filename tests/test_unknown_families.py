@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, expect_cli_error, make_model, merge_recipe, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import FAMILIES, expect_cli_error, make_model, merge_recipe, run_cli, save_checkpoint
+from safetensors.torch import load_file
 from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
@@ -44,10 +44,7 @@ def _config(layers: int = LAYERS) -> dict:
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> Path:
-    path.mkdir(parents=True)
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config or _config()))
-    return path
+    return save_checkpoint(path, state, config or _config())
 
 
 @pytest.fixture(scope="module")
