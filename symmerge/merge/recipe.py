@@ -822,12 +822,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             method.check_models(len(sl.sources), True)
             indices = []
             for j, src in enumerate(sl.sources):
-                ckpt = _open(src.model, root, f"slices.{s}.sources.{j}.model", allow_pickle)
-                known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
-                if known is None:
-                    models.append(ckpt)
-                    known = len(models) - 1
-                indices.append(known)
+                indices.append(_index_in(models, _open(src.model, root, f"slices.{s}.sources.{j}.model", allow_pickle)))
             refuse_repeated_models([models[i].identity for i in indices], f"slices.{s}.sources")
             slice_models.append(indices)
             slice_bases.append(_slice_base(method, sl, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
@@ -907,10 +902,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         raise SymmergeError(f"{method.name} needs whole models: it cannot merge slices that move or drop layers")
 
     if layout is not None and method.needs_base:
-        for s, sl in enumerate(slices):
-            if sl.base is None and (base is None or all(models[src.model] is not base for src in sl.sources)):
-                raise SymmergeError(f"slices.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
-        _check_tail_base(slices, models, base, "slices")
+        _check_slice_bases(slices, models, base, method, "slices")
     if layers is None:
         gradient = next((k for scope in _scopes(top, slices, module) for k, v in scope.items() if has_gradient(v)), None)
         if gradient is not None:
@@ -1111,6 +1103,25 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
     return out
 
 
+def _index_in(models: list[Checkpoint], ckpt: Checkpoint) -> int:
+    """``ckpt``'s index among ``models`` (the same folder and adapter counts once), appended when new."""
+    known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
+    if known is None:
+        models.append(ckpt)
+        known = len(models) - 1
+    return known
+
+
+def _check_slice_bases(slices: list[OutSlice], models: list[Checkpoint], base: Checkpoint | None, method: MergeMethod,
+                       where: str) -> None:
+    """For a method with a base: every slice's base (its own, else the recipe's) is one of its sources, and the last
+    slice's is among the sources its final norm and head merge from (:func:`_check_tail_base`), as mergekit requires."""
+    for s, sl in enumerate(slices):
+        if sl.base is None and (base is None or all(models[src.model] is not base for src in sl.sources)):
+            raise SymmergeError(f"{where}.{s}: base_model must be one of the slice's sources for {method.name} (as in mergekit)")
+    _check_tail_base(slices, models, base, where)
+
+
 def _check_tail_base(slices: list[OutSlice], models: list[Checkpoint], base: Checkpoint | None, where: str) -> None:
     """Refuse a last slice whose base model is not among the sources its final norm and head merge from (the first
     as many as the first slice has, :func:`_frankenmerge_layout`): mergekit 0.1.5 stops there too ("Base input is not
@@ -1306,13 +1317,6 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
     assert recipe.modules is not None
     models: list[Checkpoint] = []
 
-    def index_of(ckpt: Checkpoint) -> int:
-        known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
-        if known is None:
-            models.append(ckpt)
-            known = len(models) - 1
-        return known
-
     base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
     if method.needs_data or method.prepare is not None and method.name != "ties":
         raise SymmergeError(f"merge_method {method.name} needs whole models: it cannot merge modules: module by module "
@@ -1331,12 +1335,12 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         where = f"modules.{cut(name, 40)}"
         if entry.models:
             method.check_models(len(entry.models), True)
-            sources = [(index_of(_open(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
+            sources = [(_index_in(models, _open(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
                         _check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
                        for i, m in enumerate(entry.models)]
             refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.models")
             if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
-                sources.append((index_of(base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
+                sources.append((_index_in(models, base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
             if method.needs_base and base is None:
                 raise SymmergeError(f"{where}: merge_method {method.name} needs base_model: the common pretrained "
                                     "ancestor its models were fine-tuned from")
@@ -1347,7 +1351,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                 if sl.residual_weight is not None:
                     _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
                 method.check_models(len(sl.sources), True)
-                sources = [(index_of(_open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
+                sources = [(_index_in(models, _open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
                             _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
                             src.layer_range) for j, src in enumerate(sl.sources)]
                 refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.slices.{s}.sources")
@@ -1420,11 +1424,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
             offset += lengths[0]
         own = slices[first:]
         if method.needs_base:
-            for s, sl in enumerate(own):
-                if sl.base is None and all(models[src.model] is not base for src in sl.sources):
-                    raise SymmergeError(f"{where}.slices.{s}: base_model must be one of the slice's sources for {method.name} "
-                                        "(as in mergekit)")
-            _check_tail_base(own, models, base, f"{where}.slices")
+            _check_slice_bases(own, models, base, method, f"{where}.slices")
         layers = layers_of(own[0].sources[0].model, module)
         tensors = _frankenmerge_layout(own, models, layers, shapes_of, lambda c, mod=module: keys_in(c, mod))
         layout += [replace(o, slice=o.slice + first) for o in tensors]
