@@ -395,10 +395,16 @@ def with_module_depth(config: dict, key: str, count: int, layers: list[int]) -> 
     old = parent.get(last)
     parent[last] = count
     if isinstance(old, int):
-        for k, v in list(parent.items()):
-            if isinstance(v, list) and len(v) == old and (old != count or k == "layer_types"):
-                parent[k] = [v[i] for i in layers]
+        parent.update(_reindexed_layer_lists(parent, old, count, layers))
     return out
+
+
+def _reindexed_layer_lists(config: Mapping, old: int, count: int, layers: list[int]) -> dict[str, list]:
+    """The per-layer lists of ``config`` (length ``old``, the source depth) taken at the output's source ``layers``:
+    every such list when the depth changes to ``count``, ``layer_types`` always (a list of ``old`` entries that is
+    not per layer is told apart only by a changed depth)."""
+    return {k: [v[i] for i in layers] for k, v in config.items()
+            if isinstance(v, list) and len(v) == old and (old != count or k == "layer_types")}
 
 
 def with_layer_count(config: dict, count: int, layers: list[int]) -> dict:
@@ -415,7 +421,5 @@ def with_layer_count(config: dict, count: int, layers: list[int]) -> dict:
     if not any(k in out for k in names):
         out[names[0]] = count
     if old is not None:
-        for k, v in config.items():
-            if isinstance(v, list) and len(v) == old and old != count or isinstance(v, list) and len(v) == old and k == "layer_types":
-                out[k] = [v[i] for i in layers]
+        out.update(_reindexed_layer_lists(config, old, count, layers))
     return out
