@@ -126,6 +126,11 @@ def transform_to(transform: ModelTransform, device: torch.device | str) -> Model
                    heads={k: h.to(h.qk_rotation.dtype, device) for k, h in transform.heads.items()})
 
 
+def _device_of(state: Mapping[str, Any]) -> torch.device:
+    """Where a state dict's tensors are (the CPU for one without tensors)."""
+    return next((v.device for v in state.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def tensors_to(tensors: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """A state dict or calibration batch with every tensor on ``device`` (the same tensors when they are there)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
@@ -288,7 +293,7 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     begin = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    device = next((v.device for v in model.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    device = _device_of(model)
     param = _Parametrisation(spec, init, symmetries, learn_ffn, device)
     objective_ts = (0.5,) if path == "midpoint" else (0.25, 0.5, 0.75)
     # with 4 batches or more, every 4th is held out: the objective is measured on batches no step trained on, so
@@ -374,7 +379,7 @@ TARGET_CACHE_ELEMENTS = 1 << 26  # endpoint predictions kept (256 MB of float32)
 def _functional(config: Any, reference: Mapping[str, torch.Tensor], untie: bool) -> Callable:
     """``run(state, inputs)``: one frozen HF module evaluated functionally at a state dict (checkpoint names)."""
     module = build_model(untied_config(config, untie), reference).train(False)
-    module.to(next((v.device for v in reference.values() if isinstance(v, torch.Tensor)), torch.device("cpu")))  # where the states are
+    module.to(_device_of(reference))  # where the states are
     for p in module.parameters():
         p.requires_grad_(False)
     renames = getattr(module, "_symmerge_renames", {})
