@@ -27,7 +27,7 @@ from symmerge.groups import apply_transform, parse_symmetries  # noqa: E402
 from symmerge.groups.residual import fold_norms  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import build_model, load_weights, untied_config  # noqa: E402
-from symmerge.match.learned import LEARNING_RATE, WARMUP_STEPS, learn_transform, path_loss, soft_target_loss  # noqa: E402
+from symmerge.match.learned import LEARNING_RATE, STEP_POSITIONS, WARMUP_STEPS, learn_transform, path_loss, soft_target_loss  # noqa: E402
 from symmerge.match.weights import match_weights  # noqa: E402
 from symmerge.spec import spec_for  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=WARMUP_STEPS)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=None, help="a wall-clock budget as well (compare such rows only at one load)")
+    parser.add_argument("--step-positions", type=int, default=STEP_POSITIONS,
+                        help=f"predictions each step's slice of a batch scores at least (default {STEP_POSITIONS}); 0: whole batches")
     parser.add_argument("--seed", type=int, default=0, help="learned matching's seed (batch order and t)")
     parser.add_argument("--soft", action="store_true", help="steps fit the endpoints' mean prediction (the objective keeps the labels)")
     parser.add_argument("--rows", type=Path, default=None, help="append this run's row (JSON lines) to this file")
@@ -67,7 +70,8 @@ def main() -> None:
         base = sum(float(loss(ref, x)) + float(loss(model, x)) for x in held) / (2 * len(held))
     load, cpu = os.getloadavg()[0], time.process_time()
     transform, record = learn_transform(ref, model, spec, init.transform, loss, batches, symmetries=chosen, steps=args.steps,
-                                        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, seed=args.seed, step_loss=step_loss)
+                                        seconds=args.seconds, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, seed=args.seed,
+                                        step_loss=step_loss, step_positions=args.step_positions or None)
     cpu = time.process_time() - cpu
     print(f"{args.pair}: lr {args.lr} warm-up {args.warmup}: {record['steps']} steps, {record['seconds']:.0f} s wall, "
           f"{cpu:.0f} s CPU, halvings {record['halvings']}, load {os.getloadavg()[0]:.1f}")
@@ -86,6 +90,7 @@ def main() -> None:
     reached = next((step for step, _, mid, _ in record["evaluations"] if mid - base <= TARGET), None)
     best_objective = min(e[1] for e in record["evaluations"]) - base
     row = {"pair": args.pair, "lr": args.lr, "warmup": args.warmup, "soft": args.soft, "seed": args.seed, "batch_size": args.batch_size,
+           "step_positions": args.step_positions, "seconds_budget": args.seconds,
            "steps": record["steps"], "halvings": record["halvings"], "objective_start": record["evaluations"][0][1] - base,
            "objective_best": best_objective, "best_step": record["best_step"], "steps_to_target": reached, "test_barrier": test,
            "cpu_seconds": cpu, "load": [load, os.getloadavg()[0]], "date": time.strftime("%Y-%m-%d")}
@@ -106,6 +111,9 @@ def rule(row: dict) -> str:
     parts += [f"EMA {row['average']:g} of iterates"] if row.get("average") else []
     parts += ["t and 1−t"] if row.get("antithetic") else []
     parts += [f"batch {row['batch_size']}"] if row.get("batch_size", 64) != 64 else []
+    # rows before step slicing existed ran whole batches; 0 says so explicitly
+    parts += [f"steps of ≥ {row['step_positions']} predictions"] if row.get("step_positions") else []
+    parts += [f"{row['seconds_budget']:g} s budget"] if row.get("seconds_budget") else []
     parts += [f"seed {row['seed']}"] if row.get("seed") else []
     return ", ".join(parts)
 

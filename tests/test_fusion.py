@@ -14,7 +14,7 @@ from symmerge.groups import ModelTransform, apply_transform, random_transform
 from symmerge.groups.heads import HeadTransform
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.match import get_matcher
-from symmerge.match.learned import MAX_EVALUATION_SHARE, _evaluation_due, _schedule, learn_transform, path_loss, soft_target_loss
+from symmerge.match.learned import MAX_EVALUATION_SHARE, _evaluation_due, _schedule, learn_transform, path_loss, scored_positions, soft_target_loss, step_batches
 from symmerge.spec import spec_for
 
 TOL = 1e-5
@@ -97,6 +97,26 @@ def test_learned_matching_schedule_warms_up_after_each_restart_then_decays():
     assert _schedule(0.0, 19, 20) == 1.0 and _schedule(0.0, 500, 20) == 1.0
     assert abs(_schedule(0.5, 100, 20) - 0.5) < 1e-12 and abs(_schedule(1.0, 100, 20)) < 1e-12
     assert _schedule(0.3, 0, 0) == _schedule(0.3, 100, 20)  # no warm-up asked: the decay alone
+
+
+def test_step_batches_cut_language_model_batches_by_scored_positions_and_keep_classifier_batches_whole():
+    """A batch of 8 windows of 16 tokens scores 8 × 16 = 128 labels: with 32 positions per step it becomes 4 steps
+    of 2 windows, the same examples in the same order; padded labels (−100) do not count; a classifier's batch
+    (one label per example) scores 8 and stays whole, as does a batch scoring less than twice the positions."""
+    tokens = torch.arange(8 * 16).reshape(8, 16)
+    lm = {"input_ids": tokens, "attention_mask": torch.ones(8, 16, dtype=torch.long), "labels": tokens.clone()}
+    assert scored_positions(lm) == 128
+    steps = step_batches([lm], 32)
+    assert [len(s["input_ids"]) for s in steps] == [2, 2, 2, 2]
+    for key in lm:
+        assert torch.equal(torch.cat([s[key] for s in steps]), lm[key])
+    padded = dict(lm, labels=torch.where(torch.arange(16) < 4, tokens, torch.full_like(tokens, -100)))  # 4 scored per window
+    assert scored_positions(padded) == 32 and len(step_batches([padded], 32)) == 1
+    assert len(step_batches([lm], 65)) == 1  # 128 // 65 = 1 slice
+    images = {"pixel_values": torch.randn(8, 3, 4, 4), "labels": torch.arange(8)}
+    assert scored_positions(images) == 8 and step_batches([images], 32) == [images]
+    assert [len(s["labels"]) for s in step_batches([images], 2)] == [2, 2, 2, 2]  # the rule is the same for every model
+    assert step_batches([lm, images], 32)[-1] is images
 
 
 def test_residual_map_in_float32_matches_float64():

@@ -71,6 +71,12 @@ MAX_CONDITION = 100.0  # learned head factors beyond this lose ~2 of float32's 7
 # evaluation (8 held-out batches × 3 points of the path) costs as much as ~10 steps, so evaluating every 25 steps
 # spent ~30% of a 150 s budget on evaluations instead of steps (benchmarks/results/learned_matching_sweep.md).
 MAX_EVALUATION_SHARE = 0.1
+# A step's batch is cut from a calibration batch so that it scores at least this many positions, and no more
+# examples than that needs: a language model's batch of 64 windows of 128 tokens scores 8192 positions (each
+# gradient already averages thousands of predictions), a classifier's batch of 64 images scores 64, so cutting the
+# first into four gives four steps for the cost of one at little more noise, while the second stays whole
+# (benchmarks/results/learned_matching_sweep.md, "Steps by scored positions").
+STEP_POSITIONS = 2048
 
 
 def _schedule(done: float, since_restart: int, warmup: int) -> float:
@@ -86,6 +92,36 @@ def _evaluation_due(step: int, eval_every: int, seconds: float | None, since_las
     if step % eval_every:
         return False
     return seconds is None or since_last * MAX_EVALUATION_SHARE >= evaluation_seconds * (1 - MAX_EVALUATION_SHARE)
+
+
+def _examples(batch: Mapping[str, Any]) -> int:
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def scored_positions(batch: Mapping[str, Any]) -> int:
+    """How many predictions a batch's loss averages: every label that is not ``-100`` (a language model's tokens),
+    one per example for a classifier's labels (or without labels)."""
+    labels = batch.get("labels")
+    if labels is None or labels.dim() < 2 or labels.is_floating_point():
+        return _examples(batch)
+    return int((labels != -100).sum())
+
+
+def step_batches(batches: list, positions: int = STEP_POSITIONS) -> list:
+    """``batches`` with each cut into the most consecutive slices of equal size that still score ``positions``
+    predictions each (:func:`scored_positions`); a batch scoring fewer than ``2 × positions`` stays whole. The
+    examples and their order are unchanged: the steps only see them in smaller groups."""
+    out = []
+    for batch in batches:
+        n = _examples(batch)
+        pieces = max(1, min(n, scored_positions(batch) // positions))
+        if pieces == 1:
+            out.append(batch)
+            continue
+        size = math.ceil(n / pieces)
+        out.extend({k: v[i:i + size] if isinstance(v, torch.Tensor) and len(v) == n else v for k, v in batch.items()}
+                   for i in range(0, n, size))
+    return out
 
 
 def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -277,13 +313,15 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
                     symmetries: frozenset[str] = frozenset({"ffn", "qk", "vo", "scale", "heads", "residual"}),
                     steps: int = 200, seconds: float | None = None, lr: float = LEARNING_RATE, warmup: int = WARMUP_STEPS,
                     seed: int = 0, path: str = "random", learn_ffn: bool = True, eval_every: int | None = None,
-                    step_loss: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor] | None = None,
+                    step_positions: int | None = STEP_POSITIONS, step_loss: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor] | None = None,
                     progress: bool = False) -> tuple[ModelTransform, dict]:
     """Learn the continuous parts (and FFN permutations) of ``init``, weight matching's result (module docstring).
 
     ``reference`` and ``model`` must already be in a common parametrisation (both folded when ``init`` has a
     residual map); ``loss(state, batch)`` evaluates a state dict (checkpoint names) on one calibration batch: the
     objective, and the steps' loss unless ``step_loss`` is given (e.g. :func:`soft_target_loss`).
+    ``step_positions``: each step's batch is a slice of a training batch scoring at least this many predictions
+    (:func:`step_batches`; ``None``: whole batches); the objective always uses whole held-out batches.
     Returns the element with the lowest objective evaluated (``init`` is the first) and a record: the objective and
     midpoint loss at the start and of the element returned, the evaluations ``(step, objective, midpoint loss,
     seconds)``, the per-step batch losses, the learning-rate halvings, steps run and seconds.
@@ -300,6 +338,8 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
     # keeping its best element is early stopping against overfitting the calibration data
     held = batches[3::4] if len(batches) >= 4 else batches
     train = [b for i, b in enumerate(batches) if i % 4 != 3] if len(batches) >= 4 else batches
+    if step_positions is not None:
+        train = step_batches(train, step_positions)
     eval_every = eval_every or max(1, min(25, steps // 4))
 
     @torch.no_grad()
