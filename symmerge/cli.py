@@ -87,7 +87,7 @@ def align(
     match: Annotated[str, typer.Option("--match", help="weights (data-free), activations or learned (both need --data).")] = "weights",
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching.")] = 200,
     learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Learned matching time budget, s.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations: zoo, a text file or an .npz.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data for --match activations|learned: zoo, a text file or an .npz.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", min=0, help=MAX_SECONDS_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "cpu",
     ray: Annotated[Optional[str], typer.Option("--ray", help=RAY_HELP)] = None,
