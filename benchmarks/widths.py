@@ -37,7 +37,8 @@ from symmerge.evaluate import interpolation_curve, make_evaluator, model_for  # 
 from symmerge.groups import apply_transform, embedding_transform, fill_empty_slots  # noqa: E402
 from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.merge.engine import run_merge  # noqa: E402
-from symmerge.merge.recipe import plan_merge, recipe_from_models  # noqa: E402
+from symmerge.merge.planner import plan_merge  # noqa: E402
+from symmerge.merge.recipe import recipe_from_models  # noqa: E402
 from symmerge.spec import spec_for  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
 

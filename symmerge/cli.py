@@ -271,7 +271,8 @@ def merge(
     form `symmerge merge A B --method ties --base BASE -o OUT`."""
     from symmerge.io import check_output_dir
     from symmerge.merge.engine import run_merge
-    from symmerge.merge.recipe import load_recipe, parse_size, plan_merge, recipe_from_models
+    from symmerge.merge.planner import plan_merge
+    from symmerge.merge.recipe import load_recipe, parse_size, recipe_from_models
 
     start = time.perf_counter()
     recipe_given = len(inputs) in (1, 2) and inputs[0].suffix in (".yaml", ".yml")

@@ -145,7 +145,8 @@ def text_mutations(draw, text: str) -> str:
 
 
 def check_recipe_text(models: dict[str, Path], text: str | bytes) -> None:
-    from symmerge.merge.recipe import load_recipe, plan_merge
+    from symmerge.merge.planner import plan_merge
+    from symmerge.merge.recipe import load_recipe
 
     with tempfile.TemporaryDirectory(dir=models["root"]) as d:
         path = Path(d) / "recipe.yaml"
@@ -196,7 +197,8 @@ test_recipe_text_mutations_long = pytest.mark.slow(settings(max_examples=LONG * 
 
 
 def test_recipe_valid_baseline(models):
-    from symmerge.merge.recipe import load_recipe, plan_merge
+    from symmerge.merge.planner import plan_merge
+    from symmerge.merge.recipe import load_recipe
 
     with tempfile.TemporaryDirectory(dir=models["root"]) as d:
         path = Path(d) / "r.yaml"

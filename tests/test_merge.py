@@ -341,7 +341,8 @@ def test_statistics_are_computed_on_the_aligned_models(bert_pair):
     from symmerge.io.hf import build_model
     from symmerge.io.stream import LazyState
     from symmerge.merge.engine import collect_statistics, fit_alignments
-    from symmerge.merge.recipe import plan_merge, recipe_from_models
+    from symmerge.merge.planner import plan_merge
+    from symmerge.merge.recipe import recipe_from_models
     from symmerge.merge.statistics import input_grams
 
     (a, b), calib = bert_pair

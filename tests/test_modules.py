@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
-from symmerge.merge.recipe import load_recipe, plan_merge
+from symmerge.merge.planner import plan_merge
+from symmerge.merge.recipe import load_recipe
 from symmerge.spec import MODULAR_ARCHITECTURES, module_keys, module_layers, module_of
 
 TEXT_LAYERS, VISION_LAYERS, D, DV, VOCAB = 3, 2, 8, 6, 16

@@ -20,7 +20,9 @@ from test_tokenizer_merge import SPECIAL, VOCABS, _tokenizer
 from test_tokenizer_merge import _llama as _vocab_llama
 
 from symmerge.io.hub import hub_snapshot
-from symmerge.merge.recipe import load_recipe, plan_merge, tensor_parameters
+from symmerge.merge.plan import tensor_parameters
+from symmerge.merge.planner import plan_merge
+from symmerge.merge.recipe import load_recipe
 from symmerge.merge.settings import evaluate
 
 LAYERS = 4

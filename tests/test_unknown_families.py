@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from test_tokenizer_merge import _tokenizer
 
 from symmerge.errors import SymmergeError
-from symmerge.merge.recipe import load_recipe, plan_merge
+from symmerge.merge.planner import plan_merge
+from symmerge.merge.recipe import load_recipe
 from symmerge.spec import infer_layers, layer_structure, spec_for
 
 LAYERS, D, FFN, VOCAB = 4, 8, 16, 20

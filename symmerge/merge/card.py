@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from symmerge._version import __version__
 from symmerge.io.stream import dtype_name
-from symmerge.merge.recipe import MergePlan
+from symmerge.merge.plan import MergePlan
 
 
 def recipe_for_card(plan: MergePlan) -> dict:

@@ -1,4 +1,4 @@
-"""Match, then merge: run a validated :class:`~symmerge.merge.recipe.MergePlan`, streaming.
+"""Match, then merge: run a validated :class:`~symmerge.merge.plan.MergePlan`, streaming.
 
 Stages (each timed): align (fit one group element per model onto the reference), statistics (Fisher / Gram
 matrices from data, computed on the *aligned* models: statistics of the unaligned models are in the wrong basis),
@@ -40,7 +40,7 @@ from symmerge.io.tokenizer import save_tokenizer
 from symmerge.match import fit_per_layer, resolve_device
 from symmerge.match.per_layer import MIN_GAIN, alignment_gain
 from symmerge.merge.card import model_card, recipe_for_card
-from symmerge.merge.recipe import MergePlan, tensor_parameters
+from symmerge.merge.plan import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
 from symmerge.merge.vocabulary import RemappedState, fill_missing_rows
 from symmerge.spec import StateView
