@@ -14,14 +14,22 @@ import torch
 
 from symmerge.errors import SymmergeError, cut
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
-from symmerge.io import Checkpoint, open_checkpoint, unique_names
+from symmerge.io import Checkpoint, unique_names
 from symmerge.io.chat_templates import CHAT_TEMPLATES
 from symmerge.io.checkpoint import read_chat_template
-from symmerge.io.hub import REPO_ID, hub_snapshot, open_lora, split_reference
+from symmerge.io.hub import split_reference
 from symmerge.io.tokenizer import extended_tokenizer, has_tokenizer, load_tokenizer, vocabulary
 from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod, get_method, validate_params
 from symmerge.merge.plan import MergePlan, OutSlice, OutTensor, SliceSource, has_weight, parameter_scopes
 from symmerge.merge.recipe import DTYPES, ModuleEntry, Recipe, SliceEntry, TokenEntry, ZeroToken, parse_size
+from symmerge.merge.references import (
+    absolute_reference,
+    index_in,
+    open_reference,
+    refuse_repeated_models,
+    resolve_path,
+    shown_path,
+)
 from symmerge.merge.settings import has_gradient, is_plain, layer_position, leaves, resolve
 from symmerge.merge.vocabulary import (
     TokenSource,
@@ -52,54 +60,6 @@ from symmerge.spec import (
 )
 
 MEMORY_OPTIONS = {"int8_mask"}  # mergekit's memory savers, for methods that do not declare them: symmerge computes in float32 anyway
-
-
-def _exists(p: Path, what: str, given: str) -> bool:
-    try:
-        return p.exists()
-    except (OSError, ValueError) as e:  # a name too long, a NUL byte...
-        reason = getattr(e, "strerror", None) or str(e)
-        raise SymmergeError(f"{what}: {cut(given)} is not a usable path ({reason})") from None
-
-
-def _resolve(path: str, root: Path | None, what: str) -> Path:
-    """A local folder (as given, or relative to the recipe's folder) or a Hugging Face repo id's snapshot."""
-    try:
-        p = Path(path).expanduser()
-    except RuntimeError as e:  # ~user that does not exist
-        raise SymmergeError(f"{what}: {cut(path)}: {e}") from None
-    if _exists(p, what, path) or p.is_absolute() or root is None and not REPO_ID.fullmatch(path):
-        return p
-    if root is not None:
-        candidate = root / p
-        if _exists(candidate, what, path):
-            return candidate
-    snapshot = hub_snapshot(path, what)
-    if snapshot is not None:
-        return snapshot
-    if root is None:
-        return p
-    raise SymmergeError(f"{what}: {cut(path)} does not exist (looked in the current directory and in {root})")
-
-
-def _shown_path(path: Path) -> Path:
-    """How a model is named in tables and the card: a Hugging Face cache snapshot
-    (``…/models--org--name/snapshots/<commit>``) by its repo's name, not by the commit hash; other paths as they are."""
-    p = Path(path)
-    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
-        return Path(p.parent.parent.name.split("--")[-1])
-    return p
-
-
-def _open(ref: str, root: Path | None, what: str, allow_pickle: bool) -> Checkpoint:
-    """Open a model reference: a folder or repo id, optionally ``+ADAPTER`` (a LoRA folder or repo id)."""
-    model, lora = split_reference(ref)
-    ckpt = open_checkpoint(_resolve(model, root, what), allow_pickle)
-    if lora is not None:
-        ckpt.lora = open_lora(_resolve(lora, root, f"{what} (LoRA adapter)"), what)
-        ckpt.lora.check(ckpt.shapes(), what)  # every adapter tensor lands on a model tensor of its shape, or a one-line refusal
-    ckpt.reference = ref
-    return ckpt
 
 
 def _known_keys(method: MergeMethod) -> dict[str, Any]:
@@ -148,23 +108,6 @@ def _note_once(notes: list[str], note: str) -> None:
         notes.append(note)
 
 
-def refuse_repeated_models(identities: list[tuple[Path, Path | None]], where: str) -> None:
-    """Refuse a model listed twice among one slice's sources (or one ``models:`` list), as mergekit 0.1.5 does
-    (``Duplicate merge inputs``, checked before it merges anything): it keys a tensor's inputs by model, so a repeat has
-    no meaning there, and here it counted twice in ``models:`` but once in ``slices:``. The same folder with a
-    different LoRA adapter is another model."""
-    for j, identity in enumerate(identities):
-        if identity in identities[:j]:
-            i = identities.index(identity)
-            raise SymmergeError(f"{where}.{i} and {where}.{j} are both {_absolute(identity)}: a tensor takes one input per "
-                                "model (mergekit 0.1.5 refuses this too); list it once, with a larger weight for a larger share")
-
-
-def _absolute(identity: tuple[Path, Path | None]) -> str:
-    """A checkpoint's reference as the recipe as run (merge.yaml) records it: its absolute folder, ``+ADAPTER``."""
-    return str(identity[0]) + (f"+{identity[1]}" if identity[1] is not None else "")
-
-
 def _slice_base(method: MergeMethod, entry: SliceEntry, where: str, indices: list[int], models: list[Checkpoint],
                 base: Checkpoint | None, root: Path | None, allow_pickle: bool, notes: list[str]) -> int | None:
     """mergekit's per-slice ``base_model``: the base of that slice's tensors (its layers; the embeddings when it is
@@ -179,8 +122,8 @@ def _slice_base(method: MergeMethod, entry: SliceEntry, where: str, indices: lis
     if not method.uses_base:
         _note_once(notes, f"slices.*.base_model: {method.name} uses no base model, so a slice's changes nothing (as in mergekit)")
         return None
-    identity = _open(given, root, f"{where}.base_model", allow_pickle).identity
-    entry.base_model = _absolute(identity)  # as run: found wherever merge.yaml lies
+    identity = open_reference(given, root, f"{where}.base_model", allow_pickle).identity
+    entry.base_model = absolute_reference(identity)  # as run: found wherever merge.yaml lies
     if base is not None and identity == base.identity:
         return None
     own = next((m for m in indices if models[m].identity == identity), None)
@@ -216,12 +159,12 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     # the inputs: models, or every model a slice names, each opened once (a LoRA-adapted model is another model)
     if recipe.models is not None:
         method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation
-        models = [_open(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
+        models = [open_reference(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
         refuse_repeated_models([m.identity for m in models], "models")
         model_params = [_check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
     else:
         models, model_params = [], []
-    base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+    base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
     slice_models: list[list[int]] = []
     slice_bases: list[int | None] = []  # per slice: its own base_model, an index into models (None: the recipe's)
     if recipe.slices is not None:
@@ -231,7 +174,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             method.check_models(len(sl.sources), True)
             indices = []
             for j, src in enumerate(sl.sources):
-                indices.append(_index_in(models, _open(src.model, root, f"slices.{s}.sources.{j}.model", allow_pickle)))
+                indices.append(index_in(models, open_reference(src.model, root, f"slices.{s}.sources.{j}.model", allow_pickle)))
             refuse_repeated_models([models[i].identity for i in indices], f"slices.{s}.sources")
             slice_models.append(indices)
             slice_bases.append(_slice_base(method, sl, f"slices.{s}", indices, models, base, root, allow_pickle, notes))
@@ -258,7 +201,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         if recipe.data.path == "zoo" and not method.needs_data:
             data_path = Path("zoo")  # activation/learned matching on a zoo model's own training data
         else:
-            data_path = _resolve(recipe.data.path, root, "data.path")
+            data_path = resolve_path(recipe.data.path, root, "data.path")
             if not data_path.is_file():
                 raise SymmergeError(f"data.path: {data_path} is not a file")
 
@@ -391,7 +334,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             notes.append(f"models of different widths: aligned to the widest, {models[widest].path}")
         ref = recipe.alignment.reference
         if ref is not None:
-            ref_id = _open(ref, root, "alignment.reference", allow_pickle).identity
+            ref_id = open_reference(ref, root, "alignment.reference", allow_pickle).identity
             matches = [i for i, c in enumerate(models) if c.identity == ref_id]
             if matches:
                 reference_index = matches[0]
@@ -408,7 +351,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
         dtype=DTYPES[out_dtype] if out_dtype else None, shard_size=parse_size(recipe.shard_size),
-        data_path=data_path, names=unique_names([_shown_path(c.path) for c in models]), lend_head=lend_head, match=match,
+        data_path=data_path, names=unique_names([shown_path(c.path) for c in models]), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
         vocabulary=vocabulary_plan,
         model_specs=model_specs, chat_template=chat_template,
@@ -501,15 +444,6 @@ def _frankenmerge_layout(slices: list[OutSlice], models: list[Checkpoint], layer
         if len(shapes) > 1:
             raise SymmergeError(f"slices: tensor {o.key} would merge tensors of shapes {sorted(shapes)}")
     return out
-
-
-def _index_in(models: list[Checkpoint], ckpt: Checkpoint) -> int:
-    """``ckpt``'s index among ``models`` (the same folder and adapter counts once), appended when new."""
-    known = next((i for i, c in enumerate(models) if c.identity == ckpt.identity), None)
-    if known is None:
-        models.append(ckpt)
-        known = len(models) - 1
-    return known
 
 
 def _check_slice_bases(slices: list[OutSlice], models: list[Checkpoint], base: Checkpoint | None, method: MergeMethod,
@@ -646,10 +580,10 @@ def _vocabulary_keys(layers: ModelSpec | None, checkpoints: list[Checkpoint], si
 def _tokenizer_folder(source: str, root: Path | None, where: str, allow_pickle: bool) -> Path:
     """The folder of ``tokenizer_source: MODEL`` (a model folder or repo id; a folder with only tokenizer files too)."""
     try:
-        return _open(source, root, where, allow_pickle).path
+        return open_reference(source, root, where, allow_pickle).path
     except SymmergeError:
         model, _ = split_reference(source)
-        path = _resolve(model, root, where)
+        path = resolve_path(model, root, where)
         if not path.is_dir() or not has_tokenizer(path):
             raise
         return path
@@ -666,11 +600,11 @@ def _token_source(token: str, entry: TokenEntry, vocab_out: dict[str, int], ever
     if isinstance(source, ZeroToken):
         return TokenSource(u, None, None, entry.force)
     ref = source if isinstance(source, str) else source.model
-    identity = _open(ref, root, f"{where}.source", allow_pickle).identity
+    identity = open_reference(ref, root, f"{where}.source", allow_pickle).identity
     if isinstance(source, str):  # as run: named from any folder
-        entry.source = _absolute(identity)
+        entry.source = absolute_reference(identity)
     else:
-        source.model = _absolute(identity)
+        source.model = absolute_reference(identity)
     position = next((i for i, c in enumerate(everyone) if c.identity == identity), None)
     if position is None:
         raise SymmergeError(f"{where}.source: {cut(ref)} is not one of the models merged (nor the base_model)")
@@ -717,7 +651,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
     assert recipe.modules is not None
     models: list[Checkpoint] = []
 
-    base = _open(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+    base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
     if method.needs_data or method.prepare is not None and method.name != "ties":
         raise SymmergeError(f"merge_method {method.name} needs whole models: it cannot merge modules: module by module "
                             "(use models: for all modules at once)")
@@ -735,12 +669,12 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
         where = f"modules.{cut(name, 40)}"
         if entry.models:
             method.check_models(len(entry.models), True)
-            sources = [(_index_in(models, _open(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
+            sources = [(index_in(models, open_reference(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
                         _check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
                        for i, m in enumerate(entry.models)]
             refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.models")
             if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
-                sources.append((_index_in(models, base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
+                sources.append((index_in(models, base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
             if method.needs_base and base is None:
                 raise SymmergeError(f"{where}: merge_method {method.name} needs base_model: the common pretrained "
                                     "ancestor its models were fine-tuned from")
@@ -751,7 +685,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
                 if sl.residual_weight is not None:
                     _note_once(notes, "residual_weight: mergekit declares it but never uses it, so it changes nothing here either")
                 method.check_models(len(sl.sources), True)
-                sources = [(_index_in(models, _open(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
+                sources = [(index_in(models, open_reference(src.model, root, f"{where}.slices.{s}.sources.{j}.model", allow_pickle)),
                             _check_scope(method, src.parameters, f"{where}.slices.{s}.sources.{j}.parameters", True, notes),
                             src.layer_range) for j, src in enumerate(sl.sources)]
                 refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.slices.{s}.sources")
@@ -842,7 +776,7 @@ def _plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method:
     plan = MergePlan(
         recipe=recipe, models=models, weights=None, base=base, method=method, params=params, symmetries=frozenset(),
         reference_index=None, spec=None, dtype=DTYPES[out_dtype] if out_dtype else None,
-        shard_size=parse_size(recipe.shard_size), data_path=None, names=unique_names([_shown_path(c.path) for c in models]),
+        shard_size=parse_size(recipe.shard_size), data_path=None, names=unique_names([shown_path(c.path) for c in models]),
         slices=slices, layers=None, layout=layout, num_layers_out=None, varying=True, notes=notes,
         chat_template=chat_template, module_depths=module_depths, vocabulary=vocabulary_plan,
     )
@@ -861,7 +795,7 @@ def _as_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, module: d
     if not recipe.slices and not any(has_gradient(v) for scope in scopes for v in scope.values()):
         return recipe
     where = "models.0.model" if recipe.models else "slices.0.sources.0.model"
-    first = _open(recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model, root, where, allow_pickle)
+    first = open_reference(recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model, root, where, allow_pickle)
     table = modules_of(first.config)
     if table is None:
         return recipe
