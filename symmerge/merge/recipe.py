@@ -97,7 +97,7 @@ class SliceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SourceEntry] = Field(min_length=1)
     parameters: dict[str, Any] | None = Field(default_factory=dict)
-    base_model: str | None = None  # mergekit's per-slice base: the base of this slice's tensors (plan_merge, _slice_base)
+    base_model: str | None = None  # mergekit's per-slice base: the base of this slice's tensors (plan_merge, slice_base)
     residual_weight: float | None = None  # mergekit's: declared, never read (accepted with a note in plan_merge)
 
     @field_validator("parameters")

@@ -26,7 +26,7 @@ from symmerge.spec import ModelSpec, tied_head
 
 
 def plan_vocabulary(recipe: Recipe, root: Path | None, models: list[Checkpoint], base: Checkpoint | None,
-                     layers: ModelSpec | None, allow_pickle: bool, notes: list[str]) -> VocabularyPlan | None:
+                    layers: ModelSpec | None, allow_pickle: bool, notes: list[str]) -> VocabularyPlan | None:
     """mergekit's ``tokenizer_source`` / ``tokenizer`` block: the output tokenizer (``union``: the base's tokens,
     then the others', :func:`~symmerge.merge.vocabulary.union_tokens`; ``base``; a model) plus ``tokens:`` added,
     and every checkpoint's permutation onto it. ``None`` without a tokenizer source (the reference's files are
