@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from symmerge.errors import SymmergeError, cut
-from symmerge.io import Checkpoint, unique_names
+from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod
 from symmerge.merge.plan import MergePlan, OutSlice, OutTensor, SliceSource, parameter_scopes
-from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, note_once, output_choices, slice_base
-from symmerge.merge.recipe import DTYPES, ModuleEntry, Recipe, parse_size
-from symmerge.merge.references import index_in, open_reference, refuse_repeated_models, shown_path
+from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
+from symmerge.merge.recipe import ModuleEntry, Recipe, parse_size
+from symmerge.merge.references import index_in, open_reference, refuse_repeated_models
 from symmerge.merge.settings import has_gradient
 from symmerge.merge.tokenizer_plan import plan_vocabulary, remapped_shapes
 from symmerge.spec import (
@@ -163,18 +163,14 @@ def plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method: 
                             "module from its own models: use trim: tensor (mergekit's)")
     if recipe.default_alignment:
         notes.append(f"merged without alignment, as with alignment: none: symmerge cannot align the modules of {architecture}")
-    out_dtype, chat_template = output_choices(recipe, models, base, notes)
-    plan = MergePlan(
+    dtype, chat_template = output_choices(recipe, models, base, notes)
+    return MergePlan(
         recipe=recipe, models=models, weights=None, base=base, method=method, params=params, symmetries=frozenset(),
-        reference_index=None, spec=None, dtype=DTYPES[out_dtype] if out_dtype else None,
-        shard_size=parse_size(recipe.shard_size), data_path=None, names=unique_names([shown_path(c.path) for c in models]),
+        reference_index=None, spec=None, dtype=dtype,
+        shard_size=parse_size(recipe.shard_size), data_path=None, names=model_names(models),
         slices=slices, layers=None, layout=layout, num_layers_out=None, varying=True, notes=notes,
         chat_template=chat_template, module_depths=module_depths, vocabulary=vocabulary_plan,
     )
-    for i, c in enumerate(models):
-        if c.lora is not None:
-            plan.names[i] += "+" + c.lora.path.name
-    return plan
 
 
 def as_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, module: dict[str, Any]) -> Recipe:

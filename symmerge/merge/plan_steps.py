@@ -10,14 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from symmerge.errors import SymmergeError, cut
-from symmerge.io import Checkpoint
+from symmerge.io import Checkpoint, unique_names
 from symmerge.io.chat_templates import CHAT_TEMPLATES
 from symmerge.io.checkpoint import read_chat_template
 from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod
 from symmerge.merge.plan import OutSlice, OutTensor
-from symmerge.merge.recipe import Recipe, SliceEntry
-from symmerge.merge.references import absolute_reference, open_reference
+from symmerge.merge.recipe import DTYPES, Recipe, SliceEntry
+from symmerge.merge.references import absolute_reference, open_reference, shown_path
 from symmerge.merge.settings import layer_position, leaves
 from symmerge.spec import (
     ModelSpec,
@@ -169,8 +171,10 @@ def _layer_keys(ckpt: Checkpoint, layers: ModelSpec, index: int) -> list[str]:
     return [k for k in ckpt.shapes() if layers.layer_of(k) == index]
 
 
-def output_choices(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, notes: list[str]) -> tuple[str | None, str | None]:
-    """The output dtype (``out_dtype``, else ``dtype``) and chat template (``auto`` resolved), with their notes."""
+def output_choices(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None,
+                   notes: list[str]) -> tuple[torch.dtype | None, str | None]:
+    """The output dtype (``out_dtype``, else ``dtype``; None: the reference's) and chat template (``auto`` resolved),
+    with their notes."""
     out_dtype = recipe.out_dtype or recipe.dtype
     if recipe.dtype and recipe.out_dtype and recipe.dtype != recipe.out_dtype:
         notes.append(f"dtype {recipe.dtype}: symmerge computes in float32 and rounds once, to out_dtype {recipe.out_dtype}")
@@ -184,4 +188,11 @@ def output_choices(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | 
     elif chat_template is not None and "{" not in chat_template:
         raise SymmergeError(f"chat_template: {cut(chat_template)} is neither a Jinja template nor a template name "
                             f"({', '.join(CHAT_TEMPLATES)}) nor auto")
-    return out_dtype, chat_template
+    return (DTYPES[out_dtype] if out_dtype else None), chat_template
+
+
+def model_names(models: list[Checkpoint]) -> list[str]:
+    """How the plan names each model in tables and the card: its folder (a Hugging Face snapshot by its repo's name),
+    made unique, with ``+ADAPTER`` for a LoRA-adapted one."""
+    names = unique_names([shown_path(c.path) for c in models])
+    return [name + ("+" + c.lora.path.name if c.lora is not None else "") for name, c in zip(names, models)]

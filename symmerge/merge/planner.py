@@ -9,19 +9,13 @@ from typing import Any
 
 from symmerge.errors import SymmergeError, cut
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
-from symmerge.io import Checkpoint, unique_names
+from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.merge.modules_plan import as_modules, plan_modules
 from symmerge.merge.plan import MergePlan, OutSlice, SliceSource, has_weight, parameter_scopes
-from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, note_once, output_choices, slice_base
-from symmerge.merge.recipe import DTYPES, Recipe, parse_size
-from symmerge.merge.references import (
-    index_in,
-    open_reference,
-    refuse_repeated_models,
-    resolve_path,
-    shown_path,
-)
+from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
+from symmerge.merge.recipe import Recipe, parse_size
+from symmerge.merge.references import index_in, open_reference, refuse_repeated_models, resolve_path
 from symmerge.merge.settings import has_gradient, is_plain, leaves, resolve
 from symmerge.merge.tokenizer_plan import plan_vocabulary, remapped_shapes
 from symmerge.spec import (
@@ -242,20 +236,16 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is narrower than {models[widest].path}: models of different "
                                     "widths are aligned to the widest")
 
-    out_dtype, chat_template = output_choices(recipe, models, base, notes)
-    plan = MergePlan(
+    dtype, chat_template = output_choices(recipe, models, base, notes)
+    return MergePlan(
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
-        dtype=DTYPES[out_dtype] if out_dtype else None, shard_size=parse_size(recipe.shard_size),
-        data_path=data_path, names=unique_names([shown_path(c.path) for c in models]), lend_head=lend_head, match=match,
+        dtype=dtype, shard_size=parse_size(recipe.shard_size),
+        data_path=data_path, names=model_names(models), lend_head=lend_head, match=match,
         slices=slices, layers=layers, layout=layout, num_layers_out=num_layers_out, varying=varying, notes=notes,
         vocabulary=vocabulary_plan,
         model_specs=model_specs, chat_template=chat_template,
     )
-    for i, c in enumerate(models):
-        if c.lora is not None:
-            plan.names[i] += "+" + c.lora.path.name
-    return plan
 
 
 def _specs(ckpts: list[Checkpoint]) -> list[ModelSpec | None]:
