@@ -202,8 +202,8 @@ def _lift_default_module(raw: dict[str, Any]) -> dict[str, Any]:
     the one module of every text-only architecture ``default`` and normalises ``models:`` / ``slices:`` into
     ``modules: {default: ...}`` itself (``mergekit/plan.py``); the module's ``parameters`` rank below a slice's and
     above the recipe's (``ConfigReader.parameter_sources``), kept here as ``module_parameters``. Other module names
-    (a vision-language model's ``text_decoder``, ``vision_tower``...) stay as ``modules``: :func:`plan_merge` checks
-    them against the models' architecture."""
+    (a vision-language model's ``text_decoder``, ``vision_tower``...) stay as ``modules``:
+    :func:`~symmerge.merge.modules_plan.plan_modules` checks them against the models' architecture."""
     modules = raw.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise ValueError("modules: takes a mapping of module names to {models: ...} or {slices: ...}")
