@@ -25,7 +25,6 @@ weight is read, and raises one-line errors that name the offending key and value
 
 from __future__ import annotations
 
-import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -316,13 +315,6 @@ class Recipe(BaseModel):
         except SymmergeError as e:  # pydantic reports ValueErrors with the field's location
             raise ValueError(str(e)) from None
         return v
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
 
 
 # Size suffixes, case-insensitive. A bare K, M or B is mergekit's (``parse_kmb``): thousands, millions, billions — so
