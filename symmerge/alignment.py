@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from symmerge.groups import (
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
+from symmerge.io.stream import stream_into
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
 from symmerge.match.objective import report_distances
 from symmerge.match.per_layer import MIN_GAIN
@@ -138,6 +139,7 @@ def align(
     device: str | torch.device | None = "cpu",
     ray: Any = None,
     model_spec: ModelSpec | None = None,
+    sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -162,7 +164,10 @@ def align(
     ``model`` is not modified. A ``model`` that is a mapping but
     not a dict (a memory-mapped :class:`~symmerge.io.stream.LazyState`) is aligned lazily: ``state_dict`` is then a
     :class:`~symmerge.groups.stream.TransformedState`, computed one group of tensors at a time when read (write it
-    with :func:`~symmerge.io.stream.save_streamed`), with the same values as the in-memory path.
+    with :func:`~symmerge.io.stream.save_streamed`), with the same values as the in-memory path. ``sink``: called once
+    with every ``(key, aligned tensor)``, in ``state_dict``'s order (a :class:`~symmerge.io.stream.ShardWriter`'s
+    ``add``); where the report is measured in one pass over the aligned tensors, the sink is fed in that pass, so a
+    lazily aligned model is computed once for both (``seconds["report"]`` then includes the sink's time).
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -180,16 +185,17 @@ def align(
         check_embeddable(spec, model_spec, model_name)
         if "residual" in (resolve_symmetries(AUTO, spec) if auto else chosen):
             return _align_embedded(ref_state, model_state, spec, model_spec, symmetries if auto else chosen, config=ref_config,
-                                   match=match, progress=progress, model_name=model_name, max_seconds=max_seconds, device=device, ray=ray)
-        return _align_narrower(ref_state, model_state, spec, model_spec, chosen, auto=auto, match=match, progress=progress,
-                               model_name=model_name, device=device)
+                                   match=match, progress=progress, model_name=model_name, max_seconds=max_seconds, device=device, ray=ray,
+                                   sink=sink)
+        return _fed(_align_narrower(ref_state, model_state, spec, model_spec, chosen, auto=auto, match=match, progress=progress,
+                                    model_name=model_name, device=device), sink)
     if model_spec is not None:
         check_same_shape(spec, model_spec, model_name)
     if auto:
         chosen = resolve_symmetries(symmetries, spec)
         if "residual" in chosen and match == "weights":
-            return _auto_weights(reference, model, chosen, config=config, spec=spec, progress=progress, model_name=model_name,
-                                 max_seconds=max_seconds, device=device, ray=ray)
+            return _fed(_auto_weights(reference, model, chosen, config=config, spec=spec, progress=progress, model_name=model_name,
+                                      max_seconds=max_seconds, device=device, ray=ray), sink)
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
@@ -219,7 +225,7 @@ def align(
         partner = folded if still_folded else (with_untied_head(ref_state, spec.residual) if isinstance(ref_state, dict)
                                                else TransformedState(ref_state, spec, untie=True))
         moved = set(aligned)
-    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances)
+    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances, sink=sink)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
@@ -241,6 +247,14 @@ def align(
     )
     seconds["report"] = time.perf_counter() - start
     return Alignment(aligned, transform, report, spec, folded, still_folded)
+
+
+def _fed(result: Alignment, sink: Callable[[str, torch.Tensor], None] | None) -> Alignment:
+    """``result``, its aligned tensors handed to ``sink`` (:func:`align`'s paths whose report is not one pass over
+    them: a narrower model, ``auto``'s two candidates)."""
+    if sink is not None:
+        stream_into(result.state_dict, sink)
+    return result
 
 
 def _align_embedded(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, symmetries: Any, *,

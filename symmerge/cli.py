@@ -102,7 +102,7 @@ def align(
     from symmerge.alignment import align as align_models
     from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
     from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
-    from symmerge.io.stream import LazyState
+    from symmerge.io.stream import STREAMED_SHARD_BYTES, LazyState, ShardWriter
     from symmerge.match import resolve_device
     from symmerge.spec import check_compatible_shapes, check_embeddable, check_same_shape, resized_keys, spec_for, untied_head, widths_differ
 
@@ -139,13 +139,22 @@ def align(
         for ckpt, name, own in zip(ckpts, unique_names([c.path for c in ckpts]), own_specs):
             start = time.perf_counter()
             state = read(ckpt)
+            dest = tmp / name
+            dest.mkdir()
+            # a memory-mapped model of the reference's widths is aligned lazily: its tensors are written as the
+            # report measures them (each computed once for both), the stream save_streamed would write
+            writer = ShardWriter(dest, STREAMED_SHARD_BYTES) if isinstance(state, LazyState) and own is None else None
             result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
                                   progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
                                   learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor,
-                                  model_spec=own)
+                                  model_spec=own, sink=None if writer is None else writer.add)
             write_start = time.perf_counter()
+            if writer is not None:
+                writer.close()
+            else:
+                write_weights(result.state_dict, dest)
             # a narrower model comes back at the reference's widths: it takes the reference's config (sizes)
-            write_model(result.state_dict, ckpt if own is None else ref_ckpt, tmp / name, untie=result.folded_reference is not None)
+            write_model_files(ckpt if own is None else ref_ckpt, dest, untie=result.folded_reference is not None)
             if result.folded and not (tmp / "reference-folded").exists():
                 # a reference with a zero norm gain cannot lend its gains: the aligned models stay folded, and
                 # the folded reference is what to merge them with
@@ -186,14 +195,27 @@ def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
 
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
     """An HF directory: weights, plus config and tokenizer files from ``source`` (config dtype and tied head as written)."""
-    from symmerge.io import copy_model_files, save_state_dict
-    from symmerge.io.stream import save_streamed, write_config
-
     dest.mkdir()
+    write_weights(state, dest)
+    write_model_files(source, dest, untie)
+
+
+def write_weights(state, dest: Path) -> None:
+    """``state``'s tensors as safetensors in ``dest``."""
+    from symmerge.io import save_state_dict
+    from symmerge.io.stream import save_streamed
+
     if isinstance(state, dict):
         save_state_dict(state, dest)
     else:  # computed unit by unit as it is written (a memory-mapped model aligned lazily)
         save_streamed(state, dest)
+
+
+def write_model_files(source, dest: Path, untie: bool = False) -> None:
+    """Config and tokenizer files from ``source`` next to the weights in ``dest`` (config dtype and tied head as written)."""
+    from symmerge.io import copy_model_files
+    from symmerge.io.stream import write_config
+
     copy_model_files(source.path, dest)
     write_config(source.config, dest, None, untie=untie)
 

@@ -52,6 +52,30 @@ def test_align_with_a_subset_of_symmetries(pair, tmp_path, capsys):
     assert report["models"]["scrambled"]["relative_after"] > 1e-3  # heads are still scrambled
 
 
+@pytest.mark.parametrize("family,symmetries", [("bert", "auto"), ("bert", "ffn,qk,vo,scale"), ("gpt2", "all")])
+def test_align_reports_the_distances_of_the_model_it_wrote(family, symmetries, tmp_path, capsys):
+    """The CLI writes a lazily aligned model's tensors in the pass that measures the report's distances (each computed
+    once for both): the report's distances after alignment, whole model and per group, are those of the file."""
+    from symmerge.match.objective import squared_distances
+    from symmerge.spec import spec_for
+
+    ref_model, _ = make_model(family, seed=0)
+    ref = save_model(ref_model, tmp_path / "ref")
+    other = save_model(make_model(family, seed=1)[0], tmp_path / "other")
+    code, _, err = run_cli(capsys, "align", ref, other, "-o", tmp_path / "out", "-s", symmetries, "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "alignment.json").read_text())["models"]["other"]
+    written, reference = load_file(tmp_path / "out" / "other" / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert written.keys() == load_file(other / "model.safetensors").keys()
+    after = squared_distances(written, reference)
+    assert report["distance_after"] == pytest.approx(sum(after.values()) ** 0.5, rel=1e-12)
+    assert report["distance_after"] < 0.99 * report["distance_before"]  # the alignment moved the model
+    spec = spec_for(ref_model.config, reference.keys())
+    groups = {g.name: {s.key for s in g.slots()} for g in spec.groups()}
+    for group in report["groups"]:
+        assert group["distance_after"] == pytest.approx(sum(after[k] for k in groups[group["name"]]) ** 0.5, rel=1e-12), group["name"]
+
+
 def test_inspect(pair, capsys):
     ref, _, _, _ = pair
     code, out, _ = run_cli(capsys, "inspect", ref)

@@ -298,3 +298,23 @@ def test_save_streamed_writes_what_save_file_writes_for_an_aligned_state(tmp_pat
     save_streamed(lazy, tmp_path / "streamed")
     save_file({k: aligned.state_dict[k].contiguous() for k in lazy}, tmp_path / "whole.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("symmetries,lazy", [("all", True), ("all", False), ("auto", True)])  # report pass; in memory; auto's candidates
+def test_align_hands_its_sink_every_aligned_tensor_once_in_order(tmp_path, symmetries, lazy):
+    """``align(..., sink=...)`` gives the sink each tensor of ``state_dict`` once, in its order, with its value:
+    in the report's pass over a lazily aligned model, and afterwards where the report is not one pass (GPT-2's
+    ``auto`` aligns two candidates and keeps one)."""
+    model_a, _ = make_model("gpt2", 0)
+    model_b, _ = make_model("gpt2", 1)
+    model_a.save_pretrained(tmp_path / "a")
+    model_b.save_pretrained(tmp_path / "b")
+    ckpt_a, ckpt_b = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b")
+    ref, other = (LazyState(ckpt_a), LazyState(ckpt_b)) if lazy else (load_file(ckpt_a.weight_files[0]), load_file(ckpt_b.weight_files[0]))
+    received = []
+    result = symmerge.align(ref, other, symmetries=symmetries, config=model_a.config, sink=lambda k, t: received.append((k, t)))
+    assert [k for k, _ in received] == list(result.state_dict)
+    for k, t in received:
+        assert torch.equal(t, result.state_dict[k]), k
+    if symmetries == "auto":
+        assert result.report.matching["auto"]["kept"] in ("all", "all,residual")

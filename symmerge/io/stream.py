@@ -276,14 +276,24 @@ def computed_ahead(keys: Iterable[str], read: Callable[[str], T], depth: int = W
                 value.cancel()
 
 
-def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = 5 * 10**9) -> None:
+STREAMED_SHARD_BYTES = 5 * 10**9
+"""Shard size of :func:`save_streamed` (and of a :class:`ShardWriter` fed the same stream elsewhere)."""
+
+
+def stream_into(state: Mapping[str, torch.Tensor], consume: Callable[[str, torch.Tensor], None]) -> None:
+    """``consume(key, tensor)`` for every tensor of ``state``, in its own order, the next one computed while the last
+    is consumed (:func:`computed_ahead`)."""
+    for key, tensor in computed_ahead(state, state.__getitem__):
+        consume(key, tensor)
+
+
+def save_streamed(state: Mapping[str, torch.Tensor], dest: Path, max_shard_bytes: int = STREAMED_SHARD_BYTES) -> None:
     """Write ``state`` tensor by tensor in its own order, shard by shard (a lazily computed state, e.g. an aligned
     :class:`~symmerge.groups.stream.TransformedState`, is then computed unit by unit as it is written, the next unit
-    while the last is written: :func:`computed_ahead`): the writer holds no tensor after adding it
+    while the last is written: :func:`stream_into`): the writer holds no tensor after adding it
     (:class:`ShardWriter`)."""
     writer = ShardWriter(Path(dest), max_shard_bytes)
-    for key, tensor in computed_ahead(state, state.__getitem__):
-        writer.add(key, tensor)
+    stream_into(state, writer.add)
     writer.close()
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -60,7 +60,8 @@ def squared_distances(a: StateDict, b: StateDict, keys: Iterable[str] | None = N
 
 
 def report_distances(model: StateDict, reference: StateDict, aligned: StateDict, partner: StateDict,
-                     moved: Iterable[str], known: Mapping[str, tuple[float, float]] | None = None) -> tuple[dict[str, float], dict[str, float], float]:
+                     moved: Iterable[str], known: Mapping[str, tuple[float, float]] | None = None,
+                     sink: Callable[[str, torch.Tensor], None] | None = None) -> tuple[dict[str, float], dict[str, float], float]:
     """An alignment report's three sums in one pass over the tensors, in ``aligned``'s key order (unit order for a
     lazily transformed state): ``‖θ_model − θ_ref‖²`` per tensor (before), ``‖T(θ_model) − θ_partner‖²`` for the
     ``moved`` tensors and the before value for the rest (after; identity elements and untouched tensors do not
@@ -68,16 +69,20 @@ def report_distances(model: StateDict, reference: StateDict, aligned: StateDict,
     :func:`squared_distances` and :func:`state_norm` (the same chunked reductions), but every tensor is read once
     instead of in three separate passes.
     ``known``: ``(before, ‖θ_ref‖²)`` per key already measured by the matcher while it read the tensors
-    (``Fit.distances``): those tensors are not read for the before sum (nor at all, unless moved)."""
+    (``Fit.distances``): those tensors are not read for the before sum (nor at all, unless moved).
+    ``sink``: called with every ``(key, aligned tensor)`` in that order (a :class:`~symmerge.io.stream.ShardWriter`'s
+    ``add``): a lazily aligned state is then computed once for both the report and the write."""
     moved = set(moved)
     known = known or {}
 
     def tensors(k: str) -> tuple[torch.Tensor | None, ...]:
-        """What key ``k``'s sums need, read on computed_ahead's worker: the next unit of a lazily aligned state is
-        computed there while this thread measures the last; it is the only thread that reads the states."""
+        """What key ``k``'s sums (and the sink) need, read on computed_ahead's worker: the next unit of a lazily
+        aligned state is computed there while this thread measures the last; it is the only thread that reads the
+        states."""
         measure_before = k not in known and k in model and k in reference
         p = partner[k] if k in moved and k in partner else None
-        a = aligned[k] if p is not None and p.is_floating_point() else None
+        p = p if p is not None and p.is_floating_point() else None  # the after-sum measures moved floating tensors only
+        a = aligned[k] if p is not None or sink is not None else None
         return (model[k] if measure_before else None), (reference[k] if measure_before else None), a, p
 
     before, after, ref_sq = {}, {}, 0.0
@@ -88,10 +93,12 @@ def report_distances(model: StateDict, reference: StateDict, aligned: StateDict,
         elif m is not None and m.is_floating_point():
             before[k], r_sq = distance_and_norm(m, r)
             ref_sq += r_sq
-        if a is not None:
+        if p is not None:
             after[k] = squared_distance(a, p)
         elif k in before:
             after[k] = before[k]
+        if sink is not None:
+            sink(k, a)
     for k in reference:
         if k not in before and reference[k].is_floating_point():
             ref_sq += squared_norm(reference[k])
