@@ -254,6 +254,17 @@ def gil_probe(solve: Callable, c: np.ndarray) -> dict:
             "releases_gil": max_gap < 0.5 * solve_wall}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def markdown(results: dict, sizes: list[int], names: list[str]) -> str:
     def cell(n, name):
         r = results["cases"][str(n)]["solvers"][name]
@@ -287,7 +298,7 @@ def markdown(results: dict, sizes: list[int], names: list[str]) -> str:
     m = results["machine"]
     head = (f"LAP solvers on FFN similarity matrices (C = W_in,A W_in,Bᵀ + b_A b_Bᵀ + W_out,Aᵀ W_out,B, d = n/4, "
             f"ρ = 3/√(2d+1)). Cells: CPU s / wall s, median of up to {results['args']['reps']} runs. "
-            f"{m['cpus']} CPUs, load average {m['load_before'][0]:.2f} before / {m['load_after'][0]:.2f} after, "
+            f"{m['cpus']} CPUs ({m['cpu_model']}, {m['platform']}), load average {m['load_before'][0]:.2f} before / {m['load_after'][0]:.2f} after, "
             f"OMP_WAIT_POLICY={m['OMP_WAIT_POLICY']}; scipy {m['scipy']}, lapx {m['lapx']}, numpy {m['numpy']}.\n")
     return head + "\n" + "\n".join(lines) + "\n"
 
@@ -308,7 +319,7 @@ def main() -> None:
 
     results: dict = {
         "args": vars(args),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(), "load_before": os.getloadavg(),
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(),
                     "scipy": scipy.__version__, "lapx": version("lapx"), "numpy": np.__version__,
                     "torch": torch.__version__},
@@ -337,7 +348,7 @@ def main() -> None:
     results["machine"]["load_after"] = os.getloadavg()
     results["total_wall_s"] = time.perf_counter() - start
     md = markdown(results, args.sizes, names)
-    print("\n" + md)
+    print("\n" + md)  # what benchmarks/results/lap_solvers.md records
     print(f"total wall {results['total_wall_s']:.1f} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lap_solvers.json").write_text(json.dumps(results, indent=2) + "\n")
