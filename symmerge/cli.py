@@ -166,7 +166,7 @@ def align(
                                   learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor,
                                   model_spec=own, sink=None if writer is None else writer.add)
             write_start = time.perf_counter()
-            if writer is not None:
+            if writer is not None:  # the tensors' bytes went out in the report's pass ("report" seconds); this closes the shards
                 writer.close()
             else:
                 write_weights(result.state_dict, dest)
