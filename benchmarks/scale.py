@@ -9,6 +9,7 @@ allocated; RSS adds the mapped checkpoint pages, clean file cache the kernel can
 before each job. Writes ``benchmarks/results/scale.{json,md}``.
 
     python benchmarks/scale.py generate --size 7b          # the checkpoints only
+    python benchmarks/scale.py generate --size 7b --layers 2   # 7B widths, 2 layers: a, b under <cache>/7b-L2/
     python benchmarks/scale.py run --size 1b --jobs align,merge,align_ft
     python benchmarks/scale.py run --size 1b --jobs align_residual --repo /path/to/other/checkout --tag before
 
@@ -61,14 +62,27 @@ def log(msg: str) -> None:
     print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def config_dict(size: str) -> dict:
+def sizes(size: str, layers: int | None = None) -> dict:
+    """The config sizes of ``size``; ``layers``: that many decoder layers instead (same widths, vocabulary and heads),
+    so the per-layer and the constant (embedding, LM head) costs of a job can be measured apart at 7B widths."""
+    if layers is not None and layers < 1:
+        raise SystemExit(f"--layers {layers}: at least one layer")
+    return {**SIZES[size], **({} if layers is None else {"num_hidden_layers": layers})}
+
+
+def folder(size: str, layers: int | None = None) -> str:
+    """The cache folder's name: ``7b``, or ``7b-L2`` for a 2-layer model of 7B widths."""
+    return size if layers is None else f"{size}-L{layers}"
+
+
+def config_dict(size: str, layers: int | None = None) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
             "max_position_embeddings": 4096, "initializer_range": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False, **SIZES[size]}
+            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False, **sizes(size, layers)}
 
 
-def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
-    c = SIZES[size]
+def tensor_shapes(size: str, layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    c = sizes(size, layers)
     d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
     out = [("model.embed_tokens.weight", (v, d))]
@@ -118,9 +132,9 @@ def _write_sharded(directory: Path, tensors, config: dict) -> None:
     os.replace(tmp, directory)
 
 
-def _random_tensors(size: str, seed: int):
+def _random_tensors(size: str, seed: int, layers: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    for name, shape in tensor_shapes(size):
+    for name, shape in tensor_shapes(size, layers):
         if name.endswith("norm.weight"):
             t = 1.0 + 0.02 * torch.randn(shape, generator=g)
         else:
@@ -141,17 +155,21 @@ def _fine_tuned(base: Path, seed: int):
         yield name, (v + torch.randn(v.shape, generator=g) * (NOISE * rms)).to(torch.bfloat16)
 
 
-def ensure_checkpoints(size: str) -> dict[str, Path]:
-    root = ROOT / size
+def ensure_checkpoints(size: str, layers: int | None = None, fine_tune: bool = True) -> dict[str, Path]:
+    """Generate what is missing of ``a``, ``b`` (and ``ft`` when ``fine_tune``) under ``ROOT/folder(size, layers)``."""
+    root = ROOT / folder(size, layers)
     paths = {"a": root / "a", "b": root / "b", "ft": root / "ft"}
     for name, seed in (("a", 1), ("b", 2)):
         if not (paths[name] / "config.json").exists():
             log(f"generating {paths[name]}")
-            _write_sharded(paths[name], _random_tensors(size, seed), config_dict(size))
-    if not (paths["ft"] / "config.json").exists():
+            _write_sharded(paths[name], _random_tensors(size, seed, layers), config_dict(size, layers))
+    if fine_tune and not (paths["ft"] / "config.json").exists():
         log(f"generating {paths['ft']} (a + {NOISE:.0%} noise)")
-        _write_sharded(paths["ft"], _fine_tuned(paths["a"], 3), config_dict(size))
+        _write_sharded(paths["ft"], _fine_tuned(paths["a"], 3), config_dict(size, layers))
     return paths
+
+
+FT_JOBS = {"align_ft", "merge_ft", "linear_none", "ties_none", "mergekit_linear", "mergekit_ties"}  # the jobs that read ``ft``
 
 
 MK_VENV = REPO / ".cache" / "bench-mergekit-venv"  # benchmarks/merge_speed.py's mergekit venv
@@ -212,6 +230,10 @@ def run_job(name: str, cmd: list[str], out: Path) -> dict:
     if report.exists():
         models = json.loads(report.read_text())["models"]
         result["stages_s"] = {k: round(v, 1) for m in models.values() for k, v in m.get("seconds", {}).items()}
+        residual = [g["details"] for m in models.values() for g in m.get("groups", []) if g.get("kind") == "residual"]
+        if residual:  # the descent's own record: seconds per round of the start kept, each start's final distance
+            result["residual"] = {k: residual[0][k] for k in ("round_seconds", "start", "final_distance", "iterations",
+                                                                 "stopped_by_max_seconds") if k in residual[0]}
     card = out / "README.md"
     if card.exists():
         found = re.findall(r"([a-z+]+)[^0-9|]*\|?\s*([0-9.]+)\s*s\b", card.read_text())
@@ -272,6 +294,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["generate", "run"])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="that many decoder layers at the size's widths (folder <size>-L<n>; ft only when a job needs it)")
     parser.add_argument("--jobs", default="")
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the jobs run")
     parser.add_argument("--tag", default="", help="suffix of the rows' keys in scale.json (before / after)")
@@ -285,15 +309,18 @@ def main() -> None:
     log(f"symmerge jobs on {device_name(DEVICE)}")
     WORK = args.work or WORK
     torch.set_num_threads(2)
-    paths = ensure_checkpoints(args.size)
+    jobs = [j for j in args.jobs.split(",") if j]
+    fine_tune = args.layers is None if args.what == "generate" else bool(FT_JOBS & set(jobs))
+    paths = ensure_checkpoints(args.size, args.layers, fine_tune)
     if args.what == "generate":
         return
+    size_key = folder(args.size, args.layers)
     WORK.mkdir(parents=True, exist_ok=True)
     store = args.store
     results = json.loads(store.read_text()) if store.exists() else {}
-    for job in [j for j in args.jobs.split(",") if j]:
+    for job in jobs:
         key = f"{job}@{args.tag}" if args.tag else job
-        results.setdefault(args.size, {})[key] = run_job(f"{args.size}/{key}", commands(job, paths, WORK / job), WORK / job)
+        results.setdefault(size_key, {})[key] = run_job(f"{size_key}/{key}", commands(job, paths, WORK / job), WORK / job)
         store.write_text(json.dumps(results, indent=2))
 
 
