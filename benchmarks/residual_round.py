@@ -43,8 +43,9 @@ from symmerge.groups.stream import TransformedState  # noqa: E402
 from symmerge.io import open_checkpoint  # noqa: E402
 from symmerge.io.stream import LazyState  # noqa: E402
 from symmerge.match import resolve_device  # noqa: E402
+from symmerge.match.per_layer import ffn_group_similarity, solve_ffn  # noqa: E402
 from symmerge.match.residual import anchored_start, residual_descent  # noqa: E402
-from symmerge.spec import spec_for  # noqa: E402
+from symmerge.spec import StateView, spec_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("anchored_start", "descent_identity", "descent_anchored")
@@ -104,6 +105,21 @@ def measure(reference: Path, model: Path, symmetries: str = "all,residual", devi
     return row
 
 
+def ffn_split(reference: Path, model: Path) -> dict:
+    """One FFN layer's fit in its two parts, each on its own clock: the similarity (GEMMs, torch's threads) and the
+    LAP (one solver thread): what of the per-layer cost spreads over cores and what does not. The first layer of
+    the unrotated pair (a fit inside the descent sees the rotated model: same shapes, same work)."""
+    ref_ckpt = open_checkpoint(reference)
+    ref, mod = LazyState(ref_ckpt), LazyState(open_checkpoint(model))
+    group = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys()).ffn[0]
+    with Stage() as s:
+        similarity = ffn_group_similarity(StateView(ref), StateView(mod), group)
+    row = {"similarity": s.row}
+    with Stage() as s:
+        solve_ffn(similarity, group.width)
+    return {**row, "lap": s.row, "width": group.width, "certified_identity": similarity is None}
+
+
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares ``(constant, per_layer)`` of ``value = constant + layers × per_layer`` (two points: exact)."""
     if len({n for n, _ in points}) < 2:
@@ -149,17 +165,24 @@ def main() -> None:
     parser.add_argument("--project", type=int, default=None, metavar="LAYERS", help="project the stored rows to LAYERS layers")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per start in the projected total")
     parser.add_argument("--rows", default="", help="project only the stored rows whose key starts with this (7b-L)")
+    parser.add_argument("--ffn-split", action="store_true", help="time one FFN layer's similarity and LAP apart (of the pair)")
     args = parser.parse_args()
     rows = json.loads(args.store.read_text()) if args.store.exists() else {}
     if args.pair:
         if len(args.pair) != 2:
             raise SystemExit("give two checkpoint folders: reference and model")
         key = args.pair[0].resolve().parent.name
-        rows[key] = measure(args.pair[0], args.pair[1], args.symmetries, args.device)
+        if args.ffn_split:
+            split = ffn_split(args.pair[0], args.pair[1])
+            rows.setdefault("ffn_split", {})[key] = split
+            print(json.dumps(split, indent=2))
+        else:
+            rows[key] = measure(args.pair[0], args.pair[1], args.symmetries, args.device)
+            print(json.dumps(rows[key], indent=2))
         args.store.write_text(json.dumps(rows, indent=2))
-        print(json.dumps(rows[key], indent=2))
     if args.project is not None:
-        print(json.dumps(project({k: r for k, r in rows.items() if k.startswith(args.rows)}, args.project, args.rounds), indent=2))
+        measured = {k: r for k, r in rows.items() if k.startswith(args.rows) and k != "ffn_split"}
+        print(json.dumps(project(measured, args.project, args.rounds), indent=2))
 
 
 if __name__ == "__main__":
