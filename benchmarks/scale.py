@@ -1,7 +1,7 @@
 """Scale: align and merge LLaMA-shaped checkpoints at 1B and 7B on this machine; wall time and peak memory per job.
 
 Checkpoints (random bf16 weights, std 0.02, norm gains 1 + N(0, 0.02²), sharded safetensors of ≤ 2 GB, untied
-head) are generated shard by shard — never a whole model in memory — under ``/work/main/.cache/scale/<size>/``:
+head) are generated shard by shard — never a whole model in memory — under ``/work/main/.cache/scale/<size>/`` (``<size>-L<n>/`` with ``--layers n``):
 ``a`` and ``b`` independent (seeds 1, 2), ``ft`` = ``a`` + Gaussian noise of 1% of each tensor's RMS (a fine-tune
 of ``a``; reusing ``a`` as its base saves one model of disk). Each job runs in its own process; a sampler reads
 ``RssAnon`` and ``VmRSS`` from ``/proc/PID/status`` every 50 ms (peak anonymous memory is what the process itself
