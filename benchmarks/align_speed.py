@@ -4,7 +4,8 @@ Two independently initialised BERT-base-shaped models (12 layers, d 768, 12 head
 GPT-2-small-shaped ones are saved as safetensors, then aligned the way ``symmerge align`` does it:
 load (mmap + NaN/Inf check), FFN (similarity GEMM + exact LAP per layer), attention (head assignment +
 per-head Procrustes), rescale (the extra cost of alternating rotation and quartic rescaling), write.
-Finally the CLI itself is timed end to end. Prints a table and writes ``benchmarks/results/align_speed.{json,md}``.
+Finally the CLI itself is timed end to end. Prints a table, writes it to ``benchmarks/results/align_speed.json`` (this
+run) and appends it to ``align_speed.md`` as a dated section (earlier runs and their notes stay).
 
 ``--before DIR``: also time the CLI of another source tree (e.g. ``git archive main | tar -x -C DIR``), alternating
 with this one and the seed baseline, so a change is measured before and after under the same load; ``--before-label``
@@ -176,7 +177,10 @@ def main() -> None:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "align_speed.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "align_speed.md").write_text(header + "\n" + table + "\n")
+    # the .md keeps every run as a dated section, with the notes written beside it: append, never overwrite
+    section = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit} (`benchmarks/align_speed.py`)\n\n{header}\n{table}\n"
+    md = RESULTS / "align_speed.md"
+    md.write_text((md.read_text().rstrip("\n") + "\n\n" if md.exists() else "") + section)
 
 
 if __name__ == "__main__":
