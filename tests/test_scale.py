@@ -21,6 +21,7 @@ from symmerge.io import open_checkpoint
 from symmerge.io.checkpoint import all_finite
 from symmerge.io.stream import LazyState
 from symmerge.match import objective
+from symmerge.match.certificate import row_dots
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.lap import identity_is_optimal, solve_lap
 from symmerge.match.weights import match_weights
@@ -64,6 +65,20 @@ def _assert_sound(a: FFNTensors, b: FFNTensors) -> bool:
 def test_fine_tunes_certify_the_identity(noise):
     a = _ffn(512, 256, 0)
     assert _assert_sound(a, _noisy(a, noise, 1))
+
+
+def test_unrelated_models_skip_the_certificate_passes_over_every_row(monkeypatch):
+    """The sampled rows rule the identity out for independent models before the diagonal and norms of every row are
+    summed (wasted work on every independent pair); fine-tunes still reach the certificate."""
+    import symmerge.match.ffn as ffn_module
+
+    calls = []
+    monkeypatch.setattr(ffn_module, "row_dots", lambda x, y: calls.append(x.shape) or row_dots(x, y))
+    a = _ffn(384, 128, 0)
+    assert ffn_similarity_or_identity(a, _ffn(384, 128, 1)) is not None
+    assert calls == []
+    assert ffn_similarity_or_identity(a, _noisy(a, 0.01, 1)) is None
+    assert calls  # negative control: the certificate's passes run where the sample allows them
 
 
 @pytest.mark.parametrize("bias", [True, False])
