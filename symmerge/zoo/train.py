@@ -1,7 +1,10 @@
 """Training the zoo's models from scratch, deterministically, on a CPU core.
 
 Everything random comes from the seed: the initial weights (``torch.manual_seed``) and the order of the batches
-(a ``torch.Generator``). With the same seed, thread count and library versions a run is reproduced bit for bit.
+(a ``torch.Generator``). With the same seed, thread count and library versions a run is reproduced bit for bit on one machine; on another
+CPU the float kernels may differ, and 2-thread ViT training then ends in other models (vit-fmnist-w256 retrained on
+a fresh host: 84.44 / 83.93 % against 84.19 / 84.06 %; the 1-thread GPT-2 reproduced its losses). Benchmarks that
+compare rows must measure them on one cached pair.
 Each run writes a Hugging Face directory (config.json + model.safetensors) and ``zoo.json``, the recipe and the
 final scores; zoo.json is written last, so a directory with it is complete.
 """
