@@ -36,7 +36,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +60,9 @@ from symmerge.match.residual import residual_descent, solve_residual  # noqa: E4
 from symmerge.match.weights import match_weights  # noqa: E402
 from symmerge.spec import spec_for  # noqa: E402
 from symmerge.zoo import build  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_speed import git_commit  # noqa: E402  (the results record the commit that measured them)
 
 RESULTS = Path(__file__).parent / "results"
 STREAM_BATCHES = 16
@@ -98,13 +101,6 @@ def agreement(x: ModelTransform, y: ModelTransform) -> dict:
     ffn = sum(int((x.ffn[k] == y.ffn[k]).sum()) for k in x.ffn) / sum(x.ffn[k].numel() for k in x.ffn)
     heads = sum(int((x.heads[k].perm == y.heads[k].perm).sum()) for k in x.heads) / sum(x.heads[k].perm.numel() for k in x.heads)
     return {"ffn": ffn, "head_perm": heads}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def study(args: argparse.Namespace) -> dict:
@@ -321,7 +317,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.points < 3 or args.points % 2 == 0:
         parser.error("--points must be odd and at least 3")
-    meta = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": os.getloadavg(), "cpus": os.cpu_count(),
+    meta = {"commit": git_commit() or "unknown", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": os.getloadavg(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "learn_seconds": args.learn_seconds, "learn_steps": args.learn_steps, "seed": args.seed, "points": args.points}
     t0 = time.perf_counter()
     result = study(args)
