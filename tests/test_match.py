@@ -99,6 +99,57 @@ def test_ffn_similarity_is_the_weight_matching_objective():
     assert torch.allclose(ffn_similarity(a, b), expected, atol=1e-5)
 
 
+def _bf16_ffn(seed: int, n: int = 48, d: int = 16) -> FFNTensors:
+    g = G(seed)
+    w = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)  # noqa: E731
+    return FFNTensors([w(n, d), w(n, d)], [w(n)], [w(d, n)])
+
+
+def test_similarity_dtype_is_bfloat16_only_for_bfloat16_tensors_on_a_native_cpu(monkeypatch):
+    import symmerge.match.device as dev
+    monkeypatch.delenv(dev.SIMILARITY_DTYPE_ENV, raising=False)
+    bf, f32, cpu = torch.bfloat16, torch.float32, torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_native_bfloat16", lambda: True)
+    assert dev.similarity_dtype((bf, bf), cpu) == bf
+    assert dev.similarity_dtype((bf, f32), cpu) == f32  # a float32 tensor would be rounded: never implicitly
+    assert dev.similarity_dtype((torch.float16, bf), cpu) == f32
+    assert dev.similarity_dtype((bf, bf), torch.device("cuda")) == f32
+    monkeypatch.setenv(dev.SIMILARITY_DTYPE_ENV, "float32")
+    assert dev.similarity_dtype((bf, bf), cpu) == f32
+    monkeypatch.setattr(dev, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setenv(dev.SIMILARITY_DTYPE_ENV, "auto")
+    assert dev.similarity_dtype((bf, bf), cpu) == f32  # emulated bfloat16 is slower than float32
+    monkeypatch.setenv(dev.SIMILARITY_DTYPE_ENV, "bfloat16")
+    assert dev.similarity_dtype((f32,), cpu) == bf
+    monkeypatch.setenv(dev.SIMILARITY_DTYPE_ENV, "half")
+    with pytest.raises(dev.SymmergeError, match="SYMMERGE_SIMILARITY_DTYPE must be auto, float32 or bfloat16"):
+        dev.similarity_dtype((bf,), cpu)
+
+
+def test_bfloat16_similarity_rounds_each_entry_once_and_recovers_a_permutation(monkeypatch):
+    """Products of bfloat16 values are exact and the GEMM accumulates in float32: the bfloat16 path's S differs from
+    the exact one only by one rounding of each entry of the weights term (at most 2^-8 relative, plus float32 accumulation) and the
+    biases' float32 terms; a permuted copy is still recovered exactly."""
+    monkeypatch.setenv("SYMMERGE_SIMILARITY_DTYPE", "bfloat16")
+    a, b = _bf16_ffn(20), _bf16_ffn(21)
+    d = lambda t: [w.double() for w in t]  # noqa: E731
+    weights = sum(x @ y.T for x, y in zip(d(a.in_weights), d(b.in_weights))) + d(a.out_weights)[0].T @ d(b.out_weights)[0]
+    exact = weights + torch.outer(*(t.in_biases[0].double() for t in (a, b)))
+    s = ffn_similarity(a, b)
+    assert s.dtype == torch.float32
+    assert ((s.double() - exact).abs() <= 2.0**-8 * weights.abs() + 1e-4).all()
+    no_bias = lambda t: FFNTensors(t.in_weights, [], t.out_weights)  # noqa: E731
+    s = ffn_similarity(no_bias(a), no_bias(b))
+    assert torch.equal(s, s.bfloat16().float())  # each entry rounded to bfloat16 once: the path ran in bfloat16
+    monkeypatch.setenv("SYMMERGE_SIMILARITY_DTYPE", "float32")
+    s = ffn_similarity(no_bias(a), no_bias(b))
+    assert not torch.equal(s, s.bfloat16().float())
+    monkeypatch.setenv("SYMMERGE_SIMILARITY_DTYPE", "bfloat16")
+    perm = torch.randperm(48, generator=G(22))
+    permuted = FFNTensors([w[perm] for w in a.in_weights], [v[perm] for v in a.in_biases], [w[:, perm] for w in a.out_weights])
+    assert torch.equal(torch.from_numpy(solve_lap(ffn_similarity(a, permuted))), torch.argsort(perm))
+
+
 def _procrustes_objective(r, x1, x2):
     return float((r.transpose(-1, -2) @ x1 - x2).square().sum())
 

@@ -6,6 +6,7 @@ import torch
 
 from symmerge.groups.ffn import FFNTensors
 from symmerge.match.certificate import CERTIFY_FRACTIONS, CERTIFY_SAMPLE, UNIT_ROUNDOFF, diagonal_dominates, feature_columns, row_dots
+from symmerge.match.device import similarity_dtype
 
 SIMILARITY_ROWS = 1024
 """Rows of ``S`` per GEMM call: at LLaMA-7B one call is ~1/11 of a layer's similarity (~1-2 s on this 2-core CPU)
@@ -20,9 +21,13 @@ def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.devic
 
     The first product writes the output (no zero-filled pass over d_ff² floats: ~30 ms a layer at BERT-base), the
     other terms are added in place with ``addmm_``, in blocks of ``SIMILARITY_ROWS`` rows, on ``device`` (default: the CPU; the inputs are moved
-    there, and ``S`` stays there: move it to the CPU for the LAP).
+    there, and ``S`` stays there: move it to the CPU for the LAP). For bfloat16 checkpoints on a CPU that multiplies
+    bfloat16 natively the products run in bfloat16 instead (:func:`~symmerge.match.device.similarity_dtype`: 3-5x
+    faster there; each entry rounded once to bfloat16).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
+    if similarity_dtype(_stored_dtypes(reference, model), device) == torch.bfloat16:
+        return _bfloat16_similarity(reference, model, device)
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=torch.float32)
@@ -42,6 +47,29 @@ def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.devic
                 s[rows].addr_(a[rows, 0], b[0])
             else:
                 s[rows].addmm_(a[rows], b)
+    return s
+
+
+def _stored_dtypes(*ffns: FFNTensors) -> tuple[torch.dtype, ...]:
+    return tuple(w.dtype for t in ffns for w in (*t.in_weights, *t.in_biases, *t.out_weights))
+
+
+def _bfloat16_similarity(reference: FFNTensors, model: FFNTensors, device: torch.device) -> torch.Tensor:
+    """:func:`ffn_similarity` with one bfloat16 GEMM (:func:`~symmerge.match.device.similarity_dtype`): the weight
+    features side by side, ``[W_in... | W_out^T]`` (d_ff × K), so each entry of ``S`` is accumulated over all
+    ``K`` features in float32 inside the GEMM and rounded to bfloat16 once; the biases' outer products are added in
+    float32. Row blocks of ``SIMILARITY_ROWS``, as in the float32 path."""
+    def side_by_side(t: FFNTensors) -> torch.Tensor:
+        return torch.cat([w.to(device=device, dtype=torch.bfloat16) for w in (*t.in_weights, *(w.T for w in t.out_weights))], dim=1)
+
+    x, y = side_by_side(reference), side_by_side(model)
+    s = torch.empty(x.shape[0], y.shape[0], dtype=torch.float32, device=device)
+    yt = y.T
+    for lo in range(0, x.shape[0], SIMILARITY_ROWS):
+        rows = slice(lo, lo + SIMILARITY_ROWS)
+        s[rows] = x[rows] @ yt
+    for a, b in zip(reference.in_biases, model.in_biases):
+        s.addr_(a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32))
     return s
 
 
@@ -70,9 +98,9 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
     function's sums and :func:`ffn_similarity`'s, and by a relative ``CERTIFY_MARGIN`` —
     then ``S[i, i] ≥ max_j S[i, j]`` holds for the exact ``S`` and for the float32 one :func:`ffn_similarity`
     computes, which is :func:`~symmerge.match.lap.identity_is_optimal`'s condition: :func:`~symmerge.match.lap.solve_lap`
-    would return the identity. Tried at ``CERTIFY_FRACTIONS`` of the features, only when the full rows of
-    ``CERTIFY_SAMPLE`` sampled neurons are diagonal-dominant; otherwise :func:`ffn_similarity` is returned, bit for
-    bit (the sample costs ~1 % more; an attempt that failed, up to 25 %)."""
+    would return the identity (on its bfloat16 path's ``S``, rounded further, the identity is still the exact
+    optimum). Tried at ``CERTIFY_FRACTIONS`` of the features, only when the full rows of ``CERTIFY_SAMPLE`` sampled
+    neurons are diagonal-dominant; otherwise :func:`ffn_similarity` is returned, bit for bit (the sample costs ~1 % more; an attempt that failed, up to 25 %)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     xs, ys = _features(reference, device), _features(model, device)
     n, total = xs[0].shape[0], sum(x.shape[1] for x in xs)
