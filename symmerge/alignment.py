@@ -28,6 +28,7 @@ from symmerge.groups import (
     random_transform,
     resolve_symmetries,
 )
+from symmerge.groups.ffn import is_identity
 from symmerge.groups.residual import can_unfold, unfold_norms, with_untied_head
 from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
@@ -100,6 +101,7 @@ class Alignment:
     spec: ModelSpec
     folded_reference: Mapping[str, torch.Tensor] | None = None  # residual class: the reference with its norms folded
     folded: bool = False  # state_dict is still folded (the reference has a zero norm gain): merge it with folded_reference
+    fed: bool = False  # the sink align was given has received state_dict (in the report's pass)
 
     @property
     def merge_partner(self) -> dict[str, torch.Tensor] | None:
@@ -140,6 +142,7 @@ def align(
     ray: Any = None,
     model_spec: ModelSpec | None = None,
     sink: Callable[[str, torch.Tensor], None] | None = None,
+    feed_if: Callable[[ModelTransform], bool] | None = None,
 ) -> Alignment:
     """Bring ``model`` into ``reference``'s basis without changing what ``model`` computes.
 
@@ -168,6 +171,11 @@ def align(
     with every ``(key, aligned tensor)``, in ``state_dict``'s order (a :class:`~symmerge.io.stream.ShardWriter`'s
     ``add``); where the report is measured in one pass over the aligned tensors, the sink is fed in that pass, so a
     lazily aligned model is computed once for both (``seconds["report"]`` then includes the sink's time).
+    ``feed_if``: feed ``sink`` only if this holds of the fitted element (``Alignment.fed`` says whether it was fed;
+    :func:`_auto_weights`' speculative write). With ``auto`` (residual class, weight matching), a sink with a
+    ``restart()`` method (a :class:`~symmerge.io.stream.ShardWriter`) is fed in the per-layer candidate's report pass
+    when that candidate permutes nothing (a fine-tune), and restarted in the rare case the residual map is then fitted
+    and kept: the fine-tune's aligned tensors are computed once, not once for the report and again for the write.
     """
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -194,8 +202,8 @@ def align(
     if auto:
         chosen = resolve_symmetries(symmetries, spec)
         if "residual" in chosen and match == "weights":
-            return _fed(_auto_weights(reference, model, chosen, config=config, spec=spec, progress=progress, model_name=model_name,
-                                      max_seconds=max_seconds, device=device, ray=ray), sink)
+            return _auto_weights(reference, model, chosen, sink, config=config, spec=spec, progress=progress, model_name=model_name,
+                                 max_seconds=max_seconds, device=device, ray=ray)
     check_compatible(ref_state, model_state, model_name, untied_head(spec, chosen))
 
     fit = get_matcher(match)(ref_state, model_state, spec, chosen, config=ref_config if ref_config is not None else model_config,
@@ -225,7 +233,8 @@ def align(
         partner = folded if still_folded else (with_untied_head(ref_state, spec.residual) if isinstance(ref_state, dict)
                                                else TransformedState(ref_state, spec, untie=True))
         moved = set(aligned)
-    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances, sink=sink)
+    feed = sink if sink is not None and (feed_if is None or feed_if(transform)) else None
+    before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances, sink=feed)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
         for group in group_list:
@@ -246,15 +255,26 @@ def align(
         matching={"method": match, **({"learned": details["learned"]} if "learned" in details else {})},
     )
     seconds["report"] = time.perf_counter() - start
-    return Alignment(aligned, transform, report, spec, folded, still_folded)
+    return Alignment(aligned, transform, report, spec, folded, still_folded, fed=feed is not None)
 
 
 def _fed(result: Alignment, sink: Callable[[str, torch.Tensor], None] | None) -> Alignment:
     """``result``, its aligned tensors handed to ``sink`` (:func:`align`'s paths whose report is not one pass over
-    them: a narrower model, ``auto``'s two candidates)."""
-    if sink is not None:
+    them: a narrower model, ``auto``'s candidate when it was not fed in its report's pass); the pass's time is
+    ``seconds["write"]``."""
+    if sink is not None and not result.fed:
+        start = time.perf_counter()
         stream_into(result.state_dict, sink)
+        result.report.seconds["write"] = result.report.seconds.get("write", 0.0) + time.perf_counter() - start
+        result.fed = True
     return result
+
+
+def permutes_nothing(transform: ModelTransform) -> bool:
+    """Whether every FFN and head assignment of ``transform`` is the identity (rotations and scales aside): what
+    the certificates find for fine-tunes of one base, whose per-layer fit then gains next to nothing."""
+    return (transform.residual is None and transform.source is None and all(is_identity(p) for p in transform.ffn.values())
+            and all(is_identity(h.perm) and is_identity(h.kv_perm) for h in transform.heads.values()))
 
 
 def _align_embedded(ref_state: StateDict, model_state: StateDict, spec: ModelSpec, model_spec: ModelSpec, symmetries: Any, *,
@@ -317,26 +337,37 @@ def _group_gain(report: AlignmentReport) -> float:
     return 0.0 if before == 0 else 1.0 - after / before
 
 
-def _auto_weights(reference: Any, model: Any, chosen: frozenset[str], **options: Any) -> Alignment:
+def _auto_weights(reference: Any, model: Any, chosen: frozenset[str], sink: Callable[[str, torch.Tensor], None] | None,
+                  **options: Any) -> Alignment:
     """Data-free ``auto``: ``chosen`` (with the residual map) unless its distance is not ``AUTO_MARGIN`` below the
     per-layer classes' alone; the report's ``matching["auto"]`` says which was kept and both distances.
 
     The per-layer fit runs first. When it gains no more than ``MIN_GAIN`` (fine-tunes of one base: their FFN
     neurons and heads already correspond, so they share the base's residual basis too), the residual map is not
     fitted at all, the rule ``merge`` applies (docs/DESIGN.md §3): its descent would cost rounds of full passes over
-    both models (tens of minutes at 7B) only to fit fine-tuning noise."""
-    per_layer = align(reference, model, symmetries=chosen - {"residual"}, **options)
+    both models (tens of minutes at 7B) only to fit fine-tuning noise.
+
+    ``sink`` gets the kept candidate's tensors. When it can be restarted (a ``restart()`` method) and the per-layer
+    element permutes nothing (:func:`permutes_nothing`, the fine-tune case), it is fed in the per-layer report's
+    pass (each aligned tensor computed once for both); should the residual map then be fitted after all, it is
+    restarted and fed the kept candidate."""
+    restart = getattr(sink, "restart", None)
+    per_layer = align(reference, model, symmetries=chosen - {"residual"}, sink=sink if callable(restart) else None,
+                      feed_if=permutes_nothing, **options)
     if _group_gain(per_layer.report) <= MIN_GAIN:
         per_layer.report.matching["auto"] = {"kept": "all", "reason": f"the per-layer fit gains <= {MIN_GAIN:.0%}: models that "
                                              "share a basis (fine-tunes of one base); the residual map was not fitted",
                                              "distance_per_layer": per_layer.report.distance_after, "margin": AUTO_MARGIN}
-        return per_layer
+        return _fed(per_layer, sink)
+    if per_layer.fed:
+        restart()
+        per_layer.fed = False
     with_map = align(reference, model, symmetries=chosen, **options)
     keep = with_map.report.distance_after <= (1 - AUTO_MARGIN) * per_layer.report.distance_after
     kept = with_map if keep else per_layer
     kept.report.matching["auto"] = {"kept": "all,residual" if keep else "all", "distance_with_residual": with_map.report.distance_after,
                                     "distance_per_layer": per_layer.report.distance_after, "margin": AUTO_MARGIN}
-    return kept
+    return _fed(kept, sink)
 
 
 def _mean_state(states: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

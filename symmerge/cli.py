@@ -164,7 +164,7 @@ def align(
             result = align_models(ref_state, state, symmetries=symmetries if auto else chosen, config=ref_ckpt.config, spec=ref_spec,
                                   progress=not quiet, model_name=name, match=match, calibration=calibration, learn_steps=learn_steps,
                                   learn_seconds=learn_seconds, max_seconds=max_seconds, device=resolved, ray=executor,
-                                  model_spec=own, sink=None if writer is None else writer.add)
+                                  model_spec=own, sink=writer)
             write_start = time.perf_counter()
             if writer is not None:  # the tensors' bytes went out in the report's pass ("report" seconds); this closes the shards
                 writer.close()
@@ -176,7 +176,8 @@ def align(
                 # a reference with a zero norm gain cannot lend its gains: the aligned models stay folded, and
                 # the folded reference is what to merge them with
                 write_model(result.folded_reference, ref_ckpt, tmp / "reference-folded", untie=True)
-            result.report.seconds["write"] = time.perf_counter() - write_start
+            # plus the pass that fed the writer, where it was not the report's (alignment._fed)
+            result.report.seconds["write"] = result.report.seconds.get("write", 0.0) + time.perf_counter() - write_start
             r = result.report
             rows.append((name, r.distance_before, r.distance_after, r.relative_before, r.relative_after, time.perf_counter() - start))
             reports[name] = _report_json(ckpt.path, r)

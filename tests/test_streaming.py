@@ -318,3 +318,102 @@ def test_align_hands_its_sink_every_aligned_tensor_once_in_order(tmp_path, symme
         assert torch.equal(t, result.state_dict[k]), k
     if symmetries == "auto":
         assert result.report.matching["auto"]["kept"] in ("all", "all,residual")
+
+
+class _RestartableSink:
+    """A sink with ``restart()`` (as a ShardWriter): what it holds now, and how often each pass fed it."""
+
+    def __init__(self):
+        self.received, self.restarts = [], 0
+
+    def __call__(self, key, tensor):
+        self.received.append((key, tensor.clone()))
+
+    def restart(self):
+        self.received, self.restarts = [], self.restarts + 1
+
+
+def _llama_fine_tune_pair(tmp_path):
+    model, _ = make_model("llama", 0)
+    ref = model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    fine_tune = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in ref.items()}
+    model.save_pretrained(tmp_path / "a")
+    model.load_state_dict(fine_tune)
+    model.save_pretrained(tmp_path / "ft")
+    return model.config, LazyState(open_checkpoint(tmp_path / "a")), LazyState(open_checkpoint(tmp_path / "ft"))
+
+
+def test_auto_feeds_a_restartable_sink_in_the_fine_tunes_report_pass(tmp_path, monkeypatch):
+    """``auto`` on a fine-tune (its per-layer element permutes nothing): a restartable sink is fed in the per-layer
+    report's pass, once, with the tensors a plain sink gets afterwards; the aligned model is not computed a second
+    time for it."""
+    import symmerge.alignment as alignment_module
+
+    config, ref, ft = _llama_fine_tune_pair(tmp_path)
+    plain = []
+    expected = symmerge.align(ref, ft, symmetries="auto", config=config, sink=lambda k, t: plain.append((k, t.clone())))
+    assert expected.report.matching["auto"]["kept"] == "all" and alignment_module.permutes_nothing(expected.transform)
+    passes = []
+    real = alignment_module.stream_into
+    monkeypatch.setattr(alignment_module, "stream_into", lambda *a: passes.append(1) or real(*a))
+    sink = _RestartableSink()
+    result = symmerge.align(ref, ft, symmetries="auto", config=config, sink=sink)
+    assert passes == [] and sink.restarts == 0 and result.fed  # fed in the report's pass, no second pass
+    assert [k for k, _ in sink.received] == [k for k, _ in plain] == list(result.state_dict)
+    for (k, t), (_, u) in zip(sink.received, plain):
+        assert torch.equal(t, u), k
+    assert result.report.distance_after == expected.report.distance_after
+
+
+def test_auto_restarts_a_speculatively_fed_sink_when_the_residual_map_is_kept(tmp_path, monkeypatch):
+    """Should the residual map be fitted after a speculative feed (forced here: MIN_GAIN below any gain), the sink is
+    restarted and then holds exactly the kept candidate's tensors, once each."""
+    import symmerge.alignment as alignment_module
+
+    config, ref, ft = _llama_fine_tune_pair(tmp_path)
+    monkeypatch.setattr(alignment_module, "MIN_GAIN", -1.0)
+    monkeypatch.setattr(alignment_module, "AUTO_MARGIN", -1e9)  # keep the residual candidate whatever its distance
+    sink = _RestartableSink()
+    result = symmerge.align(ref, ft, symmetries="auto", config=config, sink=sink)
+    assert result.report.matching["auto"]["kept"] == "all,residual" and sink.restarts == 1
+    assert [k for k, _ in sink.received] == list(result.state_dict)
+    for k, t in sink.received:
+        assert torch.equal(t, result.state_dict[k]), k
+
+
+def test_an_independent_pair_is_not_fed_speculatively(tmp_path):
+    """Independent models: the per-layer element permutes neurons, so the sink waits for the kept candidate (no
+    speculative write to throw away)."""
+    model_a, _ = make_model("llama", 0)
+    model_b, _ = make_model("llama", 1)
+    model_a.save_pretrained(tmp_path / "a")
+    model_b.save_pretrained(tmp_path / "b")
+    ref, other = LazyState(open_checkpoint(tmp_path / "a")), LazyState(open_checkpoint(tmp_path / "b"))
+    sink = _RestartableSink()
+    result = symmerge.align(ref, other, symmetries="auto", config=model_a.config, sink=sink)
+    assert sink.restarts == 0 and [k for k, _ in sink.received] == list(result.state_dict)
+
+
+def test_shard_writer_restart_forgets_what_was_added(tmp_path):
+    """After ``restart()`` the writer's files are what a fresh writer makes of the tensors added since."""
+    g = torch.Generator().manual_seed(0)
+    first = {f"t{i}": torch.randn(300, generator=g) for i in range(5)}
+    second = {f"t{i}": torch.randn(300, generator=g) for i in range(5)}
+    (tmp_path / "restarted").mkdir()
+    (tmp_path / "fresh").mkdir()
+    writer = ShardWriter(tmp_path / "restarted", 2500)
+    for k, v in first.items():
+        writer(k, v)
+    writer.restart()
+    for k, v in second.items():
+        writer(k, v)
+    writer.close()
+    fresh = ShardWriter(tmp_path / "fresh", 2500)
+    for k, v in second.items():
+        fresh.add(k, v)
+    fresh.close()
+    names = sorted(p.name for p in (tmp_path / "restarted").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fresh").iterdir()) and len(names) > 2
+    for n in names:
+        assert (tmp_path / "restarted" / n).read_bytes() == (tmp_path / "fresh" / n).read_bytes()

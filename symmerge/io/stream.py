@@ -208,6 +208,20 @@ class ShardWriter:
         self._buffer_bytes += size
         self.total_bytes += size
 
+    __call__ = add  # the writer is a sink (align's ``sink``), one that can be restarted
+
+    def restart(self) -> None:
+        """Forget everything added: the open shard's data and the shards closed so far are deleted, and the next
+        :meth:`add` starts the first shard again (:func:`symmerge.alignment.align` restarts a sink it fed a
+        candidate it then did not keep)."""
+        if self._data is not None:
+            self._data.close()
+            self._data_path().unlink(missing_ok=True)
+        for path, _ in self._shards:
+            path.unlink(missing_ok=True)
+        self._data, self._entries, self._buffer_bytes = None, [], 0
+        self._keys, self._shards, self.total_bytes = set(), [], 0
+
     def flush(self) -> None:
         """Close the open shard: header, then its tensors' bytes in safetensors' order."""
         if not self._entries:
