@@ -21,7 +21,7 @@ from symmerge.io import open_checkpoint
 from symmerge.io.checkpoint import all_finite
 from symmerge.io.stream import LazyState
 from symmerge.match import objective
-from symmerge.match.certificate import row_dots
+from symmerge.match.certificate import diagonal_dominates, diagonal_dominates_blocked, row_dots
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.lap import identity_is_optimal, solve_lap
 from symmerge.match.weights import match_weights
@@ -259,3 +259,43 @@ def test_the_report_reuses_the_distances_the_fit_measured(family, tmp_path, monk
     known = {k: (v[0] + 1.0, v[1]) for k, v in fitted.distances.items()}
     shifted, _, _ = objective.report_distances(b, a, b, a, (), known=known)
     assert sum(shifted.values()) == pytest.approx(sum(before.values()) + len(known), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocked_dominance_decides_as_the_formed_bound(seed):
+    """``diagonal_dominates_blocked`` (rows of the bound formed a block at a time) takes the decision
+    ``diagonal_dominates`` takes on the whole bound, on either side of the margin: diagonals scaled from just below to
+    just above the largest competitor, with rows of very different norms (where the potentials decide)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 150  # not a multiple of DOMINANCE_ROWS
+    s = torch.randn(n, n, generator=g)
+    x_rest, y_rest = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    x_norm, y_norm = 1 + 4 * torch.rand(n, generator=g), 1 + 4 * torch.rand(n, generator=g)
+    bound = torch.addr(s, x_rest, y_rest)
+    bound.addr_(x_norm, y_norm, alpha=1e-3)
+    bound.fill_diagonal_(-torch.inf)
+    decisions = set()
+    for scale in (0.5, 0.9, 0.99, 1.0, 1.01, 1.1, 2.0):
+        for potential in (torch.zeros(n), 0.5 * y_norm.square(), 0.5 * x_norm.square()):
+            diag = scale * (bound.amax(1) - potential).abs() + potential
+            expected = diagonal_dominates(bound.clone(), diag, x_norm, y_norm)
+            assert diagonal_dominates_blocked(s, x_rest, y_rest, 1e-3, diag, x_norm, y_norm) == expected
+            decisions.add(expected)
+    assert decisions == {True, False}  # both sides of the margin were exercised
+
+
+def test_stored_bf16_tensors_certify_and_give_the_float32_similarity():
+    """The certificate reads stored (bf16) tensors, converting chunk by chunk: a fine-tune is certified as from
+    float32 copies, and where it is not (a permuted model) the similarity is bit for bit the one the float32 copies
+    give (what the fit used to be handed)."""
+    def bf16(t: FFNTensors) -> FFNTensors:
+        return FFNTensors(*([w.bfloat16() for w in ws] for ws in (t.in_weights, t.in_biases, t.out_weights)))
+
+    def f32(t: FFNTensors) -> FFNTensors:
+        return FFNTensors(*([w.float() for w in ws] for ws in (t.in_weights, t.in_biases, t.out_weights)))
+
+    a = bf16(_ffn(1100, 256, 0))  # more neurons than NEURON_CHUNK, not a multiple of it
+    ft = bf16(_noisy(f32(a), 0.01, 1))
+    assert ffn_similarity_or_identity(a, ft) is None and ffn_similarity_or_identity(f32(a), f32(ft)) is None
+    shuffled = permute_ffn(ft, torch.randperm(1100, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(ffn_similarity_or_identity(a, shuffled), ffn_similarity(f32(a), f32(shuffled)))

@@ -28,10 +28,11 @@ class FFNTensors:
     out_weights: list[torch.Tensor]  # (d, d_ff) each: W_out
 
 
-def read_ffn(view: StateView, group: FFNGroup) -> FFNTensors:
-    return FFNTensors(
-        [view.get(s) for s in group.inputs], [view.get(s) for s in group.input_biases], [view.get(s) for s in group.outputs]
-    )
+def read_ffn(view: StateView, group: FFNGroup, stored: bool = False) -> FFNTensors:
+    """The group's tensors in canonical layout: float32 copies (float64 stays float64), or with ``stored`` the
+    stored tensors themselves (views, their dtype; read-only: :meth:`~symmerge.spec.StateView.peek`)."""
+    get = view.peek if stored else view.get
+    return FFNTensors([get(s) for s in group.inputs], [get(s) for s in group.input_biases], [get(s) for s in group.outputs])
 
 
 EMPTY = -1

@@ -69,3 +69,37 @@ def diagonal_dominates(bound: torch.Tensor, diag: torch.Tensor, x_norm: torch.Te
     if clear(diag - v.to(diag.dtype), bound.sub_(v[None, :]).amax(1)):
         return True
     return clear(diag - u.to(diag.dtype), bound.add_(v[None, :]).sub_(u[:, None]).amax(0))
+
+
+DOMINANCE_ROWS = 64
+"""Rows of the bound formed at a time by :func:`diagonal_dominates_blocked` (cache-sized, instead of an n×n copy)."""
+
+
+def diagonal_dominates_blocked(s: torch.Tensor, x_rest: torch.Tensor, y_rest: torch.Tensor, rounding: float, diag: torch.Tensor,
+                               x_norm: torch.Tensor, y_norm: torch.Tensor) -> bool:
+    """:func:`diagonal_dominates` of ``bound = s + x_rest y_restᵀ + rounding · x_norm y_normᵀ`` (diagonal −inf),
+    without forming ``bound``: its rows are formed ``DOMINANCE_ROWS`` at a time, with the same elementwise
+    operations in the same order (the same float32 entries, so the same decision), and the four maxima
+    :func:`diagonal_dominates` compares (by rows and by columns, without and with the half-squared-norm potentials)
+    are taken in that one pass. ``s`` is not modified."""
+    n = s.shape[0]
+    v, u = 0.5 * y_norm.square().to(s.dtype), 0.5 * x_norm.square().to(s.dtype)
+    row_max, row_max_v = torch.empty(n, dtype=s.dtype, device=s.device), torch.empty(n, dtype=s.dtype, device=s.device)
+    col_max = torch.full((s.shape[1],), -torch.inf, dtype=s.dtype, device=s.device)
+    col_max_u = col_max.clone()
+    for lo in range(0, n, DOMINANCE_ROWS):
+        part = slice(lo, lo + DOMINANCE_ROWS)
+        bound = torch.addr(s[part], x_rest[part], y_rest)
+        bound.addr_(x_norm[part], y_norm, alpha=rounding)
+        i = torch.arange(bound.shape[0], device=s.device)
+        bound[i, i + lo] = -torch.inf
+        row_max[part] = bound.amax(1)
+        torch.maximum(col_max, bound.amax(0), out=col_max)
+        row_max_v[part] = bound.sub_(v[None, :]).amax(1)
+        torch.maximum(col_max_u, bound.add_(v[None, :]).sub_(u[part, None]).amax(0), out=col_max_u)
+
+    def clear(d: torch.Tensor, top: torch.Tensor) -> bool:
+        return bool((d >= top + CERTIFY_MARGIN * (d.abs() + top.abs())).all())
+
+    return (clear(diag, row_max) or clear(diag, col_max) or clear(diag - v.to(diag.dtype), row_max_v)
+            or clear(diag - u.to(diag.dtype), col_max_u))

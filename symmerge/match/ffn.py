@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from symmerge.groups.ffn import FFNTensors
-from symmerge.match.certificate import CERTIFY_FRACTIONS, CERTIFY_SAMPLE, UNIT_ROUNDOFF, diagonal_dominates, feature_columns, row_dots
+from symmerge.match.certificate import (
+    CERTIFY_FRACTIONS,
+    CERTIFY_SAMPLE,
+    UNIT_ROUNDOFF,
+    diagonal_dominates_blocked,
+    feature_columns,
+    row_dots,
+)
 from symmerge.match.device import similarity_dtype
 
 SIMILARITY_ROWS = 1024
@@ -73,16 +80,48 @@ def _bfloat16_similarity(reference: FFNTensors, model: FFNTensors, device: torch
     return s
 
 
-def _features(t: FFNTensors, device: torch.device) -> list[torch.Tensor]:
-    """The neuron-indexed feature blocks ``X_t`` (d_ff × k_t, float32) with ``S = Σ_t X_t,ref X_t,model^T``
-    (:func:`ffn_similarity`'s three sums as one)."""
-    blocks = [*t.in_weights, *(b.unsqueeze(1) for b in t.in_biases), *(w.T for w in t.out_weights)]
-    return [x.to(device=device, dtype=torch.float32) for x in blocks]
+NEURON_CHUNK = 512
+"""Neurons per chunk of the certificate's passes over whole rows (float32 copies of a few MB instead of whole
+matrices)."""
+
+
+def _blocks(t: FFNTensors) -> list[torch.Tensor]:
+    """The neuron-indexed feature blocks ``X_t`` (d_ff × k_t, in the stored dtype, views: nothing is copied) with
+    ``S = Σ_t X_t,ref X_t,model^T`` (:func:`ffn_similarity`'s three sums as one)."""
+    return [*t.in_weights, *(b.unsqueeze(1) for b in t.in_biases), *(w.T for w in t.out_weights)]
+
+
+def _f32(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.float32)
 
 
 def _row_squared_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """``‖x_i‖²`` over the blocks, summed in float64 (:func:`~symmerge.match.certificate.row_dots` per block)."""
+    """``‖x_i‖²`` over the (float32) blocks, summed in float64 (:func:`~symmerge.match.certificate.row_dots` per block)."""
     return sum(row_dots(x, x).double() for x in blocks)
+
+
+def _sample_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], sample: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``S[sample, :]`` in float32, the model's neurons converted ``NEURON_CHUNK`` at a time."""
+    xs_s = [_f32(x[sample], device) for x in xs]
+    n = ys[0].shape[0]
+    rows = torch.empty(len(sample), n, dtype=torch.float32, device=device)
+    for lo in range(0, n, NEURON_CHUNK):
+        rows[:, lo : lo + NEURON_CHUNK] = sum(x @ _f32(y[lo : lo + NEURON_CHUNK], device).T for x, y in zip(xs_s, ys))
+    return rows
+
+
+def _diagonal_and_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``S[i, i]`` (float32) and the squared row norms ``‖x_i‖²``, ``‖y_i‖²`` (float64) in one pass over the
+    neurons, ``NEURON_CHUNK`` at a time converted to float32 once for all three."""
+    n = xs[0].shape[0]
+    diag = torch.empty(n, dtype=torch.float32, device=device)
+    x_sq, y_sq = (torch.empty(n, dtype=torch.float64, device=device) for _ in range(2))
+    for lo in range(0, n, NEURON_CHUNK):
+        part = slice(lo, lo + NEURON_CHUNK)
+        cx, cy = [_f32(x[part], device) for x in xs], [_f32(y[part], device) for y in ys]
+        diag[part] = sum(row_dots(x, y) for x, y in zip(cx, cy))
+        x_sq[part], y_sq[part] = _row_squared_norms(cx), _row_squared_norms(cy)
+    return diag, x_sq, y_sq
 
 
 def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -102,40 +141,40 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
     optimum). Tried at ``CERTIFY_FRACTIONS`` of the features, only when the full rows of ``CERTIFY_SAMPLE`` sampled
     neurons are diagonal-dominant; otherwise :func:`ffn_similarity` is returned, bit for bit (the sample costs ~1 % more; an attempt that failed, up to 25 %)."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    xs, ys = _features(reference, device), _features(model, device)
+    xs, ys = _blocks(reference), _blocks(model)  # stored dtype; converted to float32 chunk by chunk
     n, total = xs[0].shape[0], sum(x.shape[1] for x in xs)
     if n > 1:
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(CERTIFY_SAMPLE, n)].to(device)
-        rows = sum(x[sample] @ y.T for x, y in zip(xs, ys))
-        on_diagonal = (torch.arange(len(sample), device=device), sample)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(CERTIFY_SAMPLE, n)]
+        rows = _sample_rows(xs, ys, sample, device)
+        on_diagonal = (torch.arange(len(sample), device=device), sample.to(device))
         sample_diag = rows[on_diagonal].clone()
         rows[on_diagonal] = -torch.inf
         # independent models: the sample rules the identity out, before any O(d_ff·K) pass over every row
         # (on BERT-base the diagonal and the norms below took ~1 s of a 8 s CLI run, for nothing)
         if not bool((rows.max(1).values <= sample_diag).all()):
             return ffn_similarity(reference, model, device)
-        diag = sum(row_dots(x, y) for x, y in zip(xs, ys))
+        diag, x_sq, y_sq = _diagonal_and_norms(xs, ys, device)
         # float32 rounding: any computed entry is within γ‖x_i‖‖y_j‖ of the exact one (γ = (K+2)u, dot products of
-        # K terms); counted twice on each side, for this function's sums and for ffn_similarity's
+        # K terms, in any order); counted twice on each side, for this function's sums and for ffn_similarity's
         gamma = (total + 2) * UNIT_ROUNDOFF
-        x_sq, y_sq = _row_squared_norms(xs), _row_squared_norms(ys)
         x_norm, y_norm = x_sq.sqrt().float(), y_sq.sqrt().float()
         diag = diag - 2 * gamma * x_norm * y_norm
         done = 0
         s = None
         for fraction in CERTIFY_FRACTIONS:
             upto = max(int(total * fraction), done + 1)
-            for x, y in zip(feature_columns(xs, done, upto), feature_columns(ys, done, upto)):
+            cx = [_f32(x, device) for x in feature_columns(xs, done, upto)]
+            cy = [_f32(y, device) for y in feature_columns(ys, done, upto)]
+            for x, y in zip(cx, cy):
                 s = torch.mm(x, y.T) if s is None else s.addmm_(x, y.T)  # the first product allocates (no zero fill)
-            x_sq, y_sq = x_sq - _row_squared_norms(feature_columns(xs, done, upto)), y_sq - _row_squared_norms(feature_columns(ys, done, upto))
+            x_sq, y_sq = x_sq - _row_squared_norms(cx), y_sq - _row_squared_norms(cy)
+            del cx, cy
             done = upto
-            # the unseen features' norms, ‖x^{>k}‖² = ‖x‖² − ‖x^{≤k}‖² (float64; a rounding below zero is no norm)
-            bound = torch.addr(s, x_sq.clamp_min(0).sqrt().float(), y_sq.clamp_min(0).sqrt().float())
-            bound.addr_(x_norm, y_norm, alpha=2 * gamma)
-            bound.fill_diagonal_(-torch.inf)
-            if diagonal_dominates(bound, diag, x_norm, y_norm):
+            # the unseen features' norms, ‖x^{>k}‖² = ‖x‖² − ‖x^{≤k}‖² (float64; a rounding below zero is no norm);
+            # bound = s + ‖x^{>k}‖‖y^{>k}‖ᵀ + 2γ‖x‖‖y‖ᵀ, formed and checked a block of rows at a time
+            if diagonal_dominates_blocked(s, x_sq.clamp_min(0).sqrt().float(), y_sq.clamp_min(0).sqrt().float(), 2 * gamma,
+                                          diag, x_norm, y_norm):
                 return None
-            del bound
         del s
     # not certified: the full similarity, summed exactly as ffn_similarity sums it (bit for bit the matrix the LAP
     # always got; an attempt that failed costs at most another quarter of the GEMM work)

@@ -45,7 +45,9 @@ def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, devi
     narrower than the reference's (a rectangular matrix, never certified: the identity is not a semi-permutation)."""
     if model_group is not None and model_group.width != group.width:
         return ffn_similarity(read_ffn(ref, group), read_ffn(model, model_group), device=device).cpu()
-    s = ffn_similarity_or_identity(read_ffn(ref, group), read_ffn(model, group), device=device)
+    # the stored tensors (bf16 at 7B): the certificate converts them to float32 a chunk at a time, and only
+    # ffn_similarity, when the identity is not certified, converts whole matrices
+    s = ffn_similarity_or_identity(read_ffn(ref, group, stored=True), read_ffn(model, group, stored=True), device=device)
     return None if s is None else s.cpu()
 
 

@@ -289,6 +289,11 @@ class StateView:
             t = t[slot.rows[0] : slot.rows[1]]
         return t
 
+    def peek(self, slot: Slot) -> torch.Tensor:
+        """The canonical block as stored (its dtype; a view where the layout allows, never a copy made for the
+        caller): for reading only, by code that converts what it reads piece by piece."""
+        return self._canonical(self.stored(slot.key), slot)
+
     def get(self, slot: Slot) -> torch.Tensor:
         t = self._canonical(self.stored(slot.key), slot)
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
