@@ -41,9 +41,11 @@ def feature_columns(blocks: list[torch.Tensor], lo: int, hi: int, dim: int = 1) 
 def row_dots(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """``Σ_k x[i, k] y[i, k]`` per row of two (n, k) blocks. A row-major block is one contraction; the transposed
     view of a row-major matrix (``W_out^T``) is summed over chunks of its stored rows, because torch's reductions
-    across the strided axis ran ~10x slower (0.66 s against 0.05 s for a 4096 × 11008 float32 block)."""
+    across the strided axis ran ~10x slower (0.66 s against 0.05 s for a 4096 × 11008 float32 block). A row-major
+    pair is multiplied and summed along its rows: ~4x faster than ``einsum("ij,ij->i")`` (batched 1×k GEMVs) on
+    512 × 4096 blocks at one thread."""
     if x.stride(-1) == 1 and y.stride(-1) == 1:
-        return torch.einsum("ij,ij->i", x, y)
+        return (x * y).sum(-1)
     xt, yt = x.T, y.T
     out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for i in range(0, xt.shape[0], chunk):

@@ -95,6 +95,15 @@ def _f32(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.float32)
 
 
+def _neurons(x: torch.Tensor, part: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``part`` (neurons) of a feature block in float32. ``W_out^T``'s rows are columns of the stored
+    ``W_out``: they are converted in the stored orientation (a row-by-row copy) and returned as a transposed view,
+    not gathered into row-major order."""
+    if x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1:
+        return _f32(x.T[:, part], device).T
+    return _f32(x[part], device)
+
+
 def _row_squared_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
     """``‖x_i‖²`` over the (float32) blocks, summed in float64 (:func:`~symmerge.match.certificate.row_dots` per block)."""
     return sum(row_dots(x, x).double() for x in blocks)
@@ -102,11 +111,11 @@ def _row_squared_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
 
 def _sample_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], sample: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``S[sample, :]`` in float32, the model's neurons converted ``NEURON_CHUNK`` at a time."""
-    xs_s = [_f32(x[sample], device) for x in xs]
+    xs_s = [_neurons(x, sample, device) for x in xs]
     n = ys[0].shape[0]
     rows = torch.empty(len(sample), n, dtype=torch.float32, device=device)
     for lo in range(0, n, NEURON_CHUNK):
-        rows[:, lo : lo + NEURON_CHUNK] = sum(x @ _f32(y[lo : lo + NEURON_CHUNK], device).T for x, y in zip(xs_s, ys))
+        rows[:, lo : lo + NEURON_CHUNK] = sum(x @ _neurons(y, slice(lo, lo + NEURON_CHUNK), device).T for x, y in zip(xs_s, ys))
     return rows
 
 
@@ -118,7 +127,7 @@ def _diagonal_and_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], device: 
     x_sq, y_sq = (torch.empty(n, dtype=torch.float64, device=device) for _ in range(2))
     for lo in range(0, n, NEURON_CHUNK):
         part = slice(lo, lo + NEURON_CHUNK)
-        cx, cy = [_f32(x[part], device) for x in xs], [_f32(y[part], device) for y in ys]
+        cx, cy = [_neurons(x, part, device) for x in xs], [_neurons(y, part, device) for y in ys]
         diag[part] = sum(row_dots(x, y) for x, y in zip(cx, cy))
         x_sq[part], y_sq[part] = _row_squared_norms(cx), _row_squared_norms(cy)
     return diag, x_sq, y_sq
