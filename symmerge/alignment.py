@@ -234,6 +234,7 @@ def align(
                                                else TransformedState(ref_state, spec, untie=True))
         moved = set(aligned)
     feed = sink if sink is not None and (feed_if is None or feed_if(transform)) else None
+    _announce(feed, aligned)
     before, after, ref_sq = report_distances(model_state, ref_state, aligned, partner, moved, known=fit.distances, sink=feed)
     groups = []
     for kind, group_list in (("ffn", spec.ffn), ("attention", spec.attention)):
@@ -264,10 +265,22 @@ def _fed(result: Alignment, sink: Callable[[str, torch.Tensor], None] | None) ->
     ``seconds["write"]``."""
     if sink is not None and not result.fed:
         start = time.perf_counter()
+        _announce(sink, result.state_dict)
         stream_into(result.state_dict, sink)
         result.report.seconds["write"] = result.report.seconds.get("write", 0.0) + time.perf_counter() - start
         result.fed = True
     return result
+
+
+def _announce(sink: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Tell a sink that takes announcements (a :class:`~symmerge.io.stream.ShardWriter`'s ``expect``) which tensors
+    ``state`` will hand it, where ``state`` knows without computing them (``layout``): the writer then puts every
+    tensor's bytes in their place at once instead of copying each shard's data behind its header at the end."""
+    expect, layout = getattr(sink, "expect", None), getattr(state, "layout", None)
+    if callable(expect) and callable(layout):
+        planned = layout()
+        if planned is not None:
+            expect(planned)
 
 
 def permutes_nothing(transform: ModelTransform) -> bool:

@@ -417,3 +417,67 @@ def test_shard_writer_restart_forgets_what_was_added(tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "fresh").iterdir()) and len(names) > 2
     for n in names:
         assert (tmp_path / "restarted" / n).read_bytes() == (tmp_path / "fresh" / n).read_bytes()
+
+
+def _layout(tensors):
+    names = {torch.bfloat16: "BF16", torch.float32: "F32"}
+    return [(k, names[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+
+
+@pytest.mark.parametrize("change", ["none", "shape", "name", "missing", "extra", "early"])
+def test_an_announced_writer_writes_the_same_files(tmp_path, change, monkeypatch):
+    """``expect()``: announced tensors go straight into their shard (no data file copied behind a header), and the
+    files are byte for byte the unannounced writer's; an announcement that turns out wrong (another shape or
+    name, a tensor missing at the end, one more than announced, or one that would have fit the shard just closed)
+    falls back at that tensor, with the same files."""
+    import symmerge.io.stream as stream_module
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"layer.{i}.weight": torch.randn(10, 10, generator=g).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(7)}
+    announced = _layout(tensors)
+    if change == "shape":
+        announced[3] = (announced[3][0], announced[3][1], (5, 20))
+    elif change == "name":
+        announced[4] = ("other", *announced[4][1:])
+    elif change == "missing":
+        announced.append(("layer.7.weight", "F32", (10, 10)))
+    elif change == "extra":
+        announced.pop()
+    elif change == "early":  # announced larger: the plan closes a shard the real tensor would not have filled
+        announced[2] = (announced[2][0], "F32", (20, 10))
+    copies = []
+    real = stream_module._copy_range
+    monkeypatch.setattr(stream_module, "_copy_range", lambda *a: copies.append(a[3]) or real(*a))
+    expected = _write(tmp_path / "plain", tensors, max_shard_bytes=700)
+    plain_copies, copies[:] = len(copies), []
+    (tmp_path / "announced").mkdir()
+    writer = ShardWriter(tmp_path / "announced", 700)
+    writer.expect(announced)
+    for k, v in tensors.items():
+        writer.add(k, v)
+    files = writer.close()
+    assert [f.name for f in files] == [f.name for f in expected] and len(files) > 2
+    for ours, theirs in zip(files, expected):
+        assert ours.read_bytes() == theirs.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "announced").iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert plain_copies == len(tensors)
+    if change == "none":
+        assert copies == []  # announced rightly: no tensor copied behind a header
+    elif change != "missing":  # (the announced tensor that never came would have opened a shard of its own here)
+        assert copies  # the shard begun moved to a data file: the fallback ran
+
+
+def test_the_cli_writes_an_announced_fine_tune_without_copying_shards(tmp_path, monkeypatch, capsys):
+    """``symmerge align`` of a fine-tune: the aligned model's layout is announced to the writer (same-width per-layer
+    element), so no shard's data is copied at the end, and the files are what they were."""
+    import symmerge.io.stream as stream_module
+
+    _llama_fine_tune_pair(tmp_path)
+    assert run_cli(capsys, "align", tmp_path / "a", tmp_path / "ft", "-o", tmp_path / "plain", "-q")[0] == 0
+    copies = []
+    real = stream_module._copy_range
+    monkeypatch.setattr(stream_module, "_copy_range", lambda *a: copies.append(a[3]) or real(*a))
+    assert run_cli(capsys, "align", tmp_path / "a", tmp_path / "ft", "-o", tmp_path / "announced", "-q")[0] == 0
+    assert copies == [] and list((tmp_path / "announced" / "ft").glob("*.safetensors"))
+    for f in (tmp_path / "plain" / "ft").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "announced" / "ft" / f.name).read_bytes()

@@ -105,6 +105,19 @@ class TransformedState(Mapping[str, torch.Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._unit_of
 
+    def layout(self) -> list[tuple[str, str, tuple[int, ...]]] | None:
+        """``(name, safetensors dtype name, shape)`` of every tensor, in iteration order, where the transform keeps
+        the source's dtypes and shapes (per-layer elements of same-width models) and the source's headers say them
+        (a memory-mapped :class:`~symmerge.io.stream.LazyState`); else ``None``. An announcement for a
+        :class:`~symmerge.io.stream.ShardWriter` (``expect``), which checks every tensor against it anyway."""
+        source = getattr(self.source, "layout", None)
+        if not callable(source) or self.residual is not None or self.transform.source is not None or self._alias:
+            return None
+        known = source()
+        if known is None or any(k not in known for k in self):
+            return None
+        return [(k, *known[k]) for k in self]
+
     def units(self) -> list[list[str]]:
         return [list(u) for u in self._units]
 

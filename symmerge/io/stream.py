@@ -50,6 +50,19 @@ class LazyState(Mapping[str, torch.Tensor]):
         shapes = self.ckpt.shapes() if self._eager is None else {k: tuple(v.shape) for k, v in self._eager.items()}
         return {**shapes, **{k: shapes[v] for k, v in self._aliases.items()}}
 
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+        """Tensor name → (safetensors dtype name, shape) from the headers (``None`` for pickle checkpoints): what a
+        :class:`ShardWriter` can be told to expect (:meth:`ShardWriter.expect`)."""
+        if self._eager is not None:
+            return None
+        out = {}
+        for f in self.ckpt.weight_files:
+            with _reading(f), safe_open(f, "pt") as h:
+                for k in h.keys():
+                    piece = h.get_slice(k)
+                    out[k] = (piece.get_dtype(), tuple(piece.get_shape()))
+        return {**out, **{k: out[v] for k, v in self._aliases.items()}}
+
     def _stored(self) -> Mapping:
         return self._eager if self._eager is not None else self._where
 
@@ -183,6 +196,9 @@ class ShardWriter:
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
+        self._plan: list[tuple[str, str, tuple[int, ...], int]] | None = None  # expect(): the tensors to come, in order
+        self._next = 0  # the plan's next entry
+        self._open: tuple[BinaryIO, Path, int, dict[str, int], int] | None = None  # a planned shard being written
         self._data: BinaryIO | None = None  # the open shard's tensor bytes, in arrival order
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # (name, dtype, shape, nbytes), arrival order
         self._buffer_bytes = 0
@@ -193,11 +209,94 @@ class ShardWriter:
     def _data_path(self) -> Path:
         return self.directory / f".shard-{len(self._shards):05d}.data"
 
+    def expect(self, entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> None:
+        """Announce the tensors to come, ``(name, safetensors dtype name, shape)`` in the order they will be added
+        (before the first :meth:`add`). While the tensors added match it, each shard's header is written first and
+        every tensor's bytes go straight to their place in the shard: no data file, no second copy of the shard's
+        data when it closes. The files are the same: at the first tensor that differs from the announcement (or a
+        shard that ends elsewhere), the shard begun is moved into the data file and the writer goes on unannounced."""
+        if self._entries or self._shards or self._open is not None:
+            raise SymmergeError("internal: ShardWriter.expect after add")
+        plan = []
+        for name, dtype, shape in entries:
+            n = 1
+            for x in shape:
+                n *= x
+            itemsize = next((torch.empty((), dtype=t).element_size() for t, st in _ST_NAMES.items() if st == dtype), None)
+            if itemsize is None:
+                return
+            plan.append((name, dtype, tuple(shape), n * itemsize))
+        self._plan, self._next = plan, 0
+
+    def _planned_shard(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """The plan's entries from ``_next`` that :meth:`add`'s rule puts in one shard."""
+        out, size = [], 0
+        for entry in self._plan[self._next :]:
+            if out and 0 < self.max_shard_bytes < size + entry[3]:
+                break
+            out.append(entry)
+            size += entry[3]
+        return out
+
+    def _unplan(self) -> None:
+        """Leave the planned mode: the open planned shard's tensors move to a data file, in arrival order."""
+        self._plan = None
+        if self._open is None:
+            return
+        out, path, header_len, offsets, _ = self._open
+        self._open = None
+        out.flush()
+        self._data = open(self._data_path(), "w+b")
+        with open(path, "rb") as src:
+            for name, _, _, nbytes in self._entries:
+                _copy_range(src, self._data, header_len + offsets[name], nbytes)
+        out.close()
+        path.unlink()
+
+    def _add_planned(self, key: str, dtype: str, tensor: torch.Tensor, data: memoryview) -> bool:
+        """Write ``tensor`` where the plan puts it; ``False`` (and the plan dropped) where it is not the tensor the
+        plan expects next."""
+        expected = self._plan[self._next] if self._next < len(self._plan) else None
+        if expected != (key, dtype, tuple(tensor.shape), data.nbytes):
+            self._unplan()
+            return False
+        if self._open is not None and self._open[4] == len(self._entries):  # the open shard is full: it is done
+            self._finish_planned()
+        if self._open is None:
+            shard = self._planned_shard()
+            header, order = safetensors_header(shard, self.METADATA)
+            offsets, offset = {}, 0
+            sizes = {e[0]: e[3] for e in shard}
+            for name in order:
+                offsets[name] = offset
+                offset += sizes[name]
+            path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
+            out = open(path, "wb")
+            out.write(header)
+            self._open = (out, path, len(header), offsets, len(shard))
+        out, _, header_len, offsets, _ = self._open
+        out.seek(header_len + offsets[key])
+        out.write(data)
+        self._next += 1
+        return True
+
+    def _finish_planned(self) -> None:
+        out, path, _, _, _ = self._open
+        out.close()
+        self._shards.append((path, [e[0] for e in self._entries]))
+        self._open, self._entries, self._buffer_bytes = None, [], 0
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if key in self._keys:
             raise SymmergeError(f"internal: tensor {key!r} written twice")
         dtype, data = _tensor_bytes(key, tensor)
         size = data.nbytes
+        if self._plan is not None and self._add_planned(key, dtype, tensor, data):
+            self._keys.add(key)
+            self._entries.append((key, dtype, tuple(tensor.shape), size))
+            self._buffer_bytes += size
+            self.total_bytes += size
+            return
         if self._entries and 0 < self.max_shard_bytes < self._buffer_bytes + size:  # 0: no limit (mergekit's too)
             self.flush()
         if self._data is None:
@@ -217,8 +316,13 @@ class ShardWriter:
         if self._data is not None:
             self._data.close()
             self._data_path().unlink(missing_ok=True)
+        if self._open is not None:
+            self._open[0].close()
+            self._open[1].unlink(missing_ok=True)
+            self._open = None
         for path, _ in self._shards:
             path.unlink(missing_ok=True)
+        self._next = 0
         self._data, self._entries, self._buffer_bytes = None, [], 0
         self._keys, self._shards, self.total_bytes = set(), [], 0
 
@@ -245,6 +349,11 @@ class ShardWriter:
         self._data, self._entries, self._buffer_bytes = None, [], 0
 
     def close(self) -> list[Path]:
+        if self._open is not None:
+            if self._open[4] == len(self._entries):  # the last planned shard holds what the plan said
+                self._finish_planned()
+            else:  # fewer tensors came than announced: the header written is not this shard's
+                self._unplan()
         self.flush()
         n = len(self._shards)
         if n == 1:
