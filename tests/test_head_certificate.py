@@ -138,3 +138,14 @@ def test_match_heads_is_unchanged_where_the_identity_is_certified():
     x, details = match_heads(a, b, qk=True, vo=True, scale=True, heads=True, rope=True)
     assert details["heads_moved"] == 0 and torch.equal(x.perm, torch.arange(8))
     assert not torch.equal(x.vo_rotation, torch.eye(16).expand(8, 16, 16).double())  # the rotations were still fitted
+
+
+def test_transposed_contiguous_is_the_plain_copy():
+    """The 2-D transpose of head-split columns (W_O's layout) and the general path give ``transpose().contiguous()``."""
+    from symmerge.groups.heads import split_head_columns
+    from symmerge.match.attention import transposed_contiguous
+
+    w = torch.randn(24, 4 * 6)
+    for x in (split_head_columns(w, 4), torch.randn(4, 24, 6), torch.randn(4, 6, 24).transpose(-1, -2)):
+        out = transposed_contiguous(x)
+        assert out.is_contiguous() and torch.equal(out, x.transpose(-1, -2).contiguous())

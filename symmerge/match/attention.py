@@ -148,11 +148,22 @@ HEAD_SAMPLE = 1
 tried: when one of them prefers another head than its own (independent models), the certificate is not tried."""
 
 
+def transposed_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x.transpose(-1, -2).contiguous()`` of a (B, m, n) stack, the same values. Head-split columns of a row-major
+    matrix (``W_O`` → (H, d, d_h), strides (d_h, H·d_h, 1)) are transposed as that one 2-D matrix: ~5x faster than
+    torch's copy of the 3-D view (0.05 against 0.25 s for LLaMA-7B's ``W_O`` at one thread)."""
+    b, m, n = x.shape
+    if x.stride() == (n, b * n, 1) and not x.transpose(-1, -2).is_contiguous():
+        return x.permute(1, 0, 2).reshape(m, b * n).T.contiguous().view(b, n, m)
+    return x.transpose(-1, -2).contiguous()
+
+
 def _side_parts(t: HeadTensors, side: str) -> list[torch.Tensor]:
     """A side's per-head feature blocks (H, d_h, k_t), contiguous, whose correlations sum to the side's ``M`` (the
     bias columns as blocks of their own: no concatenated copy)."""
-    parts = [t.q, t.q_bias.unsqueeze(-1), t.k, t.k_bias.unsqueeze(-1)] if side == "qk" else [t.v, t.v_bias.unsqueeze(-1), t.o.transpose(-1, -2)]
-    return [x.contiguous() for x in parts]
+    if side == "qk":
+        return [x.contiguous() for x in (t.q, t.q_bias.unsqueeze(-1), t.k, t.k_bias.unsqueeze(-1))]
+    return [t.v.contiguous(), t.v_bias.unsqueeze(-1).contiguous(), transposed_contiguous(t.o)]
 
 
 def head_squared_norms(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -210,11 +221,14 @@ def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind
         mp, rp = parts[side]
         y_norm += head_squared_norms(mp)
         x_norm += head_squared_norms(rp)
-        diag += _score_of_blocks(sum(torch.bmm(x, y.transpose(-1, -2)) for x, y in zip(mp, rp)), kind)
         features = sum(x.shape[-1] for x in mp)
         rounding = max(rounding, 2 * dh**0.5 * (features + 2) * UNIT_ROUNDOFF)
-        if kind != "orthogonal":
-            exact += _pair_scores(mp, rp, kind)
+        if kind != "orthogonal":  # every pair's score, the diagonal's among them (no whole-block correlations)
+            scores = _pair_scores(mp, rp, kind)
+            exact += scores
+            diag += scores.diagonal()
+        else:
+            diag += _score_of_blocks(sum(torch.bmm(x, y.transpose(-1, -2)) for x, y in zip(mp, rp)), kind)
     x_norm, y_norm = x_norm.sqrt(), y_norm.sqrt()
     slack = 2 * rounding * torch.outer(x_norm, y_norm)  # this computation's rounding and the full one's
     diag = diag - slack.diagonal()
