@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from symmerge.groups.ffn import EMPTY, take
+from symmerge.groups.ffn import EMPTY, is_identity, take
 from symmerge.spec.base import AttentionGroup, Slot, StateView
 
 
@@ -183,8 +183,8 @@ def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     def per_query(m: torch.Tensor) -> torch.Tensor:  # a per-KV-head quantity for every query head
         return m.repeat_interleave(r, dim=0)
 
-    def rows(w: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # diag(s) R^T W
-        return s.unsqueeze(-1) * (rot.transpose(-1, -2) @ w)
+    def rows(w: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # diag(s) R^T W (scaled in place)
+        return (rot.transpose(-1, -2) @ w).mul_(s.unsqueeze(-1))
 
     def bias(b: torch.Tensor, rot: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # b R diag(s)
         return s * (b.unsqueeze(1) @ rot).squeeze(1)
@@ -194,12 +194,15 @@ def transform_heads(t: HeadTensors, x: HeadTransform) -> HeadTensors:
     rv = torch.linalg.inv(x.vo_rotation).transpose(-1, -2) if x.general else x.vo_rotation
     rq, aq = per_query(x.qk_rotation), per_query(x.qk_scale)
     so, co = per_query(rv), per_query(x.vo_scale)
+    # an identity head assignment (fine-tunes) selects nothing: the tensors themselves, not index_select copies
+    head_perm = (lambda w: w) if is_identity(p) else (lambda w: take(w, p))  # noqa: E731
+    kv_perm = (lambda w: w) if is_identity(pk) else (lambda w: take(w, pk))  # noqa: E731
     return HeadTensors(
-        q=rows(take(t.q, p), rq, aq),
-        q_bias=bias(take(t.q_bias, p), rq, aq),
-        k=rows(take(t.k, pk), rk, 1 / x.qk_scale),
-        k_bias=bias(take(t.k_bias, pk), rk, 1 / x.qk_scale),
-        v=rows(take(t.v, pk), x.vo_rotation, x.vo_scale),
-        v_bias=bias(take(t.v_bias, pk), x.vo_rotation, x.vo_scale),
-        o=(take(t.o, p) @ so) / co.unsqueeze(1),
+        q=rows(head_perm(t.q), rq, aq),
+        q_bias=bias(head_perm(t.q_bias), rq, aq),
+        k=rows(kv_perm(t.k), rk, 1 / x.qk_scale),
+        k_bias=bias(kv_perm(t.k_bias), rk, 1 / x.qk_scale),
+        v=rows(kv_perm(t.v), x.vo_rotation, x.vo_scale),
+        v_bias=bias(kv_perm(t.v_bias), x.vo_rotation, x.vo_scale),
+        o=(head_perm(t.o) @ so).div_(co.unsqueeze(1)),
     )
