@@ -284,10 +284,12 @@ def test_blocked_dominance_decides_as_the_formed_bound(seed):
     assert decisions == {True, False}  # both sides of the margin were exercised
 
 
-def test_stored_bf16_tensors_certify_and_give_the_float32_similarity():
+def test_stored_bf16_tensors_certify_and_give_the_float32_similarity(monkeypatch):
     """The certificate reads stored (bf16) tensors, converting chunk by chunk: a fine-tune is certified as from
     float32 copies, and where it is not (a permuted model) the similarity is bit for bit the one the float32 copies
-    give (what the fit used to be handed)."""
+    give (what the fit used to be handed) — with the float32 similarity forced: on a CPU with native bfloat16 the
+    stored bfloat16 tensors would otherwise take the bfloat16 GEMM (tests/test_match.py)."""
+    monkeypatch.setenv("SYMMERGE_SIMILARITY_DTYPE", "float32")
     def bf16(t: FFNTensors) -> FFNTensors:
         return FFNTensors(*([w.bfloat16() for w in ws] for ws in (t.in_weights, t.in_biases, t.out_weights)))
 
