@@ -26,7 +26,7 @@ from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
 from symmerge.match.fit import Fit
 from symmerge.match.lap import solve_lap
-from symmerge.match.objective import distance_and_norm
+from symmerge.match.objective import distance_and_norm, squared_distance
 from symmerge.match.procrustes import torch_threads
 from symmerge.spec import AttentionGroup, FFNGroup, ModelSpec, StateView, widths_differ
 
@@ -211,8 +211,11 @@ def alignment_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, to
         if group.name not in elements:
             continue
         keys = sorted({s.key for s in group.slots()})
+        ref = {k: reference[k] for k in keys}  # each tensor read once for both sums
         view = StateView({k: model[k] for k in keys})
-        sq_before += sum(float((model[k].float() - reference[k].float()).square().sum()) for k in keys)
+        # chunked float64-summed reductions (squared_distance): at LLaMA-7B a whole-matrix float32 difference, square
+        # and sum per tensor made this pass ~6 CPU s a layer, a quarter of an independent 7B merge
+        sq_before += sum(squared_distance(view.state[k], ref[k]) for k in keys)
         apply_to_group(view, group, transform)
-        sq_after += sum(float((view.state[k].float() - reference[k].float()).square().sum()) for k in keys)
+        sq_after += sum(squared_distance(view.state[k], ref[k]) for k in keys)
     return 0.0 if sq_before == 0 else 1.0 - (sq_after / sq_before) ** 0.5
