@@ -42,22 +42,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from symmerge.data import load_calibration  # noqa: E402
-from symmerge.evaluate import make_evaluator  # noqa: E402
 from symmerge.evaluate.interpolation import interpolation_curve  # noqa: E402
-from symmerge.groups import ModelTransform, apply_transform, parse_symmetries, require_residual  # noqa: E402
+from symmerge.groups import ModelTransform, apply_transform  # noqa: E402
 from symmerge.groups.residual import centered_basis, embed_centered, fold_norms, residual_correlation  # noqa: E402
-from symmerge.io import load_state_dict, open_checkpoint  # noqa: E402
 from symmerge.io.hf import build_model, untied_config  # noqa: E402
 from symmerge.match.activations import accumulate_statistics, per_layer_from_activations, record_activations, refine_residual  # noqa: E402
 from symmerge.match.per_layer import fit_per_layer  # noqa: E402
 from symmerge.match.procrustes import procrustes  # noqa: E402
 from symmerge.match.residual import solve_residual  # noqa: E402
-from symmerge.spec import spec_for  # noqa: E402
-from symmerge.zoo import build  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_speed import git_commit  # noqa: E402
+from residual_map_diagnosis import zoo_pair  # noqa: E402  (the pair as the diagnosis loads it)
 
 RESULTS = Path(__file__).parent / "results"
 SCORINGS = ("activation per-layer", "weight per-layer", "weight descent from Q")
@@ -128,16 +124,9 @@ def candidates(stats: dict, kind: str, d: int) -> dict[str, torch.Tensor]:
 
 
 def pair_study(pair: str) -> dict:
-    a_dir, b_dir = build(pair, 0, progress=False), build(pair, 1, progress=False)
-    ca = open_checkpoint(a_dir)
-    config = ca.config
-    a, b = load_state_dict(ca), load_state_dict(open_checkpoint(b_dir))
-    spec = spec_for(config, a.keys())
-    chosen = parse_symmetries("all,residual")
-    per_layer = chosen - {"residual"}
-    kind = require_residual(spec).kind
-    batches = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64)
-    evaluate = make_evaluator("zoo", a_dir)
+    p = zoo_pair(pair)
+    config, a, b, spec, chosen, per_layer, kind = p.config, p.a, p.b, p.spec, p.chosen, p.per_layer, p.kind
+    batches, evaluate = p.batches, p.evaluate
     untied = untied_config(config, True)
     ma, mb = build_model(untied, a), build_model(untied, b)
     sums, live = accumulate_statistics(ma, mb, batches, True)

@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,19 +104,26 @@ def agreement(x: ModelTransform, y: ModelTransform) -> dict:
     return {"ffn": ffn, "head_perm": heads}
 
 
+def zoo_pair(pair: str) -> SimpleNamespace:
+    """A zoo pair as the residual-map benchmarks study it: seeds 0 and 1 (``a``, ``b``), their config and spec, the
+    ``all,residual`` classes, the residual kind, 2048 training examples of calibration in batches of 64 and the
+    held-out evaluator."""
+    a_dir, b_dir = build(pair, 0, progress=False), build(pair, 1, progress=False)
+    ca = open_checkpoint(a_dir)
+    a, b = load_state_dict(ca), load_state_dict(open_checkpoint(b_dir))
+    spec = spec_for(ca.config, a.keys())
+    chosen = parse_symmetries("all,residual")
+    return SimpleNamespace(a_dir=a_dir, config=ca.config, a=a, b=b, spec=spec, chosen=chosen, per_layer=chosen - {"residual"},
+                           kind=require_residual(spec).kind, evaluate=make_evaluator("zoo", a_dir),
+                           batches=load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64))
+
+
 def study(args: argparse.Namespace) -> dict:
     ts = [i / (args.points - 1) for i in range(args.points)]
     mid_i = ts.index(0.5)
-    a_dir, b_dir = build(args.pair, 0, progress=False), build(args.pair, 1, progress=False)
-    ca = open_checkpoint(a_dir)
-    config = ca.config
-    a, b = load_state_dict(ca), load_state_dict(open_checkpoint(b_dir))
-    spec = spec_for(config, a.keys())
-    chosen = parse_symmetries("all,residual")
-    per_layer = chosen - {"residual"}
-    kind = require_residual(spec).kind
-    batches = load_calibration("zoo", model_dir=a_dir, num_examples=2048, labels=True, batch_size=64)
-    evaluate = make_evaluator("zoo", a_dir)
+    p = zoo_pair(args.pair)
+    config, a, b, spec, chosen, per_layer, kind = p.config, p.a, p.b, p.spec, p.chosen, p.per_layer, p.kind
+    batches, evaluate = p.batches, p.evaluate
     out: dict = {"pair": args.pair, "ts": ts, "residual_kind": kind, "rows": [], "learned": {}}
 
     W = match_weights(a, b, spec, chosen)
