@@ -53,6 +53,11 @@ def row_dots(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor
     return out
 
 
+def dominates_by_margin(diag: torch.Tensor, top: torch.Tensor) -> bool:
+    """Whether every diagonal entry beats its competitors' maximum ``top`` by the relative ``CERTIFY_MARGIN``."""
+    return bool((diag >= top + CERTIFY_MARGIN * (diag.abs() + top.abs())).all())
+
+
 def diagonal_dominates(bound: torch.Tensor, diag: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor) -> bool:
     """Whether every row's diagonal beats the rest of its row, ``S[i, i] − v_i ≥ bound[i, j] − v_j`` (``j ≠ i``; the
     caller fills ``bound``'s diagonal with −inf, and ``bound`` is used as scratch: it is shifted in place, no
@@ -62,15 +67,12 @@ def diagonal_dominates(bound: torch.Tensor, diag: torch.Tensor, x_norm: torch.Te
     ``−½ min_R ‖R y_j − x_i‖²`` for nuclear norms — the form rows of very different norms need). Then for any
     permutation ``σ``, ``Σ_i S[i, σ(i)] = Σ_i (S[i, σ(i)] − v_σ(i)) + Σ_j v_j ≤ Σ_i S[i, i]``: the identity is
     optimal for every ``S ≤ bound`` with that diagonal, whatever the potential."""
-    def clear(d: torch.Tensor, top: torch.Tensor) -> bool:
-        return bool((d >= top + CERTIFY_MARGIN * (d.abs() + top.abs())).all())
-
-    if clear(diag, bound.amax(1)) or clear(diag, bound.amax(0)):
+    if dominates_by_margin(diag, bound.amax(1)) or dominates_by_margin(diag, bound.amax(0)):
         return True
     v, u = 0.5 * y_norm.square().to(bound.dtype), 0.5 * x_norm.square().to(bound.dtype)
-    if clear(diag - v.to(diag.dtype), bound.sub_(v[None, :]).amax(1)):
+    if dominates_by_margin(diag - v.to(diag.dtype), bound.sub_(v[None, :]).amax(1)):
         return True
-    return clear(diag - u.to(diag.dtype), bound.add_(v[None, :]).sub_(u[:, None]).amax(0))
+    return dominates_by_margin(diag - u.to(diag.dtype), bound.add_(v[None, :]).sub_(u[:, None]).amax(0))
 
 
 DOMINANCE_ROWS = 64
@@ -99,9 +101,5 @@ def diagonal_dominates_blocked(s: torch.Tensor, x_rest: torch.Tensor, y_rest: to
         torch.maximum(col_max, bound.amax(0), out=col_max)
         row_max_v[part] = bound.sub_(v[None, :]).amax(1)
         torch.maximum(col_max_u, bound.add_(v[None, :]).sub_(u[part, None]).amax(0), out=col_max_u)
-
-    def clear(d: torch.Tensor, top: torch.Tensor) -> bool:
-        return bool((d >= top + CERTIFY_MARGIN * (d.abs() + top.abs())).all())
-
-    return (clear(diag, row_max) or clear(diag, col_max) or clear(diag - v.to(diag.dtype), row_max_v)
-            or clear(diag - u.to(diag.dtype), col_max_u))
+    return (dominates_by_margin(diag, row_max) or dominates_by_margin(diag, col_max) or dominates_by_margin(diag - v.to(diag.dtype), row_max_v)
+            or dominates_by_margin(diag - u.to(diag.dtype), col_max_u))

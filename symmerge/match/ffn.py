@@ -35,10 +35,7 @@ def ffn_similarity(reference: FFNTensors, model: FFNTensors, device: torch.devic
     device = torch.device("cpu") if device is None else torch.device(device)
     if similarity_dtype(_stored_dtypes(reference, model), device) == torch.bfloat16:
         return _bfloat16_similarity(reference, model, device)
-
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=torch.float32)
-
+    f32 = lambda t: _f32(t, device)  # noqa: E731
     n = reference.in_weights[0].shape[0]
     s = torch.empty(n, model.in_weights[0].shape[0], dtype=torch.float32, device=device)
     # the order of the sums is the one this function always had (in, biases, out): the same float32 S bit for bit
@@ -76,7 +73,7 @@ def _bfloat16_similarity(reference: FFNTensors, model: FFNTensors, device: torch
         rows = slice(lo, lo + SIMILARITY_ROWS)
         s[rows] = x[rows] @ yt
     for a, b in zip(reference.in_biases, model.in_biases):
-        s.addr_(a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32))
+        s.addr_(_f32(a, device), _f32(b, device))
     return s
 
 

@@ -295,7 +295,7 @@ class StateView:
         return self._canonical(self.stored(slot.key), slot)
 
     def get(self, slot: Slot) -> torch.Tensor:
-        t = self._canonical(self.stored(slot.key), slot)
+        t = self.peek(slot)
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         return t.to(dtype=dtype, copy=True)
 
