@@ -34,8 +34,9 @@ from symmerge.groups.stream import TransformedState
 from symmerge.groups.transform import is_identity_element
 from symmerge.io.stream import stream_into
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
+from symmerge.match.fit import Fit
 from symmerge.match.objective import report_distances
-from symmerge.match.per_layer import MIN_GAIN
+from symmerge.match.per_layer import MIN_GAIN, fitted_rotation_gain
 from symmerge.spec import (
     ModelSpec,
     check_compatible,
@@ -210,6 +211,9 @@ def align(
                              calibration=calibration, progress=progress, model_name=model_name, learn_steps=learn_steps,
                              learn_seconds=learn_seconds, learn_path=learn_path, max_seconds=max_seconds, device=device, executor=ray)
     transform, details, seconds, folded = fit.transform, fit.details, dict(fit.seconds), fit.folded_reference
+    snapped_gain = _near_identity_gain(fit, ref_state, model_state, spec) if match == "weights" and folded is None else None
+    if snapped_gain is not None:  # fine-tunes of one base: keep the model as it is, as merge does (MIN_GAIN)
+        transform = ModelTransform()
     in_memory = isinstance(model_state, dict)
     if folded is not None and in_memory:
         folded = dict(folded)
@@ -255,8 +259,31 @@ def align(
         seconds=seconds,
         matching={"method": match, **({"learned": details["learned"]} if "learned" in details else {})},
     )
+    if snapped_gain is not None:
+        report.matching["near_identity"] = {
+            "gain": snapped_gain, "min_gain": MIN_GAIN, "applied": False,
+            "reason": f"the fitted rotations and scales lower the distance by {snapped_gain:.2%} <= {MIN_GAIN:.0%} and nothing is permuted "
+                      "(fine-tunes of one base): the model is kept as it is"}
     seconds["report"] = time.perf_counter() - start
     return Alignment(aligned, transform, report, spec, folded, still_folded, fed=feed is not None)
+
+
+def _near_identity_gain(fit: Fit, ref_state: StateDict, model_state: StateDict, spec: ModelSpec) -> float | None:
+    """The fit's gain when its element is within tolerance of the identity — it permutes nothing (the certificates'
+    verdict on fine-tunes of one base) and its rotations and scales lower the distance by no more than
+    ``MIN_GAIN`` (:func:`~symmerge.match.per_layer.fitted_rotation_gain`, read off the fit: nothing is applied to
+    measure it) — else ``None``. Such an element only fits fine-tuning noise, and applying it would cost a pass of
+    rotations over every attention tensor and change every one of their bits; ``merge`` keeps such models as they
+    are by the same rule (docs/DESIGN.md §3), so aligning then averaging is the merge."""
+    transform = fit.transform
+    if not permutes_nothing(transform) or all(is_identity_element(g, transform) for g in spec.groups()):
+        return None
+    before = {k: d[0] for k, d in fit.distances.items()}
+    touched = {s.key for g in spec.groups() for s in g.slots()} - before.keys()
+    # fits that measured no distances while reading (Ray tasks): measure the touched tensors now
+    before.update(squared_distances(model_state, ref_state, [k for k in sorted(touched) if k in model_state and k in ref_state]))
+    gain = fitted_rotation_gain(spec, transform, fit.details, before)
+    return gain if gain <= MIN_GAIN else None
 
 
 def _fed(result: Alignment, sink: Callable[[str, torch.Tensor], None] | None) -> Alignment:

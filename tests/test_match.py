@@ -253,6 +253,27 @@ def test_blocks_cover_every_tensor_of_the_objective():
     assert np.isclose(total, _distance(model, ref))
 
 
+def test_plane_statistics_are_those_of_the_plane_ordered_blocks():
+    """RoPE's per-plane statistics, read from each head's whole correlation, equal those of the blocks gathered
+    into plane order (:func:`to_planes`, the definition), for query groups of one and of two heads."""
+    from symmerge.match.attention import plane_statistics, to_planes
+
+    def heads(kv: int, seed: int) -> HeadTensors:
+        g = G(seed)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        return HeadTensors(r(4, 8, 9), r(4, 8), r(kv, 8, 9), r(kv, 8), r(kv, 8, 9), r(kv, 8), r(4, 9, 8))
+
+    for kv in (4, 2):
+        ref, model = heads(kv, 21), heads(kv, 22)
+        assert model.group_size == 4 // kv
+        for blocks in (qk_blocks, vo_blocks):
+            got = plane_statistics(blocks(model), blocks(ref))
+            want = side_statistics(to_planes(blocks(model)), to_planes(blocks(ref)))
+            for field in ("m_x", "m_y", "x_sq", "y_sq"):
+                assert getattr(got, field).shape == getattr(want, field).shape
+                assert torch.allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5), field
+
+
 def test_plane_score_is_the_best_plane_rotation():
     from symmerge.groups.heads import plane_rotation_matrix
     from symmerge.match.procrustes import plane_score
@@ -428,8 +449,9 @@ def test_attention_fits_run_while_the_ffn_solvers_do_and_give_the_same_element(m
 
 @pytest.mark.parametrize("items", [0, 1, 2, 5])
 def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
-    """More or fewer items than FFN groups (2 here): each runs once, in order, with torch's threads less the LAP
-    workers', and the permutations are unchanged."""
+    """More or fewer items than FFN groups (2 here): each runs once, in order, with torch's threads less those of
+    the LAPs submitted and not yet collected (one after the first FFN, then two: ``max_pending``), and the
+    permutations are unchanged."""
     ref, other, spec = _tiny_bert_pair()
     ran, threads = [], []
     old = torch.get_num_threads()
@@ -443,8 +465,28 @@ def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
         finally:
             torch.set_num_threads(old)
     assert ran == list(range(items))
-    assert threads == [4 - per_layer.LAP_WORKERS] * items  # the solvers' cores are left to them
+    assert threads == [3, 2, 2, 2, 2][:items]  # the solvers' cores are left to them
     assert perms.keys() == plain.keys() and all(torch.equal(perms[k], plain[k]) for k in plain)
+
+
+def test_fit_ffn_leaves_every_thread_to_the_interleaved_items_when_no_lap_runs():
+    """Fine-tunes of one base: every FFN's identity is certified, no LAP is solved, so the attention fits beside
+    them get all of torch's threads (on a 2-core machine they ran on one, the other idle)."""
+    ref, _, spec = _tiny_bert_pair()
+    g = torch.Generator().manual_seed(3)
+    tuned = {k: v + 1e-4 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in ref.items()}
+    threads = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with tqdm(disable=True) as bar:
+            perms = per_layer.fit_ffn(StateView(ref), StateView(tuned), spec, bar,
+                                      interleave=[lambda: threads.append(torch.get_num_threads())] * 3)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    assert per_layer.ffn_group_similarity(StateView(ref), StateView(tuned), spec.ffn[0]) is None  # certified: no LAP
+    assert threads == [4, 4, 4]
 
 
 class _ThreadLog(dict):

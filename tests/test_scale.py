@@ -301,3 +301,49 @@ def test_stored_bf16_tensors_certify_and_give_the_float32_similarity(monkeypatch
     assert ffn_similarity_or_identity(a, ft) is None and ffn_similarity_or_identity(f32(a), f32(ft)) is None
     shuffled = permute_ffn(ft, torch.randperm(1100, generator=torch.Generator().manual_seed(3)))
     assert torch.equal(ffn_similarity_or_identity(a, shuffled), ffn_similarity(f32(a), f32(shuffled)))
+
+
+def _rotated_values(state: dict[str, torch.Tensor], spec, seed: int = 5) -> dict[str, torch.Tensor]:
+    """``state`` with every head's value/output pair rotated by a random orthogonal matrix: the same function, heads
+    in place (nothing permuted), far from the identity."""
+    heads = {}
+    g = torch.Generator().manual_seed(seed)
+    for group in spec.attention:
+        x = HeadTransform.identity(spec.num_heads, spec.head_dim, torch.float64, num_kv_heads=spec.num_kv_heads)
+        x.vo_rotation = torch.linalg.qr(torch.randn(x.vo_rotation.shape, generator=g, dtype=torch.float64))[0]
+        heads[group.name] = x
+    return apply_transform(state, spec, ModelTransform(heads=heads))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_near_identity_rotations_are_not_applied_to_a_fine_tune(family):
+    """Issue 10 item 4: a fine-tune's per-layer optimum permutes nothing and its rotations and scales gain less than
+    MIN_GAIN (they fit fine-tuning noise), so align keeps the model exactly as it is — as merge does — and says so.
+    The gain it reads off the fit is the one measured by applying the element (alignment_gain); a fit that
+    measured no distances (Ray tasks) gets the same gain; an element that moves the model far is applied."""
+    from symmerge.alignment import _near_identity_gain, permutes_nothing
+    from symmerge.match.fit import Fit
+    from symmerge.match.per_layer import MIN_GAIN, alignment_gain, fitted_rotation_gain
+
+    model, _ = make_model(family, 0)
+    spec = spec_for(model.config, model.state_dict().keys())
+    ref, ft = dict(model.state_dict()), _fine_tune(model)
+    fit = match_weights(ref, ft, spec, frozenset({"ffn", "qk", "vo", "scale", "heads"}))
+    assert permutes_nothing(fit.transform)
+    assert not all(is_identity_element(g, fit.transform) for g in spec.attention)  # there are rotations to leave out
+    gain = fitted_rotation_gain(spec, fit.transform, fit.details, {k: d[0] for k, d in fit.distances.items()})
+    assert 0 < gain <= MIN_GAIN
+    assert gain == pytest.approx(alignment_gain(ref, ft, spec, fit.transform), rel=1e-3)
+    no_distances = Fit(fit.transform, fit.details)
+    assert _near_identity_gain(no_distances, ref, ft, spec) == pytest.approx(gain, rel=1e-6)
+
+    result = symmerge.align(ref, ft, symmetries="all", config=model.config)
+    assert result.report.matching["near_identity"]["applied"] is False
+    assert all(is_identity_element(g, result.transform) for g in spec.groups())
+    assert all(torch.equal(result.state_dict[k], ft[k]) for k in ft)
+    assert result.report.distance_after == result.report.distance_before
+
+    rotated = _rotated_values(ft, spec)  # heads in place, rotated far from the identity: aligned back
+    result = symmerge.align(ref, rotated, symmetries="all", config=model.config)
+    assert "near_identity" not in result.report.matching
+    assert result.report.distance_after < 0.5 * result.report.distance_before

@@ -95,21 +95,27 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
 
     ``interleave``: other work for this thread while the solvers run (the attention fits), one item after each FFN's
     matrix is handed to its solver, the rest before waiting for the last solvers; each item runs exactly once, in
-    order, whatever the FFN count, with torch's threads less the solvers' (at least one): a thread team of small
+    order, whatever the FFN count, with torch's threads less those of the pending solvers that solve a LAP (at
+    least one): a thread team of small
     ops that must wait for cores the solvers hold collapses (batched 64×64 SVDs ran >100× slower at 2 threads on a
     saturated 2-core machine, :func:`~symmerge.match.procrustes.single_threaded`)."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, torch.Tensor] = {}
-    pending: deque[tuple[str, Future]] = deque()
+    pending: deque[tuple[str, Future, bool]] = deque()  # (group, solver, whether it solves a LAP)
     side_work = deque(interleave)
 
     def collect() -> None:
-        name, fut = pending.popleft()
+        name, fut, _ = pending.popleft()
         perms[name] = fut.result()
         bar.update(1)
 
     def side() -> None:
-        with torch_threads(torch.get_num_threads() - LAP_WORKERS):
+        # the threads the pending LAPs leave (certified identities solve nothing): fine-tunes of one base, whose
+        # FFNs are all certified, fit their attention at full width instead of on one thread beside idle solvers.
+        # Counted from what was submitted, not from which solvers have finished, so the count (and with it any
+        # thread-dependent rounding) is the same on every run
+        solving = sum(lap for _, _, lap in pending)
+        with torch_threads(torch.get_num_threads() - min(solving, LAP_WORKERS)):
             side_work.popleft()()
 
     with ThreadPoolExecutor(LAP_WORKERS) as pool:  # the LAP solvers release the GIL
@@ -117,7 +123,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
             similarity = ffn_group_similarity(ref, model, group, device, model_groups[group.name])
             if distances is not None:
                 record_distances(ref, model, group, distances)
-            pending.append((group.name, pool.submit(solve_ffn, similarity, group.width)))
+            pending.append((group.name, pool.submit(solve_ffn, similarity, group.width), similarity is not None))
             del similarity  # the solver holds it now; freed as soon as it is solved
             if side_work:
                 side()
@@ -219,3 +225,24 @@ def alignment_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, to
         apply_to_group(view, group, transform)
         sq_after += sum(squared_distance(view.state[k], ref[k]) for k in keys)
     return 0.0 if sq_before == 0 else 1.0 - (sq_after / sq_before) ** 0.5
+
+
+def fitted_rotation_gain(spec: ModelSpec, transform: ModelTransform, details: Mapping[str, dict],
+                         before: Mapping[str, float]) -> float:
+    """:func:`alignment_gain` of an element that permutes nothing (every FFN and head assignment the identity: the
+    certificates' verdict on fine-tunes of one base), read off the fit instead of applying it: an identity FFN
+    lowers nothing, and each attention group's rotations and scales lower its squared distance by exactly their
+    objective's decrease (:func:`~symmerge.match.attention.match_heads`' ``qk_objective_decrease`` and
+    ``vo_objective_decrease``: the objective is that squared distance less a constant). ``before``: the squared
+    distance before alignment per tensor key, for (at least) the tensors the element's groups touch."""
+    sq_before = decrease = 0.0
+    for group in spec.groups():
+        elements = transform.ffn if isinstance(group, FFNGroup) else transform.heads
+        if group.name not in elements:
+            continue
+        sq_before += sum(before[k] for k in sorted({s.key for s in group.slots()}) if k in before)
+        if isinstance(group, AttentionGroup):
+            decrease += sum(details.get(group.name, {}).get(f"{side}_objective_decrease", 0.0) for side in ("qk", "vo"))
+    if sq_before == 0:
+        return 0.0
+    return 1.0 - max(sq_before - decrease, 0.0) ** 0.5 / sq_before**0.5
