@@ -256,3 +256,30 @@ def test_device_cpu_and_auto_give_the_default_result(pair, tmp_path, capsys):
     if not torch.cuda.is_available():  # auto is the CPU here
         merged = [load_file(tmp_path / n / "model.safetensors") for n in ("default", "cpu", "auto")]
         assert all(torch.equal(merged[0][k], m[k]) for m in merged[1:] for k in merged[0])
+
+
+_LARGE_ALLOCATION = '''
+import ctypes, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+from symmerge.allocator import keep_freed_buffers
+print(keep_freed_buffers() if sys.argv[1] == "set" else "-")
+import torch
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+x = torch.empty(100 << 20, dtype=torch.uint8)
+print("mmapped" if libc.mallinfo2().hblkhd >= 100 << 20 else "heap")
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc (Linux); elsewhere keep_freed_buffers does nothing")
+@pytest.mark.parametrize("how,env,expected", [("set", {}, "True heap"), ("unset", {}, "- mmapped"),
+                                              ("set", {"MALLOC_TRIM_THRESHOLD_": "131072"}, "False mmapped")])
+def test_the_command_line_keeps_large_buffers_in_the_heap(how, env, expected):
+    """symmerge's console script raises glibc's mmap threshold before torch is imported: a 100 MB tensor then comes
+    from the heap (reused when freed) instead of a fresh mmap whose pages the kernel faults in and zeroes again —
+    unless the user configured malloc through its environment variables."""
+    out = subprocess.run([sys.executable, "-c", _LARGE_ALLOCATION, how], env={**cli_env(), **env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert " ".join(out) == expected
