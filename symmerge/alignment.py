@@ -36,7 +36,7 @@ from symmerge.io.stream import stream_into
 from symmerge.match import get_matcher, resolve_device, squared_distances, state_distance, state_norm
 from symmerge.match.fit import Fit
 from symmerge.match.objective import report_distances
-from symmerge.match.per_layer import MIN_GAIN, fitted_rotation_gain
+from symmerge.match.per_layer import MIN_GAIN, fit_gain
 from symmerge.spec import (
     ModelSpec,
     check_compatible,
@@ -271,18 +271,14 @@ def align(
 def _near_identity_gain(fit: Fit, ref_state: StateDict, model_state: StateDict, spec: ModelSpec) -> float | None:
     """The fit's gain when its element is within tolerance of the identity — it permutes nothing (the certificates'
     verdict on fine-tunes of one base) and its rotations and scales lower the distance by no more than
-    ``MIN_GAIN`` (:func:`~symmerge.match.per_layer.fitted_rotation_gain`, read off the fit: nothing is applied to
+    ``MIN_GAIN`` (:func:`~symmerge.match.per_layer.fit_gain`, read off the fit: nothing is applied to
     measure it) — else ``None``. Such an element only fits fine-tuning noise, and applying it would cost a pass of
     rotations over every attention tensor and change every one of their bits; ``merge`` keeps such models as they
     are by the same rule (docs/DESIGN.md §3), so aligning then averaging is the merge."""
     transform = fit.transform
     if not permutes_nothing(transform) or all(is_identity_element(g, transform) for g in spec.groups()):
         return None
-    before = {k: d[0] for k, d in fit.distances.items()}
-    touched = {s.key for g in spec.groups() for s in g.slots()} - before.keys()
-    # fits that measured no distances while reading (Ray tasks): measure the touched tensors now
-    before.update(squared_distances(model_state, ref_state, [k for k in sorted(touched) if k in model_state and k in ref_state]))
-    gain = fitted_rotation_gain(spec, transform, fit.details, before)
+    gain = fit_gain(ref_state, model_state, spec, fit)
     return gain if gain <= MIN_GAIN else None
 
 
@@ -371,7 +367,7 @@ per-layer classes alone; otherwise it falls back to them (the residual map is th
 
 def _group_gain(report: AlignmentReport) -> float:
     """By what fraction the alignment lowered the distance over the tensors its groups touch (0 without groups):
-    :func:`symmerge.match.per_layer.alignment_gain`, read off the report."""
+    :func:`symmerge.match.per_layer.fit_gain`, read off the report."""
     before = math.sqrt(sum(g.distance_before**2 for g in report.groups))
     after = math.sqrt(sum(g.distance_after**2 for g in report.groups))
     return 0.0 if before == 0 else 1.0 - after / before

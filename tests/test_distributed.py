@@ -44,8 +44,10 @@ def test_task_functions_read_their_tensors_and_match_the_single_process_fit(tmp_
     for group in spec.ffn:
         keys = group_keys(group)
         files = [TensorFiles({k: str(s.tensor_files()[k]) for k in keys}) for s in (ref, other)]
-        assert torch.equal(ffn_task(*files, group, "cpu"), local.transform.ffn[group.name])
-        assert torch.equal(ffn_task({k: ref[k] for k in keys}, {k: other[k] for k in keys}, group, "cpu"), local.transform.ffn[group.name])
+        for source in (files, ({k: ref[k] for k in keys}, {k: other[k] for k in keys})):
+            perm, decrease = ffn_task(*source, group, "cpu")
+            assert torch.equal(perm, local.transform.ffn[group.name])
+            assert decrease == local.details[group.name]["objective_decrease"]
     for group in spec.attention:
         keys = group_keys(group)
         x, details = attention_task(*(TensorFiles({k: str(s.tensor_files()[k]) for k in keys}) for s in (ref, other)), group, ALL, "cpu")

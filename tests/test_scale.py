@@ -303,6 +303,24 @@ def test_stored_bf16_tensors_certify_and_give_the_float32_similarity(monkeypatch
     assert torch.equal(ffn_similarity_or_identity(a, shuffled), ffn_similarity(f32(a), f32(shuffled)))
 
 
+def alignment_gain(reference, model, spec, transform) -> float:
+    """The oracle for fit_gain: by what fraction ``transform`` lowers the distance over the tensors its groups touch,
+    measured by applying it (what merge's guard did before reading the gain off the fit)."""
+    from symmerge.groups import apply_to_group
+
+    sq_before = sq_after = 0.0
+    for group in spec.groups():
+        elements = transform.ffn if isinstance(group, FFNGroup) else transform.heads
+        if group.name not in elements:
+            continue
+        keys = sorted({s.key for s in group.slots()})
+        view = StateView({k: model[k] for k in keys})
+        sq_before += sum(objective.squared_distance(view.state[k], reference[k]) for k in keys)
+        apply_to_group(view, group, transform)
+        sq_after += sum(objective.squared_distance(view.state[k], reference[k]) for k in keys)
+    return 0.0 if sq_before == 0 else 1.0 - (sq_after / sq_before) ** 0.5
+
+
 def _rotated_values(state: dict[str, torch.Tensor], spec, seed: int = 5) -> dict[str, torch.Tensor]:
     """``state`` with every head's value/output pair rotated by a random orthogonal matrix: the same function, heads
     in place (nothing permuted), far from the identity."""
@@ -323,7 +341,7 @@ def test_near_identity_rotations_are_not_applied_to_a_fine_tune(family):
     measured no distances (Ray tasks) gets the same gain; an element that moves the model far is applied."""
     from symmerge.alignment import _near_identity_gain, permutes_nothing
     from symmerge.match.fit import Fit
-    from symmerge.match.per_layer import MIN_GAIN, alignment_gain, fitted_rotation_gain
+    from symmerge.match.per_layer import MIN_GAIN, fit_gain
 
     model, _ = make_model(family, 0)
     spec = spec_for(model.config, model.state_dict().keys())
@@ -331,7 +349,7 @@ def test_near_identity_rotations_are_not_applied_to_a_fine_tune(family):
     fit = match_weights(ref, ft, spec, frozenset({"ffn", "qk", "vo", "scale", "heads"}))
     assert permutes_nothing(fit.transform)
     assert not all(is_identity_element(g, fit.transform) for g in spec.attention)  # there are rotations to leave out
-    gain = fitted_rotation_gain(spec, fit.transform, fit.details, {k: d[0] for k, d in fit.distances.items()})
+    gain = fit_gain(ref, ft, spec, fit)
     assert 0 < gain <= MIN_GAIN
     assert gain == pytest.approx(alignment_gain(ref, ft, spec, fit.transform), rel=1e-3)
     no_distances = Fit(fit.transform, fit.details)
@@ -347,3 +365,28 @@ def test_near_identity_rotations_are_not_applied_to_a_fine_tune(family):
     result = symmerge.align(ref, rotated, symmetries="all", config=model.config)
     assert "near_identity" not in result.report.matching
     assert result.report.distance_after < 0.5 * result.report.distance_before
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "bert"])
+@pytest.mark.parametrize("symmetries", ["all", "ffn", "qk,vo", "heads,scale"])
+def test_the_gain_read_off_the_fit_is_the_gain_of_applying_it(family, symmetries):
+    """merge's guard (and align's near-identity rule) read an element's gain off the fit — distances recorded
+    while reading, less each part's reported decrease — instead of applying it and measuring both models again:
+    the same value as alignment_gain, which applies it. Independent models (FFN and head permutations, rotations),
+    fine-tunes, and a fit that recorded no distances (Ray tasks)."""
+    from symmerge.alignment import parse_symmetries
+    from symmerge.match.fit import Fit
+    from symmerge.match.per_layer import fit_gain
+
+    model, _ = make_model(family, 0)
+    spec = spec_for(model.config, model.state_dict().keys())
+    ref = dict(model.state_dict())
+    for other in (dict(make_model(family, 1)[0].state_dict()), _fine_tune(model)):
+        fit = match_weights(ref, other, spec, parse_symmetries(symmetries))
+        expected = alignment_gain(ref, other, spec, fit.transform)
+        assert fit_gain(ref, other, spec, fit) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert fit_gain(ref, other, spec, Fit(fit.transform, fit.details)) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    moved = [d for d in fit.details.values() if d.get("neurons_moved") or d.get("heads_moved")]
+    assert not moved  # the fine-tune permutes nothing; the independent pair did (checked below on its own fit)
+    fit = match_weights(ref, dict(make_model(family, 1)[0].state_dict()), spec, parse_symmetries("all"))
+    assert any(d.get("neurons_moved") for d in fit.details.values()) and any(d.get("heads_moved") for d in fit.details.values())

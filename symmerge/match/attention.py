@@ -22,6 +22,7 @@ from symmerge.groups.heads import HeadTensors, HeadTransform, group_permutation,
 from symmerge.match.certificate import CERTIFY_FRACTIONS, UNIT_ROUNDOFF, diagonal_dominates, feature_columns
 from symmerge.match.device import CPU
 from symmerge.match.lap import solve_lap
+from symmerge.match.objective import squared_distance
 from symmerge.match.procrustes import best_scale, nuclear_norm, plane_score, plane_score_of_entries, procrustes
 
 Blocks = tuple[torch.Tensor, torch.Tensor]
@@ -290,6 +291,11 @@ def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind
     return False
 
 
+def head_squared_distance(a: HeadTensors, b: HeadTensors) -> float:
+    """``Σ ‖a_t − b_t‖²`` over a layer's head tensors (queries, keys, values, their biases, the output projection)."""
+    return sum(squared_distance(getattr(a, f), getattr(b, f)) for f in ("q", "q_bias", "k", "k_bias", "v", "v_bias", "o"))
+
+
 def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: str, vo_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(perm, kv_perm)`` assigning model heads to reference heads before rotation.
 
@@ -358,7 +364,10 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
     if model.num_heads != h or not is_identity(x.perm):
         only_perm = HeadTransform.identity(h, dh, num_kv_heads=kv)
         only_perm.perm, only_perm.kv_perm = x.perm, x.kv_perm
-        model = transform_heads(model, only_perm)
+        permuted = transform_heads(model, only_perm)
+        if model.num_heads == h:  # what the assignment alone lowers (the rotations' decreases start from it)
+            details["heads_objective_decrease"] = head_squared_distance(model, reference) - head_squared_distance(permuted, reference)
+        model = permuted
     filled = x.kv_perm >= 0  # empty (zero) KV heads keep the identity: nothing to rotate
     for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", vo_blocks, vo, scale_vo)):
         if not (rotate or rescale):

@@ -69,8 +69,8 @@ def read_source(source: Source) -> dict[str, torch.Tensor]:
     return source.read() if isinstance(source, TensorFiles) else dict(source)
 
 
-def ffn_task(reference: Source, model: Source, group: FFNGroup, device: str) -> torch.Tensor:
-    """A Ray task's body (a plain function: tested without Ray): one FFN's permutation."""
+def ffn_task(reference: Source, model: Source, group: FFNGroup, device: str) -> tuple[torch.Tensor, float]:
+    """A Ray task's body (a plain function: tested without Ray): one FFN's permutation and its objective decrease."""
     similarity = ffn_group_similarity(StateView(read_source(reference)), StateView(read_source(model)), group, torch.device(device))
     return solve_ffn(similarity, group.width)
 
@@ -161,9 +161,9 @@ class RayExecutor:
             ffn_results = self._get([ref for *_, ref in ffn_jobs], bar)
             ffn_seconds = time.perf_counter() - start
             attention_results = self._get([ref for *_, ref in attention_jobs], bar)
-        for (i, name, _), perm in zip(ffn_jobs, ffn_results):
+        for (i, name, _), (perm, decrease) in zip(ffn_jobs, ffn_results):
             fits[i].transform.ffn[name] = perm
-            fits[i].details[name] = ffn_details(perm)
+            fits[i].details[name] = ffn_details(perm, decrease)
         for (i, name, _), (x, details) in zip(attention_jobs, attention_results):
             fits[i].transform.heads[name] = x
             fits[i].details[name] = details

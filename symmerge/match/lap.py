@@ -36,7 +36,8 @@ def identity_is_optimal(similarity: np.ndarray) -> bool:
     return bool((diagonal >= similarity.max(axis=1)).all() or (diagonal >= similarity.max(axis=0)).all())
 
 
-def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None, overwrite: bool = False) -> np.ndarray:
+def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None, overwrite: bool = False,
+              with_total: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
     """``col_for_row`` maximising ``Σ_i similarity[i, col_for_row[i]]`` over permutations (square input). The
     identity is returned without solving when :func:`identity_is_optimal` proves it optimal (and on ties with it).
 
@@ -46,27 +47,33 @@ def solve_lap(similarity: torch.Tensor | np.ndarray, backend: str | None = None,
 
     ``backend``: ``"lapx"`` or ``"scipy"`` to force one (default: the fastest available). ``overwrite``: the
     caller no longer needs a float32 ``similarity``, which then becomes the solver's cost in place (negated) instead
-    of a copy: one d_ff² matrix less per solve in flight (485 MB at LLaMA-7B's d_ff = 11008).
+    of a copy: one d_ff² matrix less per solve in flight (485 MB at LLaMA-7B's d_ff = 11008). ``with_total``: also
+    return ``Σ_i similarity[i, col_for_row[i]]`` (float64, over the assigned rows), read before or, in place, from
+    the negated cost.
     """
     s = similarity.detach().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
     if s.ndim != 2 or s.shape[0] < s.shape[1]:
         raise ValueError(f"solve_lap needs a square matrix or one with more rows than columns, got shape {s.shape}")
     if not np.isfinite(s).all():
         raise ValueError("solve_lap: the similarity matrix holds NaN or Inf")
+    sign = 1.0  # -1 once the cost is s negated in place
     if s.shape[0] > s.shape[1]:
         rows, cols = optimize.linear_sum_assignment(s, maximize=True)
         col_for_row = np.full(s.shape[0], -1, dtype=np.int64)
-        col_for_row[rows] = cols
-        return col_for_row
-    if identity_is_optimal(s):
-        return np.arange(s.shape[0], dtype=np.int64)
-    use_lapx = _lapjv is not None if backend is None else backend == "lapx"
-    if use_lapx:
-        # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (measured in benchmarks/lap_solvers.py).
-        in_place = overwrite and s.dtype == np.float32 and s.flags.writeable
-        rows, cols = _lapjv(np.negative(s, out=s) if in_place else np.negative(s, dtype=np.float32), return_cost=False)
+    elif identity_is_optimal(s):
+        rows = cols = np.arange(s.shape[0], dtype=np.int64)
+        col_for_row = rows
     else:
-        rows, cols = optimize.linear_sum_assignment(s, maximize=True)
-    col_for_row = np.empty(s.shape[0], dtype=np.int64)
+        use_lapx = _lapjv is not None if backend is None else backend == "lapx"
+        if use_lapx:
+            # lapjv-family solvers minimise, and are 3-6x slower on full-precision float64 costs (measured in benchmarks/lap_solvers.py).
+            in_place = overwrite and s.dtype == np.float32 and s.flags.writeable
+            sign = -1.0 if in_place else 1.0
+            rows, cols = _lapjv(np.negative(s, out=s) if in_place else np.negative(s, dtype=np.float32), return_cost=False)
+        else:
+            rows, cols = optimize.linear_sum_assignment(s, maximize=True)
+        col_for_row = np.empty(s.shape[0], dtype=np.int64)
     col_for_row[rows] = cols
-    return col_for_row
+    if not with_total:
+        return col_for_row
+    return col_for_row, sign * float(s[rows, cols].sum(dtype=np.float64))

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
-from symmerge.groups import HeadTransform, ModelTransform, apply_to_group, read_ffn, read_heads
+from symmerge.groups import HeadTransform, ModelTransform, read_ffn, read_heads
 from symmerge.groups.ffn import embedding
 from symmerge.match.attention import match_heads
 from symmerge.match.ffn import ffn_similarity, ffn_similarity_or_identity
@@ -51,10 +51,18 @@ def ffn_group_similarity(ref: StateView, model: StateView, group: FFNGroup, devi
     return None if s is None else s.cpu()
 
 
-def solve_ffn(similarity: torch.Tensor | None, width: int) -> torch.Tensor:
-    """The FFN's permutation: the identity where it was certified (``similarity`` ``None``), else the exact
-    (possibly rectangular) LAP."""
-    return torch.arange(width) if similarity is None else torch.from_numpy(solve_lap(similarity, overwrite=True))
+def solve_ffn(similarity: torch.Tensor | None, width: int) -> tuple[torch.Tensor, float]:
+    """The FFN's permutation — the identity where it was certified (``similarity`` ``None``), else the exact
+    (possibly rectangular) LAP — and by how much it lowers the FFN's squared distance to the reference:
+    ``‖P·W_model − W_ref‖² = ‖W_model‖² + ‖W_ref‖² − 2⟨S, P⟩`` over the tensors ``S`` sums (Zhang et al. 2025,
+    eq. 6), so the decrease is ``2(Σ_i S[i, P(i)] − Σ_i S[i, i])``, read off ``S`` (in the precision it was built in)
+    around the solve. A narrower model's rectangular assignment has no identity to compare with: 0."""
+    if similarity is None:
+        return torch.arange(width), 0.0
+    square = similarity.shape[0] == similarity.shape[1]
+    trace = float(similarity.diagonal().sum(dtype=torch.float64)) if square else 0.0
+    perm, total = solve_lap(similarity, overwrite=True, with_total=True)
+    return torch.from_numpy(perm), 2.0 * (total - trace) if square else 0.0
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
@@ -66,8 +74,8 @@ def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup,
                        device=device)
 
 
-def ffn_details(perm: torch.Tensor) -> dict:
-    return {"neurons_moved": int((perm != torch.arange(len(perm))).sum())}
+def ffn_details(perm: torch.Tensor, decrease: float) -> dict:
+    return {"neurons_moved": int((perm != torch.arange(len(perm))).sum()), "objective_decrease": decrease}
 
 
 def record_distances(ref: StateView, model: StateView, group: FFNGroup | AttentionGroup, out: dict[str, tuple[float, float]]) -> None:
@@ -87,11 +95,11 @@ LAP_WORKERS = 2
 def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pending: int = 2,
             device: torch.device | None = None, model_spec: ModelSpec | None = None,
             distances: dict[str, tuple[float, float]] | None = None,
-            interleave: Sequence[Callable[[], None]] = ()) -> dict[str, torch.Tensor]:
-    """One exact LAP per FFN, ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``,
-    moved to the CPU for the solver); at most ``max_pending`` similarity matrices wait for a solver at a time
-    (memory stays at a few d_ff×d_ff). ``model_spec``: a narrower model's own spec (rectangular LAPs).
-    ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded).
+            interleave: Sequence[Callable[[], None]] = ()) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per FFN, its permutation and the decrease of its squared distance (:func:`solve_ffn`): one exact LAP per FFN,
+    ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``, moved to the CPU for the solver);
+    at most ``max_pending`` similarity matrices wait for a solver at a time (memory stays at a few d_ff×d_ff).
+    ``model_spec``: a narrower model's own spec (rectangular LAPs). ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded).
 
     ``interleave``: other work for this thread while the solvers run (the attention fits), one item after each FFN's
     matrix is handed to its solver, the rest before waiting for the last solvers; each item runs exactly once, in
@@ -100,7 +108,7 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
     ops that must wait for cores the solvers hold collapses (batched 64×64 SVDs ran >100× slower at 2 threads on a
     saturated 2-core machine, :func:`~symmerge.match.procrustes.single_threaded`)."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
-    perms: dict[str, torch.Tensor] = {}
+    perms: dict[str, tuple[torch.Tensor, float]] = {}
     pending: deque[tuple[str, Future, bool]] = deque()  # (group, solver, whether it solves a LAP)
     side_work = deque(interleave)
 
@@ -191,10 +199,11 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
                           if attention_on or (model_spec is not None and model_spec.num_heads != spec.num_heads) else [])
         start = time.perf_counter()
         if "ffn" in symmetries:  # the attention fits run while the FFN solvers do (fit_ffn's interleave)
-            transform.ffn = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec, distances=recorded,
-                                    interleave=attention_fits)
-            for name, perm in transform.ffn.items():
-                details[name] = ffn_details(perm)
+            solved = fit_ffn(ref_view, model_view, spec, bar, device=device, model_spec=model_spec, distances=recorded,
+                             interleave=attention_fits)
+            for name, (perm, decrease) in solved.items():
+                transform.ffn[name] = perm
+                details[name] = ffn_details(perm, decrease)
         else:
             if model_spec is not None and model_spec.ffn_width != spec.ffn_width:  # unaligned: the identity embedding
                 transform.ffn = {g.name: embedding(model_spec.ffn_width, g.width) for g in spec.ffn}
@@ -207,42 +216,33 @@ def fit_per_layer(reference: Mapping[str, torch.Tensor], model: Mapping[str, tor
     return Fit(transform, details, seconds, distances=recorded or {})
 
 
-def alignment_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec,
-                   transform: ModelTransform) -> float:
-    """By what fraction ``transform`` lowers the distance ``‖T(θ) − θ_ref‖`` over the tensors its groups touch
-    (0 when it has no element)."""
-    sq_before = sq_after = 0.0
-    for group in spec.groups():
-        elements = transform.ffn if isinstance(group, FFNGroup) else transform.heads
-        if group.name not in elements:
-            continue
-        keys = sorted({s.key for s in group.slots()})
-        ref = {k: reference[k] for k in keys}  # each tensor read once for both sums
-        view = StateView({k: model[k] for k in keys})
-        # chunked float64-summed reductions (squared_distance): at LLaMA-7B a whole-matrix float32 difference, square
-        # and sum per tensor made this pass ~6 CPU s a layer, a quarter of an independent 7B merge
-        sq_before += sum(squared_distance(view.state[k], ref[k]) for k in keys)
-        apply_to_group(view, group, transform)
-        sq_after += sum(squared_distance(view.state[k], ref[k]) for k in keys)
-    return 0.0 if sq_before == 0 else 1.0 - (sq_after / sq_before) ** 0.5
+DECREASES = ("objective_decrease", "heads_objective_decrease", "qk_objective_decrease", "vo_objective_decrease")
+"""The details in which each part of a per-layer element reports how much it lowered its group's squared distance:
+an FFN's permutation (:func:`solve_ffn`), a layer's head assignment, then its QK and VO rotations and scales
+(:func:`~symmerge.match.attention.match_heads`, each measured from the previous part's result, so they add up)."""
 
 
-def fitted_rotation_gain(spec: ModelSpec, transform: ModelTransform, details: Mapping[str, dict],
-                         before: Mapping[str, float]) -> float:
-    """:func:`alignment_gain` of an element that permutes nothing (every FFN and head assignment the identity: the
-    certificates' verdict on fine-tunes of one base), read off the fit instead of applying it: an identity FFN
-    lowers nothing, and each attention group's rotations and scales lower its squared distance by exactly their
-    objective's decrease (:func:`~symmerge.match.attention.match_heads`' ``qk_objective_decrease`` and
-    ``vo_objective_decrease``: the objective is that squared distance less a constant). ``before``: the squared
-    distance before alignment per tensor key, for (at least) the tensors the element's groups touch."""
-    sq_before = decrease = 0.0
+def fit_gain(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], spec: ModelSpec, fit: Fit) -> float:
+    """By what fraction ``fit.transform`` lowers the distance ``‖T(θ) − θ_ref‖`` over the tensors its groups touch (0
+    when it has no element), read off the fit instead of applying the element and measuring again: each group's
+    squared distance before (``fit.distances``, recorded while the fit read the tensors; the tensors a fit did not
+    record — Ray tasks record none — are measured here) less the decreases its parts report (``DECREASES``). The
+    same value up to the rounding of the similarity and of the statistics the decreases are read from (float32, or
+    bfloat16 for the FFN similarity where :func:`~symmerge.match.device.similarity_dtype` picks it): ~1e-5 of the
+    gain, against the ``MIN_GAIN`` it is compared with. At LLaMA-7B the guard's own pass (both models read
+    again, the element applied and the distances measured) was ~2-3 CPU s per layer."""
+    transform, sq_before, decrease = fit.transform, 0.0, 0.0
+    keys: list[str] = []
     for group in spec.groups():
         elements = transform.ffn if isinstance(group, FFNGroup) else transform.heads
-        if group.name not in elements:
-            continue
-        sq_before += sum(before[k] for k in sorted({s.key for s in group.slots()}) if k in before)
-        if isinstance(group, AttentionGroup):
-            decrease += sum(details.get(group.name, {}).get(f"{side}_objective_decrease", 0.0) for side in ("qk", "vo"))
+        if group.name in elements:
+            keys += sorted({s.key for s in group.slots()})
+            decrease += sum(fit.details.get(group.name, {}).get(name, 0.0) for name in DECREASES)
+    before = {k: d[0] for k, d in fit.distances.items()}
+    for k in keys:
+        if k not in before and k in model and k in reference and model[k].is_floating_point():
+            before[k] = squared_distance(model[k], reference[k])
+        sq_before += before.get(k, 0.0)
     if sq_before == 0:
         return 0.0
     return 1.0 - max(sq_before - decrease, 0.0) ** 0.5 / sq_before**0.5

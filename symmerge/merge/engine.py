@@ -38,7 +38,7 @@ from symmerge.io.hf import build_model, linear_layout, model_input_name, to_chec
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.io.tokenizer import save_tokenizer
 from symmerge.match import fit_per_layer, resolve_device
-from symmerge.match.per_layer import MIN_GAIN, alignment_gain
+from symmerge.match.per_layer import MIN_GAIN, fit_gain
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.plan import MergePlan, tensor_parameters
 from symmerge.merge.statistics import fisher_diagonal, input_grams
@@ -115,27 +115,31 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
         pairs = [(ref_state, states[i]) for i in todo] + ([(ref_state, base)] if with_base else [])
         fits = executor.fit_many(pairs, plan.spec, plan.symmetries, device=device, progress=progress,
                                  names=[plan.names[i] for i in todo] + (["base model"] if with_base else []))
+        fitted = list(zip([states[i] for i in todo] + ([base] if with_base else []), fits))
         for i, fit in zip(todo, fits):
             transforms[i] = fit.transform
         base_transform = fits[-1].transform if with_base else None
     else:
+        fitted = []  # (state, fit) per aligned model, for the guard below
         for i, (state, name) in enumerate(zip(states, plan.names)):
             if i != plan.reference_index:
-                transforms[i] = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name,
-                                              device=device, model_spec=model_specs[i]).transform
+                # distances recorded while the fit reads the tensors: the guard then reads neither model again
+                fit = fit_per_layer(ref_state, state, plan.spec, plan.symmetries, progress=progress, model_name=name, device=device,
+                                    model_spec=model_specs[i], distances=True)
+                transforms[i] = fit.transform
+                fitted.append((state, fit))
         base_transform = None
         if base is not None and plan.reference_index is not None:
-            base_transform = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
-                                           device=device).transform
+            fit = fit_per_layer(ref_state, base, plan.spec, plan.symmetries, progress=progress, model_name="base model",
+                                device=device, distances=True)
+            base_transform = fit.transform
+            fitted.append((base, fit))
     # fine-tunes of one base share its basis: when no model's alignment gains more than MIN_GAIN, the optima are
     # near-identities fitting fine-tuning noise, and the merge keeps every model exactly as it is (all or none: one
     # model's optimum composed with another's snapped identity would not be the same function)
     if any(model_specs):  # a narrower model has to be embedded into the reference's widths, whatever it gains
         return transforms, base_transform
-    states_and_transforms = [(s, t) for s, t in zip(states, transforms) if t is not None]
-    if base_transform is not None:
-        states_and_transforms.append((base, base_transform))
-    if all(alignment_gain(ref_state, s, plan.spec, t) <= MIN_GAIN for s, t in states_and_transforms):
+    if all(fit_gain(ref_state, state, plan.spec, fit) <= MIN_GAIN for state, fit in fitted):
         return [None] * len(states), None
     return transforms, base_transform
 
