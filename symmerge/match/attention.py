@@ -12,6 +12,7 @@ Under RoPE the QK problem splits into one 2×2 problem per rotary plane, solved 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +51,10 @@ def qk_blocks(t: HeadTensors) -> Blocks:
     return x, torch.cat([t.k, t.k_bias.unsqueeze(-1)], -1)
 
 
-def vo_blocks(t: HeadTensors) -> Blocks:
-    """Per KV head, ``X = [W_V | b_V]`` (H_kv, d_h, d+1) and ``Y`` = the group's ``W_O^{hT}`` (H_kv, d_h, r·d)."""
-    return torch.cat([t.v, t.v_bias.unsqueeze(-1)], -1), _group_rows(transposed_contiguous(t.o), t.group_size)
+def vo_blocks(t: HeadTensors, o_rows: Callable[[HeadTensors], torch.Tensor] | None = None) -> Blocks:
+    """Per KV head, ``X = [W_V | b_V]`` (H_kv, d_h, d+1) and ``Y`` = the group's ``W_O^{hT}`` (H_kv, d_h, r·d).
+    ``o_rows``: ``W_O^{hT}`` contiguous (:func:`output_rows`; a caller that already made it passes it on)."""
+    return torch.cat([t.v, t.v_bias.unsqueeze(-1)], -1), _group_rows((o_rows or output_rows)(t), t.group_size)
 
 
 def to_planes(blocks: Blocks) -> Blocks:
@@ -189,12 +191,17 @@ def transposed_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2).contiguous()
 
 
-def _side_parts(t: HeadTensors, side: str) -> list[torch.Tensor]:
+def output_rows(t: HeadTensors) -> torch.Tensor:
+    """Each head's rows of ``W_O^T`` (H, d_h, d), contiguous (:func:`transposed_contiguous`)."""
+    return transposed_contiguous(t.o)
+
+
+def _side_parts(t: HeadTensors, side: str, o_rows: Callable[[HeadTensors], torch.Tensor] = output_rows) -> list[torch.Tensor]:
     """A side's per-head feature blocks (H, d_h, k_t), contiguous, whose correlations sum to the side's ``M`` (the
     bias columns as blocks of their own: no concatenated copy)."""
     if side == "qk":
         return [x.contiguous() for x in (t.q, t.q_bias.unsqueeze(-1), t.k, t.k_bias.unsqueeze(-1))]
-    return [t.v.contiguous(), t.v_bias.unsqueeze(-1).contiguous(), transposed_contiguous(t.o)]
+    return [t.v.contiguous(), t.v_bias.unsqueeze(-1).contiguous(), o_rows(t)]
 
 
 def head_squared_norms(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -221,7 +228,8 @@ def _pair_scores(model_parts: list[torch.Tensor], reference_parts: list[torch.Te
     return rotation_score(stats.double(), kind)
 
 
-def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind: str, vo_kind: str) -> bool:
+def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind: str, vo_kind: str,
+                             o_rows: Callable[[HeadTensors], torch.Tensor] = output_rows) -> bool:
     """Whether the identity head assignment is proven optimal for :func:`match_head_permutation`'s scores without
     computing the whole-block correlations of every pair of heads (fine-tunes of one base: their heads still
     correspond; the correlations of an ``orthogonal`` side cost ~2·H²·d_h²·d flops, 137 GFLOP per part and layer at
@@ -242,7 +250,7 @@ def heads_certified_identity(reference: HeadTensors, model: HeadTensors, qk_kind
     if model.group_size != 1 or reference.group_size != 1 or reference.num_heads != h or h < 2:
         return False
     kinds = {"qk": qk_kind, "vo": vo_kind}
-    parts = {s: (_side_parts(model, s), _side_parts(reference, s)) for s in kinds}
+    parts = {s: (_side_parts(model, s, o_rows), _side_parts(reference, s, o_rows)) for s in kinds}
     x_norm = torch.zeros(h, dtype=torch.float64, device=model.q.device)  # reference heads (rows g): squared, then the norm
     y_norm = torch.zeros_like(x_norm)  # model heads (columns h)
     diag = torch.zeros_like(x_norm)
@@ -357,7 +365,16 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
     details: dict = {}
     qk_kind = ("planes" if rope else "orthogonal") if qk else "none"
     vo_kind = "orthogonal" if vo else "none"
-    if heads and not heads_certified_identity(reference, model, qk_kind, vo_kind):  # else x's identity stands
+    made: list[tuple[HeadTensors, torch.Tensor]] = []
+
+    def o_rows(t: HeadTensors) -> torch.Tensor:  # made once per head state, for the certificate and the VO statistics
+        for owner, rows in made:
+            if owner is t:
+                return rows
+        made.append((t, output_rows(t)))
+        return made[-1][1]
+
+    if heads and not heads_certified_identity(reference, model, qk_kind, vo_kind, o_rows):  # else x's identity stands
         x.perm, x.kv_perm = match_head_permutation(reference, model, qk_kind, vo_kind)
     if heads:
         details["heads_moved"] = int((x.perm != torch.arange(h)).sum())
@@ -373,7 +390,7 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
         if not (rotate or rescale):
             continue
         planes = rope and name == "qk"
-        model_blocks, reference_blocks = blocks(model), blocks(reference)
+        model_blocks, reference_blocks = (vo_blocks(model, o_rows), vo_blocks(reference, o_rows)) if name == "vo" else (blocks(model), blocks(reference))
         if not bool(filled.all()):
             model_blocks, reference_blocks = tuple(b[filled.to(b.device)] for b in model_blocks), tuple(b[filled.to(b.device)] for b in reference_blocks)
         n = int(filled.sum())
