@@ -89,6 +89,8 @@ class AlignmentReport:
             f"relative {self.relative_before:.4g} → {self.relative_after:.4g}"
         )
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        if "near_identity" in self.matching:
+            lines.append(f"not applied: {self.matching['near_identity']['reason']}")
         return "\n".join(lines)
 
 

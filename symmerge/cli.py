@@ -247,6 +247,7 @@ def _report_json(path: Path, r) -> dict:
         "relative_before": r.relative_before,
         "relative_after": r.relative_after,
         "seconds": r.seconds,
+        **({"near_identity": r.matching["near_identity"]} if "near_identity" in r.matching else {}),
         "groups": [vars(g) for g in r.groups],
     }
 

@@ -283,3 +283,23 @@ def test_the_command_line_keeps_large_buffers_in_the_heap(how, env, expected):
     out = subprocess.run([sys.executable, "-c", _LARGE_ALLOCATION, how], env={**cli_env(), **env}, capture_output=True, text=True,
                          check=True).stdout.split()
     assert " ".join(out) == expected
+
+
+def test_align_writes_a_fine_tune_as_it_is_and_says_why(tmp_path, capsys):
+    """Issue 10 item 4 from the command line: a fine-tune of the reference permutes nothing and its rotations gain
+    less than MIN_GAIN, so the written model is the fine-tune bit for bit; alignment.json and the table say why."""
+    model, _ = make_model("llama", seed=0)
+    ref = save_model(model, tmp_path / "ref")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
+    tuned = save_model(model, tmp_path / "tuned")
+    code, out, err = run_cli(capsys, "align", ref, tuned, "-o", tmp_path / "out")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "alignment.json").read_text())["models"]["tuned"]
+    assert report["near_identity"]["applied"] is False and 0 < report["near_identity"]["gain"] <= 0.05
+    assert report["distance_after"] == report["distance_before"]
+    assert "not applied" in out
+    written, original = load_file(tmp_path / "out" / "tuned" / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
