@@ -368,8 +368,8 @@ per-layer classes alone; otherwise it falls back to them (the residual map is th
 
 
 def _group_gain(report: AlignmentReport) -> float:
-    """By what fraction the alignment lowered the distance over the tensors its groups touch (0 without groups):
-    :func:`symmerge.match.per_layer.fit_gain`, read off the report."""
+    """By what fraction the alignment lowered the distance over the tensors its groups touch (0 without groups): the
+    quantity :func:`symmerge.match.per_layer.fit_gain` reads off a fit, here from the report's measured distances."""
     before = math.sqrt(sum(g.distance_before**2 for g in report.groups))
     after = math.sqrt(sum(g.distance_after**2 for g in report.groups))
     return 0.0 if before == 0 else 1.0 - after / before

@@ -53,7 +53,8 @@ def qk_blocks(t: HeadTensors) -> Blocks:
 
 def vo_blocks(t: HeadTensors, o_rows: Callable[[HeadTensors], torch.Tensor] | None = None) -> Blocks:
     """Per KV head, ``X = [W_V | b_V]`` (H_kv, d_h, d+1) and ``Y`` = the group's ``W_O^{hT}`` (H_kv, d_h, r·d).
-    ``o_rows``: ``W_O^{hT}`` contiguous (:func:`output_rows`; a caller that already made it passes it on)."""
+    ``o_rows``: gives ``W_O^{hT}`` contiguous (default :func:`output_rows`; a caller that already made it passes
+    its own)."""
     return torch.cat([t.v, t.v_bias.unsqueeze(-1)], -1), _group_rows((o_rows or output_rows)(t), t.group_size)
 
 
@@ -386,11 +387,11 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
             details["heads_objective_decrease"] = head_squared_distance(model, reference) - head_squared_distance(permuted, reference)
         model = permuted
     filled = x.kv_perm >= 0  # empty (zero) KV heads keep the identity: nothing to rotate
-    for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", vo_blocks, vo, scale_vo)):
+    for name, blocks, rotate, rescale in (("qk", qk_blocks, qk, scale_qk), ("vo", lambda t: vo_blocks(t, o_rows), vo, scale_vo)):
         if not (rotate or rescale):
             continue
         planes = rope and name == "qk"
-        model_blocks, reference_blocks = (vo_blocks(model, o_rows), vo_blocks(reference, o_rows)) if name == "vo" else (blocks(model), blocks(reference))
+        model_blocks, reference_blocks = blocks(model), blocks(reference)
         if not bool(filled.all()):
             model_blocks, reference_blocks = tuple(b[filled.to(b.device)] for b in model_blocks), tuple(b[filled.to(b.device)] for b in reference_blocks)
         n = int(filled.sum())

@@ -62,7 +62,7 @@ def solve_ffn(similarity: torch.Tensor | None, width: int) -> tuple[torch.Tensor
     square = similarity.shape[0] == similarity.shape[1]
     trace = float(similarity.diagonal().sum(dtype=torch.float64)) if square else 0.0
     perm, total = solve_lap(similarity, overwrite=True, with_total=True)
-    return torch.from_numpy(perm), 2.0 * (total - trace) if square else 0.0
+    return torch.from_numpy(perm), (2.0 * (total - trace) if square else 0.0)
 
 
 def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup, symmetries: frozenset[str],
@@ -99,14 +99,14 @@ def fit_ffn(ref: StateView, model: StateView, spec: ModelSpec, bar: tqdm, max_pe
     """Per FFN, its permutation and the decrease of its squared distance (:func:`solve_ffn`): one exact LAP per FFN,
     ``P = argmax ⟨P, S⟩`` with ``S`` from :func:`ffn_similarity` (built on ``device``, moved to the CPU for the solver);
     at most ``max_pending`` similarity matrices wait for a solver at a time (memory stays at a few d_ff×d_ff).
-    ``model_spec``: a narrower model's own spec (rectangular LAPs). ``distances``: filled by :func:`record_distances` group by group (``None``: not recorded).
+    ``model_spec``: a narrower model's own spec (rectangular LAPs). ``distances``: filled by :func:`record_distances`
+    group by group (``None``: not recorded).
 
     ``interleave``: other work for this thread while the solvers run (the attention fits), one item after each FFN's
     matrix is handed to its solver, the rest before waiting for the last solvers; each item runs exactly once, in
     order, whatever the FFN count, with torch's threads less those of the pending solvers that solve a LAP (at
-    least one): a thread team of small
-    ops that must wait for cores the solvers hold collapses (batched 64×64 SVDs ran >100× slower at 2 threads on a
-    saturated 2-core machine, :func:`~symmerge.match.procrustes.single_threaded`)."""
+    least one): a thread team of small ops that must wait for cores the solvers hold collapses (batched 64×64 SVDs
+    ran >100× slower at 2 threads on a saturated 2-core machine, :func:`~symmerge.match.procrustes.single_threaded`)."""
     model_groups = {g.name: g for g in (model_spec or spec).ffn}
     perms: dict[str, tuple[torch.Tensor, float]] = {}
     pending: deque[tuple[str, Future, bool]] = deque()  # (group, solver, whether it solves a LAP)
