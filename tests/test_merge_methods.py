@@ -41,10 +41,22 @@ from symmerge.merge import (
     ties,
     validate_params,
 )
-from symmerge.merge import methods as M
+from symmerge.merge.methods import anchored, common, interpolation, sparsify, with_data
+from symmerge.merge.methods import generalized_task_arithmetic as gta
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 T = lambda *xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+
+
+METHOD_MODULES = (common, sparsify, gta, interpolation, anchored, with_data)
+
+
+def _patch(monkeypatch, name, value):
+    """Set a module-level setting or helper in every methods module that holds it (each imports it by name)."""
+    holders = [m for m in METHOD_MODULES if hasattr(m, name)]
+    assert holders, name
+    for module in holders:
+        monkeypatch.setattr(module, name, value)
 
 
 def close(a: torch.Tensor, b, atol: float = 1e-6) -> bool:
@@ -122,17 +134,17 @@ def test_whole_model_and_per_tensor_trimming_differ():
 
 
 def test_exact_threshold_for_large_tensors_matches_kthvalue(monkeypatch):
-    monkeypatch.setattr(M, "EXACT_DIRECT_MAX", 1000)
+    monkeypatch.setattr(sparsify, "EXACT_DIRECT_MAX", 1000)
     x = torch.randn(50_000, generator=G(0)).abs()
     ties_heavy = torch.cat([torch.zeros(30_000), torch.full((10_000,), 0.5), torch.rand(10_000, generator=G(1))])
     for values in (x, ties_heavy):
         n = values.numel()
         for density in (0.01, 0.2, 0.5, 0.77, 0.999):
-            k = M.keep_count(density, n)
+            k = sparsify.keep_count(density, n)
             assert magnitude_threshold(values, density) == float(torch.kthvalue(values, n - k + 1).values)
-    monkeypatch.setattr(M, "_BRACKET_SAMPLE", 3)  # brackets from 3 samples mostly miss: the fallback stays exact
+    monkeypatch.setattr(sparsify, "_BRACKET_SAMPLE", 3)  # brackets from 3 samples mostly miss: the fallback stays exact
     for density in (0.05, 0.3, 0.9):
-        k = M.keep_count(density, x.numel())
+        k = sparsify.keep_count(density, x.numel())
         assert magnitude_threshold(x, density) == float(torch.kthvalue(x, x.numel() - k + 1).values)
 
 
@@ -641,7 +653,7 @@ def _ties_reference(tensors, base, density, weights, normalize=True):
 
 
 def test_chunked_ties_kernel_is_exact(monkeypatch):
-    monkeypatch.setattr(M, "TIES_CHUNK", 64)  # many chunks, so ties at the threshold straddle chunk boundaries
+    monkeypatch.setattr(sparsify, "TIES_CHUNK", 64)  # many chunks, so ties at the threshold straddle chunk boundaries
     for case in range(6):
         g = G(300 + case)
         base = torch.randint(-64, 64, (20, 17), generator=g).float() / 32  # exact differences: elections alike in float32/64
@@ -653,7 +665,7 @@ def test_chunked_ties_kernel_is_exact(monkeypatch):
         fast = ties(models, base=base, density=density, weights=weights, normalize=normalize)
         # the generic float32 path (what the kernel replaces) gives the very same bits
         p = validate_params("ties", {"density": density, "normalize": normalize})
-        slow = M._disjoint_merge(M._Sparsified("ties", "magnitude", models, base, torch.float32, None, p), 3, weights, base, torch.float32, normalize)
+        slow = sparsify._disjoint_merge(gta._Sparsified("ties", "magnitude", models, base, torch.float32, None, p), 3, weights, base, torch.float32, normalize)
         assert torch.equal(fast, slow.add_(base))
         ref = _ties_reference(models, base, density, weights, normalize)
         assert torch.equal(fast != base, ref != base.double())  # the same entries kept and merged
@@ -703,8 +715,8 @@ def test_ties_kernel_equals_a_sorted_reference_on_ties_and_zero_signs(monkeypatc
     """The chunked kernel (sampled bracket, or its radix fallback) against :func:`_ties_sorted_reference` bit for
     bit, on bf16 task vectors with heavy magnitude ties, exact zeros and cancelling models; then with a
     continuous model (the bracket's ``lo < hi`` branch)."""
-    monkeypatch.setattr(M, "TIES_CHUNK", chunk)
-    monkeypatch.setattr(M, "_TIE_PIECE", 16)  # the tie position is found piece by piece within a chunk
+    monkeypatch.setattr(sparsify, "TIES_CHUNK", chunk)
+    monkeypatch.setattr(sparsify, "_TIE_PIECE", 16)  # the tie position is found piece by piece within a chunk
     base, models = _tie_heavy_models(seed)
     weights = [1.0, 1.0, 0.5]
     for density in ([0.2, 0.2, 0.2], [0.05, 0.5, 0.9], [0.3, 1.0, 0.01]):
@@ -723,8 +735,8 @@ def _ties_before_fusing(models, base, density, weights, lam, normalize, round_tw
     base32 = base.float().reshape(-1)
     taus = []
     for i, (x, d) in enumerate(zip(models, density)):
-        plan = M._trim_plan(x.reshape(-1), base.reshape(-1), M.keep_count(d, base.numel()), M._TiesScratch(len(models), M.TIES_CHUNK), i)
-        taus.append(M._apply_trim_(x.float().reshape(-1) - base32, *plan, 0))
+        plan = sparsify._trim_plan(x.reshape(-1), base.reshape(-1), sparsify.keep_count(d, base.numel()), sparsify._TiesScratch(len(models), sparsify.TIES_CHUNK), i)
+        taus.append(sparsify._apply_trim_(x.float().reshape(-1) - base32, *plan, 0))
     sign = torch.mul(taus[0], weights[0])
     for i in range(1, len(taus)):
         sign.add_(taus[i], alpha=weights[i])
@@ -751,7 +763,7 @@ def test_ties_kernel_bits_equal_the_unfused_kernel(monkeypatch, chunk):
     directly, addcdiv for base + num / den, the counting trim plan, the chunk size) change no output bit (compared
     as integers: ``torch.equal`` takes −0 for +0): tie-heavy bf16 task vectors, exact zeros, −0 in the base and in
     the task vectors, every weight/λ/normalize branch. Control: one rounding more is seen."""
-    monkeypatch.setattr(M, "TIES_CHUNK", chunk)
+    monkeypatch.setattr(sparsify, "TIES_CHUNK", chunk)
     bits = lambda x: x.view(torch.int16)  # noqa: E731
     for seed in range(3):
         base, models = _tie_heavy_models(seed, shape=(67, 45))
@@ -775,35 +787,35 @@ def test_count_above_counts_strictly_greater_magnitudes():
     mags[:3] = torch.tensor([1e-45, 2e-45, 0.0])  # subnormals
     scratch = torch.empty_like(mags)
     for t in (0.0, 0.25, 0.5, 1.0, 1e-45, 5.0):
-        assert M._count_above(mags, t, scratch) == int((mags > t).sum()), t
+        assert sparsify._count_above(mags, t, scratch) == int((mags > t).sum()), t
         if t > 0:  # |x| > below(t) ⟺ |x| >= t
-            assert M._count_above(mags, M._below(t), scratch) == int((mags >= t).sum()), t
-    assert M._count_above(mags, M._below(0.5), scratch) != M._count_above(mags, 0.5, scratch)  # control: ties at 0.5 exist
+            assert sparsify._count_above(mags, sparsify._below(t), scratch) == int((mags >= t).sum()), t
+    assert sparsify._count_above(mags, sparsify._below(0.5), scratch) != sparsify._count_above(mags, 0.5, scratch)  # control: ties at 0.5 exist
 
 
 def test_ties_trim_plan_bracket_and_radix_fallback_agree(monkeypatch):
     """The bracket and the exact radix selection give the same plan; a bracket that misses (forced here, rare in
     use) falls back to radix, so the result stays exact; a plan breaking ties from the end is caught (control)."""
-    monkeypatch.setattr(M, "TIES_CHUNK", 256)
-    monkeypatch.setattr(M, "_TIE_PIECE", 48)  # not a divisor of the chunk: a ragged last piece
+    monkeypatch.setattr(sparsify, "TIES_CHUNK", 256)
+    monkeypatch.setattr(sparsify, "_TIE_PIECE", 48)  # not a divisor of the chunk: a ragged last piece
     g = G(7)
     base = torch.zeros(5000)
     for values in (torch.randint(0, 6, (5000,), generator=g).float() * 0.125, torch.randn(5000, generator=g)):
         for k in (1, 17, 1000, 2500, 4999):
-            scratch = M._TiesScratch(1, 256)
-            radix = M._radix_trim_plan(values, base, k, scratch, 0)
-            assert M._trim_plan(values, base, k, scratch, 0) == radix
-            trimmed = M._apply_trim_(values.clone(), *radix, 0)  # t = 0 (k-th largest is 0) keeps all: zeros stay 0
+            scratch = sparsify._TiesScratch(1, 256)
+            radix = sparsify._radix_trim_plan(values, base, k, scratch, 0)
+            assert sparsify._trim_plan(values, base, k, scratch, 0) == radix
+            trimmed = sparsify._apply_trim_(values.clone(), *radix, 0)  # t = 0 (k-th largest is 0) keeps all: zeros stay 0
             top = torch.zeros(5000, dtype=torch.bool)
             top[sorted(range(5000), key=lambda j: (-abs(float(values[j])), j))[:k]] = True
             assert torch.equal(trimmed, values * top)
             with monkeypatch.context() as m:  # a bracket that misses entirely, above and below the threshold
                 for wrong in ((10.0, 20.0), (0.0, 0.0), (1e-9, 1e-8)):
-                    m.setattr(M, "_sampled_bracket", lambda *a, w=wrong: w)
-                    assert M._trim_plan(values, base, k, scratch, 0) == radix
+                    m.setattr(sparsify, "_sampled_bracket", lambda *a, w=wrong: w)
+                    assert sparsify._trim_plan(values, base, k, scratch, 0) == radix
     # negative control: keeping the *last* tied entries differs from the reference on tie-heavy input
     values = torch.randint(0, 3, (5000,), generator=g).float()
-    t, p = M._radix_trim_plan(values, base, 1000, M._TiesScratch(1, 256), 0)
+    t, p = sparsify._radix_trim_plan(values, base, 1000, sparsify._TiesScratch(1, 256), 0)
     first = torch.where(torch.arange(5000) < p, values >= t, values > t)
     tied = (values == t).nonzero().squeeze(1)
     last = (values > t).clone()
@@ -991,8 +1003,8 @@ def test_blockwise_spherical_and_model_stock_equal_one_block(monkeypatch):
     def agree(name: str, blocks: torch.Tensor) -> bool:
         return blocks.shape == whole[name].shape and bool((blocks - whole[name]).abs().max() <= 1e-6 * whole[name].abs().max())
 
-    monkeypatch.setattr(M, "GRAM_CHUNK", 64)
-    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    _patch(monkeypatch, "GRAM_CHUNK", 64)
+    _patch(monkeypatch, "ELEMENTWISE_CHUNK", 64)
     for name, call in _blockwise_cases():
         blocks = call()
         assert blocks.dtype == whole[name].dtype and agree(name, blocks), name
@@ -1006,17 +1018,17 @@ def test_blockwise_spherical_and_model_stock_equal_one_block(monkeypatch):
     wide_base, wide = _models(2, shape=(3, 150), seed=480)
     assert torch.allclose(model_stock(wide, base=wide_base, filter_wise=True).double(), _model_stock_reference(wide, wide_base, (3, 150)),
                           atol=1e-6)
-    real = M._row_blocks
-    monkeypatch.setattr(M, "_row_blocks", lambda rows, cols: list(real(rows, cols))[:-1])
-    monkeypatch.setattr(M, "_chunked", lambda fn, inputs, dtype, out_dtype: torch.zeros(inputs[0].shape, dtype=out_dtype))
+    real = common._row_blocks
+    monkeypatch.setattr(common, "_row_blocks", lambda rows, cols: list(real(rows, cols))[:-1])
+    _patch(monkeypatch, "_chunked", lambda fn, inputs, dtype, out_dtype: torch.zeros(inputs[0].shape, dtype=out_dtype))
     assert not any(agree(name, call()) for name, call in _blockwise_cases())
 
 
 def test_blockwise_slerp_and_model_stock_keep_the_bits_of_the_whole_tensor_arithmetic(monkeypatch):
     """bf16 in and out: slerp is ``c_0 a + c_1 b`` and model_stock ``t · mean θ_i + (1 − t) · base`` evaluated on
     whole float32 tensors, rounded once — block by block gives the same bits."""
-    monkeypatch.setattr(M, "GRAM_CHUNK", 64)
-    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    _patch(monkeypatch, "GRAM_CHUNK", 64)
+    _patch(monkeypatch, "ELEMENTWISE_CHUNK", 64)
     g = G(490)
     base = torch.randn(33, 29, generator=g).bfloat16()
     a, b = ((base.float() + torch.randn(33, 29, generator=g) * 0.01).bfloat16() for _ in range(2))
@@ -1071,12 +1083,12 @@ def test_sce_chunks_change_no_bit(monkeypatch):
         m.view(-1)[100:160] = base.view(-1)[100:160]  # zero variance, zero task vectors: ties at the selection threshold
     models[0].view(-1)[300:340] = models[1].view(-1)[300:340]
     whole = {topk: sce(models, base=base, select_topk=topk) for topk in (1.0, 0.5, 0.1)}
-    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 7)
+    _patch(monkeypatch, "ELEMENTWISE_CHUNK", 7)
     for topk, expected in whole.items():
         chunked = sce(models, base=base, select_topk=topk)
         assert torch.equal(chunked, expected)
         assert torch.allclose(chunked.double(), _sce_reference(models, base, topk), atol=1e-6)
-    monkeypatch.setattr(M, "_DOT_CHUNK", 5)  # energies summed in other chunks: the same up to float64 rounding
+    _patch(monkeypatch, "_DOT_CHUNK", 5)  # energies summed in other chunks: the same up to float64 rounding
     assert torch.allclose(sce(models, base=base, select_topk=0.5).double(), _sce_reference(models, base, 0.5), atol=1e-6)
 
 
@@ -1105,7 +1117,7 @@ def test_nearswap_by_hand():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nearswap_chunk_by_chunk_keeps_the_bits_of_the_whole_tensor_formula(monkeypatch, dtype):
     """Chunked (to bound memory) nearswap gives the bits of the formula on whole tensors; control: another t differs."""
-    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    _patch(monkeypatch, "ELEMENTWISE_CHUNK", 64)
     g = G(495)
     base = torch.randn(37, 29, generator=g).to(dtype)
     other = (base.float() + torch.randn(37, 29, generator=g) * 0.01).to(dtype)
@@ -1154,7 +1166,7 @@ def test_all_twenty_mergekit_methods_are_registered():
 def test_breadcrumbs_mask_equals_a_stable_sort_window(monkeypatch):
     """``_outlier_keep`` (two exact selections) keeps exactly the entries a stable ascending sort puts at ranks
     ``[bottom, bottom + target)``, on tie-heavy and continuous magnitudes, above and below the bracketing size."""
-    monkeypatch.setattr(M, "EXACT_DIRECT_MAX", 2000)  # the 5000-entry tensors take the bracketing selection
+    monkeypatch.setattr(sparsify, "EXACT_DIRECT_MAX", 2000)  # the 5000-entry tensors take the bracketing selection
     g = G(11)
     for values in (torch.randint(-4, 5, (5000,), generator=g).float() * 0.25, torch.randn(5000, generator=g), torch.randn(37, generator=g)):
         n = values.numel()
@@ -1164,18 +1176,18 @@ def test_breadcrumbs_mask_equals_a_stable_sort_window(monkeypatch):
             order = torch.sort(values.abs(), stable=True).indices
             expected = torch.zeros(n, dtype=torch.bool)
             expected[order[bottom : bottom + target]] = True
-            assert torch.equal(M._outlier_keep(values, density, gamma), expected), (density, gamma)
+            assert torch.equal(gta._outlier_keep(values, density, gamma), expected), (density, gamma)
     # negative control: ties broken from the end would differ on tie-heavy input
     values = torch.randint(0, 3, (500,), generator=g).float()
     last = torch.zeros(500, dtype=torch.bool)
     last[499 - torch.sort(values.flip(0), stable=True).indices[:200]] = True  # the smallest, ties: last index first
-    assert not torch.equal(M._smallest(values, 200), last)
+    assert not torch.equal(gta._smallest(values, 200), last)
 
 
 def test_chunked_linear_and_task_arithmetic_equal_the_whole_tensor_arithmetic(monkeypatch):
     """Chunked evaluation (here 64-entry chunks, a ragged last one) gives the bits of the same operations on whole
     tensors, bf16 in and out (one rounding)."""
-    monkeypatch.setattr(M, "ELEMENTWISE_CHUNK", 64)
+    _patch(monkeypatch, "ELEMENTWISE_CHUNK", 64)
     g = G(21)
     base = torch.randn(33, 29, generator=g).bfloat16()
     a, b = ((base.float() + torch.randn(33, 29, generator=g) * 0.01).bfloat16() for _ in range(2))
