@@ -31,6 +31,22 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from symmerge._version import __version__
+
+        typer.echo(f"symmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Options before the command (`symmerge --version`)."""
+
+
 SYMMETRIES_HELP = (
     "Comma-separated symmetry classes to align: ffn (FFN neuron permutation), qk / vo (per-head rotations), "
     "scale (per-head rescaling), heads (head permutation), residual (residual-stream map, norms folded first); "

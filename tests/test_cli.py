@@ -176,6 +176,8 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.strip() == f"error: {tmp_path / 'missing'} does not exist"
     proc = subprocess.run([sys.executable, "-m", "symmerge.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "align" in proc.stdout and "inspect" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "symmerge.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"symmerge {symmerge.__version__}\n"
 
 
 def test_console_script_exits_fast_after_a_success_with_output_flushed_and_exit_handlers_run():
