@@ -879,3 +879,21 @@ alignment: none
     torch.testing.assert_close(out[key], (ta[key] + tb[key]) / 2, rtol=1e-6, atol=1e-7)
     merge_recipe(capsys, tmp_path / "base", f"models: [{{model: {base}}}, {{model: {a}}}]\nbase_model: {base}\n"
                  "merge_method: task_arithmetic\nalignment: none\n")
+
+
+def test_mergekits_written_configs_booleans_and_yaml11_exponents_read_as_mergekit_reads_them(llamas, tmp_path, capsys):
+    """mergekit reads every setting as a number, word or gradient, so the configs it writes (an output's
+    mergekit_config.yml, model cards) say ``normalize: 1.0``; and PyYAML reads ``tol: 1e-5`` (no dot) as a word, which
+    mergekit's pydantic fields read as a number. Both merge as mergekit merges them; other values are still refused."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    head = f"models: [{{model: {a}, parameters: {{weight: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.6}}}}]\nbase_model: {base}\nalignment: none\n"
+    written, _ = merge_recipe(capsys, tmp_path / "written", head + "merge_method: della_linear\nparameters: {normalize: 1.0, int8_mask: 1.0, rescale: 0.0}\n")
+    given, _ = merge_recipe(capsys, tmp_path / "given", head + "merge_method: della_linear\nparameters: {normalize: true, int8_mask: true, rescale: false}\n")
+    assert all(torch.equal(written[k], given[k]) for k in given)
+    words, _ = merge_recipe(capsys, tmp_path / "words", head + "merge_method: karcher\nparameters: {tol: 1e-5, max_iter: 1e1}\n")
+    numbers, _ = merge_recipe(capsys, tmp_path / "numbers", head + "merge_method: karcher\nparameters: {tol: 1.0e-5, max_iter: 10}\n")
+    assert all(torch.equal(words[k], numbers[k]) for k in numbers)
+    for params, message in (("{normalize: 0.5}", "della_linear: normalize must be true or false, got 0.5"),
+                            ("{normalize: 2}", "della_linear: normalize must be true or false, got 2"),
+                            ("{lambda: 1e-5x}", "della_linear: lambda must be a number, got '1e-5x'")):
+        expect_cli_error(capsys, message, "merge", _write(tmp_path / "bad.yaml", head + f"merge_method: della_linear\nparameters: {params}\n"), tmp_path / "bad")
