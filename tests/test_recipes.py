@@ -897,3 +897,24 @@ def test_mergekits_written_configs_booleans_and_yaml11_exponents_read_as_mergeki
                             ("{normalize: 2}", "della_linear: normalize must be true or false, got 2"),
                             ("{lambda: 1e-5x}", "della_linear: lambda must be a number, got '1e-5x'")):
         expect_cli_error(capsys, message, "merge", _write(tmp_path / "bad.yaml", head + f"merge_method: della_linear\nparameters: {params}\n"), tmp_path / "bad")
+
+
+def test_a_recipe_of_the_base_alone_writes_the_base_as_mergekits_task_arithmetic_does(llamas, tmp_path, capsys):
+    """A published "LoRA-blation": base_model M+L and one source M+L. The engine drops base_model from the inputs
+    (as mergekit does), so no task vector is left, and mergekit's task-arithmetic methods return the base: M with
+    the adapter applied."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    g = torch.Generator().manual_seed(5)
+    la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
+               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    m = f"{llamas['a']}+{adapter}"
+    a = load_file(llamas["a"] / "model.safetensors")
+    for method in ("task_arithmetic", "ties", "della_linear"):
+        out, _ = merge_recipe(capsys, tmp_path / method, f"base_model: {m}\nmerge_method: {method}\nparameters: {{normalize: false}}\n"
+                              f"slices:\n- sources:\n  - layer_range: [0, {LAYERS}]\n    model: {m}\n    parameters: {{weight: 1.0}}\n")
+        key = "model.layers.1.self_attn.q_proj.weight"
+        torch.testing.assert_close(out[key], a[key] + 4.0 * lb @ la)
+        assert all(torch.equal(out[k], a[k]) for k in a if k != key)
