@@ -918,3 +918,19 @@ def test_a_recipe_of_the_base_alone_writes_the_base_as_mergekits_task_arithmetic
         key = "model.layers.1.self_attn.q_proj.weight"
         torch.testing.assert_close(out[key], a[key] + 4.0 * lb @ la)
         assert all(torch.equal(out[k], a[k]) for k in a if k != key)
+
+
+def test_mergekit_keys_its_configuration_ignores_are_dropped_with_a_note_typos_refused(llamas, tmp_path, capsys):
+    """A method parameter at the top level (``normalize: true`` beside ``merge_method: model_stock``, as a published
+    recipe has it) and mergekit-mega's document ``name`` change nothing in mergekit-yaml, which ignores keys it does
+    not know: both merge with a note. A key that is no parameter of any method is still a typo, refused."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: model_stock\nbase_model: {base}\nalignment: none\n"
+    plain, out = merge_recipe(capsys, tmp_path / "plain", text)
+    pasted, out_pasted = merge_recipe(capsys, tmp_path / "pasted", "name: First\n" + text + "normalize: true\nt: 0.3\n")
+    assert all(torch.equal(pasted[k], plain[k]) for k in plain) and "note:" not in out
+    notes = [line for line in out_pasted.splitlines() if line.startswith("note:")]
+    assert "note: normalize: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)" in notes
+    assert "note: t: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)" in notes
+    assert any(n.startswith("note: name: 'First' names a document of a mergekit-mega file") for n in notes)
+    expect_cli_error(capsys, "normalise: Extra inputs are not permitted", "merge", _write(tmp_path / "typo.yaml", text + "normalise: true\n"), tmp_path / "o")
