@@ -934,3 +934,12 @@ def test_mergekit_keys_its_configuration_ignores_are_dropped_with_a_note_typos_r
     assert "note: t: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)" in notes
     assert any(n.startswith("note: name: 'First' names a document of a mergekit-mega file") for n in notes)
     expect_cli_error(capsys, "normalise: Extra inputs are not permitted", "merge", _write(tmp_path / "typo.yaml", text + "normalise: true\n"), tmp_path / "o")
+
+
+def test_an_old_examples_pattern_key_and_a_mergekit_mega_file_are_refused_in_one_line_saying_what_to_do(llamas, tmp_path, capsys):
+    a, b = llamas["a"], llamas["b"]
+    text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: slerp\nalignment: none\n"
+    expect_cli_error(capsys, "unknown key 'pattern' in a filtered value (keys: filter, value): write filter (mergekit ignores pattern",
+                     "merge", _write(tmp_path / "p.yaml", text + "parameters: {t: [{pattern: mlp, value: 0.3}, {value: 0.5}]}\n"), tmp_path / "o")
+    expect_cli_error(capsys, "expected a single document in the stream: but found another document (several YAML documents: a mergekit-mega file?",
+                     "merge", _write(tmp_path / "mega.yaml", text + "parameters: {t: 0.5}\n---\n" + text), tmp_path / "o")

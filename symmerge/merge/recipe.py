@@ -421,7 +421,9 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     context = getattr(e, "context", None)
     reason = f"{context}: {problem}" if context and getattr(e, "problem", None) else problem
-    return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}"
+    # mergekit-mega's multi-stage files separate their recipes with ---; mergekit-yaml refuses them as well
+    hint = " (several YAML documents: a mergekit-mega file? give each recipe its own file)" if context == "expected a single document in the stream" else ""
+    return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}{hint}"
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
