@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -1208,3 +1209,17 @@ def test_della_ranks_equal_a_double_argsort():
         ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
         expected = ranks.div_(rows.shape[1] - 1).clamp_(0, 1).mul_(0.2).add_(0.4).reshape(x.shape)
         assert torch.equal(della_keep_probabilities(x, 0.5, 0.1), expected)
+
+
+def test_params_read_mergekits_written_booleans_and_yaml11_exponents():
+    # mergekit writes true/false as 1.0/0.0 in the configs it saves; PyYAML reads 1e-5 (no dot) as a word
+    from symmerge.merge.methods import validate_params
+
+    p = validate_params("della_linear", {"normalize": 1.0, "rescale": 0, "int8_mask": 1})
+    assert p["normalize"] is True and p["rescale"] is False and p["int8_mask"] is True
+    assert validate_params("karcher", {"tol": "1e-5", "max_iter": "1e1"}) == {"tol": 1e-5, "max_iter": 10}
+    assert validate_params("ties", {"density": ["5e-1", 0.3]})["density"] == [0.5, 0.3]
+    for params, message in (({"normalize": 0.5}, "normalize must be true or false, got 0.5"), ({"tol": "1e-5x"}, "tol must be a number, got '1e-5x'"),
+                            ({"tol": "inf"}, "tol must be a number, got 'inf'"), ({"max_iter": "1.5e0"}, "max_iter must be an integer, got 1.5")):
+        with pytest.raises(SymmergeError, match=re.escape(message)):
+            validate_params("della_linear" if "normalize" in params else "karcher", params)

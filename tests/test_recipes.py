@@ -879,3 +879,67 @@ alignment: none
     torch.testing.assert_close(out[key], (ta[key] + tb[key]) / 2, rtol=1e-6, atol=1e-7)
     merge_recipe(capsys, tmp_path / "base", f"models: [{{model: {base}}}, {{model: {a}}}]\nbase_model: {base}\n"
                  "merge_method: task_arithmetic\nalignment: none\n")
+
+
+def test_mergekits_written_configs_booleans_and_yaml11_exponents_read_as_mergekit_reads_them(llamas, tmp_path, capsys):
+    """mergekit reads every setting as a number, word or gradient, so the configs it writes (an output's
+    mergekit_config.yml, model cards) say ``normalize: 1.0``; and PyYAML reads ``tol: 1e-5`` (no dot) as a word, which
+    mergekit's pydantic fields read as a number. Both merge as mergekit merges them; other values are still refused."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    head = f"models: [{{model: {a}, parameters: {{weight: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.6}}}}]\nbase_model: {base}\nalignment: none\n"
+    written, _ = merge_recipe(capsys, tmp_path / "written", head + "merge_method: della_linear\nparameters: {normalize: 1.0, int8_mask: 1.0, rescale: 0.0}\n")
+    given, _ = merge_recipe(capsys, tmp_path / "given", head + "merge_method: della_linear\nparameters: {normalize: true, int8_mask: true, rescale: false}\n")
+    assert all(torch.equal(written[k], given[k]) for k in given)
+    words, _ = merge_recipe(capsys, tmp_path / "words", head + "merge_method: karcher\nparameters: {tol: 1e-5, max_iter: 1e1}\n")
+    numbers, _ = merge_recipe(capsys, tmp_path / "numbers", head + "merge_method: karcher\nparameters: {tol: 1.0e-5, max_iter: 10}\n")
+    assert all(torch.equal(words[k], numbers[k]) for k in numbers)
+    for params, message in (("{normalize: 0.5}", "della_linear: normalize must be true or false, got 0.5"),
+                            ("{normalize: 2}", "della_linear: normalize must be true or false, got 2"),
+                            ("{lambda: 1e-5x}", "della_linear: lambda must be a number, got '1e-5x'")):
+        expect_cli_error(capsys, message, "merge", _write(tmp_path / "bad.yaml", head + f"merge_method: della_linear\nparameters: {params}\n"), tmp_path / "bad")
+
+
+def test_a_recipe_of_the_base_alone_writes_the_base_as_mergekits_task_arithmetic_does(llamas, tmp_path, capsys):
+    """A published "LoRA-blation": base_model M+L and one source M+L. The engine drops base_model from the inputs
+    (as mergekit does), so no task vector is left, and mergekit's task-arithmetic methods return the base: M with
+    the adapter applied."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    g = torch.Generator().manual_seed(5)
+    la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
+               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    m = f"{llamas['a']}+{adapter}"
+    a = load_file(llamas["a"] / "model.safetensors")
+    for method in ("task_arithmetic", "ties", "della_linear"):
+        out, _ = merge_recipe(capsys, tmp_path / method, f"base_model: {m}\nmerge_method: {method}\nparameters: {{normalize: false}}\n"
+                              f"slices:\n- sources:\n  - layer_range: [0, {LAYERS}]\n    model: {m}\n    parameters: {{weight: 1.0}}\n")
+        key = "model.layers.1.self_attn.q_proj.weight"
+        torch.testing.assert_close(out[key], a[key] + 4.0 * lb @ la)
+        assert all(torch.equal(out[k], a[k]) for k in a if k != key)
+
+
+def test_mergekit_keys_its_configuration_ignores_are_dropped_with_a_note_typos_refused(llamas, tmp_path, capsys):
+    """A method parameter at the top level (``normalize: true`` beside ``merge_method: model_stock``, as a published
+    recipe has it) and mergekit-mega's document ``name`` change nothing in mergekit-yaml, which ignores keys it does
+    not know: both merge with a note. A key that is no parameter of any method is still a typo, refused."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: model_stock\nbase_model: {base}\nalignment: none\n"
+    plain, out = merge_recipe(capsys, tmp_path / "plain", text)
+    pasted, out_pasted = merge_recipe(capsys, tmp_path / "pasted", "name: First\n" + text + "normalize: true\nt: 0.3\n")
+    assert all(torch.equal(pasted[k], plain[k]) for k in plain) and "note:" not in out
+    notes = [line for line in out_pasted.splitlines() if line.startswith("note:")]
+    assert "note: normalize: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)" in notes
+    assert "note: t: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)" in notes
+    assert any(n.startswith("note: name: 'First' names a document of a mergekit-mega file") for n in notes)
+    expect_cli_error(capsys, "normalise: Extra inputs are not permitted", "merge", _write(tmp_path / "typo.yaml", text + "normalise: true\n"), tmp_path / "o")
+
+
+def test_an_old_examples_pattern_key_and_a_mergekit_mega_file_are_refused_in_one_line_saying_what_to_do(llamas, tmp_path, capsys):
+    a, b = llamas["a"], llamas["b"]
+    text = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: slerp\nalignment: none\n"
+    expect_cli_error(capsys, "unknown key 'pattern' in a filtered value (keys: filter, value): write filter (mergekit ignores pattern",
+                     "merge", _write(tmp_path / "p.yaml", text + "parameters: {t: [{pattern: mlp, value: 0.3}, {value: 0.5}]}\n"), tmp_path / "o")
+    expect_cli_error(capsys, "expected a single document in the stream: but found another document (several YAML documents: a mergekit-mega file?",
+                     "merge", _write(tmp_path / "mega.yaml", text + "parameters: {t: 0.5}\n---\n" + text), tmp_path / "o")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from symmerge.errors import SymmergeError, cut
+from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.groups import is_auto, parse_symmetries, resolve_symmetries
 from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
@@ -35,6 +35,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     """Validate everything a merge needs, reading configs and safetensors headers only."""
     method = get_method(recipe.merge_method)
     notes: list[str] = []
+    for key in recipe.misplaced_parameters:
+        notes.append(f"{key}: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)")
+    if recipe.name is not None:
+        notes.append(f"name: {shorten(recipe.name, 60)} names a document of a mergekit-mega file; one recipe needs no name (mergekit-yaml ignores it too)")
     top = check_scope(method, recipe.parameters, "parameters", False, notes)
     recipe.parameters = top
     module = check_scope(method, recipe.module_parameters, "modules.default.parameters", False, notes)

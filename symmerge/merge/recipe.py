@@ -253,8 +253,13 @@ class Recipe(BaseModel):
     allow_unrelated_base: bool = False  # merge task vectors even when a model looks unrelated to the base
     # the parameters of mergekit's ``modules: {default: {parameters: ...}}``: below a slice's, above the recipe's
     module_parameters: dict[str, Any] = Field(default_factory=dict)
+    # mergekit-mega's name of one document of a multi-stage file, often kept in a recipe pasted from one: a label,
+    # which mergekit-yaml ignores (accepted with a note by plan_merge)
+    name: str | None = Field(None, max_length=200)
     # no alignment key: align where the family allows it, else merge unaligned with a note (as mergekit merges)
     _default_alignment: bool = PrivateAttr(default=False)
+    # method parameters the file gives at the top level, where mergekit ignores them (load_recipe; noted by plan_merge)
+    _misplaced: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="before")
     @classmethod
@@ -284,6 +289,12 @@ class Recipe(BaseModel):
         # read once, here: a later assignment (the CLI's --device) must not turn the default into an explicit choice
         self._default_alignment = "alignment" not in self.model_fields_set
         return self
+
+    @property
+    def misplaced_parameters(self) -> tuple[str, ...]:
+        """Method parameters the recipe file gave at the top level (``normalize: true`` beside ``merge_method``),
+        dropped as mergekit-yaml drops them: it ignores every key it does not know."""
+        return self._misplaced
 
     @property
     def default_alignment(self) -> bool:
@@ -410,7 +421,9 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     context = getattr(e, "context", None)
     reason = f"{context}: {problem}" if context and getattr(e, "problem", None) else problem
-    return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}"
+    # mergekit-mega's multi-stage files separate their recipes with ---; mergekit-yaml refuses them as well
+    hint = " (several YAML documents: a mergekit-mega file? give each recipe its own file)" if context == "expected a single document in the stream" else ""
+    return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}{hint}"
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
@@ -442,12 +455,28 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
         raise SymmergeError(f"{path} is not a valid recipe: {shorten(str(e), 120)}") from None
     if not isinstance(raw, dict):
         raise SymmergeError(f"{path}: a recipe is a mapping with models, merge_method, ... at the top level")
+    misplaced = _misplaced_parameters(raw)
     try:
-        return Recipe.model_validate(raw), path.parent
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise SymmergeError(_pydantic_message(e, str(path))) from None
     except RecursionError:
         raise SymmergeError(f"{path} is not a valid recipe: it is nested too deeply") from None
+    recipe._misplaced = misplaced
+    return recipe, path.parent
+
+
+def _misplaced_parameters(raw: dict[Any, Any]) -> tuple[str, ...]:
+    """Remove from ``raw`` the method parameters given at the top level instead of under ``parameters:``: mergekit's
+    configuration ignores keys it does not know, so a published recipe may carry one (``normalize: true`` beside
+    ``merge_method: model_stock``) that changed nothing there. Any other unknown key is still refused (a typo)."""
+    from symmerge.merge.methods import list_methods
+
+    names = {p.name for m in list_methods() for p in m.params} | {"weight"}
+    keys = tuple(k for k in raw if isinstance(k, str) and k in names and k not in Recipe.model_fields)
+    for k in keys:
+        raw.pop(k)
+    return keys
 
 
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,

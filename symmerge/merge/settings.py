@@ -65,7 +65,9 @@ def check_setting(value: Any, where: str) -> Any:
 def _condition(entry: Mapping, where: str) -> dict:
     extra = set(entry) - {"filter", "value"}
     if extra:
-        raise ValueError(f"{where}: unknown key {shorten(sorted(map(str, extra))[0])} in a filtered value (keys: filter, value)")
+        # an early mergekit example wrote pattern: for filter:; mergekit ignores the key, so that entry matches every tensor
+        hint = ": write filter (mergekit ignores pattern, so its entry would apply to every tensor)" if "pattern" in extra else ""
+        raise ValueError(f"{where}: unknown key {shorten(sorted(map(str, extra))[0])} in a filtered value (keys: filter, value){hint}")
     if "value" not in entry:
         raise ValueError(f"{where}: a filtered entry needs a value")
     f = entry.get("filter")

@@ -221,6 +221,11 @@ def _gta(method: str, tensors: Sequence[Tensor], base: Tensor | None, weights: S
        by ``Σ_i w_i a_i`` when ``normalize``; without, ``τ_m = Σ_i w_i τ̂_i``, divided by ``Σ_i w_i`` (or by 1
        when ``|Σ_i w_i| < 1e-8``) when ``normalize``.
     """
+    if not tensors and base is not None:
+        # base_model is the only input (the engine drops it from the models, as mergekit does), e.g. a recipe that
+        # applies a LoRA: base_model M+L and one source M+L. mergekit's task-arithmetic methods return the base then
+        _check_inputs(method, [base], name)
+        return base.to(out_dtype or base.dtype, copy=True)
     _check_inputs(method, tensors, name, base=base, needs_base=True)
     w = _weights(method, weights, len(tensors), nonnegative=consensus)
     dtype = _compute_dtype(*tensors, base)
@@ -383,7 +388,8 @@ def ties(
     """
     p = _params("ties", density=density, lambda_=lambda_, trim=trim, normalize=normalize, rescale=rescale, rescale_norm=rescale_norm,
                 int8_mask=int8_mask)
-    _check_inputs("ties", tensors, name, base=base, needs_base=True)
+    if tensors or base is None:  # base_model alone: _gta returns the base, as mergekit's does
+        _check_inputs("ties", tensors, name, base=base, needs_base=True)
     if p["trim"] == "model" and thresholds is None:
         raise SymmergeError("ties: trim=model needs whole-model thresholds (see global_magnitude_thresholds)")
     if thresholds is not None and len(thresholds) != len(tensors):

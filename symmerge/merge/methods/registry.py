@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import keyword
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,9 +76,16 @@ class ParamSpec:
     def _check_one(self, method: str, value: Any, label: str) -> Any:
         bad = lambda what: SymmergeError(f"{method}: {label} must be {what}, got {value!r}")  # noqa: E731
         if self.kind == "bool":
+            # mergekit reads every setting as a number, a word or a gradient, so the configs it writes (an output's
+            # mergekit_config.yml, the model cards made from it) say 1.0 / 0.0 for true / false; its methods read
+            # those, and no other number, as booleans
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+                return bool(value)
             if not isinstance(value, bool):
                 raise bad("true or false")
             return value
+        if isinstance(value, str) and self.kind in ("float", "int") and _YAML11_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # 1e-5: PyYAML (YAML 1.1) reads it as a word; mergekit's pydantic fields as a number
         if self.kind == "choice":
             if value not in self.choices:
                 raise bad(self.constraint)
@@ -98,6 +106,10 @@ class ParamSpec:
         if lo_bad or hi_bad:
             raise SymmergeError(f"{method}: {label} must be {self.constraint}, got {_num(value)}")
         return value
+
+
+# numbers YAML 1.1 leaves as words: exponents without a dot or without a sign (1e-5, 2.5e3)
+_YAML11_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 def Float(default: float | None, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
