@@ -130,6 +130,36 @@ def test_live_module_api_and_model_is_not_modified():
     assert isinstance(result.transform, ModelTransform)
 
 
+def test_a_slot_fused_per_head_reads_and_writes_back_bit_exactly():
+    """GPT-NeoX's query_key_value holds q_h | k_h | v_h per head: a Slot with ``period`` reads each of Q, K, V as one
+    contiguous canonical matrix (and bias), in Linear and Conv1D storage, writes it back bit for bit, touches only its
+    own rows, selects the same rows from activations (last axis), and grows with the head count."""
+    heads, dh, d = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(heads * 3 * dh, d, generator=g), torch.randn(heads * 3 * dh, generator=g)
+    state = {"w": w, "b": b, "wt": w.T.contiguous()}
+    original = clone(state)
+    parts = [(Slot("w", rows=(j * dh, (j + 1) * dh), period=3 * dh), Slot("b", rows=(j * dh, (j + 1) * dh), period=3 * dh),
+              Slot("wt", transposed=True, rows=(j * dh, (j + 1) * dh), period=3 * dh)) for j in range(3)]
+    view = StateView(state)
+    for j, (weight, bias, conv) in enumerate(parts):
+        expected = w.view(heads, 3, dh, d)[:, j].reshape(heads * dh, d)
+        assert torch.equal(view.get(weight), expected) and torch.equal(view.get(conv), expected)
+        assert torch.equal(view.get(bias), b.view(heads, 3, dh)[:, j].reshape(-1))
+        x = torch.randn(7, d, generator=g)
+        assert torch.equal(weight.select(x @ w.T + b, dim=1), x @ expected.T + bias.select(b))  # what activation hooks keep
+    for slot in [s for p in parts for s in p]:
+        view.set(slot, view.get(slot))
+    assert all(torch.equal(view.state[k], original[k]) for k in state)
+    view.set(parts[0][0], torch.zeros(heads * dh, d))  # Q only: K and V rows of every head keep their values
+    chunks = view.state["w"].view(heads, 3 * dh, d)
+    assert torch.all(chunks[:, :dh] == 0) and torch.equal(chunks[:, dh:], w.view(heads, 3 * dh, d)[:, dh:])
+    assert all(torch.equal(state[k], original[k]) for k in state)  # the source is never written
+    view.reallocate([(s, torch.zeros((heads + 1) * dh, d)) for s in (parts[0][0], parts[0][2])] + [(parts[0][1], torch.zeros((heads + 1) * dh))])
+    assert view.state["w"].shape == ((heads + 1) * 3 * dh, d) and view.state["wt"].shape == (d, (heads + 1) * 3 * dh)
+    assert view.state["b"].shape == ((heads + 1) * 3 * dh,)
+
+
 def test_head_transform_identity_is_identity():
     model, _ = make_model("vit")
     state = clone(model.state_dict())
