@@ -164,6 +164,7 @@ class ModelSpec:
     num_kv_heads: int = 0
     residual: ResidualGroup | None = None
     no_residual: str = ""  # why the residual class is not offered although a head reads the stream ("" otherwise)
+    qk_fixed_reason: str = ""  # why no QK map is a symmetry, where the attention groups are qk_fixed ("": per-head q/k norms)
     roles: tuple[tuple[str, str], ...] = ()  # (key, or module ending in ".") → tensor group, for tensors no group names
     blocks: tuple[str, ...] = ()  # each layer's module prefix, in order (``model.layers.3``): which layer a tensor is in
     pre_layers: tuple[str, ...] = ()  # norm modules (ending in ".") applied before the layers: BERT's embeddings.LayerNorm
@@ -231,7 +232,8 @@ class ModelSpec:
             f"  {self.num_layers} layers, hidden size {self.hidden_size}, {self.num_heads} heads of dim {dh}{grouping}, FFN width {self.ffn_width}",
             "symmetry groups:",
             f"  ffn       FFN neuron permutation       {len(self.ffn)} groups, S_{self.ffn_width} each",
-            "  qk        not a symmetry here          per-head q/k norms: a QK rotation or rescaling changes the outputs" if qk_fixed
+            (f"  qk        not transformed here         {self.qk_fixed_reason}" if self.qk_fixed_reason
+             else "  qk        not a symmetry here          per-head q/k norms: a QK rotation or rescaling changes the outputs") if qk_fixed
             else f"  qk        per-KV-head QK rotation      {layers} layers x {kv} heads, {qk_group} each",
             f"  vo        per-KV-head VO rotation      {layers} layers x {kv} heads, O({dh}) each",
             f"  scale     QK and VO rescaling          {layers} layers x {kv} heads"
