@@ -87,6 +87,14 @@ def _decoder(config_cls, model_cls, kv_heads, tie=False, **extra):
     return build
 
 
+def _gpt_neox(**extra):
+    def build():
+        cfg = transformers.GPTNeoXConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                                         max_position_embeddings=64, **extra)
+        return transformers.GPTNeoXForCausalLM(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+    return build
+
+
 FAMILIES = {
     "bert": _bert,
     "bert-cls": _bert_classifier,  # post-LN with a head: residual permutations
@@ -106,6 +114,13 @@ FAMILIES = {
     # + sandwich norms, attention logit soft-capping (small cap so it bites), query_pre_attn_scalar, sliding window
     "gemma2": _decoder(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, 2, head_dim=12, attn_logit_softcapping=2.0,
                        final_logit_softcapping=3.0, query_pre_attn_scalar=20, sliding_window=6),
+    # Pythia: Q|K|V fused per head, partial rotary (rotary_pct 0.25), LayerNorms with biases, untied embed_out
+    "gpt_neox": _gpt_neox(use_parallel_residual=True),
+    "gpt_neox-sequential": _gpt_neox(use_parallel_residual=False),
+    # partial rotary (0.25 would rotate 3 of 12 dims, which transformers' StableLM cannot), LayerNorm, GQA, Q/K/V biases
+    "stablelm": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 2, partial_rotary_factor=0.5, use_qkv_bias=True),
+    # one input_layernorm read by attention and MLP (parallel block), partial rotary, LM head with a bias
+    "phi": _decoder(transformers.PhiConfig, transformers.PhiForCausalLM, 2),
     "deberta-v2-cls": _deberta_classifier,  # disentangled attention (c2p, p2c) with share_att_key; post-LN: residual permutations
 }
 

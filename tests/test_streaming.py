@@ -31,8 +31,9 @@ from symmerge.match import fit_with_residual, state_distance
 from symmerge.spec import spec_for
 
 # pre-LN LayerNorm (gpt2, vit), RMSNorm (llama, qwen2, phi3: fused tensors), gain offset and tied head (gemma),
-# sandwich norms (gemma2: permutations), post-LN (bert-cls, deberta-v2-cls: permutations)
-RESIDUAL_FAMILIES = ("llama", "gpt2", "gemma", "gemma2", "qwen2", "phi3", "bert-cls", "deberta-v2-cls", "vit")
+# sandwich norms (gemma2: permutations), post-LN (bert-cls, deberta-v2-cls: permutations), partial rotary (gpt_neox: Q|K|V
+# fused per head, parallel residual; stablelm; phi: one norm read by attention and MLP)
+RESIDUAL_FAMILIES = ("llama", "gpt2", "gemma", "gemma2", "qwen2", "phi3", "bert-cls", "deberta-v2-cls", "vit", "gpt_neox", "stablelm", "phi")
 
 
 def _pair(family: str):
@@ -113,7 +114,8 @@ def test_streamed_residual_needs_residual_group():
         TransformedState(state, spec_for(bert.config, state.keys()), fold=True)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gpt2", "bert-cls"])  # tied head and gain offset; pre-LN; post-LN
+# tied head and gain offset; pre-LN; post-LN; on-disk head name (embed_out) and Q|K|V fused per head
+@pytest.mark.parametrize("family", ["gemma", "gpt2", "bert-cls", "gpt_neox"])
 def test_streamed_align_cli_equals_in_memory(tmp_path, capsys, family):
     """``align -s all,residual`` reads from mmap and writes unit by unit: the files equal :func:`symmerge.align` on
     whole state dicts, bit for bit."""

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import FAMILIES, make_model, max_output_diff
+from conftest import FAMILIES, _decoder, make_model, max_output_diff
 from safetensors.torch import load_file, save_file
 
 import symmerge
@@ -130,6 +130,36 @@ def test_live_module_api_and_model_is_not_modified():
     assert isinstance(result.transform, ModelTransform)
 
 
+def test_a_slot_fused_per_head_reads_and_writes_back_bit_exactly():
+    """GPT-NeoX's query_key_value holds q_h | k_h | v_h per head: a Slot with ``period`` reads each of Q, K, V as one
+    contiguous canonical matrix (and bias), in Linear and Conv1D storage, writes it back bit for bit, touches only its
+    own rows, selects the same rows from activations (last axis), and grows with the head count."""
+    heads, dh, d = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(heads * 3 * dh, d, generator=g), torch.randn(heads * 3 * dh, generator=g)
+    state = {"w": w, "b": b, "wt": w.T.contiguous()}
+    original = clone(state)
+    parts = [(Slot("w", rows=(j * dh, (j + 1) * dh), period=3 * dh), Slot("b", rows=(j * dh, (j + 1) * dh), period=3 * dh),
+              Slot("wt", transposed=True, rows=(j * dh, (j + 1) * dh), period=3 * dh)) for j in range(3)]
+    view = StateView(state)
+    for j, (weight, bias, conv) in enumerate(parts):
+        expected = w.view(heads, 3, dh, d)[:, j].reshape(heads * dh, d)
+        assert torch.equal(view.get(weight), expected) and torch.equal(view.get(conv), expected)
+        assert torch.equal(view.get(bias), b.view(heads, 3, dh)[:, j].reshape(-1))
+        x = torch.randn(7, d, generator=g)
+        assert torch.equal(weight.select(x @ w.T + b, dim=1), x @ expected.T + bias.select(b))  # what activation hooks keep
+    for slot in [s for p in parts for s in p]:
+        view.set(slot, view.get(slot))
+    assert all(torch.equal(view.state[k], original[k]) for k in state)
+    view.set(parts[0][0], torch.zeros(heads * dh, d))  # Q only: K and V rows of every head keep their values
+    chunks = view.state["w"].view(heads, 3 * dh, d)
+    assert torch.all(chunks[:, :dh] == 0) and torch.equal(chunks[:, dh:], w.view(heads, 3 * dh, d)[:, dh:])
+    assert all(torch.equal(state[k], original[k]) for k in state)  # the source is never written
+    view.reallocate([(s, torch.zeros((heads + 1) * dh, d)) for s in (parts[0][0], parts[0][2])] + [(parts[0][1], torch.zeros((heads + 1) * dh))])
+    assert view.state["w"].shape == ((heads + 1) * 3 * dh, d) and view.state["wt"].shape == (d, (heads + 1) * 3 * dh)
+    assert view.state["b"].shape == ((heads + 1) * 3 * dh,)
+
+
 def test_head_transform_identity_is_identity():
     model, _ = make_model("vit")
     state = clone(model.state_dict())
@@ -183,7 +213,8 @@ def test_gqa_forbids_moving_a_query_head_to_another_group():
     assert max_output_diff(model, before, after, make_inputs) <= TOL
 
 
-RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls", "phi3", "qwen3", "gemma", "gemma2", "deberta-v2-cls"]
+RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls", "phi3", "qwen3", "gemma", "gemma2", "deberta-v2-cls",
+                     "gpt_neox", "gpt_neox-sequential", "stablelm", "phi"]
 
 
 def test_every_registered_family_is_tested_and_residual_list_is_complete():
@@ -338,6 +369,86 @@ def test_qwen3_matching_leaves_qk_alone():
     assert max_output_diff(b, sb, result.state_dict, make_inputs) <= TOL
 
 
+PARTIAL_ROTARY_FAMILIES = ["gpt_neox", "stablelm", "phi"]
+
+
+@pytest.mark.parametrize("family", PARTIAL_ROTARY_FAMILIES)
+def test_partial_rotary_forbids_qk_rotations(family):
+    """Why GPT-NeoX, StableLM and Phi fix QK: RoPE rotates only the first part of each head, so a QK rotation mixing
+    rotated and unrotated dimensions changes the outputs; the spec says qk_fixed and a random QK/scale element is
+    the identity on QK (while VO is rescaled)."""
+    model, make_inputs = make_model(family)
+
+    def qk_rotation(x, grp):
+        x.qk_rotation = random_orthogonal(grp.head_dim, grp.kv_heads, torch.Generator().manual_seed(0))
+
+    before, after = _with_heads(model, qk_rotation)
+    assert max_output_diff(model, before, after, make_inputs) > 1e-3
+    spec = spec_for(model.config, before.keys())
+    assert all(g.qk_fixed for g in spec.attention) and "partial rotary" in "\n".join(spec.describe())
+    x = random_transform(spec, "qk,scale", seed=3).heads[spec.attention[0].name]
+    assert torch.equal(x.qk_rotation, torch.eye(spec.head_dim, dtype=torch.float64).expand_as(x.qk_rotation))
+    assert torch.all(x.qk_scale == 1) and not torch.all(x.vo_scale == 1)
+
+
+@pytest.mark.parametrize("family", PARTIAL_ROTARY_FAMILIES)
+def test_partial_rotary_matching_leaves_qk_alone(family):
+    """Aligning two unrelated models with qk asked for returns identity QK maps and a function-preserving result,
+    while heads and VO are matched (the distance goes down)."""
+    a, _ = make_model(family, 0)
+    b, make_inputs = make_model(family, 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    result = symmerge.align(sa, sb, config=a.config, symmetries="qk,vo,scale,heads")
+    for x in result.transform.heads.values():
+        assert torch.equal(x.qk_rotation, torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype).expand_as(x.qk_rotation))
+        assert torch.all(x.qk_scale == 1)
+    assert result.report.distance_after < result.report.distance_before
+    assert max_output_diff(b, sb, result.state_dict, make_inputs) <= TOL
+
+
+def test_gpt_neox_canonical_qkv_is_what_its_attention_computes():
+    """The per-head fused query_key_value read through the spec gives the q, k, v that GPTNeoXAttention splits off
+    (``view(..., heads, 3·d_h)`` then ``chunk(3)``), head by head, biases included."""
+    model, _ = make_model("gpt_neox")
+    state = clone(model.state_dict())
+    grp = spec_for(model.config, state.keys()).attention[1]
+    view, fused = StateView(state), model.gpt_neox.layers[1].attention.query_key_value
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parts = fused(x).view(5, grp.num_heads, 3 * grp.head_dim).chunk(3, dim=-1)
+    for hf, weight, bias in zip(parts, (grp.q, grp.k, grp.v), (grp.q_bias, grp.k_bias, grp.v_bias)):
+        torch.testing.assert_close(x @ view.get(weight).T + view.get(bias), hf.reshape(5, -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["stablelm-parallel", "stablelm-mha", "phi-qk-layernorm"])
+def test_partial_rotary_variants_preserve_function_and_recover(variant):
+    """Options of the default-supported configs: StableLM's use_parallel_residual (one input_layernorm read by
+    attention and MLP, like Phi), StableLM without GQA, Phi's qk_layernorm (one LayerNorm of width d_h shared by all
+    heads: heads and VO still move, QK stays)."""
+    import transformers
+
+    build = {"stablelm-parallel": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 2, partial_rotary_factor=0.5,
+                                           use_parallel_residual=True),
+             "stablelm-mha": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 4, partial_rotary_factor=0.5),
+             "phi-qk-layernorm": _decoder(transformers.PhiConfig, transformers.PhiForCausalLM, 4, qk_layernorm=True)}[variant]
+    torch.manual_seed(0)
+    model, make_inputs = build()
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 and "norm" in name and name.endswith("weight") else 0.0))
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    if variant == "stablelm-parallel":
+        assert len(spec.residual.norms) == spec.num_layers + 1  # one shared norm per block, plus the final norm
+    moved = apply_transform(original, spec, random_transform(spec, "all,residual", seed=1))
+    assert symmerge.state_distance(original, moved) > 1e-2
+    assert max_output_diff(model, original, moved, make_inputs) <= TOL
+    result = symmerge.align(original, moved, config=model.config, symmetries="all,residual")
+    assert result.report.relative_after <= TOL
+    assert max_output_diff(model, original, result.state_dict, make_inputs) <= TOL
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 def test_gemma_gain_offset_folding_is_exact(family):
     """Gemma's RMSNorm scales by (1 + w): folding puts (1 + w) into the readers and stores w = 0 (the identity norm).
@@ -388,6 +499,11 @@ def test_refused_configs_say_why():
     keys = transformers.Phi3ForCausalLM(phi3).state_dict().keys()
     with pytest.raises(symmerge.SymmergeError, match="partial rotary"):
         spec_for(phi3, keys)
+    stablelm = transformers.StableLmConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
+                                           num_key_value_heads=4, partial_rotary_factor=0.5, qk_layernorm=True)
+    with pytest.raises(symmerge.SymmergeError, match="qk_layernorm=True.*separate weights per head") as e:
+        spec_for(stablelm, transformers.StableLmForCausalLM(stablelm).state_dict().keys())
+    assert "\n" not in str(e.value)
     kw = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 40, "vocab_size": 20, "num_labels": 2,
           "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 4}
     separate = transformers.DebertaV2Config(**kw, share_att_key=False)
@@ -431,6 +547,13 @@ EXPECTED_TENSOR_GROUPS = {  # layer 0 and the tensors outside the blocks, per fa
               "model.layers.0.post_attention_layernorm.weight": "norms", "model.layers.0.self_attn.k_proj.weight": "attention",
               "model.layers.0.mlp.up_proj.weight": "ffn", "model.layers.0.mlp.down_proj.weight": "ffn", "model.norm.weight": "norms",
               "lm_head.weight": "head"},
+    "gpt_neox": {"gpt_neox.embed_in.weight": "embeddings", "gpt_neox.layers.0.input_layernorm.bias": "norms",
+                 "gpt_neox.layers.0.post_attention_layernorm.weight": "norms", "gpt_neox.layers.0.attention.query_key_value.weight": "attention",
+                 "gpt_neox.layers.0.attention.dense.bias": "attention", "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": "ffn",
+                 "gpt_neox.layers.0.mlp.dense_4h_to_h.bias": "ffn", "gpt_neox.final_layer_norm.bias": "norms", "lm_head.weight": "head"},
+    "phi": {"model.embed_tokens.weight": "embeddings", "model.layers.0.input_layernorm.bias": "norms", "model.layers.0.self_attn.dense.bias": "attention",
+            "model.layers.0.mlp.fc1.bias": "ffn", "model.layers.0.mlp.fc2.bias": "ffn", "model.final_layernorm.weight": "norms",
+            "lm_head.weight": "head", "lm_head.bias": "head"},
     "vit": {"vit.embeddings.cls_token": "embeddings", "vit.embeddings.position_embeddings": "embeddings",
             "vit.embeddings.patch_embeddings.projection.weight": "embeddings", "vit.embeddings.patch_embeddings.projection.bias": "embeddings",
             "vit.layers.0.layernorm_before.bias": "norms", "vit.layers.0.attention.o_proj.bias": "attention", "vit.layers.0.mlp.fc2.bias": "ffn",
@@ -455,19 +578,21 @@ def test_tensor_groups_come_from_the_spec(family):
 
 
 def test_describe_states_every_class_and_the_residual_group():
-    lines = {f: "\n".join(spec_for(m.config, m.state_dict().keys()).describe()) for f in ("bert-cls", "bert", "llama", "qwen3", "gemma2")
+    lines = {f: "\n".join(spec_for(m.config, m.state_dict().keys()).describe()) for f in ("bert-cls", "bert", "llama", "qwen3", "gemma2", "gpt_neox")
              for m in [make_model(f)[0]]}
     assert "residual  residual-stream map          1 group, S_48" in lines["bert-cls"]  # post-LN classifiers: permutations
     assert "residual  not available" in lines["bert"] and "not yet" not in lines["bert-cls"] + lines["bert"]
     assert "SO(2)^6 (RoPE planes)" in lines["llama"] and "O(48), after folding 5 norms" in lines["llama"]
     assert "qk        not a symmetry here" in lines["qwen3"] and "(VO only)" in lines["qwen3"]
     assert "S_48 (post-LN or sandwich norms" in lines["gemma2"]
+    assert "qk        not transformed here         partial rotary" in lines["gpt_neox"] and "(VO only)" in lines["gpt_neox"]
 
 
-@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3"])
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi"])
 def test_learned_matching_stays_in_the_symmetry_group(family):
     """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
-    (not rotations), no QK rotation for Qwen3; the aligned model computes what it computed before."""
+    (not rotations), no QK rotation for Qwen3 and the partial-rotary families (GPT-NeoX: Q|K|V fused per head; Phi:
+    one norm read by attention and MLP); the aligned model computes what it computed before."""
     a, make_inputs = make_model(family, 0)
     b, _ = make_model(family, 1)
     sa, sb = clone(a.state_dict()), clone(b.state_dict())

@@ -43,6 +43,7 @@ NARROW = {
     "llama": {"intermediate_size": 50, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 12},  # GQA, RoPE, SwiGLU
     "qwen3": {"intermediate_size": 50, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},  # per-head q/k norms
     "qwen2": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 12},  # heads only, with Q/K/V biases
+    "gpt_neox": {"intermediate_size": 50},  # Q|K|V fused per head (head dim is hidden / heads: FFN only)
 }
 
 
@@ -196,7 +197,7 @@ def test_fill_rules_on_heads():
 # --- recovery by weight matching ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "vit", "phi3", "llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "vit", "phi3", "llama", "qwen3", "qwen2", "gpt_neox"])
 def test_alignment_recovers_a_deleted_and_shuffled_subset(family):
     """Delete random FFN neurons (and heads) of a wide model and shuffle the rest: aligning that narrow model into
     the wide one finds exactly the slots they came from, and the aligned model is the wide one with the deleted

@@ -36,7 +36,7 @@ from symmerge.match.attention import match_heads
 from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
 from symmerge.match.residual import residual_descent, solve_residual
-from symmerge.spec import ModelSpec, StateView, spec_for
+from symmerge.spec import ModelSpec, Slot, StateView, spec_for
 
 
 def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
@@ -51,18 +51,18 @@ def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[s
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
-    def keep(name: str, rows: tuple[int, int] | None = None, use_input: bool = False):
+    def keep(name: str, slot: Slot | None = None, use_input: bool = False):
         def hook(module, inputs, output):  # a module may run more than once (DeBERTa projects relative positions too)
             t = (inputs[0] if use_input else output).detach().float()
             t = t.reshape(-1, t.shape[-1])
-            store[name].append(t[:, rows[0]:rows[1]] if rows else t)
+            store[name].append(slot.select(t, dim=1) if slot else t)  # a fused projection's block (GPT-NeoX: per head)
         return hook
 
     for g in spec.ffn:
         hooks.append(_module(model, g.outputs[0].key).register_forward_hook(keep(g.name + "/hidden", use_input=True)))
     for g in spec.attention:
         for part, slot in (("q", g.q), ("k", g.k), ("v", g.v)):
-            hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot.rows)))
+            hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot)))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

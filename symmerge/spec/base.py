@@ -9,6 +9,7 @@ in :class:`Slot` and :class:`StateView` alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ class Slot:
 
     ``transposed``: the tensor is stored in×out (``transformers.pytorch_utils.Conv1D``).
     ``rows``: ``(start, stop)`` block of the canonical *out* axis, for fused projections such as GPT-2's ``c_attn``.
+    ``period``: the out axis repeats in chunks of this many rows and ``rows`` is the block *within each chunk*;
+    the canonical matrix is those blocks of every chunk, stacked in order. GPT-NeoX fuses Q|K|V per head
+    (``query_key_value``: head ``h`` owns rows ``[h·3·d_h, (h+1)·3·d_h)``, Q then K then V): its Q is
+    ``rows=(0, d_h), period=3·d_h``. 0: ``rows`` is one block of the whole axis.
     ``flatten``: view a >2-D tensor as a matrix, ``"trailing"`` → (shape[0], rest) (a conv weight: out channels
     first), ``"leading"`` → (rest, shape[-1]) (a CLS token or position table whose last axis is the hidden size).
     """
@@ -34,6 +39,24 @@ class Slot:
     transposed: bool = False
     rows: tuple[int, int] | None = None
     flatten: str | None = None
+    period: int = 0
+
+    def select(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The canonical rows of ``t``, whose out axis is ``dim``: a view (a copy only for a ``period``, where the
+        blocks are not one strided range)."""
+        if self.rows is None:
+            return t
+        start, stop = self.rows
+        if not self.period:
+            return t.narrow(dim, start, stop - start)
+        return self.chunks(t, dim).narrow(dim + 1, start, stop - start).flatten(dim, dim + 1)
+
+    def chunks(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``t`` with its out axis ``dim`` split into (chunks, ``period``): a view, writable in place."""
+        n = t.shape[dim]
+        if n % self.period:
+            raise SymmergeError(f"internal: {self.key} has {n} rows, not a multiple of its period {self.period}")
+        return t.unflatten(dim, (n // self.period, self.period))
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,7 @@ class ModelSpec:
     num_kv_heads: int = 0
     residual: ResidualGroup | None = None
     no_residual: str = ""  # why the residual class is not offered although a head reads the stream ("" otherwise)
+    qk_fixed_reason: str = ""  # why no QK map is a symmetry, where the attention groups are qk_fixed ("": per-head q/k norms)
     roles: tuple[tuple[str, str], ...] = ()  # (key, or module ending in ".") → tensor group, for tensors no group names
     blocks: tuple[str, ...] = ()  # each layer's module prefix, in order (``model.layers.3``): which layer a tensor is in
     pre_layers: tuple[str, ...] = ()  # norm modules (ending in ".") applied before the layers: BERT's embeddings.LayerNorm
@@ -208,7 +232,8 @@ class ModelSpec:
             f"  {self.num_layers} layers, hidden size {self.hidden_size}, {self.num_heads} heads of dim {dh}{grouping}, FFN width {self.ffn_width}",
             "symmetry groups:",
             f"  ffn       FFN neuron permutation       {len(self.ffn)} groups, S_{self.ffn_width} each",
-            "  qk        not a symmetry here          per-head q/k norms: a QK rotation or rescaling changes the outputs" if qk_fixed
+            (f"  qk        not transformed here         {self.qk_fixed_reason}" if self.qk_fixed_reason
+             else "  qk        not a symmetry here          per-head q/k norms: a QK rotation or rescaling changes the outputs") if qk_fixed
             else f"  qk        per-KV-head QK rotation      {layers} layers x {kv} heads, {qk_group} each",
             f"  vo        per-KV-head VO rotation      {layers} layers x {kv} heads, O({dh}) each",
             f"  scale     QK and VO rescaling          {layers} layers x {kv} heads"
@@ -285,9 +310,7 @@ class StateView:
         elif slot.flatten == "leading":
             t = t.reshape(-1, t.shape[-1])
         t = t.T if slot.transposed else t
-        if slot.rows is not None:
-            t = t[slot.rows[0] : slot.rows[1]]
-        return t
+        return slot.select(t)
 
     def peek(self, slot: Slot) -> torch.Tensor:
         """The canonical block as stored (its dtype; a view where the layout allows, never a copy made for the
@@ -309,6 +332,8 @@ class StateView:
             if slot.flatten is not None:
                 raise SymmergeError(f"internal: cannot resize the flattened tensor {slot.key}")
             rows = value.shape[0] if slot.rows is None else slot.rows[1]
+            if slot.period:  # as many chunks as the value has blocks
+                rows = value.shape[0] // (slot.rows[1] - slot.rows[0]) * slot.period
             shape = shapes.setdefault(slot.key, [0, *value.shape[1:]])
             shape[0] = max(shape[0], rows)
             layout[slot.key] = slot
@@ -321,6 +346,14 @@ class StateView:
         if slot.key not in self._owned:
             self.state[slot.key] = self.stored(slot.key).clone()
             self._owned.add(slot.key)
+        if slot.period:  # the blocks are not one strided view: write them through the (chunks, period) view
+            whole = self._canonical(self.state[slot.key], dataclasses.replace(slot, rows=None, period=0))
+            start, stop = slot.rows
+            t = slot.chunks(whole)[:, start:stop]
+            if t.flatten(0, 1).shape != value.shape:
+                raise SymmergeError(f"internal: writing shape {tuple(value.shape)} into {slot} of shape {tuple(t.flatten(0, 1).shape)}")
+            t.copy_(value.reshape(t.shape).to(t.dtype))
+            return
         t = self._canonical(self.state[slot.key], slot)
         if t.shape != value.shape:
             raise SymmergeError(f"internal: writing shape {tuple(value.shape)} into {slot} of shape {tuple(t.shape)}")

@@ -8,10 +8,11 @@ where the family allows it. The same table works on a ``model.safetensors`` file
 ``state_dict()``; ViT has two tables because transformers 5.x renamed its in-memory tensors but still writes the
 legacy names to disk.
 
-Quirks stay small and local: GPT-2's ``Conv1D`` (``transposed``) with a fused ``c_attn``; ViT's two naming
-schemes; post-LN encoders (BERT, RoBERTa, DeBERTa-v2) offer residual *permutations* only, and only when a head
-reads the stream (sequence classifiers); config checks that refuse what a table cannot express
-(:data:`REFUSED`, :func:`_rotary_check`, :func:`_deberta_check`).
+Quirks stay small and local: GPT-2's ``Conv1D`` (``transposed``) with a fused ``c_attn``; GPT-NeoX's Q|K|V fused
+per head (``qkv_per_head``); ViT's two naming schemes; partial-rotary families (GPT-NeoX, StableLM, Phi) fix QK;
+post-LN encoders (BERT, RoBERTa, DeBERTa-v2) offer residual *permutations* only, and only when a head reads the
+stream (sequence classifiers); config checks that refuse what a table cannot express (:data:`REFUSED`,
+:func:`_rotary_check`, :func:`_stablelm_check`, :func:`_deberta_check`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ REFUSED: dict[str, str] = {
     "t5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
     "mt5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
     "umt5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
-    "gpt_neox": "partial rotary embeddings (rotary_pct) leave part of each head unrotated, and Q/K/V are interleaved per head",
-    "phi": "partial rotary embeddings leave part of each head unrotated (and attention and MLP read one shared LayerNorm)",
-    "stablelm": "partial rotary embeddings leave part of each head unrotated",
     "bloom": "ALiBi gives every head its own fixed slope, so heads cannot be permuted",
     "deberta": "DeBERTa (v1) fuses Q|K|V per head in in_proj with separate q_bias/v_bias; only deberta-v2 is supported",
 }
@@ -54,7 +52,8 @@ class FamilyTable:
     ``final_norm``, ``embeddings``, ``embedding_writer``, ``stream_vectors`` are relative to the root; ``head``,
     ``head_needs`` and ``head_modules`` are full keys/modules where ``{prefix}`` may appear.
 
-    Attention: ``q, k, v, o`` modules, or ``qkv`` (one fused module, canonical rows ``q | k | v`` with GQA sizes).
+    Attention: ``q, k, v, o`` modules, or ``qkv`` (one fused module, canonical rows ``q | k | v`` with GQA sizes;
+    ``qkv_per_head``: fused per head instead, ``q_h | k_h | v_h`` for each head in turn, GPT-NeoX's ``query_key_value``).
     FFN: ``ffn_in`` modules (gate and up move together), or ``gate_up`` (fused, rows ``gate | up``), and ``ffn_out``.
     Biases are whatever ``<module>.bias`` keys exist. ``transposed``: Conv1D storage (in×out).
 
@@ -63,10 +62,14 @@ class FamilyTable:
     ``"post"`` (BERT: ``attn_norm``/``ffn_norm`` normalise the stream after each residual add); ``"sandwich"``
     (Gemma-2: pre norms plus ``attn_out_norm``/``ffn_out_norm`` on what attention and FFN write).
     ``head_norms``: per-head norms inside attention (Qwen3's ``q_norm``/``k_norm``), touched by no group.
+    ``qk_fixed``: no QK map is a symmetry (``qk_fixed_reason`` says why, for ``symmerge inspect``).
+    ``ffn_norm`` empty: the FFN reads the attention's norm (Phi's parallel block: one ``input_layernorm``);
+    ``shared_norm_flag``: a config key that, when true, makes it so (StableLM's ``use_parallel_residual``).
 
     Residual stream: ``embeddings`` (stream on the last axis; missing ones skipped), ``embedding_writer`` (ViT's
     patch projection), ``stream_vectors`` (post-LN embedding norms). The head: ``lm_head`` (decoders: offered when
-    the checkpoint has its LM head, see :func:`_has_lm_head`), else the first present of ``head`` when one of
+    the checkpoint has its LM head, see :func:`_has_lm_head`; ``lm_head_keys``: its names, in-memory first: GPT-NeoX
+    saves ``embed_out.weight``), else the first present of ``head`` when one of
     ``head_needs`` is present too (a pooler feeding a classifier).
 
     ``check(config, keys)``: raises for a config the table cannot express (partial rotary, DeBERTa's unshared
@@ -84,6 +87,7 @@ class FamilyTable:
     k: str = ""
     v: str = ""
     qkv: str = ""
+    qkv_per_head: bool = False
     ffn_in: tuple[str, ...] = ()
     gate_up: str = ""
     kv_heads: tuple[str, ...] = ()
@@ -92,6 +96,7 @@ class FamilyTable:
     transposed: bool = False
     rope: bool = False
     qk_fixed: bool = False
+    qk_fixed_reason: str = ""
     norm: str = "layernorm"
     norm_offset: float = 0.0
     placement: str = "pre"
@@ -99,6 +104,7 @@ class FamilyTable:
     ffn_norm: str = ""
     attn_out_norm: str = ""
     ffn_out_norm: str = ""
+    shared_norm_flag: str = ""
     final_norm: str = ""
     head_norms: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ()
@@ -106,6 +112,7 @@ class FamilyTable:
     embedding_writer: str = ""
     stream_vectors: tuple[str, ...] = ()
     lm_head: bool = False
+    lm_head_keys: tuple[str, ...] = ("lm_head.weight",)
     tie_default: bool = False
     head: tuple[str, ...] = ()
     head_needs: tuple[str, ...] = ()
@@ -194,6 +201,20 @@ def _deberta_check(config: Any, keys: Collection[str]) -> str:
     return ""
 
 
+def _stablelm_check(config: Any, keys: Collection[str]) -> str:
+    """StableLM's optional per-head q/k LayerNorms have their own weights for every head (``StableLmLayerNormPerHead``):
+    a head permutation would have to permute those norms too, which no group does."""
+    if config_value(config, "qk_layernorm", default=False):
+        raise SymmergeError("stablelm with qk_layernorm=True is not supported: its q/k LayerNorms hold separate weights per "
+                            "head, which a head permutation would have to move with the heads")
+    return ""
+
+
+PARTIAL_ROTARY = "partial rotary embeddings: QK maps are left alone (VO, scale on VO, heads, FFN and residual are exact)"
+"""Why GPT-NeoX, StableLM and Phi fix QK. RoPE on the first ``partial_rotary_factor·d_h`` dimensions of each head
+(``rotate_half`` on that slice) leaves the rest unrotated, so an arbitrary QK rotation does not commute with it;
+RoPE is the same for every head, so head permutations and every VO map stay exact."""
+
 # ---------------------------------------------------------------------------------------------------- tables
 
 _DECODER_SIZES = {"layers": ("num_hidden_layers",), "hidden": ("hidden_size",), "heads": ("num_attention_heads",),
@@ -236,6 +257,18 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
     "gemma": (FamilyTable(**_LLAMA, norm_offset=1.0, tie_default=True),),
     "gemma2": (FamilyTable(**{**_LLAMA, "ffn_norm": "pre_feedforward_layernorm"}, norm_offset=1.0, tie_default=True, placement="sandwich",
                            attn_out_norm="post_attention_layernorm", ffn_out_norm="post_feedforward_layernorm"),),
+    # Pythia: Q|K|V fused per head, parallel (or sequential) residual with two LayerNorms, untied embed_out
+    "gpt_neox": (FamilyTable(**{**_DECODER_SIZES, "kv_heads": ()}, layer="{prefix}layers.{i}", qkv="attention.query_key_value", qkv_per_head=True,
+                             o="attention.dense", ffn_in=("mlp.dense_h_to_4h",), ffn_out="mlp.dense_4h_to_h", rope=True, qk_fixed=True,
+                             qk_fixed_reason=PARTIAL_ROTARY, attn_norm="input_layernorm", ffn_norm="post_attention_layernorm",
+                             final_norm="final_layer_norm", embeddings=("embed_in.weight",), lm_head=True,
+                             lm_head_keys=("lm_head.weight", "embed_out.weight"), head_modules=("lm_head.", "embed_out.", "score.")),),
+    "stablelm": (FamilyTable(**{**_LLAMA, "check": _stablelm_check, "norm": "layernorm"}, qk_fixed=True, qk_fixed_reason=PARTIAL_ROTARY,
+                             shared_norm_flag="use_parallel_residual"),),
+    # one input_layernorm read by attention and MLP (parallel block); optional qk_layernorm is one LayerNorm shared by all heads
+    "phi": (FamilyTable(**{**_LLAMA, "o": "self_attn.dense", "ffn_in": ("mlp.fc1",), "ffn_out": "mlp.fc2", "ffn_norm": "",
+                           "final_norm": "final_layernorm", "check": None, "norm": "layernorm"}, qk_fixed=True, qk_fixed_reason=PARTIAL_ROTARY,
+                        head_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),),
     "deberta-v2": (FamilyTable(**{**_ENCODER_SIZES, **_BERT_BLOCK}, head_dim=("attention_head_size",), q="attention.self.query_proj",
                                k="attention.self.key_proj", v="attention.self.value_proj", check=_deberta_check,
                                embeddings=(*_BERT["embeddings"], "encoder.rel_embeddings.weight"),
@@ -248,14 +281,15 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
 # ---------------------------------------------------------------------------------------------------- builder
 
 
-def _weight(table: FamilyTable, module: str, rows: tuple[int, int] | None = None) -> Slot:
-    """A projection's canonical out×in weight (transposed back from Conv1D storage; ``rows`` of a fused one)."""
-    return Slot(f"{module}.weight", transposed=table.transposed, rows=rows)
+def _weight(table: FamilyTable, module: str, rows: tuple[int, int] | None = None, period: int = 0) -> Slot:
+    """A projection's canonical out×in weight (transposed back from Conv1D storage; ``rows`` of a fused one, in each
+    chunk of ``period`` rows for one fused per head)."""
+    return Slot(f"{module}.weight", transposed=table.transposed, rows=rows, period=period)
 
 
-def _bias(keys: Collection[str], module: str, rows: tuple[int, int] | None = None) -> Slot | None:
+def _bias(keys: Collection[str], module: str, rows: tuple[int, int] | None = None, period: int = 0) -> Slot | None:
     """A projection's bias, if the checkpoint has one (missing biases act as zero)."""
-    return Slot(f"{module}.bias", rows=rows) if f"{module}.bias" in keys else None
+    return Slot(f"{module}.bias", rows=rows, period=period) if f"{module}.bias" in keys else None
 
 
 def _fused_rows(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -265,8 +299,16 @@ def _fused_rows(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> AttentionGroup:
     """Layer ``i``'s heads: Q (H·d_h rows), K and V (H_kv·d_h rows each), O (H·d_h columns); fused ``qkv`` is
-    split on its out axis as ``q | k | v``."""
-    if table.qkv:
+    split on its out axis as ``q | k | v``, or per head as ``q_h | k_h | v_h`` (``qkv_per_head``: each of Q, K, V is
+    the same block of every head's ``3·d_h`` rows)."""
+    if table.qkv_per_head:
+        if s.kv_heads != s.heads:
+            raise SymmergeError(f"internal: a per-head fused qkv with {s.kv_heads} key/value heads for {s.heads} heads")
+        fused, period = f"{block}.{table.qkv}", 3 * s.head_dim
+        rows = _fused_rows((s.head_dim,) * 3)
+        weights = [_weight(table, fused, r, period) for r in rows]
+        biases = [_bias(keys, fused, r, period) for r in rows]
+    elif table.qkv:
         fused = f"{block}.{table.qkv}"
         rows = _fused_rows((s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim))
         weights = [_weight(table, fused, r) for r in rows]
@@ -314,25 +356,37 @@ def _head(table: FamilyTable, config: Any, keys: Collection[str], prefix: str) -
     """The key of the head weight that reads the stream, or None when there is none (a bare encoder or decoder:
     its output is the stream itself, so no residual map is a symmetry)."""
     if table.lm_head:
-        return "lm_head.weight" if _has_lm_head(config, keys, prefix, table.tie_default) else None
+        return _lm_head_key(table, keys) if _has_lm_head(table, config, keys, prefix) else None
     head = next((h for c in table.head if (h := c.format(prefix=prefix)) in keys), None)
     if head is None or table.head_needs and not any(n in keys for n in table.head_needs):
         return None
     return head
 
 
-def _has_lm_head(config: Any, keys: Collection[str], prefix: str, tied_default: bool) -> bool:
+def _lm_head_key(table: FamilyTable, keys: Collection[str]) -> str:
+    """The LM head's key: the first of the table's names the checkpoint has (the first one for a tied head it
+    does not store)."""
+    return next((k for k in table.lm_head_keys if k in keys), table.lm_head_keys[0])
+
+
+def _has_lm_head(table: FamilyTable, config: Any, keys: Collection[str], prefix: str) -> bool:
     """A causal-LM checkpoint stores its head, or ties it to the embedding and nests the base model under a prefix
     (``transformer.``, ``model.``); a bare base model (prefix ``""``) has no head, and its output is the stream."""
-    tied = bool(config_value(config, "tie_word_embeddings", default=tied_default))
-    return "lm_head.weight" in keys or (tied and prefix != "")
+    tied = bool(config_value(config, "tie_word_embeddings", default=table.tie_default))
+    return any(k in keys for k in table.lm_head_keys) or (tied and prefix != "")
 
 
-def _tied(table: FamilyTable, config: Any, prefix: str) -> tuple[str, str] | None:
+def _tied(table: FamilyTable, config: Any, keys: Collection[str], prefix: str) -> tuple[str, str] | None:
     """(head, embedding) when the config ties the LM head to the token embedding."""
     if table.lm_head and config_value(config, "tie_word_embeddings", default=table.tie_default):
-        return "lm_head.weight", f"{prefix}{table.embeddings[0]}"
+        return _lm_head_key(table, keys), f"{prefix}{table.embeddings[0]}"
     return None
+
+
+def _shared_norm(table: FamilyTable, config: Any) -> bool:
+    """Whether the FFN reads the attention's norm (a parallel block with one pre-norm: Phi; StableLM with
+    ``use_parallel_residual``) instead of a norm of its own."""
+    return not table.ffn_norm or bool(table.shared_norm_flag and config_value(config, table.shared_norm_flag, default=False))
 
 
 def _embeddings(table: FamilyTable, prefix: str, keys: Collection[str]) -> tuple[Slot, ...]:
@@ -343,15 +397,23 @@ def _embeddings(table: FamilyTable, prefix: str, keys: Collection[str]) -> tuple
 
 def _pre_norm_residual(table: FamilyTable, config: Any, keys: Collection[str], prefix: str, blocks: list[str], head: str) -> ResidualGroup:
     """Pre-norm stream (GPT-2, ViT, LLaMA...): after folding every norm into its readers, RMSNorm commutes with any
-    orthogonal ``Q`` and LayerNorm with those fixing the all-ones direction (``"centered"``)."""
+    orthogonal ``Q`` and LayerNorm with those fixing the all-ones direction (``"centered"``). Sequential and
+    parallel blocks (GPT-NeoX's ``use_parallel_residual``) alike: each norm reads the stream and is folded into its
+    readers; a shared pre-norm (Phi) is one norm whose readers are attention's and the FFN's."""
     readers, writers, vectors, norms = [], [], [], []
+    shared = _shared_norm(table, config)
     for block in blocks:
         attn_in, attn_bias = _readers(table, block, keys, "attention")
         ffn_in, ffn_bias = _readers(table, block, keys, "ffn")
         readers += attn_in + ffn_in
         writers += [_weight(table, f"{block}.{table.o}"), _weight(table, f"{block}.{table.ffn_out}")]
-        vectors += [b for b in (_bias(keys, f"{block}.{m}") for m in (table.o, table.ffn_out, table.attn_norm, table.ffn_norm)) if b]
-        norms += [_norm(table, f"{block}.{table.attn_norm}", keys, attn_in, attn_bias), _norm(table, f"{block}.{table.ffn_norm}", keys, ffn_in, ffn_bias)]
+        block_norms = (table.attn_norm,) if shared else (table.attn_norm, table.ffn_norm)
+        vectors += [b for b in (_bias(keys, f"{block}.{m}") for m in (table.o, table.ffn_out, *block_norms)) if b]
+        if shared:
+            norms.append(_norm(table, f"{block}.{table.attn_norm}", keys, attn_in + ffn_in, attn_bias + ffn_bias))
+        else:
+            norms += [_norm(table, f"{block}.{table.attn_norm}", keys, attn_in, attn_bias),
+                      _norm(table, f"{block}.{table.ffn_norm}", keys, ffn_in, ffn_bias)]
     readers.append(Slot(head))
     if table.embedding_writer:
         writers.append(Slot(f"{prefix}{table.embedding_writer}.weight", flatten="trailing"))
@@ -360,7 +422,7 @@ def _pre_norm_residual(table: FamilyTable, config: Any, keys: Collection[str], p
     norms.append(_norm(table, final, keys, [Slot(head)], [_bias(keys, head.removesuffix(".weight"))]))
     kind = "orthogonal" if table.norm == "rmsnorm" else "centered"
     return ResidualGroup(kind, int(config_value(config, *table.hidden)), _embeddings(table, prefix, keys), tuple(readers), tuple(writers),
-                         tuple(vectors), tuple(norms), _tied(table, config, prefix))
+                         tuple(vectors), tuple(norms), _tied(table, config, keys, prefix))
 
 
 def _permutation_residual(table: FamilyTable, config: Any, keys: Collection[str], prefix: str, blocks: list[str], head: str) -> ResidualGroup:
@@ -377,7 +439,7 @@ def _permutation_residual(table: FamilyTable, config: Any, keys: Collection[str]
         vectors += [f"{prefix}{table.final_norm}.{p}" for p in ("weight", "bias")]
     present = tuple(Slot(v) for v in vectors if v in keys)
     return ResidualGroup("permutation", int(config_value(config, *table.hidden)), _embeddings(table, prefix, keys), tuple(readers),
-                         tuple(writers), present, (), _tied(table, config, prefix))
+                         tuple(writers), present, (), _tied(table, config, keys, prefix))
 
 
 def _roles(table: FamilyTable, prefix: str, blocks: list[str]) -> tuple[tuple[str, str], ...]:
@@ -412,6 +474,7 @@ def build_spec(table: FamilyTable, family: str, config: Any, keys: Collection[st
         residual = build(table, config, keys, prefix, blocks, head)
     return ModelSpec(family, s.layers, s.hidden, s.heads, s.head_dim, s.ffn_width, ffn, attention,
                      num_kv_heads=s.kv_heads if table.kv_heads else 0, residual=residual, no_residual=no_residual,
+                     qk_fixed_reason=table.qk_fixed_reason,
                      roles=_roles(table, prefix, blocks), blocks=tuple(blocks),
                      pre_layers=tuple(f"{prefix}{v.rsplit('.', 1)[0]}." for v in table.stream_vectors))
 
