@@ -368,6 +368,9 @@ def _check_inputs(method: str, tensors: Sequence[Tensor], name: str | None, *, b
     for i, t in enumerate(tensors):
         if not (t.is_floating_point()):
             raise SymmergeError(f"{method}: cannot merge a {t.dtype} tensor{where}; copy it from one model instead")
+        if t.element_size() == 1:  # float8: quantised weights, whose scales live in other tensors
+            raise SymmergeError(f"{method}: cannot merge a {t.dtype} tensor{where}: float8 weights are quantised; "
+                                f"dequantise the model to bfloat16 or float32 first")
         if t.shape != shape:
             raise SymmergeError(f"{method}: model {i} has shape {tuple(t.shape)}, model 0 {tuple(shape)}{where}")
     if needs_base and base is None:
