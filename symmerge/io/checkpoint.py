@@ -108,7 +108,15 @@ def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
 
 def _load_pickle(f: Path) -> object:
     """A torch pickle, weights only (tensors and containers, never arbitrary objects): one-line errors."""
-    legacy = not zipfile.is_zipfile(f)
+    try:
+        with open(f, "rb") as h:
+            head = h.read(4)
+    except OSError as e:
+        raise SymmergeError(f"cannot read {f}: {e.strerror or e}") from None
+    if not head:
+        raise SymmergeError(f"cannot read {f}: the file is empty (0 bytes): copy or download it again")
+    # a zip cut short (no central directory) is still a zip: "truncated", not "legacy"
+    legacy = not zipfile.is_zipfile(f) and not head.startswith(b"PK\x03\x04")
     try:
         # mmap needs the zip format torch has written since 1.6; the legacy format is read into memory instead
         return torch.load(f, map_location="cpu", weights_only=True, mmap=not legacy)
