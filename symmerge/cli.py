@@ -620,6 +620,16 @@ def _click_classes(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _one_line(message: str) -> str:
+    """``message`` with its line breaks escaped: a path or value holding a newline must not break the one-line error."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _internal_error(e: BaseException) -> None:
+    typer.echo(f"internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
+    sys.exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the CLI with one-line errors instead of tracebacks.
 
@@ -643,7 +653,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except _click_classes("Exit") as e:
         sys.exit(e.exit_code)
@@ -651,14 +661,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         e.show()  # a usage error: the framework's usage line and message
         sys.exit(2 if e.exit_code in (0, 1) else e.exit_code)
     except (Interrupted, KeyboardInterrupt, *_click_classes("Abort")) as e:
+        # the framework also turns an EOFError (a file read past its end) into Abort: that is a failure, not Ctrl-C
+        cause = e.__cause__ or e.__context__
+        if isinstance(e, _click_classes("Abort")) and isinstance(cause, EOFError) and not _RECEIVED:
+            if debug:
+                raise cause from None
+            _internal_error(cause)
         _exit_interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # an unexpected failure is a bug: say so briefly
         if _RECEIVED:
             _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
-        typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+        _internal_error(e)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
