@@ -385,8 +385,9 @@ def _weights(method: str, weights: Sequence[float] | None, n: int, *, nonnegativ
     w = [float(x) for x in weights]
     if len(w) != n:
         raise SymmergeError(f"{method}: got {len(w)} weights for {n} models")
-    if not all(math.isfinite(x) for x in w):
-        raise SymmergeError(f"{method}: weights must be finite, got {w}")
+    # the tensors are combined in float32: a weight (or a sum of them) past its range would overflow mid-merge
+    if not all(math.isfinite(x) for x in w) or not sum(abs(x) for x in w) <= torch.finfo(torch.float32).max:
+        raise SymmergeError(f"{method}: weights must be finite, with magnitudes summing to at most 3.4e38, got {w}")
     if nonnegative and (any(x < 0 for x in w) or sum(w) <= 0):
         raise SymmergeError(f"{method}: weights must be >= 0 with a positive sum, got {w}")
     return w
