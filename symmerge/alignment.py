@@ -41,6 +41,7 @@ from symmerge.spec import (
     ModelSpec,
     check_compatible,
     check_embeddable,
+    check_floating,
     check_same_shape,
     resized_keys,
     spec_for,
@@ -202,6 +203,9 @@ def align(
                                     model_name=model_name, device=device), sink)
     if model_spec is not None:
         check_same_shape(spec, model_spec, model_name)
+    if auto or chosen:
+        check_floating(spec, ref_state, "the reference")
+        check_floating(spec, model_state, model_name)
     if auto:
         chosen = resolve_symmetries(symmetries, spec)
         if "residual" in chosen and match == "weights":

@@ -424,11 +424,11 @@ def barrier(
     model: Annotated[Path, typer.Argument(help="Model B (aligned to A before interpolating, per setting).")],
     align_: Annotated[Optional[list[str]], typer.Option("--symmetries", "-s", "--align", help=SETTINGS_HELP)] = None,
     data: Annotated[str, typer.Option("--data", help="zoo (the zoo model's own held-out data), a text file (LM) or an .npz (inputs [+ labels]).")] = "zoo",
-    points: Annotated[int, typer.Option("--points", min=3, help="Number of t values in [0, 1].")] = 11,
+    points: Annotated[int, typer.Option("--points", min=3, max=1001, help="Number of t values in [0, 1].")] = 11,
     plot: Annotated[Path, typer.Option("--plot", help="PNG with one curve per setting.")] = Path("barrier.png"),
     landscape_: Annotated[Optional[Path], typer.Option(
         "--landscape", help="Also write the 2-D loss landscape through A, B and B' (the last setting) to this PNG.")] = None,
-    grid: Annotated[int, typer.Option("--grid", min=3, help="Landscape grid size.")] = 9,
+    grid: Annotated[int, typer.Option("--grid", min=3, max=201, help="Landscape grid size.")] = 9,
     learn_steps: Annotated[int, typer.Option("--learn-steps", min=1, help="Steps of learned matching (learn: settings).")] = 200,
     repair: Annotated[bool, typer.Option("--repair", help="Also show each setting with the path REPAIRed (FFN statistics reset on --data).")] = False,
     learn_seconds: Annotated[Optional[float], typer.Option("--learn-seconds", min=1, help="Learned matching time budget, s.")] = None,
@@ -439,14 +439,21 @@ def barrier(
     """Loss along θ(t) = (1−t)·A + t·B' for each alignment setting: the loss barrier and the midpoint scores."""
     from symmerge.data import load_calibration
     from symmerge.evaluate import landscape, make_evaluator, run_study
-    from symmerge.evaluate.plots import plot_curves, plot_landscape
+    from symmerge.evaluate.plots import check_plot_path, plot_curves, plot_landscape
     from symmerge.io import load_state_dict, open_checkpoint
     from symmerge.io.hf import model_input_name
+    from symmerge.io.output import atomic_output_file, check_output_file
     from symmerge.spec import check_compatible
 
     settings = align_ or ["none", "all"]
     if repair:
         settings = [x for s in settings for x in (s, s + "+repair")]
+    inputs = [reference, model, data if data != "zoo" else None]
+    for option, path in (("--plot", plot), ("--landscape", landscape_), ("--json", json_out)):
+        if path is not None:  # before any work: never an input, always a file that can be written
+            check_output_file(path, option, inputs)
+            if option != "--json":
+                check_plot_path(path, option)
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
@@ -459,16 +466,19 @@ def barrier(
                       learn_steps=learn_steps, learn_seconds=learn_seconds)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
     echo(study.table())
-    plot_curves([s.curve for s in study.settings], plot, title=f"{ref_ckpt.name} vs {ckpt.name}")
+    with atomic_output_file(plot, "--plot") as tmp:
+        plot_curves([s.curve for s in study.settings], tmp, title=f"{ref_ckpt.name} vs {ckpt.name}")
     echo(f"plot: {plot}")
     if landscape_ is not None:
         last = study.settings[-1]
         us, vs, losses, marks = landscape(last, b, ref_ckpt.config, evaluate, grid=grid, progress=not quiet)
-        plot_landscape(us, vs, losses, marks, landscape_, title=f"loss landscape (B' aligned with {last.label})")
+        with atomic_output_file(landscape_, "--landscape") as tmp:
+            plot_landscape(us, vs, losses, marks, tmp, title=f"loss landscape (B' aligned with {last.label})")
         echo(f"landscape: {landscape_}")
     if json_out is not None:
-        json_out.write_text(json.dumps({"reference": str(ref_ckpt.path), "model": str(ckpt.path), "data": data, "rows": study.rows(),
-                                        "curves": {s.label: {"t": s.curve.ts, "metrics": s.curve.metrics} for s in study.settings}}, indent=2))
+        with atomic_output_file(json_out, "--json") as tmp:
+            tmp.write_text(json.dumps({"reference": str(ref_ckpt.path), "model": str(ckpt.path), "data": data, "rows": study.rows(),
+                                       "curves": {s.label: {"t": s.curve.ts, "metrics": s.curve.metrics} for s in study.settings}}, indent=2))
 
 
 @app.command()
@@ -626,6 +636,16 @@ def _click_classes(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _one_line(message: str) -> str:
+    """``message`` with its line breaks escaped: a path or value holding a newline must not break the one-line error."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _internal_error(e: BaseException) -> None:
+    typer.echo(f"internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
+    sys.exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the CLI with one-line errors instead of tracebacks.
 
@@ -649,7 +669,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except _click_classes("Exit") as e:
         sys.exit(e.exit_code)
@@ -657,14 +677,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         e.show()  # a usage error: the framework's usage line and message
         sys.exit(2 if e.exit_code in (0, 1) else e.exit_code)
     except (Interrupted, KeyboardInterrupt, *_click_classes("Abort")) as e:
+        # the framework also turns an EOFError (a file read past its end) into Abort: that is a failure, not Ctrl-C
+        cause = e.__cause__ or e.__context__
+        if isinstance(e, _click_classes("Abort")) and isinstance(cause, EOFError) and not _RECEIVED:
+            if debug:
+                raise cause from None
+            _internal_error(cause)
         _exit_interrupted(e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # an unexpected failure is a bug: say so briefly
         if _RECEIVED:
             _exit_interrupted(_RECEIVED[-1])
         if debug:
             raise
-        typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with SYMMERGE_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+        _internal_error(e)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

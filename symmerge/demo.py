@@ -15,6 +15,7 @@ import torch
 from symmerge.alignment import align, apply_random_symmetry
 from symmerge.assets import load_minilm, minilm_path  # noqa: F401  (re-exported for the README)
 from symmerge.data import load_calibration
+from symmerge.errors import SymmergeError
 from symmerge.evaluate import make_evaluator, run_study
 from symmerge.evaluate.plots import plot_curves
 from symmerge.io import load_state_dict, open_checkpoint
@@ -96,6 +97,11 @@ def run_vit_demo(out: Path = Path("symmerge-demo"), echo: Callable[[str], None] 
     """Two ViTs trained from different seeds (built once, then reused from .cache/zoo), aligned at increasing
     strength — data-free and with data side by side — merged by averaging, and the loss along the path between them:
     the barrier table, its plot, and one line saying which setting to use."""
+    for p in (out, *out.parents):  # before minutes of training: the folder must be makeable
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise SymmergeError(f"--out {out}: {p} is a file, not a folder: choose another --out for the plot and numbers")
+            break
     echo(f"building (or reusing) two {zoo_entry} models trained from seeds 0 and 1 ...")
     a_dir, b_dir = build(zoo_entry, 0), build(zoo_entry, 1)
     for d in (a_dir, b_dir):

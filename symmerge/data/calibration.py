@@ -141,20 +141,25 @@ def _zoo_batches(model_dir: str | Path | None, num_examples: int, batch_size: in
     return [{k: v[s:s + batch_size] for k, v in columns.items()} for s in range(0, n, batch_size)]
 
 
-def _npz_batches(path: Path, main_input_name: str, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path`` (no pickles), or a one-line error saying how to save one."""
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise SymmergeError(f"{path} holds a single .npy array, not an .npz archive: save it with "
                                 f"numpy.savez(path, inputs=..., labels=...)")
         with data:
-            arrays = {name: data[name] for name in data.files}
+            return {name: data[name] for name in data.files}
     except SymmergeError:
         raise
     except Exception as e:  # noqa: BLE001 - numpy raises OSError, ValueError, BadZipFile, EOFError... for bad files
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise SymmergeError(f"{path} is not a readable .npz ({reason}); save one with "
                             f"numpy.savez(path, inputs=..., labels=...)") from None
+
+
+def _npz_batches(path: Path, main_input_name: str, num_examples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    arrays = read_npz(path)
     if "inputs" in arrays:
         inputs = arrays["inputs"]
     elif len(arrays) == 1 and next(iter(arrays)) not in ("labels", "attention_mask"):

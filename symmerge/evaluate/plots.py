@@ -23,6 +23,14 @@ def _pyplot():
     return plt
 
 
+def check_plot_path(path: Path, option: str) -> None:
+    """A file name whose suffix names a format matplotlib writes (.png, .pdf, .svg...), or a one-line error."""
+    formats = _pyplot().figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise SymmergeError(f"{option} {path}: give a file name ending in .png (or one of {', '.join('.' + f for f in sorted(formats))})")
+
+
 def plot_curves(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
     """Loss (and accuracy, when measured) along θ(t) = (1 − t) A + t B', one line per alignment setting."""
     with_accuracy = all("accuracy" in m for c in curves for m in c.metrics)

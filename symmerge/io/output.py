@@ -247,3 +247,45 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, inputs: Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(path: str | os.PathLike, option: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse, before any work, an output file (``--plot``, ``--json``...) that is an input, would replace a file
+    inside an input folder, is a folder, or has no folder to go in."""
+    given, path = Path(path), _absolute(path)
+    real = Path(os.path.realpath(path))
+    for inp in inputs:
+        if inp is None:
+            continue
+        real_in = Path(os.path.realpath(inp))
+        if real == real_in or (real_in in real.parents and (path.exists() or path.is_symlink())):
+            raise SymmergeError(f"{option} {given} {'is' if real == real_in else 'would replace a file of'} the input {inp}: "
+                                f"choose a {option} outside every input")
+    if path.is_dir():
+        raise SymmergeError(f"{option} {given} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise SymmergeError(f"the parent directory of {option} {given} does not exist: create {path.parent} first")
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, option: str) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path`` (same suffix); move it onto ``path`` when the block succeeds,
+    delete it if not: a reader never sees half a file."""
+    given, path = Path(path), _absolute(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise SymmergeError(f"cannot write {option} {given}: {e.strerror or e}; choose a writable location") from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it the permissions of a normal file
+        with _signals_deferred():
+            os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SymmergeError(f"cannot write {option} {given}: {e.strerror or e}; free space or choose another location") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -86,6 +86,24 @@ def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, 
     check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional, resized)
 
 
+def check_floating(spec: ModelSpec, state: Mapping[str, torch.Tensor], model_name: str = "model") -> None:
+    """Every tensor a symmetry group transforms is floating point, or a one-line error naming the first that is not:
+    a permutation or rotation of quantised integer weights would ignore their scales. The dtypes come from the
+    headers where ``state`` has them (a memory-mapped state's :meth:`layout`): nothing is read."""
+    layout = getattr(state, "layout", None)
+    headers = layout() if callable(layout) else None
+    for key in sorted(spec.touched_keys()):
+        if headers is not None:
+            name = headers[key][0] if key in headers else None
+            floating = name is None or name.startswith(("F", "BF"))
+        else:
+            t = state.get(key) if isinstance(state, dict) else None
+            name, floating = (None, True) if t is None else (t.dtype, t.is_floating_point())
+        if not floating:
+            raise SymmergeError(f"{model_name}: tensor {key!r} is {name}, not floating point: symmerge aligns float weights; "
+                                "dequantise the model to bfloat16 or float32 first")
+
+
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape: ``state.shapes()`` where it has one (:class:`~symmerge.io.stream.LazyState`, from the
     headers), else from the tensors."""

@@ -1,0 +1,409 @@
+"""Hostile inputs the other reliability tests do not reach: quantised weights, data files that do not fit the
+model, output files of ``barrier``, odd numbers and odd paths. Every case is a one-line ``error:`` with exit 2
+(or a success), never an ``internal error`` or an exit code that reads like an interruption, and never an output
+or a changed input left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import expect_cli_error, make_model, run_cli, save_model, stray_folders
+from safetensors.torch import load_file, save_file
+
+ST = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models: two LLaMAs, LLaMAs of another hidden size / depth / vocabulary, a GPT-2 (32 positions), a ViT."""
+    root = tmp_path_factory.mktemp("hostile")
+
+    def llama(name, seed=0, **changes):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(**{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                          "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 64, **changes})
+        return save_model(transformers.LlamaForCausalLM(cfg), root / name)
+
+    paths = {"a": llama("a"), "b": llama("b", 1), "wide": llama("wide", 2, hidden_size=48), "deep": llama("deep", 3, num_hidden_layers=3),
+             "vocab": llama("vocab", 4, vocab_size=80)}
+    paths["gpt2"] = save_model(make_model("gpt2")[0], root / "gpt2")
+    paths["vit"] = save_model(make_model("vit")[0], root / "vit")
+    tokens = root / "tokens.npz"
+    np.savez(tokens, inputs=np.random.default_rng(0).integers(0, 64, (20, 8)))
+    paths["tokens"] = tokens
+    return paths
+
+
+def copy(zoo, name, tmp_path, new=None) -> Path:
+    return Path(shutil.copytree(zoo[name], tmp_path / (new or name)))
+
+
+def restate(model_dir: Path, change) -> Path:
+    state = load_file(model_dir / ST)
+    save_file(change(state) or state, model_dir / ST, metadata={"format": "pt"})
+    return model_dir
+
+
+def npz(tmp_path, name="d.npz", **arrays) -> Path:
+    np.savez(tmp_path / name, **arrays)
+    return tmp_path / name
+
+
+def fails_cleanly(capsys, message, *args, out: Path | None = None) -> str:
+    err = expect_cli_error(capsys, message, *args)
+    if out is not None:
+        assert not out.exists() and stray_folders(out.parent) == []
+    return err
+
+
+# ------------------------------------------------------------------------------ quantised and odd weight files
+
+
+def test_float8_weights_are_refused_by_merge_and_aligned_by_align(zoo, tmp_path, capsys):
+    """Float8 has no aminmax nor (on the CPU) isfinite: the finite check was an internal error; merging float8
+    (quantised, scales elsewhere) is refused in one line."""
+    f8 = restate(copy(zoo, "b", tmp_path), lambda s: {k: v.to(torch.float8_e4m3fn) for k, v in s.items()})
+    fails_cleanly(capsys, "float8 weights are quantised", "merge", zoo["a"], f8, "-m", "linear", "-o", tmp_path / "m", "-q",
+                  out=tmp_path / "m")
+    code, _, err = run_cli(capsys, "align", zoo["a"], f8, "-o", tmp_path / "al", "-q")
+    assert code == 0, err
+
+
+def test_float8_nan_is_found(zoo, tmp_path, capsys):
+    def poison(s):
+        s = {k: v.to(torch.float8_e4m3fn) for k, v in s.items()}
+        s["model.norm.weight"][0] = float("nan")
+        return s
+
+    bad = restate(copy(zoo, "b", tmp_path), poison)
+    fails_cleanly(capsys, "holds NaN or Inf", "align", zoo["a"], bad, "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+
+
+def test_integer_tensor_in_a_symmetry_group_is_refused(zoo, tmp_path, capsys):
+    """An int8 projection (a quantised checkpoint) inside an FFN group was an internal KeyError after alignment."""
+    key = "model.layers.0.mlp.up_proj.weight"
+    i8 = restate(copy(zoo, "b", tmp_path), lambda s: s.update({key: (s[key] * 100).to(torch.int8)}))
+    for cmd in (["merge", zoo["a"], i8, "-m", "linear"], ["align", zoo["a"], i8]):
+        err = fails_cleanly(capsys, f"tensor {key!r} is I8, not floating point", *cmd, "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+        assert "dequantise" in err
+
+
+def test_integer_model_merged_unaligned_is_refused(zoo, tmp_path, capsys):
+    i8 = restate(copy(zoo, "b", tmp_path), lambda s: {k: (v * 100).to(torch.int8) for k, v in s.items()})
+    fails_cleanly(capsys, "cannot merge a torch.int8 tensor", "merge", zoo["a"], i8, "-m", "linear", "-s", "none", "-o", tmp_path / "o",
+                  "-q", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty (0 bytes)"),
+    ("zip-cut", "corrupt or truncated"),  # was: "in the legacy (pre-1.6, non-zip) torch pickle format"
+])
+def test_broken_pickle_weights_are_named_as_they_are(zoo, tmp_path, capsys, content, message):
+    d = copy(zoo, "b", tmp_path)
+    state = load_file(d / ST)
+    (d / ST).unlink()
+    if content == "zip-cut":
+        torch.save(state, d / "pytorch_model.bin")
+        data = (d / "pytorch_model.bin").read_bytes()
+        content = data[: len(data) // 3]
+    (d / "pytorch_model.bin").write_bytes(content)
+    err = fails_cleanly(capsys, message, "inspect", d, "--allow-pickle")
+    assert "legacy" not in err
+
+
+def _zero_bytes(d):
+    (d / ST).write_bytes(b"")
+
+
+def _wrong_shape_header(d):
+    raw = (d / ST).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    key = "model.norm.weight"
+    header[key]["shape"] = [header[key]["shape"][0] * 2]
+    encoded = json.dumps(header).encode()
+    (d / ST).write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
+
+
+def _only_config(d):
+    (d / ST).unlink()
+
+
+def _config_list(d):
+    (d / "config.json").write_text("[1, 2]")
+
+
+def _config_null(d):
+    (d / "config.json").write_text("null")
+
+
+def _config_folder(d):
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
+
+
+def _index_outside(target):
+    def setup(d):
+        state = load_file(d / ST)
+        shutil.copy(d / ST, d.parent / "x.safetensors")
+        (d / ST).unlink()
+        shard = str(d.parent / "x.safetensors") if target == "absolute" else "../x.safetensors"
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(state, shard)}))
+    return setup
+
+
+def _empty_weight_map(d):
+    (d / ST).unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+
+
+def _duplicate_across_shards(d):
+    state = load_file(d / ST)
+    (d / ST).unlink()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[:6]}, d / "a.safetensors")
+    save_file({k: state[k] for k in keys[5:]}, d / "b.safetensors")
+    weight_map = dict.fromkeys(keys[:6], "a.safetensors") | dict.fromkeys(keys[6:], "b.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _scalar_tensor(d):
+    restate(d, lambda s: s.update({"model.extra_scalar": torch.tensor(1.5)}))
+
+
+def _empty_tensor(d):
+    restate(d, lambda s: s.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(0, 32)}))
+
+
+@pytest.mark.parametrize("setup, message", [
+    (_zero_bytes, "header too small (the file is corrupt or truncated)"),
+    (_wrong_shape_header, "invalid shape, data type, or offset"),
+    (_only_config, "has no model.safetensors"),
+    (_config_list, "config.json does not hold a JSON object"),
+    (_config_null, "config.json does not hold a JSON object"),
+    (_config_folder, "has no config.json"),
+    (_index_outside("absolute"), "must name a shard file in"),
+    (_index_outside("parent"), "must name a shard file in"),
+    (_empty_weight_map, "needs a non-empty \"weight_map\""),
+    (_duplicate_across_shards, "is in both a.safetensors and b.safetensors"),
+    (_scalar_tensor, "has an extra tensor 'model.extra_scalar'"),
+    (_empty_tensor, "has shape (0, 32) in model"),
+], ids=lambda x: getattr(x, "__name__", "")[1:] if callable(x) else None)
+def test_broken_model_folders(zoo, tmp_path, capsys, setup, message):
+    d = copy(zoo, "b", tmp_path)
+    setup(d)
+    fails_cleanly(capsys, message, "merge", zoo["a"], d, "-m", "linear", "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("other, message", [
+    ("wide", "tensor 'lm_head.weight' has shape (64, 48)"),
+    ("deep", "has an extra tensor 'model.layers.2."),
+    ("vocab", "tensor 'lm_head.weight' has shape (80, 32)"),
+    ("gpt2", "lacks tensor"),
+])
+@pytest.mark.parametrize("command", ["merge", "distance"])
+def test_models_that_do_not_match(zoo, tmp_path, capsys, other, message, command):
+    args = ["merge", zoo["a"], zoo[other], "-m", "linear", "-o", tmp_path / "o", "-q"] if command == "merge" else ["distance", zoo["a"], zoo[other]]
+    fails_cleanly(capsys, message, *args, out=tmp_path / "o" if command == "merge" else None)
+
+
+# ------------------------------------------------------------------------------------------------- barrier
+
+
+def barrier(zoo, tmp_path, *args, a="a", b="b"):
+    return ["barrier", zoo[a], zoo[b], "--points", 3, "-q", *args]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: npz(p, inputs=np.zeros((4, 8), dtype=np.int64)), "holds only 32 tokens: too few for windows of 64"),
+    (lambda p: (p / "t.npz").write_text("not an archive") and p / "t.npz", "is not a readable .npz"),
+    (lambda p: (p / "e.npz").write_bytes(b"") or p / "e.npz", "is not a readable .npz (EOFError"),  # was: "aborted", exit 130
+    (lambda p: npz(p, x=np.zeros((4, 8), dtype=np.int64), y=np.zeros(4)), "has no array named 'inputs'"),
+    (lambda p: npz(p, inputs=np.full((20, 8), 99)), "the model's vocabulary has 64 tokens"),
+    (lambda p: npz(p, inputs=np.array([["a", "b"]])), "'inputs' has dtype <U1"),
+])
+def test_barrier_lm_data_that_does_not_fit(zoo, tmp_path, capsys, make, message):
+    data = make(tmp_path)
+    fails_cleanly(capsys, message, *barrier(zoo, tmp_path, "--data", data, "--plot", tmp_path / "p.png"))
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("inputs, labels, message", [
+    ((4, 1, 8, 8), np.zeros(7, dtype=np.int64), "a classifier needs one integer label per example"),
+    ((4, 1, 8, 8), np.full(4, 0.5), "'labels' must be class numbers"),
+    ((4, 3, 5), np.zeros(4, dtype=np.int64), "does not fit the model (not enough values to unpack"),
+    ((4, 1, 8, 8), np.full(4, 99, dtype=np.int64), "does not fit the model (Target 99 is out of bounds"),
+])
+def test_barrier_classifier_data_that_does_not_fit(zoo, tmp_path, capsys, inputs, labels, message):
+    data = npz(tmp_path, inputs=np.random.default_rng(0).random(inputs, dtype=np.float32), labels=labels)
+    fails_cleanly(capsys, message, *barrier(zoo, tmp_path, "--data", data, "--plot", tmp_path / "p.png", a="vit", b="vit"))
+
+
+def test_barrier_windows_fit_the_model_positions(zoo, tmp_path, capsys):
+    """GPT-2 with 32 positions: windows of the default 128 tokens were an internal IndexError."""
+    data = npz(tmp_path, inputs=np.random.default_rng(0).integers(0, 64, (20, 8)))
+    code, out, err = run_cli(capsys, *barrier(zoo, tmp_path, "--data", data, "--plot", tmp_path / "p.png", "--json", tmp_path / "r.json",
+                                              a="gpt2", b="gpt2"))
+    assert code == 0, err
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+
+
+@pytest.mark.parametrize("option, where, message", [
+    ("--plot", "folder", "is a folder: give a file name"),
+    ("--plot", "no parent", "the parent directory of --plot"),
+    ("--json", "no parent", "the parent directory of --json"),
+    ("--plot", "the data", "is the input"),
+    ("--json", "the data", "is the input"),
+    ("--json", "a model's config", "would replace a file of the input"),
+    ("--landscape", "a model's config", "would replace a file of the input"),
+    ("--plot", "no suffix", "give a file name ending in .png"),
+])
+def test_barrier_outputs_are_checked_before_any_work(zoo, tmp_path, capsys, monkeypatch, option, where, message):
+    import symmerge.io as io
+
+    monkeypatch.setattr(io, "load_state_dict", lambda *a, **k: pytest.fail("work started before the outputs were checked"))
+    model = copy(zoo, "b", tmp_path, "model")
+    config = (model / "config.json").read_bytes()
+    data = shutil.copy(zoo["tokens"], tmp_path / "tokens.npz")
+    target = {"folder": tmp_path, "no parent": tmp_path / "no" / "such" / "f.png", "the data": data,
+              "a model's config": model / "config.json", "no suffix": tmp_path / "plot"}[where]
+    args = ["barrier", zoo["a"], model, "--data", data, "--points", 3, "-q"]
+    args += [option, target] if option == "--plot" else ["--plot", tmp_path / "p.png", option, target]
+    fails_cleanly(capsys, message, *args)
+    assert (model / "config.json").read_bytes() == config and np.load(data)["inputs"].shape == (20, 8)
+
+
+@pytest.mark.parametrize("option", ["--points", "--grid"])
+def test_barrier_huge_counts_are_usage_errors(zoo, tmp_path, capsys, option):
+    """--points 10**11 allocated until the machine ran out of memory."""
+    code, _, err = run_cli(capsys, *barrier(zoo, tmp_path, "--data", zoo["tokens"], option, 10**11))
+    assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ calibration data (--match, fisher)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: (p / "e.npz").write_bytes(b"") or p / "e.npz", "is not a readable .npz (EOFError"),
+    (lambda p: (p / "t.npz").write_text("hello") and p / "t.npz", "is not a readable .npz"),
+    (lambda p: (p / "e.txt").write_text("") or p / "e.txt", "holds no non-empty line"),
+    (lambda p: npz(p, inputs=np.zeros(4, dtype=np.int64)), "must be 2-D (examples, tokens), got shape (4,)"),
+    (lambda p: npz(p, inputs=np.zeros((4, 3, 5), dtype=np.int64)), "must be 2-D (examples, tokens)"),
+    (lambda p: npz(p, inputs=np.random.rand(4, 8)), "holds floats (float64) but this model takes token ids"),
+    (lambda p: npz(p, inputs=-np.ones((4, 8), dtype=np.int64)), "holds negative token ids"),
+    (lambda p: npz(p, inputs=np.zeros((0, 8), dtype=np.int64)), "'inputs' is empty"),
+    (lambda p: npz(p, inputs=np.array([["a", "b"]])), "has dtype <U1"),
+    (lambda p: p / "missing.npz", "does not exist"),
+])
+def test_calibration_data_that_does_not_fit(zoo, tmp_path, capsys, make, message):
+    data = make(tmp_path)
+    fails_cleanly(capsys, message, "align", zoo["a"], zoo["b"], "--match", "activations", "--data", data, "-o", tmp_path / "o",
+                  out=tmp_path / "o")
+
+
+def test_end_of_file_inside_a_run_is_not_an_interrupt(zoo, tmp_path, capsys, monkeypatch):
+    """The CLI framework turns an EOFError into Abort, which main() reported as "aborted" with exit 130."""
+    import symmerge.io.stream as stream
+
+    def eof(*a, **k):
+        raise EOFError("No data left in file")
+
+    monkeypatch.setattr(stream, "LazyState", eof)
+    code, _, err = run_cli(capsys, "align", zoo["a"], zoo["b"], "-o", tmp_path / "o", "-q")
+    assert code == 1 and "internal error: EOFError" in err and "aborted" not in err
+    assert not (tmp_path / "o").exists() and stray_folders(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- recipes and numbers
+
+
+def recipe(tmp_path, text) -> Path:
+    (tmp_path / "r.yaml").write_text(text)
+    return tmp_path / "r.yaml"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("", "a recipe is a mapping"),
+    ("- a\n- b\n", "a recipe is a mapping"),
+    ("42\n", "a recipe is a mapping"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: frobnicate\n", "unknown merge method 'frobnicate'"),
+    ("models: [{model: A, parameters: {weight: -1}}, {model: B, parameters: {weight: 1}}]\nmerge_method: linear\n", "the weights sum to 0"),
+    ("models: [{model: A, parameters: {weight: .nan}}, {model: B}]\nmerge_method: linear\n", "got nan"),
+    ("models: [{model: A, parameters: {weight: .inf}}, {model: B}]\nmerge_method: linear\n", "got inf"),
+    ("models: [{model: A, parameters: {weight: abc}}, {model: B}]\nmerge_method: linear\n", "weight must be a number, got 'abc'"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: slerp\nbase_model: A\nparameters: {t: 1.5}\n", "t must be in [0, 1], got 1.5"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: ties\nbase_model: A\nparameters: {density: 1.5}\n", "density must be in (0, 1]"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: ties\nbase_model: A\nparameters: {density: -0.2}\n", "density must be in (0, 1]"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: della\nbase_model: A\nparameters: {density: 0.5, epsilon: 0.9}\n",
+     "density ± epsilon must lie in (0, 1)"),
+    ("merge_method: linear\n", "exactly one of models"),
+    ("models: [{model: A}, {model: /nonexistent/x}]\nmerge_method: linear\n", "/nonexistent/x does not exist"),
+    ("models: [{model: A}, {model: A}]\nmerge_method: linear\n", "are both"),
+    ("models: [A, B]\nmerge_method: linear\n", "models.0: Input should be a valid dictionary"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: linear\nalignment: {device: tpu}\n", "Input should be 'cpu', 'cuda' or 'auto'"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: linear\ndtype: int8\n", "dtype: Input should be 'float32'"),
+])
+def test_hostile_recipes(zoo, tmp_path, capsys, body, message):
+    text = body.replace("A", str(zoo["a"])).replace("B", str(zoo["b"]))
+    fails_cleanly(capsys, message, "merge", recipe(tmp_path, text), tmp_path / "o", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "1e308,1e308"], "weights must be finite, with magnitudes summing to at most 3.4e38"),  # was an overflow
+    (["--weights", "nan,1"], "got nan"),
+    (["--weights", "1,2,3"], "--weights has 3 values for 2 models"),
+    (["--weights", ","], "--weights takes comma-separated numbers"),
+    (["--shard-size", "nan"], "not a size: 'nan'"),
+    (["--shard-size", "0.5"], "a size must be at least 1 byte"),
+    (["--device", "tpu"], "Input should be 'cpu', 'cuda' or 'auto'"),
+    (["-p", "bogus=1"], "unknown parameter 'bogus'"),
+    (["--dtype", "int8"], "dtype: Input should be 'float32'"),
+    (["--unmatched", "nope"], "Input should be 'mean', 'inputs' or 'zero'"),
+])
+def test_hostile_merge_options(zoo, tmp_path, capsys, args, message):
+    fails_cleanly(capsys, message, "merge", zoo["a"], zoo["b"], "-m", "linear", *args, "-o", tmp_path / "o", "-q",
+                  out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "device must be one of cpu, cuda, auto"),
+    (["--match", "nope"], "match must be one of weights, activations, learned"),
+    (["-s", "rope"], "unknown symmetry 'rope'"),
+])
+def test_hostile_align_options(zoo, tmp_path, capsys, args, message):
+    fails_cleanly(capsys, message, "align", zoo["a"], zoo["b"], *args, "-o", tmp_path / "o", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("where", ["model", "out"])
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(zoo, tmp_path, capsys, where):
+    odd = tmp_path / "two\nlines"
+    args = ["inspect", odd] if where == "model" else ["merge", zoo["a"], zoo["b"], "-m", "linear", "-o", odd / "out"]
+    err = fails_cleanly(capsys, "two\\nlines", *args)
+    assert "two\nlines" not in err
+
+
+def test_output_under_a_file_or_recipe_that_is_a_folder(zoo, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    fails_cleanly(capsys, "the parent directory of", "merge", zoo["a"], zoo["b"], "-m", "linear", "-o", tmp_path / "afile" / "sub")
+    (tmp_path / "r.yaml").mkdir()
+    fails_cleanly(capsys, "does not exist", "merge", tmp_path / "r.yaml", tmp_path / "o")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x01garbage")
+    fails_cleanly(capsys, "is not UTF-8 text", "merge", tmp_path / "bin.yaml", tmp_path / "o")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_demo_out_on_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import symmerge.demo as demo
+
+    monkeypatch.setattr(demo, "build", lambda *a, **k: pytest.fail("training started before --out was checked"))
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        fails_cleanly(capsys, "is a file, not a folder", "demo", "--out", out)
+    assert (tmp_path / "afile").read_text() == "x"
