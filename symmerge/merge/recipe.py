@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from symmerge.errors import SymmergeError, shorten
+from symmerge.merge.methods import list_methods
 from symmerge.merge.settings import check_setting, leaves
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -470,8 +471,6 @@ def _misplaced_parameters(raw: dict[Any, Any]) -> tuple[str, ...]:
     """Remove from ``raw`` the method parameters given at the top level instead of under ``parameters:``: mergekit's
     configuration ignores keys it does not know, so a published recipe may carry one (``normalize: true`` beside
     ``merge_method: model_stock``) that changed nothing there. Any other unknown key is still refused (a typo)."""
-    from symmerge.merge.methods import list_methods
-
     names = {p.name for m in list_methods() for p in m.params} | {"weight"}
     keys = tuple(k for k in raw if isinstance(k, str) and k in names and k not in Recipe.model_fields)
     for k in keys:

@@ -27,6 +27,9 @@ def _check_inputs(method: str, tensors: Sequence[Tensor], name: str | None, *, b
     for i, t in enumerate(tensors):
         if not (t.is_floating_point()):
             raise SymmergeError(f"{method}: cannot merge a {t.dtype} tensor{where}; copy it from one model instead")
+        if t.element_size() == 1:  # float8: quantised weights, whose scales live in other tensors
+            raise SymmergeError(f"{method}: cannot merge a {t.dtype} tensor{where}: float8 weights are quantised; "
+                                f"dequantise the model to bfloat16 or float32 first")
         if t.shape != shape:
             raise SymmergeError(f"{method}: model {i} has shape {tuple(t.shape)}, model 0 {tuple(shape)}{where}")
     if needs_base and base is None:
@@ -41,8 +44,9 @@ def _weights(method: str, weights: Sequence[float] | None, n: int, *, nonnegativ
     w = [float(x) for x in weights]
     if len(w) != n:
         raise SymmergeError(f"{method}: got {len(w)} weights for {n} models")
-    if not all(math.isfinite(x) for x in w):
-        raise SymmergeError(f"{method}: weights must be finite, got {w}")
+    # the tensors are combined in float32: a weight (or a sum of them) past its range would overflow mid-merge
+    if not all(math.isfinite(x) for x in w) or not sum(abs(x) for x in w) <= torch.finfo(torch.float32).max:
+        raise SymmergeError(f"{method}: weights must be finite, with magnitudes summing to at most 3.4e38, got {w}")
     if nonnegative and (any(x < 0 for x in w) or sum(w) <= 0):
         raise SymmergeError(f"{method}: weights must be >= 0 with a positive sum, got {w}")
     return w
