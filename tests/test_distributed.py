@@ -4,8 +4,11 @@ merge --ray give identical results, residual descent and K models included."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,41 @@ def test_ray_missing_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     code, _, err = run_cli(capsys, "align", ref_dir, other_dir, "-o", tmp_path / "out", "--ray", "auto")
     assert code == 2 and err.strip() == "error: --ray needs Ray: pip install 'symmerge[ray]'"
     assert not (tmp_path / "out").exists()
+
+
+def _closed_port() -> int:
+    """A local TCP port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{closed}", r"^--ray 127\.0\.0\.1:\d+: cannot reach 127\.0\.0\.1:\d+ \(.+\); is the cluster's head started"),
+    ("ray://127.0.0.1:{closed}", r"^--ray ray://127\.0\.0\.1:\d+: cannot reach 127\.0\.0\.1:\d+"),
+    ("head-node", r"^--ray head-node: give auto, local or HOST:PORT"),
+    ("head-node:port", r"^--ray head-node:port: give auto, local or HOST:PORT"),
+    ("head-node:0", r"^--ray head-node:0: give auto, local or HOST:PORT"),
+])
+def test_a_cluster_address_where_nothing_listens_fails_at_once(monkeypatch, address, message):
+    """Ray's own connect retries for minutes; the address is tried first, and Ray is never started on a bad one."""
+    address = address.format(closed=_closed_port())
+    if distributed.ray is not None:
+        monkeypatch.setattr(distributed.ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(distributed.ray, "init", lambda **kw: pytest.fail("ray.init reached"))
+    else:
+        monkeypatch.setattr(distributed, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    start = time.monotonic()
+    with pytest.raises(symmerge.SymmergeError, match=message):
+        distributed.RayExecutor(address)
+    assert time.monotonic() - start < 5
+
+
+def test_a_listening_address_passes_the_check():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        distributed.check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import cost is paid only by runs that use it (the CLI imports it for ``--ray``; 
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,6 +86,23 @@ def group_keys(group: FFNGroup | AttentionGroup) -> list[str]:
     return sorted({s.key for s in group.slots()})
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster address (``HOST:PORT`` or ``ray://HOST:PORT``) must accept a TCP connection within ``timeout``
+    seconds, or a one-line error: Ray's own connect retries for minutes where nothing listens. ``auto`` and
+    ``local`` are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SymmergeError(f"--ray {address}: give auto, local or HOST:PORT (a cluster head, e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise SymmergeError(f"--ray {address}: cannot reach {host}:{port} ({reason}); is the cluster's head "
+                            "started (`ray start --head`)?") from None
+
+
 class RayExecutor:
     """Fans per-layer fits out as Ray tasks. ``address``: ``"auto"`` (the cluster this machine joined with
     ``ray start``), ``"HOST:6379"`` (a cluster's head), or ``"local"`` (start a Ray instance in this process;
@@ -96,6 +114,7 @@ class RayExecutor:
         self.address = address
         self.gpus_per_task = gpus_per_task
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 if address == "local":
                     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
