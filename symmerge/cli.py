@@ -457,7 +457,7 @@ def barrier(
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
-    check_compatible(a, b, str(ckpt.path))
+    check_compatible(a, b, str(ckpt.path), reference_name=str(ref_ckpt.path))
     calibration = None
     if any(x.startswith(("act:", "learn:")) or x.endswith("+repair") for x in settings):
         calibration = load_calibration(data, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
@@ -497,7 +497,7 @@ def distance(
 
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
-    check_compatible(a, b, str(ckpt.path))
+    check_compatible(a, b, str(ckpt.path), reference_name=str(ref_ckpt.path))
     spec = spec_for(ref_ckpt.config, a.keys())
     result = align_models(a, b, spec=spec, symmetries=align_)
     before = grouped_distance(b, a, spec)

@@ -178,7 +178,8 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                 continue
             label = f"base_model {ckpt.path}" if ckpt is base else f"model {ckpt.path}"
             resized = _resized(models[widest], ckpt) if widest is not None else frozenset()
-            check_compatible_shapes(reference_shapes, shapes_of(ckpt), label, frozenset(lend_head[:1]) if lend_head else frozenset(), resized)
+            check_compatible_shapes(reference_shapes, shapes_of(ckpt), label, frozenset(lend_head[:1]) if lend_head else frozenset(), resized,
+                                    reference_name=f"model {models[widest or 0].path}")
 
     auto = recipe.alignment != "none" and is_auto(recipe.alignment.symmetries)
     symmetries = frozenset() if recipe.alignment == "none" else frozenset({"auto"}) if auto else parse_symmetries(recipe.alignment.symmetries)

@@ -64,12 +64,18 @@ def resized_keys(reference: ModelSpec, other: ModelSpec) -> frozenset[str]:
 
 
 def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]], model_name: str = "model",
-                            optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset()) -> None:
+                            optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset(), *,
+                            reference_name: str = "the reference") -> None:
     """Same tensor names and shapes, or a one-line error naming the first difference. ``optional`` keys may be
     missing on either side (a tied LM head that folding unties); ``resized`` keys may differ in shape (a narrower
-    model's FFN and attention tensors, :func:`resized_keys`)."""
+    model's FFN and attention tensors, :func:`resized_keys`). Models that share fewer than half of the reference's
+    names are told apart as different architectures, not by their first missing tensor."""
     missing = sorted(set(reference) - set(model) - optional)
     extra = sorted(set(model) - set(reference) - optional)
+    shared = len(set(reference) & set(model))
+    if missing and extra and shared < len(reference) / 2:
+        raise SymmergeError(f"{model_name} and {reference_name} are not the same architecture: they share {shared} of "
+                            f"{len(reference)} tensor names ({reference_name} has {missing[0]!r}, {model_name} has {extra[0]!r})")
     if missing or extra:
         which, key = ("lacks", missing[0]) if missing else ("has an extra", extra[0])
         more = len(missing) + len(extra) - 1
@@ -80,10 +86,11 @@ def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Map
 
 
 def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], model_name: str = "model",
-                     optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset()) -> None:
+                     optional: frozenset[str] = frozenset(), resized: frozenset[str] = frozenset(), *,
+                     reference_name: str = "the reference") -> None:
     """:func:`check_compatible_shapes` on two state dicts (a memory-mapped one's shapes come from its headers:
     nothing is read)."""
-    check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional, resized)
+    check_compatible_shapes(_shapes(reference), _shapes(model), model_name, optional, resized, reference_name=reference_name)
 
 
 def check_floating(spec: ModelSpec, state: Mapping[str, torch.Tensor], model_name: str = "model") -> None:
