@@ -376,6 +376,8 @@ def test_hostile_merge_options(zoo, tmp_path, capsys, args, message):
     (["--device", "tpu"], "device must be one of cpu, cuda, auto"),
     (["--match", "nope"], "match must be one of weights, activations, learned"),
     (["-s", "rope"], "unknown symmetry 'rope'"),
+    (["-s", ""], "empty symmetries '': name the classes"),  # was: taken as none
+    (["-s", " , "], "empty symmetries ' , ': name the classes"),
 ])
 def test_hostile_align_options(zoo, tmp_path, capsys, args, message):
     fails_cleanly(capsys, message, "align", zoo["a"], zoo["b"], *args, "-o", tmp_path / "o", out=tmp_path / "o")

@@ -48,6 +48,8 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
     if value is None or value == "all":
         return frozenset(PER_LAYER_CLASSES)
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if isinstance(value, str) and not names:  # -s "" is a slip (an unset shell variable), not a choice of none
+        raise SymmergeError(f"empty symmetries {value!r}: name the classes (e.g. all,residual), none or auto")
     if names in ([], ["none"]):
         return frozenset()
     if "all" in names:
