@@ -713,11 +713,12 @@ def test_describe_states_every_class_and_the_residual_group():
     assert "qk        not transformed here         partial rotary" in lines["gpt_neox"] and "(VO only)" in lines["gpt_neox"]
 
 
-@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi"])
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi", "olmo2", "gptj", "opt"])
 def test_learned_matching_stays_in_the_symmetry_group(family):
     """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
     (not rotations), no QK rotation for Qwen3 and the partial-rotary families (GPT-NeoX: Q|K|V fused per head; Phi:
-    one norm read by attention and MLP); the aligned model computes what it computed before."""
+    one norm read by attention and MLP); OLMo-2: row-norm gains moved with the heads, residual permutations; GPT-J:
+    interleaved RoPE; OPT: learned positions, tied head; the aligned model computes what it computed before."""
     a, make_inputs = make_model(family, 0)
     b, _ = make_model(family, 1)
     sa, sb = clone(a.state_dict()), clone(b.state_dict())
