@@ -95,6 +95,22 @@ def _gpt_neox(**extra):
     return build
 
 
+def _opt(**extra):
+    def build():
+        cfg = transformers.OPTConfig(hidden_size=48, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                                     max_position_embeddings=64, word_embed_proj_dim=48, pad_token_id=1, bos_token_id=0, eos_token_id=0, **extra)
+        return transformers.OPTForCausalLM(cfg), lambda g: {"input_ids": torch.randint(2, 64, (2, 12), generator=g)}
+    return build
+
+
+def _gptj(**extra):
+    def build():
+        cfg = transformers.GPTJConfig(n_layer=2, n_embd=48, n_head=4, n_inner=80, rotary_dim=6, vocab_size=64, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0, **extra)
+        return transformers.GPTJForCausalLM(cfg), lambda g: {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+    return build
+
+
 FAMILIES = {
     "bert": _bert,
     "bert-cls": _bert_classifier,  # post-LN with a head: residual permutations
@@ -121,6 +137,20 @@ FAMILIES = {
     "stablelm": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 2, partial_rotary_factor=0.5, use_qkv_bias=True),
     # one input_layernorm read by attention and MLP (parallel block), partial rotary, LM head with a bias
     "phi": _decoder(transformers.PhiConfig, transformers.PhiForCausalLM, 2),
+    # pre-LN, learned positions (2 offset rows), ReLU fc1/fc2, Q/K/V/out biases, tied LM head
+    "opt": _opt(),
+    # llama names with scalar multipliers (attention, residual, embedding, logits) away from 1 so they bite
+    "granite": _decoder(transformers.GraniteConfig, transformers.GraniteForCausalLM, 2, attention_multiplier=0.3, residual_multiplier=0.7,
+                        embedding_multiplier=3.0, logits_scaling=2.0),
+    # non-parametric LayerNorms
+    "olmo": _decoder(transformers.OlmoConfig, transformers.OlmoForCausalLM, 2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # RMSNorms on what attention and FFN write (no pre-norms), q_norm / k_norm over the whole Q and K projections
+    "olmo2": _decoder(transformers.Olmo2Config, transformers.Olmo2ForCausalLM, 2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # one ln_1 read by attention and MLP, partial interleaved rotary (rotary_dim 6 of 12), LM head with a bias
+    "gptj": _gptj(),
+    # LayerNorm without bias, one input_layernorm (parallel block), interleaved RoPE, logit_scale, tied embeddings
+    "cohere": _decoder(transformers.CohereConfig, transformers.CohereForCausalLM, 2, tie=True, logit_scale=0.5, pad_token_id=0,
+                       bos_token_id=0, eos_token_id=0),
     "deberta-v2-cls": _deberta_classifier,  # disentangled attention (c2p, p2c) with share_att_key; post-LN: residual permutations
 }
 

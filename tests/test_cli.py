@@ -307,9 +307,11 @@ def test_align_writes_a_fine_tune_as_it_is_and_says_why(tmp_path, capsys):
     assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "stablelm", "phi"])
+@pytest.mark.parametrize("family", ["gpt_neox", "stablelm", "phi", "opt", "granite", "olmo", "olmo2", "gptj", "cohere"])
 def test_align_and_merge_partial_rotary_families(family, tmp_path, capsys):
-    """GPT-NeoX (Pythia; embed_out on disk, Q|K|V fused per head), StableLM and Phi from the command line: align
+    """GPT-NeoX (Pythia; embed_out on disk, Q|K|V fused per head), StableLM and Phi from the command line (and OPT,
+    Granite, OLMo, OLMo-2, GPT-J, Cohere: tied heads, learned positions, scalar multipliers, norms without weights or
+    biases, Q/K row norms, residual permutations): align
     recovers a copy scrambled by every class they offer (residual included), and merging the reference with that copy
     gives a model that computes what the reference computes."""
     model, make_inputs = make_model(family)

@@ -32,8 +32,11 @@ from symmerge.spec import spec_for
 
 # pre-LN LayerNorm (gpt2, vit), RMSNorm (llama, qwen2, phi3: fused tensors), gain offset and tied head (gemma),
 # sandwich norms (gemma2: permutations), post-LN (bert-cls, deberta-v2-cls: permutations), partial rotary (gpt_neox: Q|K|V
-# fused per head, parallel residual; stablelm; phi: one norm read by attention and MLP)
-RESIDUAL_FAMILIES = ("llama", "gpt2", "gemma", "gemma2", "qwen2", "phi3", "bert-cls", "deberta-v2-cls", "vit", "gpt_neox", "stablelm", "phi")
+# fused per head, parallel residual; stablelm; phi: one norm read by attention and MLP), learned positions and a tied head
+# (opt), scalar multipliers (granite), non-parametric LayerNorms (olmo), no pre-norms and Q/K row norms (olmo2), one
+# ln_1 beside bias-free q/k/v (gptj), bias-free LayerNorm (cohere)
+RESIDUAL_FAMILIES = ("llama", "gpt2", "gemma", "gemma2", "qwen2", "phi3", "bert-cls", "deberta-v2-cls", "vit", "gpt_neox", "stablelm", "phi",
+                     "opt", "granite", "olmo", "olmo2", "gptj", "cohere")
 
 
 def _pair(family: str):
@@ -114,8 +117,9 @@ def test_streamed_residual_needs_residual_group():
         TransformedState(state, spec_for(bert.config, state.keys()), fold=True)
 
 
-# tied head and gain offset; pre-LN; post-LN; on-disk head name (embed_out) and Q|K|V fused per head
-@pytest.mark.parametrize("family", ["gemma", "gpt2", "bert-cls", "gpt_neox"])
+# tied head and gain offset; pre-LN; post-LN; on-disk head name (embed_out) and Q|K|V fused per head; tied head and
+# learned positions under a nested prefix (opt); a norm bias kept for bias-free readers (gptj); Q/K row norms (olmo2)
+@pytest.mark.parametrize("family", ["gemma", "gpt2", "bert-cls", "gpt_neox", "opt", "gptj", "olmo2"])
 def test_streamed_align_cli_equals_in_memory(tmp_path, capsys, family):
     """``align -s all,residual`` reads from mmap and writes unit by unit: the files equal :func:`symmerge.align` on
     whole state dicts, bit for bit."""

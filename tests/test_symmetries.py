@@ -214,7 +214,7 @@ def test_gqa_forbids_moving_a_query_head_to_another_group():
 
 
 RESIDUAL_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "vit", "bert-cls", "roberta-cls", "phi3", "qwen3", "gemma", "gemma2", "deberta-v2-cls",
-                     "gpt_neox", "gpt_neox-sequential", "stablelm", "phi"]
+                     "gpt_neox", "gpt_neox-sequential", "stablelm", "phi", "opt", "granite", "olmo", "olmo2", "gptj", "cohere"]
 
 
 def test_every_registered_family_is_tested_and_residual_list_is_complete():
@@ -370,13 +370,18 @@ def test_qwen3_matching_leaves_qk_alone():
 
 
 PARTIAL_ROTARY_FAMILIES = ["gpt_neox", "stablelm", "phi"]
+# family → why QK is fixed (as ``symmerge inspect`` says it): partial rotary; interleaved RoPE planes (GPT-J: partial
+# too; Cohere); OLMo-2's q_norm / k_norm over the whole projection
+QK_FIXED = {**dict.fromkeys(PARTIAL_ROTARY_FAMILIES, "partial rotary"), "gptj": "interleaved rotary", "cohere": "interleaved rotary",
+            "olmo2": "q_norm / k_norm over the whole projection"}
 
 
-@pytest.mark.parametrize("family", PARTIAL_ROTARY_FAMILIES)
+@pytest.mark.parametrize("family", sorted(QK_FIXED))
 def test_partial_rotary_forbids_qk_rotations(family):
     """Why GPT-NeoX, StableLM and Phi fix QK: RoPE rotates only the first part of each head, so a QK rotation mixing
-    rotated and unrotated dimensions changes the outputs; the spec says qk_fixed and a random QK/scale element is
-    the identity on QK (while VO is rescaled)."""
+    rotated and unrotated dimensions changes the outputs (GPT-J and Cohere: RoPE on the planes (2i, 2i+1), not the
+    ones symmerge's per-plane maps follow; OLMo-2: a gain per row of Q and K after normalising all of them); the spec
+    says qk_fixed and a random QK/scale element is the identity on QK (while VO is rescaled)."""
     model, make_inputs = make_model(family)
 
     def qk_rotation(x, grp):
@@ -385,13 +390,13 @@ def test_partial_rotary_forbids_qk_rotations(family):
     before, after = _with_heads(model, qk_rotation)
     assert max_output_diff(model, before, after, make_inputs) > 1e-3
     spec = spec_for(model.config, before.keys())
-    assert all(g.qk_fixed for g in spec.attention) and "partial rotary" in "\n".join(spec.describe())
+    assert all(g.qk_fixed for g in spec.attention) and QK_FIXED[family] in "\n".join(spec.describe())
     x = random_transform(spec, "qk,scale", seed=3).heads[spec.attention[0].name]
     assert torch.equal(x.qk_rotation, torch.eye(spec.head_dim, dtype=torch.float64).expand_as(x.qk_rotation))
     assert torch.all(x.qk_scale == 1) and not torch.all(x.vo_scale == 1)
 
 
-@pytest.mark.parametrize("family", PARTIAL_ROTARY_FAMILIES)
+@pytest.mark.parametrize("family", sorted(QK_FIXED))
 def test_partial_rotary_matching_leaves_qk_alone(family):
     """Aligning two unrelated models with qk asked for returns identity QK maps and a function-preserving result,
     while heads and VO are matched (the distance goes down)."""
@@ -447,6 +452,107 @@ def test_partial_rotary_variants_preserve_function_and_recover(variant):
     result = symmerge.align(original, moved, config=model.config, symmetries="all,residual")
     assert result.report.relative_after <= TOL
     assert max_output_diff(model, original, result.state_dict, make_inputs) <= TOL
+
+
+def test_olmo2_qk_row_norms_follow_head_permutations():
+    """OLMo-2's q_norm / k_norm normalise all of Q (and K), then apply one gain per row: a head permutation is exact
+    only if those gains permute with the rows (the spec reads them as Q/K's bias slots, which have no bias), and the
+    RMS over the whole projection does not see the order."""
+    model, make_inputs = make_model("olmo2")
+    spec = spec_for(model.config, model.state_dict().keys())
+    grp = spec.attention[0]
+    assert (grp.q_bias.key, grp.k_bias.key) == ("model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight")
+
+    def swap_groups(x, grp):
+        x.perm, x.kv_perm = torch.tensor([2, 3, 0, 1]), torch.tensor([1, 0])  # 4 query heads over 2 KV heads: the groups trade places
+
+    before, after = _with_heads(model, swap_groups)
+    assert max_output_diff(model, before, after, make_inputs) <= TOL
+    stale = dict(after, **{k: before[k] for k in (grp.q_bias.key, grp.k_bias.key)})  # the gains left where they were
+    assert max_output_diff(model, before, stale, make_inputs) > 1e-3
+
+
+def test_olmo2_has_no_pre_norms_so_the_residual_class_is_permutations():
+    """OLMo-2 normalises what attention and the FFN write (post_attention_layernorm, post_feedforward_layernorm) and
+    reads the raw stream: like Gemma-2's sandwich norms, the gains sit where no layer absorbs them, so only residual
+    permutations are offered (the gains permute along), and an orthogonal map breaks the model."""
+    model, make_inputs = make_model("olmo2")
+    original = clone(model.state_dict())
+    residual = spec_for(model.config, original.keys()).residual
+    assert residual.kind == "permutation" and residual.norms == ()
+    q = random_orthogonal(residual.width, 1, torch.Generator().manual_seed(0))[0]
+    rotated = apply_residual(original, dataclasses.replace(residual, kind="orthogonal", vectors=()), q)
+    assert max_output_diff(untied(model), original, rotated, make_inputs) > 1e-3
+
+
+def test_olmo_nonparametric_norms_need_centered_residual_maps():
+    """OLMo-1's LayerNorms have no weight or bias: nothing to fold (the spec lists no norms), and the residual map
+    must fix the all-ones direction the LayerNorm subtracts (``centered``); a general orthogonal map breaks it."""
+    model, make_inputs = make_model("olmo")
+    original = clone(model.state_dict())
+    residual = spec_for(model.config, original.keys()).residual
+    assert residual.kind == "centered" and residual.norms == ()
+    assert not any("layernorm" in k or k.endswith("model.norm.weight") for k in original)
+    q = random_orthogonal(residual.width, 1, torch.Generator().manual_seed(0))[0]
+    assert max_output_diff(model, original, apply_residual(original, residual, q), make_inputs) > 1e-3
+
+
+def test_granite_multipliers_bite_and_commute_with_every_class():
+    """Granite's scalar multipliers (attention, residual, embedding, logits) are set away from 1 in the tiny model, the
+    outputs depend on them, and every class (residual included) still preserves the function: a scalar commutes with
+    every map."""
+    model, make_inputs = make_model("granite")
+    original = clone(model.state_dict())
+    plain = copy.deepcopy(model.config)
+    for name in ("attention_multiplier", "residual_multiplier", "embedding_multiplier", "logits_scaling"):
+        assert getattr(model.config, name) != 1.0
+        setattr(plain, name, 1.0)
+    inputs = make_inputs(torch.Generator().manual_seed(0))
+    other = type(model)(plain).eval()
+    other.load_state_dict(original)
+    with torch.no_grad():
+        assert float((model(**inputs)[0] - other(**inputs)[0]).abs().max()) > 1e-2
+    spec = spec_for(model.config, original.keys())
+    moved = apply_transform(original, spec, random_transform(spec, "all,residual", seed=1))
+    assert max_output_diff(model, original, moved, make_inputs) <= TOL
+
+
+def test_opt_post_ln_and_projected_embeddings_keep_the_per_layer_classes():
+    """opt-350m: post-LN (do_layer_norm_before=False) with a narrower word embedding projected in and out of the stream
+    (project_in / project_out): the residual class is refused with the reason; heads, QK, VO and FFN still move and
+    preserve the function."""
+    import transformers
+
+    cfg = transformers.OPTConfig(hidden_size=48, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+                                 word_embed_proj_dim=32, do_layer_norm_before=False, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    original = clone(model.state_dict())
+    spec = spec_for(cfg, original.keys())
+    assert spec.residual is None and "post-LN OPT" in spec.no_residual
+    moved = apply_transform(original, spec, random_transform(spec, "all", seed=1))
+    make_inputs = FAMILIES["opt"]()[1]
+    assert symmerge.state_distance(original, moved) > 1e-2
+    assert max_output_diff(model, original, moved, make_inputs) <= TOL
+    pre_ln = transformers.OPTConfig(**{**cfg.to_dict(), "do_layer_norm_before": True})
+    assert "project_in" in spec_for(pre_ln, transformers.OPTForCausalLM(pre_ln).state_dict().keys()).no_residual
+    with pytest.raises(symmerge.SymmergeError, match="not available for this opt model: .*post-LN"):
+        random_transform(spec, "residual")
+
+
+def test_gptj_folds_a_norm_read_by_biased_and_bias_free_projections():
+    """GPT-J's ln_1 feeds bias-free q/k/v and fc_in (with a bias): its bias stays in the norm (q/k/v cannot absorb
+    it), so fc_in must not absorb it too — folding is exact, and the folded norm keeps β/γ."""
+    model, make_inputs = make_model("gptj")
+    original = clone(model.state_dict())
+    residual = spec_for(model.config, original.keys()).residual
+    folded = fold_norms(original, residual)
+    assert max_output_diff(model, original, folded, make_inputs) <= TOL
+    assert torch.equal(folded["transformer.h.0.mlp.fc_in.bias"], original["transformer.h.0.mlp.fc_in.bias"])
+    assert not torch.all(folded["transformer.h.0.ln_1.bias"] == 0)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
@@ -514,6 +620,14 @@ def test_refused_configs_say_why():
     assert spec.residual is None and "ConvLayer" in spec.no_residual
     with pytest.raises(symmerge.SymmergeError, match="not available for this deberta-v2 model: .*ConvLayer"):
         random_transform(spec, "residual")
+    olmo = transformers.OlmoConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
+                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, clip_qkv=8.0)
+    with pytest.raises(symmerge.SymmergeError, match="olmo with clip_qkv is not supported: clamping every entry"):
+        spec_for(olmo, transformers.OlmoForCausalLM(olmo).state_dict().keys())
+    cohere = transformers.CohereConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0, use_qk_norm=True)
+    with pytest.raises(symmerge.SymmergeError, match="use_qk_norm=True.*separate weights per head"):
+        spec_for(cohere, transformers.CohereForCausalLM(cohere).state_dict().keys())
     for family, reason in REFUSED.items():
         with pytest.raises(symmerge.SymmergeError, match=f"model_type '{family}' is not supported: "):
             spec_for({"model_type": family}, [])
@@ -554,6 +668,17 @@ EXPECTED_TENSOR_GROUPS = {  # layer 0 and the tensors outside the blocks, per fa
     "phi": {"model.embed_tokens.weight": "embeddings", "model.layers.0.input_layernorm.bias": "norms", "model.layers.0.self_attn.dense.bias": "attention",
             "model.layers.0.mlp.fc1.bias": "ffn", "model.layers.0.mlp.fc2.bias": "ffn", "model.final_layernorm.weight": "norms",
             "lm_head.weight": "head", "lm_head.bias": "head"},
+    "opt": {"model.decoder.embed_tokens.weight": "embeddings", "model.decoder.embed_positions.weight": "embeddings",
+            "model.decoder.layers.0.self_attn_layer_norm.bias": "norms", "model.decoder.layers.0.final_layer_norm.weight": "norms",
+            "model.decoder.layers.0.self_attn.out_proj.bias": "attention", "model.decoder.layers.0.fc1.bias": "ffn",
+            "model.decoder.layers.0.fc2.bias": "ffn", "model.decoder.final_layer_norm.bias": "norms", "lm_head.weight": "head"},
+    "olmo2": {"model.layers.0.self_attn.q_norm.weight": "attention", "model.layers.0.self_attn.k_norm.weight": "attention",
+              "model.layers.0.post_attention_layernorm.weight": "norms", "model.layers.0.post_feedforward_layernorm.weight": "norms",
+              "model.norm.weight": "norms", "lm_head.weight": "head"},
+    "gptj": {"transformer.wte.weight": "embeddings", "transformer.h.0.ln_1.bias": "norms", "transformer.h.0.attn.out_proj.weight": "attention",
+             "transformer.h.0.mlp.fc_in.bias": "ffn", "transformer.h.0.mlp.fc_out.bias": "ffn", "transformer.ln_f.weight": "norms",
+             "lm_head.weight": "head", "lm_head.bias": "head"},
+    "cohere": {"model.embed_tokens.weight": "embeddings", "model.layers.0.input_layernorm.weight": "norms", "model.norm.weight": "norms"},
     "vit": {"vit.embeddings.cls_token": "embeddings", "vit.embeddings.position_embeddings": "embeddings",
             "vit.embeddings.patch_embeddings.projection.weight": "embeddings", "vit.embeddings.patch_embeddings.projection.bias": "embeddings",
             "vit.layers.0.layernorm_before.bias": "norms", "vit.layers.0.attention.o_proj.bias": "attention", "vit.layers.0.mlp.fc2.bias": "ffn",
@@ -588,11 +713,12 @@ def test_describe_states_every_class_and_the_residual_group():
     assert "qk        not transformed here         partial rotary" in lines["gpt_neox"] and "(VO only)" in lines["gpt_neox"]
 
 
-@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi"])
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi", "olmo2", "gptj", "opt"])
 def test_learned_matching_stays_in_the_symmetry_group(family):
     """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
     (not rotations), no QK rotation for Qwen3 and the partial-rotary families (GPT-NeoX: Q|K|V fused per head; Phi:
-    one norm read by attention and MLP); the aligned model computes what it computed before."""
+    one norm read by attention and MLP); OLMo-2: row-norm gains moved with the heads, residual permutations; GPT-J:
+    interleaved RoPE; OPT: learned positions, tied head; the aligned model computes what it computed before."""
     a, make_inputs = make_model(family, 0)
     b, _ = make_model(family, 1)
     sa, sb = clone(a.state_dict()), clone(b.state_dict())

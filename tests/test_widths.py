@@ -44,6 +44,7 @@ NARROW = {
     "qwen3": {"intermediate_size": 50, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},  # per-head q/k norms
     "qwen2": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 12},  # heads only, with Q/K/V biases
     "gpt_neox": {"intermediate_size": 50},  # Q|K|V fused per head (head dim is hidden / heads: FFN only)
+    "olmo2": {"intermediate_size": 50},  # FFN only: its q/k norms span every head (head counts are refused)
 }
 
 
@@ -261,6 +262,17 @@ def test_refusals_name_the_difference(change, message):
         check_embeddable(spec_for(wide.config, wide.state_dict().keys()), spec_for(config, other.state_dict().keys()), "model")
     with pytest.raises(SymmergeError, match=message):
         symmerge.align(wide, other)
+
+
+def test_olmo2_refuses_different_head_counts():
+    """OLMo-2's q_norm / k_norm normalise all heads together: an empty (zero) head would change the RMS of every other
+    head, so a narrower head count is refused (a narrower FFN is fine, see test_embedding_preserves_function)."""
+    wide, _ = make_model("olmo2")
+    config = copy.deepcopy(wide.config)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 12
+    narrow = type(wide)(config)
+    with pytest.raises(SymmergeError, match="2 attention heads, the reference has 4: olmo2's q/k norms span every head"):
+        symmerge.align(wide, narrow)
 
 
 def test_align_refuses_what_widths_do_not_support():

@@ -40,19 +40,18 @@ def with_untied_head(state: Mapping[str, torch.Tensor], residual: ResidualGroup)
 def fold_norms(state: Mapping[str, torch.Tensor], residual: ResidualGroup) -> dict[str, torch.Tensor]:
     """Fold every norm's gain ``γ = offset + w`` (and bias ``β``) into its readers: ``W → W diag(γ)``,
     ``b → b + W β``; the norm keeps ``γ = 1`` (stored ``w = 1 − offset``: 0 for Gemma's ``1 + w``) and ``β = 0`` —
-    or ``β/γ`` where a reader has no bias to absorb it (GPT-2's LM head)."""
+    or ``β/γ`` (and no reader absorbs it) where a reader has no bias to absorb it (GPT-2's LM head)."""
     view = StateView(with_untied_head(state, residual))  # the head will differ from the embedding
     for norm in residual.norms:
         gamma = view.get(norm.weight) + norm.offset
         beta = view.get(norm.bias) if norm.bias else None
-        keep_beta = False
+        # all or nothing: a reader without a bias (GPT-J's q/k/v beside fc_in, both reading ln_1) keeps β in the norm,
+        # and then no reader may absorb it as well (unfold_norms makes the same choice)
+        keep_beta = beta is not None and any(b is None for b in norm.reader_biases)
         for reader, reader_bias in zip(norm.readers, norm.reader_biases):
             w = view.get(reader)
-            if beta is not None:
-                if reader_bias is None:
-                    keep_beta = True
-                else:
-                    view.set(reader_bias, view.get(reader_bias) + w @ beta)
+            if beta is not None and not keep_beta:
+                view.set(reader_bias, view.get(reader_bias) + w @ beta)
             view.set(reader, w * gamma)
         if keep_beta:
             if bool((gamma == 0).any()):

@@ -84,7 +84,9 @@ class AttentionGroup:
     per-plane rotations. Missing biases are treated as zero. ``qk_fixed``: no QK rotation or rescaling is a
     symmetry (Qwen3 normalises every query and key head by RMSNorm with one gain shared by all heads, before RoPE:
     the gain does not commute with a rotation, and the norm's ε makes a rescaling inexact); VO transforms and head
-    permutations still are.
+    permutations still are. ``row_norms``: ``q_bias``/``k_bias`` name the gains of norms over the whole Q and K
+    projections (OLMo-2; the projections have no bias), which follow head permutations; the norm sees every head,
+    so a zero head (a narrower model embedded into a wider one) would change it.
     """
 
     name: str
@@ -100,6 +102,7 @@ class AttentionGroup:
     num_kv_heads: int = 0
     rope: bool = False
     qk_fixed: bool = False
+    row_norms: bool = False
 
     @property
     def kv_heads(self) -> int:

@@ -46,6 +46,9 @@ def check_embeddable(reference: ModelSpec, other: ModelSpec, other_name: str = "
         if shape[what] > ref_shape[what]:
             raise SymmergeError(f"{other_name} has {what} {shape[what]}, the reference has {ref_shape[what]}: only a narrower model "
                                 "can be aligned into a wider one (make the widest model the reference)")
+    if shape["attention heads"] != ref_shape["attention heads"] and any(g.row_norms for g in reference.attention):
+        raise SymmergeError(f"{other_name} has {shape['attention heads']} attention heads, the reference has {ref_shape['attention heads']}: "
+                            f"{reference.family}'s q/k norms span every head, so an empty head would change them")
     group, ref_group = other.num_heads // (other.num_kv_heads or other.num_heads), reference.num_heads // (reference.num_kv_heads or reference.num_heads)
     if group != ref_group:
         raise SymmergeError(f"{other_name} has {group} query heads per key/value head, the reference has {ref_group}: "

@@ -11,8 +11,10 @@ legacy names to disk.
 Quirks stay small and local: GPT-2's ``Conv1D`` (``transposed``) with a fused ``c_attn``; GPT-NeoX's Q|K|V fused
 per head (``qkv_per_head``); ViT's two naming schemes; partial-rotary families (GPT-NeoX, StableLM, Phi) fix QK;
 post-LN encoders (BERT, RoBERTa, DeBERTa-v2) offer residual *permutations* only, and only when a head reads the
-stream (sequence classifiers); config checks that refuse what a table cannot express (:data:`REFUSED`,
-:func:`_rotary_check`, :func:`_stablelm_check`, :func:`_deberta_check`).
+stream (sequence classifiers); interleaved RoPE (GPT-J, Cohere) fixes QK; OLMo-2's norms over the whole Q and K
+projections are read as Q/K bias slots (``qk_row_norms``); OLMo-1's weightless LayerNorms fold nothing; config
+checks that refuse what a table cannot express (:data:`REFUSED`, :func:`_rotary_check`, :func:`_stablelm_check`,
+:func:`_deberta_check`, :func:`_opt_check`, :func:`_olmo_check`, :func:`_cohere_check`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class FamilyTable:
     ``"post"`` (BERT: ``attn_norm``/``ffn_norm`` normalise the stream after each residual add); ``"sandwich"``
     (Gemma-2: pre norms plus ``attn_out_norm``/``ffn_out_norm`` on what attention and FFN write).
     ``head_norms``: per-head norms inside attention (Qwen3's ``q_norm``/``k_norm``), touched by no group.
+    ``qk_row_norms``: norms over the whole Q and K projections (OLMo-2's ``q_norm``/``k_norm``, one gain per row of
+    Q and of K): with ``qk_fixed`` their gains only follow head permutations, like the Q/K biases they stand in for
+    (the projections have none). ``norm`` ``"nonparametric"``: LayerNorm without weight or bias (OLMo-1): nothing
+    to fold, the residual map is centered.
     ``qk_fixed``: no QK map is a symmetry (``qk_fixed_reason`` says why, for ``symmerge inspect``).
     ``ffn_norm`` empty: the FFN reads the attention's norm (Phi's parallel block: one ``input_layernorm``);
     ``shared_norm_flag``: a config key that, when true, makes it so (StableLM's ``use_parallel_residual``).
@@ -107,6 +113,7 @@ class FamilyTable:
     shared_norm_flag: str = ""
     final_norm: str = ""
     head_norms: tuple[str, ...] = ()
+    qk_row_norms: tuple[str, str] = ("", "")
     embeddings: tuple[str, ...] = ()
     embedding_flatten: str | None = None
     embedding_writer: str = ""
@@ -210,10 +217,51 @@ def _stablelm_check(config: Any, keys: Collection[str]) -> str:
     return ""
 
 
+def _opt_check(config: Any, keys: Collection[str]) -> str:
+    """OPT's pre-LN configs (``do_layer_norm_before``, every size but 350m) are GPT-2-like: the residual class is
+    offered. opt-350m is post-LN and projects a narrower word embedding in and out of the stream (``project_in`` /
+    ``project_out``), which no table expresses: heads, QK, VO and FFN still move, the residual class is refused."""
+    hidden = int(config_value(config, "hidden_size"))
+    if not config_value(config, "do_layer_norm_before", default=True):
+        return "post-LN OPT (do_layer_norm_before=False, opt-350m) is not mapped by symmerge's residual class"
+    if int(config_value(config, "word_embed_proj_dim", default=hidden)) != hidden:
+        return "the word embeddings are narrower than the stream (project_in / project_out), which symmerge does not map"
+    if config_value(config, "_remove_final_layer_norm", default=False):
+        return "OPT without its final LayerNorm (_remove_final_layer_norm) is not mapped by symmerge's residual class"
+    if not config_value(config, "layer_norm_elementwise_affine", default=True):
+        return "OPT LayerNorms without weights (layer_norm_elementwise_affine=False) are not mapped by symmerge's residual class"
+    return ""
+
+
+def _olmo_check(config: Any, keys: Collection[str]) -> str:
+    """OLMo's ``clip_qkv`` clamps every entry of Q, K and V: an elementwise clamp commutes with no per-head rotation
+    or rescaling."""
+    if config_value(config, "clip_qkv", default=0):
+        raise SymmergeError("olmo with clip_qkv is not supported: clamping every entry of Q, K and V does not commute with "
+                            "QK/VO rotations and rescalings")
+    return _rotary_check(config, keys)
+
+
+def _cohere_check(config: Any, keys: Collection[str]) -> str:
+    """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head."""
+    if config_value(config, "use_qk_norm", default=False):
+        raise SymmergeError("cohere with use_qk_norm=True is not supported: its q/k LayerNorms hold separate weights per head, "
+                            "which a head permutation would have to move with the heads")
+    return ""
+
+
 PARTIAL_ROTARY = "partial rotary embeddings: QK maps are left alone (VO, scale on VO, heads, FFN and residual are exact)"
 """Why GPT-NeoX, StableLM and Phi fix QK. RoPE on the first ``partial_rotary_factor·d_h`` dimensions of each head
 (``rotate_half`` on that slice) leaves the rest unrotated, so an arbitrary QK rotation does not commute with it;
 RoPE is the same for every head, so head permutations and every VO map stay exact."""
+
+INTERLEAVED_ROTARY = "interleaved rotary planes (2i, 2i+1): QK maps are left alone (VO, scale on VO, heads, FFN and residual are exact)"
+"""Why GPT-J and Cohere fix QK: their RoPE rotates the planes ``(2i, 2i+1)`` (``rotate_every_two``; GPT-J only in the
+first ``rotary_dim`` dimensions), not the ``(i, i + d_h/2)`` planes symmerge's per-plane QK maps follow."""
+
+QK_ROW_NORMS = "q_norm / k_norm over the whole projection: QK maps are left alone (their gains follow head permutations)"
+"""Why OLMo-2 fixes QK: an RMSNorm over all of Q (and of K) with one gain per row; the norm is invariant under head
+permutations (the gains permute along) but a QK rotation or rescaling within a head changes it."""
 
 # ---------------------------------------------------------------------------------------------------- tables
 
@@ -269,6 +317,28 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
     "phi": (FamilyTable(**{**_LLAMA, "o": "self_attn.dense", "ffn_in": ("mlp.fc1",), "ffn_out": "mlp.fc2", "ffn_norm": "",
                            "final_norm": "final_layernorm", "check": None, "norm": "layernorm"}, qk_fixed=True, qk_fixed_reason=PARTIAL_ROTARY,
                         head_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),),
+    # pre-LN (do_layer_norm_before): learned positions (embed_positions, 2 offset rows) are stream vectors like GPT-2's wpe
+    "opt": (FamilyTable(**{**_DECODER_SIZES, "kv_heads": (), "head_dim": (), "ffn_width": ("ffn_dim",)}, layer="{prefix}layers.{i}",
+                        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", ffn_in=("fc1",),
+                        ffn_out="fc2", attn_norm="self_attn_layer_norm", ffn_norm="final_layer_norm", final_norm="final_layer_norm",
+                        embeddings=("embed_tokens.weight", "embed_positions.weight"), lm_head=True, tie_default=True,
+                        head_modules=("lm_head.", "score."), check=_opt_check),),
+    # llama names; attention_multiplier, residual_multiplier, embedding_multiplier, logits_scaling are scalars
+    "granite": (FamilyTable(**_LLAMA),),
+    # non-parametric LayerNorms: nothing to fold, the residual map is centered
+    "olmo": (FamilyTable(**{**_LLAMA, "check": _olmo_check, "norm": "nonparametric"}),),
+    # no pre-norms: RMSNorms on what attention and FFN write (permutations only), q_norm/k_norm over whole projections
+    "olmo2": (FamilyTable(**{**_LLAMA, "attn_norm": "", "ffn_norm": ""}, placement="sandwich", attn_out_norm="post_attention_layernorm",
+                          ffn_out_norm="post_feedforward_layernorm", qk_fixed=True, qk_fixed_reason=QK_ROW_NORMS,
+                          qk_row_norms=("self_attn.q_norm", "self_attn.k_norm")),),
+    # one ln_1 read by attention and MLP (parallel block), partial interleaved rotary, untied LM head with a bias
+    "gptj": (FamilyTable(layers=("n_layer",), hidden=("n_embd",), heads=("n_head",), ffn_width=("n_inner",), ffn_default=4, layer="{prefix}h.{i}",
+                         q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", ffn_in=("mlp.fc_in",), ffn_out="mlp.fc_out",
+                         rope=True, qk_fixed=True, qk_fixed_reason=INTERLEAVED_ROTARY, attn_norm="ln_1", final_norm="ln_f",
+                         embeddings=("wte.weight",), lm_head=True, head_modules=("lm_head.", "score.")),),
+    # LayerNorm without bias, one input_layernorm read by attention and MLP, interleaved RoPE, logit_scale (a scalar)
+    "cohere": (FamilyTable(**{**_LLAMA, "ffn_norm": "", "norm": "layernorm", "check": _cohere_check}, qk_fixed=True,
+                           qk_fixed_reason=INTERLEAVED_ROTARY, tie_default=True),),
     "deberta-v2": (FamilyTable(**{**_ENCODER_SIZES, **_BERT_BLOCK}, head_dim=("attention_head_size",), q="attention.self.query_proj",
                                k="attention.self.key_proj", v="attention.self.value_proj", check=_deberta_check,
                                embeddings=(*_BERT["embeddings"], "encoder.rel_embeddings.weight"),
@@ -316,8 +386,13 @@ def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collectio
     else:
         modules = [f"{block}.{m}" for m in (table.q, table.k, table.v)]
         weights, biases = [_weight(table, m) for m in modules], [_bias(keys, m) for m in modules]
+        if table.qk_row_norms[0]:  # a gain per Q/K row after the (bias-free) projection: it moves with the heads
+            if not table.qk_fixed or biases[0] or biases[1]:
+                raise SymmergeError("internal: row norms on Q/K need qk_fixed and projections without biases")
+            biases[:2] = [Slot(f"{block}.{m}.weight") for m in table.qk_row_norms]
     return AttentionGroup(f"layer{i}.attention", s.heads, s.head_dim, *weights, _weight(table, f"{block}.{table.o}"), *biases,
-                          num_kv_heads=s.kv_heads if table.kv_heads else 0, rope=table.rope, qk_fixed=table.qk_fixed)
+                          num_kv_heads=s.kv_heads if table.kv_heads else 0, rope=table.rope, qk_fixed=table.qk_fixed,
+                          row_norms=bool(table.qk_row_norms[0]))
 
 
 def _ffn(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> FFNGroup:
@@ -349,7 +424,8 @@ def _norm(table: FamilyTable, module: str, keys: Collection[str], readers: list[
     readers' biases only absorb a LayerNorm's bias ``W β``, so an RMSNorm lists none)."""
     if table.norm != "layernorm":
         return Norm(Slot(f"{module}.weight"), None, tuple(readers), (None,) * len(readers), table.norm_offset)
-    return Norm(Slot(f"{module}.weight"), Slot(f"{module}.bias"), tuple(readers), tuple(reader_biases), table.norm_offset)
+    bias = Slot(f"{module}.bias") if f"{module}.bias" in keys else None  # Cohere's LayerNorm has no bias
+    return Norm(Slot(f"{module}.weight"), bias, tuple(readers), tuple(reader_biases), table.norm_offset)
 
 
 def _head(table: FamilyTable, config: Any, keys: Collection[str], prefix: str) -> str | None:
@@ -409,7 +485,9 @@ def _pre_norm_residual(table: FamilyTable, config: Any, keys: Collection[str], p
         writers += [_weight(table, f"{block}.{table.o}"), _weight(table, f"{block}.{table.ffn_out}")]
         block_norms = (table.attn_norm,) if shared else (table.attn_norm, table.ffn_norm)
         vectors += [b for b in (_bias(keys, f"{block}.{m}") for m in (table.o, table.ffn_out, *block_norms)) if b]
-        if shared:
+        if table.norm == "nonparametric":
+            pass  # OLMo-1: nothing to fold
+        elif shared:
             norms.append(_norm(table, f"{block}.{table.attn_norm}", keys, attn_in + ffn_in, attn_bias + ffn_bias))
         else:
             norms += [_norm(table, f"{block}.{table.attn_norm}", keys, attn_in, attn_bias),
@@ -419,7 +497,8 @@ def _pre_norm_residual(table: FamilyTable, config: Any, keys: Collection[str], p
         writers.append(Slot(f"{prefix}{table.embedding_writer}.weight", flatten="trailing"))
     final = f"{prefix}{table.final_norm}"
     vectors += [b for b in (_bias(keys, f"{prefix}{table.embedding_writer}"), _bias(keys, final)) if b]
-    norms.append(_norm(table, final, keys, [Slot(head)], [_bias(keys, head.removesuffix(".weight"))]))
+    if table.norm != "nonparametric":
+        norms.append(_norm(table, final, keys, [Slot(head)], [_bias(keys, head.removesuffix(".weight"))]))
     kind = "orthogonal" if table.norm == "rmsnorm" else "centered"
     return ResidualGroup(kind, int(config_value(config, *table.hidden)), _embeddings(table, prefix, keys), tuple(readers), tuple(writers),
                          tuple(vectors), tuple(norms), _tied(table, config, keys, prefix))
