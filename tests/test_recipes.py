@@ -360,14 +360,24 @@ alignment: none
     expect_cli_error(capsys, "someorg/not-there is not a local folder", "merge", recipe, tmp_path / "o2")
 
 
-def test_lora_adapter_is_applied_before_merging(llamas, tmp_path, capsys):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}))
-    g = torch.Generator().manual_seed(3)
+def _adapter(folder: Path, config: dict, tensors: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+def _q_proj_lora(folder: Path, seed: int) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A rank-2 LoRA (alpha 8: scale 4) on layer 1's q_proj: the adapter folder and its A, B factors."""
+    g = torch.Generator().manual_seed(seed)
     la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
-    save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
-               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    tensors = {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
+               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}
+    return _adapter(folder, {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}, tensors), la, lb
+
+
+def test_lora_adapter_is_applied_before_merging(llamas, tmp_path, capsys):
+    adapter, la, lb = _q_proj_lora(tmp_path / "adapter", seed=3)
     out, _ = merge_recipe(capsys, tmp_path, f"models: [{{model: {llamas['a']}+{adapter}}}]\nmerge_method: linear\nalignment: none\n")
     a = load_file(llamas["a"] / "model.safetensors")
     key = "model.layers.1.self_attn.q_proj.weight"
@@ -544,13 +554,6 @@ def test_karcher_ignores_recipe_weights_as_mergekit_does(llamas, tmp_path, capsy
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     torch.testing.assert_close(karcher([e1, e2]), 1.5 * torch.tensor([0.5**0.5, 0.5**0.5]))
     assert not torch.allclose(karcher([e1, e2], weights=[0.9, 0.1]), karcher([e1, e2]), atol=1e-3)
-
-
-def _adapter(folder: Path, config: dict, tensors: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
-    save_file(tensors, folder / "adapter_model.safetensors")
-    return folder
 
 
 def test_lora_modules_to_save_and_embedding_lora_are_applied_as_peft_merges_them(llamas, tmp_path, capsys):
@@ -903,13 +906,7 @@ def test_a_recipe_of_the_base_alone_writes_the_base_as_mergekits_task_arithmetic
     """A published "LoRA-blation": base_model M+L and one source M+L. The engine drops base_model from the inputs
     (as mergekit does), so no task vector is left, and mergekit's task-arithmetic methods return the base: M with
     the adapter applied."""
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["q_proj"]}))
-    g = torch.Generator().manual_seed(5)
-    la, lb = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
-    save_file({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": la,
-               "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": lb}, adapter / "adapter_model.safetensors")
+    adapter, la, lb = _q_proj_lora(tmp_path / "adapter", seed=5)
     m = f"{llamas['a']}+{adapter}"
     a = load_file(llamas["a"] / "model.safetensors")
     for method in ("task_arithmetic", "ties", "della_linear"):
