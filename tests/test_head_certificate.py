@@ -14,7 +14,8 @@ from scipy.optimize import linear_sum_assignment
 from symmerge.groups.heads import HeadTensors
 from symmerge.match.attention import heads_certified_identity, match_head_permutation, match_heads
 
-KINDS = [("planes", "orthogonal"), ("orthogonal", "orthogonal"), ("none", "orthogonal"), ("orthogonal", "none")]
+# "planes:2": partial rotary in rope_order coordinates (planes of the first 2 dimensions, an orthogonal block on the rest)
+KINDS = [("planes", "orthogonal"), ("orthogonal", "orthogonal"), ("none", "orthogonal"), ("orthogonal", "none"), ("planes:2", "orthogonal")]
 
 
 def _heads(h: int, dh: int, d: int, seed: int, spread: float = 0.0) -> HeadTensors:
@@ -38,6 +39,9 @@ def _block_score(m: np.ndarray, kind: str) -> float:
     if kind == "planes":
         half = m.shape[0] // 2
         return float(sum(np.hypot(m[i, i] + m[i + half, i + half], m[i + half, i] - m[i, i + half]) for i in range(half)))
+    if kind.startswith("planes:"):  # partial rotary: the planes of the first r dimensions, any orthogonal map on the rest
+        r = int(kind.split(":")[1])
+        return _block_score(m[:r, :r], "planes") + (_block_score(m[r:, r:], "orthogonal") if m.shape[0] > r else 0.0)
     return float(np.trace(m))
 
 
@@ -149,3 +153,16 @@ def test_transposed_contiguous_is_the_plain_copy():
     for x in (split_head_columns(w, 4), torch.randn(4, 24, 6), torch.randn(4, 6, 24).transpose(-1, -2)):
         out = transposed_contiguous(x)
         assert out.is_contiguous() and torch.equal(out, x.transpose(-1, -2).contiguous())
+
+
+def test_partial_rotary_pair_scores_are_the_exact_ones():
+    """The scores the certificate and the head assignment use for a partial-rotary QK side (planes of the first r
+    dimensions, an orthogonal block on the rest) are the best tr(R^T M) over that group, computed from whole blocks."""
+    from symmerge.match.attention import _pair_scores, _side_parts
+
+    def qk_only(t: HeadTensors) -> HeadTensors:
+        return HeadTensors(t.q, t.q_bias, t.k, t.k_bias, torch.zeros_like(t.v), torch.zeros_like(t.v_bias), torch.zeros_like(t.o))
+
+    a, b = qk_only(_heads(5, 8, 16, 3)), qk_only(_heads(5, 8, 16, 4))
+    got = _pair_scores(_side_parts(b, "qk"), _side_parts(a, "qk"), "planes:2").numpy()
+    np.testing.assert_allclose(got, _exact_scores(a, b, "planes:2", "none"), rtol=1e-5, atol=1e-9)

@@ -376,25 +376,68 @@ def test_report_distances_in_one_pass_equal_the_separate_sums():
     assert after == squared_distances({**aligned, "extra": torch.zeros(3)}, partner)
 
 
-@pytest.mark.parametrize("kind", ["planes", "none", "orthogonal"])
+@pytest.mark.parametrize("kind", ["planes", "none", "orthogonal", "planes:4"])
 def test_pair_statistics_score_every_head_pair_as_the_whole_blocks_do(kind):
     """Head assignment reads only the entries each rotation group's score needs (RoPE planes: 4 per plane; none:
-    the diagonal); the scores equal those computed from the whole d_h×d_h blocks."""
+    the diagonal; partial rotary in rope_order coordinates: the planes of the first r dimensions and the whole
+    unrotated block); the scores equal those computed from the whole d_h×d_h blocks."""
     from symmerge.match.attention import pair_correlations, pair_statistics, rotation_score
     from symmerge.match.procrustes import nuclear_norm, plane_score
 
     g = torch.Generator().manual_seed(2)
     model, reference = torch.randn(6, 8, 20, generator=g, dtype=torch.float64), torch.randn(5, 8, 20, generator=g, dtype=torch.float64)
     full = pair_correlations(model, reference)
-    score = {"planes": plane_score, "none": lambda m: torch.diagonal(m, dim1=-2, dim2=-1).sum(-1), "orthogonal": nuclear_norm}[kind]
+    score = {"planes": plane_score, "none": lambda m: torch.diagonal(m, dim1=-2, dim2=-1).sum(-1), "orthogonal": nuclear_norm,
+             "planes:4": lambda m: plane_score(m[..., :4, :4]) + nuclear_norm(m[..., 4:, 4:])}[kind]
     stats = pair_statistics(model, reference, kind)
     torch.testing.assert_close(rotation_score(stats, kind), score(full))
     # taking the entries is linear in M: the statistics of two parts (query and key) add up to those of M_q + M_k
     other, other_ref = torch.randn(6, 8, 20, generator=g, dtype=torch.float64), torch.randn(5, 8, 20, generator=g, dtype=torch.float64)
     torch.testing.assert_close(rotation_score(stats + pair_statistics(other, other_ref, kind), kind),
                                score(full + pair_correlations(other, other_ref)))
-    if kind != "orthogonal":
+    if kind in ("planes", "none"):
         assert stats.numel() < full.numel() / 3
+
+
+@pytest.mark.parametrize("rotary_dim, interleaved", [(4, False), (4, True), (0, True), (2, False)])
+def test_match_heads_recovers_partial_and_interleaved_rope_elements(rotary_dim, interleaved):
+    """GQA heads (d_h = 8) scrambled by the layout's QK group (plane rotations and scales in the layout, an
+    orthogonal block with one scale on the unrotated dimensions), a VO map and a head permutation are recovered
+    exactly, and the element found is in the group; a whole-head QK rotation (not in the group) is not undone."""
+    from symmerge.groups.heads import group_permutation, rope_free_dims, rope_planes, rope_rotation
+
+    g = G(31)
+    dh, kv = 8, 2
+    rotated = rotary_dim or dh
+    ref = HeadTensors(*(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+                        [(4, dh, 12), (4, dh), (kv, dh, 12), (kv, dh), (kv, dh, 12), (kv, dh), (4, 12, dh)]))
+    angles = torch.rand(kv, rotated // 2, generator=g, dtype=torch.float64) * 6
+    free = random_orthogonal(dh - rotated, kv, g) if rotated < dh else None
+    x = HeadTransform.identity(4, dh, torch.float64, kv)
+    x.kv_perm = torch.tensor([1, 0])
+    x.perm = group_permutation(x.kv_perm, torch.tensor([[1, 0], [0, 1]]), 2)
+    x.qk_rotation = rope_rotation(torch.cos(angles), torch.sin(angles), free, dh, rotary_dim, interleaved)
+    planes, rest = rope_planes(dh, rotary_dim, interleaved), rope_free_dims(dh, rotary_dim)
+    scale = torch.ones(kv, dh, dtype=torch.float64)
+    for p, (i, j) in enumerate(planes.tolist()):
+        scale[:, [i, j]] = 1.5 + 0.1 * p
+    scale[:, rest] = 0.6
+    x.qk_scale = scale
+    x.vo_rotation = random_orthogonal(dh, kv, g)
+    scrambled = transform_heads(ref, x)
+    kw = {"qk": True, "vo": True, "scale": True, "heads": True, "rope": True, "rotary_dim": rotary_dim, "rope_interleaved": interleaved}
+    y, _ = match_heads(ref, scrambled, **kw)
+    assert _distance(transform_heads(scrambled, y), ref) <= 1e-18 * _distance(ref, scrambled)
+    inside = torch.zeros(dh, dh, dtype=torch.bool)
+    for i, j in planes.tolist():
+        inside[[i, i, j, j], [i, j, i, j]] = True
+    inside[rest[:, None], rest[None, :]] = True
+    assert torch.all(y.qk_rotation[:, ~inside].abs() <= 1e-12)
+    outside = HeadTransform.identity(4, dh, torch.float64, kv)
+    outside.qk_rotation = random_orthogonal(dh, kv, g)
+    moved = transform_heads(ref, outside)
+    z, _ = match_heads(ref, moved, **kw)
+    assert _distance(transform_heads(moved, z), ref) > 1e-3 * _distance(ref, moved)
 
 
 def test_squared_distance_is_accurate_and_leaves_its_inputs_alone():

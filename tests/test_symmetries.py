@@ -369,19 +369,14 @@ def test_qwen3_matching_leaves_qk_alone():
     assert max_output_diff(b, sb, result.state_dict, make_inputs) <= TOL
 
 
-PARTIAL_ROTARY_FAMILIES = ["gpt_neox", "stablelm", "phi"]
-# family → why QK is fixed (as ``symmerge inspect`` says it): partial rotary; interleaved RoPE planes (GPT-J: partial
-# too; Cohere); OLMo-2's q_norm / k_norm over the whole projection
-QK_FIXED = {**dict.fromkeys(PARTIAL_ROTARY_FAMILIES, "partial rotary"), "gptj": "interleaved rotary", "cohere": "interleaved rotary",
-            "olmo2": "q_norm / k_norm over the whole projection"}
+# family → why QK is fixed (as ``symmerge inspect`` says it): OLMo-2's q_norm / k_norm over the whole projection
+QK_FIXED = {"olmo2": "q_norm / k_norm over the whole projection"}
 
 
 @pytest.mark.parametrize("family", sorted(QK_FIXED))
-def test_partial_rotary_forbids_qk_rotations(family):
-    """Why GPT-NeoX, StableLM and Phi fix QK: RoPE rotates only the first part of each head, so a QK rotation mixing
-    rotated and unrotated dimensions changes the outputs (GPT-J and Cohere: RoPE on the planes (2i, 2i+1), not the
-    ones symmerge's per-plane maps follow; OLMo-2: a gain per row of Q and K after normalising all of them); the spec
-    says qk_fixed and a random QK/scale element is the identity on QK (while VO is rescaled)."""
+def test_qk_row_norms_forbid_qk_rotations(family):
+    """Why OLMo-2 fixes QK: a gain per row of Q and K after normalising all of them, so a QK rotation changes the
+    outputs; the spec says qk_fixed and a random QK/scale element is the identity on QK (while VO is rescaled)."""
     model, make_inputs = make_model(family)
 
     def qk_rotation(x, grp):
@@ -397,7 +392,7 @@ def test_partial_rotary_forbids_qk_rotations(family):
 
 
 @pytest.mark.parametrize("family", sorted(QK_FIXED))
-def test_partial_rotary_matching_leaves_qk_alone(family):
+def test_qk_fixed_matching_leaves_qk_alone(family):
     """Aligning two unrelated models with qk asked for returns identity QK maps and a function-preserving result,
     while heads and VO are matched (the distance goes down)."""
     a, _ = make_model(family, 0)
@@ -409,6 +404,152 @@ def test_partial_rotary_matching_leaves_qk_alone(family):
         assert torch.all(x.qk_scale == 1)
     assert result.report.distance_after < result.report.distance_before
     assert max_output_diff(b, sb, result.state_dict, make_inputs) <= TOL
+
+
+# family → (rotated dimensions of each 12-dim head, 0: all; interleaved planes (2i, 2i+1)) as transformers computes them:
+# GPT-NeoX rotary_pct 0.25 → int(3) rounded up to even (cos has 2·ceil(3/2) dims); StableLM 0.5 (the fixture's);
+# Phi's default 0.5; GPT-J rotary_dim 6, rotate_every_two; Cohere the whole head, interleaved
+ROPE_LAYOUTS = {"gpt_neox": (4, False), "stablelm": (6, False), "phi": (6, False), "gptj": (6, True), "cohere": (0, True)}
+
+
+def _layout_planes(grp):
+    from symmerge.groups.heads import rope_free_dims, rope_planes
+
+    return rope_planes(grp.head_dim, grp.rotary_dim, grp.rope_interleaved), rope_free_dims(grp.head_dim, grp.rotary_dim)
+
+
+@pytest.mark.parametrize("family", sorted(ROPE_LAYOUTS))
+def test_rope_layout_is_read_from_the_config(family):
+    """Partial and interleaved rotary heads get their layout from the config, and QK is no longer fixed: ``inspect``
+    names the group (planes, and the unrotated block)."""
+    model, _ = make_model(family)
+    spec = spec_for(model.config, model.state_dict().keys())
+    rotary_dim, interleaved = ROPE_LAYOUTS[family]
+    for grp in spec.attention:
+        assert (grp.rope, grp.qk_fixed, grp.rotary_dim, grp.rope_interleaved) == (True, False, rotary_dim, interleaved)
+    rotated = rotary_dim or spec.head_dim
+    text = "\n".join(spec.describe())
+    assert f"SO(2)^{rotated // 2} (RoPE planes{', interleaved' if interleaved else ''})" in text and "VO only" not in text
+    assert (f"x O({spec.head_dim - rotated}) (unrotated dims)" in text) == (rotated < spec.head_dim)
+
+
+def test_rope_layout_rounding_and_qk_norm_flags():
+    """GPT-NeoX rounds an odd rotated count up (its cos has 2·ceil(dim/2) dims) and reads rotary_pct from an old
+    config.json; GPT-J without rotary_dim rotates every dimension; Phi's qk_layernorm fixes QK again."""
+    from symmerge.spec.families import TABLES, rope_layout
+
+    neox, gptj, phi = TABLES["gpt_neox"][0], TABLES["gptj"][0], TABLES["phi"][0]
+    assert rope_layout(neox, {"rotary_pct": 0.25}, 12) == (True, 4)
+    assert rope_layout(neox, {"rope_parameters": {"partial_rotary_factor": 0.5}}, 64) == (True, 32)
+    assert rope_layout(neox, {}, 64) == (True, 16)  # transformers' default rotary_pct
+    assert rope_layout(neox, {"rotary_pct": 1.0}, 64) == (True, 0)
+    assert rope_layout(gptj, {"rotary_dim": None}, 64) == (True, 0)
+    assert rope_layout(phi, {}, 80) == (True, 40)
+    import transformers
+
+    cfg = transformers.PhiConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4, vocab_size=64, qk_layernorm=True)
+    assert all(g.qk_fixed for g in spec_for(cfg, transformers.PhiForCausalLM(cfg).state_dict().keys()).attention)
+
+
+@pytest.mark.parametrize("family", sorted(ROPE_LAYOUTS))
+def test_rope_layout_qk_group_preserves_function(family):
+    """A random element of the layout's QK group (a rotation and a scale per rotary plane, any orthogonal map and
+    one scale on the unrotated dimensions) moves Q and K and preserves the outputs; it is block diagonal in the
+    layout's planes."""
+    model, make_inputs = make_model(family)
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    t = random_transform(spec, "qk,scale", seed=5)
+    grp = spec.attention[0]
+    x = t.heads[grp.name]
+    planes, free = _layout_planes(grp)
+    inside = torch.zeros(grp.head_dim, grp.head_dim, dtype=torch.bool)
+    for i, j in planes.tolist():  # each plane a rotation [[c, -s], [s, c]] of its own two dimensions, one scale
+        inside[[i, i, j, j], [i, j, i, j]] = True
+        assert torch.allclose(x.qk_rotation[:, i, i], x.qk_rotation[:, j, j]) and torch.allclose(x.qk_rotation[:, i, j], -x.qk_rotation[:, j, i])
+        assert torch.equal(x.qk_scale[:, i], x.qk_scale[:, j])
+    inside[free[:, None], free[None, :]] = True
+    assert torch.all(x.qk_rotation[:, ~inside] == 0)
+    if len(free):
+        assert not torch.allclose(x.qk_rotation[:, free[:, None], free[None, :]].abs(), torch.eye(len(free), dtype=torch.float64))
+        assert torch.all(x.qk_scale[:, free] == x.qk_scale[:, free[:1]])
+    moved = apply_transform(original, spec, t)
+    view_a, view_b = StateView(original), StateView(moved)
+    assert symmerge.state_distance({"q": view_a.get(grp.q)}, {"q": view_b.get(grp.q)}) > 1e-2
+    assert symmerge.state_distance({"k": view_a.get(grp.k)}, {"k": view_b.get(grp.k)}) > 1e-2
+    assert max_output_diff(untied(model), original, moved, make_inputs) <= TOL
+
+    # negative controls: a rotation of the whole head, and plane rotations in another layout (whole-head rotate_half
+    # planes), change the outputs
+    def whole_head(x, grp):
+        x.qk_rotation = random_orthogonal(grp.head_dim, grp.kv_heads, torch.Generator().manual_seed(0))
+
+    def rotate_half_planes(x, grp):
+        angles = torch.full((grp.kv_heads, grp.head_dim // 2), 0.7, dtype=torch.float64)
+        x.qk_rotation = plane_rotation_matrix(torch.cos(angles), torch.sin(angles))
+
+    for mutate in (whole_head, rotate_half_planes):
+        before, after = _with_heads(model, mutate)
+        assert max_output_diff(model, before, after, make_inputs) > 1e-3, mutate.__name__
+
+
+def _in_layout_group(x, grp, atol=1e-6):
+    """Whether a QK rotation is block diagonal in the layout: nothing between planes, planes and the free block."""
+    planes, free = _layout_planes(grp)
+    inside = torch.zeros(grp.head_dim, grp.head_dim, dtype=torch.bool)
+    for i, j in planes.tolist():
+        inside[[i, i, j, j], [i, j, i, j]] = True
+    inside[free[:, None], free[None, :]] = True
+    return bool((x.qk_rotation[:, ~inside].abs() <= atol).all())
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "cohere"])
+def test_learned_matching_moves_qk_in_the_rope_layout(family):
+    """Learned matching keeps QK in the layout's group (per-plane rotations, an orthogonal block on the unrotated
+    dimensions) and moves it; the aligned model computes what it computed before."""
+    a, make_inputs = make_model(family, 0)
+    b, _ = make_model(family, 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    batches = [dict(x, labels=x["input_ids"]) for x in (make_inputs(torch.Generator().manual_seed(i)) for i in range(2))]
+    result = symmerge.align(sa, sb, config=a.config, symmetries="all,residual", match="learned", calibration=batches, learn_steps=4)
+    spec = spec_for(a.config, sa.keys())
+    for grp in spec.attention:
+        x = result.transform.heads[grp.name]
+        assert _in_layout_group(x, grp)
+        assert not torch.allclose(x.qk_rotation.double(), torch.eye(grp.head_dim, dtype=torch.float64))
+    assert max_output_diff(untied(b), sb, result.state_dict, make_inputs) <= TOL
+
+
+@pytest.mark.parametrize("family", sorted(ROPE_LAYOUTS))
+@pytest.mark.parametrize("classes", ["qk", "qk,vo,scale", "qk,vo,scale,heads"])
+def test_rope_layout_qk_scramble_is_recovered(family, classes):
+    """A copy scrambled by the layout's QK group (with scales, heads and VO) is aligned back: distance ~0, and the
+    aligned model computes what both did."""
+    model, make_inputs = make_model(family, 2)
+    original = clone(model.state_dict())
+    spec = spec_for(model.config, original.keys())
+    scramble = random_transform(spec, classes, seed=7)
+    assert not torch.allclose(scramble.heads[spec.attention[0].name].qk_rotation,
+                              torch.eye(spec.head_dim, dtype=torch.float64)), "the scramble must move QK"
+    scrambled = apply_transform(original, spec, scramble)
+    result = symmerge.align(original, scrambled, config=model.config, symmetries=classes)
+    assert result.report.relative_before > 1e-2
+    assert result.report.relative_after <= TOL
+    assert max_output_diff(untied(model), scrambled, result.state_dict, make_inputs) <= TOL
+
+
+@pytest.mark.parametrize("family", sorted(ROPE_LAYOUTS))
+def test_rope_layout_qk_matching_of_unrelated_models(family):
+    """Two unrelated models: the QK maps found are not the identity, the aligned model computes what it did, and
+    asking for QK lowers the distance below what heads, VO and scale reach alone."""
+    a, _ = make_model(family, 0)
+    b, make_inputs = make_model(family, 1)
+    sa, sb = clone(a.state_dict()), clone(b.state_dict())
+    with_qk = symmerge.align(sa, sb, config=a.config, symmetries="qk,vo,scale,heads")
+    without = symmerge.align(sa, sb, config=a.config, symmetries="vo,scale,heads")
+    assert any(not torch.allclose(x.qk_rotation, torch.eye(x.qk_rotation.shape[-1], dtype=x.qk_rotation.dtype)) for x in with_qk.transform.heads.values())
+    assert with_qk.report.distance_after < without.report.distance_after
+    assert max_output_diff(untied(b), sb, with_qk.state_dict, make_inputs) <= TOL
 
 
 def test_gpt_neox_canonical_qkv_is_what_its_attention_computes():
@@ -710,14 +851,14 @@ def test_describe_states_every_class_and_the_residual_group():
     assert "SO(2)^6 (RoPE planes)" in lines["llama"] and "O(48), after folding 5 norms" in lines["llama"]
     assert "qk        not a symmetry here" in lines["qwen3"] and "(VO only)" in lines["qwen3"]
     assert "S_48 (post-LN or sandwich norms" in lines["gemma2"]
-    assert "qk        not transformed here         partial rotary" in lines["gpt_neox"] and "(VO only)" in lines["gpt_neox"]
+    assert "SO(2)^2 (RoPE planes) x O(8) (unrotated dims)" in lines["gpt_neox"] and "and one for its unrotated dims" in lines["gpt_neox"]
 
 
-@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi", "olmo2", "gptj", "opt"])
+@pytest.mark.parametrize("family", ["bert-cls", "gemma2", "qwen3", "gpt_neox", "phi", "olmo2", "gptj", "opt", "cohere"])
 def test_learned_matching_stays_in_the_symmetry_group(family):
     """Learned matching must project onto the family's groups: residual permutations for post-LN / sandwich norms
-    (not rotations), no QK rotation for Qwen3 and the partial-rotary families (GPT-NeoX: Q|K|V fused per head; Phi:
-    one norm read by attention and MLP); OLMo-2: row-norm gains moved with the heads, residual permutations; GPT-J:
+    (not rotations), no QK rotation for Qwen3, QK maps of the partial-rotary group (GPT-NeoX: Q|K|V fused per head;
+    Phi: one norm read by attention and MLP); OLMo-2: row-norm gains moved with the heads, residual permutations; GPT-J:
     interleaved RoPE; OPT: learned positions, tied head; the aligned model computes what it computed before."""
     a, make_inputs = make_model(family, 0)
     b, _ = make_model(family, 1)

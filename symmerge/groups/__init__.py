@@ -12,13 +12,17 @@ from symmerge.groups.heads import (
     group_permutation,
     plane_rotation_matrix,
     read_heads,
+    rope_free_dims,
+    rope_order,
     rope_planes,
+    rope_rotation,
     transform_heads,
 )
 from symmerge.groups.random import (
     random_orthogonal,
     random_plane_rotation,
     random_residual,
+    random_rope_rotation,
     random_transform,
 )
 from symmerge.groups.residual import apply_residual, fold_norms
@@ -43,6 +47,7 @@ __all__ = [
     "PER_LAYER_CLASSES", "SYMMETRY_CLASSES", "UNMATCHED_RULES", "FFNTensors", "HeadTensors", "HeadTransform", "ModelTransform", "apply_residual",
     "after_embedding", "apply_to_group", "apply_transform", "embedding_transform", "fill_empty_slots",
     "fold_norms", "group_permutation", "parse_symmetries", "permute_ffn", "resolve_symmetries", "is_auto", "AUTO",
-    "plane_rotation_matrix", "random_orthogonal", "random_plane_rotation", "random_residual", "random_transform", "read_ffn",
-    "read_heads", "require_residual", "rope_planes", "transform_heads", "write_ffn",
+    "plane_rotation_matrix", "random_orthogonal", "random_plane_rotation", "random_residual", "random_rope_rotation",
+    "random_transform", "read_ffn", "read_heads", "require_residual", "rope_free_dims", "rope_order", "rope_planes", "rope_rotation",
+    "transform_heads", "write_ffn",
 ]

@@ -13,8 +13,11 @@ applied to K/V head ``g`` and to every query head of its group:
 diagonal scale is in GL(d_h)). With ``general=True`` (learned matching), ``R`` and ``S`` may be any
 invertible matrices ``A``, ``B``: the Q side takes ``A^T``, the K side ``A^{-1}``, the V side ``B^T`` and the
 O side ``B^{-T}`` (``q A A^{-1} k^T = q k^T``, ``W_O B^{-T} B^T v = W_O v``): the full GL(d_h) of each KV head.
-Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it (:func:`rope_planes`); the spec
-says which.
+Under RoPE, ``R`` must be a rotation of each rotary plane and ``a`` constant on it (:func:`rope_planes`); with
+partial rotary, the dimensions RoPE leaves alone (:func:`rope_free_dims`) take any orthogonal ``R`` block and one
+scale (``q → q A``, ``k → k A^{-T}`` on that block is exact); the spec says which (``AttentionGroup.rope``,
+``rotary_dim``, ``rope_interleaved``). :func:`rope_order` lists a head's dimensions as the solvers see them: the
+planes' first dimensions, their second ones, then the unrotated ones (:func:`to_rope_order`, :func:`from_rope_order`).
 
 Models of different widths (docs/DESIGN.md §1): ``perm`` and ``kv_perm`` may be *semi-permutations* into more heads
 than the input has, ``EMPTY`` (−1) entries being zero heads (zero Q, K, V rows and biases, zero O columns). A zero
@@ -131,10 +134,61 @@ def split_head_columns(w_o: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w_o.reshape(d, num_heads, -1).permute(1, 0, 2)
 
 
-def rope_planes(head_dim: int) -> torch.Tensor:
-    """(d_h/2, 2) index pairs of HF's ``rotate_half`` layout: dimension ``i`` rotates with ``i + d_h/2``."""
-    half = head_dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1)
+def rope_planes(head_dim: int, rotary_dim: int = 0, interleaved: bool = False) -> torch.Tensor:
+    """(r/2, 2) index pairs of the planes RoPE rotates in a head, ``r = rotary_dim or head_dim`` (its first ``r``
+    dimensions): HF's ``rotate_half`` layout pairs dimension ``i`` with ``i + r/2``; the interleaved one
+    (``rotate_every_two``: GPT-J, Cohere) pairs ``2i`` with ``2i + 1``."""
+    half = (rotary_dim or head_dim) // 2
+    i = torch.arange(half)
+    return torch.stack([2 * i, 2 * i + 1], dim=1) if interleaved else torch.stack([i, i + half], dim=1)
+
+
+def rope_free_dims(head_dim: int, rotary_dim: int = 0) -> torch.Tensor:
+    """The dimensions of a head RoPE does not rotate (partial rotary: the last ``d_h − rotary_dim``; none when the
+    whole head is rotated)."""
+    return torch.arange(rotary_dim or head_dim, head_dim)
+
+
+def rope_order(head_dim: int, rotary_dim: int = 0, interleaved: bool = False) -> torch.Tensor:
+    """(d_h,) the head's dimensions reordered so that plane ``i`` is ``(i, i + r/2)`` and the unrotated dimensions
+    come last (``r = rotary_dim or head_dim``): the identity for full ``rotate_half`` RoPE."""
+    planes = rope_planes(head_dim, rotary_dim, interleaved)
+    return torch.cat([planes[:, 0], planes[:, 1], rope_free_dims(head_dim, rotary_dim)])
+
+
+def to_rope_order(x: torch.Tensor, order: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x`` with its head-dimension axis ``dim`` in :func:`rope_order` (the same tensor when that is the identity)."""
+    return x if is_identity(order) else x.index_select(dim, order.to(x.device))
+
+
+def from_rope_order(rotation: torch.Tensor, scale: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A QK rotation (B, d_h, d_h) and scale (B, d_h) found in :func:`rope_order` coordinates, in the head's own:
+    ``R[order[i], order[j]] = R'[i, j]``, ``a[order[i]] = a'[i]`` (then ``(R^T W)[order] = R'^T W[order]``)."""
+    if is_identity(order):
+        return rotation, scale
+    order = order.to(rotation.device)
+    r = torch.empty_like(rotation)
+    r[:, order[:, None], order[None, :]] = rotation
+    a = torch.empty_like(scale)
+    a[:, order] = scale
+    return r, a
+
+
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, free: torch.Tensor | None, head_dim: int, rotary_dim: int = 0,
+                  interleaved: bool = False) -> torch.Tensor:
+    """Block rotations (B, d_h, d_h) of a RoPE head from per-plane ``cos, sin`` (B, r/2) and, with partial rotary,
+    the orthogonal block ``free`` (B, d_h − r, d_h − r) of the unrotated dimensions: the group element
+    :func:`plane_rotation_matrix` builds for the whole-head ``rotate_half`` layout."""
+    r = plane_rotation_matrix(cos, sin)
+    if free is not None and free.shape[-1]:
+        r = block_diagonal(r, free.to(r.dtype))
+    return from_rope_order(r, r.new_ones(r.shape[0], head_dim), rope_order(head_dim, rotary_dim, interleaved))[0]
+
+
+def block_diagonal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``[[a, 0], [0, b]]`` of (B, m, m) and (B, n, n)."""
+    top = torch.cat([a, a.new_zeros(*a.shape[:-1], b.shape[-1])], -1)
+    return torch.cat([top, torch.cat([b.new_zeros(*b.shape[:-1], a.shape[-1]), b], -1)], -2)
 
 
 def plane_rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

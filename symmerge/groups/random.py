@@ -11,10 +11,12 @@ from symmerge.groups.heads import (
     HeadTransform,
     group_permutation,
     plane_rotation_matrix,
+    rope_order,
+    rope_rotation,
 )
 from symmerge.groups.residual import embed_centered
 from symmerge.groups.transform import ModelTransform, parse_symmetries, require_residual
-from symmerge.spec.base import ModelSpec, ResidualGroup
+from symmerge.spec.base import AttentionGroup, ModelSpec, ResidualGroup
 
 
 def random_orthogonal(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -27,6 +29,27 @@ def random_plane_rotation(head_dim: int, batch: int, generator: torch.Generator)
     """Random rotations of each RoPE plane ``(i, i + d_h/2)`` (no reflections: they do not commute with RoPE)."""
     angles = torch.rand(batch, head_dim // 2, generator=generator, dtype=torch.float64) * 2 * math.pi
     return plane_rotation_matrix(torch.cos(angles), torch.sin(angles))
+
+
+def random_rope_rotation(group: AttentionGroup, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Random elements of a RoPE head's QK rotation group: a rotation of each rotary plane (in the group's layout)
+    and, with partial rotary, a Haar element of O(d_h − r) on the unrotated dimensions."""
+    dh, rotated = group.head_dim, group.rotated_dims
+    angles = torch.rand(batch, rotated // 2, generator=generator, dtype=torch.float64) * 2 * math.pi
+    free = random_orthogonal(dh - rotated, batch, generator) if rotated < dh else None
+    return rope_rotation(torch.cos(angles), torch.sin(angles), free, dh, group.rotary_dim, group.rope_interleaved)
+
+
+def rope_scale(group: AttentionGroup, scales: torch.Tensor) -> torch.Tensor:
+    """(B, d_h) QK scales from one scale per rotary plane and, with partial rotary, one more for the unrotated
+    dimensions ((B, r/2 [+ 1]), in that order)."""
+    dh, rotated = group.head_dim, group.rotated_dims
+    canonical = scales[:, : rotated // 2].repeat(1, 2)
+    if rotated < dh:
+        canonical = torch.cat([canonical, scales[:, -1:].expand(-1, dh - rotated)], 1)
+    out = torch.empty_like(canonical)
+    out[:, rope_order(dh, group.rotary_dim, group.rope_interleaved)] = canonical
+    return out
 
 
 def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "all", seed: int = 0,
@@ -54,13 +77,15 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
                 within = torch.stack([torch.randperm(r, generator=g) for _ in range(kv)])
                 x.perm = group_permutation(x.kv_perm, within, r)
             if "qk" in chosen and not grp.qk_fixed:
-                x.qk_rotation = random_plane_rotation(dh, kv, g) if grp.rope else random_orthogonal(dh, kv, g)
+                x.qk_rotation = random_rope_rotation(grp, kv, g) if grp.rope else random_orthogonal(dh, kv, g)
             if "vo" in chosen:
                 x.vo_rotation = random_orthogonal(dh, kv, g)
             if "scale" in chosen:
-                # one scale per head, or per rotary plane under RoPE (each plane's score term is preserved alone)
+                # one scale per head, or per rotary plane under RoPE (each plane's score term is preserved alone) and
+                # one for the unrotated dimensions of partial rotary
                 if not grp.qk_fixed:  # per-head q/k norms: no QK rescaling is a symmetry
-                    x.qk_scale = scales(dh // 2).repeat(1, 2) if grp.rope else scales(1).expand(kv, dh).clone()
+                    planes = grp.rotated_dims // 2 + (grp.rotated_dims < dh)
+                    x.qk_scale = rope_scale(grp, scales(planes)) if grp.rope else scales(1).expand(kv, dh).clone()
                 x.vo_scale = scales(1).expand(kv, dh).clone()
             out.heads[grp.name] = x
     return out

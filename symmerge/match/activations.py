@@ -185,7 +185,7 @@ def per_layer_from_activations(sums: dict, live: ModelSpec, spec: ModelSpec, sym
                 _head_activations(ref_acts, g_live.name, h, kv, dh, o_ref, o_scale),
                 _head_activations(model_acts, g_live.name, h, kv, dh, o_model, o_scale),
                 qk="qk" in symmetries, vo="vo" in symmetries, scale="scale" in symmetries, heads="heads" in symmetries, rope=g.rope,
-                qk_fixed=g.qk_fixed, device=device)
+                qk_fixed=g.qk_fixed, device=device, rotary_dim=g.rotary_dim, rope_interleaved=g.rope_interleaved)
     return transform, details
 
 

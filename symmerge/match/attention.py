@@ -7,19 +7,33 @@ Model ``1`` (the one being aligned) is mapped onto reference ``2``. Per KV head 
 (and the VO one alike with ``[W_V | b_V]`` on the ``a`` side and the group's ``W_O^h`` head columns on the ``1/a``
 side). Stacking each side's tensors into row blocks ``X`` (scaled by ``a``) and ``Y`` (scaled by ``1/a``), it only
 depends on the d_h×d_h cross-correlations ``M_X = X_1 X_2^T``, ``M_Y = Y_1 Y_2^T`` and the norms ``‖X_1‖², ‖Y_1‖²``.
-Under RoPE the QK problem splits into one 2×2 problem per rotary plane, solved over SO(2) × R>0.
+Under RoPE the QK problem splits into one 2×2 problem per rotary plane, solved over SO(2) × R>0, and with
+partial rotary one more problem on the unrotated dimensions, solved over O(d_h − r) × R>0: the objective is a sum
+over these blocks, so each is solved exactly on its own. Other layouts (interleaved planes, partial rotary) are
+solved in :func:`~symmerge.groups.heads.rope_order` coordinates, where plane ``i`` is ``(i, i + r/2)`` and the
+unrotated dimensions come last; the element is mapped back (:func:`~symmerge.groups.heads.from_rope_order`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from symmerge.groups.ffn import is_identity
-from symmerge.groups.heads import HeadTensors, HeadTransform, group_permutation, plane_rotation_matrix, transform_heads
+from symmerge.groups.heads import (
+    HeadTensors,
+    HeadTransform,
+    block_diagonal,
+    from_rope_order,
+    group_permutation,
+    plane_rotation_matrix,
+    rope_order,
+    to_rope_order,
+    transform_heads,
+)
 from symmerge.match.certificate import CERTIFY_FRACTIONS, UNIT_ROUNDOFF, diagonal_dominates, feature_columns
 from symmerge.match.device import CPU
 from symmerge.match.lap import solve_lap
@@ -146,7 +160,23 @@ def rotation_score(m: torch.Tensor, kind: str) -> torch.Tensor:
         return nuclear_norm(m)
     if kind == "planes":
         return plane_score_of_entries(m)
+    rotated = partial_rotary_dims(kind)
+    if rotated:  # plane entries (4·r/2), then the unrotated block (f²), flattened
+        free = round((m.shape[-1] - 2 * rotated) ** 0.5)
+        return (plane_score_of_entries(m[..., : 2 * rotated].unflatten(-1, (4, rotated // 2)))
+                + nuclear_norm(m[..., 2 * rotated:].unflatten(-1, (free, free))))
     return m.sum(-1)
+
+
+def partial_rotary_kind(rotated: int) -> str:
+    """The QK kind of a partial-rotary head in :func:`~symmerge.groups.heads.rope_order` coordinates: RoPE planes
+    ``(i, i + r/2)`` on its first ``r = rotated`` dimensions, any orthogonal map on the rest."""
+    return f"planes:{rotated}"
+
+
+def partial_rotary_dims(kind: str) -> int:
+    """``r`` of a :func:`partial_rotary_kind` (0 for every other kind)."""
+    return int(kind.split(":")[1]) if kind.startswith("planes:") else 0
 
 
 def pair_correlations(model: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -167,9 +197,15 @@ def pair_statistics(model: torch.Tensor, reference: torch.Tensor, kind: str) -> 
     it is linear in ``M``, so sums over parts and heads can be taken on it. ``orthogonal``: the whole d_h×d_h
     blocks. ``planes`` (RoPE): per plane ``i`` only ``M_ii, M_i,i+k/2, M_i+k/2,i, M_i+k/2,i+k/2``, (G, H, 4, k/2),
     2·d_h dot products per pair instead of d_h² (64x fewer flops at LLaMA's d_h = 128, where the query/key blocks
-    took ~137 GFLOP per part and layer). ``none``: the diagonal, (G, H, d_h)."""
+    took ~137 GFLOP per part and layer). :func:`partial_rotary_kind`: the plane entries of the first ``r`` dimensions
+    and the whole block of the rest, flattened into (G, H, 2r + (d_h − r)²). ``none``: the diagonal, (G, H, d_h)."""
     if kind == "orthogonal":
         return pair_correlations(model, reference)
+    rotated = partial_rotary_dims(kind)
+    if rotated:
+        planes = pair_statistics(model[:, :rotated], reference[:, :rotated], "planes")
+        free = pair_correlations(model[:, rotated:].contiguous(), reference[:, rotated:].contiguous())
+        return torch.cat([planes.flatten(-2), free.flatten(-2)], -1)
     if kind == "planes":
         half = model.shape[1] // 2
         xa, xb, ya, yb = model[:, :half], model[:, half:], reference[:, :half], reference[:, half:]
@@ -220,6 +256,9 @@ def _score_of_blocks(m: torch.Tensor, kind: str) -> torch.Tensor:
         return nuclear_norm(m)
     if kind == "planes":
         return plane_score(m)
+    rotated = partial_rotary_dims(kind)
+    if rotated:
+        return plane_score(m[..., :rotated, :rotated]) + nuclear_norm(m[..., rotated:, rotated:])
     return m.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
@@ -344,11 +383,13 @@ def match_head_permutation(reference: HeadTensors, model: HeadTensors, qk_kind: 
 
 
 def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: bool, scale: bool, heads: bool,
-                rope: bool = False, qk_fixed: bool = False, device: torch.device | str | None = None) -> tuple[HeadTransform, dict]:
+                rope: bool = False, qk_fixed: bool = False, device: torch.device | str | None = None, rotary_dim: int = 0,
+                rope_interleaved: bool = False) -> tuple[HeadTransform, dict]:
     """The :class:`HeadTransform` that brings ``model``'s heads closest to ``reference``'s, and details for the report.
 
     ``scale`` rescales whichever of QK/VO is rotated (both when neither is). ``rope``: QK may only rotate (and
-    scale) each rotary plane. Head permutation is solved first (exactly for MHA), then rotation and scale per
+    scale) each rotary plane — ``rotary_dim`` leading dimensions of each head (0: all), in ``rotate_half`` planes or
+    ``rope_interleaved`` ones — and rotate (and scale) the unrotated rest as one block. Head permutation is solved first (exactly for MHA), then rotation and scale per
     matched KV head, all heads at once. ``qk_fixed``: no QK rotation or rescaling is a symmetry of this layer
     (Qwen3's per-head q/k norms), so QK stays the identity whatever ``qk`` and ``scale`` ask; ``scale`` then
     rescales VO. ``device``: where the correlations, SVDs and quartics run (default: the CPU); the head
@@ -360,11 +401,15 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
     scale_qk = scale and (qk or not vo) and not qk_fixed
     scale_vo = scale and (vo or not qk or qk_fixed)
     qk = qk and not qk_fixed
+    rotated = rotary_dim or dh
+    # RoPE heads are solved in rope_order coordinates (planes (i, i + r/2), the unrotated dimensions last)
+    order = rope_order(dh, rotary_dim, rope_interleaved) if rope and (qk or scale_qk) else torch.arange(dh)
+    reference, model = _in_rope_order(reference, order), _in_rope_order(model, order)
     # a narrower model (fewer heads): a semi-permutation into the reference's heads, the identity embedding
     # unless the heads class is on
     x = HeadTransform.embedding(model.num_heads, h, dh, model.num_kv_heads, kv, torch.float64)
     details: dict = {}
-    qk_kind = ("planes" if rope else "orthogonal") if qk else "none"
+    qk_kind = (("planes" if rotated == dh else partial_rotary_kind(rotated)) if rope else "orthogonal") if qk else "none"
     vo_kind = "orthogonal" if vo else "none"
     made: list[tuple[HeadTensors, torch.Tensor]] = []
 
@@ -395,21 +440,47 @@ def match_heads(reference: HeadTensors, model: HeadTensors, *, qk: bool, vo: boo
         if not bool(filled.all()):
             model_blocks, reference_blocks = tuple(b[filled.to(b.device)] for b in model_blocks), tuple(b[filled.to(b.device)] for b in reference_blocks)
         n = int(filled.sum())
-        side = (plane_statistics if planes else side_statistics)(model_blocks, reference_blocks)
-        r, a, history = rotation_and_scale(side, rotate, rescale, proper=planes)
-        if planes:  # back from (H_kv·d_h/2, 2, 2) plane rotations to (H_kv, d_h, d_h) block rotations
-            r = r.reshape(n, dh // 2, 2, 2)
-            r = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0])
-            a = a.reshape(n, dh // 2).repeat(1, 2)
-        else:
-            a = a[:, None].expand(n, dh).clone()
+        # the objective is a sum over these row blocks (RoPE: the planes, then the unrotated dimensions), each
+        # solved exactly on its own
+        blocks_of_rows = [(0, rotated, True), (rotated, dh, False)] if planes else [(0, dh, False)]
+        rs, scales, histories = [], [], []
+        for start, stop, in_planes in blocks_of_rows:
+            if stop <= start:
+                continue
+            part = stop - start
+            side = (plane_statistics if in_planes else side_statistics)(
+                tuple(b[:, start:stop] for b in model_blocks), tuple(b[:, start:stop] for b in reference_blocks))
+            r, a, history = rotation_and_scale(side, rotate, rescale, proper=in_planes)
+            if in_planes:  # back from (H_kv·r/2, 2, 2) plane rotations to (H_kv, r, r) block rotations
+                r = r.reshape(n, part // 2, 2, 2)
+                r = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0])
+                a = a.reshape(n, part // 2).repeat(1, 2)
+            else:
+                a = a[:, None].expand(n, part).clone()
+            rs.append(r)
+            scales.append(a)
+            histories.append(history)
+        r = block_diagonal(*rs) if len(rs) == 2 else rs[0]
+        a = torch.cat(scales, 1)
+        if planes:
+            r, a = from_rope_order(r, a, order)
         full_r = getattr(x, f"{name}_rotation").to(r.device)
         full_a = getattr(x, f"{name}_scale").to(a.device)
         full_r[filled.to(r.device)], full_a[filled.to(a.device)] = r, a
         setattr(x, f"{name}_rotation", full_r)
         setattr(x, f"{name}_scale", full_a)
-        details[f"{name}_iterations"] = len(history) - 1
-        details[f"{name}_objective_decrease"] = history[0] - history[-1]
-        if any(b > a_ + 1e-9 * max(abs(a_), 1.0) for a_, b in zip(history, history[1:])):
-            raise AssertionError(f"internal: {name} objective increased during alternation: {history}")
+        details[f"{name}_iterations"] = max(len(history) - 1 for history in histories)
+        details[f"{name}_objective_decrease"] = sum(history[0] - history[-1] for history in histories)
+        for history in histories:
+            if any(b > a_ + 1e-9 * max(abs(a_), 1.0) for a_, b in zip(history, history[1:])):
+                raise AssertionError(f"internal: {name} objective increased during alternation: {history}")
     return x.to(torch.float64, CPU), details
+
+
+def _in_rope_order(t: HeadTensors, order: torch.Tensor) -> HeadTensors:
+    """``t`` with the query and key dimensions of every head in :func:`~symmerge.groups.heads.rope_order` (the
+    same object when that is the identity; V and O are untouched)."""
+    if is_identity(order):
+        return t
+    return replace(t, q=to_rope_order(t.q, order), q_bias=to_rope_order(t.q_bias, order), k=to_rope_order(t.k, order),
+                   k_bias=to_rope_order(t.k_bias, order))

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, apply_to_group
-from symmerge.groups.heads import HeadTransform, plane_rotation_matrix
+from symmerge.groups.heads import HeadTransform, block_diagonal, from_rope_order, plane_rotation_matrix, rope_order
 from symmerge.groups.residual import apply_residual, fold_norms
 from symmerge.io.hf import build_model, untied_config
 from symmerge.match.fit import Fit, matcher
@@ -129,15 +129,24 @@ def _straight_through(projected: torch.Tensor, latent: torch.Tensor) -> torch.Te
     return projected.detach() + latent - latent.detach()
 
 
-def _project_planes(latent: torch.Tensor) -> torch.Tensor:
-    """RoPE: the nearest rotation of each plane (i, i + d_h/2) of (H, d_h, d_h) latents, straight through."""
+def _project_planes(latent: torch.Tensor, rotary_dim: int = 0, interleaved: bool = False) -> torch.Tensor:
+    """RoPE: the nearest element of the QK rotation group of (H, d_h, d_h) latents, straight through: the nearest
+    rotation of each rotary plane and, with partial rotary (``rotary_dim`` < d_h), the nearest orthogonal matrix on
+    the unrotated dimensions (the layout of :func:`~symmerge.groups.heads.rope_order`)."""
     with torch.no_grad():
-        half = latent.shape[-1] // 2
+        dh = latent.shape[-1]
+        order = rope_order(dh, rotary_dim, interleaved).to(latent.device)
+        c = latent[:, order][:, :, order]  # plane i is (i, i + r/2), the unrotated dimensions last
+        rotated = rotary_dim or dh
+        half = rotated // 2
         i = torch.arange(half, device=latent.device)
-        blocks = torch.stack([torch.stack([latent[:, i, i], latent[:, i, i + half]], -1),
-                              torch.stack([latent[:, i + half, i], latent[:, i + half, i + half]], -1)], -2)
+        blocks = torch.stack([torch.stack([c[:, i, i], c[:, i, i + half]], -1),
+                              torch.stack([c[:, i + half, i], c[:, i + half, i + half]], -1)], -2)
         r = procrustes(blocks.double(), proper=True)
-        q = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0]).to(latent.dtype)
+        q = plane_rotation_matrix(r[..., 0, 0], r[..., 1, 0])
+        if rotated < dh:
+            q = block_diagonal(q, procrustes(c[:, rotated:, rotated:].double()))
+        q = from_rope_order(q, q.new_ones(q.shape[:2]), order)[0].to(latent.dtype)
     return _straight_through(q, latent)
 
 
@@ -197,6 +206,7 @@ class _Parametrisation:
             for name, perm in init.ffn.items():
                 self.params[f"ffn/{name}"] = _one_hot(perm).requires_grad_(True)
         self.kinds: dict[str, str] = {}
+        self.attention = {group.name: group for group in spec.attention}
         for group in spec.attention:
             if group.name not in init.heads:
                 continue
@@ -244,7 +254,8 @@ class _Parametrisation:
             if kind is None:
                 r, s = base_r, base_s
             elif kind == "planes":
-                r, s = _project_planes(p).to(dtype), base_s
+                group = self.attention[name]
+                r, s = _project_planes(p, group.rotary_dim, group.rope_interleaved).to(dtype), base_s
             elif kind == "orthogonal":
                 r, s = base_r @ torch.linalg.matrix_exp((p - p.transpose(-1, -2)).to(dtype)), base_s
             elif kind == "diagonal":

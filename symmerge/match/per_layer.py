@@ -71,7 +71,7 @@ def fit_attention_group(ref: StateView, model: StateView, group: AttentionGroup,
     the model's own group when it has fewer heads (the element is then a semi-permutation)."""
     return match_heads(read_heads(ref, group), read_heads(model, model_group or group), qk="qk" in symmetries, vo="vo" in symmetries,
                        scale="scale" in symmetries, heads="heads" in symmetries, rope=group.rope, qk_fixed=group.qk_fixed,
-                       device=device)
+                       device=device, rotary_dim=group.rotary_dim, rope_interleaved=group.rope_interleaved)
 
 
 def ffn_details(perm: torch.Tensor, decrease: float) -> dict:

@@ -80,8 +80,11 @@ class AttentionGroup:
 
     Head ``h`` owns rows ``[h·d_h, (h+1)·d_h)`` of Q (and its bias) and the same columns of O; KV head ``g`` owns
     rows ``[g·d_h, (g+1)·d_h)`` of K and V. ``num_kv_heads`` < ``num_heads`` is GQA/MQA (0: same as
-    ``num_heads``). ``rope``: rotary position embeddings in HF's ``rotate_half`` layout, which restricts QK to
-    per-plane rotations. Missing biases are treated as zero. ``qk_fixed``: no QK rotation or rescaling is a
+    ``num_heads``). ``rope``: rotary position embeddings, which restrict QK to a rotation and a scale per rotary
+    plane, and any orthogonal map with one scale on the unrotated dimensions: ``rotary_dim`` is how many leading
+    dimensions of each head are rotated (0: all of them; partial rotary, GPT-NeoX/StableLM/Phi/GPT-J), in HF's
+    ``rotate_half`` planes ``(i, i + rotary_dim/2)``, or ``(2i, 2i + 1)`` with ``rope_interleaved``
+    (``rotate_every_two``: GPT-J, Cohere). Missing biases are treated as zero. ``qk_fixed``: no QK rotation or rescaling is a
     symmetry (Qwen3 normalises every query and key head by RMSNorm with one gain shared by all heads, before RoPE:
     the gain does not commute with a rotation, and the norm's ε makes a rescaling inexact); VO transforms and head
     permutations still are. ``row_norms``: ``q_bias``/``k_bias`` name the gains of norms over the whole Q and K
@@ -103,6 +106,13 @@ class AttentionGroup:
     rope: bool = False
     qk_fixed: bool = False
     row_norms: bool = False
+    rotary_dim: int = 0
+    rope_interleaved: bool = False
+
+    @property
+    def rotated_dims(self) -> int:
+        """How many dimensions of each head RoPE rotates (``head_dim`` without RoPE or with full rotary)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -230,7 +240,10 @@ class ModelSpec:
         grouping = f" ({kv} key/value heads, groups of {self.num_heads // kv})" if grouped else ""
         rope = any(g.rope for g in self.attention)
         qk_fixed = any(g.qk_fixed for g in self.attention)
-        qk_group = f"SO(2)^{dh // 2} (RoPE planes)" if rope else f"O({dh})"
+        rotated = max((g.rotated_dims for g in self.attention if g.rope), default=dh)
+        layout = ", interleaved" if any(g.rope_interleaved for g in self.attention) else ""
+        qk_group = (f"SO(2)^{rotated // 2} (RoPE planes{layout})" + (f" x O({dh - rotated}) (unrotated dims)" if rotated < dh else "")
+                    if rope else f"O({dh})")
         lines = [
             f"  {self.num_layers} layers, hidden size {self.hidden_size}, {self.num_heads} heads of dim {dh}{grouping}, FFN width {self.ffn_width}",
             "symmetry groups:",
@@ -240,7 +253,8 @@ class ModelSpec:
             else f"  qk        per-KV-head QK rotation      {layers} layers x {kv} heads, {qk_group} each",
             f"  vo        per-KV-head VO rotation      {layers} layers x {kv} heads, O({dh}) each",
             f"  scale     QK and VO rescaling          {layers} layers x {kv} heads"
-            + (" (VO only)" if qk_fixed else ", one per RoPE plane for QK" if rope else ""),
+            + (" (VO only)" if qk_fixed else ", one per RoPE plane for QK" + (" and one for its unrotated dims" if rotated < dh else "")
+               if rope else ""),
             f"  heads     head permutation             {layers} groups, S_{kv}"
             + (f" x (S_{self.num_heads // kv})^{kv} within groups" if grouped else " each"),
         ]

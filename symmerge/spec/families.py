@@ -68,7 +68,11 @@ class FamilyTable:
     Q and of K): with ``qk_fixed`` their gains only follow head permutations, like the Q/K biases they stand in for
     (the projections have none). ``norm`` ``"nonparametric"``: LayerNorm without weight or bias (OLMo-1): nothing
     to fold, the residual map is centered.
-    ``qk_fixed``: no QK map is a symmetry (``qk_fixed_reason`` says why, for ``symmerge inspect``).
+    ``qk_fixed``: no QK map is a symmetry (``qk_fixed_reason`` says why, for ``symmerge inspect``); ``qk_norm_flag``:
+    a config key that, when true, makes it so (Phi's ``qk_layernorm``: one LayerNorm over each head's q and k).
+    RoPE layout (:func:`rope_layout`): ``rotary_fraction`` is the family's default ``partial_rotary_factor`` (GPT-NeoX's
+    ``rotary_pct``) when the config has none (0: the whole head is rotated); ``rotary_dim_key`` names a config key
+    holding the rotated dimensions themselves (GPT-J's ``rotary_dim``); ``rope_interleaved``: planes ``(2i, 2i+1)``.
     ``ffn_norm`` empty: the FFN reads the attention's norm (Phi's parallel block: one ``input_layernorm``);
     ``shared_norm_flag``: a config key that, when true, makes it so (StableLM's ``use_parallel_residual``).
 
@@ -101,8 +105,12 @@ class FamilyTable:
     ffn_default: int = 0
     transposed: bool = False
     rope: bool = False
+    rotary_fraction: float = 0.0
+    rotary_dim_key: str = ""
+    rope_interleaved: bool = False
     qk_fixed: bool = False
     qk_fixed_reason: str = ""
+    qk_norm_flag: str = ""
     norm: str = "layernorm"
     norm_offset: float = 0.0
     placement: str = "pre"
@@ -189,6 +197,39 @@ def _rotary_check(config: Any, keys: Collection[str]) -> str:
     return ""
 
 
+def partial_rotary_factor(config: Any, default: float) -> float:
+    """The fraction of each head RoPE rotates: ``partial_rotary_factor`` (top level, or in ``rope_parameters`` /
+    ``rope_scaling`` as transformers 5 stores it), GPT-NeoX's older ``rotary_pct``, else the family's ``default``
+    (what its transformers config assumes when the key is missing: GPT-NeoX and StableLM 0.25, Phi 0.5)."""
+    fraction = config_value(config, "partial_rotary_factor", default=0.0)
+    for name in ("rope_parameters", "rope_scaling"):
+        extra = config_value(config, name, default={})
+        if not fraction and isinstance(extra, Mapping):
+            fraction = extra.get("partial_rotary_factor") or 0.0
+    return float(fraction or config_value(config, "rotary_pct", default=0.0) or default)
+
+
+def rope_layout(table: FamilyTable, config: Any, head_dim: int) -> tuple[bool, int]:
+    """``(rope, rotary_dim)`` of a family's heads (``rotary_dim`` 0: the whole head), as transformers computes them.
+
+    GPT-NeoX, StableLM and Phi rotate ``int(head_dim · partial_rotary_factor)`` leading dimensions, rounded up to
+    even: their inverse frequencies are ``arange(0, dim, 2)``, and GPT-NeoX slices as many dimensions as ``cos``
+    has (``2·ceil(dim/2)``; StableLM and Phi need ``dim`` even to run at all). GPT-J rotates its config's
+    ``rotary_dim`` leading dimensions (``None``: all). No rotated dimension at all is no RoPE."""
+    if not table.rope:
+        return False, 0
+    if table.rotary_dim_key:
+        rotated = int(config_value(config, table.rotary_dim_key, default=0) or head_dim)
+    elif table.rotary_fraction:
+        dim = int(head_dim * partial_rotary_factor(config, table.rotary_fraction))
+        rotated = 2 * ((dim + 1) // 2)
+    else:
+        rotated = head_dim
+    if rotated <= 0:
+        return False, 0
+    return True, 0 if rotated >= head_dim else rotated
+
+
 def _deberta_check(config: Any, keys: Collection[str]) -> str:
     """DeBERTa-v2's disentangled attention adds ``q·(W_K r + b_K)`` (c2p) and ``k·(W_Q r + b_Q)`` (p2c) for relative
     position embeddings ``r``: with ``share_att_key`` they go through the same Q/K projections, so a per-head QK
@@ -250,15 +291,6 @@ def _cohere_check(config: Any, keys: Collection[str]) -> str:
     return ""
 
 
-PARTIAL_ROTARY = "partial rotary embeddings: QK maps are left alone (VO, scale on VO, heads, FFN and residual are exact)"
-"""Why GPT-NeoX, StableLM and Phi fix QK. RoPE on the first ``partial_rotary_factor·d_h`` dimensions of each head
-(``rotate_half`` on that slice) leaves the rest unrotated, so an arbitrary QK rotation does not commute with it;
-RoPE is the same for every head, so head permutations and every VO map stay exact."""
-
-INTERLEAVED_ROTARY = "interleaved rotary planes (2i, 2i+1): QK maps are left alone (VO, scale on VO, heads, FFN and residual are exact)"
-"""Why GPT-J and Cohere fix QK: their RoPE rotates the planes ``(2i, 2i+1)`` (``rotate_every_two``; GPT-J only in the
-first ``rotary_dim`` dimensions), not the ``(i, i + d_h/2)`` planes symmerge's per-plane QK maps follow."""
-
 QK_ROW_NORMS = "q_norm / k_norm over the whole projection: QK maps are left alone (their gains follow head permutations)"
 """Why OLMo-2 fixes QK: an RMSNorm over all of Q (and of K) with one gain per row; the norm is invariant under head
 permutations (the gains permute along) but a QK rotation or rescaling within a head changes it."""
@@ -307,16 +339,16 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
                            attn_out_norm="post_attention_layernorm", ffn_out_norm="post_feedforward_layernorm"),),
     # Pythia: Q|K|V fused per head, parallel (or sequential) residual with two LayerNorms, untied embed_out
     "gpt_neox": (FamilyTable(**{**_DECODER_SIZES, "kv_heads": ()}, layer="{prefix}layers.{i}", qkv="attention.query_key_value", qkv_per_head=True,
-                             o="attention.dense", ffn_in=("mlp.dense_h_to_4h",), ffn_out="mlp.dense_4h_to_h", rope=True, qk_fixed=True,
-                             qk_fixed_reason=PARTIAL_ROTARY, attn_norm="input_layernorm", ffn_norm="post_attention_layernorm",
+                             o="attention.dense", ffn_in=("mlp.dense_h_to_4h",), ffn_out="mlp.dense_4h_to_h", rope=True, rotary_fraction=0.25,
+                             attn_norm="input_layernorm", ffn_norm="post_attention_layernorm",
                              final_norm="final_layer_norm", embeddings=("embed_in.weight",), lm_head=True,
                              lm_head_keys=("lm_head.weight", "embed_out.weight"), head_modules=("lm_head.", "embed_out.", "score.")),),
-    "stablelm": (FamilyTable(**{**_LLAMA, "check": _stablelm_check, "norm": "layernorm"}, qk_fixed=True, qk_fixed_reason=PARTIAL_ROTARY,
+    "stablelm": (FamilyTable(**{**_LLAMA, "check": _stablelm_check, "norm": "layernorm"}, rotary_fraction=0.25,
                              shared_norm_flag="use_parallel_residual"),),
     # one input_layernorm read by attention and MLP (parallel block); optional qk_layernorm is one LayerNorm shared by all heads
     "phi": (FamilyTable(**{**_LLAMA, "o": "self_attn.dense", "ffn_in": ("mlp.fc1",), "ffn_out": "mlp.fc2", "ffn_norm": "",
-                           "final_norm": "final_layernorm", "check": None, "norm": "layernorm"}, qk_fixed=True, qk_fixed_reason=PARTIAL_ROTARY,
-                        head_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),),
+                           "final_norm": "final_layernorm", "check": None, "norm": "layernorm"}, rotary_fraction=0.5,
+                        qk_norm_flag="qk_layernorm", head_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),),
     # pre-LN (do_layer_norm_before): learned positions (embed_positions, 2 offset rows) are stream vectors like GPT-2's wpe
     "opt": (FamilyTable(**{**_DECODER_SIZES, "kv_heads": (), "head_dim": (), "ffn_width": ("ffn_dim",)}, layer="{prefix}layers.{i}",
                         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", ffn_in=("fc1",),
@@ -334,11 +366,11 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
     # one ln_1 read by attention and MLP (parallel block), partial interleaved rotary, untied LM head with a bias
     "gptj": (FamilyTable(layers=("n_layer",), hidden=("n_embd",), heads=("n_head",), ffn_width=("n_inner",), ffn_default=4, layer="{prefix}h.{i}",
                          q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", ffn_in=("mlp.fc_in",), ffn_out="mlp.fc_out",
-                         rope=True, qk_fixed=True, qk_fixed_reason=INTERLEAVED_ROTARY, attn_norm="ln_1", final_norm="ln_f",
+                         rope=True, rotary_dim_key="rotary_dim", rope_interleaved=True, attn_norm="ln_1", final_norm="ln_f",
                          embeddings=("wte.weight",), lm_head=True, head_modules=("lm_head.", "score.")),),
     # LayerNorm without bias, one input_layernorm read by attention and MLP, interleaved RoPE, logit_scale (a scalar)
-    "cohere": (FamilyTable(**{**_LLAMA, "ffn_norm": "", "norm": "layernorm", "check": _cohere_check}, qk_fixed=True,
-                           qk_fixed_reason=INTERLEAVED_ROTARY, tie_default=True),),
+    "cohere": (FamilyTable(**{**_LLAMA, "ffn_norm": "", "norm": "layernorm", "check": _cohere_check}, rope_interleaved=True,
+                           tie_default=True),),
     "deberta-v2": (FamilyTable(**{**_ENCODER_SIZES, **_BERT_BLOCK}, head_dim=("attention_head_size",), q="attention.self.query_proj",
                                k="attention.self.key_proj", v="attention.self.value_proj", check=_deberta_check,
                                embeddings=(*_BERT["embeddings"], "encoder.rel_embeddings.weight"),
@@ -367,7 +399,7 @@ def _fused_rows(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
 
 
-def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> AttentionGroup:
+def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str], config: Any) -> AttentionGroup:
     """Layer ``i``'s heads: Q (H·d_h rows), K and V (H_kv·d_h rows each), O (H·d_h columns); fused ``qkv`` is
     split on its out axis as ``q | k | v``, or per head as ``q_h | k_h | v_h`` (``qkv_per_head``: each of Q, K, V is
     the same block of every head's ``3·d_h`` rows)."""
@@ -390,9 +422,15 @@ def _attention(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collectio
             if not table.qk_fixed or biases[0] or biases[1]:
                 raise SymmergeError("internal: row norms on Q/K need qk_fixed and projections without biases")
             biases[:2] = [Slot(f"{block}.{m}.weight") for m in table.qk_row_norms]
+    rope, rotary_dim = rope_layout(table, config, s.head_dim)
     return AttentionGroup(f"layer{i}.attention", s.heads, s.head_dim, *weights, _weight(table, f"{block}.{table.o}"), *biases,
-                          num_kv_heads=s.kv_heads if table.kv_heads else 0, rope=table.rope, qk_fixed=table.qk_fixed,
-                          row_norms=bool(table.qk_row_norms[0]))
+                          num_kv_heads=s.kv_heads if table.kv_heads else 0, rope=rope, qk_fixed=_qk_fixed(table, config),
+                          row_norms=bool(table.qk_row_norms[0]), rotary_dim=rotary_dim, rope_interleaved=rope and table.rope_interleaved)
+
+
+def _qk_fixed(table: FamilyTable, config: Any) -> bool:
+    """Whether no QK map is a symmetry: the table says so, or its ``qk_norm_flag`` is set in the config."""
+    return table.qk_fixed or bool(table.qk_norm_flag and config_value(config, table.qk_norm_flag, default=False))
 
 
 def _ffn(table: FamilyTable, block: str, i: int, s: Sizes, keys: Collection[str]) -> FFNGroup:
@@ -544,7 +582,7 @@ def build_spec(table: FamilyTable, family: str, config: Any, keys: Collection[st
         raise SymmergeError(f"no tensor named like '*{table.anchor()}' in the checkpoint: is this really a {family} model?")
     s = read_sizes(table, config)
     blocks = [table.layer.format(prefix=prefix, i=i) for i in range(s.layers)]
-    attention = tuple(_attention(table, b, i, s, keys) for i, b in enumerate(blocks))
+    attention = tuple(_attention(table, b, i, s, keys, config) for i, b in enumerate(blocks))
     ffn = tuple(_ffn(table, b, i, s, keys) for i, b in enumerate(blocks))
     head = _head(table, config, keys, prefix)
     residual = None
