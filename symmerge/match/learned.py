@@ -427,6 +427,19 @@ def learn_transform(reference: Mapping[str, torch.Tensor], model: Mapping[str, t
 TARGET_CACHE_ELEMENTS = 1 << 26  # endpoint predictions kept (256 MB of float32); beyond, recomputed at each step
 
 
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Each parameter name that shares its tensor with an earlier one (a tied LM head and the embedding) → that
+    earlier name. ``functional_call`` refuses a value for both names of a tied pair."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def _functional(config: Any, reference: Mapping[str, torch.Tensor], untie: bool) -> Callable:
     """``run(state, inputs)``: one frozen HF module evaluated functionally at a state dict (checkpoint names)."""
     module = build_model(untied_config(config, untie), reference).train(False)
@@ -434,9 +447,14 @@ def _functional(config: Any, reference: Mapping[str, torch.Tensor], untie: bool)
     for p in module.parameters():
         p.requires_grad_(False)
     renames = getattr(module, "_symmerge_renames", {})
+    aliases = tied_aliases(module)
 
     def run(state: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> Any:
-        return torch.func.functional_call(module, {renames.get(k, k): v for k, v in state.items()}, args=(), kwargs=dict(inputs))
+        params = {renames.get(k, k): v for k, v in state.items()}
+        for alias, first in aliases.items():  # a tied head (untie=False) is the embedding: give the module one of them
+            if alias in params and first in params:
+                del params[alias]
+        return torch.func.functional_call(module, params, args=(), kwargs=dict(inputs))
 
     return run
 
