@@ -77,7 +77,7 @@ def load_calibration(
         raise SymmergeError(f"calibration data {path} is not a file: give a text file (one example per line) or an .npz")
     if path.suffix.lower() == ".npz":
         batches = _npz_batches(path, main_input_name, num_examples, batch_size)
-        config = _model_config(model_dir)
+        config = model_config(model_dir)
         if "input_ids" in batches[0]:
             _check_token_ids(path, batches, config)
         return _npz_labels(path, batches, config) if labels else batches  # the file's labels, if any, always come along
@@ -87,7 +87,7 @@ def load_calibration(
     return _text_batches(path, model_dir, max_length, num_examples, batch_size, labels)
 
 
-def _model_config(model_dir: str | Path | None) -> dict:
+def model_config(model_dir: str | Path | None) -> dict:
     """The model's config.json as a dict ({} when there is none to read)."""
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir is not None else {}

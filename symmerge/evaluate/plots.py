@@ -13,8 +13,9 @@ try:  # the ``plots`` extra
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 except ImportError:  # pragma: no cover - exercised only without matplotlib
-    plt = None
+    plt = FigureCanvasAgg = None
 
 
 def _pyplot():
@@ -25,8 +26,8 @@ def _pyplot():
 
 def check_plot_path(path: Path, option: str) -> None:
     """A file name whose suffix names a format matplotlib writes (.png, .pdf, .svg...), or a one-line error."""
-    formats = _pyplot().figure().canvas.get_supported_filetypes()
-    plt.close("all")
+    _pyplot()
+    formats = FigureCanvasAgg.get_supported_filetypes()  # the backend's formats, without opening (or closing) a figure
     if Path(path).suffix.lower().lstrip(".") not in formats:
         raise SymmergeError(f"{option} {path}: give a file name ending in .png (or one of {', '.join('.' + f for f in sorted(formats))})")
 

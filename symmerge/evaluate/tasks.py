@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from symmerge.data.calibration import _model_config, read_npz
+from symmerge.data.calibration import model_config, read_npz
 from symmerge.errors import SymmergeError
 from symmerge.lazy import lazy_module
 from symmerge.zoo.evaluate import evaluate_classifier, evaluate_lm
@@ -35,7 +35,7 @@ def make_evaluator(spec: str, model_dir: Path, *, max_length: int = 128, windows
     path = Path(spec)
     if not path.is_file():
         raise SymmergeError(f"--data {spec}: no such file (give zoo, a text file or an .npz)")
-    config = _model_config(model_dir)
+    config = model_config(model_dir)
     positions = config.get("n_positions") or config.get("max_position_embeddings")
     context = min(max_length, positions) if isinstance(positions, int) and positions > 0 else max_length
     if path.suffix == ".npz":
