@@ -401,6 +401,20 @@ def test_output_under_a_file_or_recipe_that_is_a_folder(zoo, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+@pytest.mark.parametrize("args", [["zoo", "vit-digits", "--seed", "-1"], ["zoo", "vit-digits", "--seed", "0", "--seed", "-5"],
+                                  ["zoo", "vit-digits", "--seed", str(2**64)], ["demo", "--minilm", "--seed", "-1"]])
+def test_seeds_outside_torchs_range_are_usage_errors(tmp_path, capsys, monkeypatch, args):
+    """``zoo --seed -1`` trained a model into .cache/zoo/vit-digits/seed-1 (torch wraps a negative seed); 2**64 failed
+    inside torch. Both are refused like --points out of range, before anything is built."""
+    import symmerge.demo as demo
+    import symmerge.zoo as zoo
+
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("a model was built from an invalid seed"))
+    monkeypatch.setattr(demo, "run_minilm_demo", lambda *a, **k: pytest.fail("the demo ran with an invalid seed"))
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "Invalid value for '--seed'" in err and "Traceback" not in err
+
+
 def test_demo_out_on_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
     import symmerge.demo as demo
 
