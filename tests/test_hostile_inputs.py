@@ -100,6 +100,33 @@ def test_integer_model_merged_unaligned_is_refused(zoo, tmp_path, capsys):
                   "-q", out=tmp_path / "o")
 
 
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("quantised", ["model.norm.weight", "all"])
+def test_integer_tensors_are_refused_whichever_model_holds_them(zoo, tmp_path, capsys, position, quantised):
+    """An int8 tensor no symmetry group touches (a norm, or every tensor with -s none) was copied from model 0 into
+    the output without a word (an int8 "merge" of a whole quantised model was model 0 as it was), while the same
+    tensor in model 1 was refused: it is refused in either place now."""
+    def quantise(s):
+        return {k: (v * 100 + torch.randn_like(v)).to(torch.int8) if quantised in (k, "all") else v for k, v in s.items()}
+
+    i8 = restate(copy(zoo, "b", tmp_path), quantise)
+    models = [zoo["a"], i8] if position == 1 else [i8, zoo["a"]]
+    key = "model.norm.weight" if quantised != "all" else ""
+    fails_cleanly(capsys, f"cannot merge a torch.int8 tensor (tensor '{key}", "merge", *models, "-m", "linear", "-s",
+                  "all" if key else "none", "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+
+
+def test_integer_buffers_the_models_share_are_copied(zoo, tmp_path, capsys):
+    """Integer and boolean tensors every model holds alike (position ids, masks) are buffers, not weights: the output
+    takes them as they are, in their dtype."""
+    buffers = {"model.position_ids": torch.arange(64)[None], "model.causal_mask": torch.ones(8, 8, dtype=torch.bool).tril()}
+    a, b = (restate(copy(zoo, name, tmp_path), lambda s: s.update(buffers)) for name in ("a", "b"))
+    code, _, err = run_cli(capsys, "merge", a, b, "-m", "linear", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    merged = load_file(tmp_path / "o" / ST)
+    assert all(merged[k].dtype == v.dtype and torch.equal(merged[k], v) for k, v in buffers.items())
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "the file is empty (0 bytes)"),
     ("zip-cut", "corrupt or truncated"),  # was: "in the legacy (pre-1.6, non-zip) torch pickle format"
