@@ -752,7 +752,8 @@ def test_gemma2_sandwich_norms_forbid_orthogonal_residual_maps():
 def test_refused_configs_say_why():
     import transformers
 
-    for config_class, model_class in ((transformers.LlamaConfig, transformers.LlamaForCausalLM), (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)):
+    for config_class, model_class in ((transformers.LlamaConfig, transformers.LlamaForCausalLM), (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                      (transformers.CohereConfig, transformers.CohereForCausalLM)):
         partial = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
                                pad_token_id=0, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.5)
         with pytest.raises(symmerge.SymmergeError, match=r"partial_rotary_factor=0\.5 is not supported: transformers' .* every dimension"):

@@ -286,11 +286,12 @@ def _olmo_check(config: Any, keys: Collection[str]) -> str:
 
 
 def _cohere_check(config: Any, keys: Collection[str]) -> str:
-    """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head."""
+    """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head; like LLaMA's, its
+    attention has no partial rotary (:func:`_rotary_check`)."""
     if config_value(config, "use_qk_norm", default=False):
         raise SymmergeError("cohere with use_qk_norm=True is not supported: its q/k LayerNorms hold separate weights per head, "
                             "which a head permutation would have to move with the heads")
-    return ""
+    return _rotary_check(config, keys)
 
 
 QK_ROW_NORMS = "q_norm / k_norm over the whole projection: QK maps are left alone (their gains follow head permutations)"
