@@ -62,6 +62,10 @@ SETTINGS_HELP = (
 )
 
 
+MAX_SEED = 2**64 - 1
+"""The largest seed torch's generators take (``manual_seed`` seeds are 0 … 2⁶⁴ − 1): a negative one would be wrapped
+silently (and name a cache folder ``seed-1``), a larger one fails deep inside torch."""
+
 MAX_SECONDS_HELP = (
     "Time budget per model for the residual coordinate descent (-s ...,residual): a round starts only if it is expected "
     "to end within the budget; the best element found so far is kept. Default: no budget."
@@ -512,7 +516,7 @@ def distance(
 @app.command()
 def zoo(
     name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist, gpt2-shakespeare, vit-fmnist-w256, gpt2-shakespeare-w256 (or 'list').")],
-    seed: Annotated[Optional[list[int]], typer.Option("--seed", help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
 ) -> None:
     """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""
     from symmerge.zoo import ZOO, build
@@ -563,7 +567,7 @@ def inspect(
 def demo(
     minilm: Annotated[bool, typer.Option("--minilm", help="Instead: scramble the packaged all-MiniLM-L6-v2 and recover it exactly.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Where the plot and numbers go.")] = Path("symmerge-demo"),
-    seed: Annotated[int, typer.Option(help="--minilm: seed of the random symmetry element.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="--minilm: seed of the random symmetry element.")] = 0,
 ) -> None:
     """Two ViTs trained here from different seeds: align B to A with growing sets of symmetries, then print the loss
     barrier of averaging them and plot the path. (--minilm: scramble a real pretrained BERT and recover it.)"""

@@ -100,6 +100,33 @@ def test_integer_model_merged_unaligned_is_refused(zoo, tmp_path, capsys):
                   "-q", out=tmp_path / "o")
 
 
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("quantised", ["model.norm.weight", "all"])
+def test_integer_tensors_are_refused_whichever_model_holds_them(zoo, tmp_path, capsys, position, quantised):
+    """An int8 tensor no symmetry group touches (a norm, or every tensor with -s none) was copied from model 0 into
+    the output without a word (an int8 "merge" of a whole quantised model was model 0 as it was), while the same
+    tensor in model 1 was refused: it is refused in either place now."""
+    def quantise(s):
+        return {k: (v * 100 + torch.randn_like(v)).to(torch.int8) if quantised in (k, "all") else v for k, v in s.items()}
+
+    i8 = restate(copy(zoo, "b", tmp_path), quantise)
+    models = [zoo["a"], i8] if position == 1 else [i8, zoo["a"]]
+    key = "model.norm.weight" if quantised != "all" else ""
+    fails_cleanly(capsys, f"cannot merge a torch.int8 tensor (tensor '{key}", "merge", *models, "-m", "linear", "-s",
+                  "all" if key else "none", "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+
+
+def test_integer_buffers_the_models_share_are_copied(zoo, tmp_path, capsys):
+    """Integer and boolean tensors every model holds alike (position ids, masks) are buffers, not weights: the output
+    takes them as they are, in their dtype."""
+    buffers = {"model.position_ids": torch.arange(64)[None], "model.causal_mask": torch.ones(8, 8, dtype=torch.bool).tril()}
+    a, b = (restate(copy(zoo, name, tmp_path), lambda s: s.update(buffers)) for name in ("a", "b"))
+    code, _, err = run_cli(capsys, "merge", a, b, "-m", "linear", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    merged = load_file(tmp_path / "o" / ST)
+    assert all(merged[k].dtype == v.dtype and torch.equal(merged[k], v) for k, v in buffers.items())
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "the file is empty (0 bytes)"),
     ("zip-cut", "corrupt or truncated"),  # was: "in the legacy (pre-1.6, non-zip) torch pickle format"
@@ -399,6 +426,20 @@ def test_output_under_a_file_or_recipe_that_is_a_folder(zoo, tmp_path, capsys):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x01garbage")
     fails_cleanly(capsys, "is not UTF-8 text", "merge", tmp_path / "bin.yaml", tmp_path / "o")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("args", [["zoo", "vit-digits", "--seed", "-1"], ["zoo", "vit-digits", "--seed", "0", "--seed", "-5"],
+                                  ["zoo", "vit-digits", "--seed", str(2**64)], ["demo", "--minilm", "--seed", "-1"]])
+def test_seeds_outside_torchs_range_are_usage_errors(tmp_path, capsys, monkeypatch, args):
+    """``zoo --seed -1`` trained a model into .cache/zoo/vit-digits/seed-1 (torch wraps a negative seed); 2**64 failed
+    inside torch. Both are refused like --points out of range, before anything is built."""
+    import symmerge.demo as demo
+    import symmerge.zoo as zoo
+
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("a model was built from an invalid seed"))
+    monkeypatch.setattr(demo, "run_minilm_demo", lambda *a, **k: pytest.fail("the demo ran with an invalid seed"))
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "Invalid value for '--seed'" in err and "Traceback" not in err
 
 
 def test_demo_out_on_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):

@@ -566,17 +566,22 @@ def test_gpt_neox_canonical_qkv_is_what_its_attention_computes():
         torch.testing.assert_close(x @ view.get(weight).T + view.get(bias), hf.reshape(5, -1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["stablelm-parallel", "stablelm-mha", "phi-qk-layernorm"])
+@pytest.mark.parametrize("variant", ["stablelm-parallel", "stablelm-mha", "phi-qk-layernorm", "phi3-partial", "phi3-partial-odd"])
 def test_partial_rotary_variants_preserve_function_and_recover(variant):
     """Options of the default-supported configs: StableLM's use_parallel_residual (one input_layernorm read by
     attention and MLP, like Phi), StableLM without GQA, Phi's qk_layernorm (one LayerNorm of width d_h shared by all
-    heads: heads and VO still move, QK stays)."""
+    heads: heads and VO still move, QK stays), Phi-3's partial_rotary_factor (the first int(d_h · factor) dimensions
+    rotated in rotate_half planes, fused qkv_proj, GQA; 0.3 of 12 dims is 3, which its cos rounds up to 4)."""
     import transformers
 
     build = {"stablelm-parallel": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 2, partial_rotary_factor=0.5,
                                            use_parallel_residual=True),
              "stablelm-mha": _decoder(transformers.StableLmConfig, transformers.StableLmForCausalLM, 4, partial_rotary_factor=0.5),
-             "phi-qk-layernorm": _decoder(transformers.PhiConfig, transformers.PhiForCausalLM, 4, qk_layernorm=True)}[variant]
+             "phi-qk-layernorm": _decoder(transformers.PhiConfig, transformers.PhiForCausalLM, 4, qk_layernorm=True),
+             "phi3-partial": _decoder(transformers.Phi3Config, transformers.Phi3ForCausalLM, 2, partial_rotary_factor=0.5, pad_token_id=0,
+                                      bos_token_id=0, eos_token_id=0),
+             "phi3-partial-odd": _decoder(transformers.Phi3Config, transformers.Phi3ForCausalLM, 4, partial_rotary_factor=0.3,
+                                          pad_token_id=0, bos_token_id=0, eos_token_id=0)}[variant]
     torch.manual_seed(0)
     model, make_inputs = build()
     model.eval()
@@ -587,6 +592,12 @@ def test_partial_rotary_variants_preserve_function_and_recover(variant):
     spec = spec_for(model.config, original.keys())
     if variant == "stablelm-parallel":
         assert len(spec.residual.norms) == spec.num_layers + 1  # one shared norm per block, plus the final norm
+    if variant.startswith("phi3"):
+        assert all((g.rope, g.qk_fixed, g.rotary_dim, g.rope_interleaved) == (True, False, {"phi3-partial": 6}.get(variant, 4), False)
+                   for g in spec.attention)
+        # negative control: the whole-head layout's QK group (the one LLaMA's table assumes) is no symmetry here
+        whole = dataclasses.replace(spec, attention=tuple(dataclasses.replace(g, rotary_dim=0) for g in spec.attention))
+        assert max_output_diff(model, original, apply_transform(original, whole, random_transform(whole, "qk", seed=1)), make_inputs) > 1e-3
     moved = apply_transform(original, spec, random_transform(spec, "all,residual", seed=1))
     assert symmerge.state_distance(original, moved) > 1e-2
     assert max_output_diff(model, original, moved, make_inputs) <= TOL
@@ -741,11 +752,12 @@ def test_gemma2_sandwich_norms_forbid_orthogonal_residual_maps():
 def test_refused_configs_say_why():
     import transformers
 
-    phi3 = transformers.Phi3Config(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
-                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.5)
-    keys = transformers.Phi3ForCausalLM(phi3).state_dict().keys()
-    with pytest.raises(symmerge.SymmergeError, match="partial rotary"):
-        spec_for(phi3, keys)
+    for config_class, model_class in ((transformers.LlamaConfig, transformers.LlamaForCausalLM), (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                      (transformers.CohereConfig, transformers.CohereForCausalLM)):
+        partial = config_class(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
+                               pad_token_id=0, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.5)
+        with pytest.raises(symmerge.SymmergeError, match=r"partial_rotary_factor=0\.5 is not supported: transformers' .* every dimension"):
+            spec_for(partial, model_class(partial).state_dict().keys())
     stablelm = transformers.StableLmConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, vocab_size=20,
                                            num_key_value_heads=4, partial_rotary_factor=0.5, qk_layernorm=True)
     with pytest.raises(symmerge.SymmergeError, match="qk_layernorm=True.*separate weights per head") as e:

@@ -375,6 +375,23 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
                                 [(i, key) for i in range(len(states))], s, t)
 
 
+def copied_buffer(method: str, item: AlignedTensor) -> torch.Tensor | None:
+    """What to write for ``item`` when a model (or the base) stores it in a dtype that is not floating point, else
+    ``None`` (every tensor is floating: merge them). Integer and boolean buffers (position ids, masks) are the same
+    in every model: the first model's is copied. One that differs between the models (int8 weights of a quantised
+    checkpoint, or an integer tensor that another model holds as floats) is refused, whichever model holds it: copying
+    model 0's would silently drop the others'."""
+    tensors = [*item.raw, *([] if item.base is None else [item.base])]
+    odd = next((t for t in tensors if not t.is_floating_point()), None)
+    if odd is None:
+        return None
+    first = item.raw[0]
+    if all(t.dtype == first.dtype and t.shape == first.shape and torch.equal(t, first) for t in tensors):
+        return first
+    raise SymmergeError(f"{method}: cannot merge a {odd.dtype} tensor (tensor {item.key!r}): it differs between the models, so it is "
+                        "no buffer to copy from one of them; quantised weights: dequantise the models to bfloat16 or float32 first")
+
+
 def method_extras(plan: MergePlan, states, base, transforms, base_transform, stats, progress: bool) -> dict[str, Any]:
     """Whole-model quantities the method's ``prepare`` asks for before the per-tensor pass (none for most)."""
     if plan.method.prepare is None:
@@ -451,8 +468,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                 bar.update(1)
                 while len(pending) >= workers:
                     write_oldest()
-                if not item.tensors[0].is_floating_point():
-                    pending.append((item.key, item.raw[0]))  # integer buffers (position ids...) come from the first model
+                buffer = copied_buffer(plan.method.name, item)
+                if buffer is not None:
+                    pending.append((item.key, buffer))  # integer buffers (position ids...) come from the first model
                     continue
                 if item.base is not None and check_base:  # slerp & co. take a base without task vectors: no check
                     b, tasks = _sq_base_and_tasks(item.base, item.tensors)

@@ -82,7 +82,7 @@ class AttentionGroup:
     rows ``[g·d_h, (g+1)·d_h)`` of K and V. ``num_kv_heads`` < ``num_heads`` is GQA/MQA (0: same as
     ``num_heads``). ``rope``: rotary position embeddings, which restrict QK to a rotation and a scale per rotary
     plane, and any orthogonal map with one scale on the unrotated dimensions: ``rotary_dim`` is how many leading
-    dimensions of each head are rotated (0: all of them; partial rotary, GPT-NeoX/StableLM/Phi/GPT-J), in HF's
+    dimensions of each head are rotated (0: all of them; partial rotary, GPT-NeoX/StableLM/Phi/Phi-3/GPT-J), in HF's
     ``rotate_half`` planes ``(i, i + rotary_dim/2)``, or ``(2i, 2i + 1)`` with ``rope_interleaved``
     (``rotate_every_two``: GPT-J, Cohere). Missing biases are treated as zero. ``qk_fixed``: no QK rotation or rescaling is a
     symmetry (Qwen3 normalises every query and key head by RMSNorm with one gain shared by all heads, before RoPE:

@@ -9,9 +9,10 @@ where the family allows it. The same table works on a ``model.safetensors`` file
 legacy names to disk.
 
 Quirks stay small and local: GPT-2's ``Conv1D`` (``transposed``) with a fused ``c_attn``; GPT-NeoX's Q|K|V fused
-per head (``qkv_per_head``); ViT's two naming schemes; partial-rotary families (GPT-NeoX, StableLM, Phi) fix QK;
+per head (``qkv_per_head``); ViT's two naming schemes; partial-rotary (GPT-NeoX, StableLM, Phi, Phi-3, GPT-J) and
+interleaved (GPT-J, Cohere) RoPE heads read their layout from the config (:func:`rope_layout`);
 post-LN encoders (BERT, RoBERTa, DeBERTa-v2) offer residual *permutations* only, and only when a head reads the
-stream (sequence classifiers); interleaved RoPE (GPT-J, Cohere) fixes QK; OLMo-2's norms over the whole Q and K
+stream (sequence classifiers); OLMo-2's norms over the whole Q and K
 projections are read as Q/K bias slots (``qk_row_norms``); OLMo-1's weightless LayerNorms fold nothing; config
 checks that refuse what a table cannot express (:data:`REFUSED`, :func:`_rotary_check`, :func:`_stablelm_check`,
 :func:`_deberta_check`, :func:`_opt_check`, :func:`_olmo_check`, :func:`_cohere_check`).
@@ -185,15 +186,16 @@ def read_sizes(table: FamilyTable, config: Any) -> Sizes:
 
 
 def _rotary_check(config: Any, keys: Collection[str]) -> str:
-    """RoPE tables assume every dimension of a head is rotated (``rotate_half`` planes ``(i, i + d_h/2)``)."""
-    fraction = config_value(config, "partial_rotary_factor", default=0.0)
-    for name in ("rope_parameters", "rope_scaling"):
-        extra = config_value(config, name, default={})
-        if not fraction and isinstance(extra, Mapping):
-            fraction = extra.get("partial_rotary_factor") or 0.0
-    if fraction and float(fraction) != 1.0:
-        raise SymmergeError(f"partial rotary embeddings (partial_rotary_factor={fraction}) are not supported: the unrotated "
-                            "dimensions of a head admit other QK maps than the rotated ones")
+    """LLaMA-style attention in transformers (llama, mistral, qwen2, gemma, granite, olmo, ...) has no partial rotary:
+    its default RoPE rotates every dimension of a head whatever ``partial_rotary_factor`` says, and a scaled
+    ``rope_type`` builds a shorter ``cos`` that does not broadcast against the head. Which layout such a checkpoint
+    means (the whole head, as transformers runs it, or the leading dimensions, as the key says) is unknown, and the
+    QK group differs between them, so it is refused. Phi-3 does implement it (its table reads the factor)."""
+    fraction = partial_rotary_factor(config, 1.0)
+    if fraction != 1.0:
+        raise SymmergeError(f"{model_type(config)} with partial_rotary_factor={fraction:g} is not supported: transformers' "
+                            f"{model_type(config)} attention rotates every dimension of a head whatever the factor says, so "
+                            "which dimensions this checkpoint rotates (and so which QK maps are symmetries) is unknown")
     return ""
 
 
@@ -212,9 +214,9 @@ def partial_rotary_factor(config: Any, default: float) -> float:
 def rope_layout(table: FamilyTable, config: Any, head_dim: int) -> tuple[bool, int]:
     """``(rope, rotary_dim)`` of a family's heads (``rotary_dim`` 0: the whole head), as transformers computes them.
 
-    GPT-NeoX, StableLM and Phi rotate ``int(head_dim · partial_rotary_factor)`` leading dimensions, rounded up to
-    even: their inverse frequencies are ``arange(0, dim, 2)``, and GPT-NeoX slices as many dimensions as ``cos``
-    has (``2·ceil(dim/2)``; StableLM and Phi need ``dim`` even to run at all). GPT-J rotates its config's
+    GPT-NeoX, StableLM, Phi and Phi-3 rotate ``int(head_dim · partial_rotary_factor)`` leading dimensions, rounded
+    up to even: their inverse frequencies are ``arange(0, dim, 2)``, and GPT-NeoX and Phi-3 slice as many dimensions
+    as ``cos`` has (``2·ceil(dim/2)``; StableLM and Phi need ``dim`` even to run at all). GPT-J rotates its config's
     ``rotary_dim`` leading dimensions (``None``: all). No rotated dimension at all is no RoPE."""
     if not table.rope:
         return False, 0
@@ -284,11 +286,12 @@ def _olmo_check(config: Any, keys: Collection[str]) -> str:
 
 
 def _cohere_check(config: Any, keys: Collection[str]) -> str:
-    """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head."""
+    """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head; like LLaMA's, its
+    attention has no partial rotary (:func:`_rotary_check`)."""
     if config_value(config, "use_qk_norm", default=False):
         raise SymmergeError("cohere with use_qk_norm=True is not supported: its q/k LayerNorms hold separate weights per head, "
                             "which a head permutation would have to move with the heads")
-    return ""
+    return _rotary_check(config, keys)
 
 
 QK_ROW_NORMS = "q_norm / k_norm over the whole projection: QK maps are left alone (their gains follow head permutations)"
@@ -333,7 +336,9 @@ TABLES: dict[str, tuple[FamilyTable, ...]] = {
     "mistral": (FamilyTable(**_LLAMA),),
     "qwen2": (FamilyTable(**_LLAMA),),
     "qwen3": (FamilyTable(**_LLAMA, qk_fixed=True, head_norms=("self_attn.q_norm", "self_attn.k_norm")),),
-    "phi3": (FamilyTable(**{**_LLAMA, "q": "", "k": "", "v": "", "ffn_in": ()}, qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),),
+    # Phi-3 rotates int(d_h · partial_rotary_factor) leading dimensions (default 1: all), rotate_half planes
+    "phi3": (FamilyTable(**{**_LLAMA, "q": "", "k": "", "v": "", "ffn_in": (), "check": None}, qkv="self_attn.qkv_proj",
+                         gate_up="mlp.gate_up_proj", rotary_fraction=1.0),),
     "gemma": (FamilyTable(**_LLAMA, norm_offset=1.0, tie_default=True),),
     "gemma2": (FamilyTable(**{**_LLAMA, "ffn_norm": "pre_feedforward_layernorm"}, norm_offset=1.0, tie_default=True, placement="sandwich",
                            attn_out_norm="post_attention_layernorm", ffn_out_norm="post_feedforward_layernorm"),),
