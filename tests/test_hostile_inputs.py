@@ -16,6 +16,8 @@ import transformers
 from conftest import expect_cli_error, make_model, run_cli, save_model, stray_folders
 from safetensors.torch import load_file, save_file
 
+from symmerge.merge import engine
+
 ST = "model.safetensors"
 
 
@@ -89,8 +91,9 @@ def test_integer_tensor_in_a_symmetry_group_is_refused(zoo, tmp_path, capsys):
     """An int8 projection (a quantised checkpoint) inside an FFN group was an internal KeyError after alignment."""
     key = "model.layers.0.mlp.up_proj.weight"
     i8 = restate(copy(zoo, "b", tmp_path), lambda s: s.update({key: (s[key] * 100).to(torch.int8)}))
-    for cmd in (["merge", zoo["a"], i8, "-m", "linear"], ["align", zoo["a"], i8]):
-        err = fails_cleanly(capsys, f"tensor {key!r} is I8, not floating point", *cmd, "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+    for cmd, message in ((["merge", zoo["a"], i8, "-m", "linear"], f"cannot merge a torch.int8 tensor (tensor {key!r})"),  # before aligning
+                         (["align", zoo["a"], i8], f"tensor {key!r} is I8, not floating point")):
+        err = fails_cleanly(capsys, message, *cmd, "-o", tmp_path / "o", "-q", out=tmp_path / "o")
         assert "dequantise" in err
 
 
@@ -114,6 +117,19 @@ def test_integer_tensors_are_refused_whichever_model_holds_them(zoo, tmp_path, c
     key = "model.norm.weight" if quantised != "all" else ""
     fails_cleanly(capsys, f"cannot merge a torch.int8 tensor (tensor '{key}", "merge", *models, "-m", "linear", "-s",
                   "all" if key else "none", "-o", tmp_path / "o", "-q", out=tmp_path / "o")
+
+
+def test_integer_tensors_are_refused_before_anything_is_aligned(zoo, tmp_path, capsys, monkeypatch):
+    """The refusal comes from the headers and the integer tensors alone, before the alignment (minutes at 7B) runs."""
+    i8 = restate(copy(zoo, "b", tmp_path), lambda s: s.update({"model.norm.weight": s["model.norm.weight"].to(torch.int8)}))
+
+    def no_alignment(*args, **kwargs):
+        raise AssertionError("the alignment ran before the integer tensor was refused")
+
+    monkeypatch.setattr(engine, "fit_alignments", no_alignment)
+    monkeypatch.setattr(engine, "align_whole_models", no_alignment)
+    fails_cleanly(capsys, "cannot merge a torch.int8 tensor (tensor 'model.norm.weight')", "merge", zoo["a"], i8, "-m", "linear",
+                  "-s", "all", "-o", tmp_path / "o", "-q", out=tmp_path / "o")
 
 
 def test_integer_buffers_the_models_share_are_copied(zoo, tmp_path, capsys):

@@ -375,6 +375,27 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
                                 [(i, key) for i in range(len(states))], s, t)
 
 
+def check_integer_tensors(method: str, states: list[Mapping[str, torch.Tensor]]) -> None:
+    """:func:`copied_buffer`'s rule before anything is aligned, so that a quantised model is refused in seconds instead
+    of after a whole alignment: every tensor that any model (or the base) stores in a dtype that is not floating
+    point must have the same dtype and shape in all of them (from the headers) and the same values (read now: such
+    buffers are small, and quantised weights are refused at the first that differs). Checkpoints without headers
+    (pickle) are left to the merge pass."""
+    layouts = [getattr(s, "layout", lambda: None)() for s in states]
+    if any(layout is None for layout in layouts):
+        return
+    integer = sorted({k for layout in layouts for k, (dtype, _) in layout.items() if not dtype.startswith(("F", "BF"))})
+    for key in integer:
+        entries = [layout.get(key) for layout in layouts]
+        if any(e is None for e in entries):
+            continue  # a missing tensor is the shape check's to report
+        same = len(set(entries)) == 1 and all(torch.equal(s[key], states[0][key]) for s in states[1:])
+        if not same:
+            dtype = next(t.dtype for t in (s[key] for s in states) if not t.is_floating_point())
+            raise SymmergeError(f"{method}: cannot merge a {dtype} tensor (tensor {key!r}): it differs between the models, so it is "
+                                "no buffer to copy from one of them; quantised weights: dequantise the models to bfloat16 or float32 first")
+
+
 def copied_buffer(method: str, item: AlignedTensor) -> torch.Tensor | None:
     """What to write for ``item`` when a model (or the base) stores it in a dtype that is not floating point, else
     ``None`` (every tensor is floating: merge them). Integer and boolean buffers (position ids, masks) are the same
@@ -419,6 +440,8 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
     # base_model listed among the models (mergekit's SLERP recipe): the same reader, not the checkpoint mapped and
     # NaN-checked a second time (a whole extra model in RSS)
     base = None if not plan.base else states[listed] if listed is not None else _in_output_vocabulary(plan, LazyState(plan.base, lend), base_key(plan))
+    if plan.layout is None:  # a frankenmerge takes each tensor from its own source: the merge pass checks those
+        check_integer_tensors(plan.method.name, [*states, *([base] if base is not None and listed is None else [])])
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
     whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
