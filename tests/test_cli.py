@@ -166,7 +166,9 @@ def test_pickle_weights_need_allow_pickle(pair, tmp_path, capsys):
 
 def test_unknown_symmetry(pair, tmp_path, capsys):
     ref, other, _, _ = pair
-    expect_cli_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
+    err = expect_cli_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
+    assert "none or auto" in err  # the default is a valid choice too: the message once offered only "all or none"
+    expect_cli_error(capsys, "auto stands alone", "align", ref, other, "-o", tmp_path / "out", "-s", "all,auto")
 
 
 def test_console_script_prints_no_traceback(tmp_path):
