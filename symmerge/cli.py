@@ -416,10 +416,11 @@ def merge(
             echo(f"  {name:<28} alignment: identity (already in the reference's basis; distance {d['distance_before']:.5g})")
         else:
             echo(f"  {name:<28} distance to reference {d['distance_before']:.5g} -> {d['distance_after']:.5g}")
-    echo("stage      seconds")
+    width = max(len(stage) for stage in seconds)  # merge+write is 11 characters
+    echo(f"{'stage':<{width}} {'seconds':>7}")
     for stage, secs in seconds.items():
-        echo(f"{stage:<10} {secs:>7.2f}")
-    echo(f"{'total':<10} {sum(seconds.values()):>7.2f}")
+        echo(f"{stage:<{width}} {secs:>7.2f}")
+    echo(f"{'total':<{width}} {sum(seconds.values()):>7.2f}")
 
 
 @app.command()
@@ -515,15 +516,16 @@ def distance(
 
 @app.command()
 def zoo(
-    name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist, gpt2-shakespeare, vit-fmnist-w256, gpt2-shakespeare-w256 (or 'list').")],
+    name: Annotated[str, typer.Argument(help="Zoo entry such as vit-digits, or 'list' to name them all with what each is.")],
     seed: Annotated[Optional[list[int]], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
 ) -> None:
     """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""
     from symmerge.zoo import ZOO, build
 
     if name == "list":
+        width = max(len(key) for key in ZOO)
         for key, entry in ZOO.items():
-            echo(f"{key:<18} {entry.description}")
+            echo(f"{key:<{width}} {entry.description}")
         return
     if name not in ZOO:
         raise SymmergeError(f"unknown zoo entry {name!r}; available: {', '.join(ZOO)}")
