@@ -298,7 +298,8 @@ def merge(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
     align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "auto",
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the "
+                                                      "base for methods that use one, else the first model; the widest across widths).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
     data: Annotated[Optional[Path], typer.Option(
