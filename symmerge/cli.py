@@ -569,17 +569,23 @@ def inspect(
 @app.command()
 def demo(
     minilm: Annotated[bool, typer.Option("--minilm", help="Instead: scramble the packaged all-MiniLM-L6-v2 and recover it exactly.")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Where the plot and numbers go.")] = Path("symmerge-demo"),
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="--minilm: seed of the random symmetry element.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the plot and numbers go (default: symmerge-demo; not with --minilm, "
+                                                "which writes nothing).")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=MAX_SEED, help="--minilm only: seed of the random symmetry element (default: 0).")] = None,
 ) -> None:
     """Two ViTs trained here from different seeds: align B to A with growing sets of symmetries, then print the loss
     barrier of averaging them and plot the path. (--minilm: scramble a real pretrained BERT and recover it.)"""
     from symmerge.demo import run_minilm_demo, run_vit_demo
 
+    # each option belongs to one demo: given to the other, it would be ignored without a word
+    if minilm and out is not None:
+        raise SymmergeError("--out: the --minilm demo writes no files (it prints its table); drop --out")
+    if not minilm and seed is not None:
+        raise SymmergeError("--seed is the seed of --minilm's random symmetry element; the ViT demo trains the zoo's seeds 0 and 1")
     if minilm:
-        run_minilm_demo(seed=seed, echo=echo)
+        run_minilm_demo(seed=seed or 0, echo=echo)
     else:
-        run_vit_demo(out=out, echo=echo)
+        run_vit_demo(out=out or Path("symmerge-demo"), echo=echo)
 
 
 class Interrupted(BaseException):
