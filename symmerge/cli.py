@@ -553,11 +553,19 @@ def inspect(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
 ) -> None:
     """Print a model's family, the symmetry groups symmerge finds in it, and its parameter count."""
+    from symmerge.errors import UnsupportedFamily
     from symmerge.io import open_checkpoint
     from symmerge.spec import spec_for
+    from symmerge.spec.families import model_type
 
     ckpt = open_checkpoint(model, allow_pickle)
-    spec = spec_for(ckpt.config, ckpt.shapes().keys())
+    try:
+        spec = spec_for(ckpt.config, ckpt.shapes().keys())
+    except UnsupportedFamily as e:  # the README sends users here to learn whether a model aligns: say so, and what still works
+        echo(f"{ckpt.path}: {model_type(ckpt.config)}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")
+        echo(f"no symmetry groups: {e}")
+        echo("align refuses it; merge merges it without alignment (by default, or with -s none / alignment: none)")
+        return
     touched = spec.touched_keys()
     untouched = [k for k in ckpt.shapes() if k not in touched]
     echo(f"{ckpt.path}: {spec.family}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")

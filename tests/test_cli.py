@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run_cli, save_model
+from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run_cli, save_checkpoint, save_model
 from safetensors.torch import load_file
 
 import symmerge
@@ -350,3 +350,14 @@ def test_iterative_merge_reports_distances_to_the_reference(tmp_path, capsys):
     assert {"m1", "m2"} <= set(star) and {"m1", "m2"} <= set(many)
     assert all(many[m][0] == pytest.approx(star[m][0], rel=1e-4) for m in ("m1", "m2"))
     assert all(f"| {m} | {many[m][0]:.5g} | {many[m][1]:.5g} |" in card for m in ("m1", "m2"))
+
+
+@pytest.mark.parametrize("config", [{"model_type": "falcon"}, {"model_type": "t5"}])
+def test_inspect_says_a_model_does_not_align_but_merges(tmp_path, capsys, config):
+    """The README answers "does symmerge align this family?" with `symmerge inspect`; for a family without a spec it
+    failed like a broken file (error:, exit 2), though merge merges such a model without alignment."""
+    model = save_checkpoint(tmp_path / "m", {"model.layers.0.w.weight": torch.ones(4, 4)}, config)
+    code, out, err = run_cli(capsys, "inspect", model)
+    assert code == 0, err
+    assert f"{config['model_type']}, 16 parameters" in out and "is not supported" in out and "merge merges it without alignment" in out
+    expect_cli_error(capsys, "is not supported", "align", model, model, "-o", tmp_path / "out")
