@@ -298,7 +298,8 @@ def merge(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Short form: merge method (see `symmerge methods`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Short form: base model (task_arithmetic, ties, dare_*).")] = None,
     align_: Annotated[str, typer.Option("--symmetries", "-s", "--align", help="Short form: " + SYMMETRIES_HELP)] = "auto",
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the first).")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Short form: the model everything is aligned to (default: the "
+                                                      "base for methods that use one, else the first model; the widest across widths).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Short form: comma-separated per-model weights.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Short form: method parameter KEY=VALUE (repeatable).")] = None,
     data: Annotated[Optional[Path], typer.Option(
@@ -416,10 +417,11 @@ def merge(
             echo(f"  {name:<28} alignment: identity (already in the reference's basis; distance {d['distance_before']:.5g})")
         else:
             echo(f"  {name:<28} distance to reference {d['distance_before']:.5g} -> {d['distance_after']:.5g}")
-    echo("stage      seconds")
+    width = max(len(stage) for stage in seconds)  # merge+write is 11 characters
+    echo(f"{'stage':<{width}} {'seconds':>7}")
     for stage, secs in seconds.items():
-        echo(f"{stage:<10} {secs:>7.2f}")
-    echo(f"{'total':<10} {sum(seconds.values()):>7.2f}")
+        echo(f"{stage:<{width}} {secs:>7.2f}")
+    echo(f"{'total':<{width}} {sum(seconds.values()):>7.2f}")
 
 
 @app.command()
@@ -515,15 +517,16 @@ def distance(
 
 @app.command()
 def zoo(
-    name: Annotated[str, typer.Argument(help="Zoo entry: vit-digits, vit-fmnist, gpt2-shakespeare, vit-fmnist-w256, gpt2-shakespeare-w256 (or 'list').")],
+    name: Annotated[str, typer.Argument(help="Zoo entry such as vit-digits, or 'list' to name them all with what each is.")],
     seed: Annotated[Optional[list[int]], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
 ) -> None:
     """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""
     from symmerge.zoo import ZOO, build
 
     if name == "list":
+        width = max(len(key) for key in ZOO)
         for key, entry in ZOO.items():
-            echo(f"{key:<18} {entry.description}")
+            echo(f"{key:<{width}} {entry.description}")
         return
     if name not in ZOO:
         raise SymmergeError(f"unknown zoo entry {name!r}; available: {', '.join(ZOO)}")
@@ -550,11 +553,19 @@ def inspect(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
 ) -> None:
     """Print a model's family, the symmetry groups symmerge finds in it, and its parameter count."""
+    from symmerge.errors import UnsupportedFamily
     from symmerge.io import open_checkpoint
     from symmerge.spec import spec_for
+    from symmerge.spec.families import model_type
 
     ckpt = open_checkpoint(model, allow_pickle)
-    spec = spec_for(ckpt.config, ckpt.shapes().keys())
+    try:
+        spec = spec_for(ckpt.config, ckpt.shapes().keys())
+    except UnsupportedFamily as e:  # the README sends users here to learn whether a model aligns: say so, and what still works
+        echo(f"{ckpt.path}: {model_type(ckpt.config)}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")
+        echo(f"no symmetry groups: {e}")
+        echo("align refuses it; merge merges it without alignment (by default, or with -s none / alignment: none)")
+        return
     touched = spec.touched_keys()
     untouched = [k for k in ckpt.shapes() if k not in touched]
     echo(f"{ckpt.path}: {spec.family}, {ckpt.num_parameters():,} parameters in {len(ckpt.shapes())} tensors")
@@ -566,17 +577,23 @@ def inspect(
 @app.command()
 def demo(
     minilm: Annotated[bool, typer.Option("--minilm", help="Instead: scramble the packaged all-MiniLM-L6-v2 and recover it exactly.")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Where the plot and numbers go.")] = Path("symmerge-demo"),
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="--minilm: seed of the random symmetry element.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the plot and numbers go (default: symmerge-demo; not with --minilm, "
+                                                "which writes nothing).")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=MAX_SEED, help="--minilm only: seed of the random symmetry element (default: 0).")] = None,
 ) -> None:
     """Two ViTs trained here from different seeds: align B to A with growing sets of symmetries, then print the loss
     barrier of averaging them and plot the path. (--minilm: scramble a real pretrained BERT and recover it.)"""
     from symmerge.demo import run_minilm_demo, run_vit_demo
 
+    # each option belongs to one demo: given to the other, it would be ignored without a word
+    if minilm and out is not None:
+        raise SymmergeError("--out: the --minilm demo writes no files (it prints its table); drop --out")
+    if not minilm and seed is not None:
+        raise SymmergeError("--seed is the seed of --minilm's random symmetry element; the ViT demo trains the zoo's seeds 0 and 1")
     if minilm:
-        run_minilm_demo(seed=seed, echo=echo)
+        run_minilm_demo(seed=seed or 0, echo=echo)
     else:
-        run_vit_demo(out=out, echo=echo)
+        run_vit_demo(out=out or Path("symmerge-demo"), echo=echo)
 
 
 class Interrupted(BaseException):

@@ -7,6 +7,11 @@ class SymmergeError(Exception):
     """A problem with the user's input (models, files, options), with a message that says what to do."""
 
 
+class UnsupportedFamily(SymmergeError):
+    """A model symmerge cannot align (its family, or a config option of it, is not supported); it still merges
+    without alignment (``alignment: none``)."""
+
+
 def shorten(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters with "…", without ever rendering an unbounded value whole."""
     r = reprlib.Repr()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run_cli, save_model
+from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run_cli, save_checkpoint, save_model
 from safetensors.torch import load_file
 
 import symmerge
@@ -166,7 +166,9 @@ def test_pickle_weights_need_allow_pickle(pair, tmp_path, capsys):
 
 def test_unknown_symmetry(pair, tmp_path, capsys):
     ref, other, _, _ = pair
-    expect_cli_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
+    err = expect_cli_error(capsys, "unknown symmetry 'rope'", "align", ref, other, "-o", tmp_path / "out", "-s", "ffn,rope")
+    assert "none or auto" in err  # the default is a valid choice too: the message once offered only "all or none"
+    expect_cli_error(capsys, "auto stands alone", "align", ref, other, "-o", tmp_path / "out", "-s", "all,auto")
 
 
 def test_console_script_prints_no_traceback(tmp_path):
@@ -329,3 +331,33 @@ def test_align_and_merge_partial_rotary_families(family, tmp_path, capsys):
     assert code == 0, err
     merged = type(model).from_pretrained(tmp_path / "merged").eval()
     assert max_output_diff(model, dict(model.state_dict()), dict(merged.state_dict()), make_inputs) <= 1e-4
+
+
+def test_iterative_merge_reports_distances_to_the_reference(tmp_path, capsys):
+    """merge --iterative printed (and wrote into the model card) each model's distance to the mean of the others it
+    was last aligned to, under the heading "distance to reference": llama1 51.4 -> 43.3 where the star said 56.7 ->
+    47.8. Both now measure to the reference: the distances before are the star's, and the card says the same."""
+    paths = [save_model(make_model("gpt2", seed)[0], tmp_path / f"m{seed}") for seed in range(3)]
+
+    def distances(*flags):
+        code, out, err = run_cli(capsys, "merge", *paths, "--method", "linear", "-s", "all", "-o", tmp_path / flags[0], "-q", *flags[1:])
+        assert code == 0, err
+        rows = [line.split() for line in out.splitlines() if "distance to reference" in line]
+        return {r[0]: (float(r[-3]), float(r[-1])) for r in rows}, (tmp_path / flags[0] / "README.md").read_text()
+
+    star, _ = distances("star")
+    many, card = distances("iterative", "--iterative")
+    assert {"m1", "m2"} <= set(star) and {"m1", "m2"} <= set(many)
+    assert all(many[m][0] == pytest.approx(star[m][0], rel=1e-4) for m in ("m1", "m2"))
+    assert all(f"| {m} | {many[m][0]:.5g} | {many[m][1]:.5g} |" in card for m in ("m1", "m2"))
+
+
+@pytest.mark.parametrize("config", [{"model_type": "falcon"}, {"model_type": "t5"}])
+def test_inspect_says_a_model_does_not_align_but_merges(tmp_path, capsys, config):
+    """The README answers "does symmerge align this family?" with `symmerge inspect`; for a family without a spec it
+    failed like a broken file (error:, exit 2), though merge merges such a model without alignment."""
+    model = save_checkpoint(tmp_path / "m", {"model.layers.0.w.weight": torch.ones(4, 4)}, config)
+    code, out, err = run_cli(capsys, "inspect", model)
+    assert code == 0, err
+    assert f"{config['model_type']}, 16 parameters" in out and "is not supported" in out and "merge merges it without alignment" in out
+    expect_cli_error(capsys, "is not supported", "align", model, model, "-o", tmp_path / "out")

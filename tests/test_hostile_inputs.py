@@ -458,6 +458,16 @@ def test_seeds_outside_torchs_range_are_usage_errors(tmp_path, capsys, monkeypat
     assert code == 2 and "Invalid value for '--seed'" in err and "Traceback" not in err
 
 
+def test_demo_options_of_the_other_demo_are_refused(capsys, monkeypatch):
+    """``demo --seed 3`` (ViT demo) and ``demo --minilm --out DIR`` ignored the option without a word."""
+    import symmerge.demo as demo
+
+    monkeypatch.setattr(demo, "run_minilm_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    monkeypatch.setattr(demo, "run_vit_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    fails_cleanly(capsys, "--seed is the seed of --minilm's", "demo", "--seed", "3")
+    fails_cleanly(capsys, "the --minilm demo writes no files", "demo", "--minilm", "--out", "somewhere")
+
+
 def test_demo_out_on_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
     import symmerge.demo as demo
 

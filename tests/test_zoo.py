@@ -161,6 +161,10 @@ def test_cli_zoo_lists_every_entry(capsys):
     code, out, _ = run_cli(capsys, "zoo", "list")
     assert code == 0 and all(name in out for name in ZOO)
     assert "vit-fmnist-w256" in out and "gpt2-shakespeare-w256" in out
+    # the descriptions start in one column, past the longest name (gpt2-shakespeare-w256 once ran into its text)
+    starts = {len(name) + len(line[len(name):]) - len(line[len(name):].lstrip()) for line in out.splitlines()
+              for name in [line.split()[0]]}
+    assert len(starts) == 1 and starts.pop() > max(map(len, ZOO)), out
     expect_cli_error(capsys, "vit-fmnist-w256", "zoo", "no-such-model")
 
 

@@ -52,11 +52,14 @@ def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
         raise SymmergeError(f"empty symmetries {value!r}: name the classes (e.g. all,residual), none or auto")
     if names in ([], ["none"]):
         return frozenset()
+    if AUTO in names:  # is_auto caught auto alone
+        raise SymmergeError(f"symmetries {','.join(names)}: auto stands alone (it picks the classes per family); give auto, "
+                            "or name the classes (e.g. all,residual)")
     if "all" in names:
         names = [n for n in names if n != "all"] + list(PER_LAYER_CLASSES)
     unknown = [n for n in names if n not in SYMMETRY_CLASSES]
     if unknown:
-        raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all or none")
+        raise SymmergeError(f"unknown symmetry {unknown[0]!r}; choose from {', '.join(SYMMETRY_CLASSES)}, all, none or auto")
     return frozenset(names)
 
 

@@ -38,6 +38,7 @@ from symmerge.io.hf import build_model, linear_layout, model_input_name, to_chec
 from symmerge.io.stream import LazyState, ShardWriter, write_config
 from symmerge.io.tokenizer import save_tokenizer
 from symmerge.match import fit_per_layer, resolve_device
+from symmerge.match.objective import state_distance
 from symmerge.match.per_layer import MIN_GAIN, fit_gain
 from symmerge.merge.card import model_card, recipe_for_card
 from symmerge.merge.plan import MergePlan, tensor_parameters
@@ -181,11 +182,15 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                    device=plan.recipe.alignment.device, ray=executor)
     if iterative(plan):  # K ≥ 3 models, no base: each to the mean of the others, in rounds (align_many)
         many = align_many(list(states), reference=plan.reference_index, **options)
+        ref_index = plan.reference_index or 0
         for i, name in enumerate(plan.names):
-            a = many.alignments[i]
-            result.alignment[name] = {"distance_before": a.report.distance_before if a else 0.0,
-                                      "distance_after": a.report.distance_after if a else 0.0, "rounds": many.rounds,
-                                      "spread_history": many.spread_history}
+            # to the reference, as the star reports it and the CLI and the model card say: a model's last report
+            # measures the distance to the mean of the others it was last aligned to
+            before = [k for k in states[ref_index] if k in states[i]]
+            after = [k for k in many.states[ref_index] if k in many.states[i]]
+            result.alignment[name] = {"distance_before": state_distance(states[i], states[ref_index], before),
+                                      "distance_after": state_distance(many.states[i], many.states[ref_index], after),
+                                      "rounds": many.rounds, "spread_history": many.spread_history}
         return many.states, None, [None] * len(states)
     aligned, elements = [], []
     model_specs = plan.model_specs or [None] * len(states)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from symmerge.errors import SymmergeError
+from symmerge.errors import SymmergeError, UnsupportedFamily
 from symmerge.spec.base import (
     AttentionGroup,
     FFNGroup,
@@ -193,7 +193,7 @@ def _rotary_check(config: Any, keys: Collection[str]) -> str:
     QK group differs between them, so it is refused. Phi-3 does implement it (its table reads the factor)."""
     fraction = partial_rotary_factor(config, 1.0)
     if fraction != 1.0:
-        raise SymmergeError(f"{model_type(config)} with partial_rotary_factor={fraction:g} is not supported: transformers' "
+        raise UnsupportedFamily(f"{model_type(config)} with partial_rotary_factor={fraction:g} is not supported: transformers' "
                             f"{model_type(config)} attention rotates every dimension of a head whatever the factor says, so "
                             "which dimensions this checkpoint rotates (and so which QK maps are symmetries) is unknown")
     return ""
@@ -241,7 +241,7 @@ def _deberta_check(config: Any, keys: Collection[str]) -> str:
     if isinstance(pos_types, str):
         pos_types = [t.strip() for t in pos_types.lower().split("|")]
     if relative and pos_types and not config_value(config, "share_att_key", default=False):
-        raise SymmergeError("deberta-v2 with share_att_key=False is not supported: its separate positional projections "
+        raise UnsupportedFamily("deberta-v2 with share_att_key=False is not supported: its separate positional projections "
                             "(pos_key_proj, pos_query_proj) would have to move with the per-head QK transforms")
     if int(config_value(config, "conv_kernel_size", default=0)) > 0:
         return "DeBERTa-v2's ConvLayer (conv_kernel_size > 0) reads and writes the stream through a convolution symmerge does not permute"
@@ -255,7 +255,7 @@ def _stablelm_check(config: Any, keys: Collection[str]) -> str:
     """StableLM's optional per-head q/k LayerNorms have their own weights for every head (``StableLmLayerNormPerHead``):
     a head permutation would have to permute those norms too, which no group does."""
     if config_value(config, "qk_layernorm", default=False):
-        raise SymmergeError("stablelm with qk_layernorm=True is not supported: its q/k LayerNorms hold separate weights per "
+        raise UnsupportedFamily("stablelm with qk_layernorm=True is not supported: its q/k LayerNorms hold separate weights per "
                             "head, which a head permutation would have to move with the heads")
     return ""
 
@@ -280,7 +280,7 @@ def _olmo_check(config: Any, keys: Collection[str]) -> str:
     """OLMo's ``clip_qkv`` clamps every entry of Q, K and V: an elementwise clamp commutes with no per-head rotation
     or rescaling."""
     if config_value(config, "clip_qkv", default=0):
-        raise SymmergeError("olmo with clip_qkv is not supported: clamping every entry of Q, K and V does not commute with "
+        raise UnsupportedFamily("olmo with clip_qkv is not supported: clamping every entry of Q, K and V does not commute with "
                             "QK/VO rotations and rescalings")
     return _rotary_check(config, keys)
 
@@ -289,7 +289,7 @@ def _cohere_check(config: Any, keys: Collection[str]) -> str:
     """Cohere's optional q/k LayerNorms (``use_qk_norm``) hold separate weights for every head; like LLaMA's, its
     attention has no partial rotary (:func:`_rotary_check`)."""
     if config_value(config, "use_qk_norm", default=False):
-        raise SymmergeError("cohere with use_qk_norm=True is not supported: its q/k LayerNorms hold separate weights per head, "
+        raise UnsupportedFamily("cohere with use_qk_norm=True is not supported: its q/k LayerNorms hold separate weights per head, "
                             "which a head permutation would have to move with the heads")
     return _rotary_check(config, keys)
 
@@ -612,7 +612,7 @@ def spec_for(config: Any, keys: Collection[str]) -> ModelSpec:
     tables = TABLES.get(kind)
     if tables is None:
         why = f": {REFUSED[kind]}" if kind in REFUSED else ""
-        raise SymmergeError(f"model_type {kind!r} is not supported{why}; supported: {', '.join(sorted(TABLES))}")
+        raise UnsupportedFamily(f"model_type {kind!r} is not supported{why}; supported: {', '.join(sorted(TABLES))}")
     return build_spec(_choose_table(tables, keys), kind, config, keys)
 
 
