@@ -44,10 +44,11 @@ def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool) -> dict:
-    """One batch's activations, per group of ``spec`` (the live module's): FFN hidden (N, d_ff), q (N, H·d_h), k, v
-    (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of (N, d). N counts every
-    position of the batch (padding included for fixed windows)."""
+def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool,
+                       per_layer: bool = True) -> dict:
+    """One batch's activations, per group of ``spec`` (the live module's): with ``per_layer``, FFN hidden (N, d_ff),
+    q (N, H·d_h), k, v (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of
+    (N, d). N counts every position of the batch (padding included for fixed windows)."""
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
@@ -58,9 +59,9 @@ def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[s
             store[name].append(slot.select(t, dim=1) if slot else t)  # a fused projection's block (GPT-NeoX: per head)
         return hook
 
-    for g in spec.ffn:
+    for g in spec.ffn if per_layer else ():
         hooks.append(_module(model, g.outputs[0].key).register_forward_hook(keep(g.name + "/hidden", use_input=True)))
-    for g in spec.attention:
+    for g in spec.attention if per_layer else ():
         for part, slot in (("q", g.q), ("k", g.k), ("v", g.v)):
             hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot)))
     was_training = model.training
@@ -84,9 +85,12 @@ HEAD_PARTS = ("q", "k", "v")
 
 @torch.no_grad()
 def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                          residual: bool) -> tuple[dict, ModelSpec]:
-    """The sums over every calibration position that activation matching needs, accumulated batch by batch (float64)
-    so memory does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model):
+                          residual: bool, per_layer: bool = True) -> tuple[dict, ModelSpec]:
+    """The sums over every calibration position that activation matching needs, accumulated batch by batch so memory
+    does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model), in float64.
+
+    With ``per_layer`` (the per-layer groups' statistics; with the residual class alone only ``residual`` is read,
+    so :func:`fit_from_activations` skips them — they were most of its time):
 
     - ``name/ffn``: ``H_ref^T H_model`` (d_ff × d_ff), the FFN similarity itself;
     - ``name/q`` (``k``, ``v``): the Gram matrix ``Z^T Z`` of ``Z = [q of the reference | q of the model]`` (positions as
@@ -100,11 +104,11 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
         sums[key] = value if key not in sums else sums[key] + value
 
     for batch in batches:
-        ref_acts = record_activations(reference, live, batch, residual)
-        model_acts = record_activations(model, live, batch, residual)
-        for g in live.ffn:
+        ref_acts = record_activations(reference, live, batch, residual, per_layer)
+        model_acts = record_activations(model, live, batch, residual, per_layer)
+        for g in live.ffn if per_layer else ():
             add(g.name + "/ffn", ref_acts[g.name + "/hidden"].double().T @ model_acts[g.name + "/hidden"].double())
-        for g in live.attention:
+        for g in live.attention if per_layer else ():
             for part in HEAD_PARTS:
                 z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1).double()
                 add(f"{g.name}/{part}", z.T @ z)
@@ -203,7 +207,7 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
     begin = time.perf_counter()
     if device is not None:
         reference, model = reference.to(device), model.to(device)
-    sums, live = accumulate_statistics(reference, model, batches, "residual" in symmetries)
+    sums, live = accumulate_statistics(reference, model, batches, "residual" in symmetries, per_layer="residual" not in symmetries)
     seconds = {"activations": time.perf_counter() - begin}
     if "residual" in symmetries:
         start = solve_residual(sums["residual"], require_residual(spec).kind)
