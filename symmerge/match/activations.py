@@ -87,7 +87,9 @@ HEAD_PARTS = ("q", "k", "v")
 def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
                           residual: bool, per_layer: bool = True) -> tuple[dict, ModelSpec]:
     """The sums over every calibration position that activation matching needs, accumulated batch by batch so memory
-    does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model), in float64.
+    does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model). Each batch's
+    products are float32 GEMMs (float64 ones cost 2-3x as much and need a float64 copy of every activation), summed
+    over batches in float64: the rounding is that of one batch's sum, ~1e-6 relative.
 
     With ``per_layer`` (the per-layer groups' statistics; with the residual class alone only ``residual`` is read,
     so :func:`fit_from_activations` skips them — they were most of its time):
@@ -100,20 +102,20 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
     live = spec_for(reference.config, reference.state_dict().keys())  # both modules are built from one config
     sums: dict[str, torch.Tensor] = {}
 
-    def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = value if key not in sums else sums[key] + value
+    def add(key: str, value: torch.Tensor) -> None:  # one batch's float32 product into the float64 sum
+        sums[key] = value.double() if key not in sums else sums[key].add_(value)
 
     for batch in batches:
         ref_acts = record_activations(reference, live, batch, residual, per_layer)
         model_acts = record_activations(model, live, batch, residual, per_layer)
         for g in live.ffn if per_layer else ():
-            add(g.name + "/ffn", ref_acts[g.name + "/hidden"].double().T @ model_acts[g.name + "/hidden"].double())
+            add(g.name + "/ffn", ref_acts[g.name + "/hidden"].T @ model_acts[g.name + "/hidden"])
         for g in live.attention if per_layer else ():
             for part in HEAD_PARTS:
-                z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1).double()
+                z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1)
                 add(f"{g.name}/{part}", z.T @ z)
-        if residual:
-            add("residual", sum(hm.double().T @ hr.double() for hm, hr in zip(model_acts["residual"], ref_acts["residual"])))
+        if residual:  # Σ_layers H_model^T H_ref as one GEMM over the layers' positions stacked
+            add("residual", torch.cat(model_acts["residual"]).T @ torch.cat(ref_acts["residual"]))
         del ref_acts, model_acts
     if not sums:
         raise SymmergeError("activation matching needs calibration data: the calibration set is empty")
