@@ -9,6 +9,7 @@ import torch
 from conftest import make_model
 
 from symmerge.groups import SYMMETRY_CLASSES
+from symmerge.io.hf import hf_activations, with_fused_gelu
 from symmerge.match.activations import HEAD_PARTS, accumulate_statistics, per_layer_from_activations, record_activations
 from symmerge.match.residual import solve_residual
 from symmerge.spec import spec_for
@@ -71,3 +72,17 @@ def test_residual_alone_records_only_the_stream():
     alone, _ = accumulate_statistics(reference, model, batches, residual=True, per_layer=False)
     assert alone.keys() == {"residual"}
     assert torch.equal(alone["residual"], full["residual"])
+
+
+def test_fused_gelu_computes_the_same_model():
+    """Activation matching runs GPT-2 with ``gelu_new`` fused (:func:`symmerge.io.hf.with_fused_gelu`): no unfused
+    module is left, and the outputs are those of the model as built, to float rounding."""
+    model, make_inputs = make_model("gpt2", 0)
+    inputs = make_inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        fused = with_fused_gelu(model)
+        after = fused(**inputs)[0]
+    assert any(type(m) is hf_activations.GELUTanh for m in fused.modules())
+    assert not any(type(m) is hf_activations.NewGELUActivation for m in fused.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
