@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import FAMILIES, make_model
 
 from symmerge.groups import SYMMETRY_CLASSES
 from symmerge.io.hf import hf_activations, with_fused_gelu
-from symmerge.match.activations import HEAD_PARTS, accumulate_statistics, per_layer_from_activations, record_activations
+from symmerge.match.activations import HEAD_PARTS, _blocks_carry_the_stream, accumulate_statistics, per_layer_from_activations, record_activations
 from symmerge.match.residual import solve_residual
 from symmerge.spec import spec_for
 
@@ -86,3 +86,22 @@ def test_fused_gelu_computes_the_same_model():
     assert any(type(m) is hf_activations.GELUTanh for m in fused.modules())
     assert not any(type(m) is hf_activations.NewGELUActivation for m in fused.modules())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_block_inputs_are_the_stream(family):
+    """The residual statistics read each block's input and stop before the last block runs, once a first batch
+    shows those inputs equal the model's ``hidden_states`` (all but the last): true of every family here. Negative
+    control: the blocks of another model do not pass the check."""
+    model, make_inputs = make_model(family, 0)
+    spec = spec_for(model.config, model.state_dict().keys())
+    if spec.residual is None or not spec.blocks:
+        pytest.skip(f"{family}: no residual class")
+    batch = make_inputs(torch.Generator().manual_seed(0))
+    both = record_activations(model, spec, batch, residual=True, per_layer=False, stream="both")
+    assert _blocks_carry_the_stream(both)
+    stopped = record_activations(model, spec, batch, residual=True, per_layer=False, stream="blocks")
+    assert len(stopped["residual"]) == len(both["residual"])
+    assert all(torch.equal(a, b) for a, b in zip(stopped["residual"], both["residual"]))
+    other, _ = make_model(family, 1)
+    assert not _blocks_carry_the_stream({**both, "block_inputs": record_activations(other, spec, batch, True, False, "both")["block_inputs"]})

@@ -43,12 +43,21 @@ def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
     return model.get_submodule(weight_key.removesuffix(".weight"))
 
 
+class _StreamRead(Exception):
+    """Raised before the last block runs when only the residual stream is wanted: nothing after its input is read."""
+
+
 @torch.no_grad()
 def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool,
-                       per_layer: bool = True) -> dict:
+                       per_layer: bool = True, stream: str = "hidden_states") -> dict:
     """One batch's activations, per group of ``spec`` (the live module's): with ``per_layer``, FFN hidden (N, d_ff),
     q (N, H·d_h), k, v (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of
-    (N, d). N counts every position of the batch (padding included for fixed windows)."""
+    (N, d): the model's ``hidden_states`` but the last (in decoders it is taken after the final norm). N counts every
+    position of the batch (padding included for fixed windows).
+
+    ``stream``: where ``residual`` is read — ``"hidden_states"`` (the model's output), ``"blocks"`` (the input of
+    each of ``spec.blocks``, the forward stopped before the last block runs: the last block, final norm and head
+    are never computed), or ``"both"`` (the first, plus the second under ``"block_inputs"``, to check they agree)."""
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
@@ -59,25 +68,49 @@ def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[s
             store[name].append(slot.select(t, dim=1) if slot else t)  # a fused projection's block (GPT-NeoX: per head)
         return hook
 
+    def block_input(module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(h, torch.Tensor):
+            store["block_inputs"].append(h.detach().float().reshape(-1, h.shape[-1]))
+
+    def stop(module, args, kwargs):
+        raise _StreamRead
+
     for g in spec.ffn if per_layer else ():
         hooks.append(_module(model, g.outputs[0].key).register_forward_hook(keep(g.name + "/hidden", use_input=True)))
     for g in spec.attention if per_layer else ():
         for part, slot in (("q", g.q), ("k", g.k), ("v", g.v)):
             hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot)))
+    if residual and stream != "hidden_states":
+        for block in spec.blocks:
+            hooks.append(model.get_submodule(block).register_forward_pre_hook(block_input, with_kwargs=True))
+        if stream == "blocks":  # registered after the last block's block_input: its input is kept, then the run stops
+            hooks.append(model.get_submodule(spec.blocks[-1]).register_forward_pre_hook(stop, with_kwargs=True))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         # activations need no loss: labels stay out of the forward pass
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs, output_hidden_states=residual)
+        try:
+            out = model(**inputs, output_hidden_states=residual and stream != "blocks")
+        except _StreamRead:
+            out = None
         if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
-            store["residual"] = [h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1]]
+            store["residual"] = store.pop("block_inputs") if out is None else [
+                h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1]]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v if k == "residual" else torch.cat(v) for k, v in store.items()}
+    return {k: v if k in ("residual", "block_inputs") else torch.cat(v) for k, v in store.items()}
+
+
+def _blocks_carry_the_stream(acts: dict) -> bool:
+    """Whether the blocks' inputs are exactly the ``hidden_states`` the stream is read from (a ``"both"`` record):
+    true of every family in the tests, checked per run on its first batch before the cheaper ``"blocks"`` is used."""
+    blocks, hidden = acts.get("block_inputs", []), acts["residual"]
+    return len(blocks) == len(hidden) and all(b.shape == h.shape and torch.equal(b, h) for b, h in zip(blocks, hidden))
 
 
 HEAD_PARTS = ("q", "k", "v")
@@ -105,9 +138,13 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
     def add(key: str, value: torch.Tensor) -> None:  # one batch's float32 product into the float64 sum
         sums[key] = value.double() if key not in sums else sums[key].add_(value)
 
+    # the stream alone: after a first batch shows the blocks' inputs are the hidden states, the forward stops there
+    stream = "both" if residual and not per_layer and live.blocks else "hidden_states"
     for batch in batches:
-        ref_acts = record_activations(reference, live, batch, residual, per_layer)
-        model_acts = record_activations(model, live, batch, residual, per_layer)
+        ref_acts = record_activations(reference, live, batch, residual, per_layer, stream)
+        model_acts = record_activations(model, live, batch, residual, per_layer, stream)
+        if stream == "both":
+            stream = "blocks" if _blocks_carry_the_stream(ref_acts) and _blocks_carry_the_stream(model_acts) else "hidden_states"
         for g in live.ffn if per_layer else ():
             add(g.name + "/ffn", ref_acts[g.name + "/hidden"].T @ model_acts[g.name + "/hidden"])
         for g in live.attention if per_layer else ():
