@@ -103,7 +103,8 @@ def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[s
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v if k in ("residual", "block_inputs") else torch.cat(v) for k, v in store.items()}
+    # a module that ran once is its one tensor (torch.cat would copy it)
+    return {k: v if k in ("residual", "block_inputs") else v[0] if len(v) == 1 else torch.cat(v) for k, v in store.items()}
 
 
 def _blocks_carry_the_stream(acts: dict) -> bool:
