@@ -122,7 +122,7 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
                           residual: bool, per_layer: bool = True) -> tuple[dict, ModelSpec]:
     """The sums over every calibration position that activation matching needs, accumulated batch by batch so memory
     does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model). Each batch's
-    products are float32 GEMMs (float64 ones cost 2-3x as much and need a float64 copy of every activation), summed
+    products are float32 GEMMs (float64 ones cost ~3.7x as much with the float64 copy of every activation), summed
     over batches in float64: the rounding is that of one batch's sum, ~1e-6 relative.
 
     With ``per_layer`` (the per-layer groups' statistics; with the residual class alone only ``residual`` is read,
