@@ -31,7 +31,7 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, require_residual
 from symmerge.groups.heads import HeadTensors, read_heads
 from symmerge.groups.residual import fold_norms
-from symmerge.io.hf import build_model, untied_config
+from symmerge.io.hf import build_model, untied_config, with_fused_gelu
 from symmerge.match.attention import match_heads
 from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
@@ -43,11 +43,21 @@ def _module(model: torch.nn.Module, weight_key: str) -> torch.nn.Module:
     return model.get_submodule(weight_key.removesuffix(".weight"))
 
 
+class _StreamRead(Exception):
+    """Raised before the last block runs when only the residual stream is wanted: nothing after its input is read."""
+
+
 @torch.no_grad()
-def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool) -> dict:
-    """One batch's activations, per group of ``spec`` (the live module's): FFN hidden (N, d_ff), q (N, H·d_h), k, v
-    (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of (N, d). N counts every
-    position of the batch (padding included for fixed windows)."""
+def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[str, torch.Tensor], residual: bool,
+                       per_layer: bool = True, stream: str = "hidden_states") -> dict:
+    """One batch's activations, per group of ``spec`` (the live module's): with ``per_layer``, FFN hidden (N, d_ff),
+    q (N, H·d_h), k, v (N, H_kv·d_h); with ``residual``, every layer's residual-stream hidden states as a list of
+    (N, d): the model's ``hidden_states`` but the last (in decoders it is taken after the final norm). N counts every
+    position of the batch (padding included for fixed windows).
+
+    ``stream``: where ``residual`` is read — ``"hidden_states"`` (the model's output), ``"blocks"`` (the input of
+    each of ``spec.blocks``, the forward stopped before the last block runs: the last block, final norm and head
+    are never computed), or ``"both"`` (the first, plus the second under ``"block_inputs"``, to check they agree)."""
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
 
@@ -58,25 +68,50 @@ def record_activations(model: torch.nn.Module, spec: ModelSpec, batch: Mapping[s
             store[name].append(slot.select(t, dim=1) if slot else t)  # a fused projection's block (GPT-NeoX: per head)
         return hook
 
-    for g in spec.ffn:
+    def block_input(module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(h, torch.Tensor):
+            store["block_inputs"].append(h.detach().float().reshape(-1, h.shape[-1]))
+
+    def stop(module, args, kwargs):
+        raise _StreamRead
+
+    for g in spec.ffn if per_layer else ():
         hooks.append(_module(model, g.outputs[0].key).register_forward_hook(keep(g.name + "/hidden", use_input=True)))
-    for g in spec.attention:
+    for g in spec.attention if per_layer else ():
         for part, slot in (("q", g.q), ("k", g.k), ("v", g.v)):
             hooks.append(_module(model, slot.key).register_forward_hook(keep(f"{g.name}/{part}", slot)))
+    if residual and stream != "hidden_states":
+        for block in spec.blocks:
+            hooks.append(model.get_submodule(block).register_forward_pre_hook(block_input, with_kwargs=True))
+        if stream == "blocks":  # registered after the last block's block_input: its input is kept, then the run stops
+            hooks.append(model.get_submodule(spec.blocks[-1]).register_forward_pre_hook(stop, with_kwargs=True))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         # activations need no loss: labels stay out of the forward pass
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs, output_hidden_states=residual)
+        try:
+            out = model(**inputs, output_hidden_states=residual and stream != "blocks")
+        except _StreamRead:
+            out = None
         if residual:  # the last entry is taken after the final norm in decoders: not the residual stream
-            store["residual"] = [h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1]]
+            store["residual"] = store.pop("block_inputs") if out is None else [
+                h.detach().float().reshape(-1, h.shape[-1]) for h in out.hidden_states[:-1]]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v if k == "residual" else torch.cat(v) for k, v in store.items()}
+    # a module that ran once is its one tensor (torch.cat would copy it)
+    return {k: v if k in ("residual", "block_inputs") else v[0] if len(v) == 1 else torch.cat(v) for k, v in store.items()}
+
+
+def _blocks_carry_the_stream(acts: dict) -> bool:
+    """Whether the blocks' inputs are exactly the ``hidden_states`` the stream is read from (a ``"both"`` record):
+    true of every family in the tests, checked per run on its first batch before the cheaper ``"blocks"`` is used."""
+    blocks, hidden = acts.get("block_inputs", []), acts["residual"]
+    return len(blocks) == len(hidden) and all(b.shape == h.shape and torch.equal(b, h) for b, h in zip(blocks, hidden))
 
 
 HEAD_PARTS = ("q", "k", "v")
@@ -84,9 +119,14 @@ HEAD_PARTS = ("q", "k", "v")
 
 @torch.no_grad()
 def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                          residual: bool) -> tuple[dict, ModelSpec]:
-    """The sums over every calibration position that activation matching needs, accumulated batch by batch (float64)
-    so memory does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model):
+                          residual: bool, per_layer: bool = True) -> tuple[dict, ModelSpec]:
+    """The sums over every calibration position that activation matching needs, accumulated batch by batch so memory
+    does not grow with the calibration set (a whole set of GPT-2-w256 activations is ~22 GB per model). Each batch's
+    products are float32 GEMMs (float64 ones cost ~3.7x as much with the float64 copy of every activation), summed
+    over batches in float64: the rounding is that of one batch's sum, ~1e-6 relative.
+
+    With ``per_layer`` (the per-layer groups' statistics; with the residual class alone only ``residual`` is read,
+    so :func:`fit_from_activations` skips them — they were most of its time):
 
     - ``name/ffn``: ``H_ref^T H_model`` (d_ff × d_ff), the FFN similarity itself;
     - ``name/q`` (``k``, ``v``): the Gram matrix ``Z^T Z`` of ``Z = [q of the reference | q of the model]`` (positions as
@@ -96,20 +136,24 @@ def accumulate_statistics(reference: torch.nn.Module, model: torch.nn.Module, ba
     live = spec_for(reference.config, reference.state_dict().keys())  # both modules are built from one config
     sums: dict[str, torch.Tensor] = {}
 
-    def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = value if key not in sums else sums[key] + value
+    def add(key: str, value: torch.Tensor) -> None:  # one batch's float32 product into the float64 sum
+        sums[key] = value.double() if key not in sums else sums[key].add_(value)
 
+    # the stream alone: after a first batch shows the blocks' inputs are the hidden states, the forward stops there
+    stream = "both" if residual and not per_layer and live.blocks else "hidden_states"
     for batch in batches:
-        ref_acts = record_activations(reference, live, batch, residual)
-        model_acts = record_activations(model, live, batch, residual)
-        for g in live.ffn:
-            add(g.name + "/ffn", ref_acts[g.name + "/hidden"].double().T @ model_acts[g.name + "/hidden"].double())
-        for g in live.attention:
+        ref_acts = record_activations(reference, live, batch, residual, per_layer, stream)
+        model_acts = record_activations(model, live, batch, residual, per_layer, stream)
+        if stream == "both":
+            stream = "blocks" if _blocks_carry_the_stream(ref_acts) and _blocks_carry_the_stream(model_acts) else "hidden_states"
+        for g in live.ffn if per_layer else ():
+            add(g.name + "/ffn", ref_acts[g.name + "/hidden"].T @ model_acts[g.name + "/hidden"])
+        for g in live.attention if per_layer else ():
             for part in HEAD_PARTS:
-                z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1).double()
+                z = torch.cat([ref_acts[f"{g.name}/{part}"], model_acts[f"{g.name}/{part}"]], dim=1)
                 add(f"{g.name}/{part}", z.T @ z)
-        if residual:
-            add("residual", sum(hm.double().T @ hr.double() for hm, hr in zip(model_acts["residual"], ref_acts["residual"])))
+        if residual:  # Σ_layers H_model^T H_ref as one GEMM over the layers' positions stacked
+            add("residual", torch.cat(model_acts["residual"]).T @ torch.cat(ref_acts["residual"]))
         del ref_acts, model_acts
     if not sums:
         raise SymmergeError("activation matching needs calibration data: the calibration set is empty")
@@ -203,7 +247,7 @@ def fit_from_activations(reference: torch.nn.Module, model: torch.nn.Module, spe
     begin = time.perf_counter()
     if device is not None:
         reference, model = reference.to(device), model.to(device)
-    sums, live = accumulate_statistics(reference, model, batches, "residual" in symmetries)
+    sums, live = accumulate_statistics(reference, model, batches, "residual" in symmetries, per_layer="residual" not in symmetries)
     seconds = {"activations": time.perf_counter() - begin}
     if "residual" in symmetries:
         start = solve_residual(sums["residual"], require_residual(spec).kind)
@@ -232,7 +276,8 @@ def match_activations(reference: Mapping[str, torch.Tensor], model: Mapping[str,
     if config is None:
         raise SymmergeError("activation matching needs the model's config to rebuild the models")
     config = untied_config(config, untie="residual" in symmetries)
-    fit = fit_from_activations(build_model(config, reference), build_model(config, model), spec, symmetries, calibration,
+    # the modules only read activations: GPT-2's unfused gelu_new was ~40 % of the forward (same values to rounding)
+    fit = fit_from_activations(with_fused_gelu(build_model(config, reference)), with_fused_gelu(build_model(config, model)), spec, symmetries, calibration,
                                reference, model, device, max_seconds=max_seconds, progress=progress, model_name=model_name)
     if fit.transform.residual is not None:  # the descent's lazily folded reference, materialised once
         fit.folded_reference = fold_norms(reference, require_residual(spec))
