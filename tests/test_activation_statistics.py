@@ -88,6 +88,9 @@ def test_fused_gelu_computes_the_same_model():
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
 
 
+NO_RESIDUAL_CLASS = ("bert", "roberta")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_block_inputs_are_the_stream(family):
     """The residual statistics read each block's input and stop before the last block runs, once a first batch
@@ -95,8 +98,9 @@ def test_block_inputs_are_the_stream(family):
     control: the blocks of another model do not pass the check."""
     model, make_inputs = make_model(family, 0)
     spec = spec_for(model.config, model.state_dict().keys())
-    if spec.residual is None or not spec.blocks:
-        pytest.skip(f"{family}: no residual class")
+    if spec.residual is None or not spec.blocks:  # post-LN encoders without a head reading the stream: no stream statistic
+        assert family in NO_RESIDUAL_CLASS
+        return
     batch = make_inputs(torch.Generator().manual_seed(0))
     both = record_activations(model, spec, batch, residual=True, per_layer=False, stream="both")
     assert _blocks_carry_the_stream(both)
