@@ -380,25 +380,33 @@ def _aligned_tensors(plan: MergePlan, states: list[LazyState], base: LazyState |
                                 [(i, key) for i in range(len(states))], s, t)
 
 
+def _one_buffer(tensors: list[torch.Tensor]) -> bool:
+    """Whether every model holds the same tensor: dtype, shape and values (a buffer, not a weight)."""
+    first = tensors[0]
+    return all(t.dtype == first.dtype and t.shape == first.shape and torch.equal(t, first) for t in tensors[1:])
+
+
+def _differing_integer_tensor(method: str, key: str, tensors: list[torch.Tensor]) -> SymmergeError:
+    dtype = next(t.dtype for t in tensors if not t.is_floating_point())
+    return SymmergeError(f"{method}: cannot merge a {dtype} tensor (tensor {key!r}): it differs between the models, so it is "
+                         "no buffer to copy from one of them; quantised weights: dequantise the models to bfloat16 or float32 first")
+
+
 def check_integer_tensors(method: str, states: list[Mapping[str, torch.Tensor]]) -> None:
     """:func:`copied_buffer`'s rule before anything is aligned, so that a quantised model is refused in seconds instead
-    of after a whole alignment: every tensor that any model (or the base) stores in a dtype that is not floating
-    point must have the same dtype and shape in all of them (from the headers) and the same values (read now: such
-    buffers are small, and quantised weights are refused at the first that differs). Checkpoints without headers
-    (pickle) are left to the merge pass."""
+    of after a whole alignment: every tensor that any model (or the base) stores, by its header, in a dtype that is
+    not floating point must be one buffer (:func:`_one_buffer`; such buffers are small, and quantised weights are
+    refused at the first that differs). Checkpoints without headers (pickle) are left to the merge pass."""
     layouts = [getattr(s, "layout", lambda: None)() for s in states]
     if any(layout is None for layout in layouts):
         return
     integer = sorted({k for layout in layouts for k, (dtype, _) in layout.items() if not dtype.startswith(("F", "BF"))})
     for key in integer:
-        entries = [layout.get(key) for layout in layouts]
-        if any(e is None for e in entries):
+        if any(key not in layout for layout in layouts):
             continue  # a missing tensor is the shape check's to report
-        same = len(set(entries)) == 1 and all(torch.equal(s[key], states[0][key]) for s in states[1:])
-        if not same:
-            dtype = next(t.dtype for t in (s[key] for s in states) if not t.is_floating_point())
-            raise SymmergeError(f"{method}: cannot merge a {dtype} tensor (tensor {key!r}): it differs between the models, so it is "
-                                "no buffer to copy from one of them; quantised weights: dequantise the models to bfloat16 or float32 first")
+        tensors = [s[key] for s in states]
+        if not _one_buffer(tensors):
+            raise _differing_integer_tensor(method, key, tensors)
 
 
 def copied_buffer(method: str, item: AlignedTensor) -> torch.Tensor | None:
@@ -408,14 +416,11 @@ def copied_buffer(method: str, item: AlignedTensor) -> torch.Tensor | None:
     checkpoint, or an integer tensor that another model holds as floats) is refused, whichever model holds it: copying
     model 0's would silently drop the others'."""
     tensors = [*item.raw, *([] if item.base is None else [item.base])]
-    odd = next((t for t in tensors if not t.is_floating_point()), None)
-    if odd is None:
+    if all(t.is_floating_point() for t in tensors):
         return None
-    first = item.raw[0]
-    if all(t.dtype == first.dtype and t.shape == first.shape and torch.equal(t, first) for t in tensors):
-        return first
-    raise SymmergeError(f"{method}: cannot merge a {odd.dtype} tensor (tensor {item.key!r}): it differs between the models, so it is "
-                        "no buffer to copy from one of them; quantised weights: dequantise the models to bfloat16 or float32 first")
+    if _one_buffer(tensors):
+        return item.raw[0]
+    raise _differing_integer_tensor(method, item.key, tensors)
 
 
 def method_extras(plan: MergePlan, states, base, transforms, base_transform, stats, progress: bool) -> dict[str, Any]:
