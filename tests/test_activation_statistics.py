@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, make_model
 
 from symmerge.groups import SYMMETRY_CLASSES
-from symmerge.io.hf import hf_activations, with_fused_gelu
+from symmerge.io.hf import build_model, hf_activations, with_fused_gelu
 from symmerge.match.activations import HEAD_PARTS, _blocks_carry_the_stream, accumulate_statistics, per_layer_from_activations, record_activations
 from symmerge.match.residual import solve_residual
 from symmerge.spec import spec_for
@@ -75,8 +75,9 @@ def test_residual_alone_records_only_the_stream():
 
 
 def test_fused_gelu_computes_the_same_model():
-    """Activation matching runs GPT-2 with ``gelu_new`` fused (:func:`symmerge.io.hf.with_fused_gelu`): no unfused
-    module is left, and the outputs are those of the model as built, to float rounding."""
+    """Every model symmerge runs (activation and learned matching, barriers, REPAIR, statistics: ``build_model``)
+    has GPT-2's ``gelu_new`` fused (:func:`symmerge.io.hf.with_fused_gelu`): no unfused module is left, and the
+    outputs are those of the model as transformers builds it, to float rounding."""
     model, make_inputs = make_model("gpt2", 0)
     inputs = make_inputs(torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -86,6 +87,10 @@ def test_fused_gelu_computes_the_same_model():
     assert any(type(m) is hf_activations.GELUTanh for m in fused.modules())
     assert not any(type(m) is hf_activations.NewGELUActivation for m in fused.modules())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
+    built = build_model(model.config.to_dict(), model.state_dict())
+    assert not any(type(m) is hf_activations.NewGELUActivation for m in built.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(built(**inputs)[0], before, rtol=0, atol=1e-5 * float(before.abs().max()))
 
 
 NO_RESIDUAL_CLASS = ("bert", "roberta")

@@ -31,7 +31,7 @@ from symmerge.errors import SymmergeError
 from symmerge.groups import ModelTransform, require_residual
 from symmerge.groups.heads import HeadTensors, read_heads
 from symmerge.groups.residual import fold_norms
-from symmerge.io.hf import build_model, untied_config, with_fused_gelu
+from symmerge.io.hf import build_model, untied_config
 from symmerge.match.attention import match_heads
 from symmerge.match.fit import Fit, matcher
 from symmerge.match.lap import solve_lap
@@ -276,8 +276,7 @@ def match_activations(reference: Mapping[str, torch.Tensor], model: Mapping[str,
     if config is None:
         raise SymmergeError("activation matching needs the model's config to rebuild the models")
     config = untied_config(config, untie="residual" in symmetries)
-    # the modules only read activations: GPT-2's unfused gelu_new was ~40 % of the forward (same values to rounding)
-    fit = fit_from_activations(with_fused_gelu(build_model(config, reference)), with_fused_gelu(build_model(config, model)), spec, symmetries, calibration,
+    fit = fit_from_activations(build_model(config, reference), build_model(config, model), spec, symmetries, calibration,
                                reference, model, device, max_seconds=max_seconds, progress=progress, model_name=model_name)
     if fit.transform.residual is not None:  # the descent's lazily folded reference, materialised once
         fit.folded_reference = fold_norms(reference, require_residual(spec))
