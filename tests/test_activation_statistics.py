@@ -89,6 +89,7 @@ def test_fused_gelu_computes_the_same_model():
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
     built = build_model(model.config.to_dict(), model.state_dict())
     assert not any(type(m) is hf_activations.NewGELUActivation for m in built.modules())
+    assert built.config.use_cache is False  # run, never generated from: no key/value cache filled on every forward
     with torch.no_grad():
         torch.testing.assert_close(built(**inputs)[0], before, rtol=0, atol=1e-5 * float(before.abs().max()))
 
