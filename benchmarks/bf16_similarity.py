@@ -25,7 +25,7 @@ from symmerge.groups.ffn import FFNTensors
 from symmerge.match.ffn import ffn_similarity
 from symmerge.match.lap import solve_lap
 
-ROOT = Path(os.environ.get("SYMMERGE_SCALE_CACHE", "/work/main/.cache/scale"))
+ROOT = Path(os.environ.get("SYMMERGE_SCALE_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "scale")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -19,7 +19,7 @@ seconds are the comparable measure. ``--project`` fits ``constant + layers × pe
 width (two layer counts at least) and prints the 32-layer figure. Rows are keyed by the checkpoint folder's name
 in ``results/residual_round.json``.
 
-    python benchmarks/residual_round.py /work/main/.cache/scale/7b-L2/a /work/main/.cache/scale/7b-L2/b
+    python benchmarks/residual_round.py .cache/scale/7b-L2/a .cache/scale/7b-L2/b
     python benchmarks/residual_round.py --project 32 --rounds 3
 """
 

@@ -1,7 +1,8 @@
 """Scale: align and merge LLaMA-shaped checkpoints at 1B and 7B on this machine; wall time and peak memory per job.
 
 Checkpoints (random bf16 weights, std 0.02, norm gains 1 + N(0, 0.02²), sharded safetensors of ≤ 2 GB, untied
-head) are generated shard by shard — never a whole model in memory — under ``/work/main/.cache/scale/<size>/`` (``<size>-L<n>/`` with ``--layers n``):
+head) are generated shard by shard — never a whole model in memory — under the repository's ``.cache/scale/<size>/``
+(``<size>-L<n>/`` with ``--layers n``; ``$SYMMERGE_SCALE_CACHE`` moves it):
 ``a`` and ``b`` independent (seeds 1, 2), ``ft`` = ``a`` + Gaussian noise of 1% of each tensor's RMS (a fine-tune
 of ``a``; reusing ``a`` as its base saves one model of disk). Each job runs in its own process; a sampler reads
 ``RssAnon`` and ``VmRSS`` from ``/proc/PID/status`` every 50 ms (peak anonymous memory is what the process itself
@@ -45,7 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(os.environ.get("SYMMERGE_SCALE_CACHE", "/work/main/.cache/scale"))
+ROOT = Path(os.environ.get("SYMMERGE_SCALE_CACHE") or REPO / ".cache" / "scale")  # 2 × 13.5 GB at 7B: worktrees can share one
 SHARD_BYTES = 2 * 1024**3
 NOISE = 0.01
 SIZES = {

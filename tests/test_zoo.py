@@ -8,15 +8,19 @@ import math
 import re
 import string
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from conftest import expect_cli_error, missing_asset, run_cli
 
+from symmerge import assets
+from symmerge.cache import cache_root
 from symmerge.errors import SymmergeError
 from symmerge.zoo import ZOO, ZooEntry, build, evaluate, evaluate_classifier, evaluate_lm, lm_windows, read_record
 from symmerge.zoo import data as zoo_data
+from symmerge.zoo.registry import COMPLETE
 from symmerge.zoo.train import char_gpt2_config, train_char_gpt2, train_vit, vit_config, vit_recipe
 
 TINY_VIT = dict(layers=2, hidden=32, heads=4, mlp=64, patch=2, epochs=8, batch_size=64, lr=3e-3)
@@ -111,6 +115,33 @@ def test_build_caches_and_never_leaves_a_partial_model(tmp_path, monkeypatch):
     assert list((tmp_path / "broken").iterdir()) == []
     with pytest.raises(KeyError, match="vit-digits"):
         build("no-such-model", 0, root=tmp_path)
+
+
+def test_the_zoo_and_the_assets_share_one_cache_root(tmp_path, monkeypatch):
+    """``SYMMERGE_CACHE`` moves everything symmerge builds once (the zoo's models, SmolLM2's float32 copy); unset or
+    empty, it is ``./.cache``. The zoo used to ignore it and train again under the working directory."""
+    made = []
+
+    def fake(seed, out_dir, **kwargs):
+        made.append(out_dir.parent)
+        for name in COMPLETE:
+            (out_dir / name).write_text("{}")
+        return out_dir
+
+    monkeypatch.setitem(ZOO, "fake", ZooEntry(fake))
+    monkeypatch.setenv("SYMMERGE_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_root() == tmp_path / "elsewhere"
+    assert build("fake", 3, progress=False) == tmp_path / "elsewhere" / "zoo" / "fake" / "seed3" and made
+    copy = tmp_path / "elsewhere" / "smollm2-135m-instruct"
+    copy.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        (copy / name).write_text("{}")
+    assert assets.smollm2_dir() == copy  # found in the same root: nothing is converted again
+    monkeypatch.chdir(tmp_path)
+    for unset in (monkeypatch.delenv, lambda name: monkeypatch.setenv(name, "")):
+        unset("SYMMERGE_CACHE")
+        assert cache_root() == Path(".cache")
+        assert build("fake", 4, progress=False).resolve() == tmp_path / ".cache" / "zoo" / "fake" / "seed4"
 
 
 def test_registry_names_the_models():

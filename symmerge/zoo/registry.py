@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from symmerge.cache import cache_root
 from symmerge.lazy import lazy_module
 from symmerge.zoo.data import load_digits, load_fashion_mnist, load_shakespeare
 from symmerge.zoo.evaluate import evaluate_classifier, evaluate_lm
@@ -29,7 +30,6 @@ from symmerge.zoo.train import ZOO_JSON, train_char_gpt2, train_vit
 
 transformers = lazy_module("transformers")  # imported on first use (~1 s): see symmerge/lazy.py
 
-DEFAULT_ROOT = Path(".cache/zoo")
 COMPLETE = ("config.json", "model.safetensors", ZOO_JSON)
 
 
@@ -65,12 +65,13 @@ def is_complete(model_dir: Path) -> bool:
     return all((Path(model_dir) / f).is_file() for f in COMPLETE)
 
 
-def build(name: str, seed: int, root: Path = DEFAULT_ROOT, *, progress: bool = True) -> Path:
+def build(name: str, seed: int, root: Path | None = None, *, progress: bool = True) -> Path:
     """The directory ``root/name/seed{seed}`` holding zoo model ``name`` trained from ``seed``: returned as it is
-    when already complete, otherwise trained first (into a temporary directory, renamed into place)."""
+    when already complete, otherwise trained first (into a temporary directory, renamed into place). ``root``
+    defaults to ``zoo/`` under :func:`~symmerge.cache.cache_root` (``$SYMMERGE_CACHE``, else ``.cache``)."""
     if name not in ZOO:
         raise KeyError(f"no zoo entry {name!r}; known: {', '.join(sorted(ZOO))}")
-    final = Path(root) / name / f"seed{seed}"
+    final = Path(root if root is not None else cache_root() / "zoo") / name / f"seed{seed}"
     if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
