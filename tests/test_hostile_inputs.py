@@ -391,6 +391,7 @@ def recipe(tmp_path, text) -> Path:
     ("models: [{model: A}, {model: A}]\nmerge_method: linear\n", "are both"),
     ("models: [A, B]\nmerge_method: linear\n", "models.0: Input should be a valid dictionary"),
     ("models: [{model: A}, {model: B}]\nmerge_method: linear\nalignment: {device: tpu}\n", "Input should be 'cpu', 'cuda' or 'auto'"),
+    ("models: [{model: A}, {model: B}]\nmerge_method: linear\nalignment: {learn_seconds: 0.5}\n", "greater than or equal to 1"),
     ("models: [{model: A}, {model: B}]\nmerge_method: linear\ndtype: int8\n", "dtype: Input should be 'float32'"),
 ])
 def test_hostile_recipes(zoo, tmp_path, capsys, body, message):

@@ -155,7 +155,7 @@ class AlignmentBlock(BaseModel):
     learn_steps: int = Field(200, gt=0)
     max_seconds: float | None = Field(None, ge=0)  # time budget of the residual descent, per model
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the matching math runs (LAPs on the CPU); not the result
-    learn_seconds: float | None = Field(None, gt=0)
+    learn_seconds: float | None = Field(None, ge=1)  # as the command line's --learn-seconds (at least 1 s)
     iterative: bool = False  # K ≥ 3 models: align each to the mean of the others in rounds (align_many), not a star
     # models of different widths: what a narrower model contributes to the neurons / heads it lacks (docs/DESIGN.md §3)
     unmatched: Literal["mean", "inputs", "zero"] = "mean"  # symmerge.groups.UNMATCHED_RULES
