@@ -165,7 +165,7 @@ def test_the_recipe_written_beside_a_merge_runs_again_to_the_same_tensors(family
 
 def test_task_vector_methods_refuse_models_without_a_common_base(family_models, tmp_path, capsys):
     m = family_models
-    expect_cli_error(capsys, "needs base_model", "merge", m["a"], m["scrambled"], "--method", "ties", "-o", tmp_path / "o")
+    expect_cli_error(capsys, "--method ties needs --base:", "merge", m["a"], m["scrambled"], "--method", "ties", "-o", tmp_path / "o")
     expect_cli_error(capsys, "is not a fine-tune of base_model", "merge", m["a"], m["independent"], "--method", "task_arithmetic",
                  "--base", m["base"], "-o", tmp_path / "o", "-q")
     assert not (tmp_path / "o").exists()
@@ -175,6 +175,20 @@ def recipe_error(capsys, tmp_path, text: str, message: str) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
     expect_cli_error(capsys, message, "merge", recipe, "-o", tmp_path / "o")
+
+
+def test_errors_name_what_the_user_wrote_options_or_recipe_keys(family_models, tmp_path, capsys):
+    """The short form's errors name its options (``--method ties needs --base``, ``add --data FILE``); a recipe's
+    name its keys. The short form used to be told to add ``data: {path: FILE}`` to a recipe it never wrote."""
+    a, s = family_models["a"], family_models["scrambled"]
+    models = f"models: [{{model: {a}}}, {{model: {s}}}]\n"
+    expect_cli_error(capsys, "--method regmean needs calibration data: add --data FILE", "merge", a, s, "--method", "regmean", "-o", tmp_path / "o")
+    recipe_error(capsys, tmp_path, models + "merge_method: regmean\n", "merge_method regmean needs calibration data: add data: {path: FILE}")
+    expect_cli_error(capsys, "--match learned needs calibration data: add --data FILE", "merge", a, s, "--method", "linear", "--match", "learned", "-o", tmp_path / "o")
+    recipe_error(capsys, tmp_path, models + "merge_method: linear\nalignment: {match: learned}\n", "alignment.match learned needs calibration data")
+    expect_cli_error(capsys, "--method ties needs --base:", "merge", a, s, "--method", "ties", "-o", tmp_path / "o")
+    recipe_error(capsys, tmp_path, models + "merge_method: ties\n", "merge_method ties needs base_model:")
+    assert not (tmp_path / "o").exists()
 
 
 def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):

@@ -14,7 +14,7 @@ from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.merge.modules_plan import as_modules, plan_modules
 from symmerge.merge.plan import MergePlan, OutSlice, SliceSource, has_weight, parameter_scopes
 from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
-from symmerge.merge.recipe import Recipe, parse_size
+from symmerge.merge.recipe import Recipe, data_hint, parse_size, spelled
 from symmerge.merge.references import index_in, open_reference, refuse_repeated_models, resolve_path
 from symmerge.merge.settings import has_gradient, is_plain, leaves, resolve
 from symmerge.merge.tokenizer_plan import plan_vocabulary, remapped_shapes
@@ -82,16 +82,16 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                                 "base_model (its own, one of its sources) or set the recipe's base_model")
     if method.needs_base and base is None and not own_bases:
         raise SymmergeError(
-            f"merge_method {method.name} needs base_model: the common pretrained ancestor the models were fine-tuned "
+            f"{spelled(recipe, 'merge_method')} {method.name} needs {spelled(recipe, 'base_model')}: the common pretrained ancestor the models were fine-tuned "
             "from (task vectors θ_i − θ_base only exist for fine-tunes of one base); for models trained independently "
             "use linear, slerp, fisher or regmean"
         )
     match = "weights" if recipe.alignment == "none" else recipe.alignment.match
     data_path = None
     if method.needs_data or match != "weights":
-        needer = f"merge_method {method.name}" if method.needs_data else f"alignment.match {match}"
+        needer = f"{spelled(recipe, 'merge_method')} {method.name}" if method.needs_data else f"{spelled(recipe, 'alignment.match')} {match}"
         if recipe.data is None:
-            raise SymmergeError(f"{needer} needs calibration data: add data: {{path: FILE}} (a text file, one example per line, or an .npz)")
+            raise SymmergeError(f"{needer} needs calibration data: {data_hint(recipe)} (a text file, one example per line, or an .npz)")
         if recipe.data.path == "zoo" and not method.needs_data:
             data_path = Path("zoo")  # activation/learned matching on a zoo model's own training data
         else:
@@ -105,7 +105,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         layers, no_layers = None, str(e)
     vocabulary_plan = plan_vocabulary(recipe, root, models, base, layers, allow_pickle, notes)
     if vocabulary_plan is not None and vocabulary_plan.remap and (method.needs_data or match != "weights"):
-        raise SymmergeError(f"tokenizer: the vocabularies differ, and {'merge_method ' + method.name if method.needs_data else 'alignment.match ' + match} "
+        raise SymmergeError(f"tokenizer: the vocabularies differ, and {needer} "
                             "runs the models on data tokenized by their own tokenizers: not supported together; merge "
                             "with weight matching and a data-free method, or give every model the same tokenizer")
 

@@ -261,6 +261,8 @@ class Recipe(BaseModel):
     _default_alignment: bool = PrivateAttr(default=False)
     # method parameters the file gives at the top level, where mergekit ignores them (load_recipe; noted by plan_merge)
     _misplaced: tuple[str, ...] = PrivateAttr(default=())
+    # made from the command line's short form (recipe_from_models): errors name its options, not recipe keys (spelled)
+    _short_form: bool = PrivateAttr(default=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -503,6 +505,22 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
     if align != "none" and alignment == AlignmentBlock().model_dump():
         del raw["alignment"]
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise SymmergeError(_pydantic_message(e, "options")) from None
+    recipe._short_form = True
+    return recipe
+
+
+SHORT_FORM_OPTIONS = {"merge_method": "--method", "base_model": "--base", "data": "--data", "alignment.match": "--match"}
+"""The recipe keys that errors name, as the short form ``symmerge merge A B --method ...`` spells them."""
+
+
+def spelled(recipe: Recipe, key: str) -> str:
+    """``key`` as the user wrote it: the command line's option for a recipe made from the short form, else the key."""
+    return SHORT_FORM_OPTIONS.get(key, key) if recipe._short_form else key
+
+
+def data_hint(recipe: Recipe) -> str:
+    """How to give calibration data, in the form the user wrote the merge in."""
+    return "add --data FILE" if recipe._short_form else "add data: {path: FILE}"
