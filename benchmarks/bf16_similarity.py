@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from scale import ROOT  # the checkpoints scale.py generates, where it keeps them
 
 from symmerge.groups.ffn import FFNTensors
 from symmerge.match.ffn import ffn_similarity
 from symmerge.match.lap import solve_lap
 
-ROOT = Path(os.environ.get("SYMMERGE_SCALE_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "scale")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
