@@ -520,7 +520,7 @@ def zoo(
     name: Annotated[str, typer.Argument(help="Zoo entry such as vit-digits, or 'list' to name them all with what each is.")],
     seed: Annotated[Optional[list[int]], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed(s) to build (repeatable; default 0 and 1).")] = None,
 ) -> None:
-    """Train (or reuse from .cache/zoo/) the small models the benchmarks measure, from data shipped in packages."""
+    """Train (or reuse from .cache/zoo/, or $SYMMERGE_CACHE/zoo/) the small models the benchmarks measure, from data shipped in packages."""
     from symmerge.zoo import ZOO, build
 
     if name == "list":
