@@ -12,7 +12,7 @@ from conftest import make_model
 from tqdm.auto import tqdm
 
 import symmerge.match.per_layer as per_layer
-from symmerge.groups import random_orthogonal
+from symmerge.groups import ModelTransform, apply_transform, random_orthogonal
 from symmerge.groups.ffn import FFNTensors
 from symmerge.groups.heads import HeadTensors, HeadTransform, transform_heads
 from symmerge.match import best_scale, ffn_similarity, match_heads, procrustes, rotation_and_scale, solve_lap
@@ -512,24 +512,68 @@ def test_fit_ffn_runs_every_interleaved_item_once_in_order(items):
     assert perms.keys() == plain.keys() and all(torch.equal(perms[k][0], plain[k][0]) and perms[k][1] == plain[k][1] for k in plain)
 
 
-def test_fit_ffn_leaves_every_thread_to_the_interleaved_items_when_no_lap_runs():
-    """Fine-tunes of one base: every FFN's identity is certified, no LAP is solved, so the attention fits beside
-    them get all of torch's threads (on a 2-core machine they ran on one, the other idle)."""
+def _fine_tuned(state: dict, seed: int = 3, noise: float = 1e-4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + noise * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_fit_ffn_certifies_the_next_ffn_beside_each_attention_fit_when_no_lap_runs(monkeypatch):
+    """Fine-tunes of one base: every FFN's identity is certified and no LAP is solved. The first FFN is certified
+    here; each next one on the certifier's thread, one torch thread, while the attention fit of the layer before
+    runs here on the other threads (on 2 cores both mostly single-threaded passes ran one after the other, one core
+    idle); the last attention fit, with nothing beside it, gets every thread. Same permutations and recorded
+    distances as each FFN fitted alone."""
     ref, _, spec = _tiny_bert_pair()
-    g = torch.Generator().manual_seed(3)
-    tuned = {k: v + 1e-4 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in ref.items()}
-    threads = []
+    tuned = _fine_tuned(ref)
+    assert len(spec.ffn) == 2
+    threads, certified_on = [], []
+    certify = per_layer.ffn_group_certified
+    monkeypatch.setattr(per_layer, "ffn_group_certified",
+                        lambda *a, **k: (certified_on.append((threading.get_ident(), torch.get_num_threads())), certify(*a, **k))[1])
     old = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
+        distances: dict = {}
         with tqdm(disable=True) as bar:
-            perms = per_layer.fit_ffn(StateView(ref), StateView(tuned), spec, bar,
+            perms = per_layer.fit_ffn(StateView(ref), StateView(tuned), spec, bar, distances=distances,
                                       interleave=[lambda: threads.append(torch.get_num_threads())] * 3)
+        assert torch.get_num_threads() == 4  # restored
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(p, torch.arange(len(p))) and decrease == 0 for p, decrease in perms.values())
     assert per_layer.ffn_group_similarity(StateView(ref), StateView(tuned), spec.ffn[0]) is None  # certified: no LAP
-    assert threads == [4, 4, 4]
+    assert [n for _, n in certified_on] == [1] and certified_on[0][0] != threading.get_ident()  # the second FFN, elsewhere
+    assert threads == [3, 4, 4]
+    alone: dict = {}
+    for group in spec.ffn:
+        per_layer.record_distances(StateView(ref), StateView(tuned), group, alone)
+    assert distances == alone
+
+
+def test_fit_ffn_builds_the_similarity_here_when_a_certificate_tried_ahead_fails(monkeypatch):
+    """The first FFN of a fine-tune is certified, the second is not (its neurons permuted): the certificate tried
+    ahead on the certifier's thread fails, the similarity is built here with every thread (not on the certifier's
+    one thread, and without a second certificate attempt), and the LAP recovers the permutation — the same
+    permutations and decreases as fitting each FFN on its own."""
+    ref, _, spec = _tiny_bert_pair()
+    tuned = _fine_tuned(ref)
+
+    width = spec.ffn[1].width
+    shuffle = torch.randperm(width, generator=torch.Generator().manual_seed(5))
+    tuned = apply_transform(tuned, spec, ModelTransform(ffn={spec.ffn[1].name: shuffle}))
+    calls = []
+    certify, full = per_layer.ffn_group_certified, per_layer.ffn_group_full_similarity
+    monkeypatch.setattr(per_layer, "ffn_group_certified", lambda *a, **k: (calls.append("certify"), certify(*a, **k))[1])
+    monkeypatch.setattr(per_layer, "ffn_group_full_similarity",
+                        lambda *a, **k: (calls.append(("full", torch.get_num_threads())), full(*a, **k))[1])
+    with tqdm(disable=True) as bar:
+        perms = per_layer.fit_ffn(StateView(ref), StateView(tuned), spec, bar, interleave=[lambda: None] * 2)
+    assert calls == ["certify", ("full", torch.get_num_threads())]
+    for group in spec.ffn:
+        alone = per_layer.solve_ffn(per_layer.ffn_group_similarity(StateView(ref), StateView(tuned), group), group.width)
+        assert torch.equal(perms[group.name][0], alone[0]) and perms[group.name][1] == alone[1]
+    assert torch.equal(perms[spec.ffn[0].name][0], torch.arange(width))
+    assert not torch.equal(perms[spec.ffn[1].name][0], torch.arange(width))  # recovered, not the identity
 
 
 class _ThreadLog(dict):

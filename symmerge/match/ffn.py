@@ -132,7 +132,14 @@ def _diagonal_and_norms(xs: list[torch.Tensor], ys: list[torch.Tensor], device: 
 
 def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> torch.Tensor | None:
     """:func:`ffn_similarity`, or ``None`` when the identity permutation is proven optimal from a fraction of it
-    (fine-tunes of one base: their neurons still correspond) — a fraction of the GEMM work.
+    (:func:`identity_certified`: fine-tunes of one base, whose neurons still correspond) — a fraction of the GEMM
+    work. Where the identity is not certified, the matrix is :func:`ffn_similarity`'s, bit for bit (the sample
+    costs ~1 % more; an attempt that failed, up to 25 %)."""
+    return None if identity_certified(reference, model, device) else ffn_similarity(reference, model, device)
+
+
+def identity_certified(reference: FFNTensors, model: FFNTensors, device: torch.device | str | None = None) -> bool:
+    """Whether the identity permutation is proven optimal for :func:`ffn_similarity`'s ``S`` from a fraction of it.
 
     ``S[i, j] = ⟨x_i, y_j⟩`` over ``K`` features (the rows of ``W_in``, ``b_in``, the columns of ``W_out``). After
     the first ``k`` features are summed into ``S_k``, Cauchy–Schwarz bounds the rest:
@@ -145,7 +152,7 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
     computes, which is :func:`~symmerge.match.lap.identity_is_optimal`'s condition: :func:`~symmerge.match.lap.solve_lap`
     would return the identity (on its bfloat16 path's ``S``, rounded further, the identity is still the exact
     optimum). Tried at ``CERTIFY_FRACTIONS`` of the features, only when the full rows of ``CERTIFY_SAMPLE`` sampled
-    neurons are diagonal-dominant; otherwise :func:`ffn_similarity` is returned, bit for bit (the sample costs ~1 % more; an attempt that failed, up to 25 %)."""
+    neurons are diagonal-dominant."""
     device = torch.device("cpu") if device is None else torch.device(device)
     xs, ys = _blocks(reference), _blocks(model)  # stored dtype; converted to float32 chunk by chunk
     n, total = xs[0].shape[0], sum(x.shape[1] for x in xs)
@@ -158,7 +165,7 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
         # independent models: the sample rules the identity out, before any O(d_ff·K) pass over every row
         # (on BERT-base the diagonal and the norms below took ~1 s of a 8 s CLI run, for nothing)
         if not bool((rows.max(1).values <= sample_diag).all()):
-            return ffn_similarity(reference, model, device)
+            return False
         diag, x_sq, y_sq = _diagonal_and_norms(xs, ys, device)
         # float32 rounding: any computed entry is within γ‖x_i‖‖y_j‖ of the exact one (γ = (K+2)u, dot products of
         # K terms, in any order); counted twice on each side, for this function's sums and for ffn_similarity's
@@ -180,8 +187,5 @@ def ffn_similarity_or_identity(reference: FFNTensors, model: FFNTensors, device:
             # bound = s + ‖x^{>k}‖‖y^{>k}‖ᵀ + 2γ‖x‖‖y‖ᵀ, formed and checked a block of rows at a time
             if diagonal_dominates_blocked(s, x_sq.clamp_min(0).sqrt().float(), y_sq.clamp_min(0).sqrt().float(), 2 * gamma,
                                           diag, x_norm, y_norm):
-                return None
-        del s
-    # not certified: the full similarity, summed exactly as ffn_similarity sums it (bit for bit the matrix the LAP
-    # always got; an attempt that failed costs at most another quarter of the GEMM work)
-    return ffn_similarity(reference, model, device)
+                return True
+    return False
