@@ -16,7 +16,7 @@ from symmerge.errors import SymmergeError, cut
 from symmerge.io import Checkpoint, unique_names
 from symmerge.io.chat_templates import CHAT_TEMPLATES
 from symmerge.io.checkpoint import read_chat_template
-from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod
+from symmerge.merge.methods import INT8_MASK_NOTE, MergeMethod, list_methods
 from symmerge.merge.plan import OutSlice, OutTensor
 from symmerge.merge.recipe import DTYPES, Recipe, SliceEntry
 from symmerge.merge.references import absolute_reference, open_reference, shown_path
@@ -26,6 +26,27 @@ from symmerge.spec import (
 )
 
 MEMORY_OPTIONS = {"int8_mask"}  # mergekit's memory savers, for methods that do not declare them: symmerge computes in float32 anyway
+# mergekit-evolve's genome switches (normalize, allow_negative_weights, smooth): published recipes copy them into a
+# merge's parameters, where mergekit-yaml ignores them as it ignores every parameter its method does not declare
+EVOLVE_FLAGS = {"allow_negative_weights", "smooth"}
+
+
+def _ignored_elsewhere(method: MergeMethod, key: str, setting: Any, per_model: bool) -> bool:
+    """Whether ``key``, not a parameter of ``method``, is one mergekit knows (another method's, or an evolve switch)
+    and ignores here, set to a value that asks for nothing this method lacks: a switch (true/false), another
+    method's default (``lambda: 1``), or, under one model, another method's per-model parameter (``density`` under
+    a model of sce: mergekit reads no per-model key its method does not declare). A shared value that would change a
+    result (``lambda: 2`` on linear) or a shared parameter under a model (``t``) is still refused: the user expects
+    an effect that mergekit silently drops."""
+    if key in EVOLVE_FLAGS:
+        return all(isinstance(v, bool) for v in leaves(setting))
+    specs = [p for m in list_methods() if m is not method for p in m.params if p.name == key]
+    if not specs:
+        return False  # no method has it: a typo (dens, wieght)
+    if per_model:
+        return any(p.per_model for p in specs)
+    values = list(leaves(setting))
+    return all(isinstance(v, bool) for v in values) or all(any(v == p.default for p in specs) for v in values)
 
 
 def _known_keys(method: MergeMethod) -> dict[str, Any]:
@@ -48,6 +69,11 @@ def check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_mode
         if spec is None:
             if key in MEMORY_OPTIONS:
                 note_once(notes, f"{key}: {INT8_MASK_NOTE.format(method=method.name)}")
+                continue
+            if _ignored_elsewhere(method, key, setting, per_model):
+                similar = [p.name for p in method.params if p.name.startswith(f"{key}_")]  # normalize → normalize_weights
+                hint = f" ({method.name}'s own is {similar[0]})" if similar else ""
+                note_once(notes, f"{key}: not a parameter of {method.name}; mergekit ignores it, and so does symmerge{hint}")
                 continue
             if per_model:
                 known = ", ".join(["weight", *method.per_model_params])
