@@ -14,7 +14,7 @@ from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.merge.modules_plan import as_modules, plan_modules
 from symmerge.merge.plan import MergePlan, OutSlice, SliceSource, has_weight, parameter_scopes
 from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
-from symmerge.merge.recipe import Recipe, data_hint, parse_size, spelled
+from symmerge.merge.recipe import TOKENIZER_KEYS_AT_TOP, Recipe, data_hint, parse_size, spelled
 from symmerge.merge.references import index_in, open_reference, refuse_repeated_models, resolve_path
 from symmerge.merge.settings import has_gradient, is_plain, leaves, resolve
 from symmerge.merge.tokenizer_plan import plan_vocabulary, remapped_shapes
@@ -36,7 +36,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
     method = get_method(recipe.merge_method)
     notes: list[str] = []
     for key in recipe.misplaced_parameters:
-        notes.append(f"{key}: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)")
+        if key in TOKENIZER_KEYS_AT_TOP:
+            notes.append(f"{key}: a tokenizer: key at the top level, where mergekit ignores it: ignored here too (write it under tokenizer:)")
+        else:
+            notes.append(f"{key}: a method parameter at the top level, where mergekit ignores it: ignored here too (parameters go under parameters:)")
     if recipe.name is not None:
         notes.append(f"name: {shorten(recipe.name, 60)} names a document of a mergekit-mega file; one recipe needs no name (mergekit-yaml ignores it too)")
     top = check_scope(method, recipe.parameters, "parameters", False, notes)
@@ -52,13 +55,21 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
 
     # the inputs: models, or every model a slice names, each opened once (a LoRA-adapted model is another model)
     if recipe.models is not None:
-        method.check_models(len(recipe.models), True)  # the base is checked below, with a fuller explanation
+        # the base is checked below, with a fuller explanation; a base that the interpolations (slerp, nuslerp,
+        # multislerp) use but the list leaves out counts as one of their models: mergekit adds it to the models
+        # ("Base model specified but not in input models - adding"), so `base_model: A` + `models: [B]` is slerp A→B
         models = [open_reference(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
+        base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+        unlisted = base is not None and method.optional_base and all(m.identity != base.identity for m in models)
+        try:
+            method.check_models(len(models) + unlisted, True)
+        except SymmergeError as e:
+            raise SymmergeError(f"{e} (counting base_model, which mergekit adds to models that do not list it)" if unlisted else str(e)) from None
         refuse_repeated_models([m.identity for m in models], "models")
         model_params = [check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
     else:
         models, model_params = [], []
-    base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+        base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
     slice_models: list[list[int]] = []
     slice_bases: list[int | None] = []  # per slice: its own base_model, an index into models (None: the recipe's)
     if recipe.slices is not None:

@@ -25,6 +25,7 @@ weight is read, and raises one-line errors that name the offending key and value
 
 from __future__ import annotations
 
+import difflib
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -145,6 +146,18 @@ class TokenizerBlock(BaseModel):
     source: str = "union"
     tokens: dict[str, TokenEntry] | None = None
     pad_to_multiple_of: int | None = Field(None, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return without_model_prefix(v)
+
+
+def without_model_prefix(source: str | None) -> str | None:
+    """A tokenizer source without mergekit's ``model:`` prefix: its README documents ``tokenizer_source:
+    model:<model_path>`` (a model, as opposed to ``base`` or ``union``), and recipes of 2024 (miqu-1-120b,
+    miquliz-120b) are written that way; the model is the path after the prefix."""
+    return source.removeprefix("model:") if isinstance(source, str) else source
 
 
 class AlignmentBlock(BaseModel):
@@ -305,6 +318,11 @@ class Recipe(BaseModel):
         symmerge has a spec of and merges any other unaligned, with a note, instead of refusing."""
         return self._default_alignment
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, v: str | None) -> str | None:
+        return without_model_prefix(v)
+
     @field_validator("merge_method")
     @classmethod
     def _method_name(cls, v: str) -> str:
@@ -370,6 +388,9 @@ def _pydantic_message(e: ValidationError, source: str) -> str:
     msg = msg if len(msg) <= 300 else msg[:299] + "…"
     value = err.get("input")
     shown = "" if err["type"] in ("missing", "value_error") or isinstance(value, (dict, list)) else f", got {shorten(value)}"
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:  # a misspelt top-level key: name the one meant
+        close = difflib.get_close_matches(str(err["loc"][0]), RECIPE_KEYS, n=1, cutoff=0.7)
+        shown += f" (did you mean {close[0]}?)" if close else ""
     return f"{source}: {where}: {msg}{shown}"
 
 
@@ -426,7 +447,33 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
     reason = f"{context}: {problem}" if context and getattr(e, "problem", None) else problem
     # mergekit-mega's multi-stage files separate their recipes with ---; mergekit-yaml refuses them as well
     hint = " (several YAML documents: a mergekit-mega file? give each recipe its own file)" if context == "expected a single document in the stream" else ""
+    # a model card's recipe that lost its `models:` line: the list items land under the key above, which has a value
+    line = _line_at(mark)
+    if problem == "mapping values are not allowed here" and line.lstrip().startswith("- "):
+        hint = " (a list item under a key that already has a value: is a `models:` line missing above it?)"
     return f"{path} is not valid YAML{where}: {shorten(' '.join(str(reason).split()), 200).strip(chr(39))}{hint}"
+
+
+def _line_at(mark: Any) -> str:
+    """The text of the line a YAML error points at ("" when the parser kept no buffer)."""
+    buffer = getattr(mark, "buffer", None)
+    if mark is None or not isinstance(buffer, str):
+        return ""
+    lines = buffer.split("\n")
+    return lines[mark.line] if mark.line < len(lines) else ""
+
+
+def _refuse_other_forms(raw: dict[Any, Any], path: Path) -> None:
+    """Files pasted as recipes that are another tool's configuration or a misshapen one, refused in one line that
+    says what to do (mergekit-yaml refuses them too, with a pydantic error naming a missing field)."""
+    if "experts" in raw and not any(raw.get(k) for k in ("models", "slices", "modules")):
+        raise SymmergeError(f"{path}: a mergekit-moe config (experts:, gate_mode:) builds a mixture of experts, which "
+                            "mergekit-yaml refuses too: run mergekit-moe on it, or list the experts under models: with a "
+                            "merge_method to merge them into one dense model")
+    params = raw.get("parameters")
+    if isinstance(params, list) and all(isinstance(p, dict) for p in params):
+        raise SymmergeError(f"{path}: parameters: a mapping of names to values (parameters: {{weight: 1.0}}), not a list "
+                            "(- weight: 1.0), as mergekit requires")
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
@@ -458,6 +505,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
         raise SymmergeError(f"{path} is not a valid recipe: {shorten(str(e), 120)}") from None
     if not isinstance(raw, dict):
         raise SymmergeError(f"{path}: a recipe is a mapping with models, merge_method, ... at the top level")
+    _refuse_other_forms(raw, path)
     misplaced = _misplaced_parameters(raw)
     try:
         recipe = Recipe.model_validate(raw)
@@ -473,11 +521,17 @@ def _misplaced_parameters(raw: dict[Any, Any]) -> tuple[str, ...]:
     """Remove from ``raw`` the method parameters given at the top level instead of under ``parameters:``: mergekit's
     configuration ignores keys it does not know, so a published recipe may carry one (``normalize: true`` beside
     ``merge_method: model_stock``) that changed nothing there. Any other unknown key is still refused (a typo)."""
-    names = {p.name for m in list_methods() for p in m.params} | {"weight"}
+    names = {p.name for m in list_methods() for p in m.params} | {"weight"} | TOKENIZER_KEYS_AT_TOP
     keys = tuple(k for k in raw if isinstance(k, str) and k in names and k not in Recipe.model_fields)
     for k in keys:
         raw.pop(k)
     return keys
+
+
+TOKENIZER_KEYS_AT_TOP = {"pad_to_multiple_of"}
+"""Keys of mergekit's ``tokenizer:`` block that published recipes write at the top level, where mergekit ignores
+them (dropped with a note, as a method parameter there is)."""
+RECIPE_KEYS = tuple(Recipe.model_fields)
 
 
 def recipe_from_models(models: list[str], method: str, *, base: str | None = None, weights: list[float] | None = None,
