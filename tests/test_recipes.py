@@ -940,3 +940,59 @@ def test_an_old_examples_pattern_key_and_a_mergekit_mega_file_are_refused_in_one
                      "merge", _write(tmp_path / "p.yaml", text + "parameters: {t: [{pattern: mlp, value: 0.3}, {value: 0.5}]}\n"), tmp_path / "o")
     expect_cli_error(capsys, "expected a single document in the stream: but found another document (several YAML documents: a mergekit-mega file?",
                      "merge", _write(tmp_path / "mega.yaml", text + "parameters: {t: 0.5}\n---\n" + text), tmp_path / "o")
+
+
+def test_a_base_model_the_models_do_not_list_is_an_interpolations_endpoint_as_in_mergekit(llamas, tmp_path, capsys):
+    """mergekit adds base_model to the models when they do not list it, so `base_model: B` + `models: [A]` with
+    slerp is the SLERP from B (t = 0) to A — the same merge as listing both (a published multi-stage recipe)."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    head = f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.45}}\nalignment: none\n"
+    unlisted, _ = merge_recipe(capsys, tmp_path / "unlisted", head + f"models: [{{model: {a}}}]\n")
+    listed, _ = merge_recipe(capsys, tmp_path / "listed", head + f"models: [{{model: {base}}}, {{model: {a}}}]\n")
+    assert all(torch.equal(unlisted[k], listed[k]) for k in listed)
+    s0, sa = (load_file(p / "model.safetensors") for p in (base, a))
+    k = "model.layers.1.mlp.down_proj.weight"
+    assert (unlisted[k] - s0[k]).norm() < (unlisted[k] - sa[k]).norm()  # t = 0.45: nearer the base
+    expect_cli_error(capsys, "slerp: merges exactly 2 models, got 3 (counting base_model, which mergekit adds to models that do not list it)",
+                     "merge", _write(tmp_path / "three.yaml", head + f"models: [{{model: {a}}}, {{model: {b}}}]\n"), tmp_path / "o")
+
+
+def test_parameters_of_other_methods_that_ask_for_nothing_are_noted_and_ignored_as_in_mergekit(llamas, tmp_path, capsys):
+    """mergekit reads only the parameters its method declares; published recipes carry others (normalize on
+    multislerp and sce, mergekit-evolve's smooth and allow_negative_weights, a per-model density on sce)."""
+    a, b, base = llamas["a"], llamas["b"], llamas["base"]
+    models = f"models: [{{model: {a}, parameters: {{weight: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.7}}}}]\nalignment: none\n"
+    plain, _ = merge_recipe(capsys, tmp_path / "ms", models + "merge_method: multislerp\n")
+    given, out = merge_recipe(capsys, tmp_path / "ms_n", models + "merge_method: multislerp\nparameters: {normalize: true}\n")
+    assert all(torch.equal(given[k], plain[k]) for k in plain)
+    assert "note: normalize: not a parameter of multislerp; mergekit ignores it, and so does symmerge (multislerp's own is normalize_weights)" in out
+    sce = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: sce\nbase_model: {base}\nalignment: none\n"
+    plain, _ = merge_recipe(capsys, tmp_path / "sce", sce + "parameters: {select_topk: 0.5}\n")
+    extra = sce.replace(f"{{model: {a}}}", f"{{model: {a}, parameters: {{density: 0.9}}}}")
+    flags = "lambda: 1.0, rescale: true, smooth: false, allow_negative_weights: false"
+    given, out = merge_recipe(capsys, tmp_path / "sce_x", extra + f"parameters: {{select_topk: 0.5, {flags}}}\n")
+    assert all(torch.equal(given[k], plain[k]) for k in plain)
+    for key in ("lambda", "rescale", "smooth", "allow_negative_weights", "density"):
+        assert f"note: {key}: not a parameter of sce; mergekit ignores it, and so does symmerge" in out
+    # a shared value that would change a result where the parameter exists is refused (the user expects its effect)
+    for bad, message in [("lambda: 2", "sce: unknown parameter 'lambda'"), ("smooth: 0.5", "sce: unknown parameter 'smooth'"),
+                         ("selct_topk: 0.5", "sce: unknown parameter 'selct_topk'")]:
+        expect_cli_error(capsys, message, "merge", _write(tmp_path / "bad.yaml", sce + f"parameters: {{{bad}}}\n"), tmp_path / "o")
+
+
+def test_mergekit_model_prefix_and_a_top_level_pad_to_multiple_of_are_read_as_mergekit_reads_them(llamas, tmp_path, capsys):
+    """`tokenizer_source: model:PATH` (mergekit's README, recipes of 2024) is the model at PATH; `pad_to_multiple_of`
+    at the top level, where mergekit ignores it, is ignored with a note."""
+    a, b = (tmp_path / "a", tmp_path / "b")
+    for name, folder in (("a", a), ("b", b)):  # the fixture's fine-tunes, with one 40-token vocabulary
+        save_model(llamas["model"], folder, load_file(llamas[name] / "model.safetensors"))
+        _tokenizer([f"w{i}" for i in range(40)], None).save_pretrained(folder)
+    head = f"models: [{{model: {a}}}, {{model: {b}}}]\nmerge_method: linear\nalignment: none\n"
+    plain, _ = merge_recipe(capsys, tmp_path / "plain", head + f"tokenizer_source: {b}\n")
+    prefixed, _ = merge_recipe(capsys, tmp_path / "prefixed", head + f"tokenizer_source: model:{b}\n")
+    block, _ = merge_recipe(capsys, tmp_path / "block", head + f"tokenizer: {{source: 'model:{b}'}}\n")
+    padded, out = merge_recipe(capsys, tmp_path / "padded", head + f"tokenizer_source: {b}\npad_to_multiple_of: 8\n")
+    assert all(torch.equal(prefixed[k], plain[k]) and torch.equal(block[k], plain[k]) and torch.equal(padded[k], plain[k]) for k in plain)
+    assert "note: pad_to_multiple_of: a tokenizer: key at the top level, where mergekit ignores it: ignored here too (write it under tokenizer:)" in out
+    expect_cli_error(capsys, "dype: Extra inputs are not permitted, got 'float32' (did you mean dtype?)", "merge",
+                     _write(tmp_path / "typo.yaml", head + "dype: float32\n"), tmp_path / "o")
