@@ -25,7 +25,16 @@ RECIPES = sorted(p.name for p in WILD.glob("*.yml"))
 # it ignores a filtered entry's unknown key, so an early example's `pattern:` made its self_attn entry apply to every
 # tensor — symmerge refuses unknown keys, as for any other typo, and says what to write
 REFUSED = {"37_mega_multi_document.yml": "several YAML documents: a mergekit-mega file?",
-           "02_gradient_slerp_pattern_key.yml": "unknown key 'pattern' in a filtered value (keys: filter, value): write filter"}
+           "02_gradient_slerp_pattern_key.yml": "unknown key 'pattern' in a filtered value (keys: filter, value): write filter",
+           # a model card's stage that lost its `models:` line: invalid YAML for mergekit too
+           "47_nuslerp_models_key_missing.yml":
+               "mapping values are not allowed here (a list item under a key that already has a value: is a `models:` line missing above it?)",
+           # mergekit ignores the misspelt `dype` (and so computes in the checkpoints' dtype); a misspelt key is refused
+           # here as merge_methd is, naming the key meant (symmerge computes in float32 whatever dtype says)
+           "49_sce_top_level_select_topk_dype_typo.yml": "dype: Extra inputs are not permitted, got 'float32' (did you mean dtype?)",
+           "52_mergekit_moe_config_yaml_anchors.yml": "a mergekit-moe config (experts:, gate_mode:) builds a mixture of experts, which mergekit-yaml refuses too",
+           "56_task_arithmetic_parameters_as_list.yml":
+               "parameters: a mapping of names to values (parameters: {weight: 1.0}), not a list (- weight: 1.0), as mergekit requires"}
 # recipes whose tiny models have 32 or 40 layers: a few seconds each on 2 cores, run with -m slow
 SLOW = {"39_task_arithmetic_lorablated_slice.yml", "03_passthrough_orcamini_platy_44layer.yml", "28_della_linear_modules_default_slices.yml"}
 VOCAB = ["<unk>"] + [f"w{i}" for i in range(39)]
@@ -49,7 +58,11 @@ def _names(doc: dict) -> list[str]:
             add(piece.get("base_model"))
             for source in piece["sources"]:
                 add(source["model"])
-    add(doc.get("tokenizer_source"))
+    source = doc.get("tokenizer_source")
+    # mergekit's early `model:NAME` spelling: the prefix stays in the text, the model behind it is localized
+    add(source.removeprefix("model:") if isinstance(source, str) else source)
+    tokenizer = doc.get("tokenizer") if isinstance(doc.get("tokenizer"), dict) else {}
+    add(tokenizer.get("source"))
     return names
 
 
@@ -154,7 +167,10 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
 def localize(text: str, checkpoints: Checkpoints) -> tuple[str, dict]:
     """The recipe ``text`` with every model name replaced by a local checkpoint (nothing else changed), and facts
     about it: the family, the layers of its models and the layer count the output must have."""
-    docs = [d for d in yaml.safe_load_all(text) if d]
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError:  # a recipe published with broken YAML: nothing to localize, the CLI refuses it first
+        return text, {}
     names = [n for doc in docs for n in _names(doc)]
     names = list(dict.fromkeys(names))
     family = _family(docs[0])
@@ -176,7 +192,7 @@ def localize(text: str, checkpoints: Checkpoints) -> tuple[str, dict]:
         if "+" in name:
             mapping[name] = "+".join(mapping[p] for p in name.split("+"))
     pattern = re.compile("|".join(re.escape(n) for n in sorted(mapping, key=len, reverse=True)))
-    local = pattern.sub(lambda m: mapping[m.group(0)], text)
+    local = pattern.sub(lambda m: mapping[m.group(0)], text) if mapping else text
     return local, {"family": family, "layers": layers, "expected_layers": _expected_layers(docs[0], layers)}
 
 
