@@ -32,6 +32,7 @@ REFUSED = {"37_mega_multi_document.yml": "several YAML documents: a mergekit-meg
            # mergekit ignores the misspelt `dype` (and so computes in the checkpoints' dtype); a misspelt key is refused
            # here as merge_methd is, naming the key meant (symmerge computes in float32 whatever dtype says)
            "49_sce_top_level_select_topk_dype_typo.yml": "dype: Extra inputs are not permitted, got 'float32' (did you mean dtype?)",
+           "59_nearswap_dtype_stray_backtick.yml": "dtype: Input should be 'float32', 'bfloat16' or 'float16', got 'bfloat16`'",
            "52_mergekit_moe_config_yaml_anchors.yml": "a mergekit-moe config (experts:, gate_mode:) builds a mixture of experts, which mergekit-yaml refuses too",
            "56_task_arithmetic_parameters_as_list.yml":
                "parameters: a mapping of names to values (parameters: {weight: 1.0}), not a list (- weight: 1.0), as mergekit requires"}
