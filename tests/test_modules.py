@@ -201,6 +201,13 @@ def test_a_base_model_not_listed_in_a_module_is_added_to_it(vlms, tmp_path, caps
                                             "allow_unrelated_base: true\n")
     for k in out:  # base + 0.5 (a − base): mergekit adds the base to every module's sources
         torch.testing.assert_close(out[k], s["b"][k] + 0.5 * (s["a"][k] - s["b"][k]))
+    # slerp from that base to the one model each module lists, as when both are listed
+    one = "\n".join(f"  {m.name}:\n    models: [{{model: {vlms['a']}}}]" for m in TABLE)
+    both = "\n".join(f"  {m.name}:\n    models: [{{model: {vlms['b']}}}, {{model: {vlms['a']}}}]" for m in TABLE)
+    tail = f"merge_method: slerp\nbase_model: {vlms['b']}\nparameters: {{t: 0.3}}\n"
+    unlisted, _ = merge_recipe(capsys, tmp_path / "unlisted", f"modules:\n{one}\n{tail}")
+    listed, _ = merge_recipe(capsys, tmp_path / "listed", f"modules:\n{both}\n{tail}")
+    assert all(torch.equal(unlisted[k], listed[k]) for k in listed)
 
 
 def test_multi_module_recipes_are_refused_in_one_line_where_they_cannot_run(vlms, tmp_path, capsys):

@@ -59,12 +59,19 @@ def plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method: 
     for name, entry in recipe.modules.items():
         where = f"modules.{cut(name, 40)}"
         if entry.models:
-            method.check_models(len(entry.models), True)
             sources = [(index_in(models, open_reference(m.model, root, f"{where}.models.{i}.model", allow_pickle)),
                         check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
                        for i, m in enumerate(entry.models)]
+            unlisted = base is not None and all(models[m].identity != base.identity for m, _, _ in sources)
+            # an interpolation counts the base it is given among its models (slerp: base_model + 1 model), as plan_merge
+            counted = len(entry.models) + (unlisted and method.optional_base)
+            try:
+                method.check_models(counted, True)
+            except SymmergeError as e:
+                raise SymmergeError(f"{where}: {e}" + (" (counting base_model, which mergekit adds to models that do not list it)"
+                                                       if counted > len(entry.models) else "")) from None
             refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.models")
-            if base is not None and method.uses_base and all(models[m].identity != base.identity for m, _, _ in sources):
+            if unlisted and method.uses_base:
                 sources.append((index_in(models, base), {}, None))  # mergekit: "Base model specified but not in input models - adding"
             if method.needs_base and base is None:
                 raise SymmergeError(f"{where}: merge_method {method.name} needs base_model: the common pretrained "
