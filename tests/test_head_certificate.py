@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from symmerge.groups.heads import HeadTensors
-from symmerge.match.attention import heads_certified_identity, match_head_permutation, match_heads
+from symmerge.match.attention import frobenius_upper_bound, heads_certified_identity, match_head_permutation, match_heads
 
 # "planes:2": partial rotary in rope_order coordinates (planes of the first 2 dimensions, an orthogonal block on the rest)
 KINDS = [("planes", "orthogonal"), ("orthogonal", "orthogonal"), ("none", "orthogonal"), ("orthogonal", "none"), ("planes:2", "orthogonal")]
@@ -166,3 +166,22 @@ def test_partial_rotary_pair_scores_are_the_exact_ones():
     a, b = qk_only(_heads(5, 8, 16, 3)), qk_only(_heads(5, 8, 16, 4))
     got = _pair_scores(_side_parts(b, "qk"), _side_parts(a, "qk"), "planes:2").numpy()
     np.testing.assert_allclose(got, _exact_scores(a, b, "planes:2", "none"), rtol=1e-5, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1e-30, 1e-3, 1.0, 1e15]), st.integers(1, 48))
+def test_the_frobenius_bound_of_the_certificate_is_never_below_the_exact_norm(seed, magnitude, k):
+    """The certificate's float32 Frobenius norms, made an upper bound by Higham's γ_n and float32's underflow, are
+    never below the norm computed in float64 from the same float32 blocks (a plain float32 norm can fall below —
+    squares of 1e-30 underflow to 0 — which would let the certificate claim an identity it has not proven), and
+    within 2γ_n of it (plus the underflow term) where the entries are normal: the bound stays tight."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(3, 5, k, k, generator=g) * magnitude
+    m[0, 0] = 0.0
+    exact = torch.linalg.vector_norm(m.double(), dim=(-1, -2))
+    bound = frobenius_upper_bound(m)
+    assert bound.dtype == torch.float64
+    assert bool((bound >= exact).all())
+    n = k * k
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    assert bool((bound <= (exact * (1 + 2 * gamma) + (n * 2.0**-126) ** 0.5) * (1 + 1e-12)).all())
