@@ -23,7 +23,8 @@ ST = "model.safetensors"
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    """Tiny models: two LLaMAs, LLaMAs of another hidden size / depth / vocabulary, a GPT-2 (32 positions), a ViT."""
+    """Tiny models: two LLaMAs, LLaMAs of another hidden size / depth / vocabulary, a LLaMA with a tied LM head, a GPT-2
+    (32 positions), a ViT."""
     root = tmp_path_factory.mktemp("hostile")
 
     def llama(name, seed=0, **changes):
@@ -33,7 +34,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         return save_model(transformers.LlamaForCausalLM(cfg), root / name)
 
     paths = {"a": llama("a"), "b": llama("b", 1), "wide": llama("wide", 2, hidden_size=48), "deep": llama("deep", 3, num_hidden_layers=3),
-             "vocab": llama("vocab", 4, vocab_size=80)}
+             "vocab": llama("vocab", 4, vocab_size=80), "tied": llama("tied", 5, tie_word_embeddings=True)}
     paths["gpt2"] = save_model(make_model("gpt2")[0], root / "gpt2")
     paths["vit"] = save_model(make_model("vit")[0], root / "vit")
     tokens = root / "tokens.npz"
@@ -254,6 +255,23 @@ def test_broken_model_folders(zoo, tmp_path, capsys, setup, message):
 def test_models_that_do_not_match(zoo, tmp_path, capsys, other, message, command):
     args = ["merge", zoo["a"], zoo[other], "-m", "linear", "-o", tmp_path / "o", "-q"] if command == "merge" else ["distance", zoo["a"], zoo[other]]
     fails_cleanly(capsys, message, *args, out=tmp_path / "o" if command == "merge" else None)
+
+
+@pytest.mark.parametrize("order", ["untied-first", "tied-first"])
+@pytest.mark.parametrize("symmetries", ["none", "all", "auto"])
+def test_a_tied_model_merges_with_an_untied_one_in_either_order(zoo, tmp_path, capsys, order, symmetries):
+    """A tied checkpoint stores no LM head: its embedding stands in for it, whichever model comes first. With the
+    untied model first, the tied pair was looked up in the first model's config only (which names none), and the
+    merge failed with "lacks tensor 'lm_head.weight'"."""
+    models = [zoo["a"], zoo["tied"]] if order == "untied-first" else [zoo["tied"], zoo["a"]]
+    code, _, err = run_cli(capsys, "merge", *models, "-m", "linear", "-s", symmetries, "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    merged = load_file(tmp_path / "o" / ST)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is False
+    if symmetries != "auto":  # no residual map: the head is the mean of the untied head and the tied embedding
+        untied, tied = load_file(zoo["a"] / ST), load_file(zoo["tied"] / ST)
+        expected = (untied["lm_head.weight"] + tied["model.embed_tokens.weight"]) / 2
+        assert torch.allclose(merged["lm_head.weight"], expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- barrier
