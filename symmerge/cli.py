@@ -142,7 +142,16 @@ def align(
         from symmerge.io import atomic_output_dir, check_output_dir, load_state_dict, open_checkpoint, unique_names
         from symmerge.io.stream import STREAMED_SHARD_BYTES, LazyState, ShardWriter
         from symmerge.match import resolve_device
-        from symmerge.spec import check_compatible_shapes, check_embeddable, check_same_shape, resized_keys, spec_for, untied_head, widths_differ
+        from symmerge.spec import (
+            check_compatible_shapes,
+            check_embeddable,
+            check_same_shape,
+            lent_head,
+            resized_keys,
+            spec_for,
+            untied_head,
+            widths_differ,
+        )
 
     auto = is_auto(symmetries)
     chosen = None if auto else parse_symmetries(symmetries)
@@ -155,12 +164,20 @@ def align(
     ckpts = [open_checkpoint(m, allow_pickle) for m in models]
     ref_spec = spec_for(ref_ckpt.config, ref_ckpt.shapes().keys())
     chosen = resolve_symmetries(symmetries, ref_spec) if auto else chosen
+    specs = [spec_for(ckpt.config, ckpt.shapes().keys()) for ckpt in ckpts]
+    # tied models beside untied ones (either the reference or another): a tied one's embedding stands in for its
+    # head, as in merge, and its aligned copy is written untied (it holds the head)
+    lend = lent_head([(ref_spec, ref_ckpt.shapes().keys()), *((own, c.shapes().keys()) for own, c in zip(specs, ckpts))])
+
+    def shapes(ckpt):
+        stored = ckpt.shapes()
+        return {**stored, lend[0]: stored[lend[1]]} if lend and lend[0] not in stored and lend[1] in stored else stored
+
     own_specs = []
-    for ckpt in ckpts:
-        own = spec_for(ckpt.config, ckpt.shapes().keys())
+    for ckpt, own in zip(ckpts, specs):
         narrower = widths_differ(ref_spec, own)
         (check_embeddable if narrower else check_same_shape)(ref_spec, own, str(ckpt.path))
-        check_compatible_shapes(ref_ckpt.shapes(), ckpt.shapes(), str(ckpt.path), untied_head(ref_spec, chosen),
+        check_compatible_shapes(shapes(ref_ckpt), shapes(ckpt), str(ckpt.path), untied_head(ref_spec, chosen),
                                 resized_keys(ref_spec, own) if narrower else frozenset())
         own_specs.append(own if narrower else None)
 
@@ -169,7 +186,12 @@ def align(
     def read(ckpt):
         """Weight matching streams from mmap (bounded memory: the aligned model is computed unit by unit as it is
         written; Ray tasks read the files themselves); data-driven matchers run the models on whole state dicts."""
-        return LazyState(ckpt) if match == "weights" else load_state_dict(ckpt, file_backed=executor is not None)
+        if match == "weights":
+            return LazyState(ckpt, dict([lend]) if lend else None)
+        state = load_state_dict(ckpt, file_backed=executor is not None)
+        if lend and lend[0] not in state:
+            state[lend[0]] = state[lend[1]]
+        return state
 
     ref_state = read(ref_ckpt)
     rows, reports, kept = [], {}, set()
@@ -192,7 +214,7 @@ def align(
             else:
                 write_weights(result.state_dict, dest)
             # a narrower model comes back at the reference's widths: it takes the reference's config (sizes)
-            write_model_files(ckpt if own is None else ref_ckpt, dest, untie=result.folded_reference is not None)
+            write_model_files(ckpt if own is None else ref_ckpt, dest, untie=result.folded_reference is not None or lend is not None)
             if result.folded and not (tmp / "reference-folded").exists():
                 # a reference with a zero norm gain cannot lend its gains: the aligned models stay folded, and
                 # the folded reference is what to merge them with
@@ -230,6 +252,22 @@ def _calibration(match: str, data: Optional[str], ckpt) -> Optional[list]:
     if data is None:
         raise SymmergeError(f"--match {match} needs --data (zoo, a text file or an .npz)")
     return load_calibration(data, model_dir=ckpt.path, main_input_name=model_input_name(ckpt.config), labels=match == "learned")
+
+
+def _lend_head(ref_ckpt, a: dict, ckpt, b: dict) -> bool:
+    """Where one of two loaded models ties its LM head and the other stores its own, give the tied one its
+    embedding as its head (in place), as merge and align do (:func:`symmerge.spec.lent_head`); whether it did."""
+    from symmerge.errors import SymmergeError
+    from symmerge.spec import lent_head, spec_for
+
+    try:
+        lend = lent_head([(spec_for(ref_ckpt.config, a.keys()), a.keys()), (spec_for(ckpt.config, b.keys()), b.keys())])
+    except SymmergeError:  # a family symmerge has no spec of (barrier -s none): no tied pair it knows of
+        return False
+    for state in (a, b) if lend else ():
+        if lend[0] not in state:
+            state[lend[0]] = state[lend[1]]
+    return lend is not None
 
 
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
@@ -447,7 +485,7 @@ def barrier(
     from symmerge.evaluate import landscape, make_evaluator, run_study
     from symmerge.evaluate.plots import check_plot_path, plot_curves, plot_landscape
     from symmerge.io import load_state_dict, open_checkpoint
-    from symmerge.io.hf import model_input_name
+    from symmerge.io.hf import model_input_name, untied_config
     from symmerge.io.output import atomic_output_file, check_output_file
     from symmerge.spec import check_compatible
 
@@ -463,12 +501,14 @@ def barrier(
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     evaluate = make_evaluator(data, ref_ckpt.path)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
+    # both then hold a head: the models the path is evaluated on are built untied
+    config = untied_config(ref_ckpt.config) if _lend_head(ref_ckpt, a, ckpt, b) else ref_ckpt.config
     check_compatible(a, b, str(ckpt.path), reference_name=str(ref_ckpt.path))
     calibration = None
     if any(x.startswith(("act:", "learn:")) or x.endswith("+repair") for x in settings):
         calibration = load_calibration(data, model_dir=ref_ckpt.path, main_input_name=model_input_name(ref_ckpt.config),
                                        labels=any(x.startswith("learn:") for x in settings))
-    study = run_study(a, b, ref_ckpt.config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,
+    study = run_study(a, b, config, settings, evaluate, points=points, progress=not quiet, calibration=calibration,
                       learn_steps=learn_steps, learn_seconds=learn_seconds)
     echo(f"A = {ref_ckpt.path}, B = {ckpt.path}, data: {data}, {points} points")
     echo(study.table())
@@ -477,7 +517,7 @@ def barrier(
     echo(f"plot: {plot}")
     if landscape_ is not None:
         last = study.settings[-1]
-        us, vs, losses, marks = landscape(last, b, ref_ckpt.config, evaluate, grid=grid, progress=not quiet)
+        us, vs, losses, marks = landscape(last, b, config, evaluate, grid=grid, progress=not quiet)
         with atomic_output_file(landscape_, "--landscape") as tmp:
             plot_landscape(us, vs, losses, marks, tmp, title=f"loss landscape (B' aligned with {last.label})")
         echo(f"landscape: {landscape_}")
@@ -503,6 +543,8 @@ def distance(
 
     ref_ckpt, ckpt = open_checkpoint(reference, allow_pickle), open_checkpoint(model, allow_pickle)
     a, b = load_state_dict(ref_ckpt), load_state_dict(ckpt)
+    # a tied model beside an untied one: its embedding stands in for its head, as in merge and align
+    _lend_head(ref_ckpt, a, ckpt, b)
     check_compatible(a, b, str(ckpt.path), reference_name=str(ref_ckpt.path))
     spec = spec_for(ref_ckpt.config, a.keys())
     result = align_models(a, b, spec=spec, symmetries=align_)

@@ -274,6 +274,38 @@ def test_a_tied_model_merges_with_an_untied_one_in_either_order(zoo, tmp_path, c
         assert torch.allclose(merged["lm_head.weight"], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["untied-first", "tied-first"])
+def test_a_tied_model_aligns_beside_an_untied_one(zoo, tmp_path, capsys, order):
+    """align, distance and barrier took the pair of a tied reference only, and with ``residual`` only: otherwise
+    "lacks tensor 'lm_head.weight'" (or "has an extra tensor"). Now the tied model's embedding stands in for its
+    head, its aligned copy computes what it did, and barrier evaluates each endpoint as it is (built untied: a
+    tied model would put the embedding in place of the untied endpoint's head)."""
+    reference, model = (zoo["a"], zoo["tied"]) if order == "untied-first" else (zoo["tied"], zoo["a"])
+    for symmetries in ("all", "auto"):
+        out = tmp_path / symmetries
+        code, _, err = run_cli(capsys, "align", reference, model, "-s", symmetries, "-o", out, "-q")
+        assert code == 0, err
+        aligned = out / model.name
+        assert json.loads((aligned / "config.json").read_text())["tie_word_embeddings"] is False
+        tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+        before, after = (transformers.AutoModelForCausalLM.from_pretrained(p).eval()(tokens).logits for p in (model, aligned))
+        assert (before - after).abs().max() < 1e-4
+        code, _, err = run_cli(capsys, "distance", reference, model, "-s", symmetries)
+        assert code == 0, err
+
+    def losses(a, b, name):
+        code, _, err = run_cli(capsys, "barrier", a, b, "-s", "none", "--data", zoo["tokens"], "--plot", tmp_path / f"{name}.png",
+                               "--json", tmp_path / f"{name}.json", "-q")
+        assert code == 0, err
+        row = json.loads((tmp_path / f"{name}.json").read_text())["rows"][0]
+        return row["loss_A"], row["loss_B"]
+
+    mixed = losses(reference, model, "mixed")
+    # each endpoint's loss as a barrier between models that agree on tying measures it
+    assert mixed[0] == pytest.approx(losses(reference, zoo["b"] if reference == zoo["a"] else zoo["tied"], "ref")[0], abs=1e-5)
+    assert mixed[1] == pytest.approx(losses(zoo["b"] if model == zoo["a"] else zoo["tied"], model, "model")[1], abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- barrier
 
 

@@ -24,9 +24,9 @@ from symmerge.spec import (
     check_embeddable,
     check_same_shape,
     layer_structure,
+    lent_head,
     resized_keys,
     spec_for,
-    tied_head,
     widths_differ,
 )
 
@@ -313,18 +313,9 @@ def _check_widths_supported(recipe: Recipe, match: str, base: Checkpoint | None,
 
 
 def _lent_head(checkpoints: list[Checkpoint]) -> tuple[str, str] | None:
-    """``(head, embedding)`` when some checkpoints tie their LM head (they store none) and others store their own
-    (an output of ``align -s ...,residual``, whose folded head was untied): the tied ones then lend their embedding
-    as their head. ``None`` when all agree, or for a family symmerge has no spec of. The pair comes from a tied
-    checkpoint's config, whichever model that is: an untied first model's config names no pair."""
-    pairs = []
-    for ckpt in checkpoints:
-        try:
-            pairs.append(tied_head(spec_for(ckpt.config, ckpt.shapes().keys())))
-        except SymmergeError:
-            return None
-    pair = next((p for p in pairs if p is not None), None)
-    if pair is None:
+    """:func:`~symmerge.spec.lent_head` of ``checkpoints``; ``None`` for a family symmerge has no spec of."""
+    try:
+        specs = [spec_for(c.config, c.shapes().keys()) for c in checkpoints]
+    except SymmergeError:
         return None
-    has_head = [pair[0] in c.shapes() for c in checkpoints]
-    return pair if any(has_head) and not all(has_head) else None
+    return lent_head([(spec, c.shapes().keys()) for spec, c in zip(specs, checkpoints)])

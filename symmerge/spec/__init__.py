@@ -8,6 +8,7 @@ from symmerge.spec.compat import (
     check_embeddable,
     check_floating,
     check_same_shape,
+    lent_head,
     resized_keys,
     tied_head,
     untied_head,
@@ -32,5 +33,5 @@ __all__ = [
     "resized_keys", "widths_differ",
     "infer_layers", "layer_structure", "spec_for",
     "MODULAR_ARCHITECTURES", "Module", "architecture_name", "module_keys", "module_layers", "module_of", "modules_of", "stated_depth",
-    "tied_head", "untied_head",
+    "lent_head", "tied_head", "untied_head",
 ]

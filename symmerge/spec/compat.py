@@ -3,7 +3,7 @@ weight is read, each failing with a one-line error that names the first differen
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
@@ -125,6 +125,21 @@ def tied_head(spec: ModelSpec | None) -> tuple[str, str] | None:
     """``(head key, embedding key)`` when the family may tie its LM head to the embedding (a tied checkpoint then
     stores no head: the embedding stands in for it), else ``None``."""
     return spec.residual.tied if spec is not None and spec.residual is not None else None
+
+
+def lent_head(models: Sequence[tuple[ModelSpec, Collection[str]]]) -> tuple[str, str] | None:
+    """``(head, embedding)`` when some of ``models`` (spec, tensor names) tie their LM head (they store none) and
+    others store their own (an untied fine-tune, an output of ``align -s ...,residual``): the tied ones then lend
+    their embedding as their head. The pair comes from a tied model's spec, whichever model that is (an untied
+    model's config names none). ``None`` when all agree, or for models of different families (whose tensor names
+    differ anyway: the shape checks name that)."""
+    if len({spec.family for spec, _ in models}) > 1:
+        return None
+    pair = next((p for p in (tied_head(spec) for spec, _ in models) if p is not None), None)
+    if pair is None:
+        return None
+    has_head = [pair[0] in keys for _, keys in models]
+    return pair if any(has_head) and not all(has_head) else None
 
 
 def untied_head(spec: ModelSpec, symmetries: frozenset[str]) -> frozenset[str]:
