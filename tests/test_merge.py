@@ -191,6 +191,22 @@ def test_errors_name_what_the_user_wrote_options_or_recipe_keys(family_models, t
     assert not (tmp_path / "o").exists()
 
 
+def test_short_form_errors_name_the_model_arguments_and_options(family_models, tmp_path, capsys):
+    """Models, --base and --reference given on the command line are named as given there (``model 2``, ``--base``,
+    ``--reference``), not as keys of a recipe the user never wrote (``models.1.model``, ``base_model``,
+    ``alignment.reference``); a recipe keeps its keys."""
+    a, s = family_models["a"], family_models["scrambled"]
+    missing = "no-such-org/no-such-model"
+    short = ["--method", "linear", "-o", tmp_path / "o", "-q"]
+    expect_cli_error(capsys, f"model 2: {missing} is not a local folder", "merge", a, missing, *short)
+    expect_cli_error(capsys, "model 1 and model 2 are both", "merge", a, a, *short)
+    expect_cli_error(capsys, f"--base: {missing} is not a local folder", "merge", a, s, "--method", "ties", "--base", missing, "-o", tmp_path / "o")
+    expect_cli_error(capsys, f"--reference: {missing} is not a local folder", "merge", a, s, "--reference", missing, *short)
+    expect_cli_error(capsys, "is neither one of the models nor the --base", "merge", a, s, "--reference", family_models["base"], *short)
+    recipe_error(capsys, tmp_path, f"models: [{{model: {a}}}, {{model: {missing}}}]\nmerge_method: linear\n", "models.1.model: no-such-org")
+    assert not (tmp_path / "o").exists()
+
+
 def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):
     a, s = family_models["a"], family_models["scrambled"]
     models = f"models: [{{model: {a}}}, {{model: {s}}}]\n"

@@ -13,7 +13,7 @@ from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod
 from symmerge.merge.plan import MergePlan, OutSlice, OutTensor, SliceSource, parameter_scopes
 from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
-from symmerge.merge.recipe import ModuleEntry, Recipe, parse_size
+from symmerge.merge.recipe import ModuleEntry, Recipe, parse_size, spelled
 from symmerge.merge.references import index_in, open_reference, refuse_repeated_models
 from symmerge.merge.settings import has_gradient
 from symmerge.merge.tokenizer_plan import plan_vocabulary, remapped_shapes
@@ -188,7 +188,7 @@ def as_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, module: di
     scopes = [recipe.parameters or {}, module] + [m.parameters or {} for m in recipe.models or []]
     if not recipe.slices and not any(has_gradient(v) for scope in scopes for v in scope.values()):
         return recipe
-    where = "models.0.model" if recipe.models else "slices.0.sources.0.model"
+    where = spelled(recipe, "models.0.model") if recipe.models else "slices.0.sources.0.model"
     first = open_reference(recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model, root, where, allow_pickle)
     table = modules_of(first.config)
     if table is None:

@@ -58,18 +58,18 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         # the base is checked below, with a fuller explanation; a base that the interpolations (slerp, nuslerp,
         # multislerp) use but the list leaves out counts as one of their models: mergekit adds it to the models
         # ("Base model specified but not in input models - adding"), so `base_model: A` + `models: [B]` is slerp A→B
-        models = [open_reference(m.model, root, f"models.{i}.model", allow_pickle) for i, m in enumerate(recipe.models)]
-        base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+        models = [open_reference(m.model, root, spelled(recipe, f"models.{i}.model"), allow_pickle) for i, m in enumerate(recipe.models)]
+        base = open_reference(recipe.base_model, root, spelled(recipe, "base_model"), allow_pickle) if recipe.base_model else None
         unlisted = base is not None and method.optional_base and all(m.identity != base.identity for m in models)
         try:
             method.check_models(len(models) + unlisted, True)
         except SymmergeError as e:
             raise SymmergeError(f"{e} (counting base_model, which mergekit adds to models that do not list it)" if unlisted else str(e)) from None
-        refuse_repeated_models([m.identity for m in models], "models")
+        refuse_repeated_models([m.identity for m in models], "models", lambda i: spelled(recipe, f"models.{i}"))
         model_params = [check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
     else:
         models, model_params = [], []
-        base = open_reference(recipe.base_model, root, "base_model", allow_pickle) if recipe.base_model else None
+        base = open_reference(recipe.base_model, root, spelled(recipe, "base_model"), allow_pickle) if recipe.base_model else None
     slice_models: list[list[int]] = []
     slice_bases: list[int | None] = []  # per slice: its own base_model, an index into models (None: the recipe's)
     if recipe.slices is not None:
@@ -240,14 +240,15 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
             notes.append(f"models of different widths: aligned to the widest, {models[widest].path}")
         ref = recipe.alignment.reference
         if ref is not None:
-            ref_id = open_reference(ref, root, "alignment.reference", allow_pickle).identity
+            ref_id = open_reference(ref, root, spelled(recipe, "alignment.reference"), allow_pickle).identity
             matches = [i for i, c in enumerate(models) if c.identity == ref_id]
             if matches:
                 reference_index = matches[0]
             elif base is not None and base.identity == ref_id:
                 reference_index = None
             else:
-                raise SymmergeError(f"alignment.reference: {cut(ref)} is neither one of the models nor the base_model")
+                raise SymmergeError(f"{spelled(recipe, 'alignment.reference')}: {cut(ref)} is neither one of the models nor the "
+                                    f"{spelled(recipe, 'base_model')}")
             if widest is not None and reference_index != widest:
                 raise SymmergeError(f"alignment.reference: {cut(ref)} is narrower than {models[widest].path}: models of different "
                                     "widths are aligned to the widest")

@@ -566,13 +566,20 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
     return recipe
 
 
-SHORT_FORM_OPTIONS = {"merge_method": "--method", "base_model": "--base", "data": "--data", "alignment.match": "--match"}
+SHORT_FORM_OPTIONS = {"merge_method": "--method", "base_model": "--base", "data": "--data", "alignment.match": "--match",
+                      "alignment.reference": "--reference"}
 """The recipe keys that errors name, as the short form ``symmerge merge A B --method ...`` spells them."""
+
+_SHORT_FORM_MODEL = re.compile(r"models\.(\d+)(\.model)?")  # the short form's positional models: "model 2", counted from 1
 
 
 def spelled(recipe: Recipe, key: str) -> str:
-    """``key`` as the user wrote it: the command line's option for a recipe made from the short form, else the key."""
-    return SHORT_FORM_OPTIONS.get(key, key) if recipe._short_form else key
+    """``key`` as the user wrote it: the command line's option (or ``model N``, the N-th model argument) for a recipe
+    made from the short form, else the key."""
+    if not recipe._short_form:
+        return key
+    model = _SHORT_FORM_MODEL.fullmatch(key)
+    return f"model {int(model.group(1)) + 1}" if model else SHORT_FORM_OPTIONS.get(key, key)
 
 
 def data_hint(recipe: Recipe) -> str:

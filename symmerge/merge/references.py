@@ -4,6 +4,7 @@ model named twice is opened once, and listed twice among one slice's inputs is r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from symmerge.errors import SymmergeError, cut
@@ -59,15 +60,16 @@ def open_reference(ref: str, root: Path | None, what: str, allow_pickle: bool) -
     return ckpt
 
 
-def refuse_repeated_models(identities: list[tuple[Path, Path | None]], where: str) -> None:
+def refuse_repeated_models(identities: list[tuple[Path, Path | None]], where: str, name: Callable[[int], str] | None = None) -> None:
     """Refuse a model listed twice among one slice's sources (or one ``models:`` list), as mergekit 0.1.5 does
     (``Duplicate merge inputs``, checked before it merges anything): it keys a tensor's inputs by model, so a repeat has
     no meaning there, and here it counted twice in ``models:`` but once in ``slices:``. The same folder with a
-    different LoRA adapter is another model."""
+    different LoRA adapter is another model. ``name(i)``: how the error names the i-th (default ``{where}.{i}``)."""
+    name = name or (lambda i: f"{where}.{i}")
     for j, identity in enumerate(identities):
         if identity in identities[:j]:
             i = identities.index(identity)
-            raise SymmergeError(f"{where}.{i} and {where}.{j} are both {absolute_reference(identity)}: a tensor takes one input per "
+            raise SymmergeError(f"{name(i)} and {name(j)} are both {absolute_reference(identity)}: a tensor takes one input per "
                                 "model (mergekit 0.1.5 refuses this too); list it once, with a larger weight for a larger share")
 
 
