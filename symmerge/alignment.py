@@ -8,6 +8,7 @@ distance per group before and after.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -119,12 +120,24 @@ def _fmt(v: Any) -> str:
 
 
 def as_state_and_config(model: Any, config: Any = None) -> tuple[StateDict, Any]:
-    """Accept an ``nn.Module`` with ``.config`` (a Hugging Face model) or a plain state dict plus ``config``."""
+    """Accept an ``nn.Module`` with ``.config`` (a Hugging Face model) or a plain state dict plus ``config``. Anything
+    else is a ``TypeError`` that says what to pass, raised here rather than as an attribute error deep in a matcher
+    (a dict of numpy arrays) or as a missing ``model_type`` (a config given as a name or a path)."""
+    if isinstance(config, (str, bytes, os.PathLike, int, float)):
+        raise TypeError(f"config must be a transformers config or a config.json dict, got {type(config).__name__} "
+                        f"{config!r:.80}: load it with transformers.AutoConfig.from_pretrained")
     if isinstance(model, torch.nn.Module):
         return model.state_dict(), config if config is not None else getattr(model, "config", None)
     if isinstance(model, Mapping):
+        # a plain dict's values are in memory: check them (a lazy mapping's are read on access, and are tensors)
+        bad = next((k for k, v in model.items() if not isinstance(v, torch.Tensor)), None) if isinstance(model, dict) else None
+        if bad is not None:
+            raise TypeError(f"state dict entry {bad!r} is a {type(model[bad]).__name__}, not a torch.Tensor: "
+                            "convert it (torch.from_numpy for numpy arrays)")
         return model, config
-    raise TypeError(f"expected a state dict or an nn.Module, got {type(model).__name__}")
+    hint = (": load the folder first (transformers' from_pretrained, or safetensors.torch.load_file), or use the symmerge command line"
+            if isinstance(model, (str, os.PathLike)) else "")
+    raise TypeError(f"expected a state dict or an nn.Module, got {type(model).__name__}{hint}")
 
 
 def align(

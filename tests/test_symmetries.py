@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -128,6 +129,30 @@ def test_live_module_api_and_model_is_not_modified():
     assert result.report.symmetries == ("ffn",)
     assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
     assert isinstance(result.transform, ModelTransform)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a, b: symmerge.align(a, b, symmetries=3), "symmetries must be a string such as 'all,residual'"),
+    (lambda a, b: symmerge.align(a, b, symmetries=["ffn", 3]), "symmetries must be a string"),
+    (lambda a, b: symmerge.align("path/to/a", b), "got str: load the folder first"),
+    (lambda a, b: symmerge.align(a.state_dict(), b.state_dict(), config="gpt2"), "config must be a transformers config or a config.json dict"),
+    (lambda a, b: symmerge.align({k: v.numpy() for k, v in a.state_dict().items()}, b.state_dict(), config=a.config),
+     "is a ndarray, not a torch.Tensor"),
+    (lambda a, b: symmerge.apply_random_symmetry(a, seed="x"), "seed must be an int, got str"),
+])
+def test_wrong_argument_types_are_type_errors_that_say_what_to_pass(call, message):
+    """The Python API's wrong types failed deep inside ('int' object is not iterable, an AttributeError on a numpy
+    array, "the model config has none of model_type", torch's manual_seed message)."""
+    a, _ = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call(a, b)
+
+
+def test_symmetries_given_as_a_generator_are_read_once():
+    a, _ = make_model("gpt2", 0)
+    b, _ = make_model("gpt2", 1)
+    assert symmerge.align(a, b, symmetries=(c for c in ["ffn", "heads"])).report.symmetries == ("ffn", "heads")
 
 
 def test_a_slot_fused_per_head_reads_and_writes_back_bit_exactly():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -56,6 +57,10 @@ def random_transform(spec: ModelSpec, symmetries: str | Iterable[str] | None = "
                      max_scale: float = 2.0) -> ModelTransform:
     """A seeded random element of the chosen symmetry classes (scales log-uniform in [1/max_scale, max_scale])."""
     chosen = parse_symmetries(symmetries)
+    try:  # torch's own message names neither the argument nor the call
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r:.40}") from None
     g = torch.Generator().manual_seed(seed)
     out = ModelTransform()
     if "residual" in chosen:

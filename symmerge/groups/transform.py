@@ -43,6 +43,11 @@ parametrisation of every model involved (gains become 1, a tied LM head is untie
 
 def parse_symmetries(value: str | Iterable[str] | None) -> frozenset[str]:
     """``"ffn,qk,vo"`` / ``["ffn", "qk"]`` / ``"all"`` / ``"none"`` → a validated set of class names."""
+    if value is not None and not isinstance(value, str):  # a list, set or generator (read once: kept as a list)
+        items = list(value) if isinstance(value, Iterable) else None
+        if items is None or not all(isinstance(v, str) for v in items):
+            raise TypeError(f"symmetries must be a string such as 'all,residual' or a list of class names, got {value!r:.80}")
+        value = items
     if is_auto(value):
         raise SymmergeError("symmetries auto resolves per model family: pass a spec (resolve_symmetries), or name the classes")
     if value is None or value == "all":
