@@ -207,6 +207,28 @@ def test_short_form_errors_name_the_model_arguments_and_options(family_models, t
     assert not (tmp_path / "o").exists()
 
 
+def test_a_config_value_the_output_drops_is_noted(tmp_path, capsys):
+    """A merge writes one config: an input whose config sets another ``rope_theta`` (or activation, norm epsilon...)
+    than the output's was merged without a word. Settings that change nothing at inference (dropout, the name) and
+    keys only one config sets (another transformers version's spelling) are not noted."""
+    def llama(name, seed, **changes):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       vocab_size=64, **changes)
+        return save_model(transformers.LlamaForCausalLM(cfg), tmp_path / name)
+
+    a, b = llama("a", 0, attention_dropout=0.0), llama("b", 1, attention_dropout=0.1)
+    eps = llama("eps", 2, rms_norm_eps=1e-5)
+    extra = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**extra, "_name_or_path": "elsewhere", "only_here": 1}))
+    code, out, err = run_cli(capsys, "merge", a, b, "-m", "linear", "-s", "none", "-o", tmp_path / "ab", "-q")
+    assert code == 0, err
+    assert "config differs" not in out
+    code, out, err = run_cli(capsys, "merge", a, eps, "-m", "linear", "-s", "none", "-o", tmp_path / "aeps", "-q")
+    assert code == 0, err
+    assert f"note: {eps}'s config differs from {a}'s, which the output takes, in rms_norm_eps (1e-05 there, 1e-06 in the output)" in out
+
+
 def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):
     a, s = family_models["a"], family_models["scrambled"]
     models = f"models: [{{model: {a}}}, {{model: {s}}}]\n"

@@ -529,7 +529,7 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
                 t = transforms[i]
                 result.alignment[name] = {"distance_before": math.sqrt(sq_before[i]), "distance_after": math.sqrt(sq_after[i]),
                                           "identity": t is None or not (t.ffn or t.heads or t.residual is not None)}
-        source = plan.base if plan.aligned and plan.reference_index is None else plan.models[plan.reference_index or 0]
+        source = plan.config_source
         copy_model_files(source.path, tmp)
         vocab = plan.vocabulary
         if vocab is not None and vocab.tokenizer is not None:

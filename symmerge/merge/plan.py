@@ -88,6 +88,12 @@ class MergePlan:
     def aligned(self) -> bool:
         return bool(self.symmetries)
 
+    @property
+    def config_source(self) -> Checkpoint:
+        """The checkpoint whose config (and tokenizer files) the output takes: the base where the models are aligned
+        to it, else the reference (the first model when nothing is aligned)."""
+        return self.base if self.aligned and self.reference_index is None else self.models[self.reference_index or 0]
+
     def position(self, key: str) -> tuple[int, float]:
         """(slice index, t) of an output tensor of an unrenamed merge: its layer's place in its slice; tensors
         outside the layers take t = 0 in the first slice (embeddings) or the last one (final norm, head)."""

@@ -23,6 +23,7 @@ from symmerge.spec import (
     check_compatible_shapes,
     check_embeddable,
     check_same_shape,
+    config_differences,
     layer_structure,
     lent_head,
     resized_keys,
@@ -254,7 +255,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
                                     "widths are aligned to the widest")
 
     dtype, chat_template = output_choices(recipe, models, base, notes)
-    return MergePlan(
+    plan = MergePlan(
         recipe=recipe, models=models, weights=weights, base=base, method=method, params=params,
         symmetries=symmetries, reference_index=reference_index, spec=spec,
         dtype=dtype, shard_size=parse_size(recipe.shard_size),
@@ -263,6 +264,20 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         vocabulary=vocabulary_plan,
         model_specs=model_specs, chat_template=chat_template,
     )
+    _note_config_differences(plan)
+    return plan
+
+
+def _note_config_differences(plan: MergePlan) -> None:
+    """A note for each input whose config sets a value that may change what it computes (``rope_theta``,
+    ``hidden_act``...) otherwise than the config the output takes: merged silently, its value would be lost."""
+    source = plan.config_source
+    for ckpt in [*plan.models, *([plan.base] if plan.base is not None else [])]:
+        keys = [] if ckpt.identity == source.identity else config_differences(source.config, ckpt.config)
+        if keys:
+            shown = ", ".join(f"{k} ({shorten(ckpt.config[k], 40)} there, {shorten(source.config[k], 40)} in the output)" for k in keys[:3])
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            note_once(plan.notes, f"{cut(ckpt.path)}'s config differs from {cut(source.path)}'s, which the output takes, in {shown}{more}")
 
 
 def _specs(ckpts: list[Checkpoint]) -> list[ModelSpec | None]:

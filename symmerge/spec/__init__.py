@@ -8,6 +8,7 @@ from symmerge.spec.compat import (
     check_embeddable,
     check_floating,
     check_same_shape,
+    config_differences,
     lent_head,
     resized_keys,
     tied_head,
@@ -30,7 +31,7 @@ from symmerge.spec.modules import (
 __all__ = [
     "LAYER_COUNT_KEYS", "REFUSED", "SPEC_BUILDERS", "SUPPORTED_FAMILIES", "TENSOR_GROUPS", "AttentionGroup", "FFNGroup", "FamilyTable", "ModelSpec",
     "Norm", "ResidualGroup", "Slot", "StateView", "check_compatible", "check_compatible_shapes", "check_same_shape", "check_embeddable", "check_floating",
-    "resized_keys", "widths_differ",
+    "config_differences", "resized_keys", "widths_differ",
     "infer_layers", "layer_structure", "spec_for",
     "MODULAR_ARCHITECTURES", "Module", "architecture_name", "module_keys", "module_layers", "module_of", "modules_of", "stated_depth",
     "lent_head", "tied_head", "untied_head",

@@ -4,11 +4,33 @@ weight is read, each failing with a one-line error that names the first differen
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from symmerge.errors import SymmergeError
 from symmerge.spec.base import ModelSpec
+
+INFERENCE_NEUTRAL_CONFIG_KEYS = frozenset({
+    "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+    "use_cache", "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+    "return_dict", "torchscript", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params",
+    "tokenizer_class", "prefix", "gradient_checkpointing", "tie_word_embeddings", "vocab_size", "quantization_config",
+})
+"""config.json keys that do not change what the weights compute at inference (metadata, token ids, training-only
+settings), or that symmerge handles itself (tying: a tied model lends its embedding; vocab_size: the shapes)."""
+
+
+def config_differences(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """The config.json keys that both configs set, to different values, that may change what the weights compute
+    (``rope_theta``, ``rms_norm_eps``, ``hidden_act``, ``rope_scaling``...): a merge writes one config, so the other
+    models' values are dropped. Dropout is training-only. Keys only one config sets are left out: transformers
+    versions spell one setting differently (``rope_theta`` or ``rope_parameters``)."""
+    def neutral(key: str) -> bool:
+        return key in INFERENCE_NEUTRAL_CONFIG_KEYS or "dropout" in key or key.endswith("pdrop")
+
+    return sorted(k for k in reference.keys() & other.keys() if not neutral(k) and reference[k] != other[k])
 
 
 def check_same_shape(reference: ModelSpec, other: ModelSpec, other_name: str = "model") -> None:
