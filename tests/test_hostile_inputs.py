@@ -306,6 +306,37 @@ def test_a_tied_model_aligns_beside_an_untied_one(zoo, tmp_path, capsys, order):
     assert mixed[1] == pytest.approx(losses(zoo["b"] if model == zoo["a"] else zoo["tied"], model, "model")[1], abs=1e-5)
 
 
+def _old_llama_buffers(state):
+    state.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(4) for i in range(2)})
+
+
+def _old_gpt2_buffers(state):
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32, dtype=torch.bool).tril()
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+
+
+@pytest.mark.parametrize("name, add", [("b", _old_llama_buffers), ("gpt2", _old_gpt2_buffers)], ids=["llama-inv_freq", "gpt2-attn-bias"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_buffers_older_transformers_saved_are_not_weights(zoo, tmp_path, capsys, name, add, sharded):
+    """Older transformers saved buffers current ones recompute and drop on load (RoPE's inv_freq, GPT-2's causal
+    mask): such a checkpoint failed against a current save of the same architecture ("has an extra tensor
+    'model.layers.0.self_attn.rotary_emb.inv_freq'"). They are read as absent, and no output carries them."""
+    old = restate(copy(zoo, name, tmp_path, "old"), add)
+    if sharded:  # an index that lists them too
+        state = load_file(old / ST)
+        (old / ST).unlink()
+        save_file(state, old / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+        (old / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")}))
+    for models in ((zoo[name], old), (old, zoo[name])):
+        out = tmp_path / f"o-{models[0].name}"
+        code, _, err = run_cli(capsys, "merge", *models, "-m", "linear", "-o", out, "-q")
+        assert code == 0, err
+        assert not [k for k in load_file(out / ST) if k.endswith((".inv_freq", ".attn.bias", ".masked_bias"))]
+    code, _, err = run_cli(capsys, "distance", zoo[name], old)
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------------------------------------- barrier
 
 

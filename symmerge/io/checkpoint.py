@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
-from symmerge.spec.families import required_config_keys
+from symmerge.spec.families import is_derived_buffer, required_config_keys
 from symmerge.spec.layers import LAYER_COUNT_KEYS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -103,7 +103,7 @@ def _first_line(e: BaseException) -> str:
 def _safetensors_header(f: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape from one safetensors file's header (validated by safetensors), no data read."""
     with _reading(f), safe_open(f, "pt") as h:
-        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+        return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys() if not is_derived_buffer(k)}
 
 
 def _load_pickle(f: Path) -> object:
@@ -213,7 +213,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
                 where[key] = f.name
                 shapes[key] = shape
         for key, shard in weight_map.items():
-            if where.get(key) != shard:
+            if where.get(key) != shard and not is_derived_buffer(key):  # the headers were read without them
                 held = f" (it is in {where[key]})" if key in where else ""
                 raise SymmergeError(f"{index} says tensor {shorten(key)} is in {shard}, but that shard does not hold it{held}: "
                                     "the index does not match the shards; re-save the model")
@@ -265,7 +265,7 @@ def load_state_dict(ckpt: Checkpoint, check_finite: bool = True, file_backed: bo
             with _reading(f):
                 part = load_file(f)
             files.update(dict.fromkeys(part, f.resolve()))
-        state.update(part)
+        state.update((k, v) for k, v in part.items() if not is_derived_buffer(k))  # spec.families.DERIVED_BUFFER
     if check_finite:
         for key, t in state.items():
             if not all_finite(t):

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from symmerge.errors import SymmergeError
 from symmerge.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, _reading, all_finite, load_state_dict
+from symmerge.spec.families import is_derived_buffer
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -38,7 +39,8 @@ class LazyState(Mapping[str, torch.Tensor]):
             for f in ckpt.weight_files:
                 with _reading(f), safe_open(f, "pt") as h:
                     for k in h.keys():
-                        self._where[k] = f
+                        if not is_derived_buffer(k):  # not weights: spec.families.DERIVED_BUFFER
+                            self._where[k] = f
         self._handles: dict[Path, object] = {}
         self._checked: set[str] = set()
         self._lora = ckpt.lora.match(list(self._stored())) if ckpt.lora is not None else {}
@@ -59,8 +61,9 @@ class LazyState(Mapping[str, torch.Tensor]):
         for f in self.ckpt.weight_files:
             with _reading(f), safe_open(f, "pt") as h:
                 for k in h.keys():
-                    piece = h.get_slice(k)
-                    out[k] = (piece.get_dtype(), tuple(piece.get_shape()))
+                    if not is_derived_buffer(k):
+                        piece = h.get_slice(k)
+                        out[k] = (piece.get_dtype(), tuple(piece.get_shape()))
         return {**out, **{k: out[v] for k, v in self._aliases.items()}}
 
     def _stored(self) -> Mapping:

@@ -21,6 +21,7 @@ checks that refuse what a table cannot express (:data:`REFUSED`, :func:`_rotary_
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,17 @@ from symmerge.spec.base import (
     Slot,
     find_prefix,
 )
+
+DERIVED_BUFFER = re.compile(r"(^|\.)(h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
+"""Buffers older transformers versions saved and current ones recompute and drop on load (GPT-2 / GPT-J causal masks
+``h.N.attn.bias`` and ``masked_bias``, GPT-NeoX's ``layers.N.attention.bias`` / ``masked_bias``, RoPE's
+``rotary_emb.inv_freq``): not weights. A checkpoint is read without them, so an old checkpoint merges with a
+fine-tune a current transformers saved (which has none), and no output carries them."""
+
+
+def is_derived_buffer(key: str) -> bool:
+    return DERIVED_BUFFER.search(key) is not None
+
 
 REFUSED: dict[str, str] = {
     "t5": "T5's relative attention bias is a per-head table that would have to follow head permutations",
