@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -421,12 +422,15 @@ def merge(
     else:
         if method is None:
             raise SymmergeError("give a recipe (.yaml), or models plus --method (see `symmerge methods`)")
-        try:
-            weight_list = [float(w) for w in weights.split(",")] if weights else None
-        except ValueError:
-            from symmerge.errors import shorten
+        from symmerge.errors import shorten
 
+        try:
+            # "" is a slip (an unset shell variable), as -s "" is, not a request for the default weights
+            weight_list = [float(w) for w in weights.split(",")] if weights is not None else None
+        except ValueError:
             raise SymmergeError(f"--weights takes comma-separated numbers, got {shorten(weights)}") from None
+        if weight_list is not None and not all(math.isfinite(w) for w in weight_list):
+            raise SymmergeError(f"--weights takes finite numbers, got {shorten(weights)}")
         recipe, root = recipe_from_models(
             [str(p) for p in inputs], method, base=str(base) if base else None, weights=weight_list,
             params=_parse_params(param or []), align=align_, reference=str(reference) if reference else None,

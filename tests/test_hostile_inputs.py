@@ -257,6 +257,19 @@ def test_models_that_do_not_match(zoo, tmp_path, capsys, other, message, command
     fails_cleanly(capsys, message, *args, out=tmp_path / "o" if command == "merge" else None)
 
 
+@pytest.mark.parametrize("command", ["merge", "distance"])
+def test_a_task_head_model_against_its_bare_base_model_names_the_prefix(zoo, tmp_path, capsys, command):
+    """A model saved with AutoModelFor... (names under ``model.``) against one saved with AutoModel (no prefix) shares
+    no tensor name: the error says so, and that the prefix is why. Other families get no such hint."""
+    cfg = transformers.AutoConfig.from_pretrained(zoo["a"])
+    bare = save_model(transformers.LlamaModel(cfg), tmp_path / "bare")
+    for pair in ((zoo["a"], bare), (bare, zoo["a"])):
+        args = ["merge", *pair, "-m", "linear", "-o", tmp_path / "o", "-q"] if command == "merge" else ["distance", *pair]
+        fails_cleanly(capsys, f"{zoo['a']}'s names carry the prefix 'model.' (a model with a task head", *args, out=tmp_path / "o")
+    args = ["merge", zoo["a"], zoo["gpt2"], "-m", "linear", "-o", tmp_path / "o", "-q"] if command == "merge" else ["distance", zoo["a"], zoo["gpt2"]]
+    assert "prefix" not in fails_cleanly(capsys, "are not the same architecture", *args, out=tmp_path / "o")
+
+
 @pytest.mark.parametrize("order", ["untied-first", "tied-first"])
 @pytest.mark.parametrize("symmetries", ["none", "all", "auto"])
 def test_a_tied_model_merges_with_an_untied_one_in_either_order(zoo, tmp_path, capsys, order, symmetries):
@@ -471,6 +484,8 @@ def recipe(tmp_path, text) -> Path:
     ("models: [{model: A}, {model: /nonexistent/x}]\nmerge_method: linear\n", "/nonexistent/x does not exist"),
     ("models: [{model: A}, {model: A}]\nmerge_method: linear\n", "are both"),
     ("models: [A, B]\nmerge_method: linear\n", "models.0: Input should be a valid dictionary"),
+    ("models: [{model: A, parameters: {weight: 1}}, {model: B, parameters: {weight: -1}}]\nmerge_method: linear\n",
+     "models.*.parameters.weight: the weights sum to 0"),
     ("models: [{model: A}, {model: B}]\nmerge_method: linear\nalignment: {device: tpu}\n", "Input should be 'cpu', 'cuda' or 'auto'"),
     ("models: [{model: A}, {model: B}]\nmerge_method: linear\nalignment: {learn_seconds: 0.5}\n", "greater than or equal to 1"),
     ("models: [{model: A}, {model: B}]\nmerge_method: linear\ndtype: int8\n", "dtype: Input should be 'float32'"),
@@ -482,7 +497,10 @@ def test_hostile_recipes(zoo, tmp_path, capsys, body, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--weights", "1e308,1e308"], "weights must be finite, with magnitudes summing to at most 3.4e38"),  # was an overflow
-    (["--weights", "nan,1"], "got nan"),
+    (["--weights", "nan,1"], "--weights takes finite numbers, got 'nan,1'"),  # was "options: models.0.parameters: ..."
+    (["--weights", "1e309,1"], "--weights takes finite numbers"),
+    (["--weights", ""], "--weights takes comma-separated numbers, got ''"),  # was silently the default weights
+    (["--weights", "1,-1"], "--weights: the weights sum to 0"),  # was "models.*.parameters.weight: ..."
     (["--weights", "1,2,3"], "--weights has 3 values for 2 models"),
     (["--weights", ","], "--weights takes comma-separated numbers"),
     (["--shard-size", "nan"], "not a size: 'nan'"),

@@ -175,7 +175,7 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         plain = [resolve("weight", (src.parameters, top), "", 0.0) for src in slices[0].sources]
         weights = [1.0 if w is None else float(w) for w in plain]
     if weights is not None and sum(weights) == 0 and method.name == "linear" and params.get("normalize", True):
-        raise SymmergeError("models.*.parameters.weight: the weights sum to 0, so they cannot be normalised")
+        raise SymmergeError(f"{spelled(recipe, 'models.*.parameters.weight')}: the weights sum to 0, so they cannot be normalised")
 
     everyone = models + ([base] if base is not None and all(base is not c for c in models) else [])
     widest = _widest(models, base, layout)  # None: every model has one shape

@@ -99,8 +99,11 @@ def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Map
     extra = sorted(set(model) - set(reference) - optional)
     shared = len(set(reference) & set(model))
     if missing and extra and shared < len(reference) / 2:
+        prefixed = _prefixed(reference, model, model_name) or _prefixed(model, reference, reference_name)
+        hint = (f": {prefixed[0]}'s names carry the prefix {prefixed[1]!r} (a model with a task head, saved with "
+                "AutoModelFor..., against a bare base model): give models saved with one class") if prefixed else ""
         raise SymmergeError(f"{model_name} and {reference_name} are not the same architecture: they share {shared} of "
-                            f"{len(reference)} tensor names ({reference_name} has {missing[0]!r}, {model_name} has {extra[0]!r})")
+                            f"{len(reference)} tensor names ({reference_name} has {missing[0]!r}, {model_name} has {extra[0]!r}){hint}")
     if missing or extra:
         which, key = ("lacks", missing[0]) if missing else ("has an extra", extra[0])
         more = len(missing) + len(extra) - 1
@@ -108,6 +111,17 @@ def check_compatible_shapes(reference: Mapping[str, tuple[int, ...]], model: Map
     for key, shape in reference.items():
         if key in model and key not in resized and tuple(shape) != tuple(model[key]):
             raise SymmergeError(f"tensor {key!r} has shape {tuple(model[key])} in {model_name}, {tuple(shape)} in the reference")
+
+
+def _prefixed(bare: Collection[str], other: Collection[str], other_name: str) -> tuple[str, str] | None:
+    """``(other_name, prefix)`` when most of ``bare``'s names are in ``other`` with one prefix in front (``bert.``,
+    ``model.``, ``transformer.``), else ``None``."""
+    bare_set, other_set = set(bare), set(other)
+    key = next((k for k in sorted(bare_set - other_set)), None)
+    prefix = next((o[: -len(key)] for o in sorted(other_set) if key and o.endswith("." + key)), None)
+    if prefix and sum(prefix + k in other_set for k in bare_set) >= len(bare_set) / 2:
+        return other_name, prefix
+    return None
 
 
 def check_compatible(reference: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], model_name: str = "model",
