@@ -257,6 +257,21 @@ def test_models_that_do_not_match(zoo, tmp_path, capsys, other, message, command
     fails_cleanly(capsys, message, *args, out=tmp_path / "o" if command == "merge" else None)
 
 
+def test_a_single_file_wins_over_a_stale_index_as_in_transformers(zoo, tmp_path, capsys):
+    """A folder re-saved unsharded over a sharded save keeps the old index beside model.safetensors. transformers
+    loads model.safetensors; symmerge read the index and refused the folder ("names model-00001-of-00002.safetensors,
+    which is missing")."""
+    d = copy(zoo, "b", tmp_path)
+    state = load_file(d / ST)
+    weight_map = dict.fromkeys(state, "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    code, _, err = run_cli(capsys, "merge", zoo["a"], d, "-m", "linear", "-s", "none", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    merged, a = load_file(tmp_path / "o" / ST), load_file(zoo["a"] / ST)
+    assert all(torch.allclose(merged[k], (a[k] + state[k]) / 2) for k in state)
+    assert transformers.AutoModelForCausalLM.from_pretrained(d) is not None  # what transformers reads, too
+
+
 @pytest.mark.parametrize("command", ["merge", "distance"])
 def test_a_task_head_model_against_its_bare_base_model_names_the_prefix(zoo, tmp_path, capsys, command):
     """A model saved with AutoModelFor... (names under ``model.``) against one saved with AutoModel (no prefix) shares

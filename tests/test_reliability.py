@@ -379,7 +379,8 @@ def test_zero_attention_heads_is_an_error_naming_the_model(pair, capsys):
 
 def test_weight_map_that_is_not_a_mapping(pair, tmp_path, capsys):
     ref, _ = pair
-    (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    (ref / "model.safetensors").rename(ref / "shard.safetensors")  # an index beside model.safetensors is not read
+    (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["shard.safetensors"]}))
     expect_cli_error(capsys, "is not a valid safetensors index", "inspect", ref)
     (ref / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
     expect_cli_error(capsys, "must name a shard file", "inspect", ref)

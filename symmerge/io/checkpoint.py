@@ -191,7 +191,9 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     _check_config(config, config_path)
 
     index = path / SAFETENSORS_INDEX
-    if index.is_file():
+    # a single model.safetensors wins over an index beside it (one left over from a re-save), as in transformers'
+    # from_pretrained: symmerge reads the weights transformers would load
+    if index.is_file() and not (path / "model.safetensors").is_file():
         data = _read_json(index, "safetensors index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
