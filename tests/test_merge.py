@@ -229,6 +229,19 @@ def test_a_config_value_the_output_drops_is_noted(tmp_path, capsys):
     assert f"note: {eps}'s config differs from {a}'s, which the output takes, in rms_norm_eps (1e-05 there, 1e-06 in the output)" in out
 
 
+def test_iterative_alignment_that_cannot_run_is_noted(family_models, tmp_path, capsys):
+    """--iterative needs 3+ models, no base and weight matching; otherwise the star alignment ran without a word."""
+    a, s = family_models["a"], family_models["scrambled"]
+    code, out, err = run_cli(capsys, "merge", a, s, "--method", "linear", "--iterative", "-o", tmp_path / "o", "-q")
+    assert code == 0, err
+    assert "note: --iterative: not with 2 models (it needs 3 or more); each model is aligned to the reference" in out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: [{{model: {a}}}, {{model: {s}}}]\nmerge_method: linear\nalignment: {{iterative: true}}\n")
+    code, out, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "r", "-q")
+    assert code == 0, err
+    assert "note: alignment.iterative: not with 2 models" in out
+
+
 def test_recipe_validation_names_key_and_value(family_models, tmp_path, capsys):
     a, s = family_models["a"], family_models["scrambled"]
     models = f"models: [{{model: {a}}}, {{model: {s}}}]\n"

@@ -146,10 +146,8 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
 
 
 def iterative(plan: MergePlan) -> bool:
-    """Whether the models are aligned to a common basis iteratively (:func:`symmerge.alignment.align_many`): asked
-    for (``alignment.iterative``), three models or more, no base model, weight matching."""
-    return bool(plan.aligned and plan.recipe.alignment.iterative and plan.base is None and len(plan.models) >= 3
-                and plan.match == "weights")
+    """:attr:`MergePlan.iterative`."""
+    return plan.iterative
 
 
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,

@@ -89,6 +89,13 @@ class MergePlan:
         return bool(self.symmetries)
 
     @property
+    def iterative(self) -> bool:
+        """Whether the models are aligned to a common basis iteratively (:func:`symmerge.alignment.align_many`): asked
+        for (``alignment.iterative``), three models or more, no base model, weight matching."""
+        return bool(self.aligned and self.recipe.alignment.iterative and self.base is None and len(self.models) >= 3
+                    and self.match == "weights")
+
+    @property
     def config_source(self) -> Checkpoint:
         """The checkpoint whose config (and tokenizer files) the output takes: the base where the models are aligned
         to it, else the reference (the first model when nothing is aligned)."""

@@ -265,6 +265,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
         model_specs=model_specs, chat_template=chat_template,
     )
     _note_config_differences(plan)
+    if plan.aligned and recipe.alignment.iterative and not plan.iterative:  # asked for, but the star alignment runs
+        why = (f"{spelled(recipe, 'base_model')} (the models align to it)" if base is not None
+               else f"{spelled(recipe, 'alignment.match')} {match}" if match != "weights" else f"{len(models)} models (it needs 3 or more)")
+        plan.notes.append(f"{spelled(recipe, 'alignment.iterative')}: not with {why}; each model is aligned to the reference")
     return plan
 
 

@@ -567,7 +567,8 @@ def recipe_from_models(models: list[str], method: str, *, base: str | None = Non
 
 
 SHORT_FORM_OPTIONS = {"merge_method": "--method", "base_model": "--base", "data": "--data", "alignment.match": "--match",
-                      "alignment.reference": "--reference", "models.*.parameters.weight": "--weights"}
+                      "alignment.reference": "--reference", "models.*.parameters.weight": "--weights",
+                      "alignment.iterative": "--iterative"}
 """The recipe keys that errors name, as the short form ``symmerge merge A B --method ...`` spells them."""
 
 _SHORT_FORM_MODEL = re.compile(r"models\.(\d+)(\.model)?")  # the short form's positional models: "model 2", counted from 1
