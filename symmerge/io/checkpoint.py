@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
-from symmerge.spec.families import is_derived_buffer, required_config_keys
+from symmerge.spec.families import check_head_sizes, is_derived_buffer, required_config_keys
 from symmerge.spec.layers import LAYER_COUNT_KEYS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -173,6 +173,10 @@ def _check_config(config: dict, config_path: Path) -> None:
         if not any(config.get(n) is not None for n in names):
             raise SymmergeError(f"{config_path} has none of {', '.join(names)}: the config of model {model_dir} "
                                 f"({model_type}) needs one of them")
+    try:
+        check_head_sizes(config)
+    except SymmergeError as e:
+        raise SymmergeError(f"{config_path}: {e}: the config of model {model_dir} is broken") from None
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:

@@ -183,9 +183,8 @@ class Sizes:
     ffn_width: int
 
 
-def read_sizes(table: FamilyTable, config: Any) -> Sizes:
-    """Sizes from the config keys the table names. ``head_dim`` defaults to ``hidden / heads`` (which must divide),
-    ``kv_heads`` to ``heads`` (which it must divide), the FFN width to ``ffn_default · hidden``."""
+def _head_sizes(table: FamilyTable, config: Any) -> tuple[int, int, Any, int]:
+    """(hidden, heads, stated head_dim or 0, KV heads), or a one-line error where they do not fit together."""
     d, h = int(config_value(config, *table.hidden)), int(config_value(config, *table.heads))
     dh = config_value(config, *table.head_dim, default=0) if table.head_dim else 0
     if not dh and d % h:
@@ -193,6 +192,21 @@ def read_sizes(table: FamilyTable, config: Any) -> Sizes:
     kv = int(config_value(config, *table.kv_heads, default=h)) if table.kv_heads else h
     if h % kv:
         raise SymmergeError(f"{h} attention heads cannot be grouped over {kv} key/value heads")
+    return d, h, dh, kv
+
+
+def check_head_sizes(config: Mapping[str, Any]) -> None:
+    """A supported family's head counts fit together (see :func:`_head_sizes`), checked when a checkpoint is opened
+    so that the error can name its config: found later, when a spec is built, it named no model."""
+    tables = TABLES.get(config.get("model_type"))
+    if tables:
+        _head_sizes(tables[0], config)
+
+
+def read_sizes(table: FamilyTable, config: Any) -> Sizes:
+    """Sizes from the config keys the table names. ``head_dim`` defaults to ``hidden / heads`` (which must divide),
+    ``kv_heads`` to ``heads`` (which it must divide), the FFN width to ``ffn_default · hidden``."""
+    d, h, dh, kv = _head_sizes(table, config)
     ffn = int(config_value(config, *table.ffn_width, default=table.ffn_default * d or None))
     return Sizes(int(config_value(config, *table.layers)), d, h, kv, int(dh) or d // h, ffn)
 
