@@ -197,6 +197,16 @@ def _config_kv_heads_do_not_divide(d):  # was an error naming no model: which of
     (d / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
 
 
+def _config_states_more_layers(d):  # named no model ("tensor ... is missing"), and -s none wrote a config of 3 layers over 2
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+
+
+def _config_states_fewer_layers(d):  # the second layer's tensors were "extra" tensors of no named model
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+
+
 def _index_outside(target):
     def setup(d):
         state = load_file(d / ST)
@@ -238,6 +248,9 @@ def _empty_tensor(d):
     (_config_null, "config.json does not hold a JSON object"),
     (_config_folder, "has no config.json"),
     (_config_kv_heads_do_not_divide, "config.json: 4 attention heads cannot be grouped over 3 key/value heads: the config of model"),
+    (_config_states_more_layers, "config.json has num_hidden_layers = 3, but the tensor names hold 2 layers (model.layers.0…1): "
+                                 "the config does not match the weights"),
+    (_config_states_fewer_layers, "config.json has num_hidden_layers = 1, but the tensor names hold 2 layers"),
     (_index_outside("absolute"), "must name a shard file in"),
     (_index_outside("parent"), "must name a shard file in"),
     (_empty_weight_map, "needs a non-empty \"weight_map\""),

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from symmerge.errors import SymmergeError, cut, shorten
 from symmerge.io.output import MARKER, OLD_MARKERS, atomic_output_dir, check_output_dir, is_symmerge_output  # noqa: F401
 from symmerge.spec.families import check_head_sizes, is_derived_buffer, required_config_keys
-from symmerge.spec.layers import LAYER_COUNT_KEYS
+from symmerge.spec.layers import LAYER_COUNT_KEYS, stated_layers_problem
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -227,10 +227,10 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         if extra:
             raise SymmergeError(f"{index} does not list tensor {shorten(extra[0])} of {where[extra[0]]} "
                                 f"({len(extra)} unlisted): the index does not match the shards; re-save the model")
-        return Checkpoint(path, config, files, _shapes=shapes)
+        return _layers_checked(Checkpoint(path, config, files, _shapes=shapes), config_path)
     if (path / "model.safetensors").is_file():
         f = path / "model.safetensors"
-        return Checkpoint(path, config, [f], _shapes=_safetensors_header(f))
+        return _layers_checked(Checkpoint(path, config, [f], _shapes=_safetensors_header(f)), config_path)
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickles:
         if not allow_pickle:
@@ -240,6 +240,15 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
             )
         return Checkpoint(path, config, pickles, is_pickle=True)
     raise SymmergeError(f"{path} has no model.safetensors (nor a sharded index, nor pickle weights)")
+
+
+def _layers_checked(ckpt: Checkpoint, config_path: Path) -> Checkpoint:
+    """``ckpt``, once its config's layer count is that of its tensors (:func:`~symmerge.spec.layers.stated_layers_problem`;
+    read from the headers, so a pickle checkpoint is checked where its spec is built)."""
+    problem = stated_layers_problem(ckpt.config, ckpt.shapes().keys())
+    if problem is not None:
+        raise SymmergeError(f"{config_path} {problem}")
+    return ckpt
 
 
 class FileBackedState(dict):

@@ -71,6 +71,28 @@ def infer_layers(config: Any, keys: Collection[str]) -> ModelSpec:
     return ModelSpec(family, count, 0, 0, 0, 0, roles=roles, blocks=tuple(f"{prefix}.{i}" for i in range(count)))
 
 
+def stated_layers_problem(config: Any, keys: Collection[str]) -> str | None:
+    """For a family symmerge has a spec of, what is wrong when config.json's layer count is not the number of layers
+    the tensor names hold (an edited or copied config), else ``None``: the spec reads the depth from the config, so
+    a missing layer would surface later as a missing tensor of no named model, and a merge without alignment would
+    write a config that does not match its weights. Other families are checked where their layers are inferred
+    (:func:`infer_layers`)."""
+    try:
+        spec = spec_for(config, keys)
+    except SymmergeError:
+        return None
+    if not spec.blocks:
+        return None
+    prefix = spec.blocks[0].rsplit(".", 1)[0] + "."
+    held = {int(m.group(1)) for k in keys if k.startswith(prefix) and (m := re.match(r"(\d+)\.", k[len(prefix):]))}
+    if held == set(range(len(spec.blocks))):
+        return None
+    stated = _stated_depth(config)
+    said = f"{stated[0]} = {stated[1]}" if stated else f"{len(spec.blocks)} layers"
+    count = f"{len(held)} layers ({prefix}{min(held)}…{max(held)})" if held else "no layer"
+    return f"has {said}, but the tensor names hold {count}: the config does not match the weights"
+
+
 def loose_role(key: str) -> str:
     """A tensor outside the layers, by its name: ``"head"`` (under a :data:`HEAD_MODULES` module), ``"embeddings"``
     (a module named like an embedding: ``embed_tokens``, ``wte``, ``word_embeddings``, ``embeddings.LayerNorm``),
