@@ -16,6 +16,8 @@ import transformers
 from conftest import expect_cli_error, make_model, run_cli, save_model, stray_folders
 from safetensors.torch import load_file, save_file
 
+from symmerge.errors import SymmergeError
+from symmerge.io.output import check_output_dir
 from symmerge.merge import engine
 
 ST = "model.safetensors"
@@ -610,3 +612,9 @@ def test_demo_out_on_a_file_is_refused_before_training(tmp_path, capsys, monkeyp
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         fails_cleanly(capsys, "is a file, not a folder", "demo", "--out", out)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_empty_output_path_is_named_as_empty_not_as_the_current_folder():
+    """Path("") is the current folder: the message named `--out .`, a folder the caller never gave."""
+    with pytest.raises(SymmergeError, match=r"^--out is empty: name the folder to create$"):
+        check_output_dir("", force=True)

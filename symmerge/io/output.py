@@ -64,6 +64,8 @@ def _refuse_replacing(out: Path) -> SymmergeError:
 def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuse, before any work, an output that would destroy an input, replace something that is not ours, or
     cannot be written."""
+    if not str(out).strip():  # Path("") is "." : the message would name a folder the user did not type
+        raise SymmergeError("--out is empty: name the folder to create")
     given = Path(out)
     out = _absolute(out)
     if out.parent == out:
