@@ -996,3 +996,16 @@ def test_mergekit_model_prefix_and_a_top_level_pad_to_multiple_of_are_read_as_me
     assert "note: pad_to_multiple_of: a tokenizer: key at the top level, where mergekit ignores it: ignored here too (write it under tokenizer:)" in out
     expect_cli_error(capsys, "dype: Extra inputs are not permitted, got 'float32' (did you mean dtype?)", "merge",
                      _write(tmp_path / "typo.yaml", head + "dype: float32\n"), tmp_path / "o")
+
+
+@pytest.mark.parametrize("method, params", [("nearswap", "parameters: {t: 0.001}\n"), ("arcee_fusion", "")])
+def test_base_anchored_methods_note_the_per_model_weight_they_do_not_read(llamas, tmp_path, capsys, method, params):
+    """nearswap and arcee_fusion (mergekit's have no weight parameter) read no per-model weight: a published recipe
+    that gives one merges as without it, and the user is told so once instead of silently (it was dropped unnoted)."""
+    a, base = llamas["a"], llamas["base"]
+    head = f"merge_method: {method}\nbase_model: {base}\nalignment: none\n{params}"
+    weighted, out = merge_recipe(capsys, tmp_path / "w", head + f"models: [{{model: {a}, parameters: {{weight: 0.3}}}}]\n")
+    plain, out_plain = merge_recipe(capsys, tmp_path / "u", head + f"models: [{{model: {a}}}]\n")
+    assert all(torch.equal(weighted[k], plain[k]) for k in plain)
+    note = f"note: weight: {method} takes no per-model weight (mergekit's has none), so it changes nothing"
+    assert out.splitlines().count(note) == 1 and "note: weight" not in out_plain

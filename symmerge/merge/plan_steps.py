@@ -60,10 +60,10 @@ def check_scope(method: MergeMethod, scope: dict[str, Any], where: str, per_mode
     out = {}
     for key, setting in scope.items():
         if key == "weight":
-            if method.recipe_weight:
+            if method.recipe_weight is True:
                 out[key] = setting
             else:
-                note_once(notes, f"weight: {method.name} averages uniformly (1/M), as mergekit's does, so it changes nothing")
+                note_once(notes, f"weight: {method.name} {method.recipe_weight}, so it changes nothing")
             continue
         spec = specs.get(key)
         if spec is None:

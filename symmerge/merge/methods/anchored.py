@@ -272,6 +272,7 @@ def _ram(method: str, tensors: Sequence[Tensor], base: Tensor | None, name: str 
     params={"t": Float(None, 0, required=True, help="distance below which the other model's value is taken whole")},
     needs_base=True,
     max_models=2,
+    recipe_weight="takes no per-model weight (mergekit's has none)",
     description="NearSwap: take the other model's value where it is within t of the base, else move t toward it",
 )
 def nearswap(
@@ -315,6 +316,7 @@ def _quantiles_like_mergekit(x: Tensor, qs: Sequence[float]) -> list[float]:
     "arcee_fusion",
     needs_base=True,
     max_models=2,
+    recipe_weight="takes no per-model weight (mergekit's has none)",
     description="Arcee Fusion: take the other model's changes only where their importance is an upper outlier",
 )
 def arcee_fusion(

@@ -276,7 +276,7 @@ def multislerp(
         "tol": Float(1e-5, 0, lo_open=True, help="stop when the tangent step is shorter; norms below it count as zero"),
     },
     description="Karcher (Riemannian) mean of the models' directions on the sphere, at their mean norm (unweighted, as mergekit's)",
-    recipe_weight=False,  # mergekit 0.1.5's karcher takes alphas = 1/M whatever the recipe's weights
+    recipe_weight="averages uniformly (1/M), as mergekit's does",  # mergekit 0.1.5's karcher: alphas = 1/M whatever the weights
 )
 def karcher(
     tensors: Sequence[Tensor],

@@ -156,9 +156,9 @@ class MergeMethod:
     optional_base: bool = False  # uses base_model when the recipe has one (slerp, nuslerp, multislerp), works without
     check: Callable[[str, dict], None] | None = field(default=None, repr=False)  # cross-parameter checks (validate_params)
     workers: int = 1  # output tensors the engine merges at once, in threads (each in flight adds its scratch memory)
-    # whether a recipe's per-model ``weight`` reaches ``fn``; False where mergekit's method declares no weight and
-    # reads none (karcher): the recipe planner then drops it with a note, so a pasted recipe means what it meant
-    recipe_weight: bool = True
+    # ``True``: a recipe's per-model ``weight`` reaches ``fn``; else why mergekit's method reads none (karcher: it
+    # averages uniformly), and the recipe planner drops it with a note that says so: a pasted recipe means what it meant
+    recipe_weight: bool | str = True
 
     @property
     def uses_base(self) -> bool:
@@ -228,7 +228,7 @@ def merge_method(
     optional_base: bool = False,
     check: Callable[[str, dict], None] | None = None,
     workers: int = 1,
-    recipe_weight: bool = True,
+    recipe_weight: bool | str = True,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register the decorated per-tensor function in :data:`MERGE_METHODS` under ``name``.
 
@@ -247,7 +247,8 @@ def merge_method(
     engine may merge at once, in threads — more than one only for a function that is pure per tensor (scratch per
     call, random masks seeded per tensor: the bits do not change) and whose scratch is small, because every tensor
     in flight adds its memory (with two, sce — when it still kept whole-tensor float32 statistics — raised its peak RSS from 1.82 to 2.96 GB).
-    ``recipe_weight=False``: a recipe's per-model ``weight`` is noted and dropped (mergekit's method has none).
+    ``recipe_weight``: ``True``, or why a recipe's per-model ``weight`` changes nothing (mergekit's method reads
+    none): it is then dropped with a note giving that reason.
 
     Every function takes ``out_dtype=None``: it computes in float32 (float64 if an input is float64) and rounds
     once, to ``out_dtype`` (default: the dtype of ``tensors[0]``). The engine passes the output dtype, so a
