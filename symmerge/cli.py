@@ -15,7 +15,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import click
 import typer
@@ -771,6 +771,19 @@ fine-tune ``align`` of the 4-layer LLaMA-7B-width pair took 46.5 s with the runt
 pair's ``merge -s all`` (long GEMMs, LAP threads beside them) 199.2 s against 193.7 s, quiet."""
 
 
+LOG_REDRAW_SECONDS = 30
+"""How often a progress bar redraws when stderr is not a terminal (a log file, CI): tqdm redraws with carriage
+returns, which a log keeps as one line — 58 KB for the demo's zoo training at tqdm's 0.1 s. The user's own
+``TQDM_MININTERVAL`` wins."""
+
+
+def quiet_bars_in_logs(stream: Any = None) -> None:
+    """Progress bars redraw every :data:`LOG_REDRAW_SECONDS` where ``stream`` (stderr) is not a terminal."""
+    stream = sys.stderr if stream is None else stream
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_REDRAW_SECONDS))
+
+
 def run() -> None:
     """The ``symmerge`` console script: :func:`main`, then, after a success, an exit that skips the interpreter's
     teardown. By the time ``main`` returns every output is complete and renamed into place; what a normal exit adds
@@ -779,9 +792,11 @@ def run() -> None:
     Ray) still run, and the streams are flushed. Failures and interruptions exit the ordinary way.
 
     First, before any command imports torch: freed large buffers are kept for reuse
-    (:func:`symmerge.allocator.keep_freed_buffers`), and idle OpenMP threads sleep (:data:`OPENMP_WAIT_POLICY`)."""
+    (:func:`symmerge.allocator.keep_freed_buffers`), idle OpenMP threads sleep (:data:`OPENMP_WAIT_POLICY`), and
+    progress bars written to a log redraw rarely (:func:`quiet_bars_in_logs`)."""
     keep_freed_buffers()
     os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
+    quiet_bars_in_logs()
     try:
         main()
     except SystemExit as e:

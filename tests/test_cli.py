@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from conftest import cli_env, expect_cli_error, make_model, max_output_diff, run
 from safetensors.torch import load_file
 
 import symmerge
+from symmerge.cli import quiet_bars_in_logs
 from symmerge.match import state_norm
 from symmerge.spec.families import SUPPORTED_FAMILIES
 
@@ -287,6 +289,40 @@ def test_the_command_line_keeps_large_buffers_in_the_heap(how, env, expected):
     out = subprocess.run([sys.executable, "-c", _LARGE_ALLOCATION, how], env={**cli_env(), **env}, capture_output=True, text=True,
                          check=True).stdout.split()
     assert " ".join(out) == expected
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+_BAR_REDRAW = """
+import os, sys
+from symmerge.cli import quiet_bars_in_logs
+quiet_bars_in_logs()  # as the console script does, before any command imports tqdm (which reads TQDM_* on import)
+from tqdm.auto import tqdm
+with open(os.devnull, "w") as sink, tqdm(total=1, file=sink) as bar:
+    print(bar.mininterval)
+"""
+
+
+@pytest.mark.parametrize("tty, user, expected", [(False, None, "30"), (True, None, None), (False, "0.5", "0.5")])
+def test_progress_bars_written_to_a_log_redraw_rarely(monkeypatch, tty, user, expected):
+    """Where stderr is not a terminal (a log file, CI), tqdm's carriage-return redraws pile up on one line (58 KB for
+    the demo's zoo training): the command line makes bars redraw every 30 s there, in a terminal nothing changes,
+    and the user's own TQDM_MININTERVAL wins. In a fresh interpreter whose stderr is a pipe, tqdm's bars then take
+    that interval (0.1 s is tqdm's own default)."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    if user is not None:
+        monkeypatch.setenv("TQDM_MININTERVAL", user)
+    quiet_bars_in_logs(_Stream(tty))
+    assert os.environ.get("TQDM_MININTERVAL") == expected
+    env = {k: v for k, v in cli_env().items() if k != "TQDM_MININTERVAL"} | ({"TQDM_MININTERVAL": user} if user else {})
+    shown = subprocess.run([sys.executable, "-c", _BAR_REDRAW], env=env, capture_output=True, text=True, check=True).stdout
+    assert float(shown) == float(user or 30)
 
 
 def test_align_writes_a_fine_tune_as_it_is_and_says_why(tmp_path, capsys):

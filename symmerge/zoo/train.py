@@ -154,7 +154,7 @@ def train_vit(
                     _step(model, opt, schedule, loss)
                     bar.update()
                     if bar.n % 10 == 0:
-                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)  # drawn with the next update
         seconds = time.perf_counter() - start
         test = evaluate_classifier(model, data.test_images, data.test_labels)
     record = {
@@ -210,7 +210,7 @@ def train_char_gpt2(
                 _step(model, opt, schedule, loss)
                 bar.update()
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn with the next update
         seconds = time.perf_counter() - start
         val = evaluate_lm(model, corpus.val, context, val_windows)
     record = {
