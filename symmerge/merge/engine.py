@@ -145,11 +145,6 @@ def fit_alignments(plan: MergePlan, states: list[LazyState], base: LazyState | N
     return transforms, base_transform
 
 
-def iterative(plan: MergePlan) -> bool:
-    """:attr:`MergePlan.iterative`."""
-    return plan.iterative
-
-
 def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState | None, progress: bool,
                        result: MergeResult, executor: Any = None) -> tuple[list, Any, list]:
     """The residual map touches every tensor, and activation / learned matching run the models on data, so these
@@ -178,7 +173,7 @@ def align_whole_models(plan: MergePlan, states: list[LazyState], base: LazyState
                    calibration=calibration, learn_steps=plan.recipe.alignment.learn_steps,
                    learn_seconds=plan.recipe.alignment.learn_seconds, max_seconds=plan.recipe.alignment.max_seconds,
                    device=plan.recipe.alignment.device, ray=executor)
-    if iterative(plan):  # K ≥ 3 models, no base: each to the mean of the others, in rounds (align_many)
+    if plan.iterative:  # K ≥ 3 models, no base: each to the mean of the others, in rounds (align_many)
         many = align_many(list(states), reference=plan.reference_index, **options)
         ref_index = plan.reference_index or 0
         for i, name in enumerate(plan.names):
@@ -452,9 +447,9 @@ def run_merge(plan: MergePlan, out: Path, *, force: bool = False, progress: bool
         check_integer_tensors(plan.method.name, [*states, *([base] if base is not None and listed is None else [])])
     result = MergeResult(out, seconds)
     residual = "residual" in plan.symmetries
-    whole_models = plan.aligned and (residual or plan.match != "weights" or iterative(plan))
+    whole_models = plan.aligned and (residual or plan.match != "weights" or plan.iterative)
     transforms, base_transform = [None] * len(states), None
-    if not whole_models or (plan.match == "weights" and not iterative(plan)):
+    if not whole_models or (plan.match == "weights" and not plan.iterative):
         transforms, base_transform = fit_alignments(plan, states, base, progress, executor)
         if whole_models:
             # models that share a basis (fine-tunes of one base) are told apart by the per-layer fit, whose guard
