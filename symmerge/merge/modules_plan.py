@@ -12,7 +12,7 @@ from symmerge.errors import SymmergeError, cut
 from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod
 from symmerge.merge.plan import MergePlan, OutSlice, OutTensor, SliceSource, parameter_scopes
-from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
+from symmerge.merge.plan_steps import check_model_count, check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
 from symmerge.merge.recipe import ModuleEntry, Recipe, parse_size, spelled
 from symmerge.merge.references import index_in, open_reference, refuse_repeated_models
 from symmerge.merge.settings import has_gradient
@@ -63,13 +63,7 @@ def plan_modules(recipe: Recipe, root: Path | None, allow_pickle: bool, method: 
                         check_scope(method, m.parameters, f"{where}.models.{i}.parameters", True, notes), None)
                        for i, m in enumerate(entry.models)]
             unlisted = base is not None and all(models[m].identity != base.identity for m, _, _ in sources)
-            # an interpolation counts the base it is given among its models (slerp: base_model + 1 model), as plan_merge
-            counted = len(entry.models) + (unlisted and method.optional_base)
-            try:
-                method.check_models(counted, True)
-            except SymmergeError as e:
-                raise SymmergeError(f"{where}: {e}" + (" (counting base_model, which mergekit adds to models that do not list it)"
-                                                       if counted > len(entry.models) else "")) from None
+            check_model_count(method, len(entry.models), unlisted, f"{where}: ")  # an interpolation counts the unlisted base
             refuse_repeated_models([models[m].identity for m, _, _ in sources], f"{where}.models")
             if unlisted and method.uses_base:
                 sources.append((index_in(models, base), {}, None))  # mergekit: "Base model specified but not in input models - adding"

@@ -49,6 +49,19 @@ def _ignored_elsewhere(method: MergeMethod, key: str, setting: Any, per_model: b
     return all(isinstance(v, bool) for v in values) or all(any(v == p.default for p in specs) for v in values)
 
 
+def check_model_count(method: MergeMethod, listed: int, base_unlisted: bool, where: str = "") -> None:
+    """``method.check_models`` of ``listed`` models, counting the base_model an interpolation (slerp, nuslerp,
+    multislerp) is given beside a list that leaves it out: mergekit adds it to the models ("Base model specified but
+    not in input models - adding"), so ``base_model: A`` + ``models: [B]`` is slerp A→B. ``where``: the error's
+    prefix (a module's ``modules.NAME: ``)."""
+    counted = listed + (base_unlisted and method.optional_base)
+    try:
+        method.check_models(counted, True)
+    except SymmergeError as e:
+        counting = " (counting base_model, which mergekit adds to models that do not list it)" if counted > listed else ""
+        raise SymmergeError(f"{where}{e}{counting}") from None
+
+
 def _known_keys(method: MergeMethod) -> dict[str, Any]:
     return {p.name: p for p in method.params} | {p.arg: p for p in method.params}
 

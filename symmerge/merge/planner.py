@@ -13,7 +13,7 @@ from symmerge.io import Checkpoint
 from symmerge.merge.methods import MergeMethod, get_method, validate_params
 from symmerge.merge.modules_plan import as_modules, plan_modules
 from symmerge.merge.plan import MergePlan, OutSlice, SliceSource, has_weight, parameter_scopes
-from symmerge.merge.plan_steps import check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
+from symmerge.merge.plan_steps import check_model_count, check_scope, check_slice_bases, frankenmerge_layout, model_names, note_once, output_choices, slice_base
 from symmerge.merge.recipe import TOKENIZER_KEYS_AT_TOP, Recipe, data_hint, parse_size, spelled
 from symmerge.merge.references import index_in, open_reference, refuse_repeated_models, resolve_path
 from symmerge.merge.settings import has_gradient, is_plain, leaves, resolve
@@ -56,16 +56,10 @@ def plan_merge(recipe: Recipe, root: Path | None = None, allow_pickle: bool = Fa
 
     # the inputs: models, or every model a slice names, each opened once (a LoRA-adapted model is another model)
     if recipe.models is not None:
-        # the base is checked below, with a fuller explanation; a base that the interpolations (slerp, nuslerp,
-        # multislerp) use but the list leaves out counts as one of their models: mergekit adds it to the models
-        # ("Base model specified but not in input models - adding"), so `base_model: A` + `models: [B]` is slerp A→B
+        # the base is checked below, with a fuller explanation; an interpolation counts a base the list leaves out
         models = [open_reference(m.model, root, spelled(recipe, f"models.{i}.model"), allow_pickle) for i, m in enumerate(recipe.models)]
         base = open_reference(recipe.base_model, root, spelled(recipe, "base_model"), allow_pickle) if recipe.base_model else None
-        unlisted = base is not None and method.optional_base and all(m.identity != base.identity for m in models)
-        try:
-            method.check_models(len(models) + unlisted, True)
-        except SymmergeError as e:
-            raise SymmergeError(f"{e} (counting base_model, which mergekit adds to models that do not list it)" if unlisted else str(e)) from None
+        check_model_count(method, len(models), base is not None and all(m.identity != base.identity for m in models))
         refuse_repeated_models([m.identity for m in models], "models", lambda i: spelled(recipe, f"models.{i}"))
         model_params = [check_scope(method, m.parameters, f"models.{i}.parameters", True, notes) for i, m in enumerate(recipe.models)]
     else:
