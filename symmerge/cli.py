@@ -171,8 +171,7 @@ def align(
     lend = lent_head([(ref_spec, ref_ckpt.shapes().keys()), *((own, c.shapes().keys()) for own, c in zip(specs, ckpts))])
 
     def shapes(ckpt):
-        stored = ckpt.shapes()
-        return {**stored, lend[0]: stored[lend[1]]} if lend and lend[0] not in stored and lend[1] in stored else stored
+        return _with_lent_head(dict(ckpt.shapes()), lend)
 
     own_specs = []
     for ckpt, own in zip(ckpts, specs):
@@ -189,10 +188,7 @@ def align(
         written; Ray tasks read the files themselves); data-driven matchers run the models on whole state dicts."""
         if match == "weights":
             return LazyState(ckpt, dict([lend]) if lend else None)
-        state = load_state_dict(ckpt, file_backed=executor is not None)
-        if lend and lend[0] not in state:
-            state[lend[0]] = state[lend[1]]
-        return state
+        return _with_lent_head(load_state_dict(ckpt, file_backed=executor is not None), lend)
 
     ref_state = read(ref_ckpt)
     rows, reports, kept = [], {}, set()
@@ -265,10 +261,18 @@ def _lend_head(ref_ckpt, a: dict, ckpt, b: dict) -> bool:
         lend = lent_head([(spec_for(ref_ckpt.config, a.keys()), a.keys()), (spec_for(ckpt.config, b.keys()), b.keys())])
     except SymmergeError:  # a family symmerge has no spec of (barrier -s none): no tied pair it knows of
         return False
-    for state in (a, b) if lend else ():
-        if lend[0] not in state:
-            state[lend[0]] = state[lend[1]]
+    for state in (a, b):
+        _with_lent_head(state, lend)
     return lend is not None
+
+
+def _with_lent_head(mapping: dict, lend: tuple[str, str] | None) -> dict:
+    """``mapping`` (tensors or shapes) given, in place, its embedding's entry as its head where it ties the head
+    (``lend``: :func:`symmerge.spec.lent_head`'s ``(head, embedding)``); the same dict, so a
+    :class:`~symmerge.io.checkpoint.FileBackedState` stays one."""
+    if lend is not None and lend[0] not in mapping and lend[1] in mapping:
+        mapping[lend[0]] = mapping[lend[1]]
+    return mapping
 
 
 def write_model(state, source, dest: Path, untie: bool = False) -> None:
